@@ -1,0 +1,26 @@
+//! The contracts of Opinion Market Mesh.
+//!
+//! - [`v1`]: code generated from `proto/mesh/v1/*.proto` (package `mesh.v1`) by `build.rs` with
+//!   protox, so no system `protoc` is needed. Clients and servers for `Registry`, `Discovery`,
+//!   `Policy`, `Identity`, `Events` and `Admin` live under `v1::<service>_client` / `_server`.
+//! - [`policy`]: the validated per-service policy model and its conversions from and to the wire.
+//! - [`names`]: validation of service names, instance ids, topics, header names and addresses.
+//!
+//! This is the only crate that defines wire types; the others convert at their edge.
+
+pub mod names;
+pub mod policy;
+
+/// Generated messages, clients and servers of package `mesh.v1`.
+#[allow(clippy::all, missing_docs)]
+pub mod v1 {
+    tonic::include_proto!("mesh.v1");
+}
+
+/// The encoded `FileDescriptorSet` of `mesh.v1`, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/mesh_v1_descriptor.bin"));
+
+/// Time since the Unix epoch in milliseconds (wall clock, for timestamps on the wire).
+pub fn unix_ms(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
