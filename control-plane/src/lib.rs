@@ -1,1 +1,192 @@
-//! placeholder
+//! The Opinion Market Mesh control plane.
+//!
+//! - [`registry`]: instances, heartbeats, TTL expiry with self-preservation, deregistration; one
+//!   `watch` channel per service feeds discovery.
+//! - [`policy`]: versioned per-service policies, persisted and pushed.
+//! - [`store`]: the redb file in the data dir; fsync before anything is acknowledged.
+//! - [`api`]: the gRPC handlers (`Registry`, `Discovery`, `Policy`, `Admin`).
+//! - [`http`]: the admin HTTP listener (`/metrics`, `/healthz`).
+//! - [`cli`]: `meshctl`, a thin client of the API.
+//!
+//! [`ControlPlane::open`] restores state from a data dir; [`ControlPlane::serve`] takes bound
+//! listeners and a shutdown token, so tests run it on port 0 exactly as the binary does.
+
+pub mod api;
+pub mod cli;
+pub mod http;
+pub mod metrics;
+pub mod policy;
+pub mod proxies;
+pub mod registry;
+pub mod store;
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use mesh_proto::v1;
+use tokio::{net::TcpListener, time::Instant};
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::Instrument;
+
+use crate::{
+    api::Api, metrics::Metrics, policy::Policies, proxies::Proxies, registry::Registry, store::Store,
+};
+
+/// Control-plane settings (the binary fills these from flags and `MESH_*` variables).
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the redb file lives.
+    pub data_dir: PathBuf,
+    /// Idle discovery streams get a PING this often.
+    pub ping_interval: Duration,
+    /// How often TTLs are checked: expiry happens at most this long after the TTL passed.
+    pub sweep_interval: Duration,
+    /// HTTP/2 streams one connection may open (discovery + policy streams of many proxies).
+    pub max_concurrent_streams: u32,
+}
+
+impl Config {
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            ping_interval: Duration::from_secs(15),
+            sweep_interval: Duration::from_millis(50),
+            max_concurrent_streams: 16_384,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error("gRPC server failed: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    #[error("admin HTTP server failed: {0}")]
+    Admin(#[source] std::io::Error),
+}
+
+pub struct ControlPlane {
+    config: Config,
+    state: Arc<api::State>,
+}
+
+impl ControlPlane {
+    /// Opens the data dir and restores policies and instances (each instance with a fresh TTL).
+    pub fn open(config: Config) -> Result<Self, Error> {
+        let (store, loaded) = Store::open(&config.data_dir)?;
+        let metrics = Metrics::new();
+        let policies = Arc::new(Policies::new(store.clone(), loaded.policies)?);
+        tracing::info!(
+            epoch = loaded.epoch,
+            instances = loaded.instances.len(),
+            policies = policies.list().len(),
+            data_dir = %config.data_dir.display(),
+            "state restored"
+        );
+        let registry = Registry::new(
+            store,
+            policies.clone(),
+            metrics.clone(),
+            loaded.epoch,
+            loaded.instances,
+            Instant::now(),
+        );
+        let state = Arc::new(api::State {
+            registry,
+            policies,
+            metrics,
+            proxies: Proxies::default(),
+            started: Instant::now(),
+            data_dir: config.data_dir.display().to_string(),
+            ping_interval: config.ping_interval,
+            shutdown: CancellationToken::new(),
+        });
+        Ok(Self { config, state })
+    }
+
+    /// Serves gRPC on `grpc` and admin HTTP on `admin` until `shutdown` is cancelled, then ends
+    /// every stream and drains.
+    pub async fn serve(
+        self,
+        grpc: TcpListener,
+        admin: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), Error> {
+        let state = self.state;
+        let tasks = TaskTracker::new();
+        // Streams follow the server's own token, so cancelling it ends them and lets the
+        // gRPC server's graceful shutdown finish.
+        let own = state.shutdown.clone();
+        tasks.spawn({
+            let (shutdown, own) = (shutdown.clone(), own.clone());
+            async move {
+                shutdown.cancelled().await;
+                own.cancel();
+            }
+        });
+
+        tasks.spawn(
+            sweeper(state.clone(), self.config.sweep_interval).instrument(tracing::info_span!("sweeper")),
+        );
+
+        let admin_task = tasks.spawn({
+            let router = http::router(state.clone());
+            let own = own.clone();
+            async move { axum::serve(admin, router).with_graceful_shutdown(own.cancelled_owned()).await }
+                .instrument(tracing::info_span!("admin_http"))
+        });
+
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        for name in ["", "mesh.v1.Registry", "mesh.v1.Discovery", "mesh.v1.Policy", "mesh.v1.Admin"] {
+            health_reporter.set_service_status(name, tonic_health::ServingStatus::Serving).await;
+        }
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(mesh_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| Error::Admin(std::io::Error::other(e)))?;
+
+        let api = Api(state.clone());
+        let grpc_result = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .http2_keepalive_interval(Some(Duration::from_secs(20)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .max_concurrent_streams(Some(self.config.max_concurrent_streams))
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(v1::registry_server::RegistryServer::new(api.clone()))
+            .add_service(v1::discovery_server::DiscoveryServer::new(api.clone()))
+            .add_service(v1::policy_server::PolicyServer::new(api.clone()))
+            .add_service(v1::admin_server::AdminServer::new(api))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), own.clone().cancelled_owned())
+            .instrument(tracing::info_span!("grpc"))
+            .await;
+        own.cancel();
+        health_reporter.set_not_serving::<v1::registry_server::RegistryServer<Api>>().await;
+        tasks.close();
+        let admin_result = admin_task.await.map_err(|e| Error::Admin(std::io::Error::other(e)))?;
+        tasks.wait().await;
+        grpc_result?;
+        admin_result.map_err(Error::Admin)
+    }
+
+    pub fn state(&self) -> &Arc<api::State> {
+        &self.state
+    }
+}
+
+async fn sweeper(state: Arc<api::State>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = state.shutdown.cancelled() => return,
+            _ = tick.tick() => {
+                if let Err(e) = state.registry.sweep_and_deregister(Instant::now()).await {
+                    tracing::error!(error = %e, "deregistering expired instances failed; will retry");
+                }
+            }
+        }
+    }
+}

@@ -1,1 +1,104 @@
-fn main() {}
+//! `control-plane`: flags → tracing → restore state → bind → serve until SIGTERM / SIGINT →
+//! drain with a deadline → exit code.
+//!
+//! Once both listeners are bound it prints one JSON line on stdout,
+//! `{"event":"listening","grpc":"127.0.0.1:7070","admin":"127.0.0.1:7071"}`, which `meshctl up`
+//! and the tests read to learn the ports (pass port 0 to let the OS choose). Logs go to stderr.
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use control_plane::{Config, ControlPlane, cli::shutdown_signal};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum StoreKind {
+    /// redb file in --data-dir.
+    Embedded,
+}
+
+#[derive(Debug, Parser)]
+#[command(version, about = "Opinion Market Mesh control plane: registry, discovery, policy, management API")]
+struct Args {
+    /// gRPC listener (all mesh.v1 services, grpc.health.v1, reflection).
+    #[arg(long, env = "MESH_GRPC_ADDR", default_value = "127.0.0.1:7070")]
+    grpc_addr: SocketAddr,
+    /// Admin HTTP listener (/metrics, /healthz).
+    #[arg(long, env = "MESH_ADMIN_ADDR", default_value = "127.0.0.1:7071")]
+    admin_addr: SocketAddr,
+    /// Where state is kept.
+    #[arg(long, env = "MESH_DATA_DIR", default_value = ".mesh/control-plane")]
+    data_dir: PathBuf,
+    /// Storage backend.
+    #[arg(long, env = "MESH_STORE", value_enum, default_value = "embedded")]
+    store: StoreKind,
+    /// Idle discovery streams get a ping this often.
+    #[arg(long, env = "MESH_PING_INTERVAL", default_value = "15s", value_parser = humantime_duration)]
+    ping_interval: Duration,
+    /// How often heartbeat TTLs are checked.
+    #[arg(long, env = "MESH_SWEEP_INTERVAL", default_value = "50ms", value_parser = humantime_duration)]
+    sweep_interval: Duration,
+    /// How long in-flight calls may take to finish after SIGTERM.
+    #[arg(long, env = "MESH_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime_duration)]
+    drain_timeout: Duration,
+    /// Log filter (tracing EnvFilter syntax).
+    #[arg(long, env = "MESH_LOG", default_value = "info")]
+    log: String,
+}
+
+fn humantime_duration(s: &str) -> Result<Duration, String> {
+    control_plane::cli::parse_duration(s)
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    control_plane::cli::init_tracing(&args.log);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let StoreKind::Embedded = args.store;
+    let mut config = Config::new(&args.data_dir);
+    config.ping_interval = args.ping_interval;
+    config.sweep_interval = args.sweep_interval;
+    let cp = ControlPlane::open(config)?;
+    let grpc = TcpListener::bind(args.grpc_addr)
+        .await
+        .with_context(|| format!("cannot listen on --grpc-addr {}", args.grpc_addr))?;
+    let admin = TcpListener::bind(args.admin_addr)
+        .await
+        .with_context(|| format!("cannot listen on --admin-addr {}", args.admin_addr))?;
+    let (grpc_addr, admin_addr) = (grpc.local_addr()?, admin.local_addr()?);
+    println!("{}", serde_json::json!({"event": "listening", "grpc": grpc_addr, "admin": admin_addr}));
+    tracing::info!(grpc = %grpc_addr, admin = %admin_addr, "control plane serving");
+
+    let shutdown = CancellationToken::new();
+    let mut server = tokio::spawn(cp.serve(grpc, admin, shutdown.clone()));
+    tokio::select! {
+        res = &mut server => return res.context("control plane task failed")?.map_err(Into::into),
+        sig = shutdown_signal() => tracing::info!(signal = sig, "shutting down: draining"),
+    }
+    shutdown.cancel();
+    match tokio::time::timeout(args.drain_timeout, server).await {
+        Ok(res) => res.context("control plane task failed")??,
+        Err(_) => tracing::warn!(timeout = ?args.drain_timeout, "drain deadline passed; exiting anyway"),
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -8,6 +8,9 @@
 //!
 //! This is the only crate that defines wire types; the others convert at their edge.
 
+/// Re-exported so other crates encode and decode these messages without naming prost themselves.
+pub use prost;
+
 pub mod names;
 pub mod policy;
 

@@ -1,0 +1,513 @@
+//! The gRPC services of `mesh.v1`: thin handlers that validate, call the registry or policy
+//! store, and convert errors into a `Status` that names the problem.
+//!
+//! Long-lived streams (heartbeat, discovery watch, policy) end when the server shuts down, so a
+//! graceful shutdown never waits on them.
+
+use std::{collections::HashSet, pin::Pin, sync::Arc, time::Duration};
+
+use futures::{FutureExt, Stream, StreamExt, stream};
+use mesh_proto::{names, policy::ServicePolicy, v1};
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::time::{Instant, Sleep};
+use tokio_stream::{StreamMap, wrappers::WatchStream};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::{
+    metrics::Metrics,
+    policy::{Policies, PolicyEntry, PolicyError},
+    proxies::{Proxies, ProxyHandle},
+    registry::{Registry, RegistryError},
+};
+
+/// Most services one discovery watch or policy stream may follow.
+pub const MAX_WATCHED_SERVICES: usize = 256;
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// Everything the handlers share.
+pub struct State {
+    pub registry: Registry,
+    pub policies: Arc<Policies>,
+    pub metrics: Arc<Metrics>,
+    pub proxies: Proxies,
+    pub started: Instant,
+    pub data_dir: String,
+    pub ping_interval: Duration,
+    pub shutdown: CancellationToken,
+}
+
+/// All four services over one shared state.
+#[derive(Clone)]
+pub struct Api(pub Arc<State>);
+
+impl From<RegistryError> for Status {
+    fn from(e: RegistryError) -> Self {
+        match e {
+            RegistryError::Invalid(m) => Status::invalid_argument(m),
+            RegistryError::Store(e) => store_status(e),
+        }
+    }
+}
+
+impl From<PolicyError> for Status {
+    fn from(e: PolicyError) -> Self {
+        match e {
+            PolicyError::BadService(_) => Status::invalid_argument(e.to_string()),
+            PolicyError::VersionMismatch { .. } => Status::failed_precondition(e.to_string()),
+            PolicyError::Store(e) => store_status(e),
+        }
+    }
+}
+
+fn store_status(e: crate::store::StoreError) -> Status {
+    tracing::error!(error = %e, "storage write failed");
+    Status::unavailable(format!("{e}; nothing was changed, retry later"))
+}
+
+/// Decrements a gauge when the stream holding it is dropped.
+struct GaugeGuard(Gauge);
+
+impl GaugeGuard {
+    fn new(g: &Gauge) -> Self {
+        g.inc();
+        Self(g.clone())
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+fn check_services(list: &[String]) -> Result<Vec<String>, Status> {
+    if list.is_empty() || list.len() > MAX_WATCHED_SERVICES {
+        return Err(Status::invalid_argument(format!(
+            "services: name 1..={MAX_WATCHED_SERVICES} services, got {}",
+            list.len()
+        )));
+    }
+    let mut seen = HashSet::new();
+    let mut out = Vec::with_capacity(list.len());
+    for s in list {
+        if !names::is_service_name(s) {
+            return Err(Status::invalid_argument(format!(
+                "services: {s:?} must be {}",
+                names::SERVICE_NAME_RULE
+            )));
+        }
+        if seen.insert(s.as_str()) {
+            out.push(s.clone());
+        }
+    }
+    Ok(out)
+}
+
+// ---- Registry ------------------------------------------------------------------------------
+
+#[tonic::async_trait]
+impl v1::registry_server::Registry for Api {
+    async fn register(
+        &self,
+        req: Request<v1::RegisterRequest>,
+    ) -> Result<Response<v1::RegisterResponse>, Status> {
+        let inst = req.into_inner().instance.ok_or_else(|| Status::invalid_argument("instance: required"))?;
+        Ok(Response::new(self.0.registry.register(inst, Instant::now()).await?))
+    }
+
+    type HeartbeatStream = BoxStream<v1::HeartbeatResponse>;
+
+    async fn heartbeat(
+        &self,
+        req: Request<Streaming<v1::HeartbeatRequest>>,
+    ) -> Result<Response<Self::HeartbeatStream>, Status> {
+        let state = self.0.clone();
+        let guard = GaugeGuard::new(&state.metrics.heartbeat_streams);
+        let out = req.into_inner().take_until(state.shutdown.clone().cancelled_owned()).map(move |msg| {
+            let _open = &guard;
+            msg.map(|hb| state.registry.heartbeat(&hb, Instant::now()))
+        });
+        Ok(Response::new(Box::pin(out)))
+    }
+
+    async fn deregister(
+        &self,
+        req: Request<v1::DeregisterRequest>,
+    ) -> Result<Response<v1::DeregisterResponse>, Status> {
+        let r = req.into_inner();
+        let existed = self.0.registry.deregister(&r.service, &r.instance_id).await?;
+        let version = self.0.registry.watch(&r.service).borrow().version;
+        Ok(Response::new(v1::DeregisterResponse { existed, version }))
+    }
+
+    async fn list_services(
+        &self,
+        _req: Request<v1::ListServicesRequest>,
+    ) -> Result<Response<v1::ListServicesResponse>, Status> {
+        Ok(Response::new(v1::ListServicesResponse { services: self.0.registry.list_services() }))
+    }
+
+    async fn get_service(
+        &self,
+        req: Request<v1::GetServiceRequest>,
+    ) -> Result<Response<v1::GetServiceResponse>, Status> {
+        let name = req.into_inner().name;
+        self.0
+            .registry
+            .get_service(&name, Instant::now())
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found(format!("service {name:?} has no registered instances")))
+    }
+}
+
+// ---- Discovery -----------------------------------------------------------------------------
+
+struct WatchState {
+    updates: StreamMap<String, WatchStream<Arc<v1::ServiceEndpoints>>>,
+    ping: Pin<Box<Sleep>>,
+    ping_interval: Duration,
+    version: u64,
+    shutdown: CancellationToken,
+    metrics: Arc<Metrics>,
+    _open: GaugeGuard,
+}
+
+impl WatchState {
+    async fn next(mut self) -> Option<(Result<v1::WatchResponse, Status>, Self)> {
+        use v1::watch_response::Kind;
+        let msg = tokio::select! {
+            _ = self.shutdown.cancelled() => return None,
+            Some((_, first)) = self.updates.next() => {
+                // Coalesce whatever else is ready into the same message.
+                let mut services = vec![(*first).clone()];
+                while let Some(Some((_, more))) = self.updates.next().now_or_never() {
+                    services.push((*more).clone());
+                }
+                self.version = services.iter().map(|s| s.version).fold(self.version, u64::max);
+                v1::WatchResponse { kind: Kind::Update.into(), version: self.version, services }
+            }
+            _ = &mut self.ping => v1::WatchResponse { kind: Kind::Ping.into(), version: self.version, services: vec![] },
+        };
+        self.ping.as_mut().reset(Instant::now() + self.ping_interval);
+        self.metrics.discovery_messages.inc();
+        Some((Ok(msg), self))
+    }
+}
+
+#[tonic::async_trait]
+impl v1::discovery_server::Discovery for Api {
+    type WatchStream = BoxStream<v1::WatchResponse>;
+
+    async fn watch(&self, req: Request<v1::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let req = req.into_inner();
+        let services = check_services(&req.services)?;
+        let s = &self.0;
+        let mut updates = StreamMap::with_capacity(services.len());
+        let mut snapshot = Vec::with_capacity(services.len());
+        for name in services {
+            let mut rx = s.registry.watch(&name);
+            snapshot.push((**rx.borrow_and_update()).clone());
+            updates.insert(name, WatchStream::from_changes(rx));
+        }
+        let version = snapshot.iter().map(|e| e.version).max().unwrap_or(0);
+        tracing::debug!(node = %req.node_id, services = snapshot.len(), "discovery watch opened");
+        let first = v1::WatchResponse {
+            kind: v1::watch_response::Kind::Snapshot.into(),
+            version,
+            services: snapshot,
+        };
+        s.metrics.discovery_messages.inc();
+        let state = WatchState {
+            updates,
+            ping: Box::pin(tokio::time::sleep(s.ping_interval)),
+            ping_interval: s.ping_interval,
+            version,
+            shutdown: s.shutdown.clone(),
+            metrics: s.metrics.clone(),
+            _open: GaugeGuard::new(&s.metrics.discovery_streams),
+        };
+        let out = stream::once(async move { Ok(first) }).chain(stream::unfold(state, WatchState::next));
+        Ok(Response::new(Box::pin(out)))
+    }
+}
+
+// ---- Policy --------------------------------------------------------------------------------
+
+struct PolicySession {
+    inbound: Streaming<v1::PolicyStreamRequest>,
+    updates: StreamMap<String, WatchStream<Arc<PolicyEntry>>>,
+    queue: std::collections::VecDeque<v1::PolicyPush>,
+    proxy: ProxyHandle,
+    seq: u64,
+    subscribed: bool,
+    state: Arc<State>,
+    _open: GaugeGuard,
+}
+
+impl PolicySession {
+    fn push(&mut self, entry: &PolicyEntry) {
+        self.seq += 1;
+        let nonce = format!("{}-{}", self.proxy.id(), self.seq);
+        self.proxy.with(|p| {
+            let s = p.policies.entry(entry.service.clone()).or_default();
+            s.pushed_version = entry.version;
+            s.pushed_nonce = nonce.clone();
+            s.pushed_at = Some(Instant::now());
+        });
+        self.state.metrics.policy_pushes.inc();
+        self.queue.push_back(v1::PolicyPush {
+            service: entry.service.clone(),
+            version: entry.version,
+            nonce,
+            policy: Some(entry.policy.as_ref().into()),
+            is_default: entry.is_default,
+        });
+    }
+
+    fn subscribe(&mut self, sub: v1::PolicySubscribe) -> Result<(), Status> {
+        let wanted = check_services(&sub.services)?;
+        if !sub.service.is_empty() && !names::is_service_name(&sub.service) {
+            return Err(Status::invalid_argument(format!(
+                "service: {:?} must be {}",
+                sub.service,
+                names::SERVICE_NAME_RULE
+            )));
+        }
+        self.proxy.with(|p| {
+            p.node_id = sub.node_id.clone();
+            p.service = sub.service.clone();
+            p.policies.retain(|k, _| wanted.contains(k));
+        });
+        let stale: Vec<String> = self.updates.keys().filter(|k| !wanted.contains(k)).cloned().collect();
+        for k in stale {
+            self.updates.remove(&k);
+        }
+        for name in wanted {
+            if self.updates.contains_key(&name) {
+                continue;
+            }
+            let mut rx = self.state.policies.watch(&name);
+            let entry = rx.borrow_and_update().clone();
+            self.push(&entry);
+            self.updates.insert(name, WatchStream::from_changes(rx));
+        }
+        self.subscribed = true;
+        Ok(())
+    }
+
+    fn ack(&mut self, service: &str, version: u64, nonce: &str, nack_reason: Option<String>) {
+        let now = Instant::now();
+        let latency = self.proxy.with(|p| {
+            let s = p.policies.get_mut(service)?;
+            let latency = (s.pushed_nonce == nonce).then(|| s.pushed_at.map(|t| now - t)).flatten();
+            match &nack_reason {
+                None => s.acked_version = s.acked_version.max(version),
+                Some(reason) => {
+                    s.nacked_version = version;
+                    s.nack_reason = reason.clone();
+                }
+            }
+            if let Some(l) = latency {
+                s.last_ack_latency_ms = l.as_secs_f64() * 1000.0;
+            }
+            latency
+        });
+        if let Some(l) = latency {
+            self.state.metrics.observe_ack_latency(l);
+        }
+        match nack_reason {
+            None => self.state.metrics.policy_acks.inc(),
+            Some(reason) => {
+                tracing::warn!(%service, version, node = %self.proxy.with(|p| p.node_id.clone()), %reason, "proxy refused a policy push (NACK); it keeps its previous policy");
+                self.state.metrics.policy_nacks.inc()
+            }
+        };
+    }
+
+    fn handle(&mut self, req: v1::PolicyStreamRequest) -> Result<(), Status> {
+        use v1::policy_stream_request::Kind;
+        match req.kind {
+            Some(Kind::Subscribe(s)) => self.subscribe(s),
+            Some(_) if !self.subscribed => {
+                Err(Status::failed_precondition("send subscribe before ack or nack"))
+            }
+            Some(Kind::Ack(a)) => {
+                self.ack(&a.service, a.version, &a.nonce, None);
+                Ok(())
+            }
+            Some(Kind::Nack(n)) => {
+                self.ack(&n.service, n.version, &n.nonce, Some(n.reason));
+                Ok(())
+            }
+            None => Err(Status::invalid_argument("kind: one of subscribe, ack or nack is required")),
+        }
+    }
+
+    async fn next(mut self) -> Option<(Result<v1::PolicyPush, Status>, Self)> {
+        loop {
+            if let Some(push) = self.queue.pop_front() {
+                return Some((Ok(push), self));
+            }
+            tokio::select! {
+                _ = self.state.shutdown.cancelled() => return None,
+                msg = self.inbound.next() => match msg {
+                    None | Some(Err(_)) => return None,
+                    Some(Ok(req)) => if let Err(status) = self.handle(req) {
+                        return Some((Err(status), self));
+                    },
+                },
+                Some((_, entry)) = self.updates.next(), if !self.updates.is_empty() => self.push(&entry),
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl v1::policy_server::Policy for Api {
+    async fn get(&self, req: Request<v1::GetPolicyRequest>) -> Result<Response<v1::VersionedPolicy>, Status> {
+        let service = req.into_inner().service;
+        if !names::is_service_name(&service) {
+            return Err(PolicyError::BadService(service).into());
+        }
+        Ok(Response::new(self.0.policies.current(&service).to_wire()))
+    }
+
+    async fn set(
+        &self,
+        req: Request<v1::SetPolicyRequest>,
+    ) -> Result<Response<v1::SetPolicyResponse>, Status> {
+        let r = req.into_inner();
+        let policy = ServicePolicy::try_from(r.policy.unwrap_or_default())
+            .map_err(|e| Status::invalid_argument(format!("invalid policy for {}: {e}", r.service)))?;
+        let out = self.0.policies.set(&r.service, policy, r.expected_version, r.dry_run).await?;
+        Ok(Response::new(v1::SetPolicyResponse {
+            policy: Some(out.entry.to_wire()),
+            changes: out.changes,
+            applied: out.applied,
+        }))
+    }
+
+    async fn delete(
+        &self,
+        req: Request<v1::DeletePolicyRequest>,
+    ) -> Result<Response<v1::DeletePolicyResponse>, Status> {
+        let service = req.into_inner().service;
+        let deleted = self.0.policies.delete(&service).await?;
+        let version = deleted.unwrap_or_else(|| self.0.policies.current(&service).version);
+        Ok(Response::new(v1::DeletePolicyResponse { existed: deleted.is_some(), version }))
+    }
+
+    async fn list(
+        &self,
+        _req: Request<v1::ListPoliciesRequest>,
+    ) -> Result<Response<v1::ListPoliciesResponse>, Status> {
+        let policies = self.0.policies.list().iter().map(|p| p.to_wire()).collect();
+        Ok(Response::new(v1::ListPoliciesResponse { policies }))
+    }
+
+    type StreamStream = BoxStream<v1::PolicyPush>;
+
+    async fn stream(
+        &self,
+        req: Request<Streaming<v1::PolicyStreamRequest>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let state = self.0.clone();
+        let session = PolicySession {
+            inbound: req.into_inner(),
+            updates: StreamMap::new(),
+            queue: Default::default(),
+            proxy: state.proxies.connect(peer, Instant::now()),
+            seq: 0,
+            subscribed: false,
+            _open: GaugeGuard::new(&state.metrics.policy_streams),
+            state,
+        };
+        Ok(Response::new(Box::pin(stream::unfold(session, PolicySession::next))))
+    }
+}
+
+// ---- Admin ---------------------------------------------------------------------------------
+
+#[tonic::async_trait]
+impl v1::admin_server::Admin for Api {
+    async fn overview(
+        &self,
+        _req: Request<v1::OverviewRequest>,
+    ) -> Result<Response<v1::OverviewResponse>, Status> {
+        let s = &self.0;
+        let (services, instances, healthy) = s.registry.counts();
+        Ok(Response::new(v1::OverviewResponse {
+            server_version: env!("CARGO_PKG_VERSION").to_string(),
+            uptime_ms: s.started.elapsed().as_millis() as u64,
+            services: services as u32,
+            instances: instances as u32,
+            healthy_instances: healthy as u32,
+            policies: s.policies.list().len() as u32,
+            discovery_streams: s.metrics.discovery_streams.get() as u32,
+            policy_streams: s.metrics.policy_streams.get() as u32,
+            heartbeat_streams: s.metrics.heartbeat_streams.get() as u32,
+            registry_version: s.registry.revisions().current(),
+            data_dir: s.data_dir.clone(),
+        }))
+    }
+
+    async fn stats(&self, _req: Request<v1::StatsRequest>) -> Result<Response<v1::StatsResponse>, Status> {
+        let m = &self.0.metrics;
+        let (p50, p99, max) = m.ack_latency_summary_ms();
+        Ok(Response::new(v1::StatsResponse {
+            registrations_total: m.registrations.get(),
+            deregistrations_total: m.deregistrations.get(),
+            heartbeats_total: m.heartbeats.get(),
+            expirations_total: m.expirations.get(),
+            self_preservation_holds_total: m.self_preservation_holds.get(),
+            discovery_messages_total: m.discovery_messages.get(),
+            policy_pushes_total: m.policy_pushes.get(),
+            policy_acks_total: m.policy_acks.get(),
+            policy_nacks_total: m.policy_nacks.get(),
+            ack_latency_p50_ms: p50,
+            ack_latency_p99_ms: p99,
+            ack_latency_max_ms: max,
+        }))
+    }
+
+    async fn proxy_status(
+        &self,
+        req: Request<v1::ProxyStatusRequest>,
+    ) -> Result<Response<v1::ProxyStatusResponse>, Status> {
+        let filter = req.into_inner().service;
+        let s = &self.0;
+        let now = Instant::now();
+        let proxies = s
+            .proxies
+            .snapshot()
+            .into_iter()
+            .filter(|p| filter.is_empty() || p.service == filter)
+            .map(|p| v1::ProxyStatus {
+                last_heartbeat_age_ms: s
+                    .registry
+                    .heartbeat_age(&p.service, &p.node_id, now)
+                    .map(|d| d.as_millis() as u64),
+                connected_ms: now.saturating_duration_since(p.connected_at).as_millis() as u64,
+                policies: p
+                    .policies
+                    .iter()
+                    .map(|(svc, st)| v1::PolicySyncStatus {
+                        service: svc.clone(),
+                        current_version: s.policies.current(svc).version,
+                        acked_version: st.acked_version,
+                        nacked_version: st.nacked_version,
+                        nack_reason: st.nack_reason.clone(),
+                        last_ack_latency_ms: st.last_ack_latency_ms,
+                    })
+                    .collect(),
+                node_id: p.node_id,
+                service: p.service,
+                peer: p.peer,
+            })
+            .collect();
+        Ok(Response::new(v1::ProxyStatusResponse { proxies }))
+    }
+}

@@ -1,0 +1,505 @@
+//! `meshctl`, a thin client of the control-plane API, plus helpers the binaries share
+//! (tracing setup, signal handling, duration parsing).
+//!
+//! Output is a table by default or JSON with `-o json`. Every failure is one line naming what
+//! failed — the unreachable address or the refused field — and a non-zero exit.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use mesh_proto::{policy::ServicePolicy, v1};
+use serde_json::{Value, json};
+use tonic::transport::{Channel, Endpoint};
+
+mod up;
+
+#[derive(Debug, Parser)]
+#[command(name = "meshctl", version, about = "Operate an Opinion Market Mesh control plane")]
+pub struct Args {
+    /// Control-plane gRPC address.
+    #[arg(long, global = true, env = "MESH_CONTROL_PLANE", default_value = "http://127.0.0.1:7070")]
+    pub control_plane: String,
+    /// Output format.
+    #[arg(short = 'o', long, global = true, value_enum, default_value = "table")]
+    pub output: Output,
+    /// Log filter for meshctl's own diagnostics (stderr).
+    #[arg(long, global = true, env = "MESH_LOG", default_value = "warn")]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Services with their instance counts and policy versions.
+    Services,
+    /// Instances of one service with health, load and heartbeat age.
+    Instances { service: String },
+    /// Read, change or compare a service's policy.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Every proxy holding a policy stream and whether it has ACKed the current versions.
+    ProxyStatus {
+        /// Only proxies of this service.
+        service: Option<String>,
+    },
+    /// Sizes, streams and uptime of the control plane.
+    Overview,
+    /// Counters since start and push→ACK latency.
+    Stats,
+    /// Run a local mesh on loopback with embedded storage until Ctrl-C.
+    Up(up::UpArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Print the policy (YAML in table mode) with its version.
+    Get { service: String },
+    /// Validate and store a policy from a YAML or JSON file; it is pushed to every proxy.
+    Set {
+        service: String,
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Validate and show the changes without storing anything.
+        #[arg(long)]
+        dry_run: bool,
+        /// Refuse unless the stored version is this one (compare-and-set).
+        #[arg(long)]
+        expected_version: Option<u64>,
+    },
+    /// Show what `set` would change, field by field.
+    Diff {
+        service: String,
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// Put the service back on the default policy.
+    Delete { service: String },
+    /// Every service with an explicit policy.
+    List,
+}
+
+/// A meshctl failure, printed as one line.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("cannot reach the control plane at {addr}: {cause} (is it running? `meshctl up` starts one)")]
+    Unreachable { addr: String, cause: String },
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
+    Input(String),
+}
+
+impl CliError {
+    fn from_status(s: tonic::Status, addr: &str) -> Self {
+        match s.code() {
+            tonic::Code::Unavailable if s.message().contains("transport") || s.message().is_empty() => {
+                CliError::Unreachable { addr: addr.to_string(), cause: s.message().to_string() }
+            }
+            code => CliError::Refused(format!("{}: {}", code_name(code), s.message())),
+        }
+    }
+}
+
+fn code_name(code: tonic::Code) -> String {
+    format!("{code:?}").chars().fold(String::new(), |mut acc, c| {
+        if c.is_uppercase() && !acc.is_empty() {
+            acc.push(' ');
+        }
+        acc.push(c.to_ascii_lowercase());
+        acc
+    })
+}
+
+/// The innermost cause of an error chain ("Connection refused (os error 111)").
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
+pub async fn connect(addr: &str) -> Result<Channel, CliError> {
+    let unreachable = |cause: String| CliError::Unreachable { addr: addr.to_string(), cause };
+    let endpoint = Endpoint::from_shared(addr.to_string())
+        .map_err(|e| {
+            CliError::Input(format!("--control-plane {addr:?} is not a URL like http://127.0.0.1:7070: {e}"))
+        })?
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(Duration::from_secs(30));
+    endpoint.connect().await.map_err(|e| unreachable(root_cause(&e)))
+}
+
+pub async fn run(args: Args) -> Result<(), CliError> {
+    if let Command::Up(up) = args.command {
+        return up::run(up).await;
+    }
+    let addr = args.control_plane.clone();
+    let ch = connect(&addr).await?;
+    let st = |s: tonic::Status| CliError::from_status(s, &addr);
+    let out = args.output;
+    match args.command {
+        Command::Services => {
+            let r = v1::registry_client::RegistryClient::new(ch)
+                .list_services(v1::ListServicesRequest {})
+                .await
+                .map_err(st)?
+                .into_inner();
+            let rows = r
+                .services
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.name.clone(),
+                        s.instances.to_string(),
+                        s.healthy.to_string(),
+                        s.policy_version.to_string(),
+                    ]
+                })
+                .collect();
+            let js = r.services.iter().map(|s| json!({"name": s.name, "instances": s.instances, "healthy": s.healthy, "policy_version": s.policy_version})).collect();
+            emit(out, &["SERVICE", "INSTANCES", "HEALTHY", "POLICY"], rows, Value::Array(js));
+        }
+        Command::Instances { service } => {
+            let r = v1::registry_client::RegistryClient::new(ch)
+                .get_service(v1::GetServiceRequest { name: service })
+                .await
+                .map_err(st)?
+                .into_inner();
+            let health = |i: &v1::Instance| health_name(i.health());
+            let rows = r
+                .instances
+                .iter()
+                .map(|i| {
+                    vec![
+                        i.id.clone(),
+                        i.address.clone(),
+                        dash(&i.zone),
+                        dash(&i.version),
+                        health(i).into(),
+                        i.load.to_string(),
+                        format!("{:.1}s", i.last_heartbeat_age_ms as f64 / 1000.0),
+                    ]
+                })
+                .collect();
+            let js = r.instances.iter().map(|i| json!({
+                "id": i.id, "address": i.address, "zone": i.zone, "version": i.version, "metadata": i.metadata,
+                "weight": i.weight, "health": health(i), "load": i.load, "last_heartbeat_age_ms": i.last_heartbeat_age_ms,
+            })).collect();
+            emit(
+                out,
+                &["ID", "ADDRESS", "ZONE", "VERSION", "HEALTH", "LOAD", "LAST HEARTBEAT"],
+                rows,
+                Value::Array(js),
+            );
+        }
+        Command::Policy(cmd) => policy(cmd, ch, out, &addr).await?,
+        Command::ProxyStatus { service } => {
+            let r = v1::admin_client::AdminClient::new(ch)
+                .proxy_status(v1::ProxyStatusRequest { service: service.unwrap_or_default() })
+                .await
+                .map_err(st)?
+                .into_inner();
+            let mut rows = Vec::new();
+            let mut js = Vec::new();
+            for p in &r.proxies {
+                let hb = p
+                    .last_heartbeat_age_ms
+                    .map(|ms| format!("{:.1}s ago", ms as f64 / 1000.0))
+                    .unwrap_or("-".into());
+                for s in &p.policies {
+                    let state = if s.nacked_version == s.current_version
+                        && s.current_version > 0
+                        && s.acked_version < s.current_version
+                    {
+                        format!("NACKED: {}", s.nack_reason)
+                    } else if s.acked_version == s.current_version {
+                        "SYNCED".into()
+                    } else {
+                        "STALE".into()
+                    };
+                    rows.push(vec![
+                        dash(&p.node_id),
+                        dash(&p.service),
+                        s.service.clone(),
+                        s.current_version.to_string(),
+                        s.acked_version.to_string(),
+                        state,
+                        format!("{:.1}ms", s.last_ack_latency_ms),
+                        hb.clone(),
+                    ]);
+                }
+                js.push(json!({
+                    "node_id": p.node_id, "service": p.service, "peer": p.peer, "connected_ms": p.connected_ms,
+                    "last_heartbeat_age_ms": p.last_heartbeat_age_ms,
+                    "policies": p.policies.iter().map(|s| json!({
+                        "service": s.service, "current_version": s.current_version, "acked_version": s.acked_version,
+                        "nacked_version": s.nacked_version, "nack_reason": s.nack_reason, "last_ack_latency_ms": s.last_ack_latency_ms,
+                    })).collect::<Vec<_>>(),
+                }));
+            }
+            emit(
+                out,
+                &["NODE", "SERVICE", "POLICY OF", "CURRENT", "ACKED", "STATE", "ACK LATENCY", "HEARTBEAT"],
+                rows,
+                Value::Array(js),
+            );
+        }
+        Command::Overview => {
+            let o = v1::admin_client::AdminClient::new(ch)
+                .overview(v1::OverviewRequest {})
+                .await
+                .map_err(st)?
+                .into_inner();
+            let js = json!({
+                "server_version": o.server_version, "uptime_ms": o.uptime_ms, "services": o.services,
+                "instances": o.instances, "healthy_instances": o.healthy_instances, "policies": o.policies,
+                "discovery_streams": o.discovery_streams, "policy_streams": o.policy_streams,
+                "heartbeat_streams": o.heartbeat_streams, "registry_version": o.registry_version, "data_dir": o.data_dir,
+            });
+            emit_kv(out, js);
+        }
+        Command::Stats => {
+            let s = v1::admin_client::AdminClient::new(ch)
+                .stats(v1::StatsRequest {})
+                .await
+                .map_err(st)?
+                .into_inner();
+            let js = json!({
+                "registrations_total": s.registrations_total, "deregistrations_total": s.deregistrations_total,
+                "heartbeats_total": s.heartbeats_total, "expirations_total": s.expirations_total,
+                "self_preservation_holds_total": s.self_preservation_holds_total,
+                "discovery_messages_total": s.discovery_messages_total, "policy_pushes_total": s.policy_pushes_total,
+                "policy_acks_total": s.policy_acks_total, "policy_nacks_total": s.policy_nacks_total,
+                "ack_latency_p50_ms": s.ack_latency_p50_ms, "ack_latency_p99_ms": s.ack_latency_p99_ms,
+                "ack_latency_max_ms": s.ack_latency_max_ms,
+            });
+            emit_kv(out, js);
+        }
+        Command::Up(_) => unreachable!("handled above"),
+    }
+    Ok(())
+}
+
+async fn policy(cmd: PolicyCommand, ch: Channel, out: Output, addr: &str) -> Result<(), CliError> {
+    let st = |s: tonic::Status| CliError::from_status(s, addr);
+    let mut client = v1::policy_client::PolicyClient::new(ch);
+    match cmd {
+        PolicyCommand::Get { service } => {
+            let vp = client.get(v1::GetPolicyRequest { service }).await.map_err(st)?.into_inner();
+            let policy = ServicePolicy::try_from(vp.policy.clone().unwrap_or_default()).map_err(|e| {
+                CliError::Refused(format!("the control plane sent a policy meshctl cannot read: {e}"))
+            })?;
+            match out {
+                Output::Json => print_json(&json!({
+                    "service": vp.service, "version": vp.version, "is_default": vp.is_default,
+                    "updated_at_unix_ms": vp.updated_at_unix_ms, "policy": policy,
+                })),
+                Output::Table => {
+                    let origin = if vp.is_default { " (defaults)" } else { "" };
+                    println!("# {} policy version {}{origin}", vp.service, vp.version);
+                    print!("{}", serde_yaml_ng::to_string(&policy).unwrap_or_default());
+                }
+            }
+        }
+        PolicyCommand::Set { service, file, dry_run, expected_version } => {
+            let policy = read_policy_file(&file)?;
+            let r = client
+                .set(v1::SetPolicyRequest {
+                    service: service.clone(),
+                    policy: Some((&policy).into()),
+                    dry_run,
+                    expected_version,
+                })
+                .await
+                .map_err(st)?
+                .into_inner();
+            let version = r.policy.as_ref().map(|p| p.version).unwrap_or_default();
+            match out {
+                Output::Json => print_json(&json!({
+                    "service": service, "version": version, "applied": r.applied, "changes": changes_json(&r.changes),
+                })),
+                Output::Table => {
+                    if r.applied {
+                        println!(
+                            "policy for {service} stored as version {version} ({} changes); pushing to proxies",
+                            r.changes.len()
+                        );
+                    } else {
+                        println!("dry run: policy for {service} is valid and would become version {version}");
+                    }
+                    print_changes(&r.changes);
+                }
+            }
+        }
+        PolicyCommand::Diff { service, file } => {
+            let policy = read_policy_file(&file)?;
+            let r = client
+                .set(v1::SetPolicyRequest {
+                    service,
+                    policy: Some((&policy).into()),
+                    dry_run: true,
+                    expected_version: None,
+                })
+                .await
+                .map_err(st)?
+                .into_inner();
+            match out {
+                Output::Json => print_json(&changes_json(&r.changes)),
+                Output::Table if r.changes.is_empty() => println!("no changes"),
+                Output::Table => print_changes(&r.changes),
+            }
+        }
+        PolicyCommand::Delete { service } => {
+            let r = client
+                .delete(v1::DeletePolicyRequest { service: service.clone() })
+                .await
+                .map_err(st)?
+                .into_inner();
+            match out {
+                Output::Json => {
+                    print_json(&json!({"service": service, "existed": r.existed, "version": r.version}))
+                }
+                Output::Table if r.existed => {
+                    println!("policy for {service} deleted: defaults pushed as version {}", r.version)
+                }
+                Output::Table => println!("{service} had no policy: it already runs on the defaults"),
+            }
+        }
+        PolicyCommand::List => {
+            let r = client.list(v1::ListPoliciesRequest {}).await.map_err(st)?.into_inner();
+            let rows = r
+                .policies
+                .iter()
+                .map(|p| vec![p.service.clone(), p.version.to_string(), p.updated_at_unix_ms.to_string()])
+                .collect();
+            let js = r.policies.iter().map(|p| json!({"service": p.service, "version": p.version, "updated_at_unix_ms": p.updated_at_unix_ms})).collect();
+            emit(out, &["SERVICE", "VERSION", "UPDATED (UNIX MS)"], rows, Value::Array(js));
+        }
+    }
+    Ok(())
+}
+
+/// Reads a policy from YAML or JSON (JSON is YAML), refusing unknown fields and invalid values.
+pub fn read_policy_file(path: &Path) -> Result<ServicePolicy, CliError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| CliError::Input(format!("cannot read policy file {}: {e}", path.display())))?;
+    let policy: ServicePolicy = serde_yaml_ng::from_str(&text)
+        .map_err(|e| CliError::Input(format!("policy file {}: {e}", path.display())))?;
+    policy.validate().map_err(|e| CliError::Input(format!("policy file {}: {e}", path.display())))?;
+    Ok(policy)
+}
+
+fn changes_json(changes: &[v1::FieldChange]) -> Value {
+    Value::Array(
+        changes.iter().map(|c| json!({"field": c.field, "old": c.old_value, "new": c.new_value})).collect(),
+    )
+}
+
+fn print_changes(changes: &[v1::FieldChange]) {
+    if changes.is_empty() {
+        return;
+    }
+    let rows =
+        changes.iter().map(|c| vec![c.field.clone(), c.old_value.clone(), c.new_value.clone()]).collect();
+    print_table(&["FIELD", "OLD", "NEW"], rows);
+}
+
+fn health_name(h: v1::HealthStatus) -> &'static str {
+    match h {
+        v1::HealthStatus::Healthy => "healthy",
+        v1::HealthStatus::Unhealthy => "unhealthy",
+        v1::HealthStatus::Expired => "expired",
+        v1::HealthStatus::Unspecified => "unknown",
+    }
+}
+
+fn dash(s: &str) -> String {
+    if s.is_empty() { "-".into() } else { s.to_string() }
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn emit(out: Output, headers: &[&str], rows: Vec<Vec<String>>, js: Value) {
+    match out {
+        Output::Json => print_json(&js),
+        Output::Table => print_table(headers, rows),
+    }
+}
+
+/// Key/value listing for single objects.
+fn emit_kv(out: Output, js: Value) {
+    match (out, &js) {
+        (Output::Table, Value::Object(map)) => {
+            let sorted: BTreeMap<_, _> = map.iter().collect();
+            let w = sorted.keys().map(|k| k.len()).max().unwrap_or(0);
+            for (k, v) in sorted {
+                let v = match v {
+                    Value::String(s) => s.clone(),
+                    Value::Number(n) if n.is_f64() => format!("{:.2}", n.as_f64().unwrap_or_default()),
+                    other => other.to_string(),
+                };
+                println!("{k:<w$}  {v}");
+            }
+        }
+        _ => print_json(&js),
+    }
+}
+
+pub fn print_table(headers: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let s: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(headers.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        line(r);
+    }
+}
+
+/// `250ms`, `15s`, `1m 30s`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 250ms or 15s: {e}"))
+}
+
+/// Logs to stderr with the given `EnvFilter` directive (e.g. `info`, `control_plane=debug`).
+pub fn init_tracing(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|e| {
+        eprintln!("warning: log filter {filter:?} is invalid ({e}); using info");
+        tracing_subscriber::EnvFilter::new("info")
+    });
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+/// Resolves on SIGTERM or SIGINT with the signal's name.
+pub async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        // Without signal handlers, Ctrl-C still ends the process by default.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}

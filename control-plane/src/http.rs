@@ -1,0 +1,44 @@
+//! The control plane's admin HTTP listener: `/metrics` (Prometheus / OpenMetrics text) and
+//! `/healthz`.
+
+use std::sync::Arc;
+
+use axum::{
+    Json, Router,
+    extract::State as AxumState,
+    http::{StatusCode, header},
+    response::IntoResponse,
+    routing::get,
+};
+
+use crate::api::State;
+
+pub fn router(state: Arc<State>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .fallback(|| async {
+            (StatusCode::NOT_FOUND, Json(serde_json::json!({"error": "not found: try /metrics or /healthz"})))
+        })
+        .with_state(state)
+}
+
+async fn metrics(AxumState(s): AxumState<Arc<State>>) -> impl IntoResponse {
+    let (services, instances, healthy) = s.registry.counts();
+    s.metrics.services.set(services as i64);
+    s.metrics.instances.get_or_create(&[("state", "routable")]).set(healthy as i64);
+    s.metrics.instances.get_or_create(&[("state", "not_routable")]).set((instances - healthy) as i64);
+    s.metrics.policies.set(s.policies.list().len() as i64);
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        s.metrics.render(),
+    )
+}
+
+async fn healthz(AxumState(s): AxumState<Arc<State>>) -> impl IntoResponse {
+    if s.shutdown.is_cancelled() {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"status": "shutting_down"})))
+    } else {
+        (StatusCode::OK, Json(serde_json::json!({"status": "serving"})))
+    }
+}

@@ -1,0 +1,93 @@
+//! Which proxies hold a policy stream, and how far each is in sync: the data behind
+//! `Admin.ProxyStatus` and the push→ACK latency metric.
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use dashmap::DashMap;
+use tokio::time::Instant;
+
+#[derive(Debug, Clone, Default)]
+pub struct SyncState {
+    pub pushed_version: u64,
+    pub pushed_nonce: String,
+    pub pushed_at: Option<Instant>,
+    pub acked_version: u64,
+    pub nacked_version: u64,
+    pub nack_reason: String,
+    pub last_ack_latency_ms: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProxyState {
+    pub node_id: String,
+    pub service: String,
+    pub peer: String,
+    pub connected_at: Instant,
+    pub policies: BTreeMap<String, SyncState>,
+}
+
+#[derive(Default)]
+pub struct Proxies {
+    conns: Arc<DashMap<u64, Arc<Mutex<ProxyState>>>>,
+    next_id: AtomicU64,
+}
+
+/// One connected proxy; removed from [`Proxies`] when dropped (the stream ended).
+pub struct ProxyHandle {
+    id: u64,
+    state: Arc<Mutex<ProxyState>>,
+    conns: Arc<DashMap<u64, Arc<Mutex<ProxyState>>>>,
+}
+
+impl Proxies {
+    pub fn connect(&self, peer: String, now: Instant) -> ProxyHandle {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let state = Arc::new(Mutex::new(ProxyState {
+            node_id: String::new(),
+            service: String::new(),
+            peer,
+            connected_at: now,
+            policies: BTreeMap::new(),
+        }));
+        self.conns.insert(id, state.clone());
+        ProxyHandle { id, state, conns: self.conns.clone() }
+    }
+
+    /// Copies of every proxy's state, sorted by service then node id.
+    pub fn snapshot(&self) -> Vec<ProxyState> {
+        let mut v: Vec<ProxyState> =
+            self.conns.iter().map(|e| e.value().lock().unwrap_or_else(|p| p.into_inner()).clone()).collect();
+        v.sort_by(|a, b| (&a.service, &a.node_id).cmp(&(&b.service, &b.node_id)));
+        v
+    }
+
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+}
+
+impl ProxyHandle {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub fn with<R>(&self, f: impl FnOnce(&mut ProxyState) -> R) -> R {
+        f(&mut self.state.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+impl Drop for ProxyHandle {
+    fn drop(&mut self) {
+        self.conns.remove(&self.id);
+    }
+}

@@ -1,0 +1,489 @@
+//! The service registry: instances, their heartbeats and health, expiry and deregistration.
+//!
+//! Each service has its own state behind a short `std` mutex and a `watch` channel holding its
+//! current discovery view ([`v1::ServiceEndpoints`]). Discovery watchers subscribe to the channels
+//! of the services they asked for, so a change to one service wakes only its watchers and never
+//! takes a registry-wide lock. Versions come from [`Revisions`]: one counter, prefixed by the
+//! persisted boot epoch so that they keep increasing across restarts.
+//!
+//! Time: every decision takes `now` explicitly ([`tokio::time::Instant`]), so tests can drive it
+//! with a paused clock. A TTL is a lower bound: an instance expires only once strictly more than
+//! its TTL has passed since its last heartbeat. A restart gives every stored instance a fresh TTL.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use dashmap::DashMap;
+use mesh_proto::{names, policy::HealthPolicy, v1};
+use tokio::{sync::watch, time::Instant};
+
+use crate::{
+    metrics::Metrics,
+    policy::Policies,
+    store::{Store, StoreError},
+};
+
+/// Weight given to instances that register with weight 0.
+pub const DEFAULT_WEIGHT: u32 = 100;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("invalid instance: {0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Versions that increase monotonically, also across restarts: `epoch << 40 | counter`.
+pub struct Revisions {
+    base: u64,
+    counter: AtomicU64,
+}
+
+impl Revisions {
+    pub fn new(epoch: u64) -> Self {
+        Self { base: epoch << 40, counter: AtomicU64::new(0) }
+    }
+
+    pub fn next(&self) -> u64 {
+        self.base | (self.counter.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+
+    pub fn current(&self) -> u64 {
+        self.base | self.counter.load(Ordering::Relaxed)
+    }
+}
+
+struct InstanceState {
+    /// As registered (health, load and age cleared).
+    info: v1::Instance,
+    /// What the sidecar last reported of its app.
+    app_healthy: bool,
+    load: u32,
+    last_heartbeat: Instant,
+    expired_at: Option<Instant>,
+    /// Past its TTL but kept by self-preservation.
+    held: bool,
+}
+
+impl InstanceState {
+    fn routable(&self) -> bool {
+        self.app_healthy && self.expired_at.is_none()
+    }
+
+    fn health(&self) -> v1::HealthStatus {
+        match (self.expired_at, self.app_healthy) {
+            (Some(_), _) => v1::HealthStatus::Expired,
+            (None, true) => v1::HealthStatus::Healthy,
+            (None, false) => v1::HealthStatus::Unhealthy,
+        }
+    }
+
+    fn view(&self, now: Instant) -> v1::Instance {
+        v1::Instance {
+            health: self.health().into(),
+            load: self.load,
+            last_heartbeat_age_ms: now.saturating_duration_since(self.last_heartbeat).as_millis() as u64,
+            ..self.info.clone()
+        }
+    }
+}
+
+#[derive(Default)]
+struct ServiceState {
+    instances: BTreeMap<String, InstanceState>,
+    /// When instances of this service expired, within the self-preservation window.
+    recent_expirations: VecDeque<Instant>,
+}
+
+struct Service {
+    name: String,
+    state: Mutex<ServiceState>,
+    /// Serialises durable writes (register, deregister) of this service so disk and memory agree.
+    writes: tokio::sync::Mutex<()>,
+    endpoints: watch::Sender<Arc<v1::ServiceEndpoints>>,
+}
+
+impl Service {
+    fn lock(&self) -> MutexGuard<'_, ServiceState> {
+        // A panic while holding the lock cannot leave the map half-updated in a way that matters
+        // more than losing the registry, so recover the guard.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Recomputes the discovery view and publishes it if the routable set changed.
+    fn publish(&self, state: &ServiceState, revisions: &Revisions) -> bool {
+        let endpoints: Vec<v1::Endpoint> = state
+            .instances
+            .values()
+            .filter(|i| i.routable())
+            .map(|i| v1::Endpoint {
+                instance_id: i.info.id.clone(),
+                address: i.info.address.clone(),
+                zone: i.info.zone.clone(),
+                version: i.info.version.clone(),
+                metadata: i.info.metadata.clone(),
+                weight: if i.info.weight == 0 { DEFAULT_WEIGHT } else { i.info.weight },
+            })
+            .collect();
+        self.endpoints.send_if_modified(|cur| {
+            if cur.endpoints == endpoints {
+                return false;
+            }
+            *cur = Arc::new(v1::ServiceEndpoints {
+                service: self.name.clone(),
+                version: revisions.next(),
+                endpoints: endpoints.clone(),
+            });
+            true
+        })
+    }
+}
+
+/// What one sweep did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Sweep {
+    /// Instances that passed their TTL and left discovery.
+    pub expired: Vec<(String, String)>,
+    /// Instances past their TTL kept by self-preservation (newly held in this sweep).
+    pub held: Vec<(String, String)>,
+    /// Expired instances due for deregistration.
+    pub due: Vec<(String, String)>,
+}
+
+pub struct Registry {
+    services: DashMap<String, Arc<Service>>,
+    store: Store,
+    policies: Arc<Policies>,
+    revisions: Revisions,
+    metrics: Arc<Metrics>,
+}
+
+impl Registry {
+    /// Restores the stored instances, each with a fresh TTL starting at `now`.
+    pub fn new(
+        store: Store,
+        policies: Arc<Policies>,
+        metrics: Arc<Metrics>,
+        epoch: u64,
+        stored: Vec<v1::Instance>,
+        now: Instant,
+    ) -> Self {
+        let reg =
+            Self { services: DashMap::new(), store, policies, revisions: Revisions::new(epoch), metrics };
+        for info in stored {
+            let svc = reg.service(&info.service);
+            let mut st = svc.lock();
+            st.instances.insert(info.id.clone(), InstanceState::new(info, now));
+            svc.publish(&st, &reg.revisions);
+        }
+        reg
+    }
+
+    pub fn revisions(&self) -> &Revisions {
+        &self.revisions
+    }
+
+    fn service(&self, name: &str) -> Arc<Service> {
+        if let Some(s) = self.services.get(name) {
+            return s.clone();
+        }
+        self.services
+            .entry(name.to_string())
+            .or_insert_with(|| {
+                let empty = v1::ServiceEndpoints { service: name.to_string(), version: 0, endpoints: vec![] };
+                Arc::new(Service {
+                    name: name.to_string(),
+                    state: Mutex::new(ServiceState::default()),
+                    writes: tokio::sync::Mutex::new(()),
+                    endpoints: watch::channel(Arc::new(empty)).0,
+                })
+            })
+            .clone()
+    }
+
+    fn health_policy(&self, service: &str) -> HealthPolicy {
+        self.policies.current(service).policy.health.clone()
+    }
+
+    /// The discovery view of `service`, now and as it changes.
+    pub fn watch(&self, service: &str) -> watch::Receiver<Arc<v1::ServiceEndpoints>> {
+        self.service(service).endpoints.subscribe()
+    }
+
+    /// Registers or replaces an instance; durable before it returns.
+    pub async fn register(
+        &self,
+        mut info: v1::Instance,
+        now: Instant,
+    ) -> Result<v1::RegisterResponse, RegistryError> {
+        validate_instance(&info)?;
+        info.health = 0;
+        info.load = 0;
+        info.last_heartbeat_age_ms = 0;
+        let svc = self.service(&info.service);
+        let _w = svc.writes.lock().await;
+        self.store.put_instance(&info).await?;
+        let (view, version) = {
+            let mut st = svc.lock();
+            let state = InstanceState::new(info.clone(), now);
+            let view = state.view(now);
+            st.instances.insert(info.id.clone(), state);
+            svc.publish(&st, &self.revisions);
+            (view, svc.endpoints.borrow().version)
+        };
+        self.metrics.registrations.inc();
+        tracing::info!(service = %info.service, instance = %info.id, address = %info.address, "registered");
+        let h = self.health_policy(&info.service);
+        Ok(v1::RegisterResponse {
+            instance: Some(view),
+            version,
+            heartbeat_interval_ms: h.heartbeat_interval.as_millis() as u64,
+            ttl_ms: h.heartbeat_ttl.as_millis() as u64,
+        })
+    }
+
+    /// Renews an instance's TTL and records its reported health and load.
+    pub fn heartbeat(&self, hb: &v1::HeartbeatRequest, now: Instant) -> v1::HeartbeatResponse {
+        self.metrics.heartbeats.inc();
+        let known = match self.services.get(&hb.service).map(|s| s.clone()) {
+            None => false,
+            Some(svc) => {
+                let mut st = svc.lock();
+                match st.instances.get_mut(&hb.instance_id) {
+                    None => false,
+                    Some(i) => {
+                        let app_healthy = hb.health() != v1::HealthStatus::Unhealthy;
+                        let changed = i.app_healthy != app_healthy || i.expired_at.is_some();
+                        if i.expired_at.is_some() {
+                            tracing::info!(service = %hb.service, instance = %hb.instance_id, "expired instance heartbeats again: back in discovery");
+                        }
+                        i.last_heartbeat = now;
+                        i.load = hb.load;
+                        i.app_healthy = app_healthy;
+                        i.expired_at = None;
+                        i.held = false;
+                        if changed {
+                            svc.publish(&st, &self.revisions);
+                        }
+                        true
+                    }
+                }
+            }
+        };
+        let h = self.health_policy(&hb.service);
+        v1::HeartbeatResponse {
+            known,
+            heartbeat_interval_ms: h.heartbeat_interval.as_millis() as u64,
+            ttl_ms: h.heartbeat_ttl.as_millis() as u64,
+        }
+    }
+
+    /// Removes an instance at once; durable before it returns. `Ok(false)` if it was unknown.
+    pub async fn deregister(&self, service: &str, id: &str) -> Result<bool, RegistryError> {
+        let Some(svc) = self.services.get(service).map(|s| s.clone()) else { return Ok(false) };
+        let _w = svc.writes.lock().await;
+        if !svc.lock().instances.contains_key(id) {
+            return Ok(false);
+        }
+        self.store.delete_instance(service, id).await?;
+        let mut st = svc.lock();
+        st.instances.remove(id);
+        svc.publish(&st, &self.revisions);
+        self.metrics.deregistrations.inc();
+        tracing::info!(%service, instance = %id, "deregistered");
+        Ok(true)
+    }
+
+    /// Expires instances past their TTL (within the self-preservation limit) and reports the
+    /// expired instances due for deregistration.
+    pub fn sweep(&self, now: Instant) -> Sweep {
+        let mut out = Sweep::default();
+        let services: Vec<Arc<Service>> = self.services.iter().map(|e| e.value().clone()).collect();
+        for svc in services {
+            let h = self.health_policy(&svc.name);
+            let mut st = svc.lock();
+            if st.instances.is_empty() {
+                continue;
+            }
+            let st = &mut *st;
+            while st
+                .recent_expirations
+                .front()
+                .is_some_and(|t| now.duration_since(*t) >= h.self_preservation_window)
+            {
+                st.recent_expirations.pop_front();
+            }
+            let mut budget = if h.self_preservation_percent == 0 {
+                usize::MAX
+            } else {
+                let cap = (st.instances.len() * h.self_preservation_percent as usize / 100).max(1);
+                cap.saturating_sub(st.recent_expirations.len())
+            };
+            // Oldest heartbeat first, so the longest-silent instances expire first.
+            let mut overdue: Vec<(&String, &mut InstanceState)> = st
+                .instances
+                .iter_mut()
+                .filter(|(_, i)| {
+                    i.expired_at.is_none()
+                        && !h.heartbeat_ttl.is_zero()
+                        && now.duration_since(i.last_heartbeat) > h.heartbeat_ttl
+                })
+                .collect();
+            overdue.sort_by_key(|(_, i)| i.last_heartbeat);
+            let mut changed = false;
+            for (id, i) in overdue {
+                if budget > 0 {
+                    budget -= 1;
+                    i.expired_at = Some(now);
+                    i.held = false;
+                    st.recent_expirations.push_back(now);
+                    changed = true;
+                    out.expired.push((svc.name.clone(), id.clone()));
+                } else if !i.held {
+                    i.held = true;
+                    out.held.push((svc.name.clone(), id.clone()));
+                }
+            }
+            if !h.deregister_after.is_zero() {
+                for (id, i) in &st.instances {
+                    if i.expired_at.is_some_and(|t| now.duration_since(t) >= h.deregister_after) {
+                        out.due.push((svc.name.clone(), id.clone()));
+                    }
+                }
+            }
+            if changed {
+                svc.publish(st, &self.revisions);
+            }
+        }
+        for (s, i) in &out.expired {
+            tracing::warn!(service = %s, instance = %i, "no heartbeat within the TTL: instance expired and left discovery");
+        }
+        for (s, i) in &out.held {
+            tracing::warn!(service = %s, instance = %i, "instance past its TTL kept by self-preservation (too many of the service's instances expired within the window)");
+        }
+        self.metrics.expirations.inc_by(out.expired.len() as u64);
+        self.metrics.self_preservation_holds.inc_by(out.held.len() as u64);
+        out
+    }
+
+    /// Sweeps, then deregisters (durably) the instances that have been expired long enough.
+    pub async fn sweep_and_deregister(&self, now: Instant) -> Result<Sweep, RegistryError> {
+        let sweep = self.sweep(now);
+        for (service, id) in &sweep.due {
+            let Some(svc) = self.services.get(service).map(|s| s.clone()) else { continue };
+            let _w = svc.writes.lock().await;
+            // It may have come back while we waited.
+            if !svc.lock().instances.get(id).is_some_and(|i| i.expired_at.is_some()) {
+                continue;
+            }
+            self.store.delete_instance(service, id).await?;
+            svc.lock().instances.remove(id);
+            self.metrics.deregistrations.inc();
+            tracing::info!(%service, instance = %id, "expired instance deregistered");
+        }
+        Ok(sweep)
+    }
+
+    pub fn get_service(&self, name: &str, now: Instant) -> Option<v1::GetServiceResponse> {
+        let svc = self.services.get(name)?.clone();
+        let st = svc.lock();
+        if st.instances.is_empty() {
+            return None;
+        }
+        Some(v1::GetServiceResponse {
+            name: name.to_string(),
+            instances: st.instances.values().map(|i| i.view(now)).collect(),
+            version: svc.endpoints.borrow().version,
+        })
+    }
+
+    /// Services with at least one instance or an explicit policy, sorted by name.
+    pub fn list_services(&self) -> Vec<v1::ServiceSummary> {
+        let mut out: BTreeMap<String, v1::ServiceSummary> = BTreeMap::new();
+        for e in self.services.iter() {
+            let st = e.value().lock();
+            if st.instances.is_empty() {
+                continue;
+            }
+            out.insert(
+                e.key().clone(),
+                v1::ServiceSummary {
+                    name: e.key().clone(),
+                    instances: st.instances.len() as u32,
+                    healthy: st.instances.values().filter(|i| i.routable()).count() as u32,
+                    policy_version: 0,
+                },
+            );
+        }
+        for p in self.policies.list() {
+            out.entry(p.service.clone())
+                .or_insert_with(|| v1::ServiceSummary { name: p.service.clone(), ..Default::default() });
+        }
+        for s in out.values_mut() {
+            s.policy_version = self.policies.current(&s.name).version;
+        }
+        out.into_values().collect()
+    }
+
+    /// (services with instances, instances, routable instances).
+    pub fn counts(&self) -> (usize, usize, usize) {
+        let (mut services, mut instances, mut healthy) = (0, 0, 0);
+        for e in self.services.iter() {
+            let st = e.value().lock();
+            if !st.instances.is_empty() {
+                services += 1;
+                instances += st.instances.len();
+                healthy += st.instances.values().filter(|i| i.routable()).count();
+            }
+        }
+        (services, instances, healthy)
+    }
+
+    /// Time since the last heartbeat of one instance, if registered.
+    pub fn heartbeat_age(&self, service: &str, id: &str, now: Instant) -> Option<Duration> {
+        let svc = self.services.get(service)?.clone();
+        let st = svc.lock();
+        st.instances.get(id).map(|i| now.saturating_duration_since(i.last_heartbeat))
+    }
+}
+
+impl InstanceState {
+    fn new(info: v1::Instance, now: Instant) -> Self {
+        Self { info, app_healthy: true, load: 0, last_heartbeat: now, expired_at: None, held: false }
+    }
+}
+
+fn validate_instance(i: &v1::Instance) -> Result<(), RegistryError> {
+    let bad = |m: String| Err(RegistryError::Invalid(m));
+    if !names::is_service_name(&i.service) {
+        return bad(format!("service {:?}: must be {}", i.service, names::SERVICE_NAME_RULE));
+    }
+    if !names::is_instance_id(&i.id) {
+        return bad(format!("id {:?}: must be {}", i.id, names::INSTANCE_ID_RULE));
+    }
+    if !names::is_host_port(&i.address) {
+        return bad(format!("address {:?}: must be host:port with a port in 1..=65535", i.address));
+    }
+    if i.zone.len() > 128 || i.version.len() > 128 {
+        return bad("zone and version: at most 128 characters each".into());
+    }
+    if i.metadata.len() > 64
+        || i.metadata.iter().any(|(k, v)| k.is_empty() || k.len() > 128 || v.len() > 1024)
+    {
+        return bad("metadata: at most 64 entries, keys 1..=128 and values up to 1024 characters".into());
+    }
+    if i.weight > 1_000_000 {
+        return bad(format!("weight {}: must be 0..=1000000", i.weight));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;
