@@ -15,6 +15,22 @@ use mesh_proto::{policy::ServicePolicy, v1};
 use serde_json::{Value, json};
 use tonic::transport::{Channel, Endpoint};
 
+/// `println!` that ignores a closed stdout (`meshctl … | head`) instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// `print!` counterpart of [`out!`].
+macro_rules! out_raw {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 mod up;
 
 #[derive(Debug, Parser)]
@@ -308,8 +324,8 @@ async fn policy(cmd: PolicyCommand, ch: Channel, out: Output, addr: &str) -> Res
                 })),
                 Output::Table => {
                     let origin = if vp.is_default { " (defaults)" } else { "" };
-                    println!("# {} policy version {}{origin}", vp.service, vp.version);
-                    print!("{}", serde_yaml_ng::to_string(&policy).unwrap_or_default());
+                    out!("# {} policy version {}{origin}", vp.service, vp.version);
+                    out_raw!("{}", serde_yaml_ng::to_string(&policy).unwrap_or_default());
                 }
             }
         }
@@ -332,12 +348,12 @@ async fn policy(cmd: PolicyCommand, ch: Channel, out: Output, addr: &str) -> Res
                 })),
                 Output::Table => {
                     if r.applied {
-                        println!(
+                        out!(
                             "policy for {service} stored as version {version} ({} changes); pushing to proxies",
                             r.changes.len()
                         );
                     } else {
-                        println!("dry run: policy for {service} is valid and would become version {version}");
+                        out!("dry run: policy for {service} is valid and would become version {version}");
                     }
                     print_changes(&r.changes);
                 }
@@ -357,7 +373,7 @@ async fn policy(cmd: PolicyCommand, ch: Channel, out: Output, addr: &str) -> Res
                 .into_inner();
             match out {
                 Output::Json => print_json(&changes_json(&r.changes)),
-                Output::Table if r.changes.is_empty() => println!("no changes"),
+                Output::Table if r.changes.is_empty() => out!("no changes"),
                 Output::Table => print_changes(&r.changes),
             }
         }
@@ -372,9 +388,9 @@ async fn policy(cmd: PolicyCommand, ch: Channel, out: Output, addr: &str) -> Res
                     print_json(&json!({"service": service, "existed": r.existed, "version": r.version}))
                 }
                 Output::Table if r.existed => {
-                    println!("policy for {service} deleted: defaults pushed as version {}", r.version)
+                    out!("policy for {service} deleted: defaults pushed as version {}", r.version)
                 }
-                Output::Table => println!("{service} had no policy: it already runs on the defaults"),
+                Output::Table => out!("{service} had no policy: it already runs on the defaults"),
             }
         }
         PolicyCommand::List => {
@@ -430,7 +446,7 @@ fn dash(s: &str) -> String {
 }
 
 fn print_json(v: &Value) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    out!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
 fn emit(out: Output, headers: &[&str], rows: Vec<Vec<String>>, js: Value) {
@@ -452,7 +468,7 @@ fn emit_kv(out: Output, js: Value) {
                     Value::Number(n) if n.is_f64() => format!("{:.2}", n.as_f64().unwrap_or_default()),
                     other => other.to_string(),
                 };
-                println!("{k:<w$}  {v}");
+                out!("{k:<w$}  {v}");
             }
         }
         _ => print_json(&js),
@@ -468,7 +484,7 @@ pub fn print_table(headers: &[&str], rows: Vec<Vec<String>>) {
     }
     let line = |cells: Vec<String>| {
         let s: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        println!("{}", s.join("  ").trim_end());
+        out!("{}", s.join("  ").trim_end());
     };
     line(headers.iter().map(|h| h.to_string()).collect());
     for r in rows {

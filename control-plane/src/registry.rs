@@ -380,7 +380,7 @@ impl Registry {
             let Some(svc) = self.services.get(service).map(|s| s.clone()) else { continue };
             let _w = svc.writes.lock().await;
             // It may have come back while we waited.
-            if !svc.lock().instances.get(id).is_some_and(|i| i.expired_at.is_some()) {
+            if svc.lock().instances.get(id).is_none_or(|i| i.expired_at.is_none()) {
                 continue;
             }
             self.store.delete_instance(service, id).await?;

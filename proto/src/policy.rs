@@ -382,7 +382,7 @@ impl Check {
 
     /// 0, or a whole number of milliseconds in `lo..=hi`.
     fn duration(&self, field: &str, d: Duration, lo: Duration, hi: Duration) -> Result<(), FieldError> {
-        if d.subsec_nanos() % 1_000_000 != 0 {
+        if !d.subsec_nanos().is_multiple_of(1_000_000) {
             return Err(self.err(field, "must be a whole number of milliseconds"));
         }
         if d.is_zero() {

@@ -83,8 +83,8 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
     let grpc = listening.get("grpc").and_then(Value::as_str).unwrap_or_default().to_string();
     let admin = listening.get("admin").and_then(Value::as_str).unwrap_or_default().to_string();
 
-    println!();
-    println!("Opinion Market Mesh is up. Ctrl-C stops it.");
+    out!();
+    out!("Opinion Market Mesh is up. Ctrl-C stops it.");
     super::print_table(
         &["PROCESS", "LISTENS ON", "WHAT"],
         vec![
@@ -96,18 +96,18 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
             vec!["".into(), format!("http://{admin}/metrics"), "Prometheus metrics (and /healthz)".into()],
         ],
     );
-    println!();
-    println!("state: {}   logs: {}", args.dir.display(), logs.display());
-    println!("try:   meshctl --control-plane http://{grpc} overview");
-    println!();
+    out!();
+    out!("state: {}   logs: {}", args.dir.display(), logs.display());
+    out!("try:   meshctl --control-plane http://{grpc} overview");
+    out!();
 
     let reason = tokio::select! {
         sig = shutdown_signal() => format!("{sig} received"),
         name = first_exit(&mut procs) => format!("{name} exited unexpectedly (see its log)"),
     };
-    println!("stopping the mesh: {reason}");
+    out!("stopping the mesh: {reason}");
     stop_all(procs).await;
-    println!("stopped");
+    out!("stopped");
     Ok(())
 }
 

@@ -1,0 +1,212 @@
+//! `meshctl` end to end: the real binary against a real control plane process.
+
+mod support;
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    process::{Command, Output, Stdio},
+    time::Duration,
+};
+
+use mesh_proto::v1::{self, registry_client::RegistryClient};
+use support::{CpProcess, bin, channel, instance};
+
+fn meshctl(url: &str, args: &[&str]) -> Output {
+    Command::new(bin("meshctl")).arg("--control-plane").arg(url).args(args).output().unwrap()
+}
+
+fn ok(out: &Output) -> String {
+    assert!(out.status.success(), "meshctl failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+/// Fails with exactly one line on stderr and returns it.
+fn fails(out: &Output) -> String {
+    assert!(!out.status.success(), "expected failure, got: {}", String::from_utf8_lossy(&out.stdout));
+    let err = String::from_utf8(out.stderr.clone()).unwrap();
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err:?}");
+    err
+}
+
+fn policy_file(dir: &tempfile::TempDir, name: &str, body: &str) -> String {
+    let path = dir.path().join(name);
+    std::fs::File::create(&path).unwrap().write_all(body.as_bytes()).unwrap();
+    path.display().to_string()
+}
+
+#[tokio::test]
+async fn services_instances_overview_and_stats() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = CpProcess::start(dir.path());
+    let mut reg = RegistryClient::new(channel(cp.grpc).await);
+    for (id, port) in [("m1", 9001), ("m2", 9002)] {
+        reg.register(v1::RegisterRequest { instance: Some(instance("market-service", id, port)) })
+            .await
+            .unwrap();
+    }
+    let url = cp.url();
+
+    let table = ok(&meshctl(&url, &["services"]));
+    assert!(table.starts_with("SERVICE"), "{table}");
+    assert!(
+        table.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["market-service", "2", "2", "0"]),
+        "{table}"
+    );
+
+    let js: serde_json::Value =
+        serde_json::from_str(&ok(&meshctl(&url, &["-o", "json", "instances", "market-service"]))).unwrap();
+    assert_eq!(js.as_array().unwrap().len(), 2);
+    assert_eq!(js[0]["id"], "m1");
+    assert_eq!(js[0]["address"], "127.0.0.1:9001");
+    assert_eq!(js[0]["health"], "healthy");
+
+    let err = fails(&meshctl(&url, &["instances", "nobody"]));
+    assert!(err.contains("not found") && err.contains("nobody"), "{err}");
+
+    let o: serde_json::Value =
+        serde_json::from_str(&ok(&meshctl(&url, &["overview", "-o", "json"]))).unwrap();
+    assert_eq!((o["services"].as_u64(), o["instances"].as_u64()), (Some(1), Some(2)));
+    let s: serde_json::Value = serde_json::from_str(&ok(&meshctl(&url, &["stats", "-o", "json"]))).unwrap();
+    assert_eq!(s["registrations_total"], 2);
+    assert!(ok(&meshctl(&url, &["overview"])).contains("healthy_instances"));
+}
+
+#[tokio::test]
+async fn policy_get_set_diff_delete_and_refusals() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = CpProcess::start(dir.path());
+    let url = cp.url();
+    let good = policy_file(
+        &dir,
+        "good.yaml",
+        "load_balancer:\n  algorithm: round_robin\nretry:\n  max_attempts: 2\n",
+    );
+
+    let get = ok(&meshctl(&url, &["policy", "get", "market-service"]));
+    assert!(get.starts_with("# market-service policy version 0 (defaults)"), "{get}");
+    assert!(get.contains("algorithm: p2c_peak_ewma"));
+
+    let diff = ok(&meshctl(&url, &["policy", "diff", "market-service", "-f", &good]));
+    assert!(diff.contains("load_balancer.algorithm") && diff.contains("round_robin"), "{diff}");
+    assert!(diff.contains("retry.max_attempts"));
+
+    let dry = ok(&meshctl(&url, &["policy", "set", "market-service", "-f", &good, "--dry-run"]));
+    assert!(dry.starts_with("dry run"), "{dry}");
+    let set = ok(&meshctl(&url, &["policy", "set", "market-service", "-f", &good]));
+    assert!(set.contains("version 1"), "{set}");
+    let js: serde_json::Value =
+        serde_json::from_str(&ok(&meshctl(&url, &["-o", "json", "policy", "get", "market-service"])))
+            .unwrap();
+    assert_eq!((js["version"].as_u64(), js["policy"]["retry"]["max_attempts"].as_u64()), (Some(1), Some(2)));
+    assert_eq!(ok(&meshctl(&url, &["policy", "diff", "market-service", "-f", &good])).trim(), "no changes");
+
+    // JSON files work too.
+    let json = policy_file(&dir, "p.json", r#"{"timeout": {"request": "2s"}}"#);
+    assert!(ok(&meshctl(&url, &["policy", "set", "market-service", "-f", &json])).contains("version 2"));
+
+    // Refusals: one line naming the field; nothing changes.
+    let bad = policy_file(&dir, "bad.yaml", "retry:\n  max_attempts: 50\n");
+    let err = fails(&meshctl(&url, &["policy", "set", "market-service", "-f", &bad]));
+    assert!(err.contains("retry.max_attempts"), "{err}");
+    let typo = policy_file(&dir, "typo.yaml", "retry:\n  max_attemps: 5\n");
+    let err = fails(&meshctl(&url, &["policy", "set", "market-service", "-f", &typo]));
+    assert!(err.contains("max_attemps"), "{err}");
+    let err =
+        fails(&meshctl(&url, &["policy", "set", "market-service", "-f", &good, "--expected-version", "1"]));
+    assert!(err.contains("failed precondition") && err.contains("version 2"), "{err}");
+    let err = fails(&meshctl(&url, &["policy", "get", "Bad_Name"]));
+    assert!(err.contains("invalid argument"), "{err}");
+    let err = fails(&meshctl(&url, &["policy", "set", "market-service", "-f", "/no/such/file.yaml"]));
+    assert!(err.contains("/no/such/file.yaml"), "{err}");
+    let js: serde_json::Value =
+        serde_json::from_str(&ok(&meshctl(&url, &["-o", "json", "policy", "get", "market-service"])))
+            .unwrap();
+    assert_eq!(js["version"], 2);
+
+    assert!(ok(&meshctl(&url, &["policy", "list"])).contains("market-service"));
+    assert!(ok(&meshctl(&url, &["policy", "delete", "market-service"])).contains("version 3"));
+    assert!(
+        ok(&meshctl(&url, &["policy", "delete", "market-service"])).contains("already runs on the defaults")
+    );
+}
+
+#[tokio::test]
+async fn proxy_status_shows_connected_proxies() {
+    use futures::StreamExt;
+    use v1::policy_stream_request::Kind;
+    let dir = tempfile::tempdir().unwrap();
+    let cp = CpProcess::start(dir.path());
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(v1::PolicyStreamRequest {
+        kind: Some(Kind::Subscribe(v1::PolicySubscribe {
+            node_id: "market-1".into(),
+            service: "market-service".into(),
+            services: vec!["market-service".into()],
+        })),
+    })
+    .await
+    .unwrap();
+    let mut pushes = v1::policy_client::PolicyClient::new(channel(cp.grpc).await)
+        .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let p = pushes.next().await.unwrap().unwrap();
+    tx.send(v1::PolicyStreamRequest {
+        kind: Some(Kind::Ack(v1::PolicyAck { service: p.service, version: p.version, nonce: p.nonce })),
+    })
+    .await
+    .unwrap();
+    let url = cp.url();
+    support::eventually(Duration::from_secs(10), "proxy-status lists the synced proxy", || {
+        let url = url.clone();
+        async move {
+            let out = ok(&meshctl(&url, &["proxy-status"]));
+            out.lines().any(|l| l.starts_with("market-1") && l.contains("SYNCED"))
+        }
+    })
+    .await;
+}
+
+#[test]
+fn an_unreachable_control_plane_is_one_line_naming_the_address() {
+    // Bind then drop a listener: that port refuses connections.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("http://127.0.0.1:{port}");
+    let err = fails(&meshctl(&url, &["services"]));
+    assert!(err.contains(&url) && err.contains("cannot reach"), "{err}");
+    let err = fails(&meshctl("not a url", &["services"]));
+    assert!(err.contains("not a URL"), "{err}");
+}
+
+#[test]
+fn meshctl_up_starts_the_control_plane_and_stops_it_on_ctrl_c() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut up = Command::new(bin("meshctl"))
+        .args(["up", "--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--dir"])
+        .arg(dir.path().join(".mesh"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut url = None;
+    for line in BufReader::new(up.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        if let Some(rest) = line.strip_prefix("try:") {
+            url = rest.split_whitespace().nth(2).map(str::to_string);
+            break;
+        }
+    }
+    let url = url.expect("meshctl up prints where the control plane listens");
+    let out = ok(&meshctl(&url, &["-o", "json", "overview"]));
+    assert!(out.contains("control-plane"), "state lives under the up dir: {out}");
+    assert!(dir.path().join(".mesh/control-plane/control-plane.redb").exists());
+    assert!(dir.path().join(".mesh/logs/control-plane.log").exists());
+
+    support::signal(up.id() as i32, nix::sys::signal::Signal::SIGINT);
+    let status = up.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let err = fails(&meshctl(&url, &["overview"]));
+    assert!(err.contains("cannot reach"), "the control plane stopped with meshctl up: {err}");
+}
