@@ -79,7 +79,7 @@ impl Policies {
             let policy = ServicePolicy::try_from(vp.policy.clone().unwrap_or_default()).map_err(|e| {
                 StoreError::Db {
                     op: "restoring policies",
-                    source: format!("stored policy of {} is invalid: {e}", vp.service).into(),
+                    message: format!("stored policy of {} is invalid: {e}", vp.service),
                 }
             })?;
             let entry = PolicyEntry {
