@@ -18,7 +18,7 @@ use crate::{
     metrics::Metrics,
     policy::{Policies, PolicyEntry, PolicyError},
     proxies::{Proxies, ProxyHandle},
-    registry::{Registry, RegistryError},
+    registry::{Endpoints, Registry, RegistryError},
 };
 
 /// Most services one discovery watch or policy stream may follow.
@@ -165,7 +165,7 @@ impl v1::registry_server::Registry for Api {
 // ---- Discovery -----------------------------------------------------------------------------
 
 struct WatchState {
-    updates: StreamMap<String, WatchStream<Arc<v1::ServiceEndpoints>>>,
+    updates: StreamMap<String, WatchStream<Arc<Endpoints>>>,
     ping: Pin<Box<Sleep>>,
     ping_interval: Duration,
     version: u64,
@@ -181,9 +181,9 @@ impl WatchState {
             _ = self.shutdown.cancelled() => return None,
             Some((_, first)) = self.updates.next() => {
                 // Coalesce whatever else is ready into the same message.
-                let mut services = vec![(*first).clone()];
+                let mut services = vec![first.to_wire()];
                 while let Some(Some((_, more))) = self.updates.next().now_or_never() {
-                    services.push((*more).clone());
+                    services.push(more.to_wire());
                 }
                 self.version = services.iter().map(|s| s.version).fold(self.version, u64::max);
                 v1::WatchResponse { kind: Kind::Update.into(), version: self.version, services }
@@ -208,7 +208,7 @@ impl v1::discovery_server::Discovery for Api {
         let mut snapshot = Vec::with_capacity(services.len());
         for name in services {
             let mut rx = s.registry.watch(&name);
-            snapshot.push((**rx.borrow_and_update()).clone());
+            snapshot.push(rx.borrow_and_update().to_wire());
             updates.insert(name, WatchStream::from_changes(rx));
         }
         let version = snapshot.iter().map(|e| e.version).max().unwrap_or(0);

@@ -1,7 +1,7 @@
 //! The service registry: instances, their heartbeats and health, expiry and deregistration.
 //!
 //! Each service has its own state behind a short `std` mutex and a `watch` channel holding its
-//! current discovery view ([`v1::ServiceEndpoints`]). Discovery watchers subscribe to the channels
+//! current discovery view ([`Endpoints`]). Discovery watchers subscribe to the channels
 //! of the services they asked for, so a change to one service wakes only its watchers and never
 //! takes a registry-wide lock. Versions come from [`Revisions`]: one counter, prefixed by the
 //! persisted boot epoch so that they keep increasing across restarts.
@@ -60,9 +60,27 @@ impl Revisions {
     }
 }
 
+/// A service's discovery view: its routable endpoints, shared with the instances they describe.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Endpoints {
+    pub service: String,
+    pub version: u64,
+    pub endpoints: Vec<Arc<v1::Endpoint>>,
+}
+
+impl Endpoints {
+    pub fn to_wire(&self) -> v1::ServiceEndpoints {
+        v1::ServiceEndpoints {
+            service: self.service.clone(),
+            version: self.version,
+            endpoints: self.endpoints.iter().map(|e| (**e).clone()).collect(),
+        }
+    }
+}
+
 struct InstanceState {
-    /// As registered (health, load and age cleared).
-    info: v1::Instance,
+    /// Everything registered but the service name; the discovery view shares it.
+    endpoint: Arc<v1::Endpoint>,
     /// What the sidecar last reported of its app.
     app_healthy: bool,
     load: u32,
@@ -85,12 +103,19 @@ impl InstanceState {
         }
     }
 
-    fn view(&self, now: Instant) -> v1::Instance {
+    fn view(&self, service: &str, now: Instant) -> v1::Instance {
+        let e = &self.endpoint;
         v1::Instance {
+            service: service.to_string(),
+            id: e.instance_id.clone(),
+            address: e.address.clone(),
+            zone: e.zone.clone(),
+            version: e.version.clone(),
+            metadata: e.metadata.clone(),
+            weight: e.weight,
             health: self.health().into(),
             load: self.load,
             last_heartbeat_age_ms: now.saturating_duration_since(self.last_heartbeat).as_millis() as u64,
-            ..self.info.clone()
         }
     }
 }
@@ -107,7 +132,7 @@ struct Service {
     state: Mutex<ServiceState>,
     /// Serialises durable writes (register, deregister) of this service so disk and memory agree.
     writes: tokio::sync::Mutex<()>,
-    endpoints: watch::Sender<Arc<v1::ServiceEndpoints>>,
+    endpoints: watch::Sender<Arc<Endpoints>>,
 }
 
 impl Service {
@@ -119,24 +144,13 @@ impl Service {
 
     /// Recomputes the discovery view and publishes it if the routable set changed.
     fn publish(&self, state: &ServiceState, revisions: &Revisions) -> bool {
-        let endpoints: Vec<v1::Endpoint> = state
-            .instances
-            .values()
-            .filter(|i| i.routable())
-            .map(|i| v1::Endpoint {
-                instance_id: i.info.id.clone(),
-                address: i.info.address.clone(),
-                zone: i.info.zone.clone(),
-                version: i.info.version.clone(),
-                metadata: i.info.metadata.clone(),
-                weight: if i.info.weight == 0 { DEFAULT_WEIGHT } else { i.info.weight },
-            })
-            .collect();
+        let endpoints: Vec<Arc<v1::Endpoint>> =
+            state.instances.values().filter(|i| i.routable()).map(|i| i.endpoint.clone()).collect();
         self.endpoints.send_if_modified(|cur| {
             if cur.endpoints == endpoints {
                 return false;
             }
-            *cur = Arc::new(v1::ServiceEndpoints {
+            *cur = Arc::new(Endpoints {
                 service: self.name.clone(),
                 version: revisions.next(),
                 endpoints: endpoints.clone(),
@@ -197,7 +211,7 @@ impl Registry {
         self.services
             .entry(name.to_string())
             .or_insert_with(|| {
-                let empty = v1::ServiceEndpoints { service: name.to_string(), version: 0, endpoints: vec![] };
+                let empty = Endpoints { service: name.to_string(), version: 0, endpoints: vec![] };
                 Arc::new(Service {
                     name: name.to_string(),
                     state: Mutex::new(ServiceState::default()),
@@ -213,7 +227,7 @@ impl Registry {
     }
 
     /// The discovery view of `service`, now and as it changes.
-    pub fn watch(&self, service: &str) -> watch::Receiver<Arc<v1::ServiceEndpoints>> {
+    pub fn watch(&self, service: &str) -> watch::Receiver<Arc<Endpoints>> {
         self.service(service).endpoints.subscribe()
     }
 
@@ -233,7 +247,7 @@ impl Registry {
         let (view, version) = {
             let mut st = svc.lock();
             let state = InstanceState::new(info.clone(), now);
-            let view = state.view(now);
+            let view = state.view(&info.service, now);
             st.instances.insert(info.id.clone(), state);
             svc.publish(&st, &self.revisions);
             (view, svc.endpoints.borrow().version)
@@ -399,7 +413,7 @@ impl Registry {
         }
         Some(v1::GetServiceResponse {
             name: name.to_string(),
-            instances: st.instances.values().map(|i| i.view(now)).collect(),
+            instances: st.instances.values().map(|i| i.view(name, now)).collect(),
             version: svc.endpoints.borrow().version,
         })
     }
@@ -456,7 +470,15 @@ impl Registry {
 
 impl InstanceState {
     fn new(info: v1::Instance, now: Instant) -> Self {
-        Self { info, app_healthy: true, load: 0, last_heartbeat: now, expired_at: None, held: false }
+        let endpoint = Arc::new(v1::Endpoint {
+            instance_id: info.id,
+            address: info.address,
+            zone: info.zone,
+            version: info.version,
+            metadata: info.metadata,
+            weight: if info.weight == 0 { DEFAULT_WEIGHT } else { info.weight },
+        });
+        Self { endpoint, app_healthy: true, load: 0, last_heartbeat: now, expired_at: None, held: false }
     }
 }
 

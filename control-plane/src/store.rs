@@ -22,6 +22,8 @@ const POLICIES: TableDefinition<&str, &[u8]> = TableDefinition::new("policies");
 const INSTANCES: TableDefinition<&str, &[u8]> = TableDefinition::new("instances");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const EPOCH_KEY: &str = "epoch";
+/// redb page cache.
+const CACHE_BYTES: usize = 4 * 1024 * 1024;
 /// Most writes committed in one transaction.
 const MAX_BATCH: usize = 4096;
 
@@ -87,7 +89,11 @@ impl Store {
     pub fn open(dir: &Path) -> Result<(Store, Loaded), StoreError> {
         std::fs::create_dir_all(dir).map_err(db_err("creating the data directory"))?;
         let path = dir.join("control-plane.redb");
-        let db = Database::create(&path)
+        // Everything is read once at start and served from memory, so redb's page cache (1 GiB
+        // by default) would only grow with what we write.
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(&path)
             .map_err(|e| StoreError::Open { path: path.display().to_string(), source: Box::new(e) })?;
         let epoch = {
             let tx = db.begin_write().map_err(db_err("begin"))?;
