@@ -41,6 +41,18 @@ pub struct ServicePolicy {
     pub cache: CachePolicy,
     pub rate_limit: RateLimitPolicy,
     pub authz: AuthzPolicy,
+    /// Set for a service outside the mesh: sidecars resolve `host` with DNS (re-resolved per
+    /// record TTL) and balance over the addresses instead of using discovery.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub external: Option<ExternalService>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExternalService {
+    /// DNS name or IP address.
+    pub host: String,
+    pub port: u16,
 }
 
 /// How a sidecar picks an endpoint of this service.
@@ -420,7 +432,14 @@ impl ServicePolicy {
         self.timeout.validate()?;
         self.cache.validate()?;
         self.rate_limit.validate()?;
-        self.authz.validate()
+        self.authz.validate()?;
+        match &self.external {
+            Some(e) if !names::is_host_port(&format!("{}:{}", e.host, e.port)) => Err(FieldError::new(
+                "external",
+                format!("{}:{} is not a DNS name or IP with a port in 1..=65535", e.host, e.port),
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// Field-by-field differences between two policies, as dotted paths sorted by path.
@@ -753,6 +772,14 @@ impl TryFrom<v1::ServicePolicy> for ServicePolicy {
                 allowed_callers: az.allowed_callers,
                 allow_unauthenticated: az.allow_unauthenticated.unwrap_or_default(),
             },
+            external: match w.external {
+                None => None,
+                Some(e) => Some(ExternalService {
+                    port: u16::try_from(e.port)
+                        .map_err(|_| FieldError::new("external.port", format!("{} is not a port", e.port)))?,
+                    host: e.host,
+                }),
+            },
         };
         p.validate()?;
         Ok(p)
@@ -838,6 +865,10 @@ impl From<&ServicePolicy> for v1::ServicePolicy {
                 allowed_callers: az.allowed_callers.clone(),
                 allow_unauthenticated: Some(az.allow_unauthenticated),
             }),
+            external: p
+                .external
+                .as_ref()
+                .map(|e| v1::ExternalService { host: e.host.clone(), port: e.port.into() }),
         }
     }
 }

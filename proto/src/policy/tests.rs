@@ -40,6 +40,7 @@ fn errors_name_the_field() {
         ("circuit_breaker:\n  max_ejection_percent: 101\n", "circuit_breaker.max_ejection_percent"),
         ("cache:\n  ttl: 10s\n  methods: [POST]\n", "cache.methods"),
         ("authz:\n  allowed_callers: [\"Not A Name\"]\n", "authz.allowed_callers"),
+        ("external:\n  host: \"bad host\"\n  port: 443\n", "external"),
     ];
     for (yaml, field) in cases {
         let p: ServicePolicy = serde_yaml_ng::from_str(yaml).unwrap();
@@ -120,6 +121,7 @@ prop_compose! {
         cache_ttl in ms_in(1, 86_400_000), methods in prop_oneof![Just(vec!["GET".to_string()]), Just(vec!["GET".to_string(), "HEAD".to_string()])],
         rps in 0u32..=100_000, callers in proptest::collection::vec("[a-z][a-z0-9-]{0,10}[a-z0-9]", 0..3),
         anon in any::<bool>(),
+        external in proptest::option::of(("[a-z]{1,10}(\\.[a-z]{1,5}){0,2}", 1u16..)),
     ) -> ServicePolicy {
         let mut p = ServicePolicy::default();
         p.load_balancer.algorithm = algorithm;
@@ -146,6 +148,7 @@ prop_compose! {
         p.rate_limit.requests_per_second = rps;
         p.authz.allowed_callers = callers;
         p.authz.allow_unauthenticated = anon;
+        p.external = external.map(|(host, port)| ExternalService { host, port });
         p
     }
 }

@@ -1,0 +1,497 @@
+//! Test harness for whole-mesh tests: a control plane, sidecars and HTTP backends on port 0 of
+//! 127.0.0.1, started through the same `run` / `serve` functions the binaries use, each stopped
+//! when dropped. Also: the real binaries as child processes (for SIGKILL), a plain HTTP client,
+//! and eventual assertions.
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    future::Future,
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
+use mesh_proto::{policy::ServicePolicy, v1};
+pub use sidecar::{Config as SidecarConfig, Mode};
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+pub const WAIT: Duration = Duration::from_secs(15);
+
+/// Polls `check` every 10 ms until it holds, failing the test after `within`.
+pub async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+pub async fn channel(addr: SocketAddr) -> Channel {
+    Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap()
+}
+
+// ---- control plane ---------------------------------------------------------------------------
+
+/// A control plane inside the test process.
+pub struct TestCp {
+    pub grpc: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: tempfile::TempDir,
+    stop: CancellationToken,
+    task: Option<JoinHandle<Result<(), control_plane::Error>>>,
+}
+
+impl TestCp {
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane::ControlPlane::open(control_plane::Config::new(dir.path())).unwrap();
+        let g = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (grpc, admin) = (g.local_addr().unwrap(), a.local_addr().unwrap());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(cp.serve(g, a, stop.clone()));
+        Self { grpc, admin, dir, stop, task: Some(task) }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        channel(self.grpc).await
+    }
+
+    /// Stores `policy` for `service`; returns its version.
+    pub async fn set_policy(&self, service: &str, policy: &ServicePolicy) -> u64 {
+        v1::policy_client::PolicyClient::new(self.channel().await)
+            .set(v1::SetPolicyRequest {
+                service: service.into(),
+                policy: Some(policy.into()),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .policy
+            .unwrap()
+            .version
+    }
+
+    /// Routable endpoint ids of `service`, sorted.
+    pub async fn endpoints(&self, service: &str) -> Vec<String> {
+        let r = v1::registry_client::RegistryClient::new(self.channel().await)
+            .get_service(v1::GetServiceRequest { name: service.into() })
+            .await;
+        let mut ids: Vec<String> = match r {
+            Ok(r) => r
+                .into_inner()
+                .instances
+                .into_iter()
+                .filter(|i| i.health() == v1::HealthStatus::Healthy)
+                .map(|i| i.id)
+                .collect(),
+            Err(_) => vec![],
+        };
+        ids.sort();
+        ids
+    }
+
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(t) = self.task.take() {
+            let _ = tokio::time::timeout(WAIT, t).await;
+        }
+    }
+}
+
+impl Drop for TestCp {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// A policy with fast heartbeats and probes, for tests that watch instances come and go.
+pub fn fast_policy() -> ServicePolicy {
+    let mut p = ServicePolicy::default();
+    p.health.heartbeat_interval = Duration::from_millis(100);
+    p.health.heartbeat_ttl = Duration::from_millis(400);
+    p.health.probe_interval = Duration::from_millis(100);
+    p.health.probe_timeout = Duration::from_millis(100);
+    p.health.self_preservation_percent = 0;
+    p
+}
+
+// ---- HTTP backends ---------------------------------------------------------------------------
+
+/// An HTTP/1.1 + h2c app. `GET /healthz` answers 200 (or 503 once made unhealthy); every other
+/// request answers JSON naming the backend, method, path, version and request headers, after
+/// `delay` (or `?delay_ms=N`).
+pub struct Backend {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub hits: Arc<AtomicU64>,
+    pub healthy: Arc<AtomicBool>,
+    pub delay_ms: Arc<AtomicU64>,
+    /// Answer this status instead of 200 (0 = 200).
+    pub status: Arc<AtomicUsize>,
+    stop: CancellationToken,
+}
+
+impl Backend {
+    pub async fn start(name: &str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let b = Backend {
+            name: name.to_string(),
+            addr,
+            hits: Arc::default(),
+            healthy: Arc::new(AtomicBool::new(true)),
+            delay_ms: Arc::default(),
+            status: Arc::default(),
+            stop: CancellationToken::new(),
+        };
+        let (name, hits, healthy, delay, status, stop) = (
+            b.name.clone(),
+            b.hits.clone(),
+            b.healthy.clone(),
+            b.delay_ms.clone(),
+            b.status.clone(),
+            b.stop.clone(),
+        );
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+                };
+                let (name, hits, healthy, delay, status) =
+                    (name.clone(), hits.clone(), healthy.clone(), delay.clone(), status.clone());
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let (name, hits, healthy, delay, status) =
+                        (name.clone(), hits.clone(), healthy.clone(), delay.clone(), status.clone());
+                    async move { Ok::<_, Infallible>(answer(req, &name, &hits, &healthy, &delay, &status).await) }
+                });
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let builder = auto::Builder::new(TokioExecutor::new());
+                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = stop.cancelled() => {}
+                    }
+                });
+            }
+        });
+        b
+    }
+
+    pub fn hits(&self) -> u64 {
+        self.hits.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn answer(
+    req: Request<Incoming>,
+    name: &str,
+    hits: &AtomicU64,
+    healthy: &AtomicBool,
+    delay: &AtomicU64,
+    status: &AtomicUsize,
+) -> Response<Full<Bytes>> {
+    if req.uri().path() == "/healthz" {
+        let code =
+            if healthy.load(Ordering::Relaxed) { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+        return Response::builder().status(code).body(Full::new(Bytes::from_static(b"{}"))).unwrap();
+    }
+    hits.fetch_add(1, Ordering::Relaxed);
+    let query_delay = req
+        .uri()
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("delay_ms=")))
+        .and_then(|v| v.parse::<u64>().ok());
+    let ms = query_delay.unwrap_or_else(|| delay.load(Ordering::Relaxed));
+    if ms > 0 {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let headers: HashMap<String, String> =
+        req.headers().iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string())).collect();
+    let (method, path, version) =
+        (req.method().to_string(), req.uri().path().to_string(), format!("{:?}", req.version()));
+    let body_len = req.into_body().collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
+    let body = serde_json::json!({
+        "backend": name, "method": method, "path": path, "version": version, "headers": headers, "body_len": body_len,
+    });
+    let code = match status.load(Ordering::Relaxed) {
+        0 => StatusCode::OK,
+        c => StatusCode::from_u16(c as u16).unwrap_or(StatusCode::OK),
+    };
+    Response::builder()
+        .status(code)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap()
+}
+
+// ---- sidecars --------------------------------------------------------------------------------
+
+/// A sidecar inside the test process.
+pub struct TestSidecar {
+    pub outbound: SocketAddr,
+    pub inbound: Option<SocketAddr>,
+    pub admin: SocketAddr,
+    pub instance_id: String,
+    pub dir: PathBuf,
+    stop: CancellationToken,
+    task: Option<JoinHandle<Result<(), sidecar::Error>>>,
+}
+
+impl TestSidecar {
+    /// A sidecar for `service` in front of `app`, with its data in `dir`.
+    pub fn config(cp: &str, service: &str, id: &str, app: SocketAddr, dir: &Path) -> SidecarConfig {
+        SidecarConfig {
+            mode: Mode::Sidecar,
+            service: Some(service.into()),
+            instance_id: id.into(),
+            app_addr: Some(app),
+            control_plane: vec![cp.to_string()],
+            advertise_addr: String::new(),
+            data_dir: dir.to_path_buf(),
+            zone: "z1".into(),
+            version: "test".into(),
+            metadata: HashMap::new(),
+            weight: 100,
+            upstreams: vec![],
+            routes: vec![],
+            discovery_wait: Duration::from_secs(2),
+            drain_delay: Duration::from_millis(300),
+            drain_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// A gateway routing `routes` into the mesh.
+    pub fn gateway_config(cp: &str, routes: Vec<sidecar::outbound::Route>, dir: &Path) -> SidecarConfig {
+        SidecarConfig {
+            mode: Mode::Gateway,
+            service: None,
+            instance_id: "gateway".into(),
+            app_addr: None,
+            routes,
+            ..Self::config(cp, "gateway", "gateway", "127.0.0.1:9".parse().unwrap(), dir)
+        }
+    }
+
+    pub async fn start(mut config: SidecarConfig) -> Self {
+        let outbound = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let inbound = match config.mode {
+            Mode::Sidecar => Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+            Mode::Gateway => None,
+        };
+        let inbound_addr = inbound.as_ref().map(|l| l.local_addr().unwrap());
+        if config.advertise_addr.is_empty()
+            && let Some(a) = inbound_addr
+        {
+            config.advertise_addr = a.to_string();
+        }
+        let (out_addr, admin_addr) = (outbound.local_addr().unwrap(), admin.local_addr().unwrap());
+        let stop = CancellationToken::new();
+        let (instance_id, dir) = (config.instance_id.clone(), config.data_dir.clone());
+        let listeners = sidecar::Listeners { inbound, outbound, admin };
+        let task = tokio::spawn(sidecar::run(config, listeners, stop.clone()));
+        Self {
+            outbound: out_addr,
+            inbound: inbound_addr,
+            admin: admin_addr,
+            instance_id,
+            dir,
+            stop,
+            task: Some(task),
+        }
+    }
+
+    /// Starts the graceful shutdown and returns at once.
+    pub fn begin_stop(&self) {
+        self.stop.cancel();
+    }
+
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(t) = self.task.take() {
+            tokio::time::timeout(WAIT, t).await.expect("sidecar drains").unwrap().unwrap();
+        }
+    }
+
+    pub async fn config_json(&self) -> serde_json::Value {
+        let (_, body) = get(self.admin, "admin", "/config").await;
+        serde_json::from_str(&body).unwrap()
+    }
+}
+
+impl Drop for TestSidecar {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+// ---- real binaries ---------------------------------------------------------------------------
+
+/// The directory cargo puts the workspace's binaries in (beside the test executable's `deps/`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().and_then(|d| d.parent()).unwrap().to_path_buf()
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} not built: run the tests with `cargo nextest run --workspace` (or `cargo build --workspace` first)",
+        p.display()
+    );
+    p
+}
+
+/// A workspace binary as a child process; killed (SIGKILL) on drop.
+pub struct Process {
+    pub child: Child,
+    /// Its `listening` line.
+    pub listening: serde_json::Value,
+}
+
+impl Process {
+    pub fn start(name: &str, args: &[String]) -> Self {
+        let mut child = Command::new(bin(name))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let listening =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("{name} printed {line:?}: {e}"));
+        Self { child, listening }
+    }
+
+    pub fn addr(&self, key: &str) -> SocketAddr {
+        self.listening[key]
+            .as_str()
+            .unwrap_or_else(|| panic!("no {key} in {}", self.listening))
+            .parse()
+            .unwrap()
+    }
+
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---- HTTP client -----------------------------------------------------------------------------
+
+fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// `GET path` to `addr` with `Host: host`: (status, body).
+pub async fn get(addr: SocketAddr, host: &str, path: &str) -> (u16, String) {
+    request(addr, "GET", host, path, &[], Bytes::new()).await
+}
+
+/// One HTTP/1.1 request on a fresh pooled client: (status, body). Transport failures are
+/// status 0 with the error as body.
+pub async fn request(
+    addr: SocketAddr,
+    method: &str,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> (u16, String) {
+    let mut b = Request::builder().method(method).uri(format!("http://{addr}{path}")).header("host", host);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    match client().request(b.body(Full::new(body)).unwrap()).await {
+        Ok(resp) => {
+            let status = resp.status().as_u16();
+            let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        }
+        Err(e) => (0, e.to_string()),
+    }
+}
+
+/// A reusable keep-alive client, as an app would hold one.
+#[derive(Clone)]
+pub struct HttpClient(Client<HttpConnector, Full<Bytes>>);
+
+impl Default for HttpClient {
+    fn default() -> Self {
+        Self(client())
+    }
+}
+
+impl HttpClient {
+    pub async fn get(&self, addr: SocketAddr, host: &str, path: &str) -> (u16, String) {
+        let req = Request::get(format!("http://{addr}{path}"))
+            .header("host", host)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        match self.0.request(req).await {
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                (status, String::from_utf8_lossy(&body).into_owned())
+            }
+            Err(e) => (0, e.to_string()),
+        }
+    }
+}
+
+/// The `backend` field of a Backend's JSON answer.
+pub fn backend_of(body: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["backend"].as_str().map(str::to_string))
+        .unwrap_or_else(|| format!("<not a backend answer: {body}>"))
+}

@@ -1,0 +1,108 @@
+//! The admin listener: `/metrics`, `/live`, `/ready`, `/config`.
+
+use std::sync::{Arc, atomic::Ordering};
+
+use axum::{
+    Json, Router,
+    extract::State,
+    http::{StatusCode, header},
+    response::IntoResponse,
+    routing::get,
+};
+use serde_json::json;
+
+use crate::{Mode, Shared};
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/live", get(|| async { Json(json!({"status": "live"})) }))
+        .route("/ready", get(ready))
+        .route("/config", get(config))
+        .fallback(|| async {
+            (
+                StatusCode::NOT_FOUND,
+                Json(json!({"error": "not_found", "message": "try /metrics, /ready, /live or /config"})),
+            )
+        })
+        .with_state(shared)
+}
+
+async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
+    let m = &s.metrics;
+    for up in s.upstreams.all() {
+        let set = up.endpoints();
+        m.endpoints.get_or_create(&vec![("service", up.name.clone())]).set(set.endpoints.len() as i64);
+        for e in &set.endpoints {
+            m.endpoint_inflight
+                .get_or_create(&vec![("service", up.name.clone()), ("endpoint", e.info.id.clone())])
+                .set(e.inflight() as i64);
+        }
+        m.policy_version.get_or_create(&vec![("service", up.name.clone())]).set(up.policy().version as i64);
+    }
+    if let Some(own) = &s.config.service {
+        m.policy_version.get_or_create(&vec![("service", own.clone())]).set(s.own_policy.borrow().0 as i64);
+    }
+    m.app_healthy.set(i64::from(*s.app_healthy.borrow()));
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], m.render())
+}
+
+/// Ready when the app is healthy (sidecar mode) and configuration came from the control plane
+/// or from the snapshot.
+async fn ready(State(s): State<Arc<Shared>>) -> impl IntoResponse {
+    let app_ok = s.config.mode == Mode::Gateway || *s.app_healthy.borrow();
+    let config_ok = s.cp.synced.load(Ordering::Relaxed) || s.cp.from_snapshot.load(Ordering::Relaxed);
+    let mut reasons = Vec::new();
+    if !app_ok {
+        reasons.push("the local app does not pass its health probe");
+    }
+    if !config_ok {
+        reasons.push("no configuration yet: the control plane has not answered and there is no snapshot");
+    }
+    if s.stopping.is_cancelled() {
+        reasons.push("shutting down");
+    }
+    let status = if reasons.is_empty() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(json!({"ready": reasons.is_empty(), "reasons": reasons})))
+}
+
+async fn config(State(s): State<Arc<Shared>>) -> impl IntoResponse {
+    let c = &s.config;
+    let (own_version, own_policy) = s.own_policy.borrow().clone();
+    let upstreams: Vec<_> = s
+        .upstreams
+        .all()
+        .iter()
+        .map(|u| {
+            let set = u.endpoints();
+            let p = u.policy();
+            json!({
+                "service": u.name,
+                "source": u.source(),
+                "endpoints_version": set.version,
+                "endpoints": set.endpoints.iter().map(|e| json!({
+                    "id": e.info.id, "address": e.info.address, "zone": e.info.zone, "weight": e.info.weight,
+                    "inflight": e.inflight(), "latency_ewma_ms": e.latency_estimate().as_secs_f64() * 1000.0,
+                })).collect::<Vec<_>>(),
+                "policy_version": p.version,
+                "policy": *p.policy,
+            })
+        })
+        .collect();
+    Json(json!({
+        "mode": c.mode,
+        "service": c.service,
+        "instance_id": c.instance_id,
+        "advertise_addr": c.advertise_addr,
+        "control_plane": {
+            "urls": c.control_plane,
+            "current": *s.cp.url.lock().unwrap_or_else(|p| p.into_inner()),
+            "connected": s.cp.connected.load(Ordering::Relaxed),
+            "registered": s.cp.registered.load(Ordering::Relaxed),
+            "last_error": *s.cp.last_error.lock().unwrap_or_else(|p| p.into_inner()),
+        },
+        "app_healthy": *s.app_healthy.borrow(),
+        "own_policy": { "version": own_version, "policy": *own_policy },
+        "upstreams": upstreams,
+    }))
+}

@@ -1,0 +1,380 @@
+//! The sidecar's side of the control plane.
+//!
+//! One session at a time over one HTTP/2 connection: a policy stream (subscribe, then apply
+//! each push and ACK it once the snapshot is durable, or NACK it with the reason and keep the
+//! previous policy), a discovery watch for the upstreams (re-opened when the app starts calling
+//! a new service), and — in sidecar mode, once the app is healthy — registration and a
+//! heartbeat stream carrying health and load. When anything of the session fails, the sidecar
+//! keeps serving what it has (it never drops endpoints for lack of a control plane) and
+//! reconnects with jittered exponential backoff, trying each configured address in turn.
+
+use std::{
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use futures::StreamExt;
+use mesh_proto::{
+    policy::ServicePolicy,
+    v1::{
+        self, discovery_client::DiscoveryClient, policy_client::PolicyClient, policy_stream_request::Kind,
+        registry_client::RegistryClient,
+    },
+};
+use rand::Rng;
+use tokio::{sync::mpsc, time::Instant};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Streaming, transport::Channel};
+
+use crate::{
+    Shared,
+    upstream::{EndpointInfo, Source},
+};
+
+/// Reconnect backoff: full jitter over an exponentially growing cap.
+pub struct Backoff {
+    base: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(base: Duration, max: Duration) -> Self {
+        Self { base, max, attempt: 0 }
+    }
+
+    pub fn next_delay(&mut self) -> Duration {
+        let cap = self.base.saturating_mul(2u32.saturating_pow(self.attempt.min(16))).min(self.max);
+        self.attempt += 1;
+        Duration::from_nanos(rand::rng().random_range(0..=cap.as_nanos() as u64))
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("cannot connect to the control plane at {0}: {1}")]
+    Connect(String, String),
+    #[error("control plane refused {0}: {1}")]
+    Status(&'static str, tonic::Status),
+    #[error("the control plane closed the {0} stream")]
+    Closed(&'static str),
+}
+
+fn status(what: &'static str) -> impl FnOnce(tonic::Status) -> SessionError {
+    move |s| SessionError::Status(what, s)
+}
+
+/// Runs sessions until `stop`. `added` announces upstreams the proxy meets for the first time.
+pub async fn run(shared: Arc<Shared>, mut added: mpsc::UnboundedReceiver<String>, stop: CancellationToken) {
+    let urls = shared.config.control_plane.clone();
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+    for attempt in 0usize.. {
+        let url = &urls[attempt % urls.len()];
+        *shared.cp.url.lock().unwrap_or_else(|p| p.into_inner()) = url.clone();
+        let started = Instant::now();
+        let result = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = session(&shared, url, &mut added, &stop) => r,
+        };
+        shared.cp.connected.store(false, Ordering::Relaxed);
+        shared.metrics.control_plane_connected.set(0);
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "control-plane session ended; serving the last known endpoints and policy");
+            *shared.cp.last_error.lock().unwrap_or_else(|p| p.into_inner()) = e.to_string();
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            backoff.reset();
+        }
+        let wait = backoff.next_delay();
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+async fn connect(url: &str) -> Result<Channel, SessionError> {
+    let err = |e: &dyn std::fmt::Display| SessionError::Connect(url.to_string(), e.to_string());
+    tonic::transport::Endpoint::from_shared(url.to_string())
+        .map_err(|e| err(&e))?
+        .connect_timeout(Duration::from_secs(3))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true)
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .map_err(|e| {
+            let mut cause: &dyn std::error::Error = &e;
+            while let Some(next) = cause.source() {
+                cause = next;
+            }
+            err(&cause)
+        })
+}
+
+fn subscribe(shared: &Shared) -> v1::PolicyStreamRequest {
+    let mut services = shared.upstreams.names();
+    let own = shared.config.service.clone().unwrap_or_default();
+    if !own.is_empty() && !services.contains(&own) {
+        services.push(own.clone());
+    }
+    v1::PolicyStreamRequest {
+        kind: Some(Kind::Subscribe(v1::PolicySubscribe {
+            node_id: shared.config.instance_id.clone(),
+            service: own,
+            services,
+        })),
+    }
+}
+
+async fn open_watch(
+    shared: &Shared,
+    ch: &Channel,
+) -> Result<Option<Streaming<v1::WatchResponse>>, SessionError> {
+    let services = shared.upstreams.names();
+    if services.is_empty() {
+        return Ok(None);
+    }
+    let req = v1::WatchRequest { services, node_id: shared.config.instance_id.clone() };
+    Ok(Some(
+        DiscoveryClient::new(ch.clone()).watch(req).await.map_err(status("discovery watch"))?.into_inner(),
+    ))
+}
+
+async fn next_watch(
+    w: &mut Option<Streaming<v1::WatchResponse>>,
+) -> Option<Result<v1::WatchResponse, tonic::Status>> {
+    match w {
+        Some(s) => s.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn session(
+    shared: &Arc<Shared>,
+    url: &str,
+    added: &mut mpsc::UnboundedReceiver<String>,
+    stop: &CancellationToken,
+) -> Result<(), SessionError> {
+    let ch = connect(url).await?;
+    shared.metrics.control_plane_reconnects.inc();
+    // Names announced before this session are in the subscription already.
+    while added.try_recv().is_ok() {}
+    let (ptx, prx) = mpsc::channel(64);
+    let _ = ptx.send(subscribe(shared)).await;
+    let mut pushes = PolicyClient::new(ch.clone())
+        .stream(ReceiverStream::new(prx))
+        .await
+        .map_err(status("policy stream"))?
+        .into_inner();
+    let mut watch = open_watch(shared, &ch).await?;
+    shared.cp.connected.store(true, Ordering::Relaxed);
+    shared.metrics.control_plane_connected.set(1);
+    tracing::info!(%url, "connected to the control plane");
+    let registration = registration(shared, ch.clone(), stop.clone());
+    tokio::pin!(registration);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            push = pushes.next() => match push {
+                Some(Ok(p)) => {
+                    let reply = apply_policy(shared, p).await;
+                    if ptx.send(reply).await.is_err() {
+                        return Err(SessionError::Closed("policy"));
+                    }
+                }
+                Some(Err(s)) => return Err(SessionError::Status("policy stream", s)),
+                None => return Err(SessionError::Closed("policy")),
+            },
+            msg = next_watch(&mut watch) => match msg {
+                Some(Ok(m)) => apply_discovery(shared, m).await,
+                Some(Err(s)) => return Err(SessionError::Status("discovery watch", s)),
+                None => return Err(SessionError::Closed("discovery")),
+            },
+            Some(name) = added.recv() => {
+                while added.try_recv().is_ok() {}
+                tracing::debug!(service = %name, "new upstream: widening the discovery watch and policy subscription");
+                let _ = ptx.send(subscribe(shared)).await;
+                watch = open_watch(shared, &ch).await?;
+            }
+            r = &mut registration => return r,
+        }
+    }
+}
+
+/// Applies a push and answers it: ACK once applied and durable, NACK (keeping the previous
+/// policy untouched) when it does not validate.
+async fn apply_policy(shared: &Shared, p: v1::PolicyPush) -> v1::PolicyStreamRequest {
+    let policy = match ServicePolicy::try_from(p.policy.clone().unwrap_or_default()) {
+        Ok(policy) => policy,
+        Err(e) => {
+            tracing::warn!(service = %p.service, version = p.version, reason = %e, "refusing policy push (NACK); keeping the previous policy");
+            shared.metrics.policy_nacks.inc();
+            return v1::PolicyStreamRequest {
+                kind: Some(Kind::Nack(v1::PolicyNack {
+                    service: p.service,
+                    version: p.version,
+                    nonce: p.nonce,
+                    reason: e.to_string(),
+                })),
+            };
+        }
+    };
+    if shared.config.service.as_deref() == Some(p.service.as_str()) {
+        shared.own_policy.send_replace((p.version, Arc::new(policy.clone())));
+    }
+    if let Some(up) = shared.upstreams.get(&p.service) {
+        shared.dns.sync(&up, policy.external.as_ref());
+        up.set_policy(p.version, policy);
+    }
+    shared.snapshot.save().await;
+    shared.cp.synced.store(true, Ordering::Relaxed);
+    shared.metrics.policy_acks.inc();
+    tracing::debug!(service = %p.service, version = p.version, "policy applied");
+    v1::PolicyStreamRequest {
+        kind: Some(Kind::Ack(v1::PolicyAck { service: p.service, version: p.version, nonce: p.nonce })),
+    }
+}
+
+async fn apply_discovery(shared: &Shared, m: v1::WatchResponse) {
+    if m.services.is_empty() {
+        return; // a ping
+    }
+    for s in m.services {
+        let Some(up) = shared.upstreams.get(&s.service) else { continue };
+        if up.policy().policy.external.is_some() {
+            continue; // DNS owns this service's endpoints
+        }
+        let infos = s
+            .endpoints
+            .into_iter()
+            .map(|e| EndpointInfo { id: e.instance_id, address: e.address, zone: e.zone, weight: e.weight })
+            .collect();
+        up.set_endpoints(s.version, infos, Source::Discovery);
+    }
+    shared.metrics.discovery_updates.inc();
+    shared.snapshot.save().await;
+}
+
+fn instance(shared: &Shared, service: &str) -> v1::Instance {
+    let c = &shared.config;
+    v1::Instance {
+        service: service.to_string(),
+        id: c.instance_id.clone(),
+        address: c.advertise_addr.clone(),
+        zone: c.zone.clone(),
+        version: c.version.clone(),
+        metadata: c.metadata.clone(),
+        weight: c.weight,
+        ..Default::default()
+    }
+}
+
+/// Sidecar mode: waits for the app to be healthy, registers, then heartbeats at the interval the
+/// control plane names, re-registering if it forgot us. Never returns `Ok` while running.
+async fn registration(
+    shared: &Arc<Shared>,
+    ch: Channel,
+    stop: CancellationToken,
+) -> Result<(), SessionError> {
+    let Some(service) = shared.config.service.clone() else { return std::future::pending().await };
+    let mut healthy = shared.app_healthy.subscribe();
+    tokio::select! {
+        _ = stop.cancelled() => return Ok(()),
+        r = healthy.wait_for(|h| *h) => if r.is_err() { return Ok(()) },
+    }
+    let mut reg = RegistryClient::new(ch);
+    let r = reg
+        .register(v1::RegisterRequest { instance: Some(instance(shared, &service)) })
+        .await
+        .map_err(status("register"))?
+        .into_inner();
+    shared.cp.registered.store(true, Ordering::Relaxed);
+    tracing::info!(%service, instance = %shared.config.instance_id, address = %shared.config.advertise_addr, "registered");
+    let mut every = Duration::from_millis(r.heartbeat_interval_ms.max(100));
+    let (htx, hrx) = mpsc::channel(4);
+    let mut answers =
+        reg.heartbeat(ReceiverStream::new(hrx)).await.map_err(status("heartbeat"))?.into_inner();
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = tick.tick() => {
+                let hb = v1::HeartbeatRequest {
+                    service: service.clone(),
+                    instance_id: shared.config.instance_id.clone(),
+                    health: if *shared.app_healthy.borrow() { v1::HealthStatus::Healthy } else { v1::HealthStatus::Unhealthy }.into(),
+                    load: shared.load.load(Ordering::Relaxed) as u32,
+                };
+                if htx.send(hb).await.is_err() {
+                    return Err(SessionError::Closed("heartbeat"));
+                }
+                shared.metrics.heartbeats.inc();
+            }
+            a = answers.next() => match a {
+                Some(Ok(a)) => {
+                    if !a.known {
+                        tracing::warn!("the control plane does not know this instance: registering again");
+                        reg.register(v1::RegisterRequest { instance: Some(instance(shared, &service)) }).await.map_err(status("register"))?;
+                    }
+                    let want = Duration::from_millis(a.heartbeat_interval_ms.max(100));
+                    if want != every {
+                        every = want;
+                        tick = tokio::time::interval(every);
+                        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    }
+                }
+                Some(Err(s)) => return Err(SessionError::Status("heartbeat", s)),
+                None => return Err(SessionError::Closed("heartbeat")),
+            },
+        }
+    }
+}
+
+/// Removes this instance from the registry (graceful shutdown). Bounded by `within`.
+pub async fn deregister(shared: &Shared, within: Duration) {
+    let Some(service) = shared.config.service.clone() else { return };
+    if !shared.cp.registered.load(Ordering::Relaxed) {
+        return;
+    }
+    let url = shared.cp.url.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let attempt = async {
+        let ch = connect(&url).await?;
+        RegistryClient::new(ch)
+            .deregister(v1::DeregisterRequest { service, instance_id: shared.config.instance_id.clone() })
+            .await
+            .map_err(status("deregister"))
+    };
+    match tokio::time::timeout(within, attempt).await {
+        Ok(Ok(_)) => tracing::info!("deregistered"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "deregistration failed; the instance will expire by TTL"),
+        Err(_) => tracing::warn!(?within, "deregistration timed out; the instance will expire by TTL"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_jittered_under_an_exponential_cap() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+        for attempt in 0..20u32 {
+            let cap = Duration::from_millis(100)
+                .saturating_mul(2u32.saturating_pow(attempt))
+                .min(Duration::from_secs(10));
+            assert!(b.next_delay() <= cap);
+        }
+        let waits: Vec<_> = (0..50).map(|_| b.next_delay()).collect();
+        assert!(waits.iter().any(|w| *w != waits[0]), "jittered");
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,127 @@
+//! Inbound: other sidecars → the local app.
+//!
+//! Every `x-mesh-*` request header a caller sends is removed before the app sees it; the
+//! sidecar sets `x-mesh-caller` itself from the caller's verified identity (mutual TLS, a later
+//! milestone: until then there is no verified identity and the header is never present). The
+//! request is forwarded on a pooled connection in the protocol it arrived in, streaming.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
+
+use http::{HeaderName, HeaderValue, Request, Response};
+use hyper::body::Incoming;
+use mesh_proto::policy::ServicePolicy;
+use serde_json::json;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::{
+    metrics::Metrics,
+    proxy::{self, Body, Clients, Tracked, boxed, error_response},
+    trace,
+};
+
+/// The header carrying the verified caller identity to the app.
+pub const CALLER: &str = "x-mesh-caller";
+
+pub struct Inbound {
+    pub service: String,
+    pub app: String,
+    pub clients: Clients,
+    pub metrics: Arc<Metrics>,
+    /// Requests in flight to the app (reported as load in heartbeats).
+    pub inflight: Arc<AtomicUsize>,
+}
+
+/// Holds one unit of the app's load until dropped.
+struct Load(Arc<AtomicUsize>, Arc<Metrics>);
+
+impl Load {
+    fn start(n: &Arc<AtomicUsize>, m: &Arc<Metrics>) -> Load {
+        n.fetch_add(1, Ordering::Relaxed);
+        m.inbound_inflight.inc();
+        Load(n.clone(), m.clone())
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.1.inbound_inflight.dec();
+    }
+}
+
+impl Inbound {
+    pub fn new(service: String, app: SocketAddr, metrics: Arc<Metrics>, inflight: Arc<AtomicUsize>) -> Self {
+        Self {
+            service,
+            app: app.to_string(),
+            clients: Clients::new(&ServicePolicy::default()),
+            metrics,
+            inflight,
+        }
+    }
+
+    pub async fn handle(self: Arc<Self>, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        let t = trace::propagate(req.headers_mut());
+        let span = tracing::info_span!(
+            "request", direction = "inbound", method = %req.method(), path = %req.uri().path(),
+            request_id = %t.request_id, trace_id = %t.trace_id, %peer,
+        );
+        async move {
+            let started = Instant::now();
+            strip_mesh_headers(req.headers_mut(), None);
+            let load = Load::start(&self.inflight, &self.metrics);
+            let result = proxy::forward(&self.clients, req.map(boxed), &self.app, None).await;
+            let resp = match result {
+                Ok(resp) => resp.map(|b| boxed(Tracked::new(b, load))),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the local app did not answer");
+                    error_response(
+                        e.status(),
+                        e.code(),
+                        format!("local app: {e}"),
+                        json!({ "service": self.service }),
+                    )
+                }
+            };
+            self.metrics.observe("inbound", &self.service, "app", resp.status().as_u16(), started.elapsed());
+            resp
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+/// Removes every `x-mesh-*` header a caller sent, then sets the caller identity when verified.
+pub fn strip_mesh_headers(h: &mut http::HeaderMap, caller: Option<&str>) {
+    let forged: Vec<HeaderName> = h.keys().filter(|k| k.as_str().starts_with("x-mesh-")).cloned().collect();
+    for k in forged {
+        h.remove(k);
+    }
+    if let Some(v) = caller.and_then(|c| HeaderValue::from_str(c).ok()) {
+        h.insert(CALLER, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forged_mesh_headers_never_pass() {
+        let mut h = http::HeaderMap::new();
+        h.insert(CALLER, HeaderValue::from_static("spiffe://mesh/service/admin"));
+        h.insert("x-mesh-anything", HeaderValue::from_static("1"));
+        h.insert("x-other", HeaderValue::from_static("1"));
+        strip_mesh_headers(&mut h, None);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-other"]);
+        strip_mesh_headers(&mut h, Some("spiffe://mesh/service/web"));
+        assert_eq!(h[CALLER], "spiffe://mesh/service/web");
+    }
+}

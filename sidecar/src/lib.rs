@@ -1,0 +1,287 @@
+//! The Opinion Market Mesh sidecar: the proxy beside each service instance, or, in gateway
+//! mode, the platform's edge.
+//!
+//! - [`outbound`]: app → mesh. Routes by authority (or path prefix in gateway mode), balances
+//!   over the upstream's endpoints by policy, forwards on pooled connections, streams bodies.
+//! - [`inbound`]: mesh → app. Strips forged `x-mesh-*` headers, forwards to `--app-addr`.
+//! - [`upstream`]: endpoints, policies and the six balancers.
+//! - [`control`]: registration, heartbeats, discovery and policy streams, reconnect backoff.
+//! - [`snapshot`]: the fail-static snapshot in the data dir.
+//! - [`probe`], [`dns`], [`admin`], [`metrics`], [`trace`], [`server`], [`proxy`].
+//!
+//! [`run`] takes bound listeners and a shutdown token, so tests run the real sidecar on port 0.
+
+pub mod admin;
+pub mod control;
+pub mod dns;
+pub mod inbound;
+pub mod metrics;
+pub mod outbound;
+pub mod probe;
+pub mod proxy;
+pub mod server;
+pub mod snapshot;
+pub mod trace;
+pub mod upstream;
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use mesh_proto::policy::ServicePolicy;
+use serde::{Deserialize, Serialize};
+use tokio::{net::TcpListener, sync::watch};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::Instrument;
+
+use crate::{
+    inbound::Inbound,
+    metrics::Metrics,
+    outbound::{Outbound, Route},
+    server::Handler,
+    snapshot::{PolicyRecord, Snapshot, SnapshotWriter, UpstreamRecord},
+    upstream::{Source, Upstreams},
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Beside one service instance: inbound, outbound, registration.
+    Sidecar,
+    /// The platform's edge: routes public requests by path prefix into the mesh.
+    Gateway,
+}
+
+/// Sidecar settings, parsed once by the binary.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub mode: Mode,
+    /// The service this sidecar serves (sidecar mode).
+    pub service: Option<String>,
+    pub instance_id: String,
+    /// The local app (sidecar mode).
+    pub app_addr: Option<SocketAddr>,
+    /// Control-plane gRPC URLs, tried in turn.
+    pub control_plane: Vec<String>,
+    /// The address registered for other sidecars to reach this instance's inbound listener.
+    pub advertise_addr: String,
+    pub data_dir: PathBuf,
+    pub zone: String,
+    pub version: String,
+    pub metadata: HashMap<String, String>,
+    pub weight: u32,
+    /// Services the app calls, watched from the start (others are added on first use).
+    pub upstreams: Vec<String>,
+    /// Gateway routes.
+    pub routes: Vec<Route>,
+    /// How long a request for a service met for the first time waits for its endpoints.
+    pub discovery_wait: Duration,
+    /// After SIGTERM and deregistration, keep serving this long so callers learn of it.
+    pub drain_delay: Duration,
+    /// Then stop accepting and give open requests this long to finish.
+    pub drain_timeout: Duration,
+}
+
+/// Connection state toward the control plane, for `/config` and `/ready`.
+#[derive(Default)]
+pub struct ControlStatus {
+    pub url: Mutex<String>,
+    pub connected: AtomicBool,
+    pub registered: AtomicBool,
+    pub synced: AtomicBool,
+    pub from_snapshot: AtomicBool,
+    pub last_error: Mutex<String>,
+}
+
+/// What every part of the sidecar shares.
+pub struct Shared {
+    pub config: Config,
+    pub upstreams: Arc<Upstreams>,
+    pub own_policy: watch::Sender<(u64, Arc<ServicePolicy>)>,
+    pub app_healthy: watch::Sender<bool>,
+    /// Inbound requests in flight (the load reported in heartbeats).
+    pub load: Arc<AtomicUsize>,
+    pub metrics: Arc<Metrics>,
+    pub cp: ControlStatus,
+    pub snapshot: Arc<SnapshotWriter>,
+    pub dns: dns::Dns,
+    /// Cancelled when shutdown begins.
+    pub stopping: CancellationToken,
+}
+
+impl Shared {
+    /// The shared state for `config`, and the channel announcing upstreams met for the first
+    /// time (for the control loop).
+    pub fn new(config: Config) -> (Arc<Shared>, tokio::sync::mpsc::UnboundedReceiver<String>) {
+        let (upstreams, added) = Upstreams::new();
+        let shared = Arc::new(Shared {
+            upstreams: Arc::new(upstreams),
+            own_policy: watch::channel((0, Arc::new(ServicePolicy::default()))).0,
+            app_healthy: watch::channel(config.mode == Mode::Gateway).0,
+            load: Arc::default(),
+            metrics: Metrics::new(),
+            cp: ControlStatus::default(),
+            snapshot: SnapshotWriter::new(config.data_dir.clone()),
+            dns: dns::Dns::default(),
+            stopping: CancellationToken::new(),
+            config,
+        });
+        (shared, added)
+    }
+
+    fn take_snapshot(&self) -> Snapshot {
+        let (v, p) = self.own_policy.borrow().clone();
+        let own_policy = (v > 0).then(|| PolicyRecord { version: v, policy: (*p).clone() });
+        let upstreams = self
+            .upstreams
+            .all()
+            .into_iter()
+            .filter(|u| u.source() != Source::None)
+            .map(|u| {
+                let set = u.endpoints();
+                let p = u.policy();
+                let policy =
+                    (p.version > 0).then(|| PolicyRecord { version: p.version, policy: (*p.policy).clone() });
+                (
+                    u.name.clone(),
+                    UpstreamRecord { endpoints_version: set.version, endpoints: set.infos(), policy },
+                )
+            })
+            .collect();
+        Snapshot { own_policy, upstreams }
+    }
+
+    fn restore(&self, snap: Snapshot) {
+        if let Some(own) = snap.own_policy {
+            self.own_policy.send_replace((own.version, Arc::new(own.policy)));
+        }
+        for (name, rec) in snap.upstreams {
+            let up = self.upstreams.get_or_add(&name);
+            if let Some(p) = rec.policy {
+                self.dns.sync(&up, p.policy.external.as_ref());
+                up.set_policy(p.version, p.policy);
+            }
+            up.set_endpoints(rec.endpoints_version, rec.endpoints, Source::Snapshot);
+        }
+        self.cp.from_snapshot.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Bound listeners: `inbound` only in sidecar mode.
+pub struct Listeners {
+    pub inbound: Option<TcpListener>,
+    pub outbound: TcpListener,
+    pub admin: TcpListener,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Config(String),
+    #[error("{0}")]
+    Snapshot(String),
+    #[error("admin listener failed: {0}")]
+    Admin(std::io::Error),
+}
+
+/// Runs the sidecar until `shutdown`, then: deregister, keep serving for `drain_delay`, stop
+/// accepting, drain open requests for at most `drain_timeout`, stop the background tasks.
+pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationToken) -> Result<(), Error> {
+    if config.mode == Mode::Sidecar
+        && (config.service.is_none() || config.app_addr.is_none() || listeners.inbound.is_none())
+    {
+        return Err(Error::Config("sidecar mode needs --service, --app-addr and an inbound listener".into()));
+    }
+    if config.control_plane.is_empty() {
+        return Err(Error::Config("name at least one control plane (--control-plane)".into()));
+    }
+    let (shared, added) = Shared::new(config);
+    let (upstreams, metrics) = (shared.upstreams.clone(), shared.metrics.clone());
+    match snapshot::load(&shared.config.data_dir).map_err(Error::Snapshot)? {
+        Some(snap) => {
+            tracing::info!(
+                upstreams = snap.upstreams.len(),
+                "serving from the snapshot until the control plane answers"
+            );
+            shared.restore(snap);
+        }
+        None => tracing::info!("no snapshot: waiting for the control plane"),
+    }
+    let routed =
+        shared.config.routes.iter().filter(|_| shared.config.mode == Mode::Gateway).map(|r| &r.service);
+    for name in shared.config.upstreams.iter().chain(routed) {
+        upstreams.get_or_add(name);
+    }
+
+    let background = CancellationToken::new();
+    let serving = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    tasks.spawn(
+        shared
+            .snapshot
+            .clone()
+            .run(
+                {
+                    let s = shared.clone();
+                    move || s.take_snapshot()
+                },
+                background.clone(),
+            )
+            .instrument(tracing::info_span!("snapshot")),
+    );
+    tasks.spawn(
+        control::run(shared.clone(), added, background.clone()).instrument(tracing::info_span!("control")),
+    );
+    if let (Mode::Sidecar, Some(app)) = (shared.config.mode, shared.config.app_addr) {
+        tasks.spawn(
+            probe::run(app, shared.own_policy.subscribe(), shared.app_healthy.clone(), background.clone())
+                .instrument(tracing::info_span!("probe")),
+        );
+    }
+
+    let drain = shared.config.drain_timeout;
+    let routes = (shared.config.mode == Mode::Gateway).then(|| shared.config.routes.clone());
+    let outbound =
+        Arc::new(Outbound::new(upstreams.clone(), metrics.clone(), routes, shared.config.discovery_wait));
+    let handler: Handler = Arc::new(move |req, peer| Box::pin(outbound.clone().handle(req, peer)));
+    let name = if shared.config.mode == Mode::Gateway { "gateway" } else { "outbound" };
+    let mut servers =
+        vec![tokio::spawn(server::serve(listeners.outbound, handler, serving.clone(), drain, name))];
+    if let (Some(listener), Some(app), Some(service)) =
+        (listeners.inbound, shared.config.app_addr, &shared.config.service)
+    {
+        let inbound = Arc::new(Inbound::new(service.clone(), app, metrics.clone(), shared.load.clone()));
+        let handler: Handler = Arc::new(move |req, peer| Box::pin(inbound.clone().handle(req, peer)));
+        servers.push(tokio::spawn(server::serve(listener, handler, serving.clone(), drain, "inbound")));
+    }
+    let admin = tokio::spawn(
+        axum::serve(listeners.admin, admin::router(shared.clone()))
+            .with_graceful_shutdown(background.clone().cancelled_owned())
+            .into_future()
+            .instrument(tracing::info_span!("admin")),
+    );
+
+    shutdown.cancelled().await;
+    shared.stopping.cancel();
+    tracing::info!("shutting down: deregistering, then draining");
+    control::deregister(&shared, Duration::from_secs(2)).await;
+    tokio::time::sleep(shared.config.drain_delay).await;
+    serving.cancel();
+    for s in servers {
+        let _ = s.await;
+    }
+    background.cancel();
+    shared.dns.stop_all();
+    tasks.close();
+    tasks.wait().await;
+    admin.await.map_err(|e| Error::Admin(std::io::Error::other(e)))?.map_err(Error::Admin)?;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,295 @@
+//! `sidecar`: flags (and an optional YAML config file) → tracing → bind → `sidecar::run` until
+//! SIGTERM / SIGINT → ordered drain → exit code.
+//!
+//! A flag given on the command line (or through its `MESH_*` variable) wins over the config
+//! file; the file wins over the defaults. Once listening it prints one JSON line on stdout,
+//! `{"event":"listening","outbound":…,"inbound":…,"admin":…}`; logs go to stderr.
+
+use std::{collections::HashMap, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use serde::Deserialize;
+use sidecar::{Config, Listeners, Mode, outbound::Route};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    about = "Opinion Market Mesh sidecar: the proxy beside a service instance, or the gateway"
+)]
+struct Args {
+    /// YAML file with any of the settings below (snake_case keys); flags win over it.
+    #[arg(long, env = "MESH_CONFIG")]
+    config: Option<PathBuf>,
+    /// sidecar (beside a service instance) or gateway (the platform's edge).
+    #[arg(long, env = "MESH_MODE", value_enum)]
+    mode: Option<Mode>,
+    /// The service this instance belongs to (sidecar mode).
+    #[arg(long, env = "MESH_SERVICE")]
+    service: Option<String>,
+    /// Unique instance id (default: <service>-<hostname>-<pid>).
+    #[arg(long, env = "MESH_INSTANCE_ID")]
+    instance_id: Option<String>,
+    /// The local app (sidecar mode).
+    #[arg(long, env = "MESH_APP_ADDR")]
+    app_addr: Option<SocketAddr>,
+    /// Control-plane gRPC URL; repeat or comma-separate for failover.
+    #[arg(long, env = "MESH_CONTROL_PLANE", value_delimiter = ',')]
+    control_plane: Vec<String>,
+    /// Inbound listener: other sidecars reach the app here (default 0.0.0.0:4143).
+    #[arg(long, env = "MESH_INBOUND_ADDR")]
+    inbound_addr: Option<SocketAddr>,
+    /// Outbound listener for the local app (default 127.0.0.1:4140); the public listener in
+    /// gateway mode.
+    #[arg(long, env = "MESH_OUTBOUND_ADDR")]
+    outbound_addr: Option<SocketAddr>,
+    /// Admin listener: /metrics /ready /live /config (default 127.0.0.1:4191).
+    #[arg(long, env = "MESH_ADMIN_ADDR")]
+    admin_addr: Option<SocketAddr>,
+    /// Address registered for other sidecars (default: the inbound address, 127.0.0.1 for 0.0.0.0).
+    #[arg(long, env = "MESH_ADVERTISE_ADDR")]
+    advertise_addr: Option<String>,
+    /// Where the fail-static snapshot lives (default .mesh/sidecar-<instance id>).
+    #[arg(long, env = "MESH_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Services the app calls, watched from the start (others are added on first use).
+    #[arg(long = "upstream", env = "MESH_UPSTREAMS", value_delimiter = ',')]
+    upstreams: Vec<String>,
+    /// Gateway route PREFIX=SERVICE[,REWRITE], e.g. /api/markets=market-service,/markets.
+    #[arg(long = "route", env = "MESH_ROUTES", value_delimiter = ';')]
+    routes: Vec<String>,
+    #[arg(long, env = "MESH_ZONE")]
+    zone: Option<String>,
+    /// Version label registered with the instance.
+    #[arg(long, env = "MESH_INSTANCE_VERSION")]
+    instance_version: Option<String>,
+    /// Metadata KEY=VALUE registered with the instance; repeatable.
+    #[arg(long = "metadata", env = "MESH_METADATA", value_delimiter = ',')]
+    metadata: Vec<String>,
+    /// Weight for the weighted balancer (default 100).
+    #[arg(long, env = "MESH_WEIGHT")]
+    weight: Option<u32>,
+    /// After SIGTERM and deregistration, keep serving this long (default 2s).
+    #[arg(long, env = "MESH_DRAIN_DELAY", value_parser = parse_duration)]
+    drain_delay: Option<Duration>,
+    /// Then give open requests this long to finish (default 10s).
+    #[arg(long, env = "MESH_DRAIN_TIMEOUT", value_parser = parse_duration)]
+    drain_timeout: Option<Duration>,
+    /// How long a request for a service met for the first time waits for its endpoints (default 2s).
+    #[arg(long, env = "MESH_DISCOVERY_WAIT", value_parser = parse_duration)]
+    discovery_wait: Option<Duration>,
+    /// Log filter (tracing EnvFilter syntax).
+    #[arg(long, env = "MESH_LOG", default_value = "info")]
+    log: String,
+}
+
+/// The config file: every key optional, unknown keys are errors.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct FileConfig {
+    mode: Option<Mode>,
+    service: Option<String>,
+    instance_id: Option<String>,
+    app_addr: Option<SocketAddr>,
+    control_plane: Vec<String>,
+    inbound_addr: Option<SocketAddr>,
+    outbound_addr: Option<SocketAddr>,
+    admin_addr: Option<SocketAddr>,
+    advertise_addr: Option<String>,
+    data_dir: Option<PathBuf>,
+    upstreams: Vec<String>,
+    routes: Vec<Route>,
+    zone: Option<String>,
+    instance_version: Option<String>,
+    metadata: HashMap<String, String>,
+    weight: Option<u32>,
+    #[serde(with = "opt_duration")]
+    drain_delay: Option<Duration>,
+    #[serde(with = "opt_duration")]
+    drain_timeout: Option<Duration>,
+    #[serde(with = "opt_duration")]
+    discovery_wait: Option<Duration>,
+}
+
+mod opt_duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, de::Error};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|s| humantime::parse_duration(&s).map_err(|e| D::Error::custom(format!("{s:?}: {e}"))))
+            .transpose()
+    }
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 250ms or 2s: {e}"))
+}
+
+struct Resolved {
+    config: Config,
+    inbound: SocketAddr,
+    outbound: SocketAddr,
+    admin: SocketAddr,
+}
+
+fn resolve(a: Args) -> anyhow::Result<Resolved> {
+    let f: FileConfig = match &a.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read --config {}", path.display()))?;
+            serde_yaml_ng::from_str(&text).with_context(|| format!("config file {}", path.display()))?
+        }
+        None => FileConfig::default(),
+    };
+    let mode = a.mode.or(f.mode).unwrap_or(Mode::Sidecar);
+    let service = a.service.or(f.service);
+    if let Some(s) = &service
+        && !mesh_proto::names::is_service_name(s)
+    {
+        bail!("--service {s:?} must be {}", mesh_proto::names::SERVICE_NAME_RULE);
+    }
+    if mode == Mode::Sidecar && service.is_none() {
+        bail!("--service is required in sidecar mode");
+    }
+    let app_addr = a.app_addr.or(f.app_addr);
+    if mode == Mode::Sidecar && app_addr.is_none() {
+        bail!("--app-addr is required in sidecar mode (where the local app listens)");
+    }
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "local".into());
+    let instance_id = a.instance_id.or(f.instance_id).unwrap_or_else(|| {
+        format!("{}-{}-{}", service.as_deref().unwrap_or("gateway"), host, std::process::id())
+    });
+    if !mesh_proto::names::is_instance_id(&instance_id) {
+        bail!("--instance-id {instance_id:?} must be {}", mesh_proto::names::INSTANCE_ID_RULE);
+    }
+    let inbound = a.inbound_addr.or(f.inbound_addr).unwrap_or(([0, 0, 0, 0], 4143).into());
+    let default_outbound: SocketAddr =
+        if mode == Mode::Gateway { ([0, 0, 0, 0], 8080).into() } else { ([127, 0, 0, 1], 4140).into() };
+    let outbound = a.outbound_addr.or(f.outbound_addr).unwrap_or(default_outbound);
+    let admin = a.admin_addr.or(f.admin_addr).unwrap_or(([127, 0, 0, 1], 4191).into());
+    let control_plane = if a.control_plane.is_empty() { f.control_plane } else { a.control_plane };
+    let control_plane =
+        if control_plane.is_empty() { vec!["http://127.0.0.1:7070".to_string()] } else { control_plane };
+    let mut routes = f.routes;
+    for r in &a.routes {
+        routes.push(Route::parse(r).map_err(anyhow::Error::msg)?);
+    }
+    for r in &routes {
+        r.validate().map_err(anyhow::Error::msg)?;
+    }
+    if mode == Mode::Gateway && routes.is_empty() {
+        bail!("gateway mode needs at least one --route PREFIX=SERVICE[,REWRITE]");
+    }
+    let mut metadata = f.metadata;
+    for kv in &a.metadata {
+        let (k, v) = kv.split_once('=').with_context(|| format!("--metadata {kv:?}: expected KEY=VALUE"))?;
+        metadata.insert(k.to_string(), v.to_string());
+    }
+    let upstreams: Vec<String> = if a.upstreams.is_empty() { f.upstreams } else { a.upstreams };
+    if let Some(bad) = upstreams.iter().find(|u| !mesh_proto::names::is_service_name(u)) {
+        bail!("--upstream {bad:?} must be {}", mesh_proto::names::SERVICE_NAME_RULE);
+    }
+    let data_dir =
+        a.data_dir.or(f.data_dir).unwrap_or_else(|| PathBuf::from(format!(".mesh/sidecar-{instance_id}")));
+    let config = Config {
+        mode,
+        service: if mode == Mode::Sidecar { service } else { None },
+        advertise_addr: a.advertise_addr.or(f.advertise_addr).unwrap_or_default(),
+        instance_id,
+        app_addr,
+        control_plane,
+        data_dir,
+        zone: a.zone.or(f.zone).unwrap_or_default(),
+        version: a.instance_version.or(f.instance_version).unwrap_or_default(),
+        metadata,
+        weight: a.weight.or(f.weight).unwrap_or(100),
+        upstreams,
+        routes,
+        discovery_wait: a.discovery_wait.or(f.discovery_wait).unwrap_or(Duration::from_secs(2)),
+        drain_delay: a.drain_delay.or(f.drain_delay).unwrap_or(Duration::from_secs(2)),
+        drain_timeout: a.drain_timeout.or(f.drain_timeout).unwrap_or(Duration::from_secs(10)),
+    };
+    Ok(Resolved { config, inbound, outbound, admin })
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_tracing(&args.log);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let Resolved { mut config, inbound, outbound, admin } = resolve(args)?;
+    let bind = |addr: SocketAddr, what: &'static str| async move {
+        TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {what} {addr}"))
+    };
+    let inbound = match config.mode {
+        Mode::Sidecar => Some(bind(inbound, "--inbound-addr").await?),
+        Mode::Gateway => None,
+    };
+    let outbound = bind(outbound, "--outbound-addr").await?;
+    let admin = bind(admin, "--admin-addr").await?;
+    let inbound_addr = inbound.as_ref().map(|l| l.local_addr()).transpose()?;
+    if config.advertise_addr.is_empty()
+        && let Some(a) = inbound_addr
+    {
+        let ip = if a.ip().is_unspecified() { [127, 0, 0, 1].into() } else { a.ip() };
+        config.advertise_addr = SocketAddr::new(ip, a.port()).to_string();
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "event": "listening", "outbound": outbound.local_addr()?, "inbound": inbound_addr,
+            "admin": admin.local_addr()?, "instance_id": config.instance_id,
+        })
+    );
+    let shutdown = CancellationToken::new();
+    let mut task =
+        tokio::spawn(sidecar::run(config, Listeners { inbound, outbound, admin }, shutdown.clone()));
+    tokio::select! {
+        r = &mut task => return r.context("sidecar task failed")?.map_err(Into::into),
+        sig = shutdown_signal() => tracing::info!(signal = sig, "shutting down"),
+    }
+    shutdown.cancel();
+    task.await.context("sidecar task failed")??;
+    Ok(())
+}
+
+fn init_tracing(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|e| {
+        eprintln!("warning: log filter {filter:?} is invalid ({e}); using info");
+        tracing_subscriber::EnvFilter::new("info")
+    });
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}

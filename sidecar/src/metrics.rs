@@ -1,0 +1,121 @@
+//! Sidecar metrics in the Prometheus / OpenMetrics text format. Per-request series are updated
+//! on the request path; endpoint and policy gauges are set from live state at scrape time.
+
+use std::{sync::Arc, time::Duration};
+
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+type Labels = Vec<(&'static str, String)>;
+
+pub struct Metrics {
+    pub requests: Family<Labels, Counter>,
+    pub latency: Family<Labels, Histogram, fn() -> Histogram>,
+    pub endpoints: Family<Labels, Gauge>,
+    pub endpoint_inflight: Family<Labels, Gauge>,
+    pub policy_version: Family<Labels, Gauge>,
+    pub control_plane_connected: Gauge,
+    pub control_plane_reconnects: Counter,
+    pub policy_acks: Counter,
+    pub policy_nacks: Counter,
+    pub discovery_updates: Counter,
+    pub heartbeats: Counter,
+    pub app_healthy: Gauge,
+    pub inbound_inflight: Gauge,
+    registry: Registry,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut m = Metrics {
+            requests: Family::default(),
+            latency: Family::new_with_constructor(latency_histogram),
+            endpoints: Family::default(),
+            endpoint_inflight: Family::default(),
+            policy_version: Family::default(),
+            control_plane_connected: Gauge::default(),
+            control_plane_reconnects: Counter::default(),
+            policy_acks: Counter::default(),
+            policy_nacks: Counter::default(),
+            discovery_updates: Counter::default(),
+            heartbeats: Counter::default(),
+            app_healthy: Gauge::default(),
+            inbound_inflight: Gauge::default(),
+            registry: Registry::with_prefix("mesh_sidecar"),
+        };
+        let r = &mut m.registry;
+        r.register("requests", "Requests by direction, service, endpoint and status", m.requests.clone());
+        r.register(
+            "request_duration_seconds",
+            "Time to response headers, by direction and service",
+            m.latency.clone(),
+        );
+        r.register("endpoints", "Endpoints known per upstream service", m.endpoints.clone());
+        r.register("endpoint_inflight", "Requests in flight per endpoint", m.endpoint_inflight.clone());
+        r.register("policy_version", "Policy version applied (ACKed) per service", m.policy_version.clone());
+        r.register(
+            "control_plane_connected",
+            "1 while the control-plane streams are up",
+            m.control_plane_connected.clone(),
+        );
+        r.register(
+            "control_plane_reconnects",
+            "Control-plane sessions started",
+            m.control_plane_reconnects.clone(),
+        );
+        r.register("policy_acks", "Policy pushes applied and ACKed", m.policy_acks.clone());
+        r.register(
+            "policy_nacks",
+            "Policy pushes refused (NACKed); the previous policy stays",
+            m.policy_nacks.clone(),
+        );
+        r.register("discovery_updates", "Discovery messages applied", m.discovery_updates.clone());
+        r.register("heartbeats", "Heartbeats sent", m.heartbeats.clone());
+        r.register("app_healthy", "1 while the local app passes its health probe", m.app_healthy.clone());
+        r.register(
+            "inbound_inflight",
+            "Inbound requests in flight to the local app",
+            m.inbound_inflight.clone(),
+        );
+        Arc::new(m)
+    }
+
+    pub fn observe(
+        &self,
+        direction: &'static str,
+        service: &str,
+        endpoint: &str,
+        status: u16,
+        took: Duration,
+    ) {
+        self.requests
+            .get_or_create(&vec![
+                ("direction", direction.to_string()),
+                ("service", service.to_string()),
+                ("endpoint", endpoint.to_string()),
+                ("status", status.to_string()),
+            ])
+            .inc();
+        self.latency
+            .get_or_create(&vec![("direction", direction.to_string()), ("service", service.to_string())])
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}

@@ -1,0 +1,268 @@
+//! What the inbound and outbound proxies share: the body type, pooled clients built from a
+//! policy's timeouts, request forwarding with streaming bodies (trailers included), hop-by-hop
+//! header handling, and the JSON error responses every refusal uses.
+
+use std::{
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version, header};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::{TokioExecutor, TokioTimer},
+};
+use mesh_proto::policy::ServicePolicy;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Every body the proxies handle: streamed, never buffered whole.
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+pub fn boxed<B>(b: B) -> Body
+where
+    B: HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    b.map_err(Into::into).boxed_unsync()
+}
+
+pub fn empty() -> Body {
+    boxed(http_body_util::Empty::new())
+}
+
+/// A JSON error answer: `{"error": code, "message": …}` plus any extra fields, and an
+/// `x-mesh-error` header so callers can tell the mesh's refusals from their app's.
+pub fn error_response(
+    status: StatusCode,
+    code: &str,
+    message: String,
+    extra: serde_json::Value,
+) -> Response<Body> {
+    let mut body = serde_json::json!({ "error": code, "message": message });
+    if let (Some(b), serde_json::Value::Object(extra)) = (body.as_object_mut(), extra) {
+        b.extend(extra);
+    }
+    let mut resp = Response::new(boxed(Full::new(Bytes::from(body.to_string()))));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if let Ok(v) = HeaderValue::from_str(code) {
+        h.insert("x-mesh-error", v);
+    }
+    resp
+}
+
+/// Pooled keep-alive clients, one for HTTP/1.1 and one for HTTP/2 (prior knowledge), built
+/// from a policy's connect and idle timeouts. Cheap to clone; clones share the pools.
+#[derive(Clone)]
+pub struct Clients {
+    h1: Client<HttpConnector, Body>,
+    h2: Client<HttpConnector, Body>,
+}
+
+impl Clients {
+    pub fn new(policy: &ServicePolicy) -> Self {
+        let t = &policy.timeout;
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout((!t.connect.is_zero()).then_some(t.connect));
+        let idle = (!t.idle.is_zero()).then_some(t.idle);
+        let build = |h2: bool| {
+            let mut b = Client::builder(TokioExecutor::new());
+            b.timer(TokioTimer::new()).pool_timer(TokioTimer::new()).pool_idle_timeout(idle).http2_only(h2);
+            if h2 {
+                b.http2_keep_alive_interval(Some(Duration::from_secs(20))).http2_keep_alive_while_idle(true);
+            }
+            b.build(connector.clone())
+        };
+        Self { h1: build(false), h2: build(true) }
+    }
+
+    fn for_version(&self, v: Version) -> &Client<HttpConnector, Body> {
+        if v == Version::HTTP_2 { &self.h2 } else { &self.h1 }
+    }
+}
+
+/// Why a forwarded request got no response.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("connecting to {0} failed: {1}")]
+    Connect(String, String),
+    #[error("{0} did not answer within {1:?}")]
+    Timeout(String, Duration),
+    #[error("{0} failed the request: {1}")]
+    Failed(String, String),
+}
+
+impl ForwardError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ForwardError::Connect(..) => StatusCode::SERVICE_UNAVAILABLE,
+            ForwardError::Timeout(..) => StatusCode::GATEWAY_TIMEOUT,
+            ForwardError::Failed(..) => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            ForwardError::Connect(..) => "connect_failed",
+            ForwardError::Timeout(..) => "timeout",
+            ForwardError::Failed(..) => "upstream_failed",
+        }
+    }
+}
+
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
+/// Removes hop-by-hop headers, and those named in `Connection`; keeps `te: trailers` (gRPC).
+pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in HOP_BY_HOP.iter().chain(&named) {
+        h.remove(n);
+    }
+    if h.get(header::TE).is_some_and(|v| v != "trailers") {
+        h.remove(header::TE);
+    }
+}
+
+/// Sends `req` to `target` (`host:port`) on a pooled connection, keeping its path, query,
+/// method, version and headers (less hop-by-hop ones); waits at most `timeout` for the
+/// response headers. The response body streams.
+pub async fn forward(
+    clients: &Clients,
+    mut req: Request<Body>,
+    target: &str,
+    timeout: Option<Duration>,
+) -> Result<Response<hyper::body::Incoming>, ForwardError> {
+    let pq = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let uri: Uri = format!("http://{target}{pq}")
+        .parse()
+        .map_err(|e| ForwardError::Failed(target.to_string(), format!("bad target URI: {e}")))?;
+    if req.version() != Version::HTTP_2 && !req.headers().contains_key(header::HOST) {
+        // HTTP/2 callers name the service in :authority; HTTP/1.1 apps expect a Host header.
+        if let Some(a) = req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+            req.headers_mut().insert(header::HOST, a);
+        }
+    }
+    *req.uri_mut() = uri;
+    strip_hop_by_hop(req.headers_mut());
+    let client = clients.for_version(req.version());
+    if req.version() != Version::HTTP_2 {
+        *req.version_mut() = Version::HTTP_11;
+    }
+    let fut = client.request(req);
+    let result = match timeout {
+        Some(t) => {
+            tokio::time::timeout(t, fut).await.map_err(|_| ForwardError::Timeout(target.to_string(), t))?
+        }
+        None => fut.await,
+    };
+    result.map_err(|e| {
+        if e.is_connect() {
+            ForwardError::Connect(target.to_string(), root_cause(&e))
+        } else {
+            ForwardError::Failed(target.to_string(), root_cause(&e))
+        }
+    })
+}
+
+/// A response body that holds a guard (an endpoint's in-flight slot, the app's load unit) until
+/// the body ends, so streams count as load for as long as they are open.
+pub struct Tracked<B, G> {
+    inner: B,
+    slot: Option<G>,
+}
+
+impl<B, G> Tracked<B, G> {
+    pub fn new(inner: B, guard: G) -> Self {
+        Self { inner, slot: Some(guard) }
+    }
+}
+
+impl<B: HttpBody + Unpin, G: Unpin> HttpBody for Tracked<B, G> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(None) = polled {
+            self.slot = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_removed_and_te_trailers_kept() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-private"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        let mut left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        left.sort();
+        assert_eq!(left, ["te", "x-keep"]);
+        h.insert(header::TE, HeaderValue::from_static("gzip"));
+        strip_hop_by_hop(&mut h);
+        assert!(!h.contains_key(header::TE));
+    }
+
+    #[tokio::test]
+    async fn error_responses_are_json_naming_the_problem() {
+        let r = error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_endpoints",
+            "no healthy endpoints".into(),
+            serde_json::json!({"service": "market"}),
+        );
+        assert_eq!(r.status(), 503);
+        assert_eq!(r.headers()["x-mesh-error"], "no_endpoints");
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!((v["error"].as_str(), v["service"].as_str()), (Some("no_endpoints"), Some("market")));
+    }
+}

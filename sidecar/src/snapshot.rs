@@ -1,0 +1,149 @@
+//! The fail-static snapshot: the last applied endpoints and policies, in
+//! `<data-dir>/snapshot.json`, so a sidecar restarted while the control plane is down serves
+//! what it last knew.
+//!
+//! Writes are atomic (temporary file, fsync, rename, fsync of the directory). A writer task
+//! coalesces requests: whoever asks for a save waits until a snapshot taken after its request
+//! is on disk, so a policy is ACKed only once it is durable here.
+
+use std::{
+    collections::BTreeMap,
+    io::Write,
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use mesh_proto::policy::ServicePolicy;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::upstream::EndpointInfo;
+
+pub const FILE: &str = "snapshot.json";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyRecord {
+    pub version: u64,
+    pub policy: ServicePolicy,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpstreamRecord {
+    pub endpoints_version: u64,
+    pub endpoints: Vec<EndpointInfo>,
+    pub policy: Option<PolicyRecord>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub own_policy: Option<PolicyRecord>,
+    pub upstreams: BTreeMap<String, UpstreamRecord>,
+}
+
+/// Reads the snapshot; `Ok(None)` when there is none. A damaged file is an error naming it.
+pub fn load(dir: &Path) -> Result<Option<Snapshot>, String> {
+    let path = dir.join(FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+            format!("snapshot {} is damaged ({e}); move it away to start without it", path.display())
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("cannot read snapshot {}: {e}", path.display())),
+    }
+}
+
+/// Writes atomically: readers see the old or the new snapshot, never a torn one.
+pub fn write(dir: &Path, snap: &Snapshot) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!("{FILE}.tmp"));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&serde_json::to_vec_pretty(snap).map_err(std::io::Error::other)?)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, dir.join(FILE))?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Coalescing snapshot writer.
+pub struct SnapshotWriter {
+    dir: PathBuf,
+    requested: AtomicU64,
+    notify: Notify,
+    saved: watch::Sender<u64>,
+}
+
+impl SnapshotWriter {
+    pub fn new(dir: PathBuf) -> Arc<Self> {
+        Arc::new(Self {
+            dir,
+            requested: AtomicU64::new(0),
+            notify: Notify::new(),
+            saved: watch::channel(0).0,
+        })
+    }
+
+    /// Asks for a save and waits until a snapshot taken after this call is durable.
+    pub async fn save(&self) {
+        let generation = self.requested.fetch_add(1, Ordering::SeqCst) + 1;
+        self.notify.notify_one();
+        let _ = self.saved.subscribe().wait_for(|s| *s >= generation).await;
+    }
+
+    /// The writer task: takes a snapshot with `take` whenever asked, until `stop`.
+    pub async fn run(self: Arc<Self>, take: impl Fn() -> Snapshot + Send + 'static, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = self.notify.notified() => {}
+            }
+            let generation = self.requested.load(Ordering::SeqCst);
+            let snap = take();
+            let dir = self.dir.clone();
+            match tokio::task::spawn_blocking(move || write(&dir, &snap)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, dir = %self.dir.display(), "writing the snapshot failed")
+                }
+                Err(e) => tracing::error!(error = %e, "snapshot task failed"),
+            }
+            // Waiters are released even on failure: serving must not stop because the disk did.
+            self.saved.send_replace(generation);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn saves_are_atomic_and_awaited() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(load(dir.path()).unwrap(), None);
+        let w = SnapshotWriter::new(dir.path().to_path_buf());
+        let stop = CancellationToken::new();
+        let snap = Snapshot {
+            own_policy: Some(PolicyRecord { version: 3, policy: ServicePolicy::default() }),
+            upstreams: BTreeMap::new(),
+        };
+        let task = tokio::spawn(w.clone().run(
+            {
+                let s = snap.clone();
+                move || s.clone()
+            },
+            stop.clone(),
+        ));
+        w.save().await;
+        assert_eq!(load(dir.path()).unwrap(), Some(snap));
+        assert!(!dir.path().join("snapshot.json.tmp").exists());
+        stop.cancel();
+        task.await.unwrap();
+
+        std::fs::write(dir.path().join(FILE), b"{\"own_pol").unwrap();
+        assert!(load(dir.path()).unwrap_err().contains("damaged"));
+    }
+}

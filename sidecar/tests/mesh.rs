@@ -1,0 +1,376 @@
+//! Whole-mesh tests: a real control plane, real sidecars and real HTTP backends on loopback.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use mesh_proto::policy::{Algorithm, ServicePolicy};
+use mesh_testkit::{
+    Backend, HttpClient, TestCp, TestSidecar, WAIT, backend_of, eventually, fast_policy, get, request,
+};
+
+/// Three `market` backends, each behind its own sidecar, and a `web` sidecar whose app calls
+/// `market`.
+struct Mesh {
+    cp: TestCp,
+    backends: Vec<Backend>,
+    sidecars: Vec<TestSidecar>,
+    caller: TestSidecar,
+    _caller_app: Backend,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+async fn mesh_with(policy: ServicePolicy, weights: &[u32]) -> Mesh {
+    let cp = TestCp::start().await;
+    cp.set_policy("market", &policy).await;
+    cp.set_policy("web", &fast_policy()).await;
+    let mut dirs = Vec::new();
+    let (mut backends, mut sidecars) = (Vec::new(), Vec::new());
+    for (i, w) in weights.iter().enumerate() {
+        let b = Backend::start(&format!("m{i}")).await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = TestSidecar::config(&cp.url(), "market", &format!("m{i}"), b.addr, dir.path());
+        cfg.weight = *w;
+        sidecars.push(TestSidecar::start(cfg).await);
+        backends.push(b);
+        dirs.push(dir);
+    }
+    let app = Backend::start("web").await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = TestSidecar::config(&cp.url(), "web", "web-1", app.addr, dir.path());
+    cfg.upstreams = vec!["market".into()];
+    let caller = TestSidecar::start(cfg).await;
+    dirs.push(dir);
+    let mesh = Mesh { cp, backends, sidecars, caller, _caller_app: app, _dirs: dirs };
+    mesh.wait_endpoints(weights.len()).await;
+    mesh
+}
+
+impl Mesh {
+    async fn wait_endpoints(&self, n: usize) {
+        eventually(WAIT, &format!("the caller sees {n} market endpoints"), || async {
+            endpoint_ids(&self.caller).await.len() == n
+        })
+        .await;
+    }
+
+    async fn set_algorithm(&self, algorithm: Algorithm, header: Option<&str>) {
+        let mut p = fast_policy();
+        p.load_balancer.algorithm = algorithm;
+        p.load_balancer.hash_header = header.map(str::to_string);
+        let v = self.cp.set_policy("market", &p).await;
+        eventually(WAIT, "the caller applies the new policy", || async {
+            market(&self.caller.config_json().await)["policy_version"] == v
+        })
+        .await;
+    }
+
+    /// `tasks` clients sending `each` requests at once.
+    async fn spread_concurrently(&self, tasks: usize, each: usize, path: &str) -> HashMap<String, usize> {
+        let all = futures::future::join_all((0..tasks).map(|_| async {
+            let client = HttpClient::default();
+            let mut got = Vec::new();
+            for _ in 0..each {
+                let (status, body) = client.get(self.caller.outbound, "market", path).await;
+                assert_eq!(status, 200, "{body}");
+                got.push(backend_of(&body));
+            }
+            got
+        }))
+        .await;
+        let mut out = HashMap::new();
+        for b in all.into_iter().flatten() {
+            *out.entry(b).or_default() += 1;
+        }
+        out
+    }
+
+    async fn spread(&self, n: usize, headers: &[(&str, &str)]) -> HashMap<String, usize> {
+        let mut out = HashMap::new();
+        for _ in 0..n {
+            let (status, body) =
+                request(self.caller.outbound, "GET", "market", "/work", headers, Default::default()).await;
+            assert_eq!(status, 200, "{body}");
+            *out.entry(backend_of(&body)).or_default() += 1;
+        }
+        out
+    }
+}
+
+fn market(config: &serde_json::Value) -> serde_json::Value {
+    config["upstreams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["service"] == "market")
+        .cloned()
+        .unwrap_or_default()
+}
+
+async fn endpoint_ids(s: &TestSidecar) -> Vec<String> {
+    let m = market(&s.config_json().await);
+    let mut ids: Vec<String> = m["endpoints"]
+        .as_array()
+        .map(|a| a.iter().map(|e| e["id"].as_str().unwrap().to_string()).collect())
+        .unwrap_or_default();
+    ids.sort();
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_balancer_distributes_over_three_endpoints_and_changes_live() {
+    let mesh = mesh_with(fast_policy(), &[100, 100, 400]).await;
+
+    mesh.set_algorithm(Algorithm::RoundRobin, None).await;
+    let c = mesh.spread(300, &[]).await;
+    assert_eq!((c["m0"], c["m1"], c["m2"]), (100, 100, 100), "round_robin: {c:?}");
+
+    for algo in [Algorithm::Random, Algorithm::LeastConnections] {
+        mesh.set_algorithm(algo, None).await;
+        let c = mesh.spread(300, &[]).await;
+        assert!(c.len() == 3 && c.values().all(|n| *n >= 30), "{algo:?}: {c:?}");
+    }
+    // p2c weighs latency × in-flight: with equal backends under concurrent load it spreads.
+    mesh.set_algorithm(Algorithm::P2cPeakEwma, None).await;
+    let c = mesh.spread_concurrently(16, 20, "/work?delay_ms=5").await;
+    assert!(c.len() == 3 && c.values().all(|n| *n >= 16), "p2c under load: {c:?}");
+
+    mesh.set_algorithm(Algorithm::Weighted, None).await;
+    let c = mesh.spread(600, &[]).await;
+    assert!(c["m2"] > 300 && c["m0"] > 40 && c["m1"] > 40, "weighted 1:1:4: {c:?}");
+
+    mesh.set_algorithm(Algorithm::ConsistentHash, Some("x-user")).await;
+    for user in ["alice", "bob", "carol", "dave"] {
+        let c = mesh.spread(10, &[("x-user", user)]).await;
+        assert_eq!(c.len(), 1, "{user} always lands on one endpoint: {c:?}");
+    }
+    let mut seen = std::collections::HashSet::new();
+    for u in 0..60 {
+        let user = format!("user-{u}");
+        seen.extend(mesh.spread(1, &[("x-user", user.as_str())]).await.into_keys());
+    }
+    assert_eq!(seen.len(), 3, "keys spread over every endpoint");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p2c_prefers_the_fast_endpoint() {
+    let mut p = fast_policy();
+    p.load_balancer.algorithm = Algorithm::P2cPeakEwma;
+    let mesh = mesh_with(p, &[100, 100, 100]).await;
+    mesh.backends[1].delay_ms.store(25, std::sync::atomic::Ordering::Relaxed);
+    mesh.backends[2].delay_ms.store(25, std::sync::atomic::Ordering::Relaxed);
+    let c = mesh.spread(200, &[]).await;
+    // The fast one wins every pair it is in (2/3 of pairs): well above a fair third.
+    assert!(c["m0"] > 100, "the fast endpoint takes most requests: {c:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_services_and_bad_authorities_get_json_errors_at_once() {
+    let mesh = mesh_with(fast_policy(), &[100]).await;
+    let t = tokio::time::Instant::now();
+    let (status, body) = get(mesh.caller.outbound, "nobody-here", "/x").await;
+    assert_eq!(status, 503, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!((v["error"].as_str(), v["service"].as_str()), (Some("no_endpoints"), Some("nobody-here")));
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "answered after one control-plane round trip, not a timeout"
+    );
+
+    let (status, body) = get(mesh.caller.outbound, "Not_A_Service", "/x").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("unknown_authority"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_carry_trace_context_and_forged_identity_never_reaches_the_app() {
+    let mesh = mesh_with(fast_policy(), &[100]).await;
+    let (status, body) = request(
+        mesh.caller.outbound,
+        "GET",
+        "market",
+        "/who?x=1",
+        &[
+            ("x-mesh-caller", "spiffe://evil/service/admin"),
+            ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        ],
+        Default::default(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let h = &v["headers"];
+    assert!(h.get("x-mesh-caller").is_none(), "forged identity stripped: {h}");
+    assert!(h["traceparent"].as_str().unwrap().starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
+    assert!(!h["traceparent"].as_str().unwrap().contains("00f067aa0ba902b7"), "each hop adds a span");
+    assert!(!h["x-request-id"].as_str().unwrap().is_empty());
+    assert_eq!(v["path"], "/who");
+    assert_eq!(h["host"], "market", "the app sees the service name as Host");
+
+    // HTTP_PROXY users send absolute-form requests.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(mesh.caller.outbound).await.unwrap();
+    s.write_all(b"GET http://market/proxied HTTP/1.1\r\nHost: market\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.unwrap();
+    assert!(buf.starts_with("HTTP/1.1 200"), "{buf}");
+    assert!(buf.contains("\"path\":\"/proxied\""), "{buf}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_that_stops_heartbeating_leaves_within_the_ttl_and_returns() {
+    let mesh = mesh_with(fast_policy(), &[100, 100]).await;
+    // A third instance runs as the real sidecar binary, so SIGKILL can stop its heartbeats
+    // without a deregistration.
+    let b = Backend::start("bin").await;
+    let dir = tempfile::tempdir().unwrap();
+    let args: Vec<String> = [
+        "--service",
+        "market",
+        "--instance-id",
+        "m-bin",
+        "--app-addr",
+        &b.addr.to_string(),
+        "--control-plane",
+        &mesh.cp.url(),
+        "--inbound-addr",
+        "127.0.0.1:0",
+        "--outbound-addr",
+        "127.0.0.1:0",
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--data-dir",
+        &dir.path().display().to_string(),
+        "--log",
+        "warn",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let proc = mesh_testkit::Process::start("sidecar", &args);
+    mesh.wait_endpoints(3).await;
+
+    let killed = tokio::time::Instant::now();
+    proc.kill9();
+    mesh.wait_endpoints(2).await;
+    let gone = killed.elapsed();
+    // TTL 400 ms, sweep 50 ms, then the push to the caller.
+    assert!(gone < Duration::from_secs(2), "left rotation {gone:?} after its last heartbeat");
+    let c = mesh.spread(20, &[]).await;
+    assert!(!c.contains_key("bin"), "{c:?}");
+
+    let _proc = mesh_testkit::Process::start("sidecar", &args);
+    mesh.wait_endpoints(3).await;
+    eventually(WAIT, "the returning instance gets traffic", || async {
+        mesh.spread(10, &[]).await.contains_key("bin")
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_that_fails_its_probe_leaves_discovery_and_returns() {
+    let mesh = mesh_with(fast_policy(), &[100, 100]).await;
+    mesh.backends[1].healthy.store(false, std::sync::atomic::Ordering::Relaxed);
+    mesh.wait_endpoints(1).await;
+    assert_eq!(endpoint_ids(&mesh.caller).await, ["m0"]);
+    mesh.backends[1].healthy.store(true, std::sync::atomic::Ordering::Relaxed);
+    mesh.wait_endpoints(2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_under_load_fails_no_request() {
+    let mesh = mesh_with(fast_policy(), &[100, 100]).await;
+    let Mesh { sidecars, caller, backends, .. } = &mesh;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let ok = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let (stop, failures, ok, out) = (stop.clone(), failures.clone(), ok.clone(), caller.outbound);
+        load.push(tokio::spawn(async move {
+            let client = HttpClient::default();
+            while !stop.is_cancelled() {
+                let (status, body) = client.get(out, "market", "/work?delay_ms=5").await;
+                if status == 200 {
+                    ok.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                } else {
+                    failures.lock().unwrap().push(format!("{status}: {body}"));
+                }
+            }
+        }));
+    }
+    eventually(WAIT, "both instances serve", || async { backends.iter().all(|b| b.hits() > 5) }).await;
+    let mut sidecars = sidecars.iter();
+    let _keep = sidecars.next();
+    let leaving = sidecars.next().unwrap();
+    leaving.begin_stop();
+    eventually(WAIT, "the leaving instance is gone from the caller", || async {
+        endpoint_ids(caller).await == ["m0"]
+    })
+    .await;
+    let served_before = ok.load(std::sync::atomic::Ordering::Relaxed);
+    eventually(WAIT, "load keeps flowing", || async {
+        ok.load(std::sync::atomic::Ordering::Relaxed) > served_before + 50
+    })
+    .await;
+    stop.cancel();
+    for l in load {
+        l.await.unwrap();
+    }
+    let failures = failures.lock().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} failed of {}: {:?}",
+        failures.len(),
+        ok.load(std::sync::atomic::Ordering::Relaxed),
+        &failures[..failures.len().min(5)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_routes_by_path_prefix_with_rewrite() {
+    let mesh = mesh_with(fast_policy(), &[100]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let routes = vec![sidecar::outbound::Route::parse("/api/markets=market,/markets").unwrap()];
+    let gw = TestSidecar::start(TestSidecar::gateway_config(&mesh.cp.url(), routes, dir.path())).await;
+    eventually(WAIT, "the gateway routes to market", || async {
+        get(gw.outbound, "example.com", "/api/markets/7?x=1").await.0 == 200
+    })
+    .await;
+    let (_, body) = get(gw.outbound, "example.com", "/api/markets/7?x=1").await;
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["path"], "/markets/7");
+    let (status, body) = get(gw.outbound, "example.com", "/elsewhere").await;
+    assert_eq!(status, 404);
+    assert!(body.contains("no_route"), "{body}");
+    eventually(WAIT, "the gateway is ready", || async { get(gw.admin, "admin", "/ready").await.0 == 200 })
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_endpoints_report_state_and_metrics() {
+    let mesh = mesh_with(fast_policy(), &[100]).await;
+    assert_eq!(mesh.spread(3, &[]).await["m0"], 3);
+    let (status, body) = get(mesh.caller.admin, "admin", "/ready").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(get(mesh.caller.admin, "admin", "/live").await.0, 200);
+    let cfg = mesh.caller.config_json().await;
+    assert_eq!(cfg["control_plane"]["connected"], true);
+    assert_eq!(cfg["control_plane"]["registered"], true);
+    assert_eq!(market(&cfg)["source"], "discovery");
+    let (status, text) = get(mesh.caller.admin, "admin", "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(text.ends_with("# EOF\n"), "{text}");
+    for want in [
+        r#"mesh_sidecar_requests_total{direction="outbound",service="market",endpoint="m0",status="200"} 3"#,
+        "mesh_sidecar_request_duration_seconds_bucket",
+        r#"mesh_sidecar_endpoints{service="market"} 1"#,
+        "mesh_sidecar_control_plane_connected 1",
+        r#"mesh_sidecar_policy_version{service="market"}"#,
+        "mesh_sidecar_app_healthy 1",
+    ] {
+        assert!(text.contains(want), "{want} missing:\n{text}");
+    }
+    let (_, text) = get(mesh.sidecars[0].admin, "admin", "/metrics").await;
+    assert!(text.contains(r#"mesh_sidecar_requests_total{direction="inbound",service="market",endpoint="app",status="200"} 3"#), "{text}");
+}
