@@ -491,31 +491,3 @@ pub fn print_table(headers: &[&str], rows: Vec<Vec<String>>) {
         line(r);
     }
 }
-
-/// `250ms`, `15s`, `1m 30s`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 250ms or 15s: {e}"))
-}
-
-/// Logs to stderr with the given `EnvFilter` directive (e.g. `info`, `control_plane=debug`).
-pub fn init_tracing(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|e| {
-        eprintln!("warning: log filter {filter:?} is invalid ({e}); using info");
-        tracing_subscriber::EnvFilter::new("info")
-    });
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
-}
-
-/// Resolves on SIGTERM or SIGINT with the signal's name.
-pub async fn shutdown_signal() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
-        // Without signal handlers, Ctrl-C still ends the process by default.
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    }
-}

@@ -43,6 +43,9 @@ pub struct Config {
     pub sweep_interval: Duration,
     /// HTTP/2 streams one connection may open (discovery + policy streams of many proxies).
     pub max_concurrent_streams: u32,
+    /// After a restart, restored instances do not expire before this has passed (on top of
+    /// their TTL): time for every sidecar to reconnect through its backoff.
+    pub restart_grace: Duration,
 }
 
 impl Config {
@@ -52,6 +55,7 @@ impl Config {
             ping_interval: Duration::from_secs(15),
             sweep_interval: Duration::from_millis(50),
             max_concurrent_streams: 16_384,
+            restart_grace: Duration::from_secs(15),
         }
     }
 }
@@ -91,6 +95,7 @@ impl ControlPlane {
             loaded.epoch,
             loaded.instances,
             Instant::now(),
+            config.restart_grace,
         );
         let state = Arc::new(api::State {
             registry,

@@ -9,7 +9,8 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
-use control_plane::{Config, ControlPlane, cli::shutdown_signal};
+use control_plane::{Config, ControlPlane};
+use mesh_runtime::{parse_duration, shutdown_signal};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -35,30 +36,29 @@ struct Args {
     #[arg(long, env = "MESH_STORE", value_enum, default_value = "embedded")]
     store: StoreKind,
     /// Idle discovery streams get a ping this often.
-    #[arg(long, env = "MESH_PING_INTERVAL", default_value = "15s", value_parser = humantime_duration)]
+    #[arg(long, env = "MESH_PING_INTERVAL", default_value = "15s", value_parser = parse_duration)]
     ping_interval: Duration,
     /// How often heartbeat TTLs are checked.
-    #[arg(long, env = "MESH_SWEEP_INTERVAL", default_value = "50ms", value_parser = humantime_duration)]
+    #[arg(long, env = "MESH_SWEEP_INTERVAL", default_value = "50ms", value_parser = parse_duration)]
     sweep_interval: Duration,
+    /// After a restart, stored instances get this long (on top of their TTL) to heartbeat again.
+    #[arg(long, env = "MESH_RESTART_GRACE", default_value = "15s", value_parser = parse_duration)]
+    restart_grace: Duration,
     /// How long in-flight calls may take to finish after SIGTERM.
-    #[arg(long, env = "MESH_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime_duration)]
+    #[arg(long, env = "MESH_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     drain_timeout: Duration,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "MESH_LOG", default_value = "info")]
     log: String,
 }
 
-fn humantime_duration(s: &str) -> Result<Duration, String> {
-    control_plane::cli::parse_duration(s)
-}
-
 fn main() -> ExitCode {
     let args = Args::parse();
-    control_plane::cli::init_tracing(&args.log);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    mesh_runtime::init_tracing(&args.log);
+    let rt = match mesh_runtime::runtime() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            eprintln!("error: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -77,6 +77,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut config = Config::new(&args.data_dir);
     config.ping_interval = args.ping_interval;
     config.sweep_interval = args.sweep_interval;
+    config.restart_grace = args.restart_grace;
     let cp = ControlPlane::open(config)?;
     let grpc = TcpListener::bind(args.grpc_addr)
         .await

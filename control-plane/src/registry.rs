@@ -88,6 +88,9 @@ struct InstanceState {
     expired_at: Option<Instant>,
     /// Past its TTL but kept by self-preservation.
     held: bool,
+    /// Counts as a heartbeat for expiry: restored instances get `grace` for their sidecar to
+    /// reconnect, on top of their TTL.
+    not_before: Instant,
 }
 
 impl InstanceState {
@@ -180,7 +183,9 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Restores the stored instances, each with a fresh TTL starting at `now`.
+    /// Restores the stored instances, each with a fresh TTL starting at `now` plus `grace`, so
+    /// that a control-plane restart expires no instance whose sidecar is still reconnecting
+    /// (sidecars back off up to 10 s between attempts).
     pub fn new(
         store: Store,
         policies: Arc<Policies>,
@@ -188,13 +193,16 @@ impl Registry {
         epoch: u64,
         stored: Vec<v1::Instance>,
         now: Instant,
+        grace: Duration,
     ) -> Self {
         let reg =
             Self { services: DashMap::new(), store, policies, revisions: Revisions::new(epoch), metrics };
         for info in stored {
             let svc = reg.service(&info.service);
             let mut st = svc.lock();
-            st.instances.insert(info.id.clone(), InstanceState::new(info, now));
+            let mut state = InstanceState::new(info, now);
+            state.not_before = now + grace;
+            st.instances.insert(state.endpoint.instance_id.clone(), state);
             svc.publish(&st, &reg.revisions);
         }
         reg
@@ -279,6 +287,7 @@ impl Registry {
                             tracing::info!(service = %hb.service, instance = %hb.instance_id, "expired instance heartbeats again: back in discovery");
                         }
                         i.last_heartbeat = now;
+                        i.not_before = now;
                         i.load = hb.load;
                         i.app_healthy = app_healthy;
                         i.expired_at = None;
@@ -347,7 +356,7 @@ impl Registry {
                 .filter(|(_, i)| {
                     i.expired_at.is_none()
                         && !h.heartbeat_ttl.is_zero()
-                        && now.duration_since(i.last_heartbeat) > h.heartbeat_ttl
+                        && now.duration_since(i.last_heartbeat.max(i.not_before)) > h.heartbeat_ttl
                 })
                 .collect();
             overdue.sort_by_key(|(_, i)| i.last_heartbeat);
@@ -478,7 +487,15 @@ impl InstanceState {
             metadata: info.metadata,
             weight: if info.weight == 0 { DEFAULT_WEIGHT } else { info.weight },
         });
-        Self { endpoint, app_healthy: true, load: 0, last_heartbeat: now, expired_at: None, held: false }
+        Self {
+            endpoint,
+            app_healthy: true,
+            load: 0,
+            last_heartbeat: now,
+            expired_at: None,
+            held: false,
+            not_before: now,
+        }
     }
 }
 

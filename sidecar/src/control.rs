@@ -362,6 +362,73 @@ pub async fn deregister(shared: &Shared, within: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{Config, Mode};
+
+    fn config(dir: &std::path::Path) -> Config {
+        Config {
+            mode: Mode::Sidecar,
+            service: Some("web".into()),
+            instance_id: "web-1".into(),
+            app_addr: Some("127.0.0.1:9".parse().unwrap()),
+            control_plane: vec!["http://127.0.0.1:9".into()],
+            advertise_addr: "127.0.0.1:9".into(),
+            data_dir: dir.to_path_buf(),
+            zone: String::new(),
+            version: String::new(),
+            metadata: Default::default(),
+            weight: 100,
+            upstreams: vec![],
+            routes: vec![],
+            discovery_wait: Duration::from_secs(1),
+            drain_delay: Duration::ZERO,
+            drain_timeout: Duration::from_secs(1),
+        }
+    }
+
+    fn push(service: &str, version: u64, policy: v1::ServicePolicy) -> v1::PolicyPush {
+        v1::PolicyPush {
+            service: service.into(),
+            version,
+            nonce: format!("n{version}"),
+            policy: Some(policy),
+            is_default: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_invalid_push_is_nacked_with_the_field_and_the_previous_policy_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let (shared, _added) = crate::Shared::new(config(dir.path()));
+        let stop = CancellationToken::new();
+        let writer =
+            tokio::spawn(shared.snapshot.clone().run(crate::snapshot::Snapshot::default, stop.clone()));
+        let up = shared.upstreams.get_or_add("market");
+
+        let mut good = ServicePolicy::default();
+        good.retry.max_attempts = 2;
+        let reply = apply_policy(&shared, push("market", 1, (&good).into())).await;
+        assert!(
+            matches!(reply.kind, Some(Kind::Ack(ref a)) if a.version == 1 && a.nonce == "n1"),
+            "{reply:?}"
+        );
+        assert_eq!(up.policy().version, 1);
+
+        let mut bad: v1::ServicePolicy = (&good).into();
+        bad.retry.as_mut().unwrap().max_attempts = Some(99);
+        let reply = apply_policy(&shared, push("market", 2, bad)).await;
+        match reply.kind {
+            Some(Kind::Nack(n)) => {
+                assert_eq!((n.version, n.nonce.as_str()), (2, "n2"));
+                assert!(n.reason.contains("retry.max_attempts"), "{}", n.reason);
+            }
+            other => panic!("expected a NACK, got {other:?}"),
+        }
+        let kept = up.policy();
+        assert_eq!((kept.version, kept.policy.as_ref()), (1, &good));
+        assert_eq!(shared.metrics.policy_nacks.get(), 1);
+        stop.cancel();
+        writer.await.unwrap();
+    }
 
     #[test]
     fn backoff_is_jittered_under_an_exponential_cap() {

@@ -9,6 +9,7 @@ use std::{collections::HashMap, net::SocketAddr, path::PathBuf, process::ExitCod
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use mesh_runtime::{parse_duration, shutdown_signal};
 use serde::Deserialize;
 use sidecar::{Config, Listeners, Mode, outbound::Route};
 use tokio::net::TcpListener;
@@ -125,10 +126,6 @@ mod opt_duration {
     }
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 250ms or 2s: {e}"))
-}
-
 struct Resolved {
     config: Config,
     inbound: SocketAddr,
@@ -220,11 +217,11 @@ fn resolve(a: Args) -> anyhow::Result<Resolved> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    init_tracing(&args.log);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    mesh_runtime::init_tracing(&args.log);
+    let rt = match mesh_runtime::runtime() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            eprintln!("error: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -272,24 +269,4 @@ async fn run(args: Args) -> anyhow::Result<()> {
     shutdown.cancel();
     task.await.context("sidecar task failed")??;
     Ok(())
-}
-
-fn init_tracing(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|e| {
-        eprintln!("warning: log filter {filter:?} is invalid ({e}); using info");
-        tracing_subscriber::EnvFilter::new("info")
-    });
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
-}
-
-async fn shutdown_signal() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    }
 }

@@ -1,10 +1,10 @@
 //! Whole-mesh tests: a real control plane, real sidecars and real HTTP backends on loopback.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{collections::HashMap, time::Duration};
 
 use mesh_proto::policy::{Algorithm, ServicePolicy};
 use mesh_testkit::{
-    Backend, HttpClient, TestCp, TestSidecar, WAIT, backend_of, eventually, fast_policy, get, request,
+    Backend, HttpClient, Load, TestCp, TestSidecar, WAIT, backend_of, eventually, fast_policy, get, request,
 };
 
 /// Three `market` backends, each behind its own sidecar, and a `web` sidecar whose app calls
@@ -281,50 +281,16 @@ async fn an_app_that_fails_its_probe_leaves_discovery_and_returns() {
 async fn graceful_shutdown_under_load_fails_no_request() {
     let mesh = mesh_with(fast_policy(), &[100, 100]).await;
     let Mesh { sidecars, caller, backends, .. } = &mesh;
-    let stop = tokio_util::sync::CancellationToken::new();
-    let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let ok = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let mut load = Vec::new();
-    for _ in 0..4 {
-        let (stop, failures, ok, out) = (stop.clone(), failures.clone(), ok.clone(), caller.outbound);
-        load.push(tokio::spawn(async move {
-            let client = HttpClient::default();
-            while !stop.is_cancelled() {
-                let (status, body) = client.get(out, "market", "/work?delay_ms=5").await;
-                if status == 200 {
-                    ok.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                } else {
-                    failures.lock().unwrap().push(format!("{status}: {body}"));
-                }
-            }
-        }));
-    }
+    let load = Load::start(caller.outbound, "market", "/work?delay_ms=5", 4);
     eventually(WAIT, "both instances serve", || async { backends.iter().all(|b| b.hits() > 5) }).await;
-    let mut sidecars = sidecars.iter();
-    let _keep = sidecars.next();
-    let leaving = sidecars.next().unwrap();
+    let leaving = &sidecars[1];
     leaving.begin_stop();
     eventually(WAIT, "the leaving instance is gone from the caller", || async {
         endpoint_ids(caller).await == ["m0"]
     })
     .await;
-    let served_before = ok.load(std::sync::atomic::Ordering::Relaxed);
-    eventually(WAIT, "load keeps flowing", || async {
-        ok.load(std::sync::atomic::Ordering::Relaxed) > served_before + 50
-    })
-    .await;
-    stop.cancel();
-    for l in load {
-        l.await.unwrap();
-    }
-    let failures = failures.lock().unwrap();
-    assert!(
-        failures.is_empty(),
-        "{} failed of {}: {:?}",
-        failures.len(),
-        ok.load(std::sync::atomic::Ordering::Relaxed),
-        &failures[..failures.len().min(5)]
-    );
+    load.wait_more(50, "load keeps flowing").await;
+    load.stop_expecting_no_failures().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,11 +6,11 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let args = control_plane::cli::Args::parse();
-    control_plane::cli::init_tracing(&args.log);
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    mesh_runtime::init_tracing(&args.log);
+    let rt = match mesh_runtime::runtime() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            eprintln!("error: {e}");
             return ExitCode::FAILURE;
         }
     };

@@ -20,7 +20,9 @@ use tokio::{
     time::Instant,
 };
 
-use super::{CliError, shutdown_signal};
+use mesh_runtime::shutdown_signal;
+
+use super::CliError;
 
 #[derive(Debug, Args)]
 pub struct UpArgs {
@@ -34,7 +36,7 @@ pub struct UpArgs {
     #[arg(long, default_value = "127.0.0.1:7071")]
     pub admin_addr: String,
     /// How long each process may take to start listening.
-    #[arg(long, default_value = "30s", value_parser = super::parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = mesh_runtime::parse_duration)]
     pub start_timeout: Duration,
 }
 

@@ -9,6 +9,7 @@ use super::*;
 use crate::store::Store;
 
 const MS: Duration = Duration::from_millis(1);
+const GRACE: Duration = Duration::from_secs(15);
 
 struct Fixture {
     _dir: tempfile::TempDir,
@@ -25,7 +26,8 @@ async fn fixture_with(health: impl FnOnce(&mut HealthPolicy)) -> Fixture {
     health(&mut p.health);
     policies.set("svc", p, None, false).await.unwrap();
     let t0 = Instant::now();
-    let reg = Registry::new(store, policies.clone(), Metrics::new(), loaded.epoch, loaded.instances, t0);
+    let reg =
+        Registry::new(store, policies.clone(), Metrics::new(), loaded.epoch, loaded.instances, t0, GRACE);
     Fixture { _dir: dir, reg, policies, t0 }
 }
 
@@ -176,11 +178,16 @@ async fn a_restart_gives_stored_instances_a_fresh_ttl_and_versions_keep_increasi
     let restart = f.t0 + Duration::from_secs(600);
     let (store, loaded) = Store::open(dir.path()).unwrap();
     let policies = Arc::new(Policies::new(store.clone(), loaded.policies).unwrap());
-    let reg = Registry::new(store, policies, Metrics::new(), loaded.epoch, loaded.instances, restart);
+    let reg = Registry::new(store, policies, Metrics::new(), loaded.epoch, loaded.instances, restart, GRACE);
     assert_eq!(endpoints(&reg), ["a"]);
     assert!(reg.watch("svc").borrow().version > before);
-    assert!(reg.sweep(restart + Duration::from_secs(3)).expired.is_empty());
+    // Its sidecar is still backing off: no expiry within the grace period plus the TTL…
+    assert!(reg.sweep(restart + GRACE).expired.is_empty());
+    assert!(reg.sweep(restart + GRACE + Duration::from_secs(3)).expired.is_empty());
+    // …and once it heartbeats, ordinary TTL rules apply again.
     assert!(reg.heartbeat(&hb("a", v1::HealthStatus::Healthy), restart + Duration::from_secs(2)).known);
+    assert!(reg.sweep(restart + Duration::from_secs(5)).expired.is_empty());
+    assert_eq!(reg.sweep(restart + Duration::from_secs(5) + MS).expired.len(), 1);
 }
 
 #[tokio::test]

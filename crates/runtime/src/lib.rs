@@ -1,0 +1,41 @@
+//! What every Opinion Market Mesh binary shares: tracing setup, shutdown signals and duration
+//! flags. Only binaries call these; libraries take a shutdown token instead.
+
+use std::time::Duration;
+
+/// Logs to stderr with an `EnvFilter` directive (`info`, `sidecar=debug,hyper=warn`, …); an
+/// invalid directive falls back to `info` with a warning.
+pub fn init_tracing(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|e| {
+        eprintln!("warning: log filter {filter:?} is invalid ({e}); using info");
+        tracing_subscriber::EnvFilter::new("info")
+    });
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+/// Resolves on SIGTERM or SIGINT with the signal's name.
+pub async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        // Without handlers the default disposition still ends the process on a signal.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}
+
+/// Parses `250ms`, `15s`, `1m 30s` (for clap `value_parser`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 250ms or 15s: {e}"))
+}
+
+/// A multi-threaded runtime, or the reason it could not start.
+pub fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))
+}
