@@ -1,0 +1,128 @@
+//! Fixed-point amounts: credits and shares in millionths, as `i64`. Never floats for money.
+//!
+//! On the wire an amount is a decimal string with up to six decimals (`"12.5"`, `"0.000001"`)
+//! or a whole JSON integer (`12`); it is always written back as a string with six decimals.
+
+use std::fmt;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer, de::Error};
+
+/// Millionths per unit.
+pub const SCALE: i64 = 1_000_000;
+/// Largest amount accepted from a request: one trillion units.
+pub const MAX_INPUT: i64 = 1_000_000_000_000 * SCALE;
+
+/// An amount of credits or shares in millionths.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Micro(pub i64);
+
+impl Micro {
+    pub const ZERO: Micro = Micro(0);
+
+    pub fn units(n: i64) -> Micro {
+        Micro(n * SCALE)
+    }
+
+    pub fn as_f64(self) -> f64 {
+        self.0 as f64 / SCALE as f64
+    }
+
+    pub fn checked_add(self, o: Micro) -> Option<Micro> {
+        self.0.checked_add(o.0).map(Micro)
+    }
+
+    pub fn checked_sub(self, o: Micro) -> Option<Micro> {
+        self.0.checked_sub(o.0).map(Micro)
+    }
+
+    /// Parses `"12"`, `"12.5"`, `"-0.000001"`; at most six decimals.
+    pub fn parse(s: &str) -> Result<Micro, String> {
+        let s = s.trim();
+        let (neg, digits) = match s.strip_prefix('-') {
+            Some(rest) => (true, rest),
+            None => (false, s),
+        };
+        let (whole, frac) = digits.split_once('.').unwrap_or((digits, ""));
+        if whole.is_empty() && frac.is_empty()
+            || !whole.bytes().all(|b| b.is_ascii_digit())
+            || !frac.bytes().all(|b| b.is_ascii_digit())
+        {
+            return Err(format!("{s:?} is not a decimal number"));
+        }
+        if frac.len() > 6 {
+            return Err(format!("{s:?} has more than six decimals"));
+        }
+        let whole: i64 =
+            if whole.is_empty() { 0 } else { whole.parse().map_err(|_| format!("{s:?} is too large"))? };
+        let frac_val: i64 = format!("{frac:0<6}").parse().unwrap_or(0);
+        let v = whole
+            .checked_mul(SCALE)
+            .and_then(|w| w.checked_add(frac_val))
+            .filter(|v| *v <= MAX_INPUT)
+            .ok_or_else(|| format!("{s:?} is too large (at most {} units)", MAX_INPUT / SCALE))?;
+        Ok(Micro(if neg { -v } else { v }))
+    }
+}
+
+impl fmt::Display for Micro {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let sign = if self.0 < 0 { "-" } else { "" };
+        let a = self.0.unsigned_abs();
+        write!(f, "{sign}{}.{:06}", a / SCALE as u64, a % SCALE as u64)
+    }
+}
+
+impl Serialize for Micro {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Micro {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Micro, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(i64),
+            Str(String),
+            Float(f64),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(i) => i
+                .checked_mul(SCALE)
+                .filter(|v| v.abs() <= MAX_INPUT)
+                .map(Micro)
+                .ok_or_else(|| D::Error::custom(format!("{i} is too large"))),
+            Raw::Str(s) => Micro::parse(&s).map_err(D::Error::custom),
+            Raw::Float(_) => Err(D::Error::custom(
+                "write amounts as a string like \"12.5\" or a whole number, not a float",
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_prints_exactly() {
+        for (s, v) in [
+            ("12", 12_000_000),
+            ("12.5", 12_500_000),
+            ("0.000001", 1),
+            ("-3.25", -3_250_000),
+            (".5", 500_000),
+        ] {
+            assert_eq!(Micro::parse(s), Ok(Micro(v)), "{s}");
+        }
+        assert_eq!(Micro(12_500_000).to_string(), "12.500000");
+        assert_eq!(Micro(-1).to_string(), "-0.000001");
+        for bad in ["", "abc", "1.0000001", "1e5", "99999999999999999999", "1.2.3", "-"] {
+            assert!(Micro::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(serde_json::from_str::<Micro>("7").unwrap(), Micro(7_000_000));
+        assert!(serde_json::from_str::<Micro>("7.5").unwrap_err().to_string().contains("not a float"));
+        assert_eq!(serde_json::to_string(&Micro(1)).unwrap(), "\"0.000001\"");
+    }
+}

@@ -1,0 +1,3 @@
+//! Opinion markets (see `domain`).
+
+pub mod domain;
