@@ -1,3 +1,106 @@
-//! Opinion markets (see `domain`).
+//! The market service: opinion markets with an LMSR market maker, event-sourced.
+//!
+//! - [`domain`]: pure rules (no I/O): money, LMSR, the market and account aggregates, commands.
+//! - [`store`]: the event store on SQLite or PostgreSQL (expected-version appends, hash chain,
+//!   snapshots, outbox, idempotency records).
+//! - [`service`]: commands with optimistic concurrency; the in-memory projection for reads.
+//! - [`api`]: the HTTP JSON API; [`openapi`]: its description.
+//!
+//! [`run`] takes a bound listener and a shutdown token; the binary is a thin shell around it.
 
+pub mod api;
 pub mod domain;
+pub mod openapi;
+pub mod service;
+pub mod store;
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::net::TcpListener;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::Instrument;
+
+use crate::{service::Markets, store::Store};
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `sqlite://PATH` or `postgres://…`.
+    pub database_url: String,
+    /// Bearer token for grants, admin resolution and projection rebuilds (none: those refused).
+    pub admin_token: Option<String>,
+    /// Take a snapshot of an aggregate every this many events.
+    pub snapshot_every: u64,
+    /// How often markets past their close time are closed.
+    pub close_interval: Duration,
+}
+
+impl Config {
+    pub fn new(database_url: impl Into<String>) -> Self {
+        Self {
+            database_url: database_url.into(),
+            admin_token: None,
+            snapshot_every: 50,
+            close_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Connects, migrates, builds the projection, then serves until `shutdown`.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), store::StoreError> {
+    let store = Store::connect(&config.database_url).await?;
+    let (markets, mut due) = Markets::new(store.clone(), config.snapshot_every);
+    let seq = markets.read().await?.seq;
+    tracing::info!(backend = ?store.backend(), events = seq, "projection built from the log");
+    let tasks = TaskTracker::new();
+    let stop = CancellationToken::new();
+
+    tasks.spawn({
+        let (markets, stop) = (markets.clone(), stop.clone());
+        async move {
+            loop {
+                let id = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    id = due.recv() => match id { Some(id) => id, None => return },
+                };
+                if let Err(e) = markets.snapshot(&id).await {
+                    tracing::warn!(aggregate = %id, error = %e, "snapshot failed; the next one will catch up");
+                }
+            }
+        }
+        .instrument(tracing::info_span!("snapshotter"))
+    });
+    tasks.spawn({
+        let (markets, stop, every) = (markets.clone(), stop.clone(), config.close_interval);
+        async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                // Closing also keeps the projection caught up with other instances' writes.
+                match markets.close_due().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(closed = n, "markets closed at their close time"),
+                    Err(e) => tracing::warn!(error = %e, "closing due markets failed; will retry"),
+                }
+            }
+        }
+        .instrument(tracing::info_span!("closer"))
+    });
+
+    let app = api::router(Arc::new(api::AppState {
+        markets: markets.clone(),
+        admin_token: config.admin_token.clone(),
+    }));
+    let served = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
+    stop.cancel();
+    tasks.close();
+    tasks.wait().await;
+    store.close().await;
+    served.map_err(|e| store::StoreError::Db(format!("HTTP server failed: {e}")))
+}

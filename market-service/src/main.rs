@@ -1,1 +1,89 @@
-fn main() {}
+//! `market-service`: flags → tracing → bind → `market_service::run` until SIGTERM / SIGINT.
+//! Prints `{"event":"listening","http":"…"}` on stdout once bound; logs go to stderr.
+
+use std::{net::SocketAddr, process::ExitCode, time::Duration};
+
+use anyhow::Context;
+use clap::Parser;
+use mesh_runtime::{parse_duration, shutdown_signal};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    about = "Opinion markets with an LMSR market maker, event-sourced on SQLite or PostgreSQL"
+)]
+struct Args {
+    /// HTTP listener (only its sidecar should reach it).
+    #[arg(long, env = "MESH_LISTEN", default_value = "127.0.0.1:8081")]
+    listen: SocketAddr,
+    /// sqlite://PATH (created if missing) or postgres://USER@HOST:PORT/DB.
+    #[arg(long, env = "MESH_DATABASE_URL", default_value = "sqlite://.mesh/market.db")]
+    database_url: String,
+    /// Bearer token for grants, admin resolution and projection rebuilds.
+    #[arg(long, env = "MESH_ADMIN_TOKEN")]
+    admin_token: Option<String>,
+    /// Snapshot an aggregate every N events.
+    #[arg(long, env = "MESH_SNAPSHOT_EVERY", default_value_t = 50)]
+    snapshot_every: u64,
+    /// How often markets past their close time are closed.
+    #[arg(long, env = "MESH_CLOSE_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    close_interval: Duration,
+    /// The sidecar's admin URL (its event API); the outbox publisher arrives with event forwarding.
+    #[arg(long, env = "MESH_SIDECAR_ADMIN")]
+    sidecar_admin: Option<String>,
+    #[arg(long, env = "MESH_LOG", default_value = "info")]
+    log: String,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    mesh_runtime::init_tracing(&args.log);
+    let rt = match mesh_runtime::runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(path) = args.database_url.strip_prefix("sqlite://")
+        && let Some(dir) = std::path::Path::new(path.split('?').next().unwrap_or(path)).parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    if args.sidecar_admin.is_some() {
+        tracing::warn!(
+            "--sidecar-admin is accepted but events stay in the outbox until event forwarding lands"
+        );
+    }
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on --listen {}", args.listen))?;
+    println!("{}", serde_json::json!({"event": "listening", "http": listener.local_addr()?}));
+    let config = market_service::Config {
+        database_url: args.database_url,
+        admin_token: args.admin_token,
+        snapshot_every: args.snapshot_every,
+        close_interval: args.close_interval,
+    };
+    let shutdown = CancellationToken::new();
+    let mut task = tokio::spawn(market_service::run(config, listener, shutdown.clone()));
+    tokio::select! {
+        r = &mut task => return Ok(r.context("service task failed")??),
+        sig = shutdown_signal() => tracing::info!(signal = sig, "shutting down"),
+    }
+    shutdown.cancel();
+    task.await.context("service task failed")??;
+    Ok(())
+}

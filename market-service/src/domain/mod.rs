@@ -285,6 +285,15 @@ impl Market {
         Some(m)
     }
 
+    /// Folds `events` onto `state` (`None`: from the beginning).
+    pub fn replay<'a>(
+        state: Option<Market>,
+        id: &str,
+        events: impl IntoIterator<Item = &'a MarketEvent>,
+    ) -> Option<Market> {
+        events.into_iter().fold(state, |s, e| Market::apply(s, id, e))
+    }
+
     pub fn prices(&self) -> Vec<f64> {
         lmsr::prices(&self.shares, self.liquidity)
     }

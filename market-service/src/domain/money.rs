@@ -85,7 +85,7 @@ impl<'de> Deserialize<'de> for Micro {
         enum Raw {
             Int(i64),
             Str(String),
-            Float(f64),
+            Float(#[allow(dead_code)] f64),
         }
         match Raw::deserialize(d)? {
             Raw::Int(i) => i

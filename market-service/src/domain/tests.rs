@@ -182,12 +182,12 @@ proptest! {
     fn snapshot_plus_tail_equals_full_replay(cmds in proptest::collection::vec(cmd(), 1..80), cut in 0usize..100) {
         let l = run(&cmds);
         for (id, log) in &l.market_log {
-            let full = log.iter().fold(None, |s, e| Market::apply(s, id, e));
+            let full = Market::replay(None, id, log);
             let k = cut % (log.len() + 1);
-            let snapshot = log[..k].iter().fold(None, |s, e| Market::apply(s, id, e));
+            let snapshot = Market::replay(None, id, &log[..k]);
             // A snapshot is stored as JSON: round-trip it as the store does.
             let snapshot: Option<Market> = serde_json::from_str(&serde_json::to_string(&snapshot).unwrap()).unwrap();
-            let resumed = log[k..].iter().fold(snapshot, |s, e| Market::apply(s, id, e));
+            let resumed = Market::replay(snapshot, id, &log[k..]);
             prop_assert_eq!(&resumed, &full);
             prop_assert_eq!(full.as_ref(), l.markets.get(id));
         }
@@ -215,7 +215,7 @@ fn market(creator: &Account) -> Market {
         liquidity: Micro::units(100),
     };
     let (events, _) = create_market("m1", &c, creator, 1_000).unwrap();
-    events.iter().fold(None, |s, e| Market::apply(s, "m1", e)).unwrap()
+    Market::replay(None, "m1", &events).unwrap()
 }
 
 #[test]
@@ -273,7 +273,7 @@ fn a_buy_moves_the_price_and_settlement_pays_the_winners() {
     };
     let (me, _, q) = trade(&m, &alice, &t, 2_000).unwrap();
     assert!(q.prices_after[0] > 0.5 && q.amount > Micro::units(25) && q.amount < Micro::units(30), "{q:?}");
-    let m = me.iter().fold(Some(m), |s, e| Market::apply(s, "m1", e)).unwrap();
+    let m = Market::replay(Some(m), "m1", &me).unwrap();
     let (_, credits) = resolve(&m, 0, "alice", false, 3_000).unwrap();
     // Alice holds all 50 winning shares and is the creator: she gets the whole pool back.
     assert_eq!(credits["alice"], m.pool);

@@ -1,0 +1,434 @@
+//! The HTTP JSON API (axum). Every refusal is a JSON body `{"error", "message", "field"?}`
+//! with a 4xx status; bodies are parsed strictly (unknown fields, wrong types and malformed JSON
+//! are 400s naming the problem). Every POST honours `Idempotency-Key`: a repeated key with the
+//! same request gets the first answer, and the change it made is applied once. `If-Match: N`
+//! pins the market version a command expects.
+
+use std::sync::Arc;
+
+use axum::{
+    Json, Router,
+    body::Bytes,
+    extract::{FromRequest, Path, Query, Request, State},
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use serde::{Deserialize, de::DeserializeOwned};
+use serde_json::{Value, json};
+
+use crate::{
+    domain::{self, Micro, Status},
+    service::{Answer, Ctx, Markets, Refusal, market_json},
+    store::verify_chain,
+};
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 64 * 1024;
+
+pub struct AppState {
+    pub markets: Arc<Markets>,
+    pub admin_token: Option<String>,
+}
+
+type S = State<Arc<AppState>>;
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let mut body = json!({ "error": self.code, "message": self.message });
+        if let Some(f) = self.field {
+            body["field"] = json!(f);
+        }
+        (StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), Json(body))
+            .into_response()
+    }
+}
+
+fn answer((status, body): Answer) -> Response {
+    (StatusCode::from_u16(status).unwrap_or(StatusCode::OK), Json(body)).into_response()
+}
+
+/// A JSON body parsed strictly; failures are 400s with the parser's reason.
+pub struct Body<T>(pub T, pub Bytes);
+
+impl<T: DeserializeOwned, St: Send + Sync> FromRequest<St> for Body<T> {
+    type Rejection = Refusal;
+
+    async fn from_request(req: Request, state: &St) -> Result<Self, Refusal> {
+        if let Some(ct) = req.headers().get(header::CONTENT_TYPE)
+            && !ct.to_str().unwrap_or("").starts_with("application/json")
+        {
+            return Err(Refusal::new(415, "unsupported_media_type", "send the body as application/json"));
+        }
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(|e| Refusal::new(413, "body_too_large", format!("cannot read the body: {e}")))?;
+        let value = serde_json::from_slice(&bytes)
+            .map_err(|e| Refusal::new(400, "invalid_body", format!("invalid JSON body: {e}")))?;
+        Ok(Body(value, bytes))
+    }
+}
+
+fn ctx(s: &AppState, h: &HeaderMap, method_path: &str, body: &[u8]) -> Result<Ctx, Refusal> {
+    let header = |name: &str| h.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let idempotency = match header("idempotency-key") {
+        None => None,
+        Some(k) if k.is_empty() || k.len() > 200 => {
+            return Err(Refusal::new(400, "invalid", "Idempotency-Key: 1..=200 characters"));
+        }
+        Some(k) => {
+            let digest =
+                ring::digest::digest(&ring::digest::SHA256, &[method_path.as_bytes(), b"\n", body].concat());
+            Some((k, digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()))
+        }
+    };
+    let expected_version = match header("if-match") {
+        None => None,
+        Some(v) => Some(
+            v.trim_matches('"')
+                .parse::<u64>()
+                .map_err(|_| Refusal::new(400, "invalid", "If-Match: a market version number"))?,
+        ),
+    };
+    let is_admin = match (&s.admin_token, header("authorization")) {
+        (Some(token), Some(auth)) => auth.strip_prefix("Bearer ").is_some_and(|t| t == token),
+        _ => false,
+    };
+    let correlation_id = header("x-correlation-id")
+        .or_else(|| header("x-request-id"))
+        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    Ok(Ctx { correlation_id, idempotency, expected_version, is_admin })
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/openapi.json", get(openapi))
+        .route("/accounts", post(open_account))
+        .route("/accounts/{id}", get(get_account))
+        .route("/accounts/{id}/grants", post(grant))
+        .route("/markets", post(create_market).get(list_markets))
+        .route("/markets/{id}", get(get_market).patch(update_market))
+        .route("/markets/{id}/quote", post(quote))
+        .route("/markets/{id}/trades", post(trade))
+        .route("/markets/{id}/resolve", post(resolve))
+        .route("/markets/{id}/cancel", post(cancel))
+        .route("/markets/{id}/positions", get(positions))
+        .route("/markets/{id}/history", get(history))
+        .route("/markets/{id}/events", get(audit_trail))
+        .route("/markets/{id}/audit", get(audit_verify))
+        .route("/analytics/platform", get(platform))
+        .route("/analytics/markets/{id}", get(market_analytics))
+        .route("/admin/projections/rebuild", post(rebuild))
+        .fallback(|| async { Refusal::new(404, "not_found", "no such endpoint; see /openapi.json") })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+async fn healthz(State(s): S) -> Response {
+    match s.markets.store.after(i64::MAX, 1).await {
+        Ok(_) => Json(json!({"status": "ok", "backend": s.markets.store.backend()})).into_response(),
+        Err(e) => Refusal::new(503, "database_unavailable", e.to_string()).into_response(),
+    }
+}
+
+async fn openapi() -> Json<Value> {
+    Json(crate::openapi::document())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OpenAccount {
+    id: String,
+    #[serde(default)]
+    name: String,
+}
+
+async fn open_account(
+    State(s): S,
+    h: HeaderMap,
+    Body(b, raw): Body<OpenAccount>,
+) -> Result<Response, Refusal> {
+    let c = ctx(&s, &h, "POST /accounts", &raw)?;
+    Ok(answer(s.markets.open_account(&b.id, &b.name, &c).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Grant {
+    amount: Micro,
+}
+
+async fn grant(
+    State(s): S,
+    Path(id): Path<String>,
+    h: HeaderMap,
+    Body(b, raw): Body<Grant>,
+) -> Result<Response, Refusal> {
+    let c = ctx(&s, &h, &format!("POST /accounts/{id}/grants"), &raw)?;
+    Ok(answer(s.markets.grant(&id, b.amount, &c).await?))
+}
+
+async fn get_account(State(s): S, Path(id): Path<String>) -> Result<Json<Value>, Refusal> {
+    let p = s.markets.read().await?;
+    let a = p
+        .accounts
+        .get(&id)
+        .ok_or_else(|| Refusal::new(404, "not_found", format!("account {id} does not exist")))?;
+    let positions: Vec<Value> = p
+        .markets
+        .values()
+        .filter_map(|m| m.positions.get(&id).map(|ps| (m, ps)))
+        .flat_map(|(m, ps)| {
+            ps.iter().enumerate().filter(|(_, p)| p.shares.0 > 0).map(move |(o, p)| {
+                json!({"market": m.id, "outcome": o, "outcome_name": m.outcomes[o], "shares": p.shares, "net_paid": p.net_paid, "status": m.status})
+            })
+        })
+        .collect();
+    Ok(Json(
+        json!({"id": a.id, "name": a.name, "balance": a.balance, "granted": a.granted, "version": a.version, "positions": positions}),
+    ))
+}
+
+async fn create_market(
+    State(s): S,
+    h: HeaderMap,
+    Body(b, raw): Body<domain::CreateMarket>,
+) -> Result<Response, Refusal> {
+    let c = ctx(&s, &h, "POST /markets", &raw)?;
+    Ok(answer(s.markets.create_market(&b, &c).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    status: Option<String>,
+    category: Option<String>,
+    limit: Option<usize>,
+    offset: Option<usize>,
+}
+
+async fn list_markets(
+    State(s): S,
+    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, Refusal> {
+    let Query(q) = q.map_err(|e| Refusal::new(400, "invalid_query", e.body_text()))?;
+    let status = match q.status.as_deref() {
+        None => None,
+        Some(st) => Some(Status::parse(st).ok_or_else(|| Refusal {
+            field: Some("status"),
+            ..Refusal::new(400, "invalid", "status: open, closed, resolved or cancelled")
+        })?),
+    };
+    let limit = q.limit.unwrap_or(50);
+    if limit == 0 || limit > 500 {
+        return Err(Refusal { field: Some("limit"), ..Refusal::new(400, "invalid", "limit: 1..=500") });
+    }
+    let offset = q.offset.unwrap_or(0);
+    let p = s.markets.read().await?;
+    let mut all: Vec<_> = p
+        .markets
+        .values()
+        .filter(|m| {
+            status.is_none_or(|st| m.status == st) && q.category.as_deref().is_none_or(|c| m.category == c)
+        })
+        .collect();
+    all.sort_by(|a, b| b.created_at_ms.cmp(&a.created_at_ms).then(b.id.cmp(&a.id)));
+    let total = all.len();
+    let page: Vec<Value> = all.into_iter().skip(offset).take(limit).map(market_json).collect();
+    Ok(Json(json!({"total": total, "offset": offset, "limit": limit, "markets": page})))
+}
+
+async fn get_market(State(s): S, Path(id): Path<String>) -> Result<Json<Value>, Refusal> {
+    let p = s.markets.read().await?;
+    let m = p
+        .markets
+        .get(&id)
+        .ok_or_else(|| Refusal::new(404, "not_found", format!("market {id} does not exist")))?;
+    Ok(Json(market_json(m)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateMarket {
+    description: Option<String>,
+    close_time_ms: Option<u64>,
+}
+
+async fn update_market(
+    State(s): S,
+    Path(id): Path<String>,
+    h: HeaderMap,
+    Body(b, raw): Body<UpdateMarket>,
+) -> Result<Response, Refusal> {
+    let c = ctx(&s, &h, &format!("PATCH /markets/{id}"), &raw)?;
+    Ok(answer(s.markets.update_market(&id, b.description, b.close_time_ms, &c).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QuoteReq {
+    outcome: usize,
+    side: domain::Side,
+    shares: Micro,
+}
+
+async fn quote(
+    State(s): S,
+    Path(id): Path<String>,
+    Body(b, _): Body<QuoteReq>,
+) -> Result<Json<Value>, Refusal> {
+    Ok(Json(s.markets.quote(&id, b.outcome, b.side, b.shares).await?))
+}
+
+async fn trade(
+    State(s): S,
+    Path(id): Path<String>,
+    h: HeaderMap,
+    Body(b, raw): Body<domain::Trade>,
+) -> Result<Response, Refusal> {
+    let c = ctx(&s, &h, &format!("POST /markets/{id}/trades"), &raw)?;
+    Ok(answer(s.markets.trade(&id, &b, &c).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Resolve {
+    outcome: usize,
+    by: String,
+}
+
+async fn resolve(
+    State(s): S,
+    Path(id): Path<String>,
+    h: HeaderMap,
+    Body(b, raw): Body<Resolve>,
+) -> Result<Response, Refusal> {
+    let c = ctx(&s, &h, &format!("POST /markets/{id}/resolve"), &raw)?;
+    Ok(answer(s.markets.finish(&id, Some(b.outcome), &b.by, &c).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Cancel {
+    by: String,
+}
+
+async fn cancel(
+    State(s): S,
+    Path(id): Path<String>,
+    h: HeaderMap,
+    Body(b, raw): Body<Cancel>,
+) -> Result<Response, Refusal> {
+    let c = ctx(&s, &h, &format!("POST /markets/{id}/cancel"), &raw)?;
+    Ok(answer(s.markets.finish(&id, None, &b.by, &c).await?))
+}
+
+async fn positions(State(s): S, Path(id): Path<String>) -> Result<Json<Value>, Refusal> {
+    let p = s.markets.read().await?;
+    let m = p
+        .markets
+        .get(&id)
+        .ok_or_else(|| Refusal::new(404, "not_found", format!("market {id} does not exist")))?;
+    let list: Vec<Value> = m
+        .positions
+        .iter()
+        .flat_map(|(acc, ps)| {
+            ps.iter().enumerate().filter(|(_, p)| p.shares.0 > 0 || p.net_paid.0 != 0).map(move |(o, p)| {
+                json!({"account": acc, "outcome": o, "shares": p.shares, "net_paid": p.net_paid})
+            })
+        })
+        .collect();
+    Ok(Json(json!({"market": id, "version": m.version, "positions": list})))
+}
+
+async fn history(State(s): S, Path(id): Path<String>) -> Result<Json<Value>, Refusal> {
+    let p = s.markets.read().await?;
+    if !p.markets.contains_key(&id) {
+        return Err(Refusal::new(404, "not_found", format!("market {id} does not exist")));
+    }
+    let points: Vec<Value> = p
+        .history
+        .get(&id)
+        .into_iter()
+        .flatten()
+        .map(|(t, prices)| json!({"at_ms": t, "prices": prices}))
+        .collect();
+    Ok(Json(json!({"market": id, "points": points})))
+}
+
+async fn audit_trail(State(s): S, Path(id): Path<String>) -> Result<Json<Value>, Refusal> {
+    let events = s.markets.store.stream(&crate::service::market_id(&id)).await?;
+    if events.is_empty() {
+        return Err(Refusal::new(404, "not_found", format!("market {id} does not exist")));
+    }
+    let list: Vec<Value> = events
+        .iter()
+        .map(|e| {
+            json!({
+                "version": e.version, "event_id": e.event_id, "type": e.event_type,
+                "data": serde_json::from_str::<Value>(&e.payload).unwrap_or(Value::Null),
+                "correlation_id": e.correlation_id, "causation_id": e.causation_id,
+                "recorded_at_ms": e.recorded_at_ms, "prev_hash": e.prev_hash, "hash": e.hash,
+            })
+        })
+        .collect();
+    Ok(Json(json!({"market": id, "events": list})))
+}
+
+async fn audit_verify(State(s): S, Path(id): Path<String>) -> Result<Json<Value>, Refusal> {
+    let events = s.markets.store.stream(&crate::service::market_id(&id)).await?;
+    if events.is_empty() {
+        return Err(Refusal::new(404, "not_found", format!("market {id} does not exist")));
+    }
+    Ok(Json(match verify_chain(&events) {
+        Ok(n) => json!({"market": id, "valid": true, "events": n, "head": events[n - 1].hash}),
+        Err((version, reason)) => {
+            json!({"market": id, "valid": false, "events": events.len(), "first_invalid_version": version, "reason": reason})
+        }
+    }))
+}
+
+async fn platform(State(s): S) -> Result<Json<Value>, Refusal> {
+    let p = s.markets.read().await?;
+    let mut by_status = serde_json::Map::new();
+    for st in ["open", "closed", "resolved", "cancelled"] {
+        let n = p.markets.values().filter(|m| Some(m.status) == Status::parse(st)).count();
+        by_status.insert(st.into(), json!(n));
+    }
+    let volume = Micro(p.markets.values().map(|m| m.volume.0).sum());
+    let trades: u64 = p.markets.values().map(|m| m.trades).sum();
+    let traders: std::collections::BTreeSet<&String> =
+        p.markets.values().flat_map(|m| m.positions.keys()).collect();
+    let mut top: Vec<_> = p.markets.values().collect();
+    top.sort_by(|a, b| b.volume.cmp(&a.volume).then(a.id.cmp(&b.id)));
+    let top: Vec<Value> = top
+        .iter()
+        .take(10)
+        .map(|m| json!({"id": m.id, "question": m.question, "volume": m.volume, "trades": m.trades}))
+        .collect();
+    Ok(Json(json!({
+        "markets": p.markets.len(), "markets_by_status": by_status, "accounts": p.accounts.len(),
+        "volume": volume, "trades": trades, "unique_traders": traders.len(), "top_markets": top,
+    })))
+}
+
+async fn market_analytics(State(s): S, Path(id): Path<String>) -> Result<Json<Value>, Refusal> {
+    let p = s.markets.read().await?;
+    let m = p
+        .markets
+        .get(&id)
+        .ok_or_else(|| Refusal::new(404, "not_found", format!("market {id} does not exist")))?;
+    Ok(Json(json!({
+        "market": id, "volume": m.volume, "trades": m.trades, "unique_traders": m.traders().len(),
+        "prices": m.prices(), "pool": m.pool, "price_points": p.history.get(&id).map_or(0, Vec::len),
+    })))
+}
+
+async fn rebuild(State(s): S, h: HeaderMap) -> Result<Json<Value>, Refusal> {
+    if !ctx(&s, &h, "", b"")?.is_admin {
+        return Err(Refusal::new(403, "forbidden", "rebuilding projections needs the admin token"));
+    }
+    let seq = s.markets.rebuild().await?;
+    Ok(Json(json!({"rebuilt_to_seq": seq})))
+}

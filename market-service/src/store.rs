@@ -1,0 +1,465 @@
+//! The event store, on SQLite (WAL, `synchronous=FULL`) or PostgreSQL through sqlx's `Any`
+//! driver with the same SQL.
+//!
+//! - `events`: every change, unique on (aggregate id, version) and on event id, each with a
+//!   SHA-256 hash chaining it to the previous event of its aggregate (tamper evidence).
+//! - `snapshots`: an aggregate's state at a version.
+//! - `outbox`: the events to publish, written in the same transaction as the change.
+//! - `idempotency`: the first answer to each `Idempotency-Key`, in the same transaction too.
+//!
+//! Appends are serialised (SQLite `BEGIN IMMEDIATE`, a PostgreSQL transaction-scoped advisory
+//! lock), so sequence numbers commit in order and readers following `seq` never skip an event.
+//! An append names the version it expects each aggregate to be at; a mismatch is a
+//! [`StoreError::Conflict`] and nothing is written.
+
+use std::time::Duration;
+
+use ring::digest;
+use serde::Serialize;
+use sqlx::{AnyConnection, AnyPool, Row, any::AnyPoolOptions};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("version conflict on {aggregate}: expected version {expected}, found {actual}")]
+    Conflict { aggregate: String, expected: u64, actual: u64 },
+    #[error("database: {0}")]
+    Db(String),
+    #[error("{0}")]
+    Config(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        StoreError::Db(e.to_string())
+    }
+}
+
+/// An event to append.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub event_id: String,
+    pub event_type: String,
+    pub payload: String,
+    pub correlation_id: String,
+    pub causation_id: String,
+}
+
+/// Events for one aggregate, appended only if it is at `expected_version`.
+#[derive(Debug, Clone)]
+pub struct Append {
+    pub aggregate_id: String,
+    pub aggregate_type: &'static str,
+    pub expected_version: u64,
+    pub events: Vec<NewEvent>,
+}
+
+/// The first answer to an idempotency key, stored with the change it answers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Idempotent {
+    pub key: String,
+    pub request_hash: String,
+    pub status: u16,
+    pub response: String,
+}
+
+/// An event as stored.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Recorded {
+    pub seq: i64,
+    pub aggregate_id: String,
+    pub aggregate_type: String,
+    pub version: u64,
+    pub event_id: String,
+    pub event_type: String,
+    pub payload: String,
+    pub correlation_id: String,
+    pub causation_id: String,
+    pub recorded_at_ms: i64,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+/// An outbox row not yet published.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub event_id: String,
+    pub topic: String,
+    pub key: String,
+    pub event_type: String,
+    pub payload: String,
+    pub created_at_ms: i64,
+}
+
+const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+const SCHEMA_SQLITE: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY AUTOINCREMENT, aggregate_id TEXT NOT NULL, aggregate_type TEXT NOT NULL, version BIGINT NOT NULL, event_id TEXT NOT NULL UNIQUE, event_type TEXT NOT NULL, payload TEXT NOT NULL, correlation_id TEXT NOT NULL, causation_id TEXT NOT NULL, recorded_at BIGINT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL, UNIQUE (aggregate_id, version))",
+    "CREATE TABLE IF NOT EXISTS snapshots (aggregate_id TEXT PRIMARY KEY, version BIGINT NOT NULL, state TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT NOT NULL, topic TEXT NOT NULL, msg_key TEXT NOT NULL, event_type TEXT NOT NULL, payload TEXT NOT NULL, created_at BIGINT NOT NULL, published_at BIGINT)",
+    "CREATE TABLE IF NOT EXISTS idempotency (idem_key TEXT PRIMARY KEY, request_hash TEXT NOT NULL, status BIGINT NOT NULL, response TEXT NOT NULL, created_at BIGINT NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (published_at, id)",
+];
+
+const SCHEMA_POSTGRES: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS events (seq BIGSERIAL PRIMARY KEY, aggregate_id TEXT NOT NULL, aggregate_type TEXT NOT NULL, version BIGINT NOT NULL, event_id TEXT NOT NULL UNIQUE, event_type TEXT NOT NULL, payload TEXT NOT NULL, correlation_id TEXT NOT NULL, causation_id TEXT NOT NULL, recorded_at BIGINT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL, UNIQUE (aggregate_id, version))",
+    "CREATE TABLE IF NOT EXISTS snapshots (aggregate_id TEXT PRIMARY KEY, version BIGINT NOT NULL, state TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS outbox (id BIGSERIAL PRIMARY KEY, event_id TEXT NOT NULL, topic TEXT NOT NULL, msg_key TEXT NOT NULL, event_type TEXT NOT NULL, payload TEXT NOT NULL, created_at BIGINT NOT NULL, published_at BIGINT)",
+    "CREATE TABLE IF NOT EXISTS idempotency (idem_key TEXT PRIMARY KEY, request_hash TEXT NOT NULL, status BIGINT NOT NULL, response TEXT NOT NULL, created_at BIGINT NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (published_at, id)",
+];
+
+/// The chain hash of one event.
+pub fn chain_hash(prev: &str, r: &Recorded) -> String {
+    let mut ctx = digest::Context::new(&digest::SHA256);
+    for part in [
+        prev,
+        &r.event_id,
+        &r.aggregate_id,
+        &r.version.to_string(),
+        &r.event_type,
+        &r.payload,
+        &r.correlation_id,
+        &r.causation_id,
+        &r.recorded_at_ms.to_string(),
+    ] {
+        ctx.update(&(part.len() as u64).to_be_bytes());
+        ctx.update(part.as_bytes());
+    }
+    ctx.finish().as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+fn row_to_recorded(row: &sqlx::any::AnyRow) -> Result<Recorded, StoreError> {
+    Ok(Recorded {
+        seq: row.try_get("seq")?,
+        aggregate_id: row.try_get("aggregate_id")?,
+        aggregate_type: row.try_get("aggregate_type")?,
+        version: row.try_get::<i64, _>("version")? as u64,
+        event_id: row.try_get("event_id")?,
+        event_type: row.try_get("event_type")?,
+        payload: row.try_get("payload")?,
+        correlation_id: row.try_get("correlation_id")?,
+        causation_id: row.try_get("causation_id")?,
+        recorded_at_ms: row.try_get("recorded_at")?,
+        prev_hash: row.try_get("prev_hash")?,
+        hash: row.try_get("hash")?,
+    })
+}
+
+const EVENT_COLUMNS: &str = "seq, aggregate_id, aggregate_type, version, event_id, event_type, payload, correlation_id, causation_id, recorded_at, prev_hash, hash";
+
+impl Store {
+    /// Connects (`sqlite://PATH` creates the file; `postgres://…`) and migrates.
+    pub async fn connect(url: &str) -> Result<Store, StoreError> {
+        sqlx::any::install_default_drivers();
+        let backend = if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Backend::Postgres
+        } else {
+            return Err(StoreError::Config(format!(
+                "--database-url {url:?}: use sqlite://PATH or postgres://…"
+            )));
+        };
+        let url = match backend {
+            Backend::Sqlite if !url.contains('?') => format!("{url}?mode=rwc"),
+            _ => url.to_string(),
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(if backend == Backend::Sqlite { 4 } else { 16 })
+            .acquire_timeout(Duration::from_secs(10))
+            .after_connect(move |conn: &mut AnyConnection, _| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        for pragma in [
+                            "PRAGMA busy_timeout = 10000",
+                            "PRAGMA journal_mode = WAL",
+                            "PRAGMA synchronous = FULL",
+                        ] {
+                            sqlx::query(pragma).execute(&mut *conn).await?;
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .connect(&url)
+            .await
+            .map_err(|e| StoreError::Config(format!("cannot open the database {url}: {e}")))?;
+        let store = Store { pool, backend };
+        let schema = match backend {
+            Backend::Sqlite => SCHEMA_SQLITE,
+            Backend::Postgres => SCHEMA_POSTGRES,
+        };
+        for stmt in schema {
+            sqlx::query(*stmt).execute(&store.pool).await?;
+        }
+        Ok(store)
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
+        match self.backend {
+            Backend::Sqlite => Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?),
+            Backend::Postgres => {
+                let mut tx = self.pool.begin().await?;
+                sqlx::query("SELECT pg_advisory_xact_lock(7411)").execute(&mut *tx).await?;
+                Ok(tx)
+            }
+        }
+    }
+
+    /// Appends all of `appends` atomically, with their outbox rows (`topic` per aggregate type)
+    /// and the idempotency record, or nothing at all.
+    pub async fn append(
+        &self,
+        appends: &[Append],
+        publish: bool,
+        idem: Option<&Idempotent>,
+        now_ms: i64,
+    ) -> Result<Vec<Recorded>, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let mut out = Vec::new();
+        for a in appends {
+            let row = sqlx::query(
+                "SELECT version, hash FROM events WHERE aggregate_id = $1 ORDER BY version DESC LIMIT 1",
+            )
+            .bind(a.aggregate_id.clone())
+            .fetch_optional(&mut *tx)
+            .await?;
+            let (mut version, mut prev) = match row {
+                Some(r) => (r.try_get::<i64, _>("version")? as u64, r.try_get::<String, _>("hash")?),
+                None => (0, GENESIS.to_string()),
+            };
+            if version != a.expected_version {
+                return Err(StoreError::Conflict {
+                    aggregate: a.aggregate_id.clone(),
+                    expected: a.expected_version,
+                    actual: version,
+                });
+            }
+            for e in &a.events {
+                version += 1;
+                let mut r = Recorded {
+                    seq: 0,
+                    aggregate_id: a.aggregate_id.clone(),
+                    aggregate_type: a.aggregate_type.to_string(),
+                    version,
+                    event_id: e.event_id.clone(),
+                    event_type: e.event_type.clone(),
+                    payload: e.payload.clone(),
+                    correlation_id: e.correlation_id.clone(),
+                    causation_id: e.causation_id.clone(),
+                    recorded_at_ms: now_ms,
+                    prev_hash: prev.clone(),
+                    hash: String::new(),
+                };
+                r.hash = chain_hash(&prev, &r);
+                let seq: i64 = sqlx::query(
+                    "INSERT INTO events (aggregate_id, aggregate_type, version, event_id, event_type, payload, correlation_id, causation_id, recorded_at, prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING seq",
+                )
+                .bind(r.aggregate_id.clone())
+                .bind(r.aggregate_type.clone())
+                .bind(r.version as i64)
+                .bind(r.event_id.clone())
+                .bind(r.event_type.clone())
+                .bind(r.payload.clone())
+                .bind(r.correlation_id.clone())
+                .bind(r.causation_id.clone())
+                .bind(r.recorded_at_ms)
+                .bind(r.prev_hash.clone())
+                .bind(r.hash.clone())
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get("seq")?;
+                r.seq = seq;
+                if publish {
+                    sqlx::query("INSERT INTO outbox (event_id, topic, msg_key, event_type, payload, created_at) VALUES ($1, $2, $3, $4, $5, $6)")
+                        .bind(r.event_id.clone())
+                        .bind(format!("{}-events", a.aggregate_type))
+                        .bind(r.aggregate_id.clone())
+                        .bind(r.event_type.clone())
+                        .bind(r.payload.clone())
+                        .bind(now_ms)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                prev = r.hash.clone();
+                out.push(r);
+            }
+        }
+        if let Some(i) = idem {
+            sqlx::query("INSERT INTO idempotency (idem_key, request_hash, status, response, created_at) VALUES ($1, $2, $3, $4, $5)")
+                .bind(i.key.clone())
+                .bind(i.request_hash.clone())
+                .bind(i64::from(i.status))
+                .bind(i.response.clone())
+                .bind(now_ms)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    /// The stored answer to an idempotency key.
+    pub async fn idempotent(&self, key: &str) -> Result<Option<Idempotent>, StoreError> {
+        let row = sqlx::query(
+            "SELECT idem_key, request_hash, status, response FROM idempotency WHERE idem_key = $1",
+        )
+        .bind(key.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            Ok(Idempotent {
+                key: r.try_get("idem_key")?,
+                request_hash: r.try_get("request_hash")?,
+                status: r.try_get::<i64, _>("status")? as u16,
+                response: r.try_get("response")?,
+            })
+        })
+        .transpose()
+    }
+
+    /// The aggregate's latest snapshot (version, state JSON) and the events after it.
+    pub async fn load(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<(Option<(u64, String)>, Vec<Recorded>), StoreError> {
+        let snap = sqlx::query("SELECT version, state FROM snapshots WHERE aggregate_id = $1")
+            .bind(aggregate_id.to_string())
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|r| {
+                Ok::<_, StoreError>((
+                    r.try_get::<i64, _>("version")? as u64,
+                    r.try_get::<String, _>("state")?,
+                ))
+            })
+            .transpose()?;
+        let after = snap.as_ref().map_or(0, |(v, _)| *v) as i64;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE aggregate_id = $1 AND version > $2 ORDER BY version"
+        )))
+        .bind(aggregate_id.to_string())
+        .bind(after)
+        .fetch_all(&self.pool)
+        .await?;
+        let events = rows.iter().map(row_to_recorded).collect::<Result<_, _>>()?;
+        Ok((snap, events))
+    }
+
+    /// Every event of one aggregate, in order.
+    pub async fn stream(&self, aggregate_id: &str) -> Result<Vec<Recorded>, StoreError> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE aggregate_id = $1 ORDER BY version"
+        )))
+        .bind(aggregate_id.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(row_to_recorded).collect()
+    }
+
+    /// Events after `seq`, in commit order.
+    pub async fn after(&self, seq: i64, limit: i64) -> Result<Vec<Recorded>, StoreError> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE seq > $1 ORDER BY seq LIMIT $2"
+        )))
+        .bind(seq)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(row_to_recorded).collect()
+    }
+
+    /// Stores a snapshot unless a newer one is there.
+    pub async fn save_snapshot(
+        &self,
+        aggregate_id: &str,
+        version: u64,
+        state: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO snapshots (aggregate_id, version, state) VALUES ($1, $2, $3) ON CONFLICT (aggregate_id) DO UPDATE SET version = excluded.version, state = excluded.state WHERE excluded.version > snapshots.version")
+            .bind(aggregate_id.to_string())
+            .bind(version as i64)
+            .bind(state.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Unpublished outbox rows, oldest first.
+    pub async fn outbox_pending(&self, limit: i64) -> Result<Vec<OutboxRow>, StoreError> {
+        let rows = sqlx::query("SELECT id, event_id, topic, msg_key, event_type, payload, created_at FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT $1")
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(OutboxRow {
+                    id: r.try_get("id")?,
+                    event_id: r.try_get("event_id")?,
+                    topic: r.try_get("topic")?,
+                    key: r.try_get("msg_key")?,
+                    event_type: r.try_get("event_type")?,
+                    payload: r.try_get("payload")?,
+                    created_at_ms: r.try_get("created_at")?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn mark_published(&self, ids: &[i64], now_ms: i64) -> Result<(), StoreError> {
+        for id in ids {
+            sqlx::query("UPDATE outbox SET published_at = $1 WHERE id = $2")
+                .bind(now_ms)
+                .bind(*id)
+                .execute(&self.pool)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Runs raw SQL (tests that tamper with stored events).
+    pub async fn execute_unchecked(&self, sql: String) -> Result<u64, StoreError> {
+        Ok(sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&self.pool).await?.rows_affected())
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// Checks an aggregate's chain: each event's hash over its content and its predecessor's hash.
+/// Returns the first version that does not verify.
+pub fn verify_chain(events: &[Recorded]) -> Result<usize, (u64, String)> {
+    let mut prev = GENESIS.to_string();
+    for (i, e) in events.iter().enumerate() {
+        if e.version != i as u64 + 1 {
+            return Err((e.version, format!("expected version {}", i + 1)));
+        }
+        if e.prev_hash != prev {
+            return Err((e.version, "does not link to the previous event".into()));
+        }
+        if chain_hash(&prev, e) != e.hash {
+            return Err((e.version, "content does not match its hash: the event was modified".into()));
+        }
+        prev = e.hash.clone();
+    }
+    Ok(events.len())
+}

@@ -1,0 +1,457 @@
+//! The market service over real HTTP on loopback, against SQLite and — when
+//! `MESH_TEST_POSTGRES_URL` names a server — PostgreSQL. With `MESH_REQUIRE_POSTGRES=1` (CI) a
+//! missing PostgreSQL is a failure, not a skip.
+
+use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
+
+use bytes::Bytes;
+use market_service::{Config, domain::Micro};
+use mesh_testkit::{WAIT, eventually, request};
+use serde_json::{Value, json};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const ADMIN: &str = "Bearer test-admin";
+
+struct Svc {
+    addr: SocketAddr,
+    url: String,
+    stop: CancellationToken,
+    task: Option<JoinHandle<Result<(), market_service::store::StoreError>>>,
+}
+
+impl Svc {
+    async fn start(url: &str, snapshot_every: u64) -> Svc {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut c = Config::new(url);
+        c.admin_token = Some("test-admin".into());
+        c.snapshot_every = snapshot_every;
+        c.close_interval = Duration::from_millis(50);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(market_service::run(c, listener, stop.clone()));
+        let svc = Svc { addr, url: url.to_string(), stop, task: Some(task) };
+        eventually(WAIT, "the service answers /healthz", || async { svc.get("/healthz").await.0 == 200 })
+            .await;
+        svc
+    }
+
+    async fn call(&self, method: &str, path: &str, headers: &[(&str, &str)], body: Value) -> (u16, Value) {
+        let raw = if body.is_null() { String::new() } else { body.to_string() };
+        self.raw(method, path, headers, raw).await
+    }
+
+    async fn raw(&self, method: &str, path: &str, headers: &[(&str, &str)], body: String) -> (u16, Value) {
+        let mut h = vec![("content-type", "application/json")];
+        h.extend_from_slice(headers);
+        let (status, text) = request(self.addr, method, "market-service", path, &h, Bytes::from(body)).await;
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    async fn get(&self, path: &str) -> (u16, Value) {
+        self.call("GET", path, &[], Value::Null).await
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        self.call("POST", path, &[], body).await
+    }
+
+    async fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(t) = self.task.take() {
+            tokio::time::timeout(WAIT, t).await.unwrap().unwrap().unwrap();
+        }
+    }
+
+    async fn account(&self, id: &str, grant: &str) {
+        assert_eq!(self.post("/accounts", json!({"id": id, "name": id})).await.0, 201);
+        let (s, b) = self
+            .call(
+                "POST",
+                &format!("/accounts/{id}/grants"),
+                &[("authorization", ADMIN)],
+                json!({"amount": grant}),
+            )
+            .await;
+        assert_eq!(s, 200, "{b}");
+    }
+
+    async fn balance(&self, account: &str) -> i64 {
+        let (_, a) = self.get(&format!("/accounts/{account}")).await;
+        Micro::parse(a["balance"].as_str().unwrap_or_else(|| panic!("{a}"))).unwrap().0
+    }
+
+    async fn market(&self, creator: &str, close_in_ms: u64) -> String {
+        let close = market_service::service::now_ms() + close_in_ms;
+        let (s, b) = self
+            .post("/markets", json!({"question": "Will it rain?", "category": "weather", "outcomes": ["yes", "no"], "close_time_ms": close, "creator": creator, "liquidity": "100"}))
+            .await;
+        assert_eq!(s, 201, "{b}");
+        b["id"].as_str().unwrap().to_string()
+    }
+}
+
+impl Drop for Svc {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// The databases to run against: a fresh SQLite file, and a fresh PostgreSQL database when one
+/// is configured.
+async fn databases(dir: &tempfile::TempDir) -> Vec<String> {
+    let mut urls = vec![format!("sqlite://{}/market.db", dir.path().display())];
+    match std::env::var("MESH_TEST_POSTGRES_URL") {
+        Ok(base) => urls.push(fresh_postgres(&base).await),
+        Err(_) if std::env::var("MESH_REQUIRE_POSTGRES").is_ok_and(|v| v == "1") => {
+            panic!(
+                "MESH_REQUIRE_POSTGRES=1 but MESH_TEST_POSTGRES_URL is not set (scripts/test-deps starts one)"
+            )
+        }
+        Err(_) => {}
+    }
+    urls
+}
+
+async fn fresh_postgres(base: &str) -> String {
+    sqlx::any::install_default_drivers();
+    let name = format!("t_{}", uuid::Uuid::now_v7().simple());
+    let pool = sqlx::AnyPool::connect(base).await.unwrap_or_else(|e| panic!("cannot reach {base}: {e}"));
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&pool).await.unwrap();
+    pool.close().await;
+    let (prefix, _) = base.rsplit_once('/').unwrap();
+    format!("{prefix}/{name}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_endpoint_on_its_happy_path() {
+    let dir = tempfile::tempdir().unwrap();
+    for url in databases(&dir).await {
+        let s = Svc::start(&url, 50).await;
+        s.account("alice", "1000").await;
+        s.account("bob", "500").await;
+        let id = s.market("alice", 3_600_000).await;
+
+        let (st, q) = s
+            .post(&format!("/markets/{id}/quote"), json!({"outcome": 0, "side": "buy", "shares": "10"}))
+            .await;
+        assert_eq!(st, 200, "{q}");
+        let quoted = q["quote"]["amount"].as_str().unwrap().to_string();
+        let (st, t) = s
+            .post(
+                &format!("/markets/{id}/trades"),
+                json!({"account": "bob", "outcome": 0, "side": "buy", "shares": "10", "max_cost": "6"}),
+            )
+            .await;
+        assert_eq!(st, 201, "{t}");
+        assert_eq!(t["quote"]["amount"].as_str().unwrap(), quoted, "the trade costs what the quote said");
+        let (st, t) = s
+            .post(
+                &format!("/markets/{id}/trades"),
+                json!({"account": "bob", "outcome": 0, "side": "sell", "shares": "4", "min_proceeds": "1"}),
+            )
+            .await;
+        assert_eq!(st, 201, "{t}");
+
+        let (st, m) = s.get(&format!("/markets/{id}")).await;
+        assert_eq!((st, m["trades"].as_u64(), m["status"].as_str()), (200, Some(2), Some("open")));
+        let p: f64 = m["prices"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).sum();
+        assert!((p - 1.0).abs() < 1e-9);
+        let (st, l) = s.get("/markets?status=open&category=weather&limit=10").await;
+        assert_eq!((st, l["total"].as_u64()), (200, Some(1)));
+        assert_eq!(s.get("/markets?category=sports").await.1["total"], 0);
+        let (st, u) = s
+            .call("PATCH", &format!("/markets/{id}"), &[("if-match", "3")], json!({"description": "updated"}))
+            .await;
+        assert_eq!((st, u["description"].as_str()), (200, Some("updated")), "{u}");
+        let (st, pos) = s.get(&format!("/markets/{id}/positions")).await;
+        assert_eq!((st, pos["positions"][0]["shares"].as_str()), (200, Some("6.000000")));
+        let (st, h) = s.get(&format!("/markets/{id}/history")).await;
+        assert_eq!((st, h["points"].as_array().unwrap().len()), (200, 3));
+        let (st, a) = s.get("/accounts/bob").await;
+        assert_eq!((st, a["positions"].as_array().unwrap().len()), (200, 1));
+        let (st, ev) = s.get(&format!("/markets/{id}/events")).await;
+        assert_eq!((st, ev["events"].as_array().unwrap().len()), (200, 4));
+        assert_eq!(s.get(&format!("/markets/{id}/audit")).await.1["valid"], true);
+        let (st, an) = s.get(&format!("/analytics/markets/{id}")).await;
+        assert_eq!((st, an["unique_traders"].as_u64()), (200, Some(1)));
+        let (st, pl) = s.get("/analytics/platform").await;
+        assert_eq!((st, pl["trades"].as_u64(), pl["accounts"].as_u64()), (200, Some(2), Some(2)));
+        let (st, doc) = s.get("/openapi.json").await;
+        assert_eq!((st, doc["openapi"].as_str()), (200, Some("3.1.0")));
+
+        // Resolution settles: bob's 6 winning shares pay 6 credits; alice gets the rest back.
+        let before = s.balance("bob").await;
+        let (st, r) = s.post(&format!("/markets/{id}/resolve"), json!({"outcome": 0, "by": "alice"})).await;
+        assert_eq!(st, 200, "{r}");
+        assert_eq!(s.balance("bob").await - before, Micro::units(6).0);
+        assert_eq!(s.get(&format!("/markets/{id}")).await.1["pool"], "0.000000");
+        let total = s.balance("alice").await + s.balance("bob").await;
+        assert_eq!(total, Micro::units(1500).0, "money is conserved");
+
+        // Cancellation refunds what was paid.
+        let id2 = s.market("alice", 3_600_000).await;
+        s.post(
+            &format!("/markets/{id2}/trades"),
+            json!({"account": "bob", "outcome": 1, "side": "buy", "shares": "5"}),
+        )
+        .await;
+        let before = s.balance("bob").await;
+        assert_eq!(s.post(&format!("/markets/{id2}/cancel"), json!({"by": "alice"})).await.0, 200);
+        assert!(s.balance("bob").await > before, "bob's stake is refunded");
+        s.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_inputs_get_the_documented_4xx_never_500() {
+    let dir = tempfile::tempdir().unwrap();
+    for url in databases(&dir).await {
+        let s = Svc::start(&url, 50).await;
+        s.account("alice", "1000").await;
+        let id = s.market("alice", 3_600_000).await;
+        let trades = format!("/markets/{id}/trades");
+        let future = market_service::service::now_ms() + 3_600_000;
+        let cases: Vec<(&str, String, String, u16, &str)> = vec![
+            ("POST", trades.clone(), "{not json".into(), 400, "invalid_body"),
+            ("POST", trades.clone(), json!({"account": "alice", "outcome": 0, "side": "buy", "shares": "1", "extra": 1}).to_string(), 400, "invalid_body"),
+            ("POST", trades.clone(), json!({"account": "alice", "outcome": "zero", "side": "buy", "shares": "1"}).to_string(), 400, "invalid_body"),
+            ("POST", trades.clone(), json!({"account": "alice", "outcome": -1, "side": "buy", "shares": "1"}).to_string(), 400, "invalid_body"),
+            ("POST", trades.clone(), json!({"account": "alice", "outcome": 0, "side": "hold", "shares": "1"}).to_string(), 400, "invalid_body"),
+            ("POST", trades.clone(), json!({"account": "alice", "outcome": 0, "side": "buy", "shares": "-5"}).to_string(), 400, "invalid"),
+            ("POST", trades.clone(), json!({"account": "alice", "outcome": 0, "side": "buy", "shares": 1.5}).to_string(), 400, "invalid_body"),
+            ("POST", trades.clone(), json!({"account": "alice", "outcome": 0, "side": "buy", "shares": "99999999999999999999"}).to_string(), 400, "invalid_body"),
+            ("POST", trades.clone(), r#"{"account":"alice","outcome":99999999999999999999999,"side":"buy","shares":"1"}"#.into(), 400, "invalid_body"),
+            ("POST", trades.clone(), json!({"account": "alice", "outcome": 5, "side": "buy", "shares": "1"}).to_string(), 400, "invalid"),
+            ("POST", trades.clone(), json!({"account": "nobody", "outcome": 0, "side": "buy", "shares": "1"}).to_string(), 404, "not_found"),
+            ("POST", trades.clone(), json!({"account": "alice", "outcome": 0, "side": "buy", "shares": "100000"}).to_string(), 409, "insufficient_balance"),
+            ("POST", trades.clone(), json!({"account": "alice", "outcome": 0, "side": "sell", "shares": "1"}).to_string(), 409, "insufficient_shares"),
+            ("POST", trades.clone(), json!({"account": "alice", "outcome": 0, "side": "buy", "shares": "10", "max_cost": "0.01"}).to_string(), 409, "slippage"),
+            ("POST", "/markets/nope/trades".into(), json!({"account": "alice", "outcome": 0, "side": "buy", "shares": "1"}).to_string(), 404, "not_found"),
+            ("GET", "/markets/nope".into(), String::new(), 404, "not_found"),
+            ("GET", "/accounts/nope".into(), String::new(), 404, "not_found"),
+            ("GET", "/markets?status=sleeping".into(), String::new(), 400, "invalid"),
+            ("GET", "/markets?limit=0".into(), String::new(), 400, "invalid"),
+            ("GET", "/markets?limit=abc".into(), String::new(), 400, "invalid_query"),
+            ("GET", "/nowhere".into(), String::new(), 404, "not_found"),
+            ("POST", "/accounts".into(), json!({"id": "has space"}).to_string(), 400, "invalid"),
+            ("POST", "/accounts".into(), json!({"id": "alice"}).to_string(), 409, "exists"),
+            ("POST", "/accounts/alice/grants".into(), json!({"amount": "5"}).to_string(), 403, "forbidden"),
+            ("POST", "/markets".into(), json!({"question": "", "outcomes": ["a", "b"], "close_time_ms": future, "creator": "alice", "liquidity": "10"}).to_string(), 400, "invalid"),
+            ("POST", "/markets".into(), json!({"question": "q", "outcomes": ["a"], "close_time_ms": future, "creator": "alice", "liquidity": "10"}).to_string(), 400, "invalid"),
+            ("POST", "/markets".into(), json!({"question": "q", "outcomes": ["a", "a"], "close_time_ms": future, "creator": "alice", "liquidity": "10"}).to_string(), 400, "invalid"),
+            ("POST", "/markets".into(), json!({"question": "q", "outcomes": ["a", "b"], "close_time_ms": 1, "creator": "alice", "liquidity": "10"}).to_string(), 400, "invalid"),
+            ("POST", "/markets".into(), json!({"question": "q", "outcomes": ["a", "b"], "close_time_ms": future, "creator": "ghost", "liquidity": "10"}).to_string(), 404, "not_found"),
+            ("POST", "/markets".into(), json!({"question": "q", "outcomes": ["a", "b"], "close_time_ms": future, "creator": "alice", "liquidity": "0"}).to_string(), 400, "invalid"),
+            ("POST", format!("/markets/{id}/resolve"), json!({"outcome": 0, "by": "mallory"}).to_string(), 403, "forbidden"),
+            ("POST", format!("/markets/{id}/resolve"), json!({"outcome": 9, "by": "alice"}).to_string(), 400, "invalid"),
+            ("PATCH", format!("/markets/{id}"), json!({}).to_string(), 400, "invalid"),
+        ];
+        for (method, path, body, status, code) in cases {
+            let (got, v) = s.raw(method, &path, &[], body.clone()).await;
+            assert_eq!((got, v["error"].as_str()), (status, Some(code)), "{method} {path} {body}: {v}");
+            assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+        }
+        let (st, v) = s
+            .call("PATCH", &format!("/markets/{id}"), &[("if-match", "99")], json!({"description": "x"}))
+            .await;
+        assert_eq!((st, v["error"].as_str()), (409, Some("version_conflict")));
+        let (st, v) = s.raw("POST", &trades, &[("idempotency-key", "")], "{}".into()).await;
+        assert_eq!(st, 400, "{v}");
+        let huge = "x".repeat(100 * 1024);
+        assert_eq!(s.raw("POST", "/accounts", &[], json!({"id": huge}).to_string()).await.0, 413);
+        s.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_post_with_the_same_idempotency_key_is_applied_once() {
+    let dir = tempfile::tempdir().unwrap();
+    for url in databases(&dir).await {
+        let s = Svc::start(&url, 50).await;
+        s.account("alice", "1000").await;
+        let id = s.market("alice", 3_600_000).await;
+        let body = json!({"account": "alice", "outcome": 0, "side": "buy", "shares": "10"});
+        let path = format!("/markets/{id}/trades");
+        // Concurrent retries of one request, as a client (or its sidecar) might send them.
+        let answers = futures::future::join_all(
+            (0..8).map(|_| s.call("POST", &path, &[("idempotency-key", "trade-1")], body.clone())),
+        )
+        .await;
+        for (st, a) in &answers {
+            assert_eq!(*st, 201, "{a}");
+            assert_eq!(a, &answers[0].1, "every retry gets the first answer");
+        }
+        assert_eq!(s.get(&format!("/markets/{id}")).await.1["trades"], 1, "applied once");
+        let (st, v) = s
+            .call(
+                "POST",
+                &path,
+                &[("idempotency-key", "trade-1")],
+                json!({"account": "alice", "outcome": 1, "side": "buy", "shares": "1"}),
+            )
+            .await;
+        assert_eq!((st, v["error"].as_str()), (422, Some("idempotency_key_reused")));
+        s.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_lose_nothing_and_duplicate_nothing() {
+    const TRADERS: usize = 8;
+    const EACH: usize = 12;
+    let dir = tempfile::tempdir().unwrap();
+    for url in databases(&dir).await {
+        // Two instances on one database, as `meshctl up` runs them.
+        let a = Svc::start(&url, 5).await;
+        let b = Svc::start(&url, 5).await;
+        a.account("maker", "100000").await;
+        for t in 0..TRADERS {
+            a.account(&format!("t{t}"), "10000").await;
+        }
+        let markets = [a.market("maker", 3_600_000).await, a.market("maker", 3_600_000).await];
+        let conflicts = std::sync::atomic::AtomicU64::new(0);
+        let accepted = futures::future::join_all((0..TRADERS).map(|t| {
+            let (svc, markets, conflicts) = (if t % 2 == 0 { &a } else { &b }, &markets, &conflicts);
+            async move {
+                let mut ids = Vec::new();
+                for n in 0..EACH {
+                    let m = &markets[(t + n) % 2];
+                    let body =
+                        json!({"account": format!("t{t}"), "outcome": n % 2, "side": "buy", "shares": "1"});
+                    // Pinned versions: every lost race is a 409 the client retries on fresh state.
+                    loop {
+                        let v = svc.get(&format!("/markets/{m}")).await.1["version"]
+                            .as_u64()
+                            .unwrap()
+                            .to_string();
+                        let (st, r) = svc
+                            .call("POST", &format!("/markets/{m}/trades"), &[("if-match", &v)], body.clone())
+                            .await;
+                        match st {
+                            201 => {
+                                ids.push(r["trade_id"].as_str().unwrap().to_string());
+                                break;
+                            }
+                            409 => {
+                                conflicts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                            other => panic!("unexpected {other}: {r}"),
+                        }
+                    }
+                }
+                ids
+            }
+        }))
+        .await;
+        let accepted: Vec<String> = accepted.into_iter().flatten().collect();
+        assert_eq!(accepted.len(), TRADERS * EACH);
+        assert!(conflicts.load(std::sync::atomic::Ordering::Relaxed) > 0, "writers really raced");
+
+        let store = market_service::store::Store::connect(&a.url).await.unwrap();
+        let mut trade_ids = Vec::new();
+        for m in &markets {
+            let events = store.stream(&market_service::service::market_id(m)).await.unwrap();
+            let versions: Vec<u64> = events.iter().map(|e| e.version).collect();
+            assert_eq!(versions, (1..=events.len() as u64).collect::<Vec<_>>(), "versions contiguous");
+            trade_ids.extend(
+                events.iter().filter(|e| e.event_type == "TradeExecuted").map(|e| e.event_id.clone()),
+            );
+            assert!(market_service::store::verify_chain(&events).is_ok());
+            // Snapshot + tail (every 5 events) equals the full replay.
+            let decoded: Vec<market_service::domain::MarketEvent> =
+                events.iter().map(|e| serde_json::from_str(&e.payload).unwrap()).collect();
+            let full = market_service::domain::Market::replay(None, m, &decoded);
+            let (markets_svc, _) = market_service::service::Markets::new(store.clone(), 5);
+            assert_eq!(markets_svc.load_market(m).await.unwrap(), full);
+        }
+        let mut sorted = trade_ids.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), trade_ids.len(), "no trade recorded twice");
+        let mut accepted_sorted = accepted.clone();
+        accepted_sorted.sort();
+        assert_eq!(sorted, accepted_sorted, "every accepted trade is in the log, and nothing else");
+
+        // Balances equal a sequential replay of the log, and money is conserved.
+        let mut balances: BTreeMap<String, i64> = BTreeMap::new();
+        let mut pools = 0i64;
+        for e in store.after(0, 100_000).await.unwrap() {
+            let v: Value = serde_json::from_str(&e.payload).unwrap();
+            let amount = |k: &str| Micro::parse(v[k].as_str().unwrap()).unwrap().0;
+            match e.event_type.as_str() {
+                "FundsGranted" | "FundsCredited" => {
+                    *balances.entry(e.aggregate_id.clone()).or_default() += amount("amount")
+                }
+                "FundsDebited" => *balances.entry(e.aggregate_id.clone()).or_default() -= amount("amount"),
+                "MarketCreated" => pools += amount("subsidy"),
+                "TradeExecuted" => pools += amount("cost"),
+                _ => {}
+            }
+        }
+        for (acc, bal) in &balances {
+            let id = acc.strip_prefix("account-").unwrap();
+            assert_eq!(b.balance(id).await, *bal, "{id}");
+        }
+        assert_eq!(balances.values().sum::<i64>() + pools, Micro::units(100_000 + 10_000 * TRADERS as i64).0);
+        store.close().await;
+        a.stop().await;
+        b.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_chain_detects_a_modified_event() {
+    let dir = tempfile::tempdir().unwrap();
+    for url in databases(&dir).await {
+        let s = Svc::start(&url, 50).await;
+        s.account("alice", "1000").await;
+        let id = s.market("alice", 3_600_000).await;
+        for _ in 0..3 {
+            s.post(
+                &format!("/markets/{id}/trades"),
+                json!({"account": "alice", "outcome": 1, "side": "buy", "shares": "2"}),
+            )
+            .await;
+        }
+        assert_eq!(s.get(&format!("/markets/{id}/audit")).await.1["valid"], true);
+        let store = market_service::store::Store::connect(&s.url).await.unwrap();
+        let changed = store
+            .execute_unchecked(format!(
+                "UPDATE events SET payload = REPLACE(payload, '\"shares\":\"2.000000\"', '\"shares\":\"20.000000\"') WHERE aggregate_id = 'market-{id}' AND version = 3"
+            ))
+            .await
+            .unwrap();
+        assert_eq!(changed, 1);
+        let (_, v) = s.get(&format!("/markets/{id}/audit")).await;
+        assert_eq!(
+            (v["valid"].as_bool(), v["first_invalid_version"].as_u64()),
+            (Some(false), Some(3)),
+            "{v}"
+        );
+        store.close().await;
+        s.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn markets_close_at_their_close_time() {
+    let dir = tempfile::tempdir().unwrap();
+    for url in databases(&dir).await {
+        let s = Svc::start(&url, 50).await;
+        s.account("alice", "1000").await;
+        let id = s.market("alice", 300).await;
+        eventually(WAIT, "the market closes", || async {
+            s.get(&format!("/markets/{id}")).await.1["status"] == "closed"
+        })
+        .await;
+        let (st, v) = s
+            .post(
+                &format!("/markets/{id}/trades"),
+                json!({"account": "alice", "outcome": 0, "side": "buy", "shares": "1"}),
+            )
+            .await;
+        assert_eq!((st, v["error"].as_str()), (409, Some("market_not_open")));
+        s.stop().await;
+    }
+}
