@@ -54,22 +54,8 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    mesh_runtime::init_tracing(&args.log);
-    let rt = match mesh_runtime::runtime() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(run(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    let log = args.log.clone();
+    mesh_runtime::main(&log, run(args))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {

@@ -202,39 +202,40 @@ impl Markets {
         Ok(self.read().await?.seq)
     }
 
-    /// A market from its snapshot plus the events after it.
-    pub async fn load_market(&self, id: &str) -> Result<Option<Market>, StoreError> {
-        let (snap, tail) = self.store.load(&market_id(id)).await?;
-        let mut state: Option<Market> = match snap {
-            Some((_, json)) => Some(
-                serde_json::from_str(&json)
-                    .map_err(|e| StoreError::Db(format!("snapshot of market {id} is unreadable: {e}")))?,
-            ),
+    /// An aggregate from its snapshot plus the events after it, folded with `apply`.
+    async fn load<T, E>(
+        &self,
+        aggregate: &str,
+        id: &str,
+        apply: fn(Option<T>, &str, &E) -> Option<T>,
+    ) -> Result<Option<T>, StoreError>
+    where
+        T: serde::de::DeserializeOwned,
+        E: serde::de::DeserializeOwned,
+    {
+        let unreadable =
+            |what: String| move |e: serde_json::Error| StoreError::Db(format!("{what} is unreadable: {e}"));
+        let (snap, tail) = self.store.load(aggregate).await?;
+        let mut state: Option<T> = match snap {
+            Some((_, json)) => {
+                Some(serde_json::from_str(&json).map_err(unreadable(format!("snapshot of {aggregate}")))?)
+            }
             None => None,
         };
         for r in &tail {
-            let e: MarketEvent = serde_json::from_str(&r.payload)
-                .map_err(|e| StoreError::Db(format!("event {} is unreadable: {e}", r.event_id)))?;
-            state = Market::apply(state, id, &e);
+            let e: E =
+                serde_json::from_str(&r.payload).map_err(unreadable(format!("event {}", r.event_id)))?;
+            state = apply(state, id, &e);
         }
         Ok(state)
     }
 
+    pub async fn load_market(&self, id: &str) -> Result<Option<Market>, StoreError> {
+        self.load(&market_id(id), id, Market::apply).await
+    }
+
     pub async fn load_account(&self, id: &str) -> Result<Option<Account>, StoreError> {
-        let (snap, tail) = self.store.load(&account_id(id)).await?;
-        let mut state: Option<Account> = match snap {
-            Some((_, json)) => Some(
-                serde_json::from_str(&json)
-                    .map_err(|e| StoreError::Db(format!("snapshot of account {id} is unreadable: {e}")))?,
-            ),
-            None => None,
-        };
-        for r in &tail {
-            let e: AccountEvent = serde_json::from_str(&r.payload)
-                .map_err(|e| StoreError::Db(format!("event {} is unreadable: {e}", r.event_id)))?;
-            state = Account::apply(state, id, &e);
-        }
-        Ok(state)
+        self.load(&account_id(id), id, Account::apply).await
     }
 
     /// Takes a snapshot of `aggregate` (`market-…` or `account-…`) at its current version.

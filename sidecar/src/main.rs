@@ -217,21 +217,8 @@ fn resolve(a: Args) -> anyhow::Result<Resolved> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    mesh_runtime::init_tracing(&args.log);
-    let rt = match mesh_runtime::runtime() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(run(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    let log = args.log.clone();
+    mesh_runtime::main(&log, run(args))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {

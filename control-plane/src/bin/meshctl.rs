@@ -6,19 +6,6 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let args = control_plane::cli::Args::parse();
-    mesh_runtime::init_tracing(&args.log);
-    let rt = match mesh_runtime::runtime() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(control_plane::cli::run(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    let log = args.log.clone();
+    mesh_runtime::main(&log, control_plane::cli::run(args))
 }

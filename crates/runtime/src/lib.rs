@@ -39,3 +39,24 @@ pub fn runtime() -> Result<tokio::runtime::Runtime, String> {
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))
 }
+
+/// The body of every binary's `main`: tracing with `log`, a runtime, `body` on it, and an exit
+/// code (failure printed as one `error: …` line with its causes).
+pub fn main<F, E>(log: &str, body: F) -> std::process::ExitCode
+where
+    F: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    init_tracing(log);
+    let result = match runtime() {
+        Ok(rt) => rt.block_on(body).map_err(|e| format!("{e:#}")),
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
