@@ -35,6 +35,12 @@ pub struct UpArgs {
     /// Control-plane admin HTTP address.
     #[arg(long, default_value = "127.0.0.1:7071")]
     pub admin_addr: String,
+    /// The gateway's public address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub gateway_addr: String,
+    /// Market-service instances, each behind its own sidecar, sharing one SQLite database.
+    #[arg(long, default_value_t = 2)]
+    pub instances: usize,
     /// How long each process may take to start listening.
     #[arg(long, default_value = "30s", value_parser = mesh_runtime::parse_duration)]
     pub start_timeout: Duration,
@@ -47,6 +53,44 @@ struct Proc {
     log: PathBuf,
 }
 
+/// The processes started so far; stopped together.
+struct Mesh {
+    bin_dir: PathBuf,
+    logs: PathBuf,
+    timeout: Duration,
+    procs: Vec<Proc>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Mesh {
+    /// Starts `bin` as `label` and returns its `listening` line; on failure stops everything.
+    async fn launch(&mut self, label: &str, bin: &str, args: &[String]) -> Result<Value, CliError> {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        match start(&self.bin_dir, label, bin, &args, &self.logs, self.timeout).await {
+            Ok((proc, listening)) => {
+                self.procs.push(proc);
+                Ok(listening)
+            }
+            Err(e) => {
+                stop_all(std::mem::take(&mut self.procs)).await;
+                Err(e)
+            }
+        }
+    }
+
+    fn row(&mut self, process: &str, at: String, what: &str) {
+        self.rows.push(vec![process.to_string(), at, what.to_string()]);
+    }
+}
+
+fn addr(v: &Value, key: &str) -> String {
+    v.get(key).and_then(Value::as_str).unwrap_or_default().to_string()
+}
+
+fn strings(a: &[&str]) -> Vec<String> {
+    a.iter().map(|s| s.to_string()).collect()
+}
+
 pub async fn run(args: UpArgs) -> Result<(), CliError> {
     let bin_dir = std::env::current_exe()
         .ok()
@@ -55,74 +99,160 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
     let logs = args.dir.join("logs");
     std::fs::create_dir_all(&logs)
         .map_err(|e| CliError::Input(format!("cannot create {}: {e}", logs.display())))?;
-
-    let mut procs: Vec<Proc> = Vec::new();
-    let started = start(
-        &bin_dir,
-        "control-plane",
-        &[
-            "--grpc-addr",
-            &args.grpc_addr,
-            "--admin-addr",
-            &args.admin_addr,
-            "--data-dir",
-            &args.dir.join("control-plane").display().to_string(),
-        ],
-        &logs,
-        args.start_timeout,
-    )
-    .await;
-    let listening = match started {
-        Ok((proc, listening)) => {
-            procs.push(proc);
-            listening
-        }
-        Err(e) => {
-            stop_all(procs).await;
-            return Err(e);
-        }
+    let dir = |sub: &str| args.dir.join(sub).display().to_string();
+    let admin_token = uuid::Uuid::now_v7().simple().to_string();
+    std::fs::write(args.dir.join("admin-token"), &admin_token).map_err(|e| {
+        CliError::Input(format!("cannot write {}: {e}", args.dir.join("admin-token").display()))
+    })?;
+    let mut mesh = Mesh {
+        bin_dir,
+        logs: logs.clone(),
+        timeout: args.start_timeout,
+        procs: Vec::new(),
+        rows: Vec::new(),
     };
-    let grpc = listening.get("grpc").and_then(Value::as_str).unwrap_or_default().to_string();
-    let admin = listening.get("admin").and_then(Value::as_str).unwrap_or_default().to_string();
+
+    let cp = mesh
+        .launch(
+            "control-plane",
+            "control-plane",
+            &strings(&[
+                "--grpc-addr",
+                &args.grpc_addr,
+                "--admin-addr",
+                &args.admin_addr,
+                "--data-dir",
+                &dir("control-plane"),
+            ]),
+        )
+        .await?;
+    let (grpc, cp_admin) = (addr(&cp, "grpc"), addr(&cp, "admin"));
+    let cp_url = format!("http://{grpc}");
+    mesh.row("control-plane", cp_url.clone(), "gRPC: registry, discovery, policy, admin (meshctl)");
+    mesh.row("", format!("http://{cp_admin}/metrics"), "Prometheus metrics, /healthz");
+
+    let db = format!("sqlite://{}", args.dir.join("market.db").display());
+    for i in 1..=args.instances {
+        let id = format!("market-service-{i}");
+        let app = mesh
+            .launch(
+                &id,
+                "market-service",
+                &strings(&["--listen", "127.0.0.1:0", "--database-url", &db, "--admin-token", &admin_token]),
+            )
+            .await?;
+        let app_addr = addr(&app, "http");
+        let sidecar = mesh
+            .launch(
+                &format!("sidecar-{id}"),
+                "sidecar",
+                &strings(&[
+                    "--service",
+                    "market-service",
+                    "--instance-id",
+                    &id,
+                    "--app-addr",
+                    &app_addr,
+                    "--control-plane",
+                    &cp_url,
+                    "--inbound-addr",
+                    "127.0.0.1:0",
+                    "--outbound-addr",
+                    "127.0.0.1:0",
+                    "--admin-addr",
+                    "127.0.0.1:0",
+                    "--data-dir",
+                    &dir(&format!("sidecar-{id}")),
+                    "--drain-delay",
+                    "500ms",
+                ]),
+            )
+            .await?;
+        mesh.row(&id, format!("http://{app_addr}"), "market service (reached through its sidecar)");
+        mesh.row(&format!("  sidecar-{i}"), addr(&sidecar, "inbound"), "inbound from the mesh");
+        mesh.row(
+            "",
+            format!("http://{}/config", addr(&sidecar, "admin")),
+            "sidecar admin: /metrics /ready /config",
+        );
+    }
+
+    let gw = mesh
+        .launch(
+            "gateway",
+            "sidecar",
+            &strings(&[
+                "--mode",
+                "gateway",
+                "--instance-id",
+                "gateway",
+                "--control-plane",
+                &cp_url,
+                "--outbound-addr",
+                &args.gateway_addr,
+                "--admin-addr",
+                "127.0.0.1:0",
+                "--data-dir",
+                &dir("gateway"),
+                "--route",
+                "/api/markets=market-service,/markets",
+                "--route",
+                "/api/accounts=market-service,/accounts",
+                "--route",
+                "/api/analytics=market-service,/analytics",
+            ]),
+        )
+        .await?;
+    let public = addr(&gw, "outbound");
+    mesh.row(
+        "gateway",
+        format!("http://{public}/api/markets"),
+        "the platform's edge: /api/markets, /api/accounts, /api/analytics",
+    );
+    mesh.row("", format!("http://{}/config", addr(&gw, "admin")), "gateway admin");
 
     out!();
     out!("Opinion Market Mesh is up. Ctrl-C stops it.");
-    super::print_table(
-        &["PROCESS", "LISTENS ON", "WHAT"],
-        vec![
-            vec![
-                "control-plane".into(),
-                format!("http://{grpc}"),
-                "gRPC: registry, discovery, policy, admin".into(),
-            ],
-            vec!["".into(), format!("http://{admin}/metrics"), "Prometheus metrics (and /healthz)".into()],
-        ],
-    );
+    super::print_table(&["PROCESS", "LISTENS ON", "WHAT"], std::mem::take(&mut mesh.rows));
     out!();
-    out!("state: {}   logs: {}", args.dir.display(), logs.display());
-    out!("try:   meshctl --control-plane http://{grpc} overview");
+    out!(
+        "state: {}   logs: {}   admin token: {}",
+        args.dir.display(),
+        logs.display(),
+        args.dir.join("admin-token").display()
+    );
+    out!("try:   meshctl --control-plane {cp_url} instances market-service");
+    out!(
+        "       curl -s -XPOST http://{public}/api/accounts -H 'content-type: application/json' -d '{{\"id\":\"alice\"}}'"
+    );
+    out!(
+        "       curl -s -XPOST http://{public}/api/accounts/alice/grants -H \"authorization: Bearer $(cat {})\" -H 'content-type: application/json' -d '{{\"amount\":\"1000\"}}'",
+        args.dir.join("admin-token").display()
+    );
+    out!("       curl -s http://{public}/api/markets");
     out!();
 
     let reason = tokio::select! {
         sig = shutdown_signal() => format!("{sig} received"),
-        name = first_exit(&mut procs) => format!("{name} exited unexpectedly (see its log)"),
+        name = first_exit(&mut mesh.procs) => format!("{name} exited unexpectedly (see its log)"),
     };
     out!("stopping the mesh: {reason}");
-    stop_all(procs).await;
+    stop_all(mesh.procs).await;
     out!("stopped");
     Ok(())
 }
 
-/// Starts `name` from `bin_dir` with its stderr in `logs/<name>.log`, and waits for the JSON
-/// `listening` line on its stdout.
+/// Starts binary `bin` from `bin_dir` as `name`, with its stderr in `logs/<name>.log`, and
+/// waits for the JSON `listening` line on its stdout.
 async fn start(
     bin_dir: &Path,
     name: &str,
+    bin: &str,
     args: &[&str],
     logs: &Path,
     timeout: Duration,
 ) -> Result<(Proc, Value), CliError> {
-    let bin = bin_dir.join(name);
+    let bin = bin_dir.join(bin);
     if !bin.exists() {
         return Err(CliError::Input(format!(
             "{} not found: build every binary first with `cargo build --release`",

@@ -1,0 +1,123 @@
+//! `meshctl up` end to end: the README's main command, then a user's first session through the
+//! gateway, then Ctrl-C.
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use mesh_testkit::{WAIT, bin, eventually, request};
+use serde_json::{Value, json};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meshctl_up_runs_a_whole_mesh_reachable_through_the_gateway_and_stops_on_ctrl_c() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join(".mesh");
+    let mut up = Command::new(bin("meshctl"))
+        .args([
+            "up",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--gateway-addr",
+            "127.0.0.1:0",
+            "--dir",
+        ])
+        .arg(&state)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (mut cp, mut gateway) = (None, None);
+    let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        match cols.first() {
+            Some(&"control-plane") => cp = Some(cols[1].to_string()),
+            Some(&"gateway") => {
+                gateway =
+                    Some(cols[1].trim_end_matches("/api/markets").trim_start_matches("http://").to_string())
+            }
+            Some(&"try:") => break,
+            _ => {}
+        }
+    }
+    // Keep reading so meshctl never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    let (cp, gateway) =
+        (cp.expect("control plane address printed"), gateway.expect("gateway address printed"));
+    let gw: std::net::SocketAddr = gateway.parse().unwrap();
+    let token = std::fs::read_to_string(state.join("admin-token")).unwrap();
+    let call = |method: &'static str, path: String, auth: bool, body: Value| {
+        let token = token.clone();
+        async move {
+            let mut h = vec![("content-type", "application/json")];
+            let bearer = format!("Bearer {token}");
+            if auth {
+                h.push(("authorization", bearer.as_str()));
+            }
+            let (status, text) =
+                request(gw, method, "example.com", &path, &h, Bytes::from(body.to_string())).await;
+            (status, serde_json::from_str::<Value>(&text).unwrap_or(Value::String(text)))
+        }
+    };
+
+    // Both instances register once healthy; the gateway learns them.
+    let meshctl = |args: &[&str]| {
+        let out = Command::new(bin("meshctl")).arg("--control-plane").arg(&cp).args(args).output().unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    };
+    eventually(WAIT, "two healthy market-service instances", || async {
+        meshctl(&["instances", "market-service"]).lines().filter(|l| l.contains("healthy")).count() == 2
+    })
+    .await;
+    eventually(WAIT, "the gateway routes to market-service", || async {
+        call("GET", "/api/markets".into(), false, Value::Null).await.0 == 200
+    })
+    .await;
+
+    assert_eq!(call("POST", "/api/accounts".into(), false, json!({"id": "alice"})).await.0, 201);
+    assert_eq!(
+        call("POST", "/api/accounts/alice/grants".into(), true, json!({"amount": "1000"})).await.0,
+        200
+    );
+    let close = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()
+        as u64
+        + 3_600_000;
+    let (st, m) = call("POST", "/api/markets".into(), false, json!({"question": "Rain?", "outcomes": ["yes", "no"], "close_time_ms": close, "creator": "alice", "liquidity": "100"})).await;
+    assert_eq!(st, 201, "{m}");
+    let id = m["id"].as_str().unwrap().to_string();
+    // Trades through the gateway land on either instance; both share one database.
+    for _ in 0..6 {
+        let (st, t) = call(
+            "POST",
+            format!("/api/markets/{id}/trades"),
+            false,
+            json!({"account": "alice", "outcome": 0, "side": "buy", "shares": "1"}),
+        )
+        .await;
+        assert_eq!(st, 201, "{t}");
+    }
+    for _ in 0..4 {
+        let (st, m) = call("GET", format!("/api/markets/{id}"), false, Value::Null).await;
+        assert_eq!(
+            (st, m["trades"].as_u64()),
+            (200, Some(6)),
+            "every instance reads its own and the other's writes"
+        );
+    }
+    let status = meshctl(&["proxy-status"]);
+    assert!(status.lines().filter(|l| l.contains("SYNCED")).count() >= 3, "{status}");
+
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(up.id() as i32), nix::sys::signal::Signal::SIGINT)
+        .unwrap();
+    let exit = tokio::task::spawn_blocking(move || up.wait().unwrap()).await.unwrap();
+    assert!(exit.success(), "{exit:?}");
+    let refused = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(gw)).await;
+    assert!(!matches!(refused, Ok(Ok(_))), "the gateway stopped with meshctl up");
+}
