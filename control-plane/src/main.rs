@@ -55,7 +55,7 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     let log = args.log.clone();
-    mesh_runtime::main(&log, run(args))
+    mesh_runtime::main(&log, None, run(args))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {

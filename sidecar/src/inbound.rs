@@ -31,7 +31,9 @@ pub const CALLER: &str = "x-mesh-caller";
 
 pub struct Inbound {
     pub service: String,
-    pub app: String,
+    pub app: http::uri::Authority,
+    counters: crate::metrics::StatusCounters,
+    latency: prometheus_client::metrics::histogram::Histogram,
     pub clients: Clients,
     pub metrics: Arc<Metrics>,
     /// Requests in flight to the app (reported as load in heartbeats).
@@ -58,9 +60,15 @@ impl Drop for Load {
 
 impl Inbound {
     pub fn new(service: String, app: SocketAddr, metrics: Arc<Metrics>, inflight: Arc<AtomicUsize>) -> Self {
+        let latency = metrics.latency_histogram("inbound", &service);
+        // A SocketAddr always forms a valid authority.
+        let app =
+            app.to_string().parse().unwrap_or_else(|_| http::uri::Authority::from_static("127.0.0.1:80"));
         Self {
             service,
-            app: app.to_string(),
+            app,
+            counters: Default::default(),
+            latency,
             clients: Clients::new(&ServicePolicy::default()),
             metrics,
             inflight,
@@ -90,7 +98,11 @@ impl Inbound {
                     )
                 }
             };
-            self.metrics.observe("inbound", &self.service, "app", resp.status().as_u16(), started.elapsed());
+            let status = resp.status().as_u16();
+            self.counters
+                .get(status, || self.metrics.request_counter("inbound", &self.service, "app", status))
+                .inc();
+            self.latency.observe(started.elapsed().as_secs_f64());
             resp
         }
         .instrument(span)

@@ -81,6 +81,9 @@ struct Args {
     /// How long a request for a service met for the first time waits for its endpoints (default 2s).
     #[arg(long, env = "MESH_DISCOVERY_WAIT", value_parser = parse_duration)]
     discovery_wait: Option<Duration>,
+    /// Runtime worker threads (default: one per core).
+    #[arg(long, env = "MESH_WORKER_THREADS")]
+    worker_threads: Option<usize>,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "MESH_LOG", default_value = "info")]
     log: String,
@@ -218,7 +221,8 @@ fn resolve(a: Args) -> anyhow::Result<Resolved> {
 fn main() -> ExitCode {
     let args = Args::parse();
     let log = args.log.clone();
-    mesh_runtime::main(&log, run(args))
+    let threads = args.worker_threads;
+    mesh_runtime::main(&log, threads, run(args))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {

@@ -1,7 +1,7 @@
 //! Sidecar metrics in the Prometheus / OpenMetrics text format. Per-request series are updated
 //! on the request path; endpoint and policy gauges are set from live state at scrape time.
 
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use prometheus_client::{
     encoding::text::encode,
@@ -15,6 +15,24 @@ use prometheus_client::{
 };
 
 type Labels = Vec<(&'static str, String)>;
+
+/// Request counters of one endpoint (or of the local app) by status, so the request path finds
+/// its counter in a short list instead of hashing a label set.
+#[derive(Debug, Default)]
+pub struct StatusCounters(std::sync::Mutex<Vec<(u16, Counter)>>);
+
+impl StatusCounters {
+    /// The counter for `status`, created with `make` on first use.
+    pub fn get(&self, status: u16, make: impl FnOnce() -> Counter) -> Counter {
+        let mut list = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, c)) = list.iter().find(|(s, _)| *s == status) {
+            return c.clone();
+        }
+        let c = make();
+        list.push((status, c.clone()));
+        c
+    }
+}
 
 pub struct Metrics {
     pub requests: Family<Labels, Counter>,
@@ -92,14 +110,13 @@ impl Metrics {
         Arc::new(m)
     }
 
-    pub fn observe(
+    pub fn request_counter(
         &self,
         direction: &'static str,
         service: &str,
         endpoint: &str,
         status: u16,
-        took: Duration,
-    ) {
+    ) -> Counter {
         self.requests
             .get_or_create(&vec![
                 ("direction", direction.to_string()),
@@ -107,10 +124,13 @@ impl Metrics {
                 ("endpoint", endpoint.to_string()),
                 ("status", status.to_string()),
             ])
-            .inc();
+            .clone()
+    }
+
+    pub fn latency_histogram(&self, direction: &'static str, service: &str) -> Histogram {
         self.latency
             .get_or_create(&vec![("direction", direction.to_string()), ("service", service.to_string())])
-            .observe(took.as_secs_f64());
+            .clone()
     }
 
     pub fn render(&self) -> String {

@@ -18,7 +18,7 @@ use crate::{
     metrics::Metrics,
     proxy::{self, Body, Tracked, boxed, error_response},
     trace,
-    upstream::Upstreams,
+    upstream::{Endpoint, Upstream, Upstreams},
 };
 
 /// A gateway route: requests whose path starts with `prefix` go to `service`, with the prefix
@@ -105,10 +105,26 @@ impl Outbound {
                 Err(resp) => return *resp,
             };
             tracing::Span::current().record("service", service.as_str());
-            let (resp, endpoint) = self.send(&service, req).await;
+            let up = self.upstreams.get_or_add(&service);
+            let (resp, endpoint) = self.send(&up, req).await;
             let status = resp.status().as_u16();
-            self.metrics.observe(direction, &service, &endpoint, status, started.elapsed());
-            tracing::debug!(status, endpoint, took = ?started.elapsed(), "response");
+            let took = started.elapsed();
+            match &endpoint {
+                Some(e) => e
+                    .counters
+                    .get(status, || self.metrics.request_counter(direction, &service, &e.info.id, status))
+                    .inc(),
+                None => self.metrics.request_counter(direction, &service, "-", status).inc(),
+            };
+            up.latency
+                .get_or_init(|| self.metrics.latency_histogram(direction, &service))
+                .observe(took.as_secs_f64());
+            tracing::debug!(
+                status,
+                endpoint = endpoint.as_ref().map(|e| e.info.id.as_str()),
+                ?took,
+                "response"
+            );
             resp
         }
         .instrument(span)
@@ -163,10 +179,9 @@ impl Outbound {
         Ok(route.service.clone())
     }
 
-    /// Forwards to one endpoint of `service`. Returns the response and the endpoint's id (or
-    /// `-` when none was chosen).
-    async fn send(&self, service: &str, req: Request<Incoming>) -> (Response<Body>, String) {
-        let up = self.upstreams.get_or_add(service);
+    /// Forwards to one endpoint of `up`. Returns the response and the endpoint chosen, if any.
+    async fn send(&self, up: &Upstream, req: Request<Incoming>) -> (Response<Body>, Option<Arc<Endpoint>>) {
+        let service = up.name.as_str();
         if up.endpoints().version == 0
             && up.endpoints().endpoints.is_empty()
             && !up.wait_known(self.discovery_wait).await
@@ -179,7 +194,7 @@ impl Outbound {
                 ),
                 json!({ "service": service }),
             );
-            return (resp, "-".into());
+            return (resp, None);
         }
         let applied = up.policy();
         let policy = &applied.policy;
@@ -199,17 +214,29 @@ impl Outbound {
                 format!("service {service} has no healthy endpoints"),
                 json!({ "service": service }),
             );
-            return (resp, "-".into());
+            return (resp, None);
+        };
+        let Some(authority) = endpoint.authority.clone() else {
+            let resp = error_response(
+                StatusCode::BAD_GATEWAY,
+                "bad_endpoint",
+                format!(
+                    "endpoint {} of {service} has an unusable address {:?}",
+                    endpoint.info.id, endpoint.info.address
+                ),
+                json!({ "service": service, "endpoint": endpoint.info.id }),
+            );
+            return (resp, Some(endpoint));
         };
         let slot = endpoint.start();
         let timeout = (!policy.timeout.request.is_zero()).then_some(policy.timeout.request);
         let started = Instant::now();
         let req = req.map(boxed);
-        match proxy::forward(&applied.clients, req, &endpoint.info.address, timeout).await {
+        match proxy::forward(&applied.clients, req, &authority, timeout).await {
             Ok(resp) => {
                 endpoint.observe(started.elapsed());
                 let resp = resp.map(|b| boxed(Tracked::new(b, slot)));
-                (resp, endpoint.info.id.clone())
+                (resp, Some(endpoint))
             }
             Err(e) => {
                 endpoint.observe(started.elapsed().max(Duration::from_secs(1)));
@@ -220,7 +247,7 @@ impl Outbound {
                     e.to_string(),
                     json!({ "service": service, "endpoint": endpoint.info.id }),
                 );
-                (resp, endpoint.info.id.clone())
+                (resp, Some(endpoint))
             }
         }
     }

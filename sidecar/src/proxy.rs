@@ -9,7 +9,9 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version, header};
+use http::{
+    HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version, header, uri::Authority,
+};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 use hyper_util::{
@@ -158,12 +160,16 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
 pub async fn forward(
     clients: &Clients,
     mut req: Request<Body>,
-    target: &str,
+    target: &Authority,
     timeout: Option<Duration>,
 ) -> Result<Response<hyper::body::Incoming>, ForwardError> {
-    let pq = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let uri: Uri = format!("http://{target}{pq}")
-        .parse()
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(http::uri::Scheme::HTTP);
+    parts.authority = Some(target.clone());
+    parts.path_and_query = Some(
+        req.uri().path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+    );
+    let uri = Uri::from_parts(parts)
         .map_err(|e| ForwardError::Failed(target.to_string(), format!("bad target URI: {e}")))?;
     if req.version() != Version::HTTP_2 && !req.headers().contains_key(header::HOST) {
         // HTTP/2 callers name the service in :authority; HTTP/1.1 apps expect a Host header.

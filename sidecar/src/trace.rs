@@ -18,26 +18,41 @@ pub struct TraceContext {
 /// Keeps a caller's request id (or makes one) and continues its trace (or starts one), writing
 /// both into `headers` for the next hop.
 pub fn propagate(headers: &mut HeaderMap) -> TraceContext {
+    let mut rng = rand::rng();
     let request_id = match headers.get(REQUEST_ID).and_then(|v| v.to_str().ok()) {
         Some(id) if !id.is_empty() && id.len() <= 128 => id.to_string(),
         _ => {
-            let id = uuid::Uuid::now_v7().to_string();
+            let id = hex(&rng.random::<u128>().to_be_bytes());
             if let Ok(v) = HeaderValue::from_str(&id) {
                 headers.insert(REQUEST_ID, v);
             }
             id
         }
     };
-    let mut rng = rand::rng();
-    let span_id = format!("{:016x}", rng.random::<u64>().max(1));
+    let span_id = hex(&rng.random::<u64>().max(1).to_be_bytes());
     let (trace_id, flags) = match headers.get(TRACEPARENT).and_then(|v| v.to_str().ok()).and_then(parse) {
         Some((trace, flags)) => (trace, flags),
-        None => (format!("{:032x}", rng.random::<u128>().max(1)), "01".to_string()),
+        None => (hex(&rng.random::<u128>().max(1).to_be_bytes()), "01".to_string()),
     };
-    if let Ok(v) = HeaderValue::from_str(&format!("00-{trace_id}-{span_id}-{flags}")) {
+    let mut tp = String::with_capacity(55);
+    for part in ["00-", &trace_id, "-", &span_id, "-", &flags] {
+        tp.push_str(part);
+    }
+    if let Ok(v) = HeaderValue::from_str(&tp) {
         headers.insert(TRACEPARENT, v);
     }
     TraceContext { request_id, trace_id, span_id }
+}
+
+/// Lowercase hex, without going through `fmt` (this runs on every request).
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[usize::from(b >> 4)] as char);
+        s.push(DIGITS[usize::from(b & 15)] as char);
+    }
+    s
 }
 
 /// `00-<32 hex>-<16 hex>-<2 hex>` with non-zero ids → (trace id, flags).

@@ -49,8 +49,12 @@ fn default_weight() -> u32 {
 #[derive(Debug)]
 pub struct Endpoint {
     pub info: EndpointInfo,
+    /// `info.address` parsed once (requests are sent here).
+    pub authority: Option<http::uri::Authority>,
     inflight: AtomicUsize,
     ewma: Mutex<Ewma>,
+    /// This endpoint's request counters by status.
+    pub counters: crate::metrics::StatusCounters,
 }
 
 #[derive(Debug)]
@@ -61,10 +65,13 @@ struct Ewma {
 
 impl Endpoint {
     pub fn new(info: EndpointInfo) -> Self {
+        let authority = info.address.parse().ok();
         Self {
             info,
+            authority,
             inflight: AtomicUsize::new(0),
             ewma: Mutex::new(Ewma { nanos: 0.0, at: Instant::now() }),
+            counters: Default::default(),
         }
     }
 
@@ -260,6 +267,8 @@ pub enum Source {
 
 pub struct Upstream {
     pub name: String,
+    /// Time-to-headers histogram of requests to this service (cached family member).
+    pub latency: OnceLock<prometheus_client::metrics::histogram::Histogram>,
     endpoints: ArcSwap<EndpointSet>,
     policy: ArcSwap<AppliedPolicy>,
     rr: AtomicUsize,
@@ -273,6 +282,7 @@ impl Upstream {
         let policy = ServicePolicy::default();
         Self {
             name: name.to_string(),
+            latency: OnceLock::new(),
             endpoints: ArcSwap::from_pointee(EndpointSet::default()),
             policy: ArcSwap::from_pointee(AppliedPolicy {
                 version: 0,

@@ -7,5 +7,5 @@ use clap::Parser;
 fn main() -> ExitCode {
     let args = control_plane::cli::Args::parse();
     let log = args.log.clone();
-    mesh_runtime::main(&log, control_plane::cli::run(args))
+    mesh_runtime::main(&log, None, control_plane::cli::run(args))
 }

@@ -32,23 +32,25 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 250ms or 15s: {e}"))
 }
 
-/// A multi-threaded runtime, or the reason it could not start.
-pub fn runtime() -> Result<tokio::runtime::Runtime, String> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start the async runtime: {e}"))
+/// A multi-threaded runtime with `threads` workers (default: one per core), or the reason it
+/// could not start.
+pub fn runtime(threads: Option<usize>) -> Result<tokio::runtime::Runtime, String> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads.filter(|n| *n > 0) {
+        b.worker_threads(n);
+    }
+    b.enable_all().build().map_err(|e| format!("cannot start the async runtime: {e}"))
 }
 
-/// The body of every binary's `main`: tracing with `log`, a runtime, `body` on it, and an exit
-/// code (failure printed as one `error: …` line with its causes).
-pub fn main<F, E>(log: &str, body: F) -> std::process::ExitCode
+/// The body of every binary's `main`: tracing with `log`, a runtime with `threads` workers,
+/// `body` on it, and an exit code (failure printed as one `error: …` line with its causes).
+pub fn main<F, E>(log: &str, threads: Option<usize>, body: F) -> std::process::ExitCode
 where
     F: std::future::Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
     init_tracing(log);
-    let result = match runtime() {
+    let result = match runtime(threads) {
         Ok(rt) => rt.block_on(body).map_err(|e| format!("{e:#}")),
         Err(e) => Err(e),
     };

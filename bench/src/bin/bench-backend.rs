@@ -1,0 +1,34 @@
+//! `bench-backend`: the app behind every proxy in the data-plane benchmark. One thread,
+//! HTTP/1.1 and h2c on one port, answers every request with `200 ok` at once.
+//!
+//! `bench-backend 127.0.0.1:0` prints `{"event":"listening","http":"…"}` and serves until killed.
+
+use std::convert::Infallible;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Response, service::service_fn};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
+
+fn main() -> std::io::Result<()> {
+    let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:0".into());
+    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&addr).await?;
+        println!("{}", serde_json::json!({"event": "listening", "http": listener.local_addr()?}));
+        loop {
+            let (stream, _) = listener.accept().await?;
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(async move {
+                let svc = service_fn(|_req| async {
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                });
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    })
+}
