@@ -68,8 +68,11 @@ async fn control_plane_sigkill_under_steady_load_fails_no_request_and_streams_re
 
     cp.kill9();
     load.wait_more(500, "load keeps flowing with the control plane dead").await;
-    // The outage lasts well past the instances' 400 ms TTL (the scenario's length, not a wait).
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // The outage lasts well past the instances' 400 ms TTL (the scenario's length, not a wait;
+    // MESH_OUTAGE_SECS=30 for the evidence run).
+    let outage: u64 = std::env::var("MESH_OUTAGE_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+    tokio::time::sleep(Duration::from_secs(outage)).await;
+    eprintln!("outage of {outage}s: {} requests served so far, none failed", load.ok());
     eventually(WAIT, "every sidecar notices", || async {
         caller.config_json().await["control_plane"]["connected"] == false
     })
