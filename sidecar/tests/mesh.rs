@@ -181,6 +181,20 @@ async fn unknown_services_and_bad_authorities_get_json_errors_at_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_the_policy_timeout_gets_504_with_a_reason() {
+    let mut p = fast_policy();
+    p.timeout.request = Duration::from_millis(200);
+    let mesh = mesh_with(p, &[100]).await;
+    let t = tokio::time::Instant::now();
+    let (status, body) = get(mesh.caller.outbound, "market", "/slow?delay_ms=3000").await;
+    assert_eq!(status, 504, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!((v["error"].as_str(), v["service"].as_str()), (Some("timeout"), Some("market")));
+    assert!(v["message"].as_str().unwrap().contains("200ms"), "{v}");
+    assert!(t.elapsed() < Duration::from_secs(2), "answered at the deadline, not when the app finished");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_carry_trace_context_and_forged_identity_never_reaches_the_app() {
     let mesh = mesh_with(fast_policy(), &[100]).await;
     let (status, body) = request(
