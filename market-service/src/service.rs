@@ -21,7 +21,20 @@ use crate::{
     store::{Append, Idempotent, NewEvent, Recorded, Store, StoreError},
 };
 
-pub const MAX_ATTEMPTS: usize = 5;
+/// Decisions per command before a lost race is the caller's answer.
+pub const MAX_ATTEMPTS: usize = 10;
+
+/// A uniform pick in `0..n` from the clock's low bits and a counter (jitter, not security).
+fn rand_below(n: u64) -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEQ: AtomicU64 = AtomicU64::new(0x9e37_79b9_7f4a_7c15);
+    let nanos =
+        SystemTime::now().duration_since(UNIX_EPOCH).map(|d| u64::from(d.subsec_nanos())).unwrap_or(0);
+    let mut x = SEQ.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed) ^ nanos;
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    (x ^ (x >> 33)) % n.max(1)
+}
 
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
@@ -315,6 +328,10 @@ impl Markets {
             match self.commit(appends, ctx, answer).await {
                 Ok(a) => return Ok(a),
                 Err(StoreError::Conflict { .. }) if ctx.expected_version.is_none() && n < MAX_ATTEMPTS => {
+                    // Full jitter over a doubling cap (2 ms … 20 ms), so racing writers spread
+                    // out instead of colliding again.
+                    let cap_us = (1000u64 << n.min(5)).min(20_000);
+                    tokio::time::sleep(std::time::Duration::from_micros(rand_below(cap_us))).await;
                     continue;
                 }
                 Err(e) => return Err(e.into()),

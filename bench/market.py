@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""Market-service benchmark: trades per second and latency, direct to the service and through
+gateway → sidecar → sidecar → service, on SQLite and on PostgreSQL, in one run.
+
+Each run: 16 funded traders buying small amounts on 8 markets, wrk with 8 connections for
+DURATION seconds; every trade is a real event-sourced command (two aggregates appended with
+expected versions, outbox and fsync'd commit). Run through bench/market.sh.
+Environment: DURATION (10), PG_URL (from scripts/test-deps).
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REL = os.path.join(ROOT, "target", "release")
+DUR = int(os.environ.get("DURATION", "10"))
+TMP = tempfile.mkdtemp(prefix="mesh-market-bench-")
+procs = []
+
+
+def start(args):
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    procs.append(p)
+    return json.loads(p.stdout.readline())
+
+
+def call(method, url, body=None, token=None):
+    req = urllib.request.Request(url, method=method, data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"content-type": "application/json", **({"authorization": f"Bearer {token}"} if token else {})})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def wait(url):
+    for _ in range(400):
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except Exception:
+            time.sleep(0.05)
+    raise SystemExit(f"{url} never answered")
+
+
+def one_backend(db_url, label):
+    _, cp = None, start([f"{REL}/control-plane", "--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0",
+                         "--data-dir", os.path.join(TMP, f"cp-{label}"), "--log", "error"])
+    cp_url = f"http://{cp['grpc']}"
+    app = start([f"{REL}/market-service", "--listen", "127.0.0.1:0", "--database-url", db_url, "--admin-token", "bench", "--log", "error"])
+    direct = f"http://{app['http']}"
+    start([f"{REL}/sidecar", "--service", "market-service", "--instance-id", f"m-{label}", "--app-addr", app["http"],
+           "--control-plane", cp_url, "--inbound-addr", "127.0.0.1:0", "--outbound-addr", "127.0.0.1:0",
+           "--admin-addr", "127.0.0.1:0", "--data-dir", os.path.join(TMP, f"sc-{label}"), "--log", "error"])
+    gw = start([f"{REL}/sidecar", "--mode", "gateway", "--instance-id", f"gw-{label}", "--control-plane", cp_url,
+                "--outbound-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--data-dir", os.path.join(TMP, f"gw-{label}"),
+                "--route", "/api/markets=market-service,/markets", "--log", "error"])
+    gateway = f"http://{gw['outbound']}/api/markets"
+    wait(f"{direct}/healthz")
+    for t in range(16):
+        call("POST", f"{direct}/accounts", {"id": f"t{t}"})
+        call("POST", f"{direct}/accounts/t{t}/grants", {"amount": "100000000"}, token="bench")
+    close = int(time.time() * 1000) + 3_600_000
+    markets = [call("POST", f"{direct}/markets", {"question": f"Q{i}?", "outcomes": ["yes", "no"], "close_time_ms": close,
+                                                  "creator": "t0", "liquidity": "1000"})["id"] for i in range(8)]
+    wait(f"{gateway}/{markets[0]}")
+    return {"direct": f"{direct}/markets", "through the mesh": gateway}, markets
+
+
+LUA = """
+local markets = {%s}
+local done, bad = 0, 0
+math.randomseed(os.time())
+request = function()
+  local m = markets[math.random(#markets)]
+  local body = string.format('{"account":"t%%d","outcome":%%d,"side":"buy","shares":"0.01"}', math.random(0, 15), math.random(0, 1))
+  return wrk.format("POST", "%s/" .. m .. "/trades", {["Content-Type"] = "application/json"}, body)
+end
+response = function(status, headers, body)
+  if status ~= 201 and bad < 3 then
+    bad = bad + 1
+    io.stderr:write(status .. " " .. body .. string.char(10))
+  end
+end
+"""
+
+
+def run_wrk(base, markets):
+    from urllib.parse import urlparse
+    u = urlparse(base)
+    script = os.path.join(TMP, "trades.lua")
+    with open(script, "w") as f:
+        f.write(LUA % (",".join(f'"{m}"' for m in markets), u.path))
+    r = subprocess.run(["wrk", "-t1", "-c8", f"-d{DUR}s", "--latency", "-s", script, f"{u.scheme}://{u.netloc}"],
+                       capture_output=True, text=True)
+    out = r.stdout
+    if r.stderr.strip():
+        print(f"  refusals seen (first ones): {r.stderr.strip()[:400]}", file=sys.stderr)
+    lat = {p: float(v) * {"us": 0.001, "ms": 1, "s": 1000}[unit] for p, v, unit in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)}
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    non2xx = int(m.group(1)) if (m := re.search(r"Non-2xx or 3xx responses: (\d+)", out)) else 0
+    return rps, lat.get("50"), lat.get("99"), non2xx
+
+
+def main():
+    pg = os.environ.get("PG_URL")
+    dbs = [("SQLite", f"sqlite://{TMP}/market.db")]
+    if pg:
+        import uuid
+        name = "bench_" + uuid.uuid4().hex[:12]
+        subprocess.run(["psql", pg, "-qc", f"CREATE DATABASE {name}"], check=True)
+        dbs.append(("PostgreSQL", pg.rsplit("/", 1)[0] + "/" + name))
+    print(f"{DUR} s per run, 8 connections, 16 traders on 8 markets; every trade appends to two aggregates and commits durably.\n")
+    print("| database | path | trades/s | p50 ms | p99 ms | non-2xx |")
+    print("|---|---|---|---|---|---|")
+    try:
+        for label, url in dbs:
+            paths, markets = one_backend(url, label.lower())
+            for path, base in paths.items():
+                rps, p50, p99, bad = run_wrk(base, markets)
+                print(f"| {label} | {path} | {rps:.0f} | {p50:.2f} | {p99:.2f} | {bad} |")
+                sys.stdout.flush()
+    finally:
+        for p in procs:
+            p.kill()
+
+
+if __name__ == "__main__":
+    main()
