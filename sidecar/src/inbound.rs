@@ -81,7 +81,8 @@ impl Inbound {
             "request", direction = "inbound", method = %req.method(), path = %req.uri().path(),
             request_id = %t.request_id, trace_id = %t.trace_id, %peer,
         );
-        async move {
+        let grpc = proxy::is_grpc(req.headers());
+        let resp = async move {
             let started = Instant::now();
             strip_mesh_headers(req.headers_mut(), None);
             let load = Load::start(&self.inflight, &self.metrics);
@@ -106,7 +107,8 @@ impl Inbound {
             resp
         }
         .instrument(span)
-        .await
+        .await;
+        if grpc { proxy::for_grpc(resp) } else { resp }
     }
 }
 

@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod outbound;
 pub mod probe;
 pub mod proxy;
+pub mod resilience;
 pub mod server;
 pub mod snapshot;
 pub mod trace;

@@ -47,6 +47,11 @@ pub struct Metrics {
     pub discovery_updates: Counter,
     pub heartbeats: Counter,
     pub app_healthy: Gauge,
+    pub retries: Family<Labels, Counter>,
+    pub retry_budget_exhausted: Family<Labels, Counter>,
+    pub overload_rejections: Family<Labels, Counter>,
+    pub breaker_openings: Family<Labels, Counter>,
+    pub endpoint_breaker_open: Family<Labels, Gauge>,
     pub inbound_inflight: Gauge,
     registry: Registry,
 }
@@ -70,6 +75,11 @@ impl Metrics {
             discovery_updates: Counter::default(),
             heartbeats: Counter::default(),
             app_healthy: Gauge::default(),
+            retries: Family::default(),
+            retry_budget_exhausted: Family::default(),
+            overload_rejections: Family::default(),
+            breaker_openings: Family::default(),
+            endpoint_breaker_open: Family::default(),
             inbound_inflight: Gauge::default(),
             registry: Registry::with_prefix("mesh_sidecar"),
         };
@@ -101,6 +111,27 @@ impl Metrics {
         );
         r.register("discovery_updates", "Discovery messages applied", m.discovery_updates.clone());
         r.register("heartbeats", "Heartbeats sent", m.heartbeats.clone());
+        r.register("retries", "Retries sent, by service", m.retries.clone());
+        r.register(
+            "retry_budget_exhausted",
+            "Retries refused by the retry budget, by service",
+            m.retry_budget_exhausted.clone(),
+        );
+        r.register(
+            "overload_rejections",
+            "Requests refused at once at the concurrency limit",
+            m.overload_rejections.clone(),
+        );
+        r.register(
+            "breaker_openings",
+            "Circuit breaker openings (endpoint ejections)",
+            m.breaker_openings.clone(),
+        );
+        r.register(
+            "endpoint_breaker_open",
+            "1 while an endpoint's circuit is open",
+            m.endpoint_breaker_open.clone(),
+        );
         r.register("app_healthy", "1 while the local app passes its health probe", m.app_healthy.clone());
         r.register(
             "inbound_inflight",

@@ -7,8 +7,12 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use http::{Request, Response, StatusCode, Uri, header};
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, Uri, header};
+use http_body::Body as _;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
+use mesh_proto::policy::{CircuitBreakerPolicy, RetryOn};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::time::Instant;
@@ -17,8 +21,8 @@ use tracing::Instrument;
 use crate::{
     metrics::Metrics,
     proxy::{self, Body, Tracked, boxed, error_response},
-    trace,
-    upstream::{Endpoint, Upstream, Upstreams},
+    resilience, trace,
+    upstream::{Endpoint, EndpointSet, Upstream, Upstreams},
 };
 
 /// A gateway route: requests whose path starts with `prefix` go to `service`, with the prefix
@@ -98,7 +102,8 @@ impl Outbound {
             "request", direction, method = %req.method(), path = %req.uri().path(),
             request_id = %t.request_id, trace_id = %t.trace_id, service = tracing::field::Empty,
         );
-        async move {
+        let grpc = proxy::is_grpc(req.headers());
+        let resp = async move {
             let started = Instant::now();
             let service = match self.route(&mut req) {
                 Ok(s) => s,
@@ -128,7 +133,8 @@ impl Outbound {
             resp
         }
         .instrument(span)
-        .await
+        .await;
+        if grpc { proxy::for_grpc(resp) } else { resp }
     }
 
     /// The service a request is for; in gateway mode also rewrites its path.
@@ -179,7 +185,8 @@ impl Outbound {
         Ok(route.service.clone())
     }
 
-    /// Forwards to one endpoint of `up`. Returns the response and the endpoint chosen, if any.
+    /// Forwards to one endpoint of `up`, retrying by policy. Returns the response and the
+    /// endpoint that answered, if any.
     async fn send(&self, up: &Upstream, req: Request<Incoming>) -> (Response<Body>, Option<Arc<Endpoint>>) {
         let service = up.name.as_str();
         if up.endpoints().version == 0
@@ -198,58 +205,213 @@ impl Outbound {
         }
         let applied = up.policy();
         let policy = &applied.policy;
-        let set = up.endpoints();
+        let started = Instant::now();
+        let deadline = (!policy.timeout.request.is_zero()).then(|| started + policy.timeout.request);
+
+        // Fail fast beyond the service's concurrency limit: no unbounded queue.
+        let permit = match applied.limiter.acquire().await {
+            Ok(p) => p,
+            Err(o) => {
+                self.metrics.overload_rejections.get_or_create(&vec![("service", service.to_string())]).inc();
+                let resp = error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "overloaded",
+                    format!(
+                        "service {service} is at its concurrency limit ({} in flight, {} waiting): refused at once",
+                        o.in_flight, o.pending
+                    ),
+                    json!({ "service": service }),
+                );
+                return (resp, None);
+            }
+        };
+
         let hash_key = policy
             .load_balancer
             .hash_header
             .as_deref()
             .and_then(|h| req.headers().get(h))
             .map(|v| v.as_bytes().to_vec());
-        let Some(endpoint) =
-            set.pick(policy.load_balancer.algorithm, up.round_robin(), hash_key.as_deref(), &[])
-        else {
-            let resp = error_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no_endpoints",
-                format!("service {service} has no healthy endpoints"),
-                json!({ "service": service }),
-            );
-            return (resp, None);
-        };
-        let Some(authority) = endpoint.authority.clone() else {
-            let resp = error_response(
-                StatusCode::BAD_GATEWAY,
-                "bad_endpoint",
-                format!(
-                    "endpoint {} of {service} has an unusable address {:?}",
-                    endpoint.info.id, endpoint.info.address
-                ),
-                json!({ "service": service, "endpoint": endpoint.info.id }),
-            );
-            return (resp, Some(endpoint));
-        };
-        let slot = endpoint.start();
-        let timeout = (!policy.timeout.request.is_zero()).then_some(policy.timeout.request);
-        let started = Instant::now();
-        let req = req.map(boxed);
-        match proxy::forward(&applied.clients, req, &authority, timeout).await {
-            Ok(resp) => {
-                endpoint.observe(started.elapsed());
-                let resp = resp.map(|b| boxed(Tracked::new(b, slot)));
-                (resp, Some(endpoint))
-            }
-            Err(e) => {
-                endpoint.observe(started.elapsed().max(Duration::from_secs(1)));
-                tracing::warn!(endpoint = %endpoint.info.id, error = %e, "request to endpoint failed");
-                let resp = error_response(
-                    e.status(),
-                    e.code(),
-                    e.to_string(),
-                    json!({ "service": service, "endpoint": endpoint.info.id }),
-                );
-                (resp, Some(endpoint))
+        let (parts, body) = req.into_parts();
+        let retry = &policy.retry;
+        let idempotent = matches!(
+            parts.method,
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+        ) || parts.headers.contains_key("idempotency-key");
+        let mut attempts_allowed = if idempotent { retry.max_attempts.max(1) } else { 1 };
+        // Keep the body for a retry only when it is known to be small enough.
+        let mut body = Some(body);
+        let mut replay: Option<Bytes> = None;
+        if attempts_allowed > 1 {
+            let hint = body.as_ref().map(|b| b.size_hint().upper()).unwrap_or(Some(0));
+            match hint {
+                Some(n) if n <= retry.max_body_bytes => match body.take().map(|b| b.collect()) {
+                    Some(collected) => match collected.await {
+                        Ok(c) => replay = Some(c.to_bytes()),
+                        Err(e) => {
+                            let resp = error_response(
+                                StatusCode::BAD_REQUEST,
+                                "body_failed",
+                                format!("reading the request body failed: {e}"),
+                                json!({ "service": service }),
+                            );
+                            return (resp, None);
+                        }
+                    },
+                    None => attempts_allowed = 1,
+                },
+                _ => attempts_allowed = 1,
             }
         }
+        up.budget.request(started, retry);
+
+        let mut tried: Vec<Arc<Endpoint>> = Vec::new();
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let set = up.endpoints();
+            let now = Instant::now();
+            let mut avoid: Vec<Arc<Endpoint>> = tried.clone();
+            avoid.extend(set.endpoints.iter().filter(|e| e.breaker.is_open(now)).cloned());
+            let Some(endpoint) =
+                set.pick(policy.load_balancer.algorithm, up.round_robin(), hash_key.as_deref(), &avoid)
+            else {
+                let resp = error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no_endpoints",
+                    format!("service {service} has no healthy endpoints"),
+                    json!({ "service": service }),
+                );
+                return (resp, None);
+            };
+            // A half-open endpoint takes only its probes; panic mode (everything open) ignores breakers.
+            let all_open = set.endpoints.iter().all(|e| e.breaker.is_open(now));
+            if !all_open && !endpoint.breaker.admit(now, &policy.circuit_breaker) && set.endpoints.len() > 1 {
+                tried.push(endpoint.clone());
+                if tried.len() < set.endpoints.len() {
+                    attempt -= 1;
+                    continue;
+                }
+            }
+            let Some(authority) = endpoint.authority.clone() else {
+                let resp = error_response(
+                    StatusCode::BAD_GATEWAY,
+                    "bad_endpoint",
+                    format!(
+                        "endpoint {} of {service} has an unusable address {:?}",
+                        endpoint.info.id, endpoint.info.address
+                    ),
+                    json!({ "service": service, "endpoint": endpoint.info.id }),
+                );
+                return (resp, Some(endpoint));
+            };
+            let attempt_body = match &replay {
+                Some(bytes) => boxed(Full::new(bytes.clone())),
+                None => body.take().map(boxed).unwrap_or_else(proxy::empty),
+            };
+            let mut r = Request::new(attempt_body);
+            *r.method_mut() = parts.method.clone();
+            *r.uri_mut() = parts.uri.clone();
+            *r.version_mut() = parts.version;
+            *r.headers_mut() = parts.headers.clone();
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            let per_try = match (left, (!retry.per_try_timeout.is_zero()).then_some(retry.per_try_timeout)) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let slot = endpoint.start();
+            let sent = Instant::now();
+            let result = proxy::forward(&applied.clients, r, &authority, per_try).await;
+            let took = sent.elapsed();
+            let class = classify(&result);
+            let failed = match &result {
+                Ok(resp) => resp.status().is_server_error(),
+                Err(_) => true,
+            };
+            endpoint.observe(if failed { took.max(Duration::from_secs(1)) } else { took });
+            if endpoint.breaker.record(failed, Instant::now(), &policy.circuit_breaker) {
+                self.maybe_eject(&set, &endpoint, service, &policy.circuit_breaker);
+            }
+            let retryable = class.is_some_and(|c| retry.retry_on.contains(&c));
+            let time_left = deadline.is_none_or(|d| Instant::now() < d);
+            if retryable && attempt < attempts_allowed && time_left {
+                if up.budget.try_retry(Instant::now(), retry) {
+                    self.metrics.retries.get_or_create(&vec![("service", service.to_string())]).inc();
+                    tracing::debug!(endpoint = %endpoint.info.id, attempt, class = ?class, "retrying on another endpoint");
+                    drop(slot);
+                    tried.push(endpoint);
+                    let wait = resilience::backoff(retry, attempt);
+                    let wait =
+                        deadline.map_or(wait, |d| wait.min(d.saturating_duration_since(Instant::now())));
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
+                self.metrics
+                    .retry_budget_exhausted
+                    .get_or_create(&vec![("service", service.to_string())])
+                    .inc();
+            }
+            return match result {
+                Ok(resp) => (resp.map(|b| boxed(Tracked::new(b, (slot, permit)))), Some(endpoint)),
+                Err(e) => {
+                    tracing::warn!(endpoint = %endpoint.info.id, error = %e, attempt, "request to endpoint failed");
+                    let resp = error_response(
+                        e.status(),
+                        e.code(),
+                        e.to_string(),
+                        json!({ "service": service, "endpoint": endpoint.info.id, "attempts": attempt }),
+                    );
+                    (resp, Some(endpoint))
+                }
+            };
+        }
+    }
+
+    /// Opens `endpoint`'s breaker unless that would eject more than the policy's share of the
+    /// set or its last available endpoint.
+    fn maybe_eject(
+        &self,
+        set: &EndpointSet,
+        endpoint: &Arc<Endpoint>,
+        service: &str,
+        p: &CircuitBreakerPolicy,
+    ) {
+        let now = Instant::now();
+        let open = set.endpoints.iter().filter(|e| e.breaker.is_open(now)).count();
+        let total = set.endpoints.len();
+        let within_share = (open + 1) * 100 <= p.max_ejection_percent as usize * total;
+        if within_share && open + 1 < total {
+            let d = endpoint.breaker.open(now, p);
+            self.metrics
+                .breaker_openings
+                .get_or_create(&vec![
+                    ("service", service.to_string()),
+                    ("endpoint", endpoint.info.id.clone()),
+                ])
+                .inc();
+            tracing::warn!(%service, endpoint = %endpoint.info.id, open_for = ?d, "circuit opened: endpoint ejected");
+        } else {
+            tracing::debug!(%service, endpoint = %endpoint.info.id, open, total, "not ejecting: at the max-ejection share or the last endpoint");
+        }
+    }
+}
+
+/// The retry class of an outcome, if it is a failure of a class the policy can name.
+fn classify(r: &Result<Response<hyper::body::Incoming>, proxy::ForwardError>) -> Option<RetryOn> {
+    match r {
+        Err(proxy::ForwardError::Connect(..)) => Some(RetryOn::ConnectFailure),
+        Err(proxy::ForwardError::Failed(..)) => Some(RetryOn::Reset),
+        Err(proxy::ForwardError::Timeout(..)) => Some(RetryOn::Status504),
+        Ok(resp) => match resp.status().as_u16() {
+            502 => Some(RetryOn::Status502),
+            503 => Some(RetryOn::Status503),
+            504 => Some(RetryOn::Status504),
+            _ => match resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()) {
+                Some("14") => Some(RetryOn::Unavailable),
+                Some("8") => Some(RetryOn::ResourceExhausted),
+                _ => None,
+            },
+        },
     }
 }
 

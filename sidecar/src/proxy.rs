@@ -66,7 +66,47 @@ pub fn error_response(
     if let Ok(v) = HeaderValue::from_str(code) {
         h.insert("x-mesh-error", v);
     }
+    resp.extensions_mut().insert(MeshError { message });
     resp
+}
+
+/// What [`error_response`] refused with, kept for [`for_grpc`].
+#[derive(Debug, Clone)]
+pub struct MeshError {
+    pub message: String,
+}
+
+pub fn is_grpc(h: &HeaderMap) -> bool {
+    h.get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/grpc"))
+}
+
+/// A mesh refusal in the shape a gRPC client understands: a trailers-only response (HTTP 200,
+/// `grpc-status`, `grpc-message`) instead of a JSON body. Other responses pass unchanged.
+pub fn for_grpc(resp: Response<Body>) -> Response<Body> {
+    let Some(e) = resp.extensions().get::<MeshError>().cloned() else { return resp };
+    let code = match resp.status().as_u16() {
+        400 => 3,  // INVALID_ARGUMENT
+        403 => 7,  // PERMISSION_DENIED
+        404 => 12, // UNIMPLEMENTED (no route)
+        429 => 8,  // RESOURCE_EXHAUSTED
+        504 => 4,  // DEADLINE_EXCEEDED
+        _ => 14,   // UNAVAILABLE
+    };
+    let mut out = Response::new(empty());
+    let h = out.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    h.insert("grpc-status", HeaderValue::from(code));
+    let msg: String =
+        e.message.chars().map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' }).collect();
+    if let Ok(v) = HeaderValue::from_str(&msg.replace('%', "%25")) {
+        h.insert("grpc-message", v);
+    }
+    if let Some(v) = resp.headers().get("x-mesh-error") {
+        h.insert("x-mesh-error", v.clone());
+    }
+    out
 }
 
 /// Pooled keep-alive clients, one for HTTP/1.1 and one for HTTP/2 (prior knowledge), built
@@ -105,7 +145,7 @@ impl Clients {
 pub enum ForwardError {
     #[error("connecting to {0} failed: {1}")]
     Connect(String, String),
-    #[error("{0} did not answer within {1:?}")]
+    #[error("{0} did not answer within {ms}ms", ms = .1.as_micros().div_ceil(1000))]
     Timeout(String, Duration),
     #[error("{0} failed the request: {1}")]
     Failed(String, String),

@@ -55,6 +55,8 @@ pub struct Endpoint {
     ewma: Mutex<Ewma>,
     /// This endpoint's request counters by status.
     pub counters: crate::metrics::StatusCounters,
+    /// Outlier detection for this endpoint.
+    pub breaker: crate::resilience::Breaker,
 }
 
 #[derive(Debug)]
@@ -72,6 +74,7 @@ impl Endpoint {
             inflight: AtomicUsize::new(0),
             ewma: Mutex::new(Ewma { nanos: 0.0, at: Instant::now() }),
             counters: Default::default(),
+            breaker: Default::default(),
         }
     }
 
@@ -247,11 +250,13 @@ fn build_ring(endpoints: &[Arc<Endpoint>]) -> Vec<(u64, usize)> {
     ring
 }
 
-/// A service's policy as applied here, with the clients built from its timeouts.
+/// A service's policy as applied here, with what is built from it: pooled clients (timeouts)
+/// and the concurrency limiter.
 pub struct AppliedPolicy {
     pub version: u64,
     pub policy: Arc<ServicePolicy>,
     pub clients: Clients,
+    pub limiter: Arc<crate::resilience::Limiter>,
 }
 
 /// Where an upstream's endpoints come from right now.
@@ -275,6 +280,8 @@ pub struct Upstream {
     source: Mutex<Source>,
     /// Becomes true with the first endpoint set from any source.
     known: watch::Sender<bool>,
+    /// Retries spent against requests seen.
+    pub budget: crate::resilience::Budget,
 }
 
 impl Upstream {
@@ -287,11 +294,13 @@ impl Upstream {
             policy: ArcSwap::from_pointee(AppliedPolicy {
                 version: 0,
                 clients: Clients::new(&policy),
+                limiter: Arc::new(crate::resilience::Limiter::new(&policy.circuit_breaker)),
                 policy: Arc::new(policy),
             }),
             rr: AtomicUsize::new(0),
             source: Mutex::new(Source::None),
             known: watch::channel(false).0,
+            budget: Default::default(),
         }
     }
 
@@ -332,7 +341,15 @@ impl Upstream {
         let old = self.policy.load();
         let clients =
             if old.policy.timeout == policy.timeout { old.clients.clone() } else { Clients::new(&policy) };
-        self.policy.store(Arc::new(AppliedPolicy { version, policy: Arc::new(policy), clients }));
+        let (o, n) = (&old.policy.circuit_breaker, &policy.circuit_breaker);
+        let limiter = if (o.max_concurrent_requests, o.max_pending_requests)
+            == (n.max_concurrent_requests, n.max_pending_requests)
+        {
+            old.limiter.clone()
+        } else {
+            Arc::new(crate::resilience::Limiter::new(n))
+        };
+        self.policy.store(Arc::new(AppliedPolicy { version, policy: Arc::new(policy), clients, limiter }));
     }
 
     /// Waits (at most `within`) until some source has given this service endpoints.

@@ -29,6 +29,14 @@ async fn through_mesh() -> (Held, TestCp, Channel) {
     cfg.upstreams = vec!["grpc-app".into()];
     let caller = TestSidecar::start(cfg).await;
     eventually(WAIT, "grpc-app registered", || async { mesh.endpoints("grpc-app").await == ["g1"] }).await;
+    eventually(WAIT, "the caller's sidecar knows grpc-app", || async {
+        caller.config_json().await["upstreams"].as_array().is_some_and(|ups| {
+            ups.iter().any(|u| {
+                u["service"] == "grpc-app" && u["endpoints"].as_array().is_some_and(|e| !e.is_empty())
+            })
+        })
+    })
+    .await;
     // The app's gRPC client talks to its own sidecar, naming the service in :authority.
     let ch = Endpoint::from_shared(format!("http://{}", caller.outbound))
         .unwrap()
@@ -62,6 +70,22 @@ async fn unary_calls_and_error_statuses_pass_intact() {
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
     assert!(e.message().contains("nothing"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_refusals_reach_grpc_clients_as_grpc_statuses() {
+    let (held, _app, _) = through_mesh().await;
+    // A service nobody serves: the sidecar refuses in gRPC's terms, not with a JSON body.
+    let caller = format!("http://{}", held.1[1].outbound);
+    let ch = Endpoint::from_shared(caller)
+        .unwrap()
+        .origin("http://nobody-here".parse().unwrap())
+        .connect()
+        .await
+        .unwrap();
+    let e = v1::admin_client::AdminClient::new(ch).overview(v1::OverviewRequest {}).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+    assert!(e.message().contains("nobody-here"), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

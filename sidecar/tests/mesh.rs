@@ -331,12 +331,18 @@ async fn gateway_routes_by_path_prefix_with_rewrite() {
 async fn admin_endpoints_report_state_and_metrics() {
     let mesh = mesh_with(fast_policy(), &[100]).await;
     assert_eq!(mesh.spread(3, &[]).await["m0"], 3);
-    let (status, body) = get(mesh.caller.admin, "admin", "/ready").await;
-    assert_eq!(status, 200, "{body}");
+    // Readiness and the caller's own registration follow its first probe and policy push.
+    eventually(WAIT, "the caller is ready", || async {
+        get(mesh.caller.admin, "admin", "/ready").await.0 == 200
+    })
+    .await;
+    eventually(WAIT, "the caller is registered", || async {
+        mesh.caller.config_json().await["control_plane"]["registered"] == true
+    })
+    .await;
     assert_eq!(get(mesh.caller.admin, "admin", "/live").await.0, 200);
     let cfg = mesh.caller.config_json().await;
     assert_eq!(cfg["control_plane"]["connected"], true);
-    assert_eq!(cfg["control_plane"]["registered"], true);
     assert_eq!(market(&cfg)["source"], "discovery");
     let (status, text) = get(mesh.caller.admin, "admin", "/metrics").await;
     assert_eq!(status, 200);

@@ -1,0 +1,262 @@
+//! Resilience state, one piece per concern, each driven by the policy and an explicit `now`:
+//!
+//! - [`Breaker`]: per endpoint. Opens after `consecutive_failures` failures in a row or a
+//!   failure rate over a window (with a minimum of requests); stays open for `open_duration`,
+//!   doubling on each repeated opening up to `max_open_duration`; then lets `half_open_probes`
+//!   requests through: a success closes it, a failure opens it again.
+//! - [`Budget`]: per service. Retries may add at most `budget_percent` of the requests seen in
+//!   the window, plus `budget_min_per_second` × the window.
+//! - [`Limiter`]: per service. At most `max_concurrent_requests` in flight and
+//!   `max_pending_requests` waiting; beyond, refuse at once (no unbounded queue).
+//! - [`backoff`]: full jitter over an exponentially growing cap.
+//!
+//! Whether an opening may happen at all (the max-ejection share, never the last endpoint) is the
+//! endpoint set's decision: [`Breaker::record`] reports that the breaker wants to open and the
+//! caller confirms with [`Breaker::open`].
+
+use std::{
+    collections::VecDeque,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use mesh_proto::policy::{CircuitBreakerPolicy, RetryPolicy};
+use rand::Rng;
+use tokio::{sync::Semaphore, time::Instant};
+
+/// Where a breaker stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    Closed,
+    /// Skipped until `until`.
+    Open {
+        until: Instant,
+    },
+    /// Probing: this many probes may still be sent.
+    HalfOpen {
+        probes_left: u32,
+    },
+}
+
+impl BreakerState {
+    pub fn name(&self) -> &'static str {
+        match self {
+            BreakerState::Closed => "closed",
+            BreakerState::Open { .. } => "open",
+            BreakerState::HalfOpen { .. } => "half_open",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct BreakerInner {
+    state: BreakerState,
+    consecutive: u32,
+    /// (time, failed) of recent outcomes within the failure-rate window.
+    window: VecDeque<(Instant, bool)>,
+    /// Openings in a row without a full recovery (drives the open-duration backoff).
+    openings: u32,
+}
+
+#[derive(Debug)]
+pub struct Breaker(Mutex<BreakerInner>);
+
+impl Default for Breaker {
+    fn default() -> Self {
+        Breaker(Mutex::new(BreakerInner {
+            state: BreakerState::Closed,
+            consecutive: 0,
+            window: VecDeque::new(),
+            openings: 0,
+        }))
+    }
+}
+
+impl Breaker {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BreakerInner> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn state(&self, now: Instant) -> BreakerState {
+        let mut b = self.lock();
+        if let BreakerState::Open { until } = b.state
+            && now >= until
+        {
+            b.state = BreakerState::HalfOpen { probes_left: 0 };
+        }
+        b.state
+    }
+
+    /// May a request go to this endpoint now? Takes a half-open probe slot when probing.
+    pub fn admit(&self, now: Instant, p: &CircuitBreakerPolicy) -> bool {
+        let mut b = self.lock();
+        match b.state {
+            BreakerState::Closed => true,
+            BreakerState::Open { until } if now < until => false,
+            BreakerState::Open { .. } => {
+                b.state = BreakerState::HalfOpen { probes_left: p.half_open_probes.max(1) - 1 };
+                true
+            }
+            BreakerState::HalfOpen { probes_left: 0 } => false,
+            BreakerState::HalfOpen { probes_left } => {
+                b.state = BreakerState::HalfOpen { probes_left: probes_left - 1 };
+                true
+            }
+        }
+    }
+
+    /// Records an outcome. Returns true when the breaker wants to open (the caller decides).
+    pub fn record(&self, failed: bool, now: Instant, p: &CircuitBreakerPolicy) -> bool {
+        let mut b = self.lock();
+        if !p.failure_rate_window.is_zero() {
+            while b.window.front().is_some_and(|(t, _)| now.duration_since(*t) > p.failure_rate_window) {
+                b.window.pop_front();
+            }
+            b.window.push_back((now, failed));
+        }
+        if !failed {
+            b.consecutive = 0;
+            if matches!(b.state, BreakerState::HalfOpen { .. }) {
+                b.state = BreakerState::Closed;
+                b.openings = 0;
+                b.window.clear();
+            }
+            return false;
+        }
+        b.consecutive += 1;
+        if matches!(b.state, BreakerState::HalfOpen { .. }) {
+            return true; // a failed probe re-opens
+        }
+        if b.state != BreakerState::Closed {
+            return false;
+        }
+        let by_count = p.consecutive_failures > 0 && b.consecutive >= p.consecutive_failures;
+        let by_rate = p.failure_rate_percent > 0 && b.window.len() as u32 >= p.failure_rate_min_requests && {
+            let failures = b.window.iter().filter(|(_, f)| *f).count() as u64;
+            failures * 100 >= u64::from(p.failure_rate_percent) * b.window.len() as u64
+        };
+        by_count || by_rate
+    }
+
+    /// Opens (after the caller checked the ejection limits); the duration doubles per opening.
+    pub fn open(&self, now: Instant, p: &CircuitBreakerPolicy) -> Duration {
+        let mut b = self.lock();
+        let d = p
+            .open_duration
+            .saturating_mul(1u32 << b.openings.min(16))
+            .min(p.max_open_duration.max(p.open_duration));
+        b.openings += 1;
+        b.state = BreakerState::Open { until: now + d };
+        b.consecutive = 0;
+        b.window.clear();
+        d
+    }
+
+    pub fn is_open(&self, now: Instant) -> bool {
+        matches!(self.state(now), BreakerState::Open { .. })
+    }
+}
+
+/// The retry budget of one service: a sliding window of requests and retries.
+#[derive(Debug, Default)]
+pub struct Budget(Mutex<VecDeque<(Instant, bool)>>);
+
+impl Budget {
+    /// Counts a first attempt.
+    pub fn request(&self, now: Instant, p: &RetryPolicy) {
+        self.push(now, false, p);
+    }
+
+    /// Takes a retry from the budget if there is room.
+    pub fn try_retry(&self, now: Instant, p: &RetryPolicy) -> bool {
+        let mut w = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        Self::trim(&mut w, now, p.budget_window);
+        let retries = w.iter().filter(|(_, r)| *r).count() as u64;
+        let requests = w.len() as u64 - retries;
+        let allowed = requests * u64::from(p.budget_percent) / 100
+            + u64::from(p.budget_min_per_second) * p.budget_window.as_secs().max(1);
+        if retries >= allowed {
+            return false;
+        }
+        w.push_back((now, true));
+        true
+    }
+
+    fn push(&self, now: Instant, retry: bool, p: &RetryPolicy) {
+        let mut w = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        Self::trim(&mut w, now, p.budget_window);
+        w.push_back((now, retry));
+    }
+
+    fn trim(w: &mut VecDeque<(Instant, bool)>, now: Instant, window: Duration) {
+        while w.front().is_some_and(|(t, _)| now.duration_since(*t) > window) {
+            w.pop_front();
+        }
+    }
+}
+
+/// Per-service concurrency: in-flight permits plus a bounded number of waiters.
+#[derive(Debug)]
+pub struct Limiter {
+    permits: Option<Arc<Semaphore>>,
+    max_concurrent: usize,
+    pending: AtomicUsize,
+    max_pending: usize,
+}
+
+/// Why the limiter refused.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Overloaded {
+    pub in_flight: usize,
+    pub pending: usize,
+}
+
+impl Limiter {
+    pub fn new(p: &CircuitBreakerPolicy) -> Self {
+        let permits = (p.max_concurrent_requests > 0)
+            .then(|| Arc::new(Semaphore::new(p.max_concurrent_requests as usize)));
+        Limiter {
+            permits,
+            max_concurrent: p.max_concurrent_requests as usize,
+            pending: AtomicUsize::new(0),
+            max_pending: p.max_pending_requests as usize,
+        }
+    }
+
+    /// A slot, waiting only if fewer than `max_pending` already wait; otherwise refused at once.
+    pub async fn acquire(&self) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, Overloaded> {
+        let Some(sem) = &self.permits else { return Ok(None) };
+        if let Ok(p) = sem.clone().try_acquire_owned() {
+            return Ok(Some(p));
+        }
+        let waiting = self.pending.fetch_add(1, Ordering::SeqCst);
+        struct Leave<'a>(&'a AtomicUsize);
+        impl Drop for Leave<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        let _leave = Leave(&self.pending);
+        if waiting >= self.max_pending {
+            return Err(Overloaded { in_flight: self.in_flight(), pending: waiting });
+        }
+        sem.clone().acquire_owned().await.map(Some).map_err(|_| Overloaded { in_flight: 0, pending: 0 })
+    }
+
+    /// Requests holding a slot now.
+    pub fn in_flight(&self) -> usize {
+        self.permits.as_ref().map_or(0, |s| self.max_concurrent.saturating_sub(s.available_permits()))
+    }
+}
+
+/// Full-jitter backoff before retry `attempt` (1 = the first retry).
+pub fn backoff(p: &RetryPolicy, attempt: u32) -> Duration {
+    let cap = p.backoff_base.saturating_mul(1u32 << attempt.saturating_sub(1).min(16)).min(p.backoff_max);
+    Duration::from_nanos(rand::rng().random_range(0..=cap.as_nanos() as u64))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,124 @@
+use std::time::Duration;
+
+use mesh_proto::policy::{CircuitBreakerPolicy, RetryPolicy};
+use tokio::time::Instant;
+
+use super::*;
+
+fn breaker_policy() -> CircuitBreakerPolicy {
+    CircuitBreakerPolicy {
+        consecutive_failures: 3,
+        failure_rate_percent: 50,
+        failure_rate_min_requests: 10,
+        failure_rate_window: Duration::from_secs(10),
+        open_duration: Duration::from_secs(1),
+        max_open_duration: Duration::from_secs(5),
+        half_open_probes: 1,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn consecutive_failures_open_then_a_probe_closes() {
+    let p = breaker_policy();
+    let b = Breaker::default();
+    let t0 = Instant::now();
+    assert!(!b.record(true, t0, &p));
+    assert!(!b.record(true, t0, &p));
+    assert!(b.record(true, t0, &p), "third failure in a row wants to open");
+    assert_eq!(b.open(t0, &p), Duration::from_secs(1));
+    assert!(!b.admit(t0 + Duration::from_millis(999), &p), "skipped while open");
+    assert!(b.admit(t0 + Duration::from_secs(1), &p), "one probe after the open duration");
+    assert!(!b.admit(t0 + Duration::from_secs(1), &p), "only one probe at a time");
+    assert!(!b.record(false, t0 + Duration::from_secs(1), &p));
+    assert_eq!(b.state(t0 + Duration::from_secs(1)), BreakerState::Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_probe_reopens_for_longer_up_to_the_cap() {
+    let p = breaker_policy();
+    let b = Breaker::default();
+    let mut now = Instant::now();
+    let mut durations = Vec::new();
+    for _ in 0..5 {
+        durations.push(b.open(now, &p));
+        now += *durations.last().unwrap();
+        assert!(b.admit(now, &p));
+        assert!(b.record(true, now, &p), "a failed probe wants to re-open");
+    }
+    let secs: Vec<u64> = durations.iter().map(|d| d.as_secs()).collect();
+    assert_eq!(secs, [1, 2, 4, 5, 5]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failure_rate_over_the_window_opens_only_past_the_minimum() {
+    let mut p = breaker_policy();
+    p.consecutive_failures = 0;
+    let b = Breaker::default();
+    let t = Instant::now();
+    for i in 0..9 {
+        // Alternate: 50 % failures, but fewer than 10 requests so far.
+        assert!(!b.record(i % 2 == 0, t, &p), "not below the minimum (request {i})");
+    }
+    assert!(b.record(true, t, &p), "the 10th request makes 50 %: open");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_budget_allows_a_share_of_requests_plus_a_floor() {
+    let p = RetryPolicy {
+        budget_percent: 20,
+        budget_min_per_second: 0,
+        budget_window: Duration::from_secs(10),
+        ..Default::default()
+    };
+    let b = Budget::default();
+    let t = Instant::now();
+    for _ in 0..100 {
+        b.request(t, &p);
+    }
+    let granted = (0..100).filter(|_| b.try_retry(t, &p)).count();
+    assert_eq!(granted, 20);
+    // The window slides: after it, the old requests no longer count.
+    assert!(!b.try_retry(t + Duration::from_secs(11), &p));
+    let floor = RetryPolicy { budget_min_per_second: 2, ..p };
+    let b = Budget::default();
+    assert_eq!((0..100).filter(|_| b.try_retry(t, &floor)).count(), 20, "2/s × 10 s with no traffic");
+}
+
+#[tokio::test]
+async fn the_limiter_refuses_at_once_beyond_the_pending_limit() {
+    let p =
+        CircuitBreakerPolicy { max_concurrent_requests: 2, max_pending_requests: 1, ..Default::default() };
+    let l = Arc::new(Limiter::new(&p));
+    let a = l.acquire().await.unwrap();
+    let _b = l.acquire().await.unwrap();
+    assert_eq!(l.in_flight(), 2);
+    let waiter = tokio::spawn({
+        let l = l.clone();
+        async move { l.acquire().await.map(|_| ()) }
+    });
+    while l.pending.load(Ordering::SeqCst) == 0 {
+        tokio::task::yield_now().await;
+    }
+    let refused = l.acquire().await.unwrap_err();
+    assert_eq!(refused.pending, 1);
+    drop(a);
+    waiter.await.unwrap().unwrap();
+    let unlimited = Limiter::new(&CircuitBreakerPolicy { max_concurrent_requests: 0, ..Default::default() });
+    assert!(unlimited.acquire().await.unwrap().is_none());
+}
+
+#[test]
+fn backoff_is_full_jitter_under_a_doubling_cap() {
+    let p = RetryPolicy {
+        backoff_base: Duration::from_millis(10),
+        backoff_max: Duration::from_millis(50),
+        ..Default::default()
+    };
+    for attempt in 1..8u32 {
+        let cap = Duration::from_millis(10 * (1 << (attempt - 1))).min(Duration::from_millis(50));
+        for _ in 0..50 {
+            assert!(backoff(&p, attempt) <= cap);
+        }
+    }
+}
