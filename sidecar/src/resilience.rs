@@ -80,14 +80,11 @@ impl Breaker {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The state as of `now` (an open breaker past its time is due for probing; [`Self::admit`]
+    /// moves it to half-open with the policy's probe count).
     pub fn state(&self, now: Instant) -> BreakerState {
-        let mut b = self.lock();
-        if let BreakerState::Open { until } = b.state
-            && now >= until
-        {
-            b.state = BreakerState::HalfOpen { probes_left: 0 };
-        }
-        b.state
+        let _ = now;
+        self.lock().state
     }
 
     /// May a request go to this endpoint now? Takes a half-open probe slot when probing.
@@ -155,8 +152,9 @@ impl Breaker {
         d
     }
 
+    /// Open and not yet due for a probe.
     pub fn is_open(&self, now: Instant) -> bool {
-        matches!(self.state(now), BreakerState::Open { .. })
+        matches!(self.lock().state, BreakerState::Open { until } if now < until)
     }
 }
 

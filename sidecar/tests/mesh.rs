@@ -360,3 +360,131 @@ async fn admin_endpoints_report_state_and_metrics() {
     let (_, text) = get(mesh.sidecars[0].admin, "admin", "/metrics").await;
     assert!(text.contains(r#"mesh_sidecar_requests_total{direction="inbound",service="market",endpoint="app",status="200"} 3"#), "{text}");
 }
+
+// ---- resilience: each scenario with its negative control -------------------------------------
+
+fn resilient(max_attempts: u32) -> ServicePolicy {
+    let mut p = fast_policy();
+    p.load_balancer.algorithm = Algorithm::RoundRobin;
+    p.retry.max_attempts = max_attempts;
+    p.retry.backoff_base = Duration::from_millis(1);
+    p.retry.backoff_max = Duration::from_millis(5);
+    p
+}
+
+/// Sends `n` GETs one after another; returns how many did not get a 200.
+async fn failures(mesh: &Mesh, n: usize) -> usize {
+    let client = HttpClient::default();
+    let mut failed = 0;
+    for _ in 0..n {
+        if client.get(mesh.caller.outbound, "market", "/work").await.0 != 200 {
+            failed += 1;
+        }
+    }
+    failed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_instance_is_invisible_to_clients_with_retries_and_visible_without() {
+    for (attempts, expect_errors) in [(3, false), (1, true)] {
+        let mesh = mesh_with(resilient(attempts), &[100, 100, 100]).await;
+        // The app behind m2 dies; its sidecar still answers (503: connect failed to the app)
+        // until its probe marks it unhealthy.
+        mesh.backends[2].stop_now();
+        let failed = failures(&mesh, 60).await;
+        if expect_errors {
+            assert!(failed > 0, "negative control: without retries the dead instance shows");
+        } else {
+            assert_eq!(failed, 0, "retried on another instance");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_stay_within_the_budget_when_everything_fails() {
+    // (budget %, floor per second): 20 % with no floor, and a floor so large the budget never binds.
+    for (budget, floor, bound) in [(20u32, 0u32, 1.25f64), (20, 100_000, 3.0)] {
+        let mut p = resilient(3);
+        p.retry.budget_percent = budget;
+        p.retry.budget_min_per_second = floor;
+        p.circuit_breaker.consecutive_failures = 0; // isolate the budget from ejection
+        p.circuit_breaker.failure_rate_percent = 0;
+        let mesh = mesh_with(p, &[100, 100, 100]).await;
+        for b in &mesh.backends {
+            b.status.store(503, std::sync::atomic::Ordering::Relaxed);
+        }
+        let before: u64 = mesh.backends.iter().map(|b| b.hits()).sum();
+        let n = 200;
+        assert_eq!(failures(&mesh, n).await, n, "every request fails: all instances answer 503");
+        let attempts: u64 = mesh.backends.iter().map(|b| b.hits()).sum::<u64>() - before;
+        let ratio = attempts as f64 / n as f64;
+        eprintln!("budget {budget} % + {floor}/s: {ratio:.2} attempts per request");
+        if floor == 0 {
+            assert!(ratio <= bound, "budget 20 %: {attempts} attempts for {n} requests ({ratio:.2})");
+        } else {
+            assert!(
+                ratio > 2.5 && ratio <= bound,
+                "negative control, no effective budget: a retry storm ({ratio:.2})"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_the_concurrency_limit_requests_are_refused_at_once_not_queued() {
+    for (limit, expect_rejections) in [(4u32, true), (0, false)] {
+        let mut p = resilient(1);
+        p.circuit_breaker.max_concurrent_requests = limit;
+        p.circuit_breaker.max_pending_requests = 0;
+        let mesh = mesh_with(p, &[100]).await;
+        let results = futures::future::join_all((0..12).map(|_| async {
+            let client = HttpClient::default();
+            let t = tokio::time::Instant::now();
+            let (status, body) = client.get(mesh.caller.outbound, "market", "/work?delay_ms=400").await;
+            (status, body, t.elapsed())
+        }))
+        .await;
+        let rejected: Vec<_> = results.iter().filter(|(s, _, _)| *s == 503).collect();
+        if expect_rejections {
+            assert_eq!(rejected.len(), 8, "3× over a limit of 4: 8 refused");
+            for (_, body, took) in &rejected {
+                assert!(body.contains("overloaded"), "{body}");
+                assert!(*took < Duration::from_millis(200), "refused at once, not after queueing: {took:?}");
+            }
+            eprintln!("rejection latency: max {:?}", rejected.iter().map(|r| r.2).max().unwrap());
+            assert_eq!(results.iter().filter(|(s, _, _)| *s == 200).count(), 4);
+        } else {
+            assert!(rejected.is_empty(), "negative control: no limit, nothing refused");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_endpoint_is_ejected_and_returns_after_recovery() {
+    let mut p = resilient(3);
+    p.circuit_breaker.consecutive_failures = 3;
+    p.circuit_breaker.open_duration = Duration::from_millis(300);
+    p.circuit_breaker.max_ejection_percent = 50;
+    let mesh = mesh_with(p, &[100, 100, 100]).await;
+    mesh.backends[1].status.store(503, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(failures(&mesh, 30).await, 0, "retries hide the failing endpoint");
+    let hits_when_ejected = mesh.backends[1].hits();
+    assert_eq!(failures(&mesh, 30).await, 0);
+    assert!(
+        mesh.backends[1].hits() <= hits_when_ejected + 1,
+        "ejected: at most a half-open probe reaches it"
+    );
+    let (_, metrics) = get(mesh.caller.admin, "admin", "/metrics").await;
+    assert!(
+        metrics.contains(r#"mesh_sidecar_breaker_openings_total{service="market",endpoint="m1"}"#),
+        "{metrics}"
+    );
+
+    mesh.backends[1].status.store(0, std::sync::atomic::Ordering::Relaxed);
+    eventually(WAIT, "the recovered endpoint gets traffic again", || async {
+        let before = mesh.backends[1].hits();
+        failures(&mesh, 6).await;
+        mesh.backends[1].hits() > before + 1
+    })
+    .await;
+}

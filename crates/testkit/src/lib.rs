@@ -213,6 +213,11 @@ impl Backend {
     pub fn hits(&self) -> u64 {
         self.hits.load(Ordering::Relaxed)
     }
+
+    /// Stops listening and drops every open connection at once (the app crashed).
+    pub fn stop_now(&self) {
+        self.stop.cancel();
+    }
 }
 
 impl Drop for Backend {

@@ -28,10 +28,13 @@ async fn consecutive_failures_open_then_a_probe_closes() {
     assert!(b.record(true, t0, &p), "third failure in a row wants to open");
     assert_eq!(b.open(t0, &p), Duration::from_secs(1));
     assert!(!b.admit(t0 + Duration::from_millis(999), &p), "skipped while open");
+    assert!(b.is_open(t0 + Duration::from_millis(999)));
+    assert!(!b.is_open(t0 + Duration::from_secs(1)), "due for a probe: no longer skipped");
     assert!(b.admit(t0 + Duration::from_secs(1), &p), "one probe after the open duration");
     assert!(!b.admit(t0 + Duration::from_secs(1), &p), "only one probe at a time");
     assert!(!b.record(false, t0 + Duration::from_secs(1), &p));
     assert_eq!(b.state(t0 + Duration::from_secs(1)), BreakerState::Closed);
+    assert!(!b.is_open(t0 + Duration::from_secs(1)));
 }
 
 #[tokio::test(start_paused = true)]
