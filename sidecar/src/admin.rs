@@ -33,10 +33,11 @@ async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
     for up in s.upstreams.all() {
         let set = up.endpoints();
         m.endpoints.get_or_create(&vec![("service", up.name.clone())]).set(set.endpoints.len() as i64);
+        let now = tokio::time::Instant::now();
         for e in &set.endpoints {
-            m.endpoint_inflight
-                .get_or_create(&vec![("service", up.name.clone()), ("endpoint", e.info.id.clone())])
-                .set(e.inflight() as i64);
+            let labels = vec![("service", up.name.clone()), ("endpoint", e.info.id.clone())];
+            m.endpoint_inflight.get_or_create(&labels).set(e.inflight() as i64);
+            m.endpoint_breaker_open.get_or_create(&labels).set(i64::from(e.breaker.is_open(now)));
         }
         m.policy_version.get_or_create(&vec![("service", up.name.clone())]).set(up.policy().version as i64);
     }
@@ -68,6 +69,7 @@ async fn ready(State(s): State<Arc<Shared>>) -> impl IntoResponse {
 
 async fn config(State(s): State<Arc<Shared>>) -> impl IntoResponse {
     let c = &s.config;
+    let now = tokio::time::Instant::now();
     let (own_version, own_policy) = s.own_policy.borrow().clone();
     let upstreams: Vec<_> = s
         .upstreams
@@ -83,6 +85,7 @@ async fn config(State(s): State<Arc<Shared>>) -> impl IntoResponse {
                 "endpoints": set.endpoints.iter().map(|e| json!({
                     "id": e.info.id, "address": e.info.address, "zone": e.info.zone, "weight": e.info.weight,
                     "inflight": e.inflight(), "latency_ewma_ms": e.latency_estimate().as_secs_f64() * 1000.0,
+                    "breaker": if e.breaker.is_open(now) { "open" } else { e.breaker.state(now).name() },
                 })).collect::<Vec<_>>(),
                 "policy_version": p.version,
                 "policy": *p.policy,

@@ -479,6 +479,20 @@ async fn a_failing_endpoint_is_ejected_and_returns_after_recovery() {
         metrics.contains(r#"mesh_sidecar_breaker_openings_total{service="market",endpoint="m1"}"#),
         "{metrics}"
     );
+    assert!(
+        metrics.contains(r#"mesh_sidecar_endpoint_breaker_open{service="market",endpoint="m1"}"#),
+        "{metrics}"
+    );
+    let states: Vec<String> = market(&mesh.caller.config_json().await)["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| format!("{}={}", e["id"].as_str().unwrap(), e["breaker"].as_str().unwrap()))
+        .collect();
+    assert!(
+        states.iter().all(|s| s.ends_with("=closed") || s == "m1=open" || s == "m1=half_open"),
+        "{states:?}"
+    );
 
     mesh.backends[1].status.store(0, std::sync::atomic::Ordering::Relaxed);
     eventually(WAIT, "the recovered endpoint gets traffic again", || async {
