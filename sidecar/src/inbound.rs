@@ -13,7 +13,7 @@ use std::{
     },
 };
 
-use http::{HeaderName, HeaderValue, Request, Response};
+use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use mesh_proto::policy::ServicePolicy;
 use serde_json::json;
@@ -31,6 +31,9 @@ pub const CALLER: &str = "x-mesh-caller";
 
 pub struct Inbound {
     pub service: String,
+    /// This service's own policy (rate limits apply here, at the receiving side).
+    pub policy: tokio::sync::watch::Receiver<(u64, Arc<ServicePolicy>)>,
+    rate_limits: crate::resilience::RateLimits,
     pub app: http::uri::Authority,
     counters: crate::metrics::StatusCounters,
     latency: prometheus_client::metrics::histogram::Histogram,
@@ -59,13 +62,21 @@ impl Drop for Load {
 }
 
 impl Inbound {
-    pub fn new(service: String, app: SocketAddr, metrics: Arc<Metrics>, inflight: Arc<AtomicUsize>) -> Self {
+    pub fn new(
+        service: String,
+        app: SocketAddr,
+        policy: tokio::sync::watch::Receiver<(u64, Arc<ServicePolicy>)>,
+        metrics: Arc<Metrics>,
+        inflight: Arc<AtomicUsize>,
+    ) -> Self {
         let latency = metrics.latency_histogram("inbound", &service);
         // A SocketAddr always forms a valid authority.
         let app =
             app.to_string().parse().unwrap_or_else(|_| http::uri::Authority::from_static("127.0.0.1:80"));
         Self {
             service,
+            policy,
+            rate_limits: Default::default(),
             app,
             counters: Default::default(),
             latency,
@@ -85,6 +96,28 @@ impl Inbound {
         let resp = async move {
             let started = Instant::now();
             strip_mesh_headers(req.headers_mut(), None);
+            // Until mesh identity (mTLS) exists, a caller is known by its address.
+            let caller = peer.ip().to_string();
+            let limits = self.policy.borrow().1.rate_limit.clone();
+            if let Err(wait) = self.rate_limits.check(&caller, &limits, Instant::now()) {
+                self.metrics.rate_limited.get_or_create(&vec![("service", self.service.clone())]).inc();
+                let mut resp = error_response(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    format!(
+                        "{} is over its rate limit; retry in {}ms",
+                        self.service,
+                        wait.as_millis().max(1)
+                    ),
+                    json!({ "service": self.service, "retry_after_ms": wait.as_millis() as u64 }),
+                );
+                let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                resp.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs.max(1)));
+                self.counters
+                    .get(429, || self.metrics.request_counter("inbound", &self.service, "app", 429))
+                    .inc();
+                return resp;
+            }
             let load = Load::start(&self.inflight, &self.metrics);
             let result = proxy::forward(&self.clients, req.map(boxed), &self.app, None).await;
             let resp = match result {

@@ -258,7 +258,13 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     if let (Some(listener), Some(app), Some(service)) =
         (listeners.inbound, shared.config.app_addr, &shared.config.service)
     {
-        let inbound = Arc::new(Inbound::new(service.clone(), app, metrics.clone(), shared.load.clone()));
+        let inbound = Arc::new(Inbound::new(
+            service.clone(),
+            app,
+            shared.own_policy.subscribe(),
+            metrics.clone(),
+            shared.load.clone(),
+        ));
         let handler: Handler = Arc::new(move |req, peer| Box::pin(inbound.clone().handle(req, peer)));
         servers.push(tokio::spawn(server::serve(listener, handler, serving.clone(), drain, "inbound")));
     }

@@ -52,6 +52,7 @@ pub struct Metrics {
     pub overload_rejections: Family<Labels, Counter>,
     pub breaker_openings: Family<Labels, Counter>,
     pub endpoint_breaker_open: Family<Labels, Gauge>,
+    pub rate_limited: Family<Labels, Counter>,
     pub inbound_inflight: Gauge,
     registry: Registry,
 }
@@ -80,6 +81,7 @@ impl Metrics {
             overload_rejections: Family::default(),
             breaker_openings: Family::default(),
             endpoint_breaker_open: Family::default(),
+            rate_limited: Family::default(),
             inbound_inflight: Gauge::default(),
             registry: Registry::with_prefix("mesh_sidecar"),
         };
@@ -131,6 +133,11 @@ impl Metrics {
             "endpoint_breaker_open",
             "1 while an endpoint's circuit is open",
             m.endpoint_breaker_open.clone(),
+        );
+        r.register(
+            "rate_limited",
+            "Inbound requests refused with 429 by the service's rate limits",
+            m.rate_limited.clone(),
         );
         r.register("app_healthy", "1 while the local app passes its health probe", m.app_healthy.clone());
         r.register(

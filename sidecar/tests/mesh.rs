@@ -502,3 +502,40 @@ async fn a_failing_endpoint_is_ejected_and_returns_after_recovery() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_receiving_sidecar_enforces_its_services_rate_limit_with_429_and_retry_after() {
+    for (rps, expect_limited) in [(5u32, true), (0, false)] {
+        let mut p = resilient(1);
+        p.rate_limit.requests_per_second = rps;
+        p.rate_limit.burst = rps;
+        let mesh = mesh_with(p, &[100]).await;
+        // The policy reaches the instance's own sidecar as its own policy.
+        eventually(WAIT, "m0 applies its policy", || async {
+            mesh.sidecars[0].config_json().await["own_policy"]["policy"]["rate_limit"]["requests_per_second"]
+                == rps
+        })
+        .await;
+        let client = HttpClient::default();
+        let mut limited = 0;
+        for _ in 0..30 {
+            let (status, body) = client.get(mesh.caller.outbound, "market", "/work").await;
+            if status == 429 {
+                limited += 1;
+                assert!(body.contains("rate_limited"), "{body}");
+            }
+        }
+        if expect_limited {
+            assert!((20..=25).contains(&limited), "a burst of 5 then ~5/s: {limited} of 30 refused");
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut s = tokio::net::TcpStream::connect(mesh.caller.outbound).await.unwrap();
+            s.write_all(b"GET /work HTTP/1.1\r\nHost: market\r\nConnection: close\r\n\r\n").await.unwrap();
+            let mut raw = String::new();
+            s.read_to_string(&mut raw).await.unwrap();
+            assert!(raw.starts_with("HTTP/1.1 429"), "{raw}");
+            assert!(raw.to_ascii_lowercase().contains("retry-after: 1"), "{raw}");
+        } else {
+            assert_eq!(limited, 0, "negative control: no limit, nothing refused");
+        }
+    }
+}

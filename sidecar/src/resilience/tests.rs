@@ -125,3 +125,32 @@ fn backoff_is_full_jitter_under_a_doubling_cap() {
         }
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn rate_limits_admit_a_burst_then_the_rate_per_service_and_per_caller() {
+    use mesh_proto::policy::RateLimitPolicy;
+    let p = RateLimitPolicy {
+        requests_per_second: 10,
+        burst: 5,
+        per_caller_requests_per_second: 0,
+        per_caller_burst: 0,
+    };
+    let l = RateLimits::default();
+    let t = Instant::now();
+    assert_eq!((0..20).filter(|_| l.check("a", &p, t).is_ok()).count(), 5, "the burst");
+    let wait = l.check("a", &p, t).unwrap_err();
+    assert!(wait > Duration::ZERO && wait <= Duration::from_millis(100), "{wait:?}");
+    assert!(l.check("b", &p, t + Duration::from_millis(100)).is_ok(), "one more token after 1/rate");
+
+    let per = RateLimitPolicy {
+        requests_per_second: 0,
+        burst: 0,
+        per_caller_requests_per_second: 1,
+        per_caller_burst: 2,
+    };
+    let l = RateLimits::default();
+    assert_eq!((0..5).filter(|_| l.check("a", &per, t).is_ok()).count(), 2);
+    assert_eq!((0..5).filter(|_| l.check("b", &per, t).is_ok()).count(), 2, "each caller has its own bucket");
+    let off = RateLimitPolicy::default();
+    assert!((0..1000).all(|_| l.check("a", &off, t).is_ok()), "0 disables");
+}
