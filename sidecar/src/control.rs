@@ -382,6 +382,7 @@ mod tests {
             discovery_wait: Duration::from_secs(1),
             drain_delay: Duration::ZERO,
             drain_timeout: Duration::from_secs(1),
+            idempotency_window: Duration::from_secs(120),
         }
     }
 

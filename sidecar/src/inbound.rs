@@ -11,9 +11,11 @@ use std::{
         Arc,
         atomic::{AtomicUsize, Ordering},
     },
+    time::Duration,
 };
 
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use mesh_proto::policy::ServicePolicy;
 use serde_json::json;
@@ -21,6 +23,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::{
+    idempotency::{Begin, Idempotency, Stored},
     metrics::Metrics,
     proxy::{self, Body, Clients, Tracked, boxed, error_response},
     trace,
@@ -34,6 +37,7 @@ pub struct Inbound {
     /// This service's own policy (rate limits apply here, at the receiving side).
     pub policy: tokio::sync::watch::Receiver<(u64, Arc<ServicePolicy>)>,
     rate_limits: crate::resilience::RateLimits,
+    idempotency: Arc<Idempotency>,
     pub app: http::uri::Authority,
     counters: crate::metrics::StatusCounters,
     latency: prometheus_client::metrics::histogram::Histogram,
@@ -68,6 +72,7 @@ impl Inbound {
         policy: tokio::sync::watch::Receiver<(u64, Arc<ServicePolicy>)>,
         metrics: Arc<Metrics>,
         inflight: Arc<AtomicUsize>,
+        idempotency_window: Duration,
     ) -> Self {
         let latency = metrics.latency_histogram("inbound", &service);
         // A SocketAddr always forms a valid authority.
@@ -76,6 +81,7 @@ impl Inbound {
         Self {
             service,
             policy,
+            idempotency: Idempotency::new(idempotency_window),
             rate_limits: Default::default(),
             app,
             counters: Default::default(),
@@ -118,11 +124,55 @@ impl Inbound {
                     .inc();
                 return resp;
             }
+            // A repeated Idempotency-Key gets the first answer instead of reaching the app again.
+            let key = req.headers().get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_string);
+            let mut owner = None;
+            if let Some(key) = key {
+                loop {
+                    match self.idempotency.begin(&key, Instant::now()) {
+                        Begin::Replay(stored) => return replay(&stored),
+                        Begin::Wait(mut rx) => match rx.wait_for(|v| v.is_some()).await.map(|v| v.clone()) {
+                            Ok(Some(Some(stored))) => return replay(&stored),
+                            _ => continue,
+                        },
+                        Begin::Owner(guard) => {
+                            owner = Some(guard);
+                            break;
+                        }
+                    }
+                }
+            }
             let load = Load::start(&self.inflight, &self.metrics);
             let result = proxy::forward(&self.clients, req.map(boxed), &self.app, None).await;
-            let resp = match result {
-                Ok(resp) => resp.map(|b| boxed(Tracked::new(b, load))),
-                Err(e) => {
+            let resp = match (result, owner) {
+                (Ok(resp), Some(guard)) => {
+                    let (parts, body) = resp.into_parts();
+                    match http_body_util::Limited::new(body, crate::idempotency::MAX_BODY).collect().await {
+                        Ok(collected) => {
+                            let stored = Stored {
+                                status: parts.status,
+                                headers: parts.headers.clone(),
+                                body: collected.to_bytes(),
+                            };
+                            guard.finish(Some(stored.clone()));
+                            drop(load);
+                            let mut resp = Response::from_parts(parts, boxed(Full::new(stored.body)));
+                            resp.headers_mut().remove(http::header::CONTENT_LENGTH);
+                            resp
+                        }
+                        Err(e) => {
+                            drop(guard);
+                            error_response(
+                                StatusCode::BAD_GATEWAY,
+                                "app_body_failed",
+                                format!("local app: reading the answer failed: {e}"),
+                                json!({ "service": self.service }),
+                            )
+                        }
+                    }
+                }
+                (Ok(resp), None) => resp.map(|b| boxed(Tracked::new(b, load))),
+                (Err(e), _) => {
                     tracing::warn!(error = %e, "the local app did not answer");
                     error_response(
                         e.status(),
@@ -143,6 +193,16 @@ impl Inbound {
         .await;
         if grpc { proxy::for_grpc(resp) } else { resp }
     }
+}
+
+/// The stored first answer to an idempotency key, marked as a replay.
+fn replay(stored: &Stored) -> Response<Body> {
+    let mut resp = Response::new(boxed(Full::new(stored.body.clone())));
+    *resp.status_mut() = stored.status;
+    *resp.headers_mut() = stored.headers.clone();
+    resp.headers_mut().remove(http::header::CONTENT_LENGTH);
+    resp.headers_mut().insert("x-mesh-idempotent-replay", HeaderValue::from_static("true"));
+    resp
 }
 
 /// Removes every `x-mesh-*` header a caller sent, then sets the caller identity when verified.

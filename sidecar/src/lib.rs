@@ -14,6 +14,7 @@
 pub mod admin;
 pub mod control;
 pub mod dns;
+pub mod idempotency;
 pub mod inbound;
 pub mod metrics;
 pub mod outbound;
@@ -88,6 +89,8 @@ pub struct Config {
     pub drain_delay: Duration,
     /// Then stop accepting and give open requests this long to finish.
     pub drain_timeout: Duration,
+    /// How long the inbound proxy answers a repeated `Idempotency-Key` with the first response.
+    pub idempotency_window: Duration,
 }
 
 /// Connection state toward the control plane, for `/config` and `/ready`.
@@ -264,6 +267,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
             shared.own_policy.subscribe(),
             metrics.clone(),
             shared.load.clone(),
+            shared.config.idempotency_window,
         ));
         let handler: Handler = Arc::new(move |req, peer| Box::pin(inbound.clone().handle(req, peer)));
         servers.push(tokio::spawn(server::serve(listener, handler, serving.clone(), drain, "inbound")));

@@ -78,6 +78,9 @@ struct Args {
     /// Then give open requests this long to finish (default 10s).
     #[arg(long, env = "MESH_DRAIN_TIMEOUT", value_parser = parse_duration)]
     drain_timeout: Option<Duration>,
+    /// How long a repeated Idempotency-Key is answered with the first response (default 2m).
+    #[arg(long, env = "MESH_IDEMPOTENCY_WINDOW", value_parser = parse_duration)]
+    idempotency_window: Option<Duration>,
     /// How long a request for a service met for the first time waits for its endpoints (default 2s).
     #[arg(long, env = "MESH_DISCOVERY_WAIT", value_parser = parse_duration)]
     discovery_wait: Option<Duration>,
@@ -115,6 +118,8 @@ struct FileConfig {
     drain_timeout: Option<Duration>,
     #[serde(with = "opt_duration")]
     discovery_wait: Option<Duration>,
+    #[serde(with = "opt_duration")]
+    idempotency_window: Option<Duration>,
 }
 
 mod opt_duration {
@@ -214,6 +219,7 @@ fn resolve(a: Args) -> anyhow::Result<Resolved> {
         discovery_wait: a.discovery_wait.or(f.discovery_wait).unwrap_or(Duration::from_secs(2)),
         drain_delay: a.drain_delay.or(f.drain_delay).unwrap_or(Duration::from_secs(2)),
         drain_timeout: a.drain_timeout.or(f.drain_timeout).unwrap_or(Duration::from_secs(10)),
+        idempotency_window: a.idempotency_window.or(f.idempotency_window).unwrap_or(Duration::from_secs(120)),
     };
     Ok(Resolved { config, inbound, outbound, admin })
 }

@@ -539,3 +539,37 @@ async fn the_receiving_sidecar_enforces_its_services_rate_limit_with_429_and_ret
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_repeated_with_the_same_idempotency_key_reaches_the_app_once() {
+    let mesh = mesh_with(resilient(3), &[100]).await;
+    let app = &mesh.backends[0];
+    let post = |key: Option<&'static str>| async move {
+        let headers: Vec<(&str, &str)> = key.map(|k| vec![("idempotency-key", k)]).unwrap_or_default();
+        request(
+            mesh.caller.outbound,
+            "POST",
+            "market",
+            "/orders?delay_ms=100",
+            &headers,
+            bytes::Bytes::from_static(b"{\"n\":1}"),
+        )
+        .await
+    };
+    let before = app.hits();
+    // Concurrent duplicates (one is in flight while the others arrive), then late ones.
+    let mut answers = futures::future::join_all((0..4).map(|_| post(Some("order-1")))).await;
+    answers.push(post(Some("order-1")).await);
+    assert!(
+        answers.iter().all(|(s, b)| *s == 200 && *b == answers[0].1),
+        "every duplicate gets the first answer"
+    );
+    assert_eq!(app.hits() - before, 1, "the app saw the request once");
+
+    // Negative control: without a key every POST reaches the app.
+    let before = app.hits();
+    for _ in 0..3 {
+        assert_eq!(post(None).await.0, 200);
+    }
+    assert_eq!(app.hits() - before, 3);
+}

@@ -301,6 +301,7 @@ impl TestSidecar {
             discovery_wait: Duration::from_secs(2),
             drain_delay: Duration::from_millis(300),
             drain_timeout: Duration::from_secs(5),
+            idempotency_window: Duration::from_secs(120),
         }
     }
 
