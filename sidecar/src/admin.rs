@@ -19,6 +19,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/live", get(|| async { Json(json!({"status": "live"})) }))
         .route("/ready", get(ready))
         .route("/config", get(config))
+        .route("/cache/invalidate", axum::routing::post(invalidate))
         .fallback(|| async {
             (
                 StatusCode::NOT_FOUND,
@@ -40,6 +41,9 @@ async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
             m.endpoint_breaker_open.get_or_create(&labels).set(i64::from(e.breaker.is_open(now)));
         }
         m.policy_version.get_or_create(&vec![("service", up.name.clone())]).set(up.policy().version as i64);
+        let (entries, bytes) = up.cache.size();
+        m.cache_entries.get_or_create(&vec![("service", up.name.clone())]).set(entries as i64);
+        m.cache_bytes.get_or_create(&vec![("service", up.name.clone())]).set(bytes as i64);
     }
     if let Some(own) = &s.config.service {
         m.policy_version.get_or_create(&vec![("service", own.clone())]).set(s.own_policy.borrow().0 as i64);
@@ -108,4 +112,38 @@ async fn config(State(s): State<Arc<Shared>>) -> impl IntoResponse {
         "own_policy": { "version": own_version, "policy": *own_policy },
         "upstreams": upstreams,
     }))
+}
+
+#[derive(serde::Deserialize)]
+struct Invalidate {
+    service: String,
+    #[serde(default)]
+    prefix: String,
+}
+
+/// Drops a service's cached answers whose path starts with `prefix` (all with an empty prefix).
+async fn invalidate(
+    State(s): State<Arc<Shared>>,
+    q: Result<axum::extract::Query<Invalidate>, axum::extract::rejection::QueryRejection>,
+) -> impl IntoResponse {
+    let Ok(axum::extract::Query(q)) = q else {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(
+                json!({"error": "invalid_query", "message": "name ?service=NAME and optionally &prefix=/path"}),
+            ),
+        );
+    };
+    match s.upstreams.get(&q.service) {
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(
+                json!({"error": "not_found", "message": format!("this sidecar has no upstream {}", q.service)}),
+            ),
+        ),
+        Some(up) => {
+            let n = up.cache.invalidate(&q.prefix);
+            (StatusCode::OK, Json(json!({"service": q.service, "prefix": q.prefix, "invalidated": n})))
+        }
+    }
 }

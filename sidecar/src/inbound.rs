@@ -15,7 +15,7 @@ use std::{
 };
 
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use mesh_proto::policy::ServicePolicy;
 use serde_json::json;
@@ -147,13 +147,10 @@ impl Inbound {
             let resp = match (result, owner) {
                 (Ok(resp), Some(guard)) => {
                     let (parts, body) = resp.into_parts();
-                    match http_body_util::Limited::new(body, crate::idempotency::MAX_BODY).collect().await {
-                        Ok(collected) => {
-                            let stored = Stored {
-                                status: parts.status,
-                                headers: parts.headers.clone(),
-                                body: collected.to_bytes(),
-                            };
+                    match proxy::collect_up_to(body, crate::idempotency::MAX_BODY).await {
+                        Ok(bytes) => {
+                            let stored =
+                                Stored { status: parts.status, headers: parts.headers.clone(), body: bytes };
                             guard.finish(Some(stored.clone()));
                             drop(load);
                             let mut resp = Response::from_parts(parts, boxed(Full::new(stored.body)));

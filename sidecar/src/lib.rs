@@ -12,6 +12,7 @@
 //! [`run`] takes bound listeners and a shutdown token, so tests run the real sidecar on port 0.
 
 pub mod admin;
+pub mod cache;
 pub mod control;
 pub mod dns;
 pub mod idempotency;

@@ -53,6 +53,9 @@ pub struct Metrics {
     pub breaker_openings: Family<Labels, Counter>,
     pub endpoint_breaker_open: Family<Labels, Gauge>,
     pub rate_limited: Family<Labels, Counter>,
+    pub cache: Family<Labels, Counter>,
+    pub cache_entries: Family<Labels, Gauge>,
+    pub cache_bytes: Family<Labels, Gauge>,
     pub inbound_inflight: Gauge,
     registry: Registry,
 }
@@ -82,6 +85,9 @@ impl Metrics {
             breaker_openings: Family::default(),
             endpoint_breaker_open: Family::default(),
             rate_limited: Family::default(),
+            cache: Family::default(),
+            cache_entries: Family::default(),
+            cache_bytes: Family::default(),
             inbound_inflight: Gauge::default(),
             registry: Registry::with_prefix("mesh_sidecar"),
         };
@@ -139,6 +145,9 @@ impl Metrics {
             "Inbound requests refused with 429 by the service's rate limits",
             m.rate_limited.clone(),
         );
+        r.register("cache_requests", "Cacheable requests by result (hit, miss, stale)", m.cache.clone());
+        r.register("cache_entries", "Entries in the response cache", m.cache_entries.clone());
+        r.register("cache_bytes", "Bytes held by the response cache", m.cache_bytes.clone());
         r.register("app_healthy", "1 while the local app passes its health probe", m.app_healthy.clone());
         r.register(
             "inbound_inflight",

@@ -19,10 +19,11 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::{
+    cache,
     metrics::Metrics,
     proxy::{self, Body, Tracked, boxed, error_response},
     resilience, trace,
-    upstream::{Endpoint, EndpointSet, Upstream, Upstreams},
+    upstream::{AppliedPolicy, Endpoint, EndpointSet, Upstream, Upstreams},
 };
 
 /// A gateway route: requests whose path starts with `prefix` go to `service`, with the prefix
@@ -185,8 +186,8 @@ impl Outbound {
         Ok(route.service.clone())
     }
 
-    /// Forwards to one endpoint of `up`, retrying by policy. Returns the response and the
-    /// endpoint that answered, if any.
+    /// Answers from the cache when the policy allows, otherwise fetches (single flight on a
+    /// cache miss) and keeps what may be kept. Returns the response and the endpoint, if any.
     async fn send(&self, up: &Upstream, req: Request<Incoming>) -> (Response<Body>, Option<Arc<Endpoint>>) {
         let service = up.name.as_str();
         if up.endpoints().version == 0
@@ -204,6 +205,87 @@ impl Outbound {
             return (resp, None);
         }
         let applied = up.policy();
+        let cp = &applied.policy.cache;
+        let pq = req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
+        let (method, headers) = (req.method().clone(), req.headers().clone());
+        let creq = cache::Request { method: &method, path_and_query: &pq, headers: &headers };
+        if !cache::Cache::applies(cp, &creq) {
+            return self.fetch(up, &applied, req).await;
+        }
+        let keys = up.cache.keys(cp, &creq);
+        let mut stale = None;
+        let mut leader = false;
+        loop {
+            match up.cache.lookup(&keys, Instant::now()) {
+                cache::Lookup::Fresh(e) => return (self.cached(service, &e, "hit"), None),
+                cache::Lookup::Stale(e) => stale = Some(e),
+                cache::Lookup::Miss => {}
+            }
+            if leader {
+                break;
+            }
+            match up.cache.join(&keys[0]) {
+                None => leader = true,
+                Some(mut landed) => {
+                    let _ = landed.wait_for(|done| *done).await;
+                }
+            }
+        }
+        let (resp, endpoint) = self.fetch(up, &applied, req).await;
+        let failed = resp.status().is_server_error();
+        let answer = if resp.status() == StatusCode::OK {
+            let (parts, body) = resp.into_parts();
+            match proxy::collect_up_to(body, cache::MAX_ENTRY_BYTES).await {
+                Ok(bytes) => {
+                    up.cache.store(cp, &creq, parts.status, &parts.headers, &bytes, Instant::now());
+                    let mut r = Response::from_parts(parts, boxed(Full::new(bytes)));
+                    r.headers_mut().remove(header::CONTENT_LENGTH);
+                    r.headers_mut().insert("x-cache", http::HeaderValue::from_static("miss"));
+                    self.metrics
+                        .cache
+                        .get_or_create(&vec![("service", service.to_string()), ("result", "miss".into())])
+                        .inc();
+                    r
+                }
+                Err(e) => error_response(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream_failed",
+                    format!("reading the answer of {service} failed: {e}"),
+                    json!({ "service": service }),
+                ),
+            }
+        } else if let (true, Some(e)) = (failed, &stale) {
+            tracing::debug!(%service, "upstream failed: serving a stale cached answer (stale-if-error)");
+            self.cached(service, e, "stale")
+        } else {
+            resp
+        };
+        up.cache.land(&keys[0]);
+        (answer, endpoint)
+    }
+
+    fn cached(&self, service: &str, e: &cache::Entry, result: &'static str) -> Response<Body> {
+        self.metrics
+            .cache
+            .get_or_create(&vec![("service", service.to_string()), ("result", result.into())])
+            .inc();
+        let mut r = Response::new(boxed(Full::new(e.body.clone())));
+        *r.status_mut() = e.status;
+        *r.headers_mut() = e.headers.clone();
+        r.headers_mut().remove(header::CONTENT_LENGTH);
+        r.headers_mut().insert("x-cache", http::HeaderValue::from_static(result));
+        r
+    }
+
+    /// Forwards to one endpoint of `up` under the policy's concurrency limit, retrying by
+    /// policy. Returns the response and the endpoint that answered, if any.
+    async fn fetch(
+        &self,
+        up: &Upstream,
+        applied: &AppliedPolicy,
+        req: Request<Incoming>,
+    ) -> (Response<Body>, Option<Arc<Endpoint>>) {
+        let service = up.name.as_str();
         let policy = &applied.policy;
         let started = Instant::now();
         let deadline = (!policy.timeout.request.is_zero()).then(|| started + policy.timeout.request);

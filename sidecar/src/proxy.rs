@@ -239,6 +239,25 @@ pub async fn forward(
     })
 }
 
+/// Reads a whole body of at most `limit` bytes (trailers are dropped).
+pub async fn collect_up_to<B>(mut body: B, limit: usize) -> Result<Bytes, String>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| e.to_string())?;
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > limit {
+                return Err(format!("the body is larger than {limit} bytes"));
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(buf.freeze())
+}
+
 /// A response body that holds a guard (an endpoint's in-flight slot, the app's load unit) until
 /// the body ends, so streams count as load for as long as they are open.
 pub struct Tracked<B, G> {

@@ -282,6 +282,8 @@ pub struct Upstream {
     known: watch::Sender<bool>,
     /// Retries spent against requests seen.
     pub budget: crate::resilience::Budget,
+    /// Cached answers of this service.
+    pub cache: crate::cache::Cache,
 }
 
 impl Upstream {
@@ -301,6 +303,7 @@ impl Upstream {
             source: Mutex::new(Source::None),
             known: watch::channel(false).0,
             budget: Default::default(),
+            cache: Default::default(),
         }
     }
 

@@ -573,3 +573,115 @@ async fn a_post_repeated_with_the_same_idempotency_key_reaches_the_app_once() {
     }
     assert_eq!(app.hits() - before, 3);
 }
+
+fn cached(ttl_ms: u64) -> ServicePolicy {
+    let mut p = resilient(1);
+    p.cache.ttl = Duration::from_millis(ttl_ms);
+    p.cache.stale_if_error = Duration::from_secs(30);
+    p
+}
+
+/// GET through the caller with headers: (status, x-cache, backend hit number).
+async fn cget(mesh: &Mesh, path: &str, headers: &[(&str, &str)]) -> (u16, String, u64) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(mesh.caller.outbound).await.unwrap();
+    let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: market\r\n{extra}Connection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).await.unwrap();
+    let status = raw.split(' ').nth(1).unwrap().parse().unwrap();
+    let xc = raw
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("x-cache: ").map(str::to_string))
+        .unwrap_or_default();
+    let body = raw.split("\r\n\r\n").nth(1).unwrap_or("");
+    let hit =
+        serde_json::from_str::<serde_json::Value>(body).ok().and_then(|v| v["hit"].as_u64()).unwrap_or(0);
+    (status, xc, hit)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_never_serves_across_identities_and_honours_cache_control() {
+    let mesh = mesh_with(cached(60_000), &[100]).await;
+    let app = &mesh.backends[0];
+
+    let (_, xc1, h1) = cget(&mesh, "/m/1", &[]).await;
+    let (_, xc2, h2) = cget(&mesh, "/m/1", &[]).await;
+    assert_eq!((xc1.as_str(), xc2.as_str(), h1), ("miss", "hit", h2), "the second is served from the cache");
+
+    // Two identities: 0 answers across them, unless the answer is public.
+    let before = app.hits();
+    let (_, a1, _) = cget(&mesh, "/m/2", &[("authorization", "Bearer alice")]).await;
+    let (_, b1, _) = cget(&mesh, "/m/2", &[("authorization", "Bearer bob")]).await;
+    let (_, a2, _) = cget(&mesh, "/m/2", &[("authorization", "Bearer alice")]).await;
+    assert_eq!((a1.as_str(), b1.as_str(), a2.as_str()), ("miss", "miss", "hit"));
+    assert_eq!(app.hits() - before, 2, "bob never got alice's answer");
+    cget(&mesh, "/m/3?cc=public,max-age=60", &[("authorization", "Bearer alice")]).await;
+    assert_eq!(
+        cget(&mesh, "/m/3?cc=public,max-age=60", &[("authorization", "Bearer bob")]).await.1,
+        "hit",
+        "public answers are shared"
+    );
+
+    // Vary: another language is another entry.
+    cget(&mesh, "/m/4?vary=accept-language", &[("accept-language", "en")]).await;
+    assert_eq!(cget(&mesh, "/m/4?vary=accept-language", &[("accept-language", "fr")]).await.1, "miss");
+    assert_eq!(cget(&mesh, "/m/4?vary=accept-language", &[("accept-language", "en")]).await.1, "hit");
+
+    // no-store and private answers are never kept; a no-cache request bypasses.
+    for cc in ["no-store", "private"] {
+        let path = format!("/m/5-{cc}?cc={cc}");
+        let before = app.hits();
+        cget(&mesh, &path, &[]).await;
+        assert_eq!(cget(&mesh, &path, &[]).await.1, "miss", "{cc}");
+        assert_eq!(app.hits() - before, 2, "{cc}");
+    }
+    let before = app.hits();
+    cget(&mesh, "/m/1", &[("cache-control", "no-cache")]).await;
+    assert_eq!(app.hits() - before, 1, "no-cache request reaches the app");
+
+    // Invalidation through the admin API.
+    let (status, body) = request(
+        mesh.caller.admin,
+        "POST",
+        "admin",
+        "/cache/invalidate?service=market&prefix=/m/1",
+        &[],
+        Default::default(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"invalidated\":1"), "{body}");
+    assert_eq!(cget(&mesh, "/m/1", &[]).await.1, "miss");
+    let (_, metrics) = get(mesh.caller.admin, "admin", "/metrics").await;
+    assert!(
+        metrics.contains(r#"mesh_sidecar_cache_requests_total{service="market",result="hit"}"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_misses_make_one_upstream_request_and_failures_serve_stale() {
+    for (ttl, expect_single) in [(300u64, true), (0, false)] {
+        let mesh = mesh_with(cached(ttl), &[100]).await;
+        let app = &mesh.backends[0];
+        let before = app.hits();
+        let answers = futures::future::join_all((0..8).map(|_| cget(&mesh, "/slow?delay_ms=200", &[]))).await;
+        assert!(answers.iter().all(|(s, _, _)| *s == 200));
+        if expect_single {
+            assert_eq!(app.hits() - before, 1, "eight concurrent misses, one upstream request");
+        } else {
+            assert_eq!(app.hits() - before, 8, "negative control: no cache, every request reaches the app");
+            continue;
+        }
+        // After expiry the app fails: the stale answer is served (stale-if-error).
+        tokio::time::sleep(Duration::from_millis(350)).await; // let the 300 ms entry expire
+        app.status.store(503, std::sync::atomic::Ordering::Relaxed);
+        let (status, xc, _) = cget(&mesh, "/slow?delay_ms=200", &[]).await;
+        assert_eq!((status, xc.as_str()), (200, "stale"));
+    }
+}

@@ -253,19 +253,24 @@ async fn answer(
         req.headers().iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string())).collect();
     let (method, path, version) =
         (req.method().to_string(), req.uri().path().to_string(), format!("{:?}", req.version()));
+    let query = req.uri().query().map(str::to_string);
     let body_len = req.into_body().collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
     let body = serde_json::json!({
         "backend": name, "method": method, "path": path, "version": version, "headers": headers, "body_len": body_len,
+        "hit": hits.load(Ordering::Relaxed),
     });
     let code = match status.load(Ordering::Relaxed) {
         0 => StatusCode::OK,
         c => StatusCode::from_u16(c as u16).unwrap_or(StatusCode::OK),
     };
-    Response::builder()
-        .status(code)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))
-        .unwrap()
+    let mut resp = Response::builder().status(code).header("content-type", "application/json");
+    // `?cc=…` and `?vary=…` set Cache-Control and Vary (for cache tests).
+    for (param, header) in [("cc=", "cache-control"), ("vary=", "vary")] {
+        if let Some(v) = query.as_deref().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix(param))) {
+            resp = resp.header(header, v.replace("%20", " "));
+        }
+    }
+    resp.body(Full::new(Bytes::from(body.to_string()))).unwrap()
 }
 
 // ---- sidecars --------------------------------------------------------------------------------
