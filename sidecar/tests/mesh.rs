@@ -397,6 +397,30 @@ async fn a_dead_instance_is_invisible_to_clients_with_retries_and_visible_withou
         } else {
             assert_eq!(failed, 0, "retried on another instance");
         }
+        // POSTs (with idempotency keys, so they may be retried): each reaches an app at most once.
+        let before: u64 = mesh.backends.iter().map(|b| b.hits()).sum();
+        let mut ok = 0u64;
+        for n in 0..30 {
+            let key = format!("post-{attempts}-{n}");
+            let (status, _) = request(
+                mesh.caller.outbound,
+                "POST",
+                "market",
+                "/orders",
+                &[("idempotency-key", key.as_str())],
+                Default::default(),
+            )
+            .await;
+            ok += u64::from(status == 200);
+        }
+        let reached: u64 = mesh.backends.iter().map(|b| b.hits()).sum::<u64>() - before;
+        assert_eq!(
+            reached, ok,
+            "0 duplicated POSTs: every success reached an app exactly once, failures never did"
+        );
+        if !expect_errors {
+            assert_eq!(ok, 30);
+        }
     }
 }
 
@@ -683,5 +707,51 @@ async fn concurrent_misses_make_one_upstream_request_and_failures_serve_stale() 
         app.status.store(503, std::sync::atomic::Ordering::Relaxed);
         let (status, xc, _) = cget(&mesh, "/slow?delay_ms=200", &[]).await;
         assert_eq!((status, xc.as_str()), (200, "stale"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_faults_never_let_a_request_outlive_its_deadline_or_leak() {
+    use mesh_testkit::{Fault, FaultProxy};
+    let deadline = Duration::from_millis(500);
+    for fault in [Fault::Blackhole, Fault::Reset, Fault::Delay(Duration::from_secs(3)), Fault::Truncate(40)] {
+        let cp = TestCp::start().await;
+        let mut p = resilient(1);
+        p.timeout.request = deadline;
+        p.health.probe_interval = Duration::ZERO; // the app is behind the fault: do not probe through it
+        cp.set_policy("market", &p).await;
+        cp.set_policy("web", &fast_policy()).await;
+        let backend = Backend::start("m0").await;
+        let proxy = FaultProxy::start(backend.addr, fault).await;
+        let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let _market =
+            TestSidecar::start(TestSidecar::config(&cp.url(), "market", "m0", proxy.addr, d1.path())).await;
+        let app = Backend::start("web").await;
+        let mut cfg = TestSidecar::config(&cp.url(), "web", "web-1", app.addr, d2.path());
+        cfg.upstreams = vec!["market".into()];
+        let caller = TestSidecar::start(cfg).await;
+        eventually(WAIT, "the caller knows m0", || async { endpoint_ids(&caller).await == ["m0"] }).await;
+
+        let started = tokio::time::Instant::now();
+        let outcomes = futures::future::join_all((0..5).map(|_| async {
+            let t = tokio::time::Instant::now();
+            let (status, _) = get(caller.outbound, "market", "/work").await;
+            (status, t.elapsed())
+        }))
+        .await;
+        for (status, took) in &outcomes {
+            assert!(
+                *took < deadline + Duration::from_millis(700),
+                "{fault:?}: a request took {took:?} (status {status})"
+            );
+            assert_ne!(*status, 200, "{fault:?}: the fault must show");
+        }
+        assert!(started.elapsed() < Duration::from_secs(3), "{fault:?}");
+        // Nothing leaks: the caller holds no request to the endpoint any more.
+        eventually(WAIT, "no request is left in flight", || async {
+            let (_, m) = get(caller.admin, "admin", "/metrics").await;
+            m.contains(r#"mesh_sidecar_endpoint_inflight{service="market",endpoint="m0"} 0"#)
+        })
+        .await;
     }
 }
