@@ -73,6 +73,9 @@ pub enum Command {
     Overview,
     /// Counters since start and push→ACK latency.
     Stats,
+    /// One sidecar's view: its upstreams, endpoints, breaker states and cache (from its admin
+    /// listener, e.g. 127.0.0.1:4191).
+    Sidecar { admin: String },
     /// Run a local mesh on loopback with embedded storage until Ctrl-C.
     Up(up::UpArgs),
 }
@@ -158,8 +161,10 @@ pub async fn connect(addr: &str) -> Result<Channel, CliError> {
 }
 
 pub async fn run(args: Args) -> Result<(), CliError> {
-    if let Command::Up(up) = args.command {
-        return up::run(up).await;
+    match args.command {
+        Command::Up(up) => return up::run(up).await,
+        Command::Sidecar { admin } => return sidecar(&admin, args.output).await,
+        _ => {}
     }
     let addr = args.control_plane.clone();
     let ch = connect(&addr).await?;
@@ -303,7 +308,7 @@ pub async fn run(args: Args) -> Result<(), CliError> {
             });
             emit_kv(out, js);
         }
-        Command::Up(_) => unreachable!("handled above"),
+        Command::Up(_) | Command::Sidecar { .. } => unreachable!("handled above"),
     }
     Ok(())
 }
@@ -404,6 +409,77 @@ async fn policy(cmd: PolicyCommand, ch: Channel, out: Output, addr: &str) -> Res
             emit(out, &["SERVICE", "VERSION", "UPDATED (UNIX MS)"], rows, Value::Array(js));
         }
     }
+    Ok(())
+}
+
+/// `meshctl sidecar ADMIN`: fetches the sidecar's `/config` over plain HTTP/1.1.
+async fn sidecar(admin: &str, out: Output) -> Result<(), CliError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = admin.trim_start_matches("http://").trim_end_matches('/');
+    let unreachable = |cause: String| CliError::Unreachable { addr: format!("sidecar admin {addr}"), cause };
+    let mut s = tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(addr))
+        .await
+        .map_err(|_| unreachable("timed out".into()))?
+        .map_err(|e| unreachable(e.to_string()))?;
+    s.write_all(format!("GET /config HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.map_err(|e| unreachable(e.to_string()))?;
+    let text = String::from_utf8_lossy(&raw);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    let cfg: Value = serde_json::from_str(body).map_err(|e| {
+        CliError::Refused(format!(
+            "{addr} did not answer /config with JSON ({e}): is it a sidecar's admin address?"
+        ))
+    })?;
+    if out == Output::Json {
+        print_json(&cfg);
+        return Ok(());
+    }
+    let cp = &cfg["control_plane"];
+    out!(
+        "{} {} ({}), control plane {} {}",
+        cfg["mode"].as_str().unwrap_or("?"),
+        cfg["instance_id"].as_str().unwrap_or("?"),
+        cfg["service"].as_str().unwrap_or("gateway"),
+        cp["current"].as_str().unwrap_or("?"),
+        if cp["connected"] == true { "connected" } else { "DISCONNECTED (serving the last known state)" }
+    );
+    let mut rows = Vec::new();
+    for u in cfg["upstreams"].as_array().into_iter().flatten() {
+        let svc = u["service"].as_str().unwrap_or("?").to_string();
+        let cache = format!("{} entries, {} B", u["cache"]["entries"], u["cache"]["bytes"]);
+        let endpoints = u["endpoints"].as_array().cloned().unwrap_or_default();
+        if endpoints.is_empty() {
+            rows.push(vec![
+                svc.clone(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                u["policy_version"].to_string(),
+                cache.clone(),
+            ]);
+        }
+        for e in endpoints {
+            rows.push(vec![
+                svc.clone(),
+                e["id"].as_str().unwrap_or("?").into(),
+                e["address"].as_str().unwrap_or("?").into(),
+                e["breaker"].as_str().unwrap_or("?").into(),
+                e["inflight"].to_string(),
+                format!("{:.1}ms", e["latency_ewma_ms"].as_f64().unwrap_or(0.0)),
+                u["policy_version"].to_string(),
+                cache.clone(),
+            ]);
+        }
+    }
+    print_table(
+        &["UPSTREAM", "ENDPOINT", "ADDRESS", "BREAKER", "IN FLIGHT", "LATENCY", "POLICY", "CACHE"],
+        rows,
+    );
     Ok(())
 }
 

@@ -92,6 +92,7 @@ async fn config(State(s): State<Arc<Shared>>) -> impl IntoResponse {
                     "breaker": if e.breaker.is_open(now) { "open" } else { e.breaker.state(now).name() },
                 })).collect::<Vec<_>>(),
                 "policy_version": p.version,
+                "cache": { "entries": u.cache.size().0, "bytes": u.cache.size().1 },
                 "policy": *p.policy,
             })
         })

@@ -622,7 +622,7 @@ impl FaultProxy {
                                 while matches!(client.read(&mut sink).await, Ok(n) if n > 0) {}
                             }
                             Fault::Reset => {
-                                let _ = client.set_linger(Some(Duration::ZERO));
+                                let _ = client.set_zero_linger();
                                 drop(client);
                             }
                             Fault::Delay(d) => {
