@@ -32,7 +32,7 @@ async fn meshctl_up_runs_a_whole_mesh_reachable_through_the_gateway_and_stops_on
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let (mut cp, mut gateway) = (None, None);
+    let (mut cp, mut gateway, mut gateway_admin) = (None, None, None);
     let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
     for line in lines.by_ref() {
         let line = line.unwrap();
@@ -42,6 +42,10 @@ async fn meshctl_up_runs_a_whole_mesh_reachable_through_the_gateway_and_stops_on
             Some(&"gateway") => {
                 gateway =
                     Some(cols[1].trim_end_matches("/api/markets").trim_start_matches("http://").to_string())
+            }
+            Some(first) if gateway.is_some() && gateway_admin.is_none() && first.ends_with("/config") => {
+                gateway_admin =
+                    Some(first.trim_start_matches("http://").trim_end_matches("/config").to_string())
             }
             Some(&"try:") => break,
             _ => {}
@@ -111,6 +115,12 @@ async fn meshctl_up_runs_a_whole_mesh_reachable_through_the_gateway_and_stops_on
             "every instance reads its own and the other's writes"
         );
     }
+    let view = meshctl(&["sidecar", gateway_admin.as_deref().expect("gateway admin address printed")]);
+    assert!(
+        view.contains("connected")
+            && view.lines().filter(|l| l.starts_with("market-service") && l.contains("closed")).count() == 2,
+        "{view}"
+    );
     let status = meshctl(&["proxy-status"]);
     assert!(status.lines().filter(|l| l.contains("SYNCED")).count() >= 3, "{status}");
 
