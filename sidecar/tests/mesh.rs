@@ -755,3 +755,38 @@ async fn network_faults_never_let_a_request_outlive_its_deadline_or_leak() {
         .await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn negative_controls_for_deadlines_and_ejection() {
+    use mesh_testkit::{Fault, FaultProxy};
+    // Without a request timeout, a blackholed request outlives any deadline.
+    let cp = TestCp::start().await;
+    let mut p = resilient(1);
+    p.timeout.request = Duration::ZERO;
+    p.health.probe_interval = Duration::ZERO;
+    cp.set_policy("market", &p).await;
+    cp.set_policy("web", &fast_policy()).await;
+    let backend = Backend::start("m0").await;
+    let proxy = FaultProxy::start(backend.addr, Fault::Blackhole).await;
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let _market =
+        TestSidecar::start(TestSidecar::config(&cp.url(), "market", "m0", proxy.addr, d1.path())).await;
+    let app = Backend::start("web").await;
+    let mut cfg = TestSidecar::config(&cp.url(), "web", "web-1", app.addr, d2.path());
+    cfg.upstreams = vec!["market".into()];
+    let caller = TestSidecar::start(cfg).await;
+    eventually(WAIT, "the caller knows m0", || async { endpoint_ids(&caller).await == ["m0"] }).await;
+    let hung = tokio::time::timeout(Duration::from_secs(2), get(caller.outbound, "market", "/work")).await;
+    assert!(hung.is_err(), "with the protection off the request hangs");
+
+    // Without ejection, a failing endpoint keeps getting its share of traffic.
+    let mut p = resilient(3);
+    p.circuit_breaker.consecutive_failures = 0;
+    p.circuit_breaker.failure_rate_percent = 0;
+    let mesh = mesh_with(p, &[100, 100, 100]).await;
+    mesh.backends[1].status.store(503, std::sync::atomic::Ordering::Relaxed);
+    failures(&mesh, 30).await;
+    let before = mesh.backends[1].hits();
+    failures(&mesh, 30).await;
+    assert!(mesh.backends[1].hits() >= before + 5, "not ejected: it keeps receiving requests");
+}
