@@ -480,6 +480,30 @@ async fn sidecar(admin: &str, out: Output) -> Result<(), CliError> {
         &["UPSTREAM", "ENDPOINT", "ADDRESS", "BREAKER", "IN FLIGHT", "LATENCY", "POLICY", "CACHE"],
         rows,
     );
+    out!();
+    let counters: Vec<Vec<String>> = cfg["upstreams"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|u| {
+            let c = &u["counters"];
+            vec![
+                u["service"].as_str().unwrap_or("?").to_string(),
+                c["retries"].to_string(),
+                c["retry_budget_exhausted"].to_string(),
+                c["overload_rejections"].to_string(),
+                format!("{}/{}/{}", c["cache_hits"], c["cache_misses"], c["cache_stale"]),
+            ]
+        })
+        .collect();
+    print_table(&["UPSTREAM", "RETRIES", "BUDGET EXHAUSTED", "OVERLOADED", "CACHE HIT/MISS/STALE"], counters);
+    if cfg["service"].is_string() {
+        out!(
+            "\nrequests to {} refused by its rate limits: {}",
+            cfg["service"].as_str().unwrap_or("?"),
+            cfg["rate_limited"]
+        );
+    }
     Ok(())
 }
 

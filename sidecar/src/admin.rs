@@ -93,6 +93,7 @@ async fn config(State(s): State<Arc<Shared>>) -> impl IntoResponse {
                 })).collect::<Vec<_>>(),
                 "policy_version": p.version,
                 "cache": { "entries": u.cache.size().0, "bytes": u.cache.size().1 },
+                "counters": counters(&s.metrics, &u.name),
                 "policy": *p.policy,
             })
         })
@@ -110,6 +111,7 @@ async fn config(State(s): State<Arc<Shared>>) -> impl IntoResponse {
             "last_error": *s.cp.last_error.lock().unwrap_or_else(|p| p.into_inner()),
         },
         "app_healthy": *s.app_healthy.borrow(),
+        "rate_limited": c.service.as_ref().map_or(0, |svc| s.metrics.rate_limited.get_or_create(&vec![("service", svc.clone())]).get()),
         "own_policy": { "version": own_version, "policy": *own_policy },
         "upstreams": upstreams,
     }))
@@ -147,4 +149,23 @@ async fn invalidate(
             (StatusCode::OK, Json(json!({"service": q.service, "prefix": q.prefix, "invalidated": n})))
         }
     }
+}
+
+/// The resilience and cache counters of one upstream (the same series /metrics shows).
+fn counters(m: &crate::metrics::Metrics, service: &str) -> serde_json::Value {
+    let one = |f: &prometheus_client::metrics::family::Family<
+        Vec<(&'static str, String)>,
+        prometheus_client::metrics::counter::Counter,
+    >| { f.get_or_create(&vec![("service", service.to_string())]).get() };
+    let cache = |result: &str| {
+        m.cache.get_or_create(&vec![("service", service.to_string()), ("result", result.to_string())]).get()
+    };
+    json!({
+        "retries": one(&m.retries),
+        "retry_budget_exhausted": one(&m.retry_budget_exhausted),
+        "overload_rejections": one(&m.overload_rejections),
+        "cache_hits": cache("hit"),
+        "cache_misses": cache("miss"),
+        "cache_stale": cache("stale"),
+    })
 }

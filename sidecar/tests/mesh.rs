@@ -681,6 +681,11 @@ async fn the_cache_never_serves_across_identities_and_honours_cache_control() {
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"invalidated\":1"), "{body}");
     assert_eq!(cget(&mesh, "/m/1", &[]).await.1, "miss");
+    let counters = market(&mesh.caller.config_json().await)["counters"].clone();
+    assert!(
+        counters["cache_hits"].as_u64() >= Some(4) && counters["cache_misses"].as_u64() >= Some(5),
+        "{counters}"
+    );
     let (_, metrics) = get(mesh.caller.admin, "admin", "/metrics").await;
     assert!(
         metrics.contains(r#"mesh_sidecar_cache_requests_total{service="market",result="hit"}"#),
