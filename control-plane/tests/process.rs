@@ -126,7 +126,7 @@ async fn no_acknowledged_write_is_lost_across_sigkill() {
 #[tokio::test]
 async fn sigterm_ends_open_streams_and_exits_cleanly() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cp = CpProcess::start(dir.path());
+    let cp = CpProcess::start(dir.path());
     let ch = channel(cp.grpc).await;
     let mut watch = v1::discovery_client::DiscoveryClient::new(ch.clone())
         .watch(v1::WatchRequest { services: vec!["market".into()], node_id: "t".into() })
@@ -149,7 +149,7 @@ async fn sigterm_ends_open_streams_and_exits_cleanly() {
     .await;
     assert!(ended.is_ok(), "streams end on shutdown");
     drop(tx);
-    let status = tokio::task::spawn_blocking(move || cp.child.wait().unwrap()).await.unwrap();
+    let status = tokio::task::spawn_blocking(move || cp.wait()).await.unwrap();
     assert!(status.success(), "exit status {status:?}");
 }
 

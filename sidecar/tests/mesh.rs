@@ -16,18 +16,36 @@ struct Mesh {
     caller: TestSidecar,
     _caller_app: Backend,
     _dirs: Vec<tempfile::TempDir>,
+    _proxies: Vec<mesh_testkit::FaultProxy>,
 }
 
 async fn mesh_with(policy: ServicePolicy, weights: &[u32]) -> Mesh {
+    mesh_of(policy, weights, None).await
+}
+
+/// One `market` instance whose app sits behind a fault-injecting proxy.
+async fn mesh_with_fault(policy: ServicePolicy, fault: mesh_testkit::Fault) -> Mesh {
+    mesh_of(policy, &[100], Some(fault)).await
+}
+
+async fn mesh_of(policy: ServicePolicy, weights: &[u32], fault: Option<mesh_testkit::Fault>) -> Mesh {
     let cp = TestCp::start().await;
     cp.set_policy("market", &policy).await;
     cp.set_policy("web", &fast_policy()).await;
     let mut dirs = Vec::new();
     let (mut backends, mut sidecars) = (Vec::new(), Vec::new());
+    let mut proxies = Vec::new();
     for (i, w) in weights.iter().enumerate() {
         let b = Backend::start(&format!("m{i}")).await;
         let dir = tempfile::tempdir().unwrap();
-        let mut cfg = TestSidecar::config(&cp.url(), "market", &format!("m{i}"), b.addr, dir.path());
+        let app = match fault {
+            Some(f) => {
+                proxies.push(mesh_testkit::FaultProxy::start(b.addr, f).await);
+                proxies[proxies.len() - 1].addr
+            }
+            None => b.addr,
+        };
+        let mut cfg = TestSidecar::config(&cp.url(), "market", &format!("m{i}"), app, dir.path());
         cfg.weight = *w;
         sidecars.push(TestSidecar::start(cfg).await);
         backends.push(b);
@@ -39,7 +57,7 @@ async fn mesh_with(policy: ServicePolicy, weights: &[u32]) -> Mesh {
     cfg.upstreams = vec!["market".into()];
     let caller = TestSidecar::start(cfg).await;
     dirs.push(dir);
-    let mesh = Mesh { cp, backends, sidecars, caller, _caller_app: app, _dirs: dirs };
+    let mesh = Mesh { cp, backends, sidecars, caller, _caller_app: app, _dirs: dirs, _proxies: proxies };
     mesh.wait_endpoints(weights.len()).await;
     mesh
 }
@@ -717,25 +735,14 @@ async fn concurrent_misses_make_one_upstream_request_and_failures_serve_stale() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn network_faults_never_let_a_request_outlive_its_deadline_or_leak() {
-    use mesh_testkit::{Fault, FaultProxy};
+    use mesh_testkit::Fault;
     let deadline = Duration::from_millis(500);
     for fault in [Fault::Blackhole, Fault::Reset, Fault::Delay(Duration::from_secs(3)), Fault::Truncate(40)] {
-        let cp = TestCp::start().await;
         let mut p = resilient(1);
         p.timeout.request = deadline;
         p.health.probe_interval = Duration::ZERO; // the app is behind the fault: do not probe through it
-        cp.set_policy("market", &p).await;
-        cp.set_policy("web", &fast_policy()).await;
-        let backend = Backend::start("m0").await;
-        let proxy = FaultProxy::start(backend.addr, fault).await;
-        let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let _market =
-            TestSidecar::start(TestSidecar::config(&cp.url(), "market", "m0", proxy.addr, d1.path())).await;
-        let app = Backend::start("web").await;
-        let mut cfg = TestSidecar::config(&cp.url(), "web", "web-1", app.addr, d2.path());
-        cfg.upstreams = vec!["market".into()];
-        let caller = TestSidecar::start(cfg).await;
-        eventually(WAIT, "the caller knows m0", || async { endpoint_ids(&caller).await == ["m0"] }).await;
+        let mesh = mesh_with_fault(p, fault).await;
+        let caller = &mesh.caller;
 
         let started = tokio::time::Instant::now();
         let outcomes = futures::future::join_all((0..5).map(|_| async {
@@ -763,24 +770,13 @@ async fn network_faults_never_let_a_request_outlive_its_deadline_or_leak() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn negative_controls_for_deadlines_and_ejection() {
-    use mesh_testkit::{Fault, FaultProxy};
+    use mesh_testkit::Fault;
     // Without a request timeout, a blackholed request outlives any deadline.
-    let cp = TestCp::start().await;
     let mut p = resilient(1);
     p.timeout.request = Duration::ZERO;
     p.health.probe_interval = Duration::ZERO;
-    cp.set_policy("market", &p).await;
-    cp.set_policy("web", &fast_policy()).await;
-    let backend = Backend::start("m0").await;
-    let proxy = FaultProxy::start(backend.addr, Fault::Blackhole).await;
-    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let _market =
-        TestSidecar::start(TestSidecar::config(&cp.url(), "market", "m0", proxy.addr, d1.path())).await;
-    let app = Backend::start("web").await;
-    let mut cfg = TestSidecar::config(&cp.url(), "web", "web-1", app.addr, d2.path());
-    cfg.upstreams = vec!["market".into()];
-    let caller = TestSidecar::start(cfg).await;
-    eventually(WAIT, "the caller knows m0", || async { endpoint_ids(&caller).await == ["m0"] }).await;
+    let faulty = mesh_with_fault(p, Fault::Blackhole).await;
+    let caller = &faulty.caller;
     let hung = tokio::time::timeout(Duration::from_secs(2), get(caller.outbound, "market", "/work")).await;
     assert!(hung.is_err(), "with the protection off the request hangs");
 

@@ -68,8 +68,19 @@ pub struct TestCp {
 
 impl TestCp {
     pub async fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let cp = control_plane::ControlPlane::open(control_plane::Config::new(dir.path())).unwrap();
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts with the defaults changed by `tune` (ping interval, sweep interval, …).
+    pub async fn start_with(tune: impl FnOnce(&mut control_plane::Config)) -> Self {
+        Self::start_in(tempfile::tempdir().unwrap(), tune).await
+    }
+
+    /// Starts on the state in `dir` (a previous instance's data dir).
+    pub async fn start_in(dir: tempfile::TempDir, tune: impl FnOnce(&mut control_plane::Config)) -> Self {
+        let mut config = control_plane::Config::new(dir.path());
+        tune(&mut config);
+        let cp = control_plane::ControlPlane::open(config).unwrap();
         let g = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let a = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (grpc, admin) = (g.local_addr().unwrap(), a.local_addr().unwrap());
@@ -121,11 +132,13 @@ impl TestCp {
         ids
     }
 
-    pub async fn stop(mut self) {
+    /// Graceful stop (it must drain); returns the data dir so a test can start again on it.
+    pub async fn stop(mut self) -> tempfile::TempDir {
         self.stop.cancel();
         if let Some(t) = self.task.take() {
-            let _ = tokio::time::timeout(WAIT, t).await;
+            tokio::time::timeout(WAIT, t).await.expect("the control plane drains").unwrap().unwrap();
         }
+        std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
     }
 }
 
