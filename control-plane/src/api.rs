@@ -29,6 +29,7 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 /// Everything the handlers share.
 pub struct State {
     pub registry: Registry,
+    pub bus: crate::bus::Bus,
     pub policies: Arc<Policies>,
     pub metrics: Arc<Metrics>,
     pub proxies: Proxies,
@@ -509,5 +510,160 @@ impl v1::admin_server::Admin for Api {
             })
             .collect();
         Ok(Response::new(v1::ProxyStatusResponse { proxies }))
+    }
+}
+
+// ---- Events (the embedded bus) ---------------------------------------------------------------
+
+impl From<crate::bus::BusError> for Status {
+    fn from(e: crate::bus::BusError) -> Self {
+        match e {
+            crate::bus::BusError::Invalid { .. } => Status::invalid_argument(e.to_string()),
+            crate::bus::BusError::Store(e) => store_status(e),
+        }
+    }
+}
+
+/// Largest batch read from the log at once.
+const READ_BATCH: usize = 256;
+
+/// The first offset at or after `time_ms` (a scan: there is no time index yet).
+fn offset_at(bus: &crate::bus::Bus, topic: &str, time_ms: u64) -> Result<u64, Status> {
+    let mut from = 0;
+    loop {
+        let batch = bus.read(topic, from, READ_BATCH).map_err(store_status)?;
+        let Some(last) = batch.last().map(|d| d.offset) else { return Ok(from) };
+        if let Some(d) = batch.iter().find(|d| d.event.as_ref().is_some_and(|e| e.time_unix_ms >= time_ms)) {
+            return Ok(d.offset);
+        }
+        from = last + 1;
+    }
+}
+
+struct Subscription {
+    inbound: Streaming<v1::SubscribeRequest>,
+    topic: Option<(String, String)>,
+    next: u64,
+    head: Option<tokio::sync::watch::Receiver<u64>>,
+    buffer: std::collections::VecDeque<v1::Delivery>,
+    state: Arc<State>,
+}
+
+impl Subscription {
+    async fn next(mut self) -> Option<(Result<v1::Delivery, Status>, Self)> {
+        use v1::subscribe_request::Kind;
+        loop {
+            if let Some(d) = self.buffer.pop_front() {
+                return Some((Ok(d), self));
+            }
+            if let (Some((topic, _)), Some(head)) = (&self.topic, &self.head)
+                && self.next < *head.borrow()
+            {
+                match self.state.bus.read(topic, self.next, READ_BATCH) {
+                    Ok(batch) => {
+                        if let Some(last) = batch.last() {
+                            self.next = last.offset + 1;
+                        }
+                        self.buffer.extend(batch);
+                        continue;
+                    }
+                    Err(e) => return Some((Err(store_status(e)), self)),
+                }
+            }
+            let changed = async {
+                match &mut self.head {
+                    Some(h) => h.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = self.state.shutdown.cancelled() => return None,
+                ok = changed => if !ok { return None },
+                msg = self.inbound.next() => match msg {
+                    None | Some(Err(_)) => return None,
+                    Some(Ok(v1::SubscribeRequest { kind: Some(Kind::Start(s)) })) => {
+                        if !names::is_topic(&s.topic) {
+                            return Some((Err(Status::invalid_argument(format!("topic {:?}: 1..=128 characters of a-z, 0-9, '.', '_' and '-'", s.topic))), self));
+                        }
+                        let committed = if s.group.is_empty() { Ok(0) } else { self.state.bus.committed(&s.topic, &s.group).map_err(store_status) };
+                        let start = match (s.from_offset, s.from_time_unix_ms) {
+                            (Some(o), _) => Ok(o),
+                            (None, Some(t)) => offset_at(&self.state.bus, &s.topic, t),
+                            (None, None) => committed,
+                        };
+                        match start {
+                            Ok(o) => self.next = o,
+                            Err(e) => return Some((Err(e), self)),
+                        }
+                        self.buffer.clear();
+                        self.head = Some(self.state.bus.watch(&s.topic));
+                        self.topic = Some((s.topic, s.group));
+                    }
+                    Some(Ok(v1::SubscribeRequest { kind: Some(Kind::Commit(c)) })) => {
+                        let Some((topic, group)) = self.topic.clone() else {
+                            return Some((Err(Status::failed_precondition("send start before commit")), self));
+                        };
+                        if group.is_empty() {
+                            return Some((Err(Status::failed_precondition("commit needs a group in start")), self));
+                        }
+                        if let Err(e) = self.state.bus.commit(&topic, &group, c.offset).await {
+                            return Some((Err(store_status(e)), self));
+                        }
+                    }
+                    Some(Ok(_)) => return Some((Err(Status::invalid_argument("kind: start or commit is required")), self)),
+                },
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl v1::events_server::Events for Api {
+    async fn publish(
+        &self,
+        req: Request<v1::PublishRequest>,
+    ) -> Result<Response<v1::PublishResponse>, Status> {
+        let results = self.0.bus.publish(req.into_inner().events).await?;
+        Ok(Response::new(v1::PublishResponse { results }))
+    }
+
+    type SubscribeStream = BoxStream<v1::Delivery>;
+
+    async fn subscribe(
+        &self,
+        req: Request<Streaming<v1::SubscribeRequest>>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let sub = Subscription {
+            inbound: req.into_inner(),
+            topic: None,
+            next: 0,
+            head: None,
+            buffer: Default::default(),
+            state: self.0.clone(),
+        };
+        Ok(Response::new(Box::pin(stream::unfold(sub, Subscription::next))))
+    }
+
+    type ReplayStream = BoxStream<v1::Delivery>;
+
+    async fn replay(&self, req: Request<v1::ReplayRequest>) -> Result<Response<Self::ReplayStream>, Status> {
+        let r = req.into_inner();
+        if !names::is_topic(&r.topic) {
+            return Err(Status::invalid_argument(format!(
+                "topic {:?}: 1..=128 characters of a-z, 0-9, '.', '_' and '-'",
+                r.topic
+            )));
+        }
+        let limit = match r.limit {
+            0 => 1000,
+            n => (n as usize).min(10_000),
+        };
+        let from = match (r.from_offset, r.from_time_unix_ms) {
+            (Some(o), _) => o,
+            (None, Some(t)) => offset_at(&self.0.bus, &r.topic, t)?,
+            (None, None) => 0,
+        };
+        let deliveries = self.0.bus.read(&r.topic, from, limit).map_err(store_status)?;
+        Ok(Response::new(Box::pin(stream::iter(deliveries.into_iter().map(Ok)))))
     }
 }

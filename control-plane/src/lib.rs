@@ -12,6 +12,7 @@
 //! listeners and a shutdown token, so tests run it on port 0 exactly as the binary does.
 
 pub mod api;
+pub mod bus;
 pub mod cli;
 pub mod http;
 pub mod metrics;
@@ -81,6 +82,7 @@ impl ControlPlane {
         let (store, loaded) = Store::open(&config.data_dir)?;
         let metrics = Metrics::new();
         let policies = Arc::new(Policies::new(store.clone(), loaded.policies)?);
+        let bus = bus::Bus::new(store.clone())?;
         tracing::info!(
             epoch = loaded.epoch,
             instances = loaded.instances.len(),
@@ -99,6 +101,7 @@ impl ControlPlane {
         );
         let state = Arc::new(api::State {
             registry,
+            bus,
             policies,
             metrics,
             proxies: Proxies::default(),
@@ -143,7 +146,9 @@ impl ControlPlane {
         });
 
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
-        for name in ["", "mesh.v1.Registry", "mesh.v1.Discovery", "mesh.v1.Policy", "mesh.v1.Admin"] {
+        for name in
+            ["", "mesh.v1.Registry", "mesh.v1.Discovery", "mesh.v1.Policy", "mesh.v1.Admin", "mesh.v1.Events"]
+        {
             health_reporter.set_service_status(name, tonic_health::ServingStatus::Serving).await;
         }
         let reflection = tonic_reflection::server::Builder::configure()
@@ -163,6 +168,7 @@ impl ControlPlane {
             .add_service(v1::registry_server::RegistryServer::new(api.clone()))
             .add_service(v1::discovery_server::DiscoveryServer::new(api.clone()))
             .add_service(v1::policy_server::PolicyServer::new(api.clone()))
+            .add_service(v1::events_server::EventsServer::new(api.clone()))
             .add_service(v1::admin_server::AdminServer::new(api))
             .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), own.clone().cancelled_owned())
             .instrument(tracing::info_span!("grpc"))

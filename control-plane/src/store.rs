@@ -21,6 +21,12 @@ use tokio::sync::{mpsc, oneshot};
 const POLICIES: TableDefinition<&str, &[u8]> = TableDefinition::new("policies");
 const INSTANCES: TableDefinition<&str, &[u8]> = TableDefinition::new("instances");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Event bus: `topic/offset(20 digits)` → encoded `v1::Event`.
+const BUS_EVENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("bus_events");
+/// `topic/event id` → offset (big-endian), for deduplication.
+const BUS_IDS: TableDefinition<&str, &[u8]> = TableDefinition::new("bus_ids");
+/// `topic/group` → committed offset (big-endian): the next offset the group will read.
+const BUS_OFFSETS: TableDefinition<&str, &[u8]> = TableDefinition::new("bus_offsets");
 const EPOCH_KEY: &str = "epoch";
 /// redb page cache.
 const CACHE_BYTES: usize = 4 * 1024 * 1024;
@@ -58,14 +64,16 @@ enum Op {
     Delete(TableDefinition<'static, &'static str, &'static [u8]>, String),
 }
 
+/// Operations committed together (in the same transaction as the rest of their batch).
 struct Write {
-    op: Op,
+    ops: Vec<Op>,
     done: oneshot::Sender<Result<(), String>>,
 }
 
 struct Inner {
     tx: Option<mpsc::UnboundedSender<Write>>,
     writer: Option<JoinHandle<()>>,
+    db: Arc<Database>,
 }
 
 impl Drop for Inner {
@@ -106,17 +114,24 @@ impl Store {
             };
             tx.open_table(POLICIES).map_err(db_err("open policies"))?;
             tx.open_table(INSTANCES).map_err(db_err("open instances"))?;
+            tx.open_table(BUS_EVENTS).map_err(db_err("open bus events"))?;
+            tx.open_table(BUS_IDS).map_err(db_err("open bus ids"))?;
+            tx.open_table(BUS_OFFSETS).map_err(db_err("open bus offsets"))?;
             tx.commit().map_err(db_err("commit"))?;
             epoch
         };
+        let db = Arc::new(db);
         let policies = load_table(&db, POLICIES, "policy")?;
         let instances = load_table(&db, INSTANCES, "instance")?;
         let (tx, rx) = mpsc::unbounded_channel();
         let writer = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer(db, rx))
+            .spawn({
+                let db = db.clone();
+                move || writer(db, rx)
+            })
             .map_err(db_err("starting the writer thread"))?;
-        let inner = Inner { tx: Some(tx), writer: Some(writer) };
+        let inner = Inner { tx: Some(tx), writer: Some(writer), db };
         Ok((Store { inner: Arc::new(inner) }, Loaded { epoch, policies, instances }))
     }
 
@@ -134,15 +149,93 @@ impl Store {
 
     /// Queues one write and waits until the transaction holding it is durable.
     async fn write(&self, op: Op) -> Result<(), StoreError> {
+        self.write_all(vec![op]).await
+    }
+
+    /// Queues writes that commit together and waits until they are durable.
+    async fn write_all(&self, ops: Vec<Op>) -> Result<(), StoreError> {
         let (done, rx) = oneshot::channel();
         let closed = || StoreError::Db { op: "write", message: "the store is closed".into() };
-        self.inner.tx.as_ref().ok_or_else(closed)?.send(Write { op, done }).map_err(|_| closed())?;
+        self.inner.tx.as_ref().ok_or_else(closed)?.send(Write { ops, done }).map_err(|_| closed())?;
         rx.await.map_err(|_| closed())?.map_err(|message| StoreError::Db { op: "commit", message })
     }
 }
 
+fn bus_key(topic: &str, offset: u64) -> String {
+    format!("{topic}/{offset:020}")
+}
+
+impl Store {
+    /// Appends events (offset, id, encoded) to `topic` with their ids, atomically.
+    pub async fn bus_append(
+        &self,
+        topic: &str,
+        entries: Vec<(u64, String, Vec<u8>)>,
+    ) -> Result<(), StoreError> {
+        let mut ops = Vec::with_capacity(entries.len() * 2);
+        for (offset, id, bytes) in entries {
+            ops.push(Op::Put(BUS_EVENTS, bus_key(topic, offset), bytes));
+            ops.push(Op::Put(BUS_IDS, format!("{topic}/{id}"), offset.to_be_bytes().to_vec()));
+        }
+        self.write_all(ops).await
+    }
+
+    /// Records that `group` has consumed `topic` up to (not including) `next`.
+    pub async fn bus_commit(&self, topic: &str, group: &str, next: u64) -> Result<(), StoreError> {
+        self.write(Op::Put(BUS_OFFSETS, format!("{topic}/{group}"), next.to_be_bytes().to_vec())).await
+    }
+
+    fn get_u64(&self, table: TableDefinition<&str, &[u8]>, key: &str) -> Result<Option<u64>, StoreError> {
+        let tx = self.inner.db.begin_read().map_err(db_err("begin read"))?;
+        let t = tx.open_table(table).map_err(db_err("open table"))?;
+        Ok(t.get(key)
+            .map_err(db_err("read"))?
+            .and_then(|v| v.value().try_into().ok().map(u64::from_be_bytes)))
+    }
+
+    /// The offset an event id was stored at, if it was.
+    pub fn bus_lookup(&self, topic: &str, id: &str) -> Result<Option<u64>, StoreError> {
+        self.get_u64(BUS_IDS, &format!("{topic}/{id}"))
+    }
+
+    pub fn bus_committed(&self, topic: &str, group: &str) -> Result<Option<u64>, StoreError> {
+        self.get_u64(BUS_OFFSETS, &format!("{topic}/{group}"))
+    }
+
+    /// Up to `limit` events of `topic` from offset `from` on, in order.
+    pub fn bus_read(&self, topic: &str, from: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let tx = self.inner.db.begin_read().map_err(db_err("begin read"))?;
+        let t = tx.open_table(BUS_EVENTS).map_err(db_err("open table"))?;
+        let (lo, hi) = (bus_key(topic, from), bus_key(topic, u64::MAX));
+        let mut out = Vec::new();
+        for row in t.range(lo.as_str()..=hi.as_str()).map_err(db_err("range"))?.take(limit) {
+            let (k, v) = row.map_err(db_err("read row"))?;
+            let offset = k.value().rsplit('/').next().and_then(|o| o.parse().ok()).unwrap_or(0);
+            out.push((offset, v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// The next offset of every topic with events.
+    pub fn bus_heads(&self) -> Result<std::collections::HashMap<String, u64>, StoreError> {
+        let tx = self.inner.db.begin_read().map_err(db_err("begin read"))?;
+        let t = tx.open_table(BUS_EVENTS).map_err(db_err("open table"))?;
+        let mut heads = std::collections::HashMap::new();
+        for row in t.iter().map_err(db_err("iterate"))? {
+            let (k, _) = row.map_err(db_err("read row"))?;
+            if let Some((topic, offset)) = k.value().rsplit_once('/')
+                && let Ok(o) = offset.parse::<u64>()
+            {
+                let h = heads.entry(topic.to_string()).or_insert(0);
+                *h = (*h).max(o + 1);
+            }
+        }
+        Ok(heads)
+    }
+}
+
 /// The writer thread: one transaction per batch of whatever is queued, then every caller hears.
-fn writer(db: Database, mut rx: mpsc::UnboundedReceiver<Write>) {
+fn writer(db: Arc<Database>, mut rx: mpsc::UnboundedReceiver<Write>) {
     let _span = tracing::info_span!("store_writer").entered();
     while let Some(first) = rx.blocking_recv() {
         let mut batch = vec![first];
@@ -164,8 +257,8 @@ fn writer(db: Database, mut rx: mpsc::UnboundedReceiver<Write>) {
 
 fn commit(db: &Database, batch: &[Write]) -> Result<(), StoreError> {
     let tx = db.begin_write().map_err(db_err("begin"))?;
-    for w in batch {
-        match &w.op {
+    for op in batch.iter().flat_map(|w| &w.ops) {
+        match op {
             Op::Put(table, k, v) => {
                 tx.open_table(*table)
                     .map_err(db_err("open table"))?

@@ -26,6 +26,7 @@ async fn no_acknowledged_write_is_lost_across_sigkill() {
     let dir = tempfile::tempdir().unwrap();
     let acked_instances: Arc<Mutex<Vec<String>>> = Arc::default();
     let acked_policies: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
+    let acked_events: Arc<Mutex<Vec<String>>> = Arc::default();
 
     {
         // Instances of this service never expire, so only deregistration could remove them.
@@ -48,12 +49,13 @@ async fn no_acknowledged_write_is_lost_across_sigkill() {
         let url = cp.url();
         let mut writers = Vec::new();
         for w in 0..4 {
-            let (url, acked_instances, acked_policies) =
-                (url.clone(), acked_instances.clone(), acked_policies.clone());
+            let (url, acked_instances, acked_policies, acked_events) =
+                (url.clone(), acked_instances.clone(), acked_policies.clone(), acked_events.clone());
             writers.push(tokio::spawn(async move {
                 let Ok(ch) = Endpoint::from_shared(url).unwrap().connect().await else { return };
                 let mut reg = RegistryClient::new(ch.clone());
-                let mut pol = PolicyClient::new(ch);
+                let mut pol = PolicyClient::new(ch.clone());
+                let mut bus = v1::events_client::EventsClient::new(ch);
                 for seq in 0.. {
                     let id = format!("c{cycle}-w{w}-{seq}");
                     if reg
@@ -63,6 +65,18 @@ async fn no_acknowledged_write_is_lost_across_sigkill() {
                     {
                         return;
                     }
+                    // The same id as an event: acknowledged means it is in the log after any crash.
+                    let event = v1::Event {
+                        id: id.clone(),
+                        topic: "persist".into(),
+                        key: format!("w{w}"),
+                        ..Default::default()
+                    };
+                    if bus.publish(v1::PublishRequest { events: vec![event] }).await.is_err() {
+                        acked_instances.lock().unwrap().push(id);
+                        return;
+                    }
+                    acked_events.lock().unwrap().push(id.clone());
                     acked_instances.lock().unwrap().push(id);
                     let mut p = ServicePolicy::default();
                     p.retry.max_attempts = seq % 10;
@@ -103,6 +117,22 @@ async fn no_acknowledged_write_is_lost_across_sigkill() {
         assert!(lost.is_empty(), "cycle {cycle}: acknowledged registrations lost: {lost:?}");
         // Restored instances are in discovery (a fresh TTL, not expired by the restart).
         assert!(stored.instances.iter().all(|i| i.health() == v1::HealthStatus::Healthy));
+        let log: std::collections::HashSet<String> = v1::events_client::EventsClient::new(ch.clone())
+            .replay(v1::ReplayRequest {
+                topic: "persist".into(),
+                from_offset: Some(0),
+                from_time_unix_ms: None,
+                limit: 10_000,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .map(|d| d.unwrap().event.unwrap().id)
+            .collect()
+            .await;
+        let events = acked_events.lock().unwrap().clone();
+        let lost: Vec<_> = events.iter().filter(|id| !log.contains(*id)).collect();
+        assert!(lost.is_empty(), "cycle {cycle}: acknowledged events lost: {lost:?}");
         let mut pol = PolicyClient::new(ch);
         let policies = acked_policies.lock().unwrap().clone();
         for (svc, version) in policies {
@@ -116,6 +146,10 @@ async fn no_acknowledged_write_is_lost_across_sigkill() {
         cp.kill9();
     }
     let total = acked_instances.lock().unwrap().len();
+    eprintln!(
+        "{} acknowledged events, all in the log after every restart",
+        acked_events.lock().unwrap().len()
+    );
     eprintln!(
         "{cycles} SIGKILL cycles, {total} acknowledged registrations and {} policy services checked after each",
         acked_policies.lock().unwrap().len()
