@@ -11,6 +11,7 @@ use std::{
 };
 
 use clap::{Parser, Subcommand, ValueEnum};
+use futures::StreamExt;
 use mesh_proto::{policy::ServicePolicy, v1};
 use serde_json::{Value, json};
 use tonic::transport::{Channel, Endpoint};
@@ -73,6 +74,9 @@ pub enum Command {
     Overview,
     /// Counters since start and push→ACK latency.
     Stats,
+    /// Publish to, replay or follow a topic of the embedded event bus.
+    #[command(subcommand)]
+    Events(EventsCommand),
     /// One sidecar's view: its upstreams, endpoints, breaker states and cache (from its admin
     /// listener, e.g. 127.0.0.1:4191).
     Sidecar { admin: String },
@@ -106,6 +110,46 @@ pub enum PolicyCommand {
     Delete { service: String },
     /// Every service with an explicit policy.
     List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EventsCommand {
+    /// Publish one event (CloudEvents-shaped); a repeated id is a duplicate and dropped.
+    Publish {
+        topic: String,
+        /// JSON (or any text) carried as the event's data.
+        #[arg(long, default_value = "{}")]
+        data: String,
+        #[arg(long, default_value = "")]
+        key: String,
+        #[arg(long = "type", default_value = "meshctl.event")]
+        kind: String,
+        /// Event id (default: a new UUID v7).
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Print stored events from an offset or a time.
+    Replay {
+        topic: String,
+        #[arg(long)]
+        from_offset: Option<u64>,
+        /// Unix milliseconds.
+        #[arg(long)]
+        from_time: Option<u64>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Follow a topic until Ctrl-C; with --group, resume from and commit the group's offset.
+    Tail {
+        topic: String,
+        #[arg(long, default_value = "")]
+        group: String,
+        #[arg(long)]
+        from_offset: Option<u64>,
+        /// Stop after this many events (default: run until Ctrl-C).
+        #[arg(long)]
+        count: Option<u64>,
+    },
 }
 
 /// A meshctl failure, printed as one line.
@@ -226,6 +270,7 @@ pub async fn run(args: Args) -> Result<(), CliError> {
             );
         }
         Command::Policy(cmd) => policy(cmd, ch, out, &addr).await?,
+        Command::Events(cmd) => events(cmd, ch, out, &addr).await?,
         Command::ProxyStatus { service } => {
             let r = v1::admin_client::AdminClient::new(ch)
                 .proxy_status(v1::ProxyStatusRequest { service: service.unwrap_or_default() })
@@ -503,6 +548,105 @@ async fn sidecar(admin: &str, out: Output) -> Result<(), CliError> {
             cfg["service"].as_str().unwrap_or("?"),
             cfg["rate_limited"]
         );
+    }
+    Ok(())
+}
+
+fn delivery_json(d: &v1::Delivery) -> Value {
+    let e = d.event.clone().unwrap_or_default();
+    let data = String::from_utf8_lossy(&e.data).into_owned();
+    json!({
+        "offset": d.offset, "id": e.id, "topic": e.topic, "type": e.r#type, "key": e.key, "source": e.source,
+        "time_unix_ms": e.time_unix_ms, "data": serde_json::from_str::<Value>(&data).unwrap_or(Value::String(data)),
+    })
+}
+
+async fn events(cmd: EventsCommand, ch: Channel, out: Output, addr: &str) -> Result<(), CliError> {
+    let st = |s: tonic::Status| CliError::from_status(s, addr);
+    let mut bus = v1::events_client::EventsClient::new(ch);
+    let print = |d: &v1::Delivery| match out {
+        Output::Json => out!("{}", delivery_json(d)),
+        Output::Table => {
+            let e = d.event.clone().unwrap_or_default();
+            out!(
+                "{:>6}  {}  {}  {}  {}",
+                d.offset,
+                e.id,
+                dash(&e.key),
+                e.r#type,
+                String::from_utf8_lossy(&e.data)
+            );
+        }
+    };
+    match cmd {
+        EventsCommand::Publish { topic, data, key, kind, id } => {
+            let event = v1::Event {
+                id: id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
+                topic,
+                source: "meshctl".into(),
+                r#type: kind,
+                key,
+                time_unix_ms: mesh_proto::unix_ms(std::time::SystemTime::now()),
+                data: data.into_bytes(),
+                content_type: "application/json".into(),
+                ..Default::default()
+            };
+            let r = bus.publish(v1::PublishRequest { events: vec![event] }).await.map_err(st)?.into_inner();
+            for x in r.results {
+                match out {
+                    Output::Json => {
+                        out!("{}", json!({"id": x.id, "offset": x.offset, "duplicate": x.duplicate}))
+                    }
+                    Output::Table if x.duplicate => {
+                        out!("{} was already at offset {} (duplicate dropped)", x.id, x.offset)
+                    }
+                    Output::Table => out!("{} stored at offset {}", x.id, x.offset),
+                }
+            }
+        }
+        EventsCommand::Replay { topic, from_offset, from_time, limit } => {
+            let req = v1::ReplayRequest { topic, from_offset, from_time_unix_ms: from_time, limit };
+            let mut s = bus.replay(req).await.map_err(st)?.into_inner();
+            while let Some(d) = s.next().await {
+                print(&d.map_err(st)?);
+            }
+        }
+        EventsCommand::Tail { topic, group, from_offset, count } => {
+            let (tx, rx) = tokio::sync::mpsc::channel(8);
+            let start =
+                v1::SubscribeStart { topic, group: group.clone(), from_offset, from_time_unix_ms: None };
+            let _ =
+                tx.send(v1::SubscribeRequest { kind: Some(v1::subscribe_request::Kind::Start(start)) }).await;
+            let mut s = bus
+                .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+                .map_err(st)?
+                .into_inner();
+            let mut seen = 0u64;
+            loop {
+                let d = tokio::select! {
+                    _ = mesh_runtime::shutdown_signal() => break,
+                    d = s.next() => match d { Some(d) => d.map_err(st)?, None => break },
+                };
+                print(&d);
+                if !group.is_empty() {
+                    let commit = v1::SubscribeCommit { offset: d.offset + 1 };
+                    let _ = tx
+                        .send(v1::SubscribeRequest {
+                            kind: Some(v1::subscribe_request::Kind::Commit(commit)),
+                        })
+                        .await;
+                }
+                seen += 1;
+                if count.is_some_and(|c| seen >= c) {
+                    break;
+                }
+            }
+            // Close our side so the server applies the last commit and ends the stream.
+            drop(tx);
+            let _ = tokio::time::timeout(Duration::from_secs(3), async { while s.next().await.is_some() {} })
+                .await;
+        }
     }
     Ok(())
 }

@@ -178,3 +178,34 @@ fn an_unreachable_control_plane_is_one_line_naming_the_address() {
     let err = fails(&meshctl("not a url", &["services"]));
     assert!(err.contains("not a URL"), "{err}");
 }
+
+#[tokio::test]
+async fn events_publish_replay_and_tail_with_a_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = CpProcess::start(dir.path());
+    let url = cp.url();
+    assert!(
+        ok(&meshctl(
+            &url,
+            &["events", "publish", "markets", "--id", "e1", "--key", "m1", "--data", r#"{"n":1}"#]
+        ))
+        .contains("offset 0")
+    );
+    assert!(
+        ok(&meshctl(&url, &["events", "publish", "markets", "--id", "e1", "--data", "{}"]))
+            .contains("duplicate")
+    );
+    ok(&meshctl(&url, &["events", "publish", "markets", "--id", "e2", "--data", r#"{"n":2}"#]));
+    let lines: Vec<serde_json::Value> = ok(&meshctl(&url, &["-o", "json", "events", "replay", "markets"]))
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.iter().map(|v| v["id"].as_str().unwrap()).collect::<Vec<_>>(), ["e1", "e2"]);
+    assert_eq!(lines[0]["data"]["n"], 1);
+    // A group resumes where it committed.
+    let first = ok(&meshctl(&url, &["events", "tail", "markets", "--group", "g", "--count", "1"]));
+    let second = ok(&meshctl(&url, &["events", "tail", "markets", "--group", "g", "--count", "1"]));
+    assert!(first.contains("e1") && second.contains("e2"), "{first} / {second}");
+    let err = fails(&meshctl(&url, &["events", "publish", "Bad Topic"]));
+    assert!(err.contains("topic"), "{err}");
+}
