@@ -20,6 +20,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/ready", get(ready))
         .route("/config", get(config))
         .route("/cache/invalidate", axum::routing::post(invalidate))
+        .route("/events", axum::routing::post(crate::events::publish))
         .fallback(|| async {
             (
                 StatusCode::NOT_FOUND,
@@ -49,6 +50,11 @@ async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
         m.policy_version.get_or_create(&vec![("service", own.clone())]).set(s.own_policy.borrow().0 as i64);
     }
     m.app_healthy.set(i64::from(*s.app_healthy.borrow()));
+    if let Ok(outbox) = &s.outbox {
+        let spool = outbox.spool.lock().unwrap_or_else(|p| p.into_inner());
+        m.spool_pending.set(spool.pending() as i64);
+        m.spool_bytes.set(spool.pending_bytes() as i64);
+    }
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], m.render())
 }
 

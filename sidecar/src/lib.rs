@@ -15,6 +15,7 @@ pub mod admin;
 pub mod cache;
 pub mod control;
 pub mod dns;
+pub mod events;
 pub mod idempotency;
 pub mod inbound;
 pub mod metrics;
@@ -24,6 +25,7 @@ pub mod proxy;
 pub mod resilience;
 pub mod server;
 pub mod snapshot;
+pub mod spool;
 pub mod trace;
 pub mod upstream;
 
@@ -119,7 +121,12 @@ pub struct Shared {
     pub dns: dns::Dns,
     /// Cancelled when shutdown begins.
     pub stopping: CancellationToken,
+    /// The app's event spool and forwarder wake-up (or why the spool could not open).
+    pub outbox: Result<events::Outbox, String>,
 }
+
+/// Most bytes of unforwarded events the spool holds before publishing gets 429.
+pub const SPOOL_LIMIT_BYTES: u64 = 256 * 1024 * 1024;
 
 impl Shared {
     /// The shared state for `config`, and the channel announcing upstreams met for the first
@@ -136,6 +143,12 @@ impl Shared {
             snapshot: SnapshotWriter::new(config.data_dir.clone()),
             dns: dns::Dns::default(),
             stopping: CancellationToken::new(),
+            outbox: spool::Spool::open(&config.data_dir.join("spool"), SPOOL_LIMIT_BYTES)
+                .map(|s| events::Outbox {
+                    spool: Arc::new(std::sync::Mutex::new(s)),
+                    wake: tokio::sync::Notify::new(),
+                })
+                .map_err(|e| e.to_string()),
             config,
         });
         (shared, added)
@@ -241,8 +254,15 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
             )
             .instrument(tracing::info_span!("snapshot")),
     );
+    if let Err(e) = &shared.outbox {
+        return Err(Error::Config(format!("cannot open the event spool: {e}")));
+    }
     tasks.spawn(
         control::run(shared.clone(), added, background.clone()).instrument(tracing::info_span!("control")),
+    );
+    tasks.spawn(
+        events::forward(shared.clone(), background.clone())
+            .instrument(tracing::info_span!("event_forwarder")),
     );
     if let (Mode::Sidecar, Some(app)) = (shared.config.mode, shared.config.app_addr) {
         tasks.spawn(

@@ -54,6 +54,10 @@ pub struct Metrics {
     pub endpoint_breaker_open: Family<Labels, Gauge>,
     pub rate_limited: Family<Labels, Counter>,
     pub cache: Family<Labels, Counter>,
+    pub events_spooled: Counter,
+    pub events_forwarded: Counter,
+    pub spool_pending: Gauge,
+    pub spool_bytes: Gauge,
     pub cache_entries: Family<Labels, Gauge>,
     pub cache_bytes: Family<Labels, Gauge>,
     pub inbound_inflight: Gauge,
@@ -86,6 +90,10 @@ impl Metrics {
             endpoint_breaker_open: Family::default(),
             rate_limited: Family::default(),
             cache: Family::default(),
+            events_spooled: Counter::default(),
+            events_forwarded: Counter::default(),
+            spool_pending: Gauge::default(),
+            spool_bytes: Gauge::default(),
             cache_entries: Family::default(),
             cache_bytes: Family::default(),
             inbound_inflight: Gauge::default(),
@@ -148,6 +156,14 @@ impl Metrics {
         r.register("cache_requests", "Cacheable requests by result (hit, miss, stale)", m.cache.clone());
         r.register("cache_entries", "Entries in the response cache", m.cache_entries.clone());
         r.register("cache_bytes", "Bytes held by the response cache", m.cache_bytes.clone());
+        r.register("events_spooled", "Events the app published, durably spooled", m.events_spooled.clone());
+        r.register("events_forwarded", "Spooled events acknowledged by the bus", m.events_forwarded.clone());
+        r.register(
+            "spool_pending",
+            "Events in the spool not yet acknowledged by the bus",
+            m.spool_pending.clone(),
+        );
+        r.register("spool_bytes", "Bytes of events in the spool not yet acknowledged", m.spool_bytes.clone());
         r.register("app_healthy", "1 while the local app passes its health probe", m.app_healthy.clone());
         r.register(
             "inbound_inflight",

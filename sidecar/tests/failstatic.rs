@@ -19,26 +19,10 @@ async fn set_policy(addr: std::net::SocketAddr, service: &str) {
         .unwrap();
 }
 
-fn cp_args(dir: &std::path::Path, grpc: &str) -> Vec<String> {
-    [
-        "--grpc-addr",
-        grpc,
-        "--admin-addr",
-        "127.0.0.1:0",
-        "--log",
-        "warn",
-        "--data-dir",
-        &dir.display().to_string(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_plane_sigkill_under_steady_load_fails_no_request_and_streams_reconnect() {
     let cp_dir = tempfile::tempdir().unwrap();
-    let cp = Process::start("control-plane", &cp_args(cp_dir.path(), "127.0.0.1:0"));
+    let cp = Process::start("control-plane", &mesh_testkit::control_plane_args(cp_dir.path(), "127.0.0.1:0"));
     let grpc = cp.addr("grpc");
     let url = format!("http://{grpc}");
     set_policy(grpc, "market").await;
@@ -79,7 +63,8 @@ async fn control_plane_sigkill_under_steady_load_fails_no_request_and_streams_re
     .await;
 
     // Back on the same address: every stream reconnects, nothing was expired by the restart.
-    let _cp = Process::start("control-plane", &cp_args(cp_dir.path(), &grpc.to_string()));
+    let _cp =
+        Process::start("control-plane", &mesh_testkit::control_plane_args(cp_dir.path(), &grpc.to_string()));
     for s in sidecars.iter().chain([&caller]) {
         eventually(WAIT, "sidecar reconnects", || async {
             s.config_json().await["control_plane"]["connected"] == true

@@ -256,29 +256,7 @@ async fn an_instance_that_stops_heartbeating_leaves_within_the_ttl_and_returns()
     // without a deregistration.
     let b = Backend::start("bin").await;
     let dir = tempfile::tempdir().unwrap();
-    let args: Vec<String> = [
-        "--service",
-        "market",
-        "--instance-id",
-        "m-bin",
-        "--app-addr",
-        &b.addr.to_string(),
-        "--control-plane",
-        &mesh.cp.url(),
-        "--inbound-addr",
-        "127.0.0.1:0",
-        "--outbound-addr",
-        "127.0.0.1:0",
-        "--admin-addr",
-        "127.0.0.1:0",
-        "--data-dir",
-        &dir.path().display().to_string(),
-        "--log",
-        "warn",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args = mesh_testkit::sidecar_args("market", "m-bin", b.addr, &mesh.cp.url(), dir.path());
     let proc = mesh_testkit::Process::start("sidecar", &args);
     mesh.wait_endpoints(3).await;
 

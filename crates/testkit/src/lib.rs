@@ -678,3 +678,55 @@ impl Drop for FaultProxy {
         self.stop.cancel();
     }
 }
+
+/// Arguments for the `control-plane` binary on `grpc` (`127.0.0.1:0` for any port) with its
+/// data in `dir`.
+pub fn control_plane_args(dir: &Path, grpc: &str) -> Vec<String> {
+    [
+        "--grpc-addr",
+        grpc,
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--log",
+        "warn",
+        "--data-dir",
+        &dir.display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// Arguments for a `sidecar` binary serving `service` as `id` in front of `app`, all listeners
+/// on port 0.
+pub fn sidecar_args(
+    service: &str,
+    id: &str,
+    app: SocketAddr,
+    control_plane: &str,
+    dir: &Path,
+) -> Vec<String> {
+    [
+        "--service",
+        service,
+        "--instance-id",
+        id,
+        "--app-addr",
+        &app.to_string(),
+        "--control-plane",
+        control_plane,
+        "--inbound-addr",
+        "127.0.0.1:0",
+        "--outbound-addr",
+        "127.0.0.1:0",
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--data-dir",
+        &dir.display().to_string(),
+        "--log",
+        "warn",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}

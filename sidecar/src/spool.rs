@@ -1,0 +1,259 @@
+//! The durable event spool: events the app publishes are appended here (fsync) before the
+//! sidecar answers 202, then forwarded to the event bus in order.
+//!
+//! Layout: `<data-dir>/spool/seg-<first sequence>.log` segment files of records
+//! `[length u32 BE][crc32 u32 BE][protobuf Event]`, and `cursor` holding the sequence number of
+//! the first record not yet acknowledged by the bus. On open, a torn or corrupt tail (a crash
+//! mid-append) is detected by length and checksum and truncated; it was never acknowledged.
+//! A segment whose records are all forwarded is deleted once a newer one exists.
+
+use std::{
+    collections::VecDeque,
+    fs::{File, OpenOptions},
+    io::{Read, Write},
+    path::{Path, PathBuf},
+};
+
+use mesh_proto::{prost::Message, v1};
+
+/// Records per segment before a new one starts.
+const SEGMENT_RECORDS: u64 = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("spool {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("the spool is full ({bytes} bytes pending, limit {limit}): retry later")]
+    Full { bytes: u64, limit: u64 },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SpoolError + '_ {
+    move |source| SpoolError::Io { path: path.display().to_string(), source }
+}
+
+struct Segment {
+    first: u64,
+    path: PathBuf,
+}
+
+/// An append-only, checksummed, fsync'd queue of events.
+pub struct Spool {
+    dir: PathBuf,
+    segments: VecDeque<Segment>,
+    /// Sequence number of the next record appended.
+    next: u64,
+    /// First record not yet acknowledged by the bus.
+    cursor: u64,
+    /// Bytes of records not yet acknowledged.
+    pending_bytes: u64,
+    pending_sizes: VecDeque<u64>,
+    limit: u64,
+}
+
+fn seg_path(dir: &Path, first: u64) -> PathBuf {
+    dir.join(format!("seg-{first:020}.log"))
+}
+
+/// Reads a segment's valid records, truncating a torn or corrupt tail in place.
+fn read_segment(path: &Path) -> Result<Vec<Vec<u8>>, SpoolError> {
+    let mut bytes = Vec::new();
+    File::open(path).and_then(|mut f| f.read_to_end(&mut bytes)).map_err(io(path))?;
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    while at + 8 <= bytes.len() {
+        let len = u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap_or_default()) as usize;
+        let crc = u32::from_be_bytes(bytes[at + 4..at + 8].try_into().unwrap_or_default());
+        let Some(payload) = bytes.get(at + 8..at + 8 + len) else { break };
+        if crc32fast::hash(payload) != crc {
+            break;
+        }
+        out.push(payload.to_vec());
+        at += 8 + len;
+    }
+    if at < bytes.len() {
+        tracing::warn!(segment = %path.display(), kept = at, dropped = bytes.len() - at, "spool segment has a torn or corrupt tail (a crash mid-append): truncating it");
+        let f = OpenOptions::new().write(true).open(path).map_err(io(path))?;
+        f.set_len(at as u64).map_err(io(path))?;
+        f.sync_all().map_err(io(path))?;
+    }
+    Ok(out)
+}
+
+impl Spool {
+    /// Opens (creating) the spool in `dir`, accepting at most `limit` pending bytes.
+    pub fn open(dir: &Path, limit: u64) -> Result<Spool, SpoolError> {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let mut firsts: Vec<u64> = std::fs::read_dir(dir)
+            .map_err(io(dir))?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().to_str()?.strip_prefix("seg-")?.strip_suffix(".log")?.parse().ok())
+            .collect();
+        firsts.sort_unstable();
+        let cursor_path = dir.join("cursor");
+        let cursor =
+            std::fs::read_to_string(&cursor_path).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+        let mut spool = Spool {
+            dir: dir.to_path_buf(),
+            segments: VecDeque::new(),
+            next: 0,
+            cursor,
+            pending_bytes: 0,
+            pending_sizes: VecDeque::new(),
+            limit,
+        };
+        for first in firsts {
+            let path = seg_path(dir, first);
+            let records = read_segment(&path)?;
+            for (i, r) in records.iter().enumerate() {
+                if first + i as u64 >= cursor {
+                    spool.pending_bytes += r.len() as u64 + 8;
+                    spool.pending_sizes.push_back(r.len() as u64 + 8);
+                }
+            }
+            spool.next = first + records.len() as u64;
+            spool.segments.push_back(Segment { first, path });
+        }
+        spool.next = spool.next.max(cursor);
+        spool.cursor = spool.cursor.min(spool.next);
+        Ok(spool)
+    }
+
+    pub fn pending(&self) -> u64 {
+        self.next - self.cursor
+    }
+
+    pub fn pending_bytes(&self) -> u64 {
+        self.pending_bytes
+    }
+
+    /// Appends `events` and fsyncs; returns their sequence numbers. Refused whole when over the
+    /// limit (nothing is written).
+    pub fn append(&mut self, events: &[v1::Event]) -> Result<Vec<u64>, SpoolError> {
+        let encoded: Vec<Vec<u8>> = events.iter().map(|e| e.encode_to_vec()).collect();
+        let size: u64 = encoded.iter().map(|b| b.len() as u64 + 8).sum();
+        if self.pending_bytes + size > self.limit {
+            return Err(SpoolError::Full { bytes: self.pending_bytes, limit: self.limit });
+        }
+        let needs_new = match self.segments.back() {
+            None => true,
+            Some(s) => self.next - s.first >= SEGMENT_RECORDS,
+        };
+        if needs_new {
+            let path = seg_path(&self.dir, self.next);
+            File::create(&path).map_err(io(&path))?;
+            File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io(&self.dir))?;
+            self.segments.push_back(Segment { first: self.next, path });
+        }
+        let seg = &self.segments[self.segments.len() - 1];
+        let mut buf = Vec::with_capacity(size as usize);
+        for b in &encoded {
+            buf.extend_from_slice(&(b.len() as u32).to_be_bytes());
+            buf.extend_from_slice(&crc32fast::hash(b).to_be_bytes());
+            buf.extend_from_slice(b);
+        }
+        let mut f = OpenOptions::new().append(true).open(&seg.path).map_err(io(&seg.path))?;
+        f.write_all(&buf).map_err(io(&seg.path))?;
+        f.sync_data().map_err(io(&seg.path))?;
+        let seqs = (self.next..self.next + events.len() as u64).collect();
+        self.next += events.len() as u64;
+        self.pending_bytes += size;
+        self.pending_sizes.extend(encoded.iter().map(|b| b.len() as u64 + 8));
+        Ok(seqs)
+    }
+
+    /// Up to `max` pending events from the cursor on, in order.
+    pub fn peek(&self, max: usize) -> Result<Vec<v1::Event>, SpoolError> {
+        let mut out = Vec::new();
+        for seg in &self.segments {
+            let end = self.segments.iter().find(|s| s.first > seg.first).map_or(self.next, |s| s.first);
+            if end <= self.cursor {
+                continue;
+            }
+            for (i, r) in read_segment(&seg.path)?.into_iter().enumerate() {
+                if seg.first + i as u64 >= self.cursor
+                    && out.len() < max
+                    && let Ok(e) = v1::Event::decode(r.as_slice())
+                {
+                    out.push(e);
+                }
+            }
+            if out.len() >= max {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Marks `n` more events acknowledged by the bus (durably) and drops finished segments.
+    pub fn ack(&mut self, n: u64) -> Result<(), SpoolError> {
+        self.cursor = (self.cursor + n).min(self.next);
+        for _ in 0..n {
+            if let Some(sz) = self.pending_sizes.pop_front() {
+                self.pending_bytes -= sz;
+            }
+        }
+        let tmp = self.dir.join("cursor.tmp");
+        std::fs::write(&tmp, self.cursor.to_string()).map_err(io(&tmp))?;
+        File::open(&tmp).and_then(|f| f.sync_all()).map_err(io(&tmp))?;
+        std::fs::rename(&tmp, self.dir.join("cursor")).map_err(io(&tmp))?;
+        while self.segments.len() > 1 && self.segments[1].first <= self.cursor {
+            if let Some(old) = self.segments.pop_front() {
+                let _ = std::fs::remove_file(&old.path);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(id: &str) -> v1::Event {
+        v1::Event { id: id.into(), topic: "t".into(), data: vec![7; 100], ..Default::default() }
+    }
+
+    #[test]
+    fn appended_events_survive_reopen_and_acks_advance_the_cursor() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(s.append(&[ev("a"), ev("b"), ev("c")]).unwrap(), [0, 1, 2]);
+        s.ack(1).unwrap();
+        drop(s);
+        let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(s.pending(), 2);
+        let ids: Vec<String> = s.peek(10).unwrap().into_iter().map(|e| e.id).collect();
+        assert_eq!(ids, ["b", "c"]);
+        s.ack(2).unwrap();
+        assert_eq!((s.pending(), s.pending_bytes()), (0, 0));
+        assert_eq!(s.append(&[ev("d")]).unwrap(), [3]);
+    }
+
+    #[test]
+    fn a_torn_tail_is_truncated_and_never_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
+        s.append(&[ev("a"), ev("b")]).unwrap();
+        drop(s);
+        let seg = seg_path(dir.path(), 0);
+        let len = std::fs::metadata(&seg).unwrap().len();
+        // A crash mid-append: half a record, and separately a flipped byte in the last one.
+        let f = OpenOptions::new().write(true).open(&seg).unwrap();
+        f.set_len(len - 20).unwrap();
+        let s = Spool::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(s.peek(10).unwrap().into_iter().map(|e| e.id).collect::<Vec<_>>(), ["a"]);
+        assert_eq!(s.pending(), 1);
+        assert!(std::fs::metadata(&seg).unwrap().len() < len - 20, "the torn record is cut off");
+    }
+
+    #[test]
+    fn past_the_limit_appends_are_refused_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path(), 300).unwrap();
+        s.append(&[ev("a"), ev("b")]).unwrap();
+        assert!(matches!(s.append(&[ev("c")]), Err(SpoolError::Full { .. })));
+        assert_eq!(s.pending(), 2);
+        s.ack(2).unwrap();
+        assert!(s.append(&[ev("c")]).is_ok(), "room again once forwarded");
+    }
+}
