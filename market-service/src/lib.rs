@@ -11,6 +11,7 @@
 pub mod api;
 pub mod domain;
 pub mod openapi;
+pub mod publisher;
 pub mod service;
 pub mod store;
 
@@ -32,6 +33,8 @@ pub struct Config {
     pub snapshot_every: u64,
     /// How often markets past their close time are closed.
     pub close_interval: Duration,
+    /// The sidecar's admin URL: when set, the outbox is published to its event API.
+    pub sidecar_admin: Option<String>,
 }
 
 impl Config {
@@ -41,6 +44,7 @@ impl Config {
             admin_token: None,
             snapshot_every: 50,
             close_interval: Duration::from_secs(1),
+            sidecar_admin: None,
         }
     }
 }
@@ -93,6 +97,12 @@ pub async fn run(
         .instrument(tracing::info_span!("closer"))
     });
 
+    if let Some(admin) = config.sidecar_admin.clone() {
+        tasks.spawn(
+            publisher::run(store.clone(), admin, stop.clone())
+                .instrument(tracing::info_span!("outbox_publisher")),
+        );
+    }
     let app = api::router(Arc::new(api::AppState {
         markets: markets.clone(),
         admin_token: config.admin_token.clone(),

@@ -29,7 +29,7 @@ struct Args {
     /// How often markets past their close time are closed.
     #[arg(long, env = "MESH_CLOSE_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     close_interval: Duration,
-    /// The sidecar's admin URL (its event API); the outbox publisher arrives with event forwarding.
+    /// The sidecar's admin URL (its event API): the outbox is published there.
     #[arg(long, env = "MESH_SIDECAR_ADMIN")]
     sidecar_admin: Option<String>,
     #[arg(long, env = "MESH_LOG", default_value = "info")]
@@ -63,6 +63,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         admin_token: args.admin_token,
         snapshot_every: args.snapshot_every,
         close_interval: args.close_interval,
+        sidecar_admin: args.sidecar_admin,
     };
     let shutdown = CancellationToken::new();
     let mut task = tokio::spawn(market_service::run(config, listener, shutdown.clone()));

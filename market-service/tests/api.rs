@@ -22,12 +22,16 @@ struct Svc {
 
 impl Svc {
     async fn start(url: &str, snapshot_every: u64) -> Svc {
+        Self::start_with(url, |c| c.snapshot_every = snapshot_every).await
+    }
+
+    async fn start_with(url: &str, tune: impl FnOnce(&mut Config)) -> Svc {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let mut c = Config::new(url);
         c.admin_token = Some("test-admin".into());
-        c.snapshot_every = snapshot_every;
         c.close_interval = Duration::from_millis(50);
+        tune(&mut c);
         let stop = CancellationToken::new();
         let task = tokio::spawn(market_service::run(c, listener, stop.clone()));
         let svc = Svc { addr, url: url.to_string(), stop, task: Some(task) };
@@ -454,4 +458,69 @@ async fn markets_close_at_their_close_time() {
         assert_eq!((st, v["error"].as_str()), (409, Some("market_not_open")));
         s.stop().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn domain_events_reach_the_bus_through_the_sidecar_once_each() {
+    use futures::StreamExt;
+    use mesh_proto::v1;
+    let cp = mesh_testkit::TestCp::start().await;
+    let sdir = tempfile::tempdir().unwrap();
+    // Only the sidecar's event API matters here; its app address is never used.
+    let sc = mesh_testkit::TestSidecar::start(mesh_testkit::TestSidecar::config(
+        &cp.url(),
+        "market-service",
+        "ms-1",
+        "127.0.0.1:9".parse().unwrap(),
+        sdir.path(),
+    ))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/market.db", dir.path().display());
+    let admin = format!("http://{}", sc.admin);
+    let s = Svc::start_with(&url, |c| c.sidecar_admin = Some(admin)).await;
+    s.account("alice", "1000").await;
+    let id = s.market("alice", 3_600_000).await;
+    assert_eq!(
+        s.post(
+            &format!("/markets/{id}/trades"),
+            json!({"account": "alice", "outcome": 0, "side": "buy", "shares": "1"})
+        )
+        .await
+        .0,
+        201
+    );
+
+    let topic = |t: &'static str| {
+        let ch = cp.channel();
+        async move {
+            let req = v1::ReplayRequest {
+                topic: t.into(),
+                from_offset: Some(0),
+                from_time_unix_ms: None,
+                limit: 1000,
+            };
+            let stream =
+                v1::events_client::EventsClient::new(ch.await).replay(req).await.unwrap().into_inner();
+            stream.map(|d| d.unwrap().event.unwrap()).collect::<Vec<_>>().await
+        }
+    };
+    eventually(WAIT, "market events reach the bus", || async { topic("market-events").await.len() == 2 })
+        .await;
+    let market = topic("market-events").await;
+    assert_eq!(
+        market.iter().map(|e| e.r#type.as_str()).collect::<Vec<_>>(),
+        ["MarketCreated", "TradeExecuted"]
+    );
+    assert!(market.iter().all(|e| e.key == format!("market-{id}")), "keyed by aggregate: order per market");
+    let payload: Value = serde_json::from_slice(&market[1].data).unwrap();
+    assert_eq!(payload["type"], "TradeExecuted");
+    eventually(WAIT, "account events too", || async { topic("account-events").await.len() == 4 }).await;
+    let store = market_service::store::Store::connect(&url).await.unwrap();
+    eventually(WAIT, "the outbox is drained", || async {
+        store.outbox_pending(10).await.unwrap().is_empty()
+    })
+    .await;
+    store.close().await;
+    s.stop().await;
 }

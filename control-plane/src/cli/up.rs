@@ -87,6 +87,11 @@ fn addr(v: &Value, key: &str) -> String {
     v.get(key).and_then(Value::as_str).unwrap_or_default().to_string()
 }
 
+/// A port free right now on 127.0.0.1 (for a listener two processes must agree on).
+fn free_port() -> std::io::Result<std::net::SocketAddr> {
+    std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
+}
+
 fn strings(a: &[&str]) -> Vec<String> {
     a.iter().map(|s| s.to_string()).collect()
 }
@@ -134,11 +139,24 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
     let db = format!("sqlite://{}", args.dir.join("market.db").display());
     for i in 1..=args.instances {
         let id = format!("market-service-{i}");
+        // The service publishes its events to its sidecar's admin listener, so that port is
+        // chosen before either starts.
+        let sidecar_admin =
+            free_port().map_err(|e| CliError::Input(format!("cannot find a free port: {e}")))?;
         let app = mesh
             .launch(
                 &id,
                 "market-service",
-                &strings(&["--listen", "127.0.0.1:0", "--database-url", &db, "--admin-token", &admin_token]),
+                &strings(&[
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--database-url",
+                    &db,
+                    "--admin-token",
+                    &admin_token,
+                    "--sidecar-admin",
+                    &format!("http://{sidecar_admin}"),
+                ]),
             )
             .await?;
         let app_addr = addr(&app, "http");
@@ -160,7 +178,7 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
                     "--outbound-addr",
                     "127.0.0.1:0",
                     "--admin-addr",
-                    "127.0.0.1:0",
+                    &sidecar_admin.to_string(),
                     "--data-dir",
                     &dir(&format!("sidecar-{id}")),
                     "--drain-delay",
