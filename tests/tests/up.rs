@@ -124,7 +124,8 @@ async fn meshctl_up_runs_a_whole_mesh_reachable_through_the_gateway_and_stops_on
     // The market's events left the outbox through the sidecars' spools into the bus.
     eventually(WAIT, "market events in the bus", || async {
         let replay = meshctl(&["events", "replay", "market-events"]);
-        replay.contains("MarketCreated") && replay.lines().filter(|l| l.contains("TradeExecuted")).count() == 6
+        replay.contains("MarketCreated")
+            && replay.lines().filter(|l| l.contains("TradeExecuted")).count() == 6
     })
     .await;
     let status = meshctl(&["proxy-status"]);
