@@ -49,11 +49,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    if args.sidecar_admin.is_some() {
-        tracing::warn!(
-            "--sidecar-admin is accepted but events stay in the outbox until event forwarding lands"
-        );
-    }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on --listen {}", args.listen))?;

@@ -23,12 +23,12 @@ pub async fn run(store: Store, sidecar_admin: String, stop: CancellationToken) {
     let mut failures = 0u32;
     loop {
         let sent = publish_once(&store, &client, &url).await;
+        if sent.is_ok() {
+            failures = 0;
+        }
         let wait = match sent {
             Ok(n) if n as i64 == BATCH => Duration::ZERO,
-            Ok(_) => {
-                failures = 0;
-                Duration::from_millis(200)
-            }
+            Ok(_) => Duration::from_millis(200),
             Err(e) => {
                 failures += 1;
                 let wait = Duration::from_millis(200 * 2u64.pow(failures.min(5)));
