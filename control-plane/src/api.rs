@@ -520,24 +520,18 @@ impl From<crate::bus::BusError> for Status {
         match e {
             crate::bus::BusError::Invalid { .. } => Status::invalid_argument(e.to_string()),
             crate::bus::BusError::Store(e) => store_status(e),
+            crate::bus::BusError::Nats(_) => Status::unavailable(e.to_string()),
         }
     }
 }
 
-/// Largest batch read from the log at once.
-const READ_BATCH: usize = 256;
-
-/// The first offset at or after `time_ms` (a scan: there is no time index yet).
-fn offset_at(bus: &crate::bus::Bus, topic: &str, time_ms: u64) -> Result<u64, Status> {
-    let mut from = 0;
-    loop {
-        let batch = bus.read(topic, from, READ_BATCH).map_err(store_status)?;
-        let Some(last) = batch.last().map(|d| d.offset) else { return Ok(from) };
-        if let Some(d) = batch.iter().find(|d| d.event.as_ref().is_some_and(|e| e.time_unix_ms >= time_ms)) {
-            return Ok(d.offset);
-        }
-        from = last + 1;
+fn check_topic(topic: &str) -> Result<(), Status> {
+    if names::is_topic(topic) {
+        return Ok(());
     }
+    Err(Status::invalid_argument(format!(
+        "topic {topic:?}: 1..=128 characters of a-z, 0-9, '.', '_' and '-'"
+    )))
 }
 
 struct Subscription {
@@ -546,10 +540,41 @@ struct Subscription {
     next: u64,
     head: Option<tokio::sync::watch::Receiver<u64>>,
     buffer: std::collections::VecDeque<v1::Delivery>,
+    /// Held while this subscriber is its group's reader.
+    lease: Option<tokio::sync::OwnedMutexGuard<()>>,
     state: Arc<State>,
 }
 
 impl Subscription {
+    /// Handles a start: waits for the group's lease, then positions the reader.
+    async fn start(&mut self, s: v1::SubscribeStart) -> Result<(), Status> {
+        check_topic(&s.topic)?;
+        if !s.group.is_empty() && !names::is_topic(&s.group) {
+            return Err(Status::invalid_argument(format!(
+                "group {:?}: 1..=128 characters of a-z, 0-9, '.', '_' and '-'",
+                s.group
+            )));
+        }
+        let bus = &self.state.bus;
+        self.lease = None;
+        if !s.group.is_empty() {
+            self.lease = Some(bus.lease(&s.topic, &s.group).await);
+        }
+        let head = bus.watch(&s.topic).await?;
+        let committed = if s.group.is_empty() { None } else { bus.committed(&s.topic, &s.group).await? };
+        self.next = match (s.from_offset, s.from_time_unix_ms, committed) {
+            (Some(o), _, _) => o,
+            (None, Some(t), _) => bus.offset_at(&s.topic, t).await?,
+            (None, None, Some(c)) => c,
+            (None, None, None) if s.from_end => *head.borrow(),
+            (None, None, None) => 0,
+        };
+        self.buffer.clear();
+        self.head = Some(head);
+        self.topic = Some((s.topic, s.group));
+        Ok(())
+    }
+
     async fn next(mut self) -> Option<(Result<v1::Delivery, Status>, Self)> {
         use v1::subscribe_request::Kind;
         loop {
@@ -559,15 +584,14 @@ impl Subscription {
             if let (Some((topic, _)), Some(head)) = (&self.topic, &self.head)
                 && self.next < *head.borrow()
             {
-                match self.state.bus.read(topic, self.next, READ_BATCH) {
+                match self.state.bus.read(topic, self.next, crate::bus::READ_BATCH).await {
                     Ok(batch) => {
-                        if let Some(last) = batch.last() {
-                            self.next = last.offset + 1;
-                        }
+                        // Past events dropped by retention, or the batch.
+                        self.next = batch.last().map_or(*head.borrow(), |last| last.offset + 1);
                         self.buffer.extend(batch);
                         continue;
                     }
-                    Err(e) => return Some((Err(store_status(e)), self)),
+                    Err(e) => return Some((Err(e.into()), self)),
                 }
             }
             let changed = async {
@@ -582,22 +606,9 @@ impl Subscription {
                 msg = self.inbound.next() => match msg {
                     None | Some(Err(_)) => return None,
                     Some(Ok(v1::SubscribeRequest { kind: Some(Kind::Start(s)) })) => {
-                        if !names::is_topic(&s.topic) {
-                            return Some((Err(Status::invalid_argument(format!("topic {:?}: 1..=128 characters of a-z, 0-9, '.', '_' and '-'", s.topic))), self));
+                        if let Err(e) = self.start(s).await {
+                            return Some((Err(e), self));
                         }
-                        let committed = if s.group.is_empty() { Ok(0) } else { self.state.bus.committed(&s.topic, &s.group).map_err(store_status) };
-                        let start = match (s.from_offset, s.from_time_unix_ms) {
-                            (Some(o), _) => Ok(o),
-                            (None, Some(t)) => offset_at(&self.state.bus, &s.topic, t),
-                            (None, None) => committed,
-                        };
-                        match start {
-                            Ok(o) => self.next = o,
-                            Err(e) => return Some((Err(e), self)),
-                        }
-                        self.buffer.clear();
-                        self.head = Some(self.state.bus.watch(&s.topic));
-                        self.topic = Some((s.topic, s.group));
                     }
                     Some(Ok(v1::SubscribeRequest { kind: Some(Kind::Commit(c)) })) => {
                         let Some((topic, group)) = self.topic.clone() else {
@@ -607,7 +618,7 @@ impl Subscription {
                             return Some((Err(Status::failed_precondition("commit needs a group in start")), self));
                         }
                         if let Err(e) = self.state.bus.commit(&topic, &group, c.offset).await {
-                            return Some((Err(store_status(e)), self));
+                            return Some((Err(e.into()), self));
                         }
                     }
                     Some(Ok(_)) => return Some((Err(Status::invalid_argument("kind: start or commit is required")), self)),
@@ -639,6 +650,7 @@ impl v1::events_server::Events for Api {
             next: 0,
             head: None,
             buffer: Default::default(),
+            lease: None,
             state: self.0.clone(),
         };
         Ok(Response::new(Box::pin(stream::unfold(sub, Subscription::next))))
@@ -648,22 +660,17 @@ impl v1::events_server::Events for Api {
 
     async fn replay(&self, req: Request<v1::ReplayRequest>) -> Result<Response<Self::ReplayStream>, Status> {
         let r = req.into_inner();
-        if !names::is_topic(&r.topic) {
-            return Err(Status::invalid_argument(format!(
-                "topic {:?}: 1..=128 characters of a-z, 0-9, '.', '_' and '-'",
-                r.topic
-            )));
-        }
+        check_topic(&r.topic)?;
         let limit = match r.limit {
             0 => 1000,
             n => (n as usize).min(10_000),
         };
         let from = match (r.from_offset, r.from_time_unix_ms) {
             (Some(o), _) => o,
-            (None, Some(t)) => offset_at(&self.0.bus, &r.topic, t)?,
+            (None, Some(t)) => self.0.bus.offset_at(&r.topic, t).await?,
             (None, None) => 0,
         };
-        let deliveries = self.0.bus.read(&r.topic, from, limit).map_err(store_status)?;
+        let deliveries = self.0.bus.read(&r.topic, from, limit).await?;
         Ok(Response::new(Box::pin(stream::iter(deliveries.into_iter().map(Ok)))))
     }
 }

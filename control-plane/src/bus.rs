@@ -1,25 +1,35 @@
-//! The embedded event bus: a durable, append-only log per topic in the control plane's redb
-//! file, deduplicated by event id, read by offset, consumed by groups with committed offsets.
+//! The event bus behind `mesh.v1.Events`: a durable, append-only log per topic, deduplicated
+//! by event id, read by offset, consumed by groups with committed offsets, trimmed by age and
+//! size. Two logs implement it:
 //!
-//! Publishing to a topic is serialised per topic: each event either already exists (same id:
-//! a duplicate, answered with its original offset) or gets the next offset; the new events and
-//! their ids commit in one transaction (fsync) before the publisher hears back. Subscribers
-//! follow a `watch` of the topic's head offset. Delivery is at-least-once: a group resumes from
-//! its last committed offset.
+//! - **embedded** (default): the control plane's redb file. Publishing to a topic is serialised
+//!   per topic: each event either already exists (same id: a duplicate, answered with its
+//!   original offset) or gets the next offset; the new events, their ids and the topic's head
+//!   commit in one transaction (fsync) before the publisher hears back. Dedup covers every
+//!   retained event.
+//! - **nats** ([`crate::bus_nats`]): NATS JetStream, one stream per topic, the offset being the
+//!   stream sequence − 1, dedup through the `Nats-Msg-Id` header (within the stream's duplicate
+//!   window), group offsets in a stream of their own.
 //!
-//! Not yet here (event forwarding milestone): retention by age and size, replay from a time
-//! index (replay from a time scans), NATS JetStream as the alternative backend.
+//! Subscribers follow a `watch` of the topic's head offset. Delivery is at-least-once: a group
+//! resumes from its last committed offset; one subscriber of a group receives at a time.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use dashmap::DashMap;
 use mesh_proto::{names, prost::Message, v1};
-use tokio::sync::{Mutex, watch};
+use tokio::sync::{Mutex, OwnedMutexGuard, watch};
 
-use crate::store::{Store, StoreError};
+use crate::{
+    bus_nats::NatsLog,
+    store::{Store, StoreError},
+};
 
 /// Largest event accepted (data plus attributes).
 pub const MAX_EVENT_BYTES: usize = 256 * 1024;
+
+/// Largest batch read from the log at once.
+pub const READ_BATCH: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
@@ -27,6 +37,23 @@ pub enum BusError {
     Invalid { index: usize, reason: String },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("NATS JetStream: {0}")]
+    Nats(String),
+}
+
+/// How long and how much of each topic the bus keeps; older events go first.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// Events older than this are dropped (0: no age limit).
+    pub max_age: Duration,
+    /// Per topic, the oldest events are dropped beyond this many bytes (0: no size limit).
+    pub max_bytes: u64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention { max_age: Duration::from_secs(7 * 86_400), max_bytes: 1 << 30 }
+    }
 }
 
 struct Topic {
@@ -36,79 +63,113 @@ struct Topic {
     head: watch::Sender<u64>,
 }
 
+impl Topic {
+    fn new(head: u64) -> Arc<Topic> {
+        Arc::new(Topic { append: Mutex::new(()), head: watch::channel(head).0 })
+    }
+}
+
+enum Log {
+    Embedded(Store),
+    Nats(Box<NatsLog>),
+}
+
 pub struct Bus {
-    store: Store,
+    log: Log,
+    retention: Retention,
     topics: DashMap<String, Arc<Topic>>,
+    groups: DashMap<(String, String), Arc<Mutex<()>>>,
+}
+
+/// Checks what every log requires of published events.
+fn validate(events: &[v1::Event]) -> Result<(), BusError> {
+    for (index, e) in events.iter().enumerate() {
+        let bad = |reason: String| Err(BusError::Invalid { index, reason });
+        if !names::is_topic(&e.topic) {
+            return bad(format!("topic {:?}: 1..=128 characters of a-z, 0-9, '.', '_' and '-'", e.topic));
+        }
+        if e.id.is_empty() || e.id.len() > 200 {
+            return bad("id: 1..=200 characters, unique per topic (duplicates are dropped)".into());
+        }
+        if e.encoded_len() > MAX_EVENT_BYTES {
+            return bad(format!("larger than {MAX_EVENT_BYTES} bytes"));
+        }
+    }
+    Ok(())
 }
 
 impl Bus {
-    pub fn new(store: Store) -> Result<Self, StoreError> {
+    /// The bus in the control plane's own store.
+    pub fn embedded(store: Store, retention: Retention) -> Result<Self, StoreError> {
         let topics = DashMap::new();
         for (name, head) in store.bus_heads()? {
-            topics.insert(name, Arc::new(Topic { append: Mutex::new(()), head: watch::channel(head).0 }));
+            topics.insert(name, Topic::new(head));
         }
-        Ok(Bus { store, topics })
+        Ok(Bus { log: Log::Embedded(store), retention, topics, groups: DashMap::new() })
     }
 
-    fn topic(&self, name: &str) -> Arc<Topic> {
-        self.topics
-            .entry(name.to_string())
-            .or_insert_with(|| Arc::new(Topic { append: Mutex::new(()), head: watch::channel(0).0 }))
-            .clone()
+    /// The bus on NATS JetStream at `url` (streams are created on first use with `retention`).
+    pub async fn nats(url: &str, retention: Retention) -> Result<Self, BusError> {
+        let log = NatsLog::connect(url, retention).await?;
+        Ok(Bus { log: Log::Nats(Box::new(log)), retention, topics: DashMap::new(), groups: DashMap::new() })
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self.log {
+            Log::Embedded(_) => "embedded",
+            Log::Nats(_) => "nats",
+        }
+    }
+
+    async fn topic(&self, name: &str) -> Result<Arc<Topic>, BusError> {
+        if let Some(t) = self.topics.get(name) {
+            return Ok(t.clone());
+        }
+        let head = match &self.log {
+            Log::Embedded(_) => 0,
+            Log::Nats(n) => n.head(name).await?,
+        };
+        Ok(self.topics.entry(name.to_string()).or_insert_with(|| Topic::new(head)).clone())
     }
 
     /// Appends `events` (each to its own topic, in order per topic); durable before it returns.
     pub async fn publish(&self, events: Vec<v1::Event>) -> Result<Vec<v1::PublishResult>, BusError> {
-        for (index, e) in events.iter().enumerate() {
-            let bad = |reason: String| Err(BusError::Invalid { index, reason });
-            if !names::is_topic(&e.topic) {
-                return bad(format!("topic {:?}: 1..=128 characters of a-z, 0-9, '.', '_' and '-'", e.topic));
-            }
-            if e.id.is_empty() || e.id.len() > 200 {
-                return bad("id: 1..=200 characters, unique per topic (duplicates are dropped)".into());
-            }
-            if e.encoded_len() > MAX_EVENT_BYTES {
-                return bad(format!("larger than {MAX_EVENT_BYTES} bytes"));
-            }
-        }
+        validate(&events)?;
         let mut results: Vec<Option<v1::PublishResult>> = vec![None; events.len()];
         let mut by_topic: HashMap<&str, Vec<usize>> = HashMap::new();
         for (i, e) in events.iter().enumerate() {
             by_topic.entry(e.topic.as_str()).or_default().push(i);
         }
         for (name, indexes) in by_topic {
-            let topic = self.topic(name);
+            let topic = self.topic(name).await?;
             let _serial = topic.append.lock().await;
-            let mut next = *topic.head.borrow();
-            let mut fresh: HashMap<&str, u64> = HashMap::new();
-            let mut entries = Vec::new();
-            for i in indexes {
-                let e = &events[i];
-                let existing = match fresh.get(e.id.as_str()) {
-                    Some(o) => Some(*o),
-                    None => self.store.bus_lookup(name, &e.id)?,
-                };
-                results[i] = Some(match existing {
-                    Some(offset) => v1::PublishResult { id: e.id.clone(), offset, duplicate: true },
-                    None => {
-                        fresh.insert(e.id.as_str(), next);
-                        entries.push((next, e.id.clone(), e.encode_to_vec()));
-                        next += 1;
-                        v1::PublishResult { id: e.id.clone(), offset: next - 1, duplicate: false }
-                    }
-                });
+            let batch: Vec<&v1::Event> = indexes.iter().map(|i| &events[*i]).collect();
+            let (answers, head) = match &self.log {
+                Log::Embedded(store) => {
+                    let head = *topic.head.borrow();
+                    append_embedded(store, name, head, &batch).await?
+                }
+                Log::Nats(n) => n.publish(name, &batch).await?,
+            };
+            for (i, r) in indexes.into_iter().zip(answers) {
+                results[i] = Some(r);
             }
-            if !entries.is_empty() {
-                self.store.bus_append(name, entries).await?;
-                topic.head.send_replace(next);
-            }
+            topic.head.send_if_modified(|h| {
+                let grew = head > *h;
+                *h = (*h).max(head);
+                grew
+            });
         }
         Ok(results.into_iter().flatten().collect())
     }
 
-    /// Up to `limit` deliveries of `topic` from `from` on.
-    pub fn read(&self, topic: &str, from: u64, limit: usize) -> Result<Vec<v1::Delivery>, StoreError> {
-        let rows = self.store.bus_read(topic, from, limit)?;
+    /// Up to `limit` deliveries of `topic` from `from` on (events dropped by retention are
+    /// skipped).
+    pub async fn read(&self, topic: &str, from: u64, limit: usize) -> Result<Vec<v1::Delivery>, BusError> {
+        let rows = match &self.log {
+            Log::Embedded(store) => store.bus_read(topic, from, limit)?,
+            Log::Nats(n) => n.read(topic, from, limit).await?,
+        };
         Ok(rows
             .into_iter()
             .filter_map(|(offset, bytes)| {
@@ -119,19 +180,116 @@ impl Bus {
             .collect())
     }
 
-    /// The topic's head (next offset), now and as it grows.
-    pub fn watch(&self, topic: &str) -> watch::Receiver<u64> {
-        self.topic(topic).head.subscribe()
+    /// The first offset at or after `time_ms` (a scan: there is no time index).
+    pub async fn offset_at(&self, topic: &str, time_ms: u64) -> Result<u64, BusError> {
+        let mut from = 0;
+        loop {
+            let batch = self.read(topic, from, READ_BATCH).await?;
+            let Some(last) = batch.last().map(|d| d.offset) else { return Ok(from) };
+            if let Some(d) =
+                batch.iter().find(|d| d.event.as_ref().is_some_and(|e| e.time_unix_ms >= time_ms))
+            {
+                return Ok(d.offset);
+            }
+            from = last + 1;
+        }
     }
 
-    pub fn committed(&self, topic: &str, group: &str) -> Result<u64, StoreError> {
-        Ok(self.store.bus_committed(topic, group)?.unwrap_or(0))
+    /// The topic's head (next offset), now and as it grows.
+    pub async fn watch(&self, topic: &str) -> Result<watch::Receiver<u64>, BusError> {
+        Ok(self.topic(topic).await?.head.subscribe())
+    }
+
+    /// Where `group` resumes `topic`, if it ever committed.
+    pub async fn committed(&self, topic: &str, group: &str) -> Result<Option<u64>, BusError> {
+        match &self.log {
+            Log::Embedded(store) => Ok(store.bus_committed(topic, group)?),
+            Log::Nats(n) => n.committed(topic, group).await,
+        }
     }
 
     /// Durably records that `group` consumed `topic` below `next`.
-    pub async fn commit(&self, topic: &str, group: &str, next: u64) -> Result<(), StoreError> {
-        self.store.bus_commit(topic, group, next).await
+    pub async fn commit(&self, topic: &str, group: &str, next: u64) -> Result<(), BusError> {
+        match &self.log {
+            Log::Embedded(store) => Ok(store.bus_commit(topic, group, next).await?),
+            Log::Nats(n) => n.commit(topic, group, next).await,
+        }
     }
+
+    /// Waits until no other subscriber of `group` reads `topic`; held while this one does.
+    pub async fn lease(&self, topic: &str, group: &str) -> OwnedMutexGuard<()> {
+        let lock = self.groups.entry((topic.to_string(), group.to_string())).or_default().clone();
+        lock.lock_owned().await
+    }
+
+    /// Periodic upkeep until `stop`: the embedded log drops events past the retention limits;
+    /// the NATS log (whose streams trim themselves) refreshes heads other control planes moved.
+    pub async fn maintain(&self, every: Duration, stop: tokio_util::sync::CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            let names: Vec<(String, Arc<Topic>)> =
+                self.topics.iter().map(|t| (t.key().clone(), t.value().clone())).collect();
+            for (name, topic) in names {
+                match &self.log {
+                    Log::Embedded(store) => {
+                        let now = mesh_proto::unix_ms(std::time::SystemTime::now());
+                        match store.bus_trim(&name, self.retention, now).await {
+                            Ok(0) => {}
+                            Ok(n) => {
+                                tracing::info!(topic = %name, dropped = n, "retention dropped old events")
+                            }
+                            Err(e) => tracing::warn!(topic = %name, error = %e, "applying retention failed"),
+                        }
+                    }
+                    Log::Nats(n) => match n.head(&name).await {
+                        Ok(head) => {
+                            topic.head.send_if_modified(|h| {
+                                let grew = head > *h;
+                                *h = (*h).max(head);
+                                grew
+                            });
+                        }
+                        Err(e) => tracing::warn!(topic = %name, error = %e, "reading the stream head failed"),
+                    },
+                }
+            }
+        }
+    }
+}
+
+/// Appends to the embedded log: dedup against stored ids, next offsets from `head`.
+async fn append_embedded(
+    store: &Store,
+    topic: &str,
+    head: u64,
+    batch: &[&v1::Event],
+) -> Result<(Vec<v1::PublishResult>, u64), BusError> {
+    let mut next = head;
+    let mut fresh: HashMap<&str, u64> = HashMap::new();
+    let mut entries = Vec::new();
+    let mut results = Vec::with_capacity(batch.len());
+    for e in batch {
+        let existing = match fresh.get(e.id.as_str()) {
+            Some(o) => Some(*o),
+            None => store.bus_lookup(topic, &e.id)?,
+        };
+        results.push(match existing {
+            Some(offset) => v1::PublishResult { id: e.id.clone(), offset, duplicate: true },
+            None => {
+                fresh.insert(e.id.as_str(), next);
+                entries.push((next, e.id.clone(), e.encode_to_vec(), e.time_unix_ms));
+                next += 1;
+                v1::PublishResult { id: e.id.clone(), offset: next - 1, duplicate: false }
+            }
+        });
+    }
+    if !entries.is_empty() {
+        store.bus_append(topic, entries, next).await?;
+    }
+    Ok((results, next))
 }
 
 #[cfg(test)]
@@ -152,7 +310,7 @@ mod tests {
     async fn offsets_are_contiguous_per_topic_duplicates_dropped_and_state_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let (store, _) = Store::open(dir.path()).unwrap();
-        let bus = Bus::new(store).unwrap();
+        let bus = Bus::embedded(store, Retention::default()).unwrap();
         let r = bus
             .publish(vec![
                 ev("markets", "a", "m1"),
@@ -170,18 +328,18 @@ mod tests {
             [(1, true), (2, false)]
         );
         let ids: Vec<String> =
-            bus.read("markets", 0, 10).unwrap().into_iter().map(|d| d.event.unwrap().id).collect();
+            bus.read("markets", 0, 10).await.unwrap().into_iter().map(|d| d.event.unwrap().id).collect();
         assert_eq!(ids, ["a", "b", "c"]);
-        assert_eq!(bus.read("markets", 2, 10).unwrap().len(), 1);
+        assert_eq!(bus.read("markets", 2, 10).await.unwrap().len(), 1);
         bus.commit("markets", "g1", 2).await.unwrap();
         let bad = bus.publish(vec![ev("Bad Topic", "z", "")]).await.unwrap_err();
         assert!(bad.to_string().contains("topic"), "{bad}");
         drop(bus);
 
         let (store, _) = Store::open(dir.path()).unwrap();
-        let bus = Bus::new(store).unwrap();
-        assert_eq!(*bus.watch("markets").borrow(), 3, "the head is restored");
-        assert_eq!(bus.committed("markets", "g1").unwrap(), 2);
+        let bus = Bus::embedded(store, Retention::default()).unwrap();
+        assert_eq!(*bus.watch("markets").await.unwrap().borrow(), 3, "the head is restored");
+        assert_eq!(bus.committed("markets", "g1").await.unwrap(), Some(2));
         let r = bus.publish(vec![ev("markets", "a", "m1"), ev("markets", "d", "m1")]).await.unwrap();
         assert_eq!(
             r.iter().map(|r| (r.offset, r.duplicate)).collect::<Vec<_>>(),

@@ -133,8 +133,8 @@ pub enum EventsCommand {
         topic: String,
         #[arg(long)]
         from_offset: Option<u64>,
-        /// Unix milliseconds.
-        #[arg(long)]
+        /// RFC 3339 (2026-11-25T10:00:00Z) or Unix milliseconds.
+        #[arg(long, value_parser = parse_time)]
         from_time: Option<u64>,
         #[arg(long, default_value_t = 100)]
         limit: u32,
@@ -146,10 +146,27 @@ pub enum EventsCommand {
         group: String,
         #[arg(long)]
         from_offset: Option<u64>,
+        /// RFC 3339 (2026-11-25T10:00:00Z) or Unix milliseconds.
+        #[arg(long, value_parser = parse_time)]
+        from_time: Option<u64>,
+        /// Without an offset, a time or the group's committed offset, start at the newest
+        /// event instead of the oldest retained one.
+        #[arg(long)]
+        from_end: bool,
         /// Stop after this many events (default: run until Ctrl-C).
         #[arg(long)]
         count: Option<u64>,
     },
+}
+
+/// A time given as Unix milliseconds or RFC 3339.
+fn parse_time(s: &str) -> Result<u64, String> {
+    if let Ok(ms) = s.parse::<u64>() {
+        return Ok(ms);
+    }
+    humantime::parse_rfc3339_weak(s)
+        .map(mesh_proto::unix_ms)
+        .map_err(|e| format!("{s:?} is neither Unix milliseconds nor RFC 3339 (2026-11-25T10:00:00Z): {e}"))
 }
 
 /// A meshctl failure, printed as one line.
@@ -611,10 +628,15 @@ async fn events(cmd: EventsCommand, ch: Channel, out: Output, addr: &str) -> Res
                 print(&d.map_err(st)?);
             }
         }
-        EventsCommand::Tail { topic, group, from_offset, count } => {
+        EventsCommand::Tail { topic, group, from_offset, from_time, from_end, count } => {
             let (tx, rx) = tokio::sync::mpsc::channel(8);
-            let start =
-                v1::SubscribeStart { topic, group: group.clone(), from_offset, from_time_unix_ms: None };
+            let start = v1::SubscribeStart {
+                topic,
+                group: group.clone(),
+                from_offset,
+                from_time_unix_ms: from_time,
+                from_end,
+            };
             let _ =
                 tx.send(v1::SubscribeRequest { kind: Some(v1::subscribe_request::Kind::Start(start)) }).await;
             let mut s = bus

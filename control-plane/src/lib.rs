@@ -4,7 +4,8 @@
 //!   `watch` channel per service feeds discovery.
 //! - [`policy`]: versioned per-service policies, persisted and pushed.
 //! - [`store`]: the redb file in the data dir; fsync before anything is acknowledged.
-//! - [`api`]: the gRPC handlers (`Registry`, `Discovery`, `Policy`, `Admin`).
+//! - [`api`]: the gRPC handlers (`Registry`, `Discovery`, `Policy`, `Events`, `Admin`).
+//! - [`bus`]: the event bus (embedded in the store, or [`bus_nats`] on NATS JetStream).
 //! - [`http`]: the admin HTTP listener (`/metrics`, `/healthz`).
 //! - [`cli`]: `meshctl`, a thin client of the API.
 //!
@@ -13,6 +14,7 @@
 
 pub mod api;
 pub mod bus;
+pub mod bus_nats;
 pub mod cli;
 pub mod http;
 pub mod metrics;
@@ -47,6 +49,21 @@ pub struct Config {
     /// After a restart, restored instances do not expire before this has passed (on top of
     /// their TTL): time for every sidecar to reconnect through its backoff.
     pub restart_grace: Duration,
+    /// Where the event bus keeps its log.
+    pub bus: BusBackend,
+    /// How long and how much of each topic the bus keeps.
+    pub retention: bus::Retention,
+    /// How often the bus applies retention (embedded) or refreshes heads (NATS).
+    pub bus_maintenance_interval: Duration,
+}
+
+/// The event bus's log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BusBackend {
+    /// In the control plane's redb file (default).
+    Embedded,
+    /// NATS JetStream at this URL.
+    Nats(String),
 }
 
 impl Config {
@@ -57,6 +74,9 @@ impl Config {
             sweep_interval: Duration::from_millis(50),
             max_concurrent_streams: 16_384,
             restart_grace: Duration::from_secs(15),
+            bus: BusBackend::Embedded,
+            retention: bus::Retention::default(),
+            bus_maintenance_interval: Duration::from_secs(60),
         }
     }
 }
@@ -65,6 +85,8 @@ impl Config {
 pub enum Error {
     #[error(transparent)]
     Store(#[from] store::StoreError),
+    #[error("event bus: {0}")]
+    Bus(#[from] bus::BusError),
     #[error("gRPC server failed: {0}")]
     Grpc(#[from] tonic::transport::Error),
     #[error("admin HTTP server failed: {0}")]
@@ -77,16 +99,21 @@ pub struct ControlPlane {
 }
 
 impl ControlPlane {
-    /// Opens the data dir and restores policies and instances (each instance with a fresh TTL).
-    pub fn open(config: Config) -> Result<Self, Error> {
+    /// Opens the data dir and restores policies and instances (each instance with a fresh TTL);
+    /// connects to NATS when the bus lives there.
+    pub async fn open(config: Config) -> Result<Self, Error> {
         let (store, loaded) = Store::open(&config.data_dir)?;
         let metrics = Metrics::new();
         let policies = Arc::new(Policies::new(store.clone(), loaded.policies)?);
-        let bus = bus::Bus::new(store.clone())?;
+        let bus = match &config.bus {
+            BusBackend::Embedded => bus::Bus::embedded(store.clone(), config.retention)?,
+            BusBackend::Nats(url) => bus::Bus::nats(url, config.retention).await?,
+        };
         tracing::info!(
             epoch = loaded.epoch,
             instances = loaded.instances.len(),
             policies = policies.list().len(),
+            bus = bus.kind(),
             data_dir = %config.data_dir.display(),
             "state restored"
         );
@@ -137,6 +164,11 @@ impl ControlPlane {
         tasks.spawn(
             sweeper(state.clone(), self.config.sweep_interval).instrument(tracing::info_span!("sweeper")),
         );
+        tasks.spawn({
+            let (state, every) = (state.clone(), self.config.bus_maintenance_interval);
+            async move { state.bus.maintain(every, state.shutdown.clone()).await }
+                .instrument(tracing::info_span!("bus_maintenance"))
+        });
 
         let admin_task = tasks.spawn({
             let router = http::router(state.clone());

@@ -9,7 +9,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
-use control_plane::{Config, ControlPlane};
+use control_plane::{BusBackend, Config, ControlPlane, bus::Retention};
 use mesh_runtime::{parse_duration, shutdown_signal};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -18,6 +18,14 @@ use tokio_util::sync::CancellationToken;
 enum StoreKind {
     /// redb file in --data-dir.
     Embedded,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum BusKind {
+    /// The control plane's own store.
+    Embedded,
+    /// NATS JetStream (--nats-url).
+    Nats,
 }
 
 #[derive(Debug, Parser)]
@@ -35,6 +43,21 @@ struct Args {
     /// Storage backend.
     #[arg(long, env = "MESH_STORE", value_enum, default_value = "embedded")]
     store: StoreKind,
+    /// Event bus: embedded (in the data dir) or nats (JetStream at --nats-url).
+    #[arg(long, env = "MESH_BUS", value_enum, default_value = "embedded")]
+    bus: BusKind,
+    /// NATS server for --bus nats (JetStream enabled: nats-server -js).
+    #[arg(long, env = "MESH_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
+    /// The bus drops events older than this (0: keep by age forever).
+    #[arg(long, env = "MESH_BUS_RETENTION_AGE", default_value = "7d", value_parser = parse_duration)]
+    bus_retention_age: Duration,
+    /// Per topic, the bus drops its oldest events beyond this many bytes (0: no limit).
+    #[arg(long, env = "MESH_BUS_RETENTION_BYTES", default_value_t = 1 << 30)]
+    bus_retention_bytes: u64,
+    /// How often the embedded bus applies retention.
+    #[arg(long, env = "MESH_BUS_MAINTENANCE_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    bus_maintenance_interval: Duration,
     /// Idle discovery streams get a ping this often.
     #[arg(long, env = "MESH_PING_INTERVAL", default_value = "15s", value_parser = parse_duration)]
     ping_interval: Duration,
@@ -64,7 +87,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     config.ping_interval = args.ping_interval;
     config.sweep_interval = args.sweep_interval;
     config.restart_grace = args.restart_grace;
-    let cp = ControlPlane::open(config)?;
+    config.bus = match args.bus {
+        BusKind::Embedded => BusBackend::Embedded,
+        BusKind::Nats => BusBackend::Nats(args.nats_url.clone()),
+    };
+    config.retention = Retention { max_age: args.bus_retention_age, max_bytes: args.bus_retention_bytes };
+    config.bus_maintenance_interval = args.bus_maintenance_interval;
+    let cp = ControlPlane::open(config).await?;
     let grpc = TcpListener::bind(args.grpc_addr)
         .await
         .with_context(|| format!("cannot listen on --grpc-addr {}", args.grpc_addr))?;

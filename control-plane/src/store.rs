@@ -27,6 +27,9 @@ const BUS_EVENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("bus_event
 const BUS_IDS: TableDefinition<&str, &[u8]> = TableDefinition::new("bus_ids");
 /// `topic/group` → committed offset (big-endian): the next offset the group will read.
 const BUS_OFFSETS: TableDefinition<&str, &[u8]> = TableDefinition::new("bus_offsets");
+/// Event bus: `topic` → next offset (u64 BE), so offsets never repeat after retention empties
+/// a topic.
+const BUS_HEADS: TableDefinition<&str, &[u8]> = TableDefinition::new("bus_heads");
 const EPOCH_KEY: &str = "epoch";
 /// redb page cache.
 const CACHE_BYTES: usize = 4 * 1024 * 1024;
@@ -117,6 +120,7 @@ impl Store {
             tx.open_table(BUS_EVENTS).map_err(db_err("open bus events"))?;
             tx.open_table(BUS_IDS).map_err(db_err("open bus ids"))?;
             tx.open_table(BUS_OFFSETS).map_err(db_err("open bus offsets"))?;
+            tx.open_table(BUS_HEADS).map_err(db_err("open bus heads"))?;
             tx.commit().map_err(db_err("commit"))?;
             epoch
         };
@@ -166,18 +170,52 @@ fn bus_key(topic: &str, offset: u64) -> String {
 }
 
 impl Store {
-    /// Appends events (offset, id, encoded) to `topic` with their ids, atomically.
+    /// Appends events (offset, id, encoded, time) to `topic` with their ids and the topic's new
+    /// head, atomically.
     pub async fn bus_append(
         &self,
         topic: &str,
-        entries: Vec<(u64, String, Vec<u8>)>,
+        entries: Vec<(u64, String, Vec<u8>, u64)>,
+        head: u64,
     ) -> Result<(), StoreError> {
-        let mut ops = Vec::with_capacity(entries.len() * 2);
-        for (offset, id, bytes) in entries {
+        let mut ops = Vec::with_capacity(entries.len() * 2 + 1);
+        for (offset, id, bytes, _) in entries {
             ops.push(Op::Put(BUS_EVENTS, bus_key(topic, offset), bytes));
             ops.push(Op::Put(BUS_IDS, format!("{topic}/{id}"), offset.to_be_bytes().to_vec()));
         }
+        ops.push(Op::Put(BUS_HEADS, topic.to_string(), head.to_be_bytes().to_vec()));
         self.write_all(ops).await
+    }
+
+    /// Drops `topic`'s oldest events (and their dedup ids) while they are older than the
+    /// retention age (by event time) or the topic holds more than its byte limit; returns how
+    /// many went.
+    pub async fn bus_trim(
+        &self,
+        topic: &str,
+        retention: crate::bus::Retention,
+        now_ms: u64,
+    ) -> Result<usize, StoreError> {
+        let rows = self.bus_read(topic, 0, usize::MAX)?;
+        let mut total: u64 = rows.iter().map(|(_, b)| b.len() as u64).sum();
+        let cutoff = now_ms.saturating_sub(retention.max_age.as_millis() as u64);
+        let mut ops = Vec::new();
+        for (offset, bytes) in &rows {
+            let event = mesh_proto::v1::Event::decode(bytes.as_slice()).unwrap_or_default();
+            let too_old = !retention.max_age.is_zero() && event.time_unix_ms < cutoff;
+            let too_big = retention.max_bytes > 0 && total > retention.max_bytes;
+            if !too_old && !too_big {
+                break;
+            }
+            total -= bytes.len() as u64;
+            ops.push(Op::Delete(BUS_EVENTS, bus_key(topic, *offset)));
+            ops.push(Op::Delete(BUS_IDS, format!("{topic}/{}", event.id)));
+        }
+        let dropped = ops.len() / 2;
+        if !ops.is_empty() {
+            self.write_all(ops).await?;
+        }
+        Ok(dropped)
     }
 
     /// Records that `group` has consumed `topic` up to (not including) `next`.
@@ -216,11 +254,18 @@ impl Store {
         Ok(out)
     }
 
-    /// The next offset of every topic with events.
+    /// The next offset of every topic that ever had events.
     pub fn bus_heads(&self) -> Result<std::collections::HashMap<String, u64>, StoreError> {
         let tx = self.inner.db.begin_read().map_err(db_err("begin read"))?;
-        let t = tx.open_table(BUS_EVENTS).map_err(db_err("open table"))?;
         let mut heads = std::collections::HashMap::new();
+        let h = tx.open_table(BUS_HEADS).map_err(db_err("open table"))?;
+        for row in h.iter().map_err(db_err("iterate"))? {
+            let (k, v) = row.map_err(db_err("read row"))?;
+            if let Ok(b) = <[u8; 8]>::try_from(v.value()) {
+                heads.insert(k.value().to_string(), u64::from_be_bytes(b));
+            }
+        }
+        let t = tx.open_table(BUS_EVENTS).map_err(db_err("open table"))?;
         for row in t.iter().map_err(db_err("iterate"))? {
             let (k, _) = row.map_err(db_err("read row"))?;
             if let Some((topic, offset)) = k.value().rsplit_once('/')

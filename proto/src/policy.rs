@@ -328,8 +328,25 @@ pub struct CachePolicy {
     /// Serve a stale entry this long past its expiry when the upstream fails. Default 0.
     #[serde(with = "human_duration")]
     pub stale_if_error: Duration,
-    /// Event topics whose events invalidate this service's entries.
-    pub invalidate_on_topics: Vec<String>,
+    /// Events that drop entries: each names a topic and a path prefix, in which `{key}` stands
+    /// for the event's key (CloudEvents subject). Default none.
+    pub invalidate_on: Vec<CacheInvalidation>,
+}
+
+/// One cache-invalidation rule: an event on `topic` drops the entries whose path starts with
+/// `prefix` (after `{key}` is replaced by the event's key).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheInvalidation {
+    pub topic: String,
+    pub prefix: String,
+}
+
+impl CacheInvalidation {
+    /// The path prefix an event with `key` invalidates.
+    pub fn prefix_for(&self, key: &str) -> String {
+        self.prefix.replace("{key}", key)
+    }
 }
 
 impl Default for CachePolicy {
@@ -343,7 +360,7 @@ impl Default for CachePolicy {
             key_headers: Vec::new(),
             honor_cache_control: true,
             stale_if_error: Duration::ZERO,
-            invalidate_on_topics: Vec::new(),
+            invalidate_on: Vec::new(),
         }
     }
 }
@@ -608,10 +625,20 @@ impl CachePolicy {
             return Err(c.err("key_headers", format!("{h:?} is not a lowercase HTTP header name")));
         }
         c.duration("stale_if_error", self.stale_if_error, Duration::from_millis(1), 30 * DAY)?;
-        if let Some(t) = self.invalidate_on_topics.iter().find(|t| !names::is_topic(t)) {
-            return Err(
-                c.err("invalidate_on_topics", format!("{t:?} is not a topic name ([a-z0-9._-], 1..=128)"))
-            );
+        for (i, rule) in self.invalidate_on.iter().enumerate() {
+            if !names::is_topic(&rule.topic) {
+                let t = &rule.topic;
+                return Err(c.err(
+                    &format!("invalidate_on[{i}].topic"),
+                    format!("{t:?} is not a topic name ([a-z0-9._-], 1..=128)"),
+                ));
+            }
+            if !rule.prefix.starts_with('/') {
+                let p = &rule.prefix;
+                return Err(
+                    c.err(&format!("invalidate_on[{i}].prefix"), format!("{p:?} must start with '/'"))
+                );
+            }
         }
         Ok(())
     }
@@ -760,7 +787,11 @@ impl TryFrom<v1::ServicePolicy> for ServicePolicy {
                 key_headers: ca.key_headers,
                 honor_cache_control: ca.honor_cache_control.unwrap_or(d.cache.honor_cache_control),
                 stale_if_error: ms(ca.stale_if_error_ms, d.cache.stale_if_error),
-                invalidate_on_topics: ca.invalidate_on_topics,
+                invalidate_on: ca
+                    .invalidate_on
+                    .into_iter()
+                    .map(|r| CacheInvalidation { topic: r.topic, prefix: r.prefix })
+                    .collect(),
             },
             rate_limit: RateLimitPolicy {
                 requests_per_second: rl.requests_per_second.unwrap_or_default(),
@@ -853,7 +884,11 @@ impl From<&ServicePolicy> for v1::ServicePolicy {
                 key_headers: ca.key_headers.clone(),
                 honor_cache_control: Some(ca.honor_cache_control),
                 stale_if_error_ms: to_ms(ca.stale_if_error),
-                invalidate_on_topics: ca.invalidate_on_topics.clone(),
+                invalidate_on: ca
+                    .invalidate_on
+                    .iter()
+                    .map(|r| v1::CacheInvalidation { topic: r.topic.clone(), prefix: r.prefix.clone() })
+                    .collect(),
             }),
             rate_limit: Some(v1::RateLimitPolicy {
                 requests_per_second: Some(rl.requests_per_second),
@@ -879,7 +914,7 @@ pub fn fmt_duration(d: Duration) -> String {
 }
 
 /// Serde for durations as human-readable strings (`"250ms"`, `"15s"`, `"0"`).
-mod human_duration {
+pub mod human_duration {
     use std::time::Duration;
 
     use serde::{Deserialize, Deserializer, Serializer, de::Error};

@@ -54,6 +54,8 @@ async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
         let spool = outbox.spool.lock().unwrap_or_else(|p| p.into_inner());
         m.spool_pending.set(spool.pending() as i64);
         m.spool_bytes.set(spool.pending_bytes() as i64);
+        let now = mesh_proto::unix_ms(std::time::SystemTime::now());
+        m.spool_oldest_age_seconds.set((spool.oldest_age_ms(now) / 1000) as i64);
     }
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], m.render())
 }

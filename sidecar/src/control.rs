@@ -383,6 +383,9 @@ mod tests {
             drain_delay: Duration::ZERO,
             drain_timeout: Duration::from_secs(1),
             idempotency_window: Duration::from_secs(120),
+            spool_max_bytes: 256 * 1024 * 1024,
+            spool_max_age: Duration::from_secs(86_400),
+            subscriptions: Vec::new(),
         }
     }
 

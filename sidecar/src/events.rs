@@ -143,27 +143,41 @@ pub async fn publish(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
     }
     let ids: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
     let spool = outbox.spool.clone();
-    let appended =
-        tokio::task::spawn_blocking(move || spool.lock().unwrap_or_else(|p| p.into_inner()).append(&events))
-            .await;
+    let appended = tokio::task::spawn_blocking(move || {
+        let now = mesh_proto::unix_ms(std::time::SystemTime::now());
+        spool.lock().unwrap_or_else(|p| p.into_inner()).append(&events, now)
+    })
+    .await;
     match appended {
         Ok(Ok(_)) => {
             s.metrics.events_spooled.inc_by(ids.len() as u64);
             outbox.wake.notify_one();
             (StatusCode::ACCEPTED, Json(json!({"ids": ids, "spooled": ids.len()}))).into_response()
         }
-        Ok(Err(crate::spool::SpoolError::Full { bytes, limit })) => {
-            let mut r = refuse(
-                StatusCode::TOO_MANY_REQUESTS,
-                "spool_full",
-                format!("the event spool holds {bytes} of {limit} bytes: retry later"),
-            );
+        Ok(Err(e @ (crate::spool::SpoolError::Full { .. } | crate::spool::SpoolError::TooOld { .. }))) => {
+            let code =
+                if matches!(e, crate::spool::SpoolError::Full { .. }) { "spool_full" } else { "spool_stale" };
+            let mut r = refuse(StatusCode::TOO_MANY_REQUESTS, code, e.to_string());
             r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             r
         }
         Ok(Err(e)) => refuse(StatusCode::SERVICE_UNAVAILABLE, "spool_failed", e.to_string()),
         Err(e) => refuse(StatusCode::INTERNAL_SERVER_ERROR, "spool_failed", e.to_string()),
     }
+}
+
+/// A client of the control plane's event bus at `url`.
+pub async fn connect_events(
+    url: &str,
+) -> Result<v1::events_client::EventsClient<tonic::transport::Channel>, String> {
+    let ep = tonic::transport::Endpoint::from_shared(url.to_string())
+        .map_err(|e| format!("control-plane URL {url:?}: {e}"))?;
+    let ch = ep
+        .connect_timeout(Duration::from_secs(3))
+        .connect()
+        .await
+        .map_err(|e| format!("cannot reach the control plane at {url}: {e}"))?;
+    Ok(v1::events_client::EventsClient::new(ch))
 }
 
 /// Publishes spooled events to the bus until `stop`.
@@ -196,11 +210,7 @@ pub async fn forward(shared: Arc<Shared>, stop: CancellationToken) {
         if client.is_none() {
             let url = &urls[attempt % urls.len()];
             attempt += 1;
-            if let Ok(ep) = tonic::transport::Endpoint::from_shared(url.clone())
-                && let Ok(ch) = ep.connect_timeout(Duration::from_secs(3)).connect().await
-            {
-                client = Some(v1::events_client::EventsClient::new(ch));
-            }
+            client = connect_events(url).await.ok();
         }
         let n = batch.len() as u64;
         let sent = match &mut client {

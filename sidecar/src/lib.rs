@@ -26,6 +26,7 @@ pub mod resilience;
 pub mod server;
 pub mod snapshot;
 pub mod spool;
+pub mod subscribe;
 pub mod trace;
 pub mod upstream;
 
@@ -94,6 +95,12 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// How long the inbound proxy answers a repeated `Idempotency-Key` with the first response.
     pub idempotency_window: Duration,
+    /// The spool refuses new events (429) past this many pending bytes…
+    pub spool_max_bytes: u64,
+    /// …or while its oldest pending event is older than this.
+    pub spool_max_age: Duration,
+    /// Events delivered to the app by webhook.
+    pub subscriptions: Vec<subscribe::Subscription>,
 }
 
 /// Connection state toward the control plane, for `/config` and `/ready`.
@@ -125,9 +132,6 @@ pub struct Shared {
     pub outbox: Result<events::Outbox, String>,
 }
 
-/// Most bytes of unforwarded events the spool holds before publishing gets 429.
-pub const SPOOL_LIMIT_BYTES: u64 = 256 * 1024 * 1024;
-
 impl Shared {
     /// The shared state for `config`, and the channel announcing upstreams met for the first
     /// time (for the control loop).
@@ -143,12 +147,16 @@ impl Shared {
             snapshot: SnapshotWriter::new(config.data_dir.clone()),
             dns: dns::Dns::default(),
             stopping: CancellationToken::new(),
-            outbox: spool::Spool::open(&config.data_dir.join("spool"), SPOOL_LIMIT_BYTES)
-                .map(|s| events::Outbox {
-                    spool: Arc::new(std::sync::Mutex::new(s)),
-                    wake: tokio::sync::Notify::new(),
-                })
-                .map_err(|e| e.to_string()),
+            outbox: spool::Spool::open(
+                &config.data_dir.join("spool"),
+                config.spool_max_bytes,
+                config.spool_max_age,
+            )
+            .map(|s| events::Outbox {
+                spool: Arc::new(std::sync::Mutex::new(s)),
+                wake: tokio::sync::Notify::new(),
+            })
+            .map_err(|e| e.to_string()),
             config,
         });
         (shared, added)
@@ -263,6 +271,13 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     tasks.spawn(
         events::forward(shared.clone(), background.clone())
             .instrument(tracing::info_span!("event_forwarder")),
+    );
+    for sub in shared.config.subscriptions.iter().filter(|_| shared.config.mode == Mode::Sidecar) {
+        tasks.spawn(subscribe::deliver(shared.clone(), sub.clone(), background.clone()));
+    }
+    tasks.spawn(
+        subscribe::invalidate_caches(shared.clone(), Duration::from_secs(1), background.clone())
+            .instrument(tracing::info_span!("cache_invalidation")),
     );
     if let (Mode::Sidecar, Some(app)) = (shared.config.mode, shared.config.app_addr) {
         tasks.spawn(

@@ -84,6 +84,17 @@ struct Args {
     /// How long a request for a service met for the first time waits for its endpoints (default 2s).
     #[arg(long, env = "MESH_DISCOVERY_WAIT", value_parser = parse_duration)]
     discovery_wait: Option<Duration>,
+    /// Deliver a topic's events to the app: TOPIC=PATH (POST, CloudEvents binary mode); repeat
+    /// for more. The config file's `subscriptions` take group, max_attempts, dead_letter_topic,
+    /// timeout and backoff too.
+    #[arg(long = "subscribe", env = "MESH_SUBSCRIBE", value_delimiter = ',')]
+    subscribe: Vec<String>,
+    /// Most bytes of unforwarded events spooled before publishing gets 429 (default 256 MiB).
+    #[arg(long, env = "MESH_SPOOL_MAX_BYTES")]
+    spool_max_bytes: Option<u64>,
+    /// Publishing gets 429 while the oldest unforwarded event is older than this (default 24h).
+    #[arg(long, env = "MESH_SPOOL_MAX_AGE", value_parser = parse_duration)]
+    spool_max_age: Option<Duration>,
     /// Runtime worker threads (default: one per core).
     #[arg(long, env = "MESH_WORKER_THREADS")]
     worker_threads: Option<usize>,
@@ -120,6 +131,10 @@ struct FileConfig {
     discovery_wait: Option<Duration>,
     #[serde(with = "opt_duration")]
     idempotency_window: Option<Duration>,
+    subscriptions: Vec<sidecar::subscribe::Subscription>,
+    spool_max_bytes: Option<u64>,
+    #[serde(with = "opt_duration")]
+    spool_max_age: Option<Duration>,
 }
 
 mod opt_duration {
@@ -200,6 +215,16 @@ fn resolve(a: Args) -> anyhow::Result<Resolved> {
     if let Some(bad) = upstreams.iter().find(|u| !mesh_proto::names::is_service_name(u)) {
         bail!("--upstream {bad:?} must be {}", mesh_proto::names::SERVICE_NAME_RULE);
     }
+    let mut subscriptions = f.subscriptions;
+    for s in &a.subscribe {
+        subscriptions.push(sidecar::subscribe::Subscription::parse(s).map_err(anyhow::Error::msg)?);
+    }
+    for s in &subscriptions {
+        s.validate().map_err(anyhow::Error::msg)?;
+    }
+    if mode == Mode::Gateway && !subscriptions.is_empty() {
+        bail!("subscriptions deliver to a local app: they need sidecar mode");
+    }
     let data_dir =
         a.data_dir.or(f.data_dir).unwrap_or_else(|| PathBuf::from(format!(".mesh/sidecar-{instance_id}")));
     let config = Config {
@@ -220,6 +245,9 @@ fn resolve(a: Args) -> anyhow::Result<Resolved> {
         drain_delay: a.drain_delay.or(f.drain_delay).unwrap_or(Duration::from_secs(2)),
         drain_timeout: a.drain_timeout.or(f.drain_timeout).unwrap_or(Duration::from_secs(10)),
         idempotency_window: a.idempotency_window.or(f.idempotency_window).unwrap_or(Duration::from_secs(120)),
+        spool_max_bytes: a.spool_max_bytes.or(f.spool_max_bytes).unwrap_or(256 * 1024 * 1024),
+        spool_max_age: a.spool_max_age.or(f.spool_max_age).unwrap_or(Duration::from_secs(86_400)),
+        subscriptions,
     };
     Ok(Resolved { config, inbound, outbound, admin })
 }

@@ -58,6 +58,12 @@ pub struct Metrics {
     pub events_forwarded: Counter,
     pub spool_pending: Gauge,
     pub spool_bytes: Gauge,
+    pub spool_oldest_age_seconds: Gauge,
+    pub events_delivered: Family<Labels, Counter>,
+    pub event_delivery_failures: Family<Labels, Counter>,
+    pub events_dead_lettered: Family<Labels, Counter>,
+    pub cache_invalidations: Family<Labels, Counter>,
+    pub cache_invalidation_followers: Gauge,
     pub cache_entries: Family<Labels, Gauge>,
     pub cache_bytes: Family<Labels, Gauge>,
     pub inbound_inflight: Gauge,
@@ -94,6 +100,12 @@ impl Metrics {
             events_forwarded: Counter::default(),
             spool_pending: Gauge::default(),
             spool_bytes: Gauge::default(),
+            spool_oldest_age_seconds: Gauge::default(),
+            events_delivered: Family::default(),
+            event_delivery_failures: Family::default(),
+            events_dead_lettered: Family::default(),
+            cache_invalidations: Family::default(),
+            cache_invalidation_followers: Gauge::default(),
             cache_entries: Family::default(),
             cache_bytes: Family::default(),
             inbound_inflight: Gauge::default(),
@@ -164,6 +176,36 @@ impl Metrics {
             m.spool_pending.clone(),
         );
         r.register("spool_bytes", "Bytes of events in the spool not yet acknowledged", m.spool_bytes.clone());
+        r.register(
+            "spool_oldest_age_seconds",
+            "Age of the oldest event in the spool not yet acknowledged by the bus (0 when empty)",
+            m.spool_oldest_age_seconds.clone(),
+        );
+        r.register(
+            "events_delivered",
+            "Events the app accepted (2xx) from its subscriptions, by topic",
+            m.events_delivered.clone(),
+        );
+        r.register(
+            "event_delivery_failures",
+            "Event deliveries to the app that failed (retried, then dead-lettered), by topic",
+            m.event_delivery_failures.clone(),
+        );
+        r.register(
+            "events_dead_lettered",
+            "Events moved to the dead-letter topic after max_attempts, by topic",
+            m.events_dead_lettered.clone(),
+        );
+        r.register(
+            "cache_invalidations",
+            "Cache entries dropped by events, by service and topic",
+            m.cache_invalidations.clone(),
+        );
+        r.register(
+            "cache_invalidation_followers",
+            "Topics followed for cache invalidation",
+            m.cache_invalidation_followers.clone(),
+        );
         r.register("app_healthy", "1 while the local app passes its health probe", m.app_healthy.clone());
         r.register(
             "inbound_inflight",

@@ -6,6 +6,11 @@
 //! the first record not yet acknowledged by the bus. On open, a torn or corrupt tail (a crash
 //! mid-append) is detected by length and checksum and truncated; it was never acknowledged.
 //! A segment whose records are all forwarded is deleted once a newer one exists.
+//!
+//! Two high-water marks refuse new events (the app gets 429, nothing is dropped): pending bytes
+//! over the size limit, and the oldest pending event older than the age limit (the bus has been
+//! out of reach too long). Age counts from the append (from the event's own time after a
+//! restart, which the spool does not record separately).
 
 use std::{
     collections::VecDeque,
@@ -25,6 +30,10 @@ pub enum SpoolError {
     Io { path: String, source: std::io::Error },
     #[error("the spool is full ({bytes} bytes pending, limit {limit}): retry later")]
     Full { bytes: u64, limit: u64 },
+    #[error(
+        "the oldest unforwarded event has waited {age_s} s (limit {limit_s} s): the bus is out of reach; retry later"
+    )]
+    TooOld { age_s: u64, limit_s: u64 },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SpoolError + '_ {
@@ -46,8 +55,10 @@ pub struct Spool {
     cursor: u64,
     /// Bytes of records not yet acknowledged.
     pending_bytes: u64,
-    pending_sizes: VecDeque<u64>,
+    /// Size and append time (Unix ms) of each pending record, oldest first.
+    pending_records: VecDeque<(u64, u64)>,
     limit: u64,
+    max_age_ms: u64,
 }
 
 fn seg_path(dir: &Path, first: u64) -> PathBuf {
@@ -80,8 +91,10 @@ fn read_segment(path: &Path) -> Result<Vec<Vec<u8>>, SpoolError> {
 }
 
 impl Spool {
-    /// Opens (creating) the spool in `dir`, accepting at most `limit` pending bytes.
-    pub fn open(dir: &Path, limit: u64) -> Result<Spool, SpoolError> {
+    /// Opens (creating) the spool in `dir`, accepting at most `limit` pending bytes and new
+    /// events only while the oldest pending one is younger than `max_age`.
+    pub fn open(dir: &Path, limit: u64, max_age: std::time::Duration) -> Result<Spool, SpoolError> {
+        let now = mesh_proto::unix_ms(std::time::SystemTime::now());
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let mut firsts: Vec<u64> = std::fs::read_dir(dir)
             .map_err(io(dir))?
@@ -98,16 +111,18 @@ impl Spool {
             next: 0,
             cursor,
             pending_bytes: 0,
-            pending_sizes: VecDeque::new(),
+            pending_records: VecDeque::new(),
             limit,
+            max_age_ms: max_age.as_millis().min(u64::MAX as u128) as u64,
         };
         for first in firsts {
             let path = seg_path(dir, first);
             let records = read_segment(&path)?;
             for (i, r) in records.iter().enumerate() {
                 if first + i as u64 >= cursor {
+                    let at = v1::Event::decode(r.as_slice()).map_or(now, |e| e.time_unix_ms.min(now));
                     spool.pending_bytes += r.len() as u64 + 8;
-                    spool.pending_sizes.push_back(r.len() as u64 + 8);
+                    spool.pending_records.push_back((r.len() as u64 + 8, at));
                 }
             }
             spool.next = first + records.len() as u64;
@@ -126,13 +141,22 @@ impl Spool {
         self.pending_bytes
     }
 
-    /// Appends `events` and fsyncs; returns their sequence numbers. Refused whole when over the
-    /// limit (nothing is written).
-    pub fn append(&mut self, events: &[v1::Event]) -> Result<Vec<u64>, SpoolError> {
+    /// How long (ms) the oldest pending event has waited at `now_ms`; 0 when none.
+    pub fn oldest_age_ms(&self, now_ms: u64) -> u64 {
+        self.pending_records.front().map_or(0, |(_, at)| now_ms.saturating_sub(*at))
+    }
+
+    /// Appends `events` (at `now_ms`) and fsyncs; returns their sequence numbers. Refused whole
+    /// (nothing is written) past the size limit or while the oldest pending event is too old.
+    pub fn append(&mut self, events: &[v1::Event], now_ms: u64) -> Result<Vec<u64>, SpoolError> {
         let encoded: Vec<Vec<u8>> = events.iter().map(|e| e.encode_to_vec()).collect();
         let size: u64 = encoded.iter().map(|b| b.len() as u64 + 8).sum();
         if self.pending_bytes + size > self.limit {
             return Err(SpoolError::Full { bytes: self.pending_bytes, limit: self.limit });
+        }
+        let age = self.oldest_age_ms(now_ms);
+        if age > self.max_age_ms {
+            return Err(SpoolError::TooOld { age_s: age / 1000, limit_s: self.max_age_ms / 1000 });
         }
         let needs_new = match self.segments.back() {
             None => true,
@@ -157,7 +181,7 @@ impl Spool {
         let seqs = (self.next..self.next + events.len() as u64).collect();
         self.next += events.len() as u64;
         self.pending_bytes += size;
-        self.pending_sizes.extend(encoded.iter().map(|b| b.len() as u64 + 8));
+        self.pending_records.extend(encoded.iter().map(|b| (b.len() as u64 + 8, now_ms)));
         Ok(seqs)
     }
 
@@ -188,7 +212,7 @@ impl Spool {
     pub fn ack(&mut self, n: u64) -> Result<(), SpoolError> {
         self.cursor = (self.cursor + n).min(self.next);
         for _ in 0..n {
-            if let Some(sz) = self.pending_sizes.pop_front() {
+            if let Some((sz, _)) = self.pending_records.pop_front() {
                 self.pending_bytes -= sz;
             }
         }
@@ -209,6 +233,8 @@ impl Spool {
 mod tests {
     use super::*;
 
+    const DAY: std::time::Duration = std::time::Duration::from_secs(86_400);
+
     fn ev(id: &str) -> v1::Event {
         v1::Event { id: id.into(), topic: "t".into(), data: vec![7; 100], ..Default::default() }
     }
@@ -216,31 +242,31 @@ mod tests {
     #[test]
     fn appended_events_survive_reopen_and_acks_advance_the_cursor() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
-        assert_eq!(s.append(&[ev("a"), ev("b"), ev("c")]).unwrap(), [0, 1, 2]);
+        let mut s = Spool::open(dir.path(), 1 << 20, DAY).unwrap();
+        assert_eq!(s.append(&[ev("a"), ev("b"), ev("c")], 0).unwrap(), [0, 1, 2]);
         s.ack(1).unwrap();
         drop(s);
-        let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
+        let mut s = Spool::open(dir.path(), 1 << 20, DAY).unwrap();
         assert_eq!(s.pending(), 2);
         let ids: Vec<String> = s.peek(10).unwrap().into_iter().map(|e| e.id).collect();
         assert_eq!(ids, ["b", "c"]);
         s.ack(2).unwrap();
         assert_eq!((s.pending(), s.pending_bytes()), (0, 0));
-        assert_eq!(s.append(&[ev("d")]).unwrap(), [3]);
+        assert_eq!(s.append(&[ev("d")], 0).unwrap(), [3]);
     }
 
     #[test]
     fn a_torn_tail_is_truncated_and_never_served() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
-        s.append(&[ev("a"), ev("b")]).unwrap();
+        let mut s = Spool::open(dir.path(), 1 << 20, DAY).unwrap();
+        s.append(&[ev("a"), ev("b")], 0).unwrap();
         drop(s);
         let seg = seg_path(dir.path(), 0);
         let len = std::fs::metadata(&seg).unwrap().len();
         // A crash mid-append: half a record, and separately a flipped byte in the last one.
         let f = OpenOptions::new().write(true).open(&seg).unwrap();
         f.set_len(len - 20).unwrap();
-        let s = Spool::open(dir.path(), 1 << 20).unwrap();
+        let s = Spool::open(dir.path(), 1 << 20, DAY).unwrap();
         assert_eq!(s.peek(10).unwrap().into_iter().map(|e| e.id).collect::<Vec<_>>(), ["a"]);
         assert_eq!(s.pending(), 1);
         assert!(std::fs::metadata(&seg).unwrap().len() < len - 20, "the torn record is cut off");
@@ -249,11 +275,26 @@ mod tests {
     #[test]
     fn past_the_limit_appends_are_refused_whole() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = Spool::open(dir.path(), 300).unwrap();
-        s.append(&[ev("a"), ev("b")]).unwrap();
-        assert!(matches!(s.append(&[ev("c")]), Err(SpoolError::Full { .. })));
+        let mut s = Spool::open(dir.path(), 300, DAY).unwrap();
+        s.append(&[ev("a"), ev("b")], 0).unwrap();
+        assert!(matches!(s.append(&[ev("c")], 0), Err(SpoolError::Full { .. })));
         assert_eq!(s.pending(), 2);
         s.ack(2).unwrap();
-        assert!(s.append(&[ev("c")]).is_ok(), "room again once forwarded");
+        assert!(s.append(&[ev("c")], 0).is_ok(), "room again once forwarded");
+    }
+
+    #[test]
+    fn past_the_age_limit_appends_are_refused_until_the_old_events_drain() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path(), 1 << 20, std::time::Duration::from_secs(60)).unwrap();
+        s.append(&[ev("a")], 1_000).unwrap();
+        assert!(s.append(&[ev("b")], 61_000).is_ok(), "at the limit: still accepted");
+        assert_eq!(s.oldest_age_ms(61_001), 60_001);
+        let refused = s.append(&[ev("c")], 61_001).unwrap_err();
+        assert!(matches!(refused, SpoolError::TooOld { age_s: 60, limit_s: 60 }), "{refused}");
+        assert_eq!(s.pending(), 2, "nothing dropped");
+        s.ack(1).unwrap();
+        assert_eq!(s.oldest_age_ms(61_001), 1);
+        assert!(s.append(&[ev("c")], 61_001).is_ok(), "accepted once the oldest is forwarded");
     }
 }

@@ -690,6 +690,43 @@ async fn the_cache_never_serves_across_identities_and_honours_cache_control() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_on_a_named_topic_drop_the_matching_cache_entries() {
+    use mesh_proto::{policy::CacheInvalidation, v1};
+    let mut policy = cached(60_000);
+    policy.cache.invalidate_on =
+        vec![CacheInvalidation { topic: "markets".into(), prefix: "/m/{key}".into() }];
+    let mesh = mesh_with(policy, &[100]).await;
+    for path in ["/m/1", "/m/2"] {
+        cget(&mesh, path, &[]).await;
+        assert_eq!(cget(&mesh, path, &[]).await.1, "hit", "{path} is cached");
+    }
+    let bus = v1::events_client::EventsClient::new(mesh.cp.channel().await);
+    let publish = |topic: &'static str, key: &'static str| {
+        let mut bus = bus.clone();
+        async move {
+            let id = uuid::Uuid::now_v7().to_string();
+            let e = v1::Event { id, topic: topic.into(), key: key.into(), ..Default::default() };
+            bus.publish(v1::PublishRequest { events: vec![e] }).await.unwrap();
+        }
+    };
+    // Negative control first: events on another topic, and for another key, drop nothing.
+    // (The follower starts at the topic's head, so publish until an event lands after it.)
+    eventually(WAIT, "an event on markets for key 1 drops /m/1", || async {
+        publish("other", "1").await;
+        publish("markets", "2x").await;
+        publish("markets", "1").await;
+        cget(&mesh, "/m/1", &[]).await.1 == "miss"
+    })
+    .await;
+    assert_eq!(cget(&mesh, "/m/2", &[]).await.1, "hit", "another key's entry stays");
+    let (_, metrics) = get(mesh.caller.admin, "admin", "/metrics").await;
+    assert!(
+        metrics.contains(r#"mesh_sidecar_cache_invalidations_total{service="market",topic="markets"}"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_misses_make_one_upstream_request_and_failures_serve_stale() {
     for (ttl, expect_single) in [(300u64, true), (0, false)] {
         let mesh = mesh_with(cached(ttl), &[100]).await;

@@ -80,7 +80,7 @@ impl TestCp {
     pub async fn start_in(dir: tempfile::TempDir, tune: impl FnOnce(&mut control_plane::Config)) -> Self {
         let mut config = control_plane::Config::new(dir.path());
         tune(&mut config);
-        let cp = control_plane::ControlPlane::open(config).unwrap();
+        let cp = control_plane::ControlPlane::open(config).await.unwrap();
         let g = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let a = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (grpc, admin) = (g.local_addr().unwrap(), a.local_addr().unwrap());
@@ -320,6 +320,9 @@ impl TestSidecar {
             drain_delay: Duration::from_millis(300),
             drain_timeout: Duration::from_secs(5),
             idempotency_window: Duration::from_secs(120),
+            spool_max_bytes: 256 * 1024 * 1024,
+            spool_max_age: Duration::from_secs(86_400),
+            subscriptions: Vec::new(),
         }
     }
 
