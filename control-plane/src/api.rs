@@ -640,12 +640,17 @@ impl v1::events_server::Events for Api {
 
     type SubscribeStream = BoxStream<v1::Delivery>;
 
+    /// The first message must be a start; it is handled (the group's lease taken, the position
+    /// fixed) before the call returns, so a subscriber that got its stream knows it will see
+    /// every event published from then on.
     async fn subscribe(
         &self,
         req: Request<Streaming<v1::SubscribeRequest>>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let sub = Subscription {
-            inbound: req.into_inner(),
+        let mut inbound = req.into_inner();
+        let first = inbound.message().await?;
+        let mut sub = Subscription {
+            inbound,
             topic: None,
             next: 0,
             head: None,
@@ -653,6 +658,12 @@ impl v1::events_server::Events for Api {
             lease: None,
             state: self.0.clone(),
         };
+        match first {
+            Some(v1::SubscribeRequest { kind: Some(v1::subscribe_request::Kind::Start(s)) }) => {
+                sub.start(s).await?
+            }
+            _ => return Err(Status::invalid_argument("the first message of a subscription must be start")),
+        }
         Ok(Response::new(Box::pin(stream::unfold(sub, Subscription::next))))
     }
 

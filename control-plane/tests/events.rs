@@ -184,15 +184,23 @@ async fn one_subscriber_of_a_group_receives_at_a_time(backend: BusBackend) {
     tx1.send(v1::SubscribeRequest { kind: Some(Kind::Commit(v1::SubscribeCommit { offset: 1 })) })
         .await
         .unwrap();
-    let (_tx2, mut second) = subscribe(&cp, group_start(&t, "workers")).await;
+    // The second subscriber's call returns only once it holds the group (a spawned task here).
+    let (tx2, rx2) = mpsc::channel(8);
+    tx2.send(v1::SubscribeRequest { kind: Some(Kind::Start(group_start(&t, "workers"))) }).await.unwrap();
+    let mut standby = {
+        let mut client = EventsClient::new(cp.channel().await);
+        tokio::spawn(async move { client.subscribe(ReceiverStream::new(rx2)).await.unwrap().into_inner() })
+    };
     bus.publish(v1::PublishRequest { events: vec![ev(&t, "b", 2)] }).await.unwrap();
     assert_eq!(next_id(&mut first).await.0, "b", "the group's reader gets the new event");
-    // Negative control: the standby got nothing while the first was there.
-    let standby = tokio::time::timeout(Duration::from_millis(300), second.next()).await;
-    assert!(standby.is_err(), "a second subscriber of the group must wait, got {standby:?}");
+    // Negative control: the standby is not admitted while the first is there.
+    let waiting = tokio::time::timeout(Duration::from_millis(300), &mut standby).await;
+    assert!(waiting.is_err(), "a second subscriber of the group must wait");
     // Nothing past "a" was committed: once the first leaves, the standby takes over from "b".
     leave(tx1, first).await;
+    let mut second = tokio::time::timeout(Duration::from_secs(10), standby).await.expect("admitted").unwrap();
     assert_eq!(next_id(&mut second).await, ("b".into(), 1));
+    drop(tx2);
     // Another group is independent.
     let (_tx3, mut other) = subscribe(&cp, group_start(&t, "auditors")).await;
     assert_eq!(next_id(&mut other).await.0, "a");

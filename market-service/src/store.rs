@@ -292,7 +292,14 @@ impl Store {
                     sqlx::query("INSERT INTO outbox (event_id, topic, msg_key, event_type, payload, created_at) VALUES ($1, $2, $3, $4, $5, $6)")
                         .bind(r.event_id.clone())
                         .bind(format!("{}-events", a.aggregate_type))
-                        .bind(r.aggregate_id.clone())
+                        // Keyed by the entity's own id (`market-<id>` → `<id>`), so consumers
+                        // can name it in paths (cache invalidation: `/markets/{key}`).
+                        .bind(
+                            r.aggregate_id
+                                .strip_prefix(&format!("{}-", a.aggregate_type))
+                                .unwrap_or(&r.aggregate_id)
+                                .to_string(),
+                        )
                         .bind(r.event_type.clone())
                         .bind(r.payload.clone())
                         .bind(now_ms)

@@ -512,7 +512,7 @@ async fn domain_events_reach_the_bus_through_the_sidecar_once_each() {
         market.iter().map(|e| e.r#type.as_str()).collect::<Vec<_>>(),
         ["MarketCreated", "TradeExecuted"]
     );
-    assert!(market.iter().all(|e| e.key == format!("market-{id}")), "keyed by aggregate: order per market");
+    assert!(market.iter().all(|e| e.key == id), "keyed by the market's id: order per market");
     let payload: Value = serde_json::from_slice(&market[1].data).unwrap();
     assert_eq!(payload["type"], "TradeExecuted");
     eventually(WAIT, "account events too", || async { topic("account-events").await.len() == 4 }).await;

@@ -203,7 +203,7 @@ impl Metrics {
         );
         r.register(
             "cache_invalidation_followers",
-            "Topics followed for cache invalidation",
+            "Topics followed for cache invalidation (positioned on the bus; caches naming others are bypassed)",
             m.cache_invalidation_followers.clone(),
         );
         r.register("app_healthy", "1 while the local app passes its health probe", m.app_healthy.clone());

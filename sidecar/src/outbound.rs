@@ -209,7 +209,7 @@ impl Outbound {
         let pq = req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
         let (method, headers) = (req.method().clone(), req.headers().clone());
         let creq = cache::Request { method: &method, path_and_query: &pq, headers: &headers };
-        if !cache::Cache::applies(cp, &creq) {
+        if !cache::Cache::applies(cp, &creq) || !self.upstreams.invalidation_ready(cp) {
             return self.fetch(up, &applied, req).await;
         }
         let keys = up.cache.keys(cp, &creq);

@@ -131,6 +131,9 @@ impl Subscription {
 /// to stop following.
 trait Handle: Send {
     fn handle(&mut self, client: &mut EventsClient, d: v1::Delivery) -> impl Future<Output = bool> + Send;
+
+    /// The bus took the subscription: every event from here on will be delivered.
+    fn positioned(&mut self) {}
 }
 
 /// Why following a topic ended.
@@ -197,6 +200,7 @@ async fn follow_once(
         Ok(r) => r.into_inner(),
         Err(s) => return (Ended::Failed(format!("control plane refused the subscription: {s}")), None),
     };
+    handle.positioned();
     let mut next = None;
     loop {
         let d = match deliveries.message().await {
@@ -364,7 +368,8 @@ async fn dead_letter(
 }
 
 /// Keeps one follower per topic named by an upstream's cache `invalidate_on` rules, and drops
-/// matching entries as their events pass. Rechecks the policies every `every`.
+/// matching entries as their events pass. Rechecks the policies every `every`. A cache naming
+/// a topic serves nothing until that topic's follower is positioned.
 pub async fn invalidate_caches(shared: Arc<Shared>, every: Duration, stop: CancellationToken) {
     let mut followers: HashMap<String, CancellationToken> = HashMap::new();
     loop {
@@ -397,9 +402,13 @@ pub async fn invalidate_caches(shared: Arc<Shared>, every: Duration, stop: Cance
                 async move {
                     let start =
                         v1::SubscribeStart { topic: topic.clone(), from_end: true, ..Default::default() };
-                    s.metrics.cache_invalidation_followers.inc();
-                    follow(&s, start, &token, &mut Invalidator(s.clone())).await;
-                    s.metrics.cache_invalidation_followers.dec();
+                    let mut invalidator =
+                        Invalidator { shared: s.clone(), topic: topic.clone(), live: false };
+                    follow(&s, start, &token, &mut invalidator).await;
+                    if invalidator.live {
+                        s.upstreams.set_topic_live(&topic, false);
+                        s.metrics.cache_invalidation_followers.dec();
+                    }
                 }
                 .instrument(span),
             );
@@ -411,14 +420,35 @@ pub async fn invalidate_caches(shared: Arc<Shared>, every: Duration, stop: Cance
     }
 }
 
-struct Invalidator(Arc<Shared>);
+struct Invalidator {
+    shared: Arc<Shared>,
+    topic: String,
+    /// Positioned once: from then on it resumes from its last offset, missing nothing.
+    live: bool,
+}
 
 impl Handle for Invalidator {
     async fn handle(&mut self, _: &mut EventsClient, d: v1::Delivery) -> bool {
         if let Some(e) = d.event {
-            invalidate_for(&self.0, &e);
+            invalidate_for(&self.shared, &e);
         }
         true
+    }
+
+    /// The first time: entries kept before (while this topic was not followed) may have missed
+    /// their invalidation, so they go; then the caches that name the topic may serve again.
+    fn positioned(&mut self) {
+        if self.live {
+            return;
+        }
+        self.live = true;
+        for up in self.shared.upstreams.all() {
+            if up.policy().policy.cache.invalidate_on.iter().any(|r| r.topic == self.topic) {
+                up.cache.invalidate("");
+            }
+        }
+        self.shared.upstreams.set_topic_live(&self.topic, true);
+        self.shared.metrics.cache_invalidation_followers.inc();
     }
 }
 

@@ -366,12 +366,34 @@ impl Upstream {
 pub struct Upstreams {
     map: DashMap<String, Arc<Upstream>>,
     added: tokio::sync::mpsc::UnboundedSender<String>,
+    /// Topics whose cache-invalidation follower is positioned on the bus: a cache whose policy
+    /// names a topic not in here is bypassed (an entry stored before the follower starts could
+    /// miss its invalidation and stay stale for its whole TTL).
+    live_topics: std::sync::RwLock<std::collections::HashSet<String>>,
 }
 
 impl Upstreams {
     pub fn new() -> (Self, tokio::sync::mpsc::UnboundedReceiver<String>) {
         let (added, rx) = tokio::sync::mpsc::unbounded_channel();
-        (Self { map: DashMap::new(), added }, rx)
+        (Self { map: DashMap::new(), added, live_topics: Default::default() }, rx)
+    }
+
+    /// Whether every topic `cache` is invalidated by is followed (true when it names none).
+    pub fn invalidation_ready(&self, cache: &mesh_proto::policy::CachePolicy) -> bool {
+        cache.invalidate_on.is_empty() || {
+            let live = self.live_topics.read().unwrap_or_else(|p| p.into_inner());
+            cache.invalidate_on.iter().all(|r| live.contains(&r.topic))
+        }
+    }
+
+    /// Marks `topic`'s invalidation follower positioned (`true`) or gone (`false`).
+    pub fn set_topic_live(&self, topic: &str, live: bool) {
+        let mut set = self.live_topics.write().unwrap_or_else(|p| p.into_inner());
+        if live {
+            set.insert(topic.to_string());
+        } else {
+            set.remove(topic);
+        }
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Upstream>> {

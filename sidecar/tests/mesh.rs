@@ -696,6 +696,14 @@ async fn events_on_a_named_topic_drop_the_matching_cache_entries() {
     policy.cache.invalidate_on =
         vec![CacheInvalidation { topic: "markets".into(), prefix: "/m/{key}".into() }];
     let mesh = mesh_with(policy, &[100]).await;
+    // The cache serves only once the caller follows the topic (no entry can miss its event).
+    eventually(WAIT, "the caller follows markets", || async {
+        get(mesh.caller.admin, "admin", "/metrics")
+            .await
+            .1
+            .contains("mesh_sidecar_cache_invalidation_followers 1")
+    })
+    .await;
     for path in ["/m/1", "/m/2"] {
         cget(&mesh, path, &[]).await;
         assert_eq!(cget(&mesh, path, &[]).await.1, "hit", "{path} is cached");
@@ -709,12 +717,11 @@ async fn events_on_a_named_topic_drop_the_matching_cache_entries() {
             bus.publish(v1::PublishRequest { events: vec![e] }).await.unwrap();
         }
     };
-    // Negative control first: events on another topic, and for another key, drop nothing.
-    // (The follower starts at the topic's head, so publish until an event lands after it.)
-    eventually(WAIT, "an event on markets for key 1 drops /m/1", || async {
-        publish("other", "1").await;
-        publish("markets", "2x").await;
-        publish("markets", "1").await;
+    // Negative controls: events on another topic, and for another key, drop nothing.
+    publish("other", "1").await;
+    publish("markets", "2x").await;
+    publish("markets", "1").await;
+    eventually(WAIT, "the event on markets for key 1 drops /m/1", || async {
         cget(&mesh, "/m/1", &[]).await.1 == "miss"
     })
     .await;

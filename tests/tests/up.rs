@@ -11,6 +11,19 @@ use bytes::Bytes;
 use mesh_testkit::{WAIT, bin, eventually, request};
 use serde_json::{Value, json};
 
+/// `meshctl up`, interrupted (Ctrl-C) if the test fails first, so no process outlives the test.
+struct Up(Option<std::process::Child>);
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+            let _ = child.wait();
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn meshctl_up_runs_a_whole_mesh_reachable_through_the_gateway_and_stops_on_ctrl_c() {
     let dir = tempfile::tempdir().unwrap();
@@ -34,6 +47,7 @@ async fn meshctl_up_runs_a_whole_mesh_reachable_through_the_gateway_and_stops_on
         .unwrap();
     let (mut cp, mut gateway, mut gateway_admin) = (None, None, None);
     let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
+    let mut up = Up(Some(up));
     for line in lines.by_ref() {
         let line = line.unwrap();
         let cols: Vec<&str> = line.split_whitespace().collect();
@@ -107,6 +121,15 @@ async fn meshctl_up_runs_a_whole_mesh_reachable_through_the_gateway_and_stops_on
         .await;
         assert_eq!(st, 201, "{t}");
     }
+    let gateway_admin_addr: std::net::SocketAddr =
+        gateway_admin.as_deref().expect("gateway admin address printed").parse().unwrap();
+    // The gateway caches market pages only once it follows market-events (so no entry can miss
+    // its invalidation).
+    eventually(WAIT, "the gateway follows market-events", || async {
+        let (_, m) = mesh_testkit::get(gateway_admin_addr, "admin", "/metrics").await;
+        m.contains("mesh_sidecar_cache_invalidation_followers 1")
+    })
+    .await;
     for _ in 0..4 {
         let (st, m) = call("GET", format!("/api/markets/{id}"), false, Value::Null).await;
         assert_eq!(
@@ -115,6 +138,28 @@ async fn meshctl_up_runs_a_whole_mesh_reachable_through_the_gateway_and_stops_on
             "every instance reads its own and the other's writes"
         );
     }
+    // The gateway caches the market page (policy set by `meshctl up`, TTL 30 s); the next trade's
+    // TradeExecuted event drops it, so the page shows the trade long before the TTL.
+    let cache_hits = || async {
+        let (_, m) = mesh_testkit::get(gateway_admin_addr, "admin", "/metrics").await;
+        m.lines()
+            .find(|l| l.starts_with("mesh_sidecar_cache_requests_total{") && l.contains("result=\"hit\""))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert!(cache_hits().await >= 3, "repeated reads of the market page are served from the gateway cache");
+    let (st, t) = call(
+        "POST",
+        format!("/api/markets/{id}/trades"),
+        false,
+        json!({"account": "alice", "outcome": 1, "side": "buy", "shares": "1"}),
+    )
+    .await;
+    assert_eq!(st, 201, "{t}");
+    eventually(WAIT, "the trade's event invalidates the cached market page", || async {
+        call("GET", format!("/api/markets/{id}"), false, Value::Null).await.1["trades"].as_u64() == Some(7)
+    })
+    .await;
     let view = meshctl(&["sidecar", gateway_admin.as_deref().expect("gateway admin address printed")]);
     assert!(
         view.contains("connected")
@@ -125,12 +170,13 @@ async fn meshctl_up_runs_a_whole_mesh_reachable_through_the_gateway_and_stops_on
     eventually(WAIT, "market events in the bus", || async {
         let replay = meshctl(&["events", "replay", "market-events"]);
         replay.contains("MarketCreated")
-            && replay.lines().filter(|l| l.contains("TradeExecuted")).count() == 6
+            && replay.lines().filter(|l| l.contains("TradeExecuted")).count() == 7
     })
     .await;
     let status = meshctl(&["proxy-status"]);
     assert!(status.lines().filter(|l| l.contains("SYNCED")).count() >= 3, "{status}");
 
+    let mut up = up.0.take().unwrap();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(up.id() as i32), nix::sys::signal::Signal::SIGINT)
         .unwrap();
     let exit = tokio::task::spawn_blocking(move || up.wait().unwrap()).await.unwrap();

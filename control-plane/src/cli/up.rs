@@ -136,6 +136,13 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
     mesh.row("control-plane", cp_url.clone(), "gRPC: registry, discovery, policy, admin (meshctl)");
     mesh.row("", format!("http://{cp_admin}/metrics"), "Prometheus metrics, /healthz");
 
+    set_market_policy(&cp_url).await?;
+    mesh.row(
+        "",
+        "policy market-service".into(),
+        "gateway caches /markets/{id}, dropped by its market-events",
+    );
+
     let db = format!("sqlite://{}", args.dir.join("market.db").display());
     for i in 1..=args.instances {
         let id = format!("market-service-{i}");
@@ -257,6 +264,36 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
     out!("stopping the mesh: {reason}");
     stop_all(mesh.procs).await;
     out!("stopped");
+    Ok(())
+}
+
+/// The local mesh's policy for the market service: market pages are cached at the caller (the
+/// gateway) for 30 s, and a market's entries are dropped as soon as its events reach the bus —
+/// a trade is visible at once without giving up the cache. Set only when the service has no
+/// policy yet, so an operator's own survives restarts.
+async fn set_market_policy(cp_url: &str) -> Result<(), CliError> {
+    use mesh_proto::{
+        policy::{CacheInvalidation, ServicePolicy},
+        v1,
+    };
+    let mut client = v1::policy_client::PolicyClient::new(super::connect(cp_url).await?);
+    let existing = client.get(v1::GetPolicyRequest { service: "market-service".into() }).await;
+    if existing.is_ok_and(|r| !r.into_inner().is_default) {
+        return Ok(());
+    }
+    let mut p = ServicePolicy::default();
+    p.cache.ttl = Duration::from_secs(30);
+    p.cache.path_prefixes = vec!["/markets/".into()];
+    p.cache.invalidate_on =
+        vec![CacheInvalidation { topic: "market-events".into(), prefix: "/markets/{key}".into() }];
+    client
+        .set(v1::SetPolicyRequest {
+            service: "market-service".into(),
+            policy: Some((&p).into()),
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| CliError::Refused(format!("setting the market-service policy: {}", s.message())))?;
     Ok(())
 }
 
