@@ -540,9 +540,45 @@ struct Subscription {
     next: u64,
     head: Option<tokio::sync::watch::Receiver<u64>>,
     buffer: std::collections::VecDeque<v1::Delivery>,
-    /// Held while this subscriber is its group's reader.
-    lease: Option<tokio::sync::OwnedMutexGuard<()>>,
+    /// The group's committer (which holds the group's lease until it has stored the last
+    /// commit).
+    commits: Option<tokio::sync::watch::Sender<Option<u64>>>,
     state: Arc<State>,
+}
+
+/// Stores a group's latest committed offset in the background, coalescing commits that arrive
+/// faster than the store's fsync (so commits never slow deliveries down); when the subscriber
+/// leaves it stores the last one and only then releases the group's lease, so the next reader
+/// of the group resumes after it.
+fn spawn_committer(
+    state: Arc<State>,
+    topic: String,
+    group: String,
+    lease: tokio::sync::OwnedMutexGuard<()>,
+) -> tokio::sync::watch::Sender<Option<u64>> {
+    let (tx, mut rx) = tokio::sync::watch::channel(None::<u64>);
+    tokio::spawn(async move {
+        let _lease = lease;
+        let mut stored = None;
+        loop {
+            let left = rx.changed().await.is_err();
+            let latest = *rx.borrow_and_update();
+            if let Some(offset) = latest
+                && Some(offset) != stored
+            {
+                match state.bus.commit(&topic, &group, offset).await {
+                    Ok(()) => stored = Some(offset),
+                    Err(e) => {
+                        tracing::warn!(%topic, %group, offset, error = %e, "storing a commit failed; the group will see those events again")
+                    }
+                }
+            }
+            if left {
+                return;
+            }
+        }
+    });
+    tx
 }
 
 impl Subscription {
@@ -556,9 +592,11 @@ impl Subscription {
             )));
         }
         let bus = &self.state.bus;
-        self.lease = None;
+        // A previous start's committer stores its last commit and releases its lease.
+        self.commits = None;
         if !s.group.is_empty() {
-            self.lease = Some(bus.lease(&s.topic, &s.group).await);
+            let lease = bus.lease(&s.topic, &s.group).await;
+            self.commits = Some(spawn_committer(self.state.clone(), s.topic.clone(), s.group.clone(), lease));
         }
         let head = bus.watch(&s.topic).await?;
         let committed = if s.group.is_empty() { None } else { bus.committed(&s.topic, &s.group).await? };
@@ -575,9 +613,40 @@ impl Subscription {
         Ok(())
     }
 
-    async fn next(mut self) -> Option<(Result<v1::Delivery, Status>, Self)> {
+    /// Handles one message from the subscriber (a commit, or a start that re-positions).
+    async fn handle(&mut self, msg: v1::SubscribeRequest) -> Result<(), Status> {
         use v1::subscribe_request::Kind;
+        match msg.kind {
+            Some(Kind::Start(s)) => self.start(s).await,
+            Some(Kind::Commit(c)) => {
+                if self.topic.is_none() {
+                    return Err(Status::failed_precondition("send start before commit"));
+                }
+                let Some(commits) = &self.commits else {
+                    return Err(Status::failed_precondition("commit needs a group in start"));
+                };
+                commits.send_replace(Some(c.offset));
+                Ok(())
+            }
+            None => Err(Status::invalid_argument("kind: start or commit is required")),
+        }
+    }
+
+    async fn next(mut self) -> Option<(Result<v1::Delivery, Status>, Self)> {
         loop {
+            // Commits are read while deliveries flow, not only once caught up: unread, they
+            // back up the subscriber's request stream until the stream fails, and the group
+            // would then resume far behind (redelivering everything since).
+            while let Some(msg) = self.inbound.next().now_or_never() {
+                match msg {
+                    None | Some(Err(_)) => return None,
+                    Some(Ok(m)) => {
+                        if let Err(e) = self.handle(m).await {
+                            return Some((Err(e), self));
+                        }
+                    }
+                }
+            }
             if let Some(d) = self.buffer.pop_front() {
                 return Some((Ok(d), self));
             }
@@ -605,23 +674,11 @@ impl Subscription {
                 ok = changed => if !ok { return None },
                 msg = self.inbound.next() => match msg {
                     None | Some(Err(_)) => return None,
-                    Some(Ok(v1::SubscribeRequest { kind: Some(Kind::Start(s)) })) => {
-                        if let Err(e) = self.start(s).await {
+                    Some(Ok(m)) => {
+                        if let Err(e) = self.handle(m).await {
                             return Some((Err(e), self));
                         }
                     }
-                    Some(Ok(v1::SubscribeRequest { kind: Some(Kind::Commit(c)) })) => {
-                        let Some((topic, group)) = self.topic.clone() else {
-                            return Some((Err(Status::failed_precondition("send start before commit")), self));
-                        };
-                        if group.is_empty() {
-                            return Some((Err(Status::failed_precondition("commit needs a group in start")), self));
-                        }
-                        if let Err(e) = self.state.bus.commit(&topic, &group, c.offset).await {
-                            return Some((Err(e.into()), self));
-                        }
-                    }
-                    Some(Ok(_)) => return Some((Err(Status::invalid_argument("kind: start or commit is required")), self)),
                 },
             }
         }
@@ -655,7 +712,7 @@ impl v1::events_server::Events for Api {
             next: 0,
             head: None,
             buffer: Default::default(),
-            lease: None,
+            commits: None,
             state: self.0.clone(),
         };
         match first {

@@ -53,6 +53,7 @@ contract!(
     one_subscriber_of_a_group_receives_at_a_time,
     from_end_delivers_only_new_events,
     retention_drops_the_oldest_events_and_offsets_keep_growing,
+    a_group_draining_a_backlog_while_committing_gets_each_event_once,
 );
 
 /// A topic no other test (or earlier run against the same NATS server) uses.
@@ -64,6 +65,8 @@ async fn start(bus: &BusBackend, tune: impl FnOnce(&mut control_plane::Config)) 
     let bus = bus.clone();
     TestCp::start_with(move |c| {
         c.bus = bus;
+        // JetStream reserves each stream's byte limit up front: keep the test streams small.
+        c.retention.max_bytes = 16 << 20;
         tune(c);
     })
     .await
@@ -257,4 +260,37 @@ async fn retention_drops_the_oldest_events_and_offsets_keep_growing(backend: Bus
     assert!(offsets.windows(2).all(|w| w[1] == w[0] + 1), "what stays is contiguous: {offsets:?}");
     let r = bus.publish(v1::PublishRequest { events: vec![ev(&t, "e20", 1)] }).await.unwrap().into_inner();
     assert_eq!(r.results[0].offset, 20, "offsets never go back");
+}
+
+async fn a_group_draining_a_backlog_while_committing_gets_each_event_once(backend: BusBackend) {
+    let cp = start(&backend, |_| {}).await;
+    let t = fresh_topic();
+    let mut bus = EventsClient::new(cp.channel().await);
+    let total = 8_000u64;
+    for chunk in (0..total).collect::<Vec<_>>().chunks(500) {
+        let events = chunk.iter().map(|i| ev(&t, &format!("e{i}"), 1)).collect();
+        bus.publish(v1::PublishRequest { events }).await.unwrap();
+    }
+    // A subscriber that commits every event as it goes, through a small request buffer: the
+    // bus must keep reading commits while it streams the backlog.
+    let (tx, mut s) = subscribe(&cp, group_start(&t, "drain")).await;
+    let mut offsets = Vec::new();
+    while (offsets.len() as u64) < total {
+        let d = tokio::time::timeout(Duration::from_secs(20), s.next())
+            .await
+            .expect("the backlog flows")
+            .unwrap()
+            .unwrap();
+        offsets.push(d.offset);
+        tx.send(v1::SubscribeRequest {
+            kind: Some(Kind::Commit(v1::SubscribeCommit { offset: d.offset + 1 })),
+        })
+        .await
+        .unwrap();
+    }
+    assert_eq!(offsets, (0..total).collect::<Vec<_>>(), "each event once, in order");
+    leave(tx, s).await;
+    let (_tx, mut again) = subscribe(&cp, group_start(&t, "drain")).await;
+    bus.publish(v1::PublishRequest { events: vec![ev(&t, "last", 1)] }).await.unwrap();
+    assert_eq!(next_id(&mut again).await, ("last".into(), total), "resumes after the last commit");
 }

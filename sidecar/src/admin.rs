@@ -56,6 +56,7 @@ async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
         m.spool_bytes.set(spool.pending_bytes() as i64);
         let now = mesh_proto::unix_ms(std::time::SystemTime::now());
         m.spool_oldest_age_seconds.set((spool.oldest_age_ms(now) / 1000) as i64);
+        m.spool_commits.set(spool.commits() as i64);
     }
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], m.render())
 }

@@ -25,12 +25,64 @@ use serde_json::json;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::{Shared, control::Backoff, spool::Spool};
+use crate::{
+    Shared,
+    control::Backoff,
+    spool::{Spool, SpoolError},
+};
 
-/// The spool and the forwarder's wake-up.
+/// The spool, its group-commit writer and the forwarder's wake-up.
 pub struct Outbox {
     pub spool: Arc<Mutex<Spool>>,
     pub wake: Notify,
+    appends: std::sync::mpsc::Sender<Append>,
+}
+
+/// One publish waiting for the group commit.
+struct Append {
+    events: Vec<v1::Event>,
+    done: tokio::sync::oneshot::Sender<Result<Vec<u64>, SpoolError>>,
+}
+
+impl Outbox {
+    /// Wraps `spool` and starts its writer thread, which commits whatever publishes are waiting
+    /// together (one write, one fsync) and stops when the outbox is dropped.
+    pub fn new(spool: Spool) -> Outbox {
+        let spool = Arc::new(Mutex::new(spool));
+        let (appends, queue) = std::sync::mpsc::channel::<Append>();
+        let writer = spool.clone();
+        let spawned = std::thread::Builder::new().name("spool-writer".into()).spawn(move || {
+            while let Ok(first) = queue.recv() {
+                let mut group = vec![first];
+                while group.len() < 1024
+                    && let Ok(more) = queue.try_recv()
+                {
+                    group.push(more);
+                }
+                let batches: Vec<&[v1::Event]> = group.iter().map(|a| a.events.as_slice()).collect();
+                let now = mesh_proto::unix_ms(std::time::SystemTime::now());
+                let results = writer.lock().unwrap_or_else(|p| p.into_inner()).append_group(&batches, now);
+                for (a, r) in group.into_iter().zip(results) {
+                    let _ = a.done.send(r);
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the spool writer thread: publishing will fail");
+        }
+        Outbox { spool, wake: Notify::new(), appends }
+    }
+
+    /// Appends `events` durably (group-committed with concurrent publishes).
+    async fn append(&self, events: Vec<v1::Event>) -> Result<Vec<u64>, SpoolError> {
+        let (done, answer) = tokio::sync::oneshot::channel();
+        let stopped = || SpoolError::Io {
+            path: "spool".into(),
+            source: std::io::Error::other("the spool writer stopped"),
+        };
+        self.appends.send(Append { events, done }).map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
 }
 
 /// One event as the app sends it (CloudEvents attribute names; `topic` names the bus topic).
@@ -142,27 +194,19 @@ pub async fn publish(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
         });
     }
     let ids: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
-    let spool = outbox.spool.clone();
-    let appended = tokio::task::spawn_blocking(move || {
-        let now = mesh_proto::unix_ms(std::time::SystemTime::now());
-        spool.lock().unwrap_or_else(|p| p.into_inner()).append(&events, now)
-    })
-    .await;
-    match appended {
-        Ok(Ok(_)) => {
+    match outbox.append(events).await {
+        Ok(_) => {
             s.metrics.events_spooled.inc_by(ids.len() as u64);
             outbox.wake.notify_one();
             (StatusCode::ACCEPTED, Json(json!({"ids": ids, "spooled": ids.len()}))).into_response()
         }
-        Ok(Err(e @ (crate::spool::SpoolError::Full { .. } | crate::spool::SpoolError::TooOld { .. }))) => {
-            let code =
-                if matches!(e, crate::spool::SpoolError::Full { .. }) { "spool_full" } else { "spool_stale" };
+        Err(e @ (SpoolError::Full { .. } | SpoolError::TooOld { .. })) => {
+            let code = if matches!(e, SpoolError::Full { .. }) { "spool_full" } else { "spool_stale" };
             let mut r = refuse(StatusCode::TOO_MANY_REQUESTS, code, e.to_string());
             r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             r
         }
-        Ok(Err(e)) => refuse(StatusCode::SERVICE_UNAVAILABLE, "spool_failed", e.to_string()),
-        Err(e) => refuse(StatusCode::INTERNAL_SERVER_ERROR, "spool_failed", e.to_string()),
+        Err(e) => refuse(StatusCode::SERVICE_UNAVAILABLE, "spool_failed", e.to_string()),
     }
 }
 

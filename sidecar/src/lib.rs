@@ -152,10 +152,7 @@ impl Shared {
                 config.spool_max_bytes,
                 config.spool_max_age,
             )
-            .map(|s| events::Outbox {
-                spool: Arc::new(std::sync::Mutex::new(s)),
-                wake: tokio::sync::Notify::new(),
-            })
+            .map(events::Outbox::new)
             .map_err(|e| e.to_string()),
             config,
         });

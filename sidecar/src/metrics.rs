@@ -59,6 +59,7 @@ pub struct Metrics {
     pub spool_pending: Gauge,
     pub spool_bytes: Gauge,
     pub spool_oldest_age_seconds: Gauge,
+    pub spool_commits: Gauge,
     pub events_delivered: Family<Labels, Counter>,
     pub event_delivery_failures: Family<Labels, Counter>,
     pub events_dead_lettered: Family<Labels, Counter>,
@@ -101,6 +102,7 @@ impl Metrics {
             spool_pending: Gauge::default(),
             spool_bytes: Gauge::default(),
             spool_oldest_age_seconds: Gauge::default(),
+            spool_commits: Gauge::default(),
             events_delivered: Family::default(),
             event_delivery_failures: Family::default(),
             events_dead_lettered: Family::default(),
@@ -180,6 +182,11 @@ impl Metrics {
             "spool_oldest_age_seconds",
             "Age of the oldest event in the spool not yet acknowledged by the bus (0 when empty)",
             m.spool_oldest_age_seconds.clone(),
+        );
+        r.register(
+            "spool_commits",
+            "Spool group commits (one write and one fsync for every publish waiting) since start",
+            m.spool_commits.clone(),
         );
         r.register(
             "events_delivered",

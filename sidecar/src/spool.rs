@@ -3,9 +3,13 @@
 //!
 //! Layout: `<data-dir>/spool/seg-<first sequence>.log` segment files of records
 //! `[length u32 BE][crc32 u32 BE][protobuf Event]`, and `cursor` holding the sequence number of
-//! the first record not yet acknowledged by the bus. On open, a torn or corrupt tail (a crash
+//! the first record not yet acknowledged by the bus (not fsync'd: behind after a crash, it only
+//! re-sends events the bus then drops by id). On open, a torn or corrupt tail (a crash
 //! mid-append) is detected by length and checksum and truncated; it was never acknowledged.
 //! A segment whose records are all forwarded is deleted once a newer one exists.
+//!
+//! Appends are group-committed: whatever batches are waiting are written together and share one
+//! fsync ([`Spool::append_group`]).
 //!
 //! Two high-water marks refuse new events (the app gets 429, nothing is dropped): pending bytes
 //! over the size limit, and the oldest pending event older than the age limit (the bus has been
@@ -59,7 +63,16 @@ pub struct Spool {
     pending_records: VecDeque<(u64, u64)>,
     limit: u64,
     max_age_ms: u64,
+    /// Group commits (write + fsync) so far.
+    commits: u64,
+    /// The pending events from the cursor on, as appended by this process, while they are
+    /// contiguous and fewer than [`MEMORY_RECORDS`]: the forwarder reads these instead of the
+    /// segment files.
+    recent: VecDeque<(u64, v1::Event)>,
 }
+
+/// Most pending events also kept in memory.
+const MEMORY_RECORDS: usize = 8192;
 
 fn seg_path(dir: &Path, first: u64) -> PathBuf {
     dir.join(format!("seg-{first:020}.log"))
@@ -114,6 +127,8 @@ impl Spool {
             pending_records: VecDeque::new(),
             limit,
             max_age_ms: max_age.as_millis().min(u64::MAX as u128) as u64,
+            commits: 0,
+            recent: VecDeque::new(),
         };
         for first in firsts {
             let path = seg_path(dir, first);
@@ -141,6 +156,11 @@ impl Spool {
         self.pending_bytes
     }
 
+    /// Group commits (one write and one fsync each) since the spool opened.
+    pub fn commits(&self) -> u64 {
+        self.commits
+    }
+
     /// How long (ms) the oldest pending event has waited at `now_ms`; 0 when none.
     pub fn oldest_age_ms(&self, now_ms: u64) -> u64 {
         self.pending_records.front().map_or(0, |(_, at)| now_ms.saturating_sub(*at))
@@ -149,15 +169,84 @@ impl Spool {
     /// Appends `events` (at `now_ms`) and fsyncs; returns their sequence numbers. Refused whole
     /// (nothing is written) past the size limit or while the oldest pending event is too old.
     pub fn append(&mut self, events: &[v1::Event], now_ms: u64) -> Result<Vec<u64>, SpoolError> {
-        let encoded: Vec<Vec<u8>> = events.iter().map(|e| e.encode_to_vec()).collect();
-        let size: u64 = encoded.iter().map(|b| b.len() as u64 + 8).sum();
-        if self.pending_bytes + size > self.limit {
-            return Err(SpoolError::Full { bytes: self.pending_bytes, limit: self.limit });
-        }
+        self.append_group(&[events], now_ms).pop().unwrap_or_else(|| Ok(Vec::new()))
+    }
+
+    /// Group commit: appends each batch that fits the limits (each accepted or refused whole)
+    /// with one write and one fsync for all of them; one result per batch, in order.
+    pub fn append_group(
+        &mut self,
+        batches: &[&[v1::Event]],
+        now_ms: u64,
+    ) -> Vec<Result<Vec<u64>, SpoolError>> {
         let age = self.oldest_age_ms(now_ms);
-        if age > self.max_age_ms {
-            return Err(SpoolError::TooOld { age_s: age / 1000, limit_s: self.max_age_ms / 1000 });
+        let mut results = Vec::with_capacity(batches.len());
+        let mut buf = Vec::new();
+        let (mut next, mut pending_bytes) = (self.next, self.pending_bytes);
+        let mut sizes = Vec::new();
+        for events in batches {
+            let encoded: Vec<Vec<u8>> = events.iter().map(|e| e.encode_to_vec()).collect();
+            let size: u64 = encoded.iter().map(|b| b.len() as u64 + 8).sum();
+            if pending_bytes + size > self.limit {
+                results.push(Err(SpoolError::Full { bytes: pending_bytes, limit: self.limit }));
+                continue;
+            }
+            if age > self.max_age_ms {
+                results.push(Err(SpoolError::TooOld { age_s: age / 1000, limit_s: self.max_age_ms / 1000 }));
+                continue;
+            }
+            for b in &encoded {
+                buf.extend_from_slice(&(b.len() as u32).to_be_bytes());
+                buf.extend_from_slice(&crc32fast::hash(b).to_be_bytes());
+                buf.extend_from_slice(b);
+                sizes.push(b.len() as u64 + 8);
+            }
+            results.push(Ok((next..next + events.len() as u64).collect()));
+            next += events.len() as u64;
+            pending_bytes += size;
         }
+        if sizes.is_empty() {
+            return results;
+        }
+        if let Err(e) = self.write_records(&buf) {
+            // Nothing counts as appended: every batch of the group hears the failure.
+            return results
+                .into_iter()
+                .map(|r| match r {
+                    Ok(_) => Err(SpoolError::Io {
+                        path: self.dir.display().to_string(),
+                        source: std::io::Error::other(e.to_string()),
+                    }),
+                    refused => refused,
+                })
+                .collect();
+        }
+        self.commits += 1;
+        let mut seq = self.next;
+        for (events, result) in batches.iter().zip(&results) {
+            if result.is_err() {
+                continue;
+            }
+            for e in events.iter() {
+                let follows = match self.recent.back() {
+                    Some((last, _)) => *last + 1 == seq,
+                    None => seq == self.cursor,
+                };
+                if follows && self.recent.len() < MEMORY_RECORDS {
+                    self.recent.push_back((seq, e.clone()));
+                }
+                seq += 1;
+            }
+        }
+        self.next = next;
+        self.pending_bytes = pending_bytes;
+        self.pending_records.extend(sizes.into_iter().map(|s| (s, now_ms)));
+        results
+    }
+
+    /// Writes encoded records to the current segment (starting a new one when it is full) and
+    /// fsyncs.
+    fn write_records(&mut self, buf: &[u8]) -> Result<(), SpoolError> {
         let needs_new = match self.segments.back() {
             None => true,
             Some(s) => self.next - s.first >= SEGMENT_RECORDS,
@@ -169,24 +258,23 @@ impl Spool {
             self.segments.push_back(Segment { first: self.next, path });
         }
         let seg = &self.segments[self.segments.len() - 1];
-        let mut buf = Vec::with_capacity(size as usize);
-        for b in &encoded {
-            buf.extend_from_slice(&(b.len() as u32).to_be_bytes());
-            buf.extend_from_slice(&crc32fast::hash(b).to_be_bytes());
-            buf.extend_from_slice(b);
-        }
         let mut f = OpenOptions::new().append(true).open(&seg.path).map_err(io(&seg.path))?;
-        f.write_all(&buf).map_err(io(&seg.path))?;
-        f.sync_data().map_err(io(&seg.path))?;
-        let seqs = (self.next..self.next + events.len() as u64).collect();
-        self.next += events.len() as u64;
-        self.pending_bytes += size;
-        self.pending_records.extend(encoded.iter().map(|b| (b.len() as u64 + 8, now_ms)));
-        Ok(seqs)
+        let before = f.metadata().map_err(io(&seg.path))?.len();
+        let written = f.write_all(buf).and_then(|()| f.sync_data());
+        if let Err(e) = written {
+            // Not acknowledged: take the records back so the file matches the sequence numbers.
+            let _ = f.set_len(before).and_then(|()| f.sync_data());
+            return Err(io(&seg.path)(e));
+        }
+        Ok(())
     }
 
     /// Up to `max` pending events from the cursor on, in order.
     pub fn peek(&self, max: usize) -> Result<Vec<v1::Event>, SpoolError> {
+        let want = (max as u64).min(self.pending()) as usize;
+        if self.recent.front().is_some_and(|(seq, _)| *seq == self.cursor) && self.recent.len() >= want {
+            return Ok(self.recent.iter().take(want).map(|(_, e)| e.clone()).collect());
+        }
         let mut out = Vec::new();
         for seg in &self.segments {
             let end = self.segments.iter().find(|s| s.first > seg.first).map_or(self.next, |s| s.first);
@@ -211,14 +299,18 @@ impl Spool {
     /// Marks `n` more events acknowledged by the bus (durably) and drops finished segments.
     pub fn ack(&mut self, n: u64) -> Result<(), SpoolError> {
         self.cursor = (self.cursor + n).min(self.next);
+        while self.recent.front().is_some_and(|(seq, _)| *seq < self.cursor) {
+            self.recent.pop_front();
+        }
         for _ in 0..n {
             if let Some((sz, _)) = self.pending_records.pop_front() {
                 self.pending_bytes -= sz;
             }
         }
+        // Not fsync'd: a cursor lost in a crash only makes the forwarder send events again,
+        // and the bus drops them as duplicates by id.
         let tmp = self.dir.join("cursor.tmp");
         std::fs::write(&tmp, self.cursor.to_string()).map_err(io(&tmp))?;
-        File::open(&tmp).and_then(|f| f.sync_all()).map_err(io(&tmp))?;
         std::fs::rename(&tmp, self.dir.join("cursor")).map_err(io(&tmp))?;
         while self.segments.len() > 1 && self.segments[1].first <= self.cursor {
             if let Some(old) = self.segments.pop_front() {
@@ -296,5 +388,20 @@ mod tests {
         s.ack(1).unwrap();
         assert_eq!(s.oldest_age_ms(61_001), 1);
         assert!(s.append(&[ev("c")], 61_001).is_ok(), "accepted once the oldest is forwarded");
+    }
+
+    #[test]
+    fn a_group_commit_accepts_or_refuses_each_batch_whole_and_numbers_them_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path(), 600, DAY).unwrap();
+        let (one, big, two) = ([ev("a")], [ev("x"), ev("y"), ev("z"), ev("w"), ev("v")], [ev("b"), ev("c")]);
+        let r = s.append_group(&[&one, &big, &two], 0);
+        assert_eq!(r[0].as_ref().unwrap(), &[0]);
+        assert!(matches!(r[1], Err(SpoolError::Full { .. })), "the batch over the limit is refused whole");
+        assert_eq!(r[2].as_ref().unwrap(), &[1, 2]);
+        drop(s);
+        let s = Spool::open(dir.path(), 600, DAY).unwrap();
+        let ids: Vec<String> = s.peek(10).unwrap().into_iter().map(|e| e.id).collect();
+        assert_eq!(ids, ["a", "b", "c"], "what was accepted is on disk, in order");
     }
 }
