@@ -63,6 +63,9 @@ struct Args {
     /// hook) healthy.
     #[arg(long)]
     wait_healthy: Option<SocketAddr>,
+    /// Write `sent_unix_us delivered_unix_us` per delivered event here (first deliveries).
+    #[arg(long)]
+    dump: Option<std::path::PathBuf>,
     /// Only serve the hook (until killed).
     #[arg(long)]
     serve_only: bool,
@@ -77,6 +80,8 @@ fn now_us() -> u64 {
 #[derive(Default)]
 struct Seen {
     first: HashMap<String, u64>,
+    /// (sent, first delivered) per event, µs since the epoch.
+    times: Vec<(u64, u64)>,
     deliveries: u64,
     per_key: HashMap<String, Vec<u64>>,
     last_us: u64,
@@ -121,6 +126,7 @@ async fn serve_hook(addr: SocketAddr, seen: Arc<Mutex<Seen>>) -> anyhow::Result<
                             s.last_us = now;
                             if let std::collections::hash_map::Entry::Vacant(v) = s.first.entry(id) {
                                 v.insert(now.saturating_sub(sent));
+                                s.times.push((sent, now));
                                 s.per_key.entry(key).or_default().push(seq);
                             }
                         }
@@ -295,6 +301,11 @@ async fn main() -> anyhow::Result<()> {
         out["lost"] = json!(accepted.saturating_sub(s.first.len() as u64));
         out["keys_out_of_order"] = json!(out_of_order);
         out["drain_seconds_after_publishing"] = json!(drain_secs);
+        out["last_delivery_unix_ms"] = json!(s.last_us / 1000);
+        if let Some(path) = &a.dump {
+            let lines: String = s.times.iter().map(|(sent, at)| format!("{sent} {at}\n")).collect();
+            std::fs::write(path, lines)?;
+        }
         out["end_to_end_per_second"] = json!(s.first.len() as f64 / span.as_secs_f64().max(1e-9));
         out["delivery_p50_ms"] = json!(percentile(&latencies, 0.5) / 1000.0);
         out["delivery_p99_ms"] = json!(percentile(&latencies, 0.99) / 1000.0);
