@@ -77,6 +77,9 @@ pub enum Command {
     /// Publish to, replay or follow a topic of the embedded event bus.
     #[command(subcommand)]
     Events(EventsCommand),
+    /// The mesh CA: bootstrap tokens for sidecars, and the trust bundle.
+    #[command(subcommand)]
+    Identity(IdentityCommand),
     /// One sidecar's view: its upstreams, endpoints, breaker states and cache (from its admin
     /// listener, e.g. 127.0.0.1:4191).
     Sidecar { admin: String },
@@ -110,6 +113,23 @@ pub enum PolicyCommand {
     Delete { service: String },
     /// Every service with an explicit policy.
     List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IdentityCommand {
+    /// Bootstrap tokens: a sidecar presents one to get its service's certificate.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Print the trust anchors (the mesh root, PEM) and the trust domain.
+    Bundle,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a token for SERVICE; it is printed once (only its hash is stored).
+    Create { service: String },
+    /// Revoke every token of SERVICE (certificates already issued stay valid until they expire).
+    Revoke { service: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -288,6 +308,7 @@ pub async fn run(args: Args) -> Result<(), CliError> {
         }
         Command::Policy(cmd) => policy(cmd, ch, out, &addr).await?,
         Command::Events(cmd) => events(cmd, ch, out, &addr).await?,
+        Command::Identity(cmd) => identity(cmd, ch, out, &addr).await?,
         Command::ProxyStatus { service } => {
             let r = v1::admin_client::AdminClient::new(ch)
                 .proxy_status(v1::ProxyStatusRequest { service: service.unwrap_or_default() })
@@ -576,6 +597,43 @@ fn delivery_json(d: &v1::Delivery) -> Value {
         "offset": d.offset, "id": e.id, "topic": e.topic, "type": e.r#type, "key": e.key, "source": e.source,
         "time_unix_ms": e.time_unix_ms, "data": serde_json::from_str::<Value>(&data).unwrap_or(Value::String(data)),
     })
+}
+
+async fn identity(cmd: IdentityCommand, ch: Channel, out: Output, addr: &str) -> Result<(), CliError> {
+    let st = |s: tonic::Status| CliError::from_status(s, addr);
+    let mut ca = v1::identity_client::IdentityClient::new(ch);
+    match cmd {
+        IdentityCommand::Token(TokenCommand::Create { service }) => {
+            let r = ca.create_token(v1::CreateTokenRequest { service }).await.map_err(st)?.into_inner();
+            match out {
+                Output::Json => out!("{}", serde_json::json!({"service": r.service, "token": r.token})),
+                Output::Table => out!("{}", r.token),
+            }
+        }
+        IdentityCommand::Token(TokenCommand::Revoke { service }) => {
+            let r =
+                ca.revoke_tokens(v1::RevokeTokensRequest { service: service.clone() }).await.map_err(st)?;
+            let n = r.into_inner().revoked;
+            match out {
+                Output::Json => out!("{}", serde_json::json!({"service": service, "revoked": n})),
+                Output::Table => out!("revoked {n} token(s) of {service}"),
+            }
+        }
+        IdentityCommand::Bundle => {
+            let r = ca.trust_bundle(v1::TrustBundleRequest {}).await.map_err(st)?.into_inner();
+            match out {
+                Output::Json => out!(
+                    "{}",
+                    serde_json::json!({"trust_domain": r.trust_domain, "trust_anchors_pem": r.trust_anchors_pem})
+                ),
+                Output::Table => {
+                    out!("# trust domain: {}", r.trust_domain);
+                    out!("{}", r.trust_anchors_pem.trim_end());
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn events(cmd: EventsCommand, ch: Channel, out: Output, addr: &str) -> Result<(), CliError> {

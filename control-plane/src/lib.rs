@@ -15,6 +15,7 @@
 pub mod api;
 pub mod bus;
 pub mod bus_nats;
+pub mod ca;
 pub mod cli;
 pub mod http;
 pub mod metrics;
@@ -55,6 +56,12 @@ pub struct Config {
     pub retention: bus::Retention,
     /// How often the bus applies retention (embedded) or refreshes heads (NATS).
     pub bus_maintenance_interval: Duration,
+    /// The mesh's SPIFFE trust domain.
+    pub trust_domain: String,
+    /// The operator's own root (certificate, key); default: created in the data dir.
+    pub ca_files: Option<(PathBuf, PathBuf)>,
+    /// Lifetime of the certificates the CA issues.
+    pub cert_ttl: Duration,
 }
 
 /// The event bus's log.
@@ -77,6 +84,9 @@ impl Config {
             bus: BusBackend::Embedded,
             retention: bus::Retention::default(),
             bus_maintenance_interval: Duration::from_secs(60),
+            trust_domain: "mesh.local".into(),
+            ca_files: None,
+            cert_ttl: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -87,6 +97,8 @@ pub enum Error {
     Store(#[from] store::StoreError),
     #[error("event bus: {0}")]
     Bus(#[from] bus::BusError),
+    #[error("certificate authority: {0}")]
+    Ca(#[from] ca::CaError),
     #[error("gRPC server failed: {0}")]
     Grpc(#[from] tonic::transport::Error),
     #[error("admin HTTP server failed: {0}")]
@@ -117,6 +129,7 @@ impl ControlPlane {
             data_dir = %config.data_dir.display(),
             "state restored"
         );
+        let store_handle = store.clone();
         let registry = Registry::new(
             store,
             policies.clone(),
@@ -126,9 +139,13 @@ impl ControlPlane {
             Instant::now(),
             config.restart_grace,
         );
+        let ca =
+            ca::Ca::open(&config.data_dir, config.ca_files.clone(), &config.trust_domain, config.cert_ttl)?;
         let state = Arc::new(api::State {
             registry,
             bus,
+            ca,
+            store: store_handle,
             policies,
             metrics,
             proxies: Proxies::default(),
@@ -178,9 +195,15 @@ impl ControlPlane {
         });
 
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
-        for name in
-            ["", "mesh.v1.Registry", "mesh.v1.Discovery", "mesh.v1.Policy", "mesh.v1.Admin", "mesh.v1.Events"]
-        {
+        for name in [
+            "",
+            "mesh.v1.Registry",
+            "mesh.v1.Discovery",
+            "mesh.v1.Policy",
+            "mesh.v1.Admin",
+            "mesh.v1.Events",
+            "mesh.v1.Identity",
+        ] {
             health_reporter.set_service_status(name, tonic_health::ServingStatus::Serving).await;
         }
         let reflection = tonic_reflection::server::Builder::configure()
@@ -201,6 +224,7 @@ impl ControlPlane {
             .add_service(v1::discovery_server::DiscoveryServer::new(api.clone()))
             .add_service(v1::policy_server::PolicyServer::new(api.clone()))
             .add_service(v1::events_server::EventsServer::new(api.clone()))
+            .add_service(v1::identity_server::IdentityServer::new(api.clone()))
             .add_service(v1::admin_server::AdminServer::new(api))
             .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), own.clone().cancelled_owned())
             .instrument(tracing::info_span!("grpc"))

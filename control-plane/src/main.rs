@@ -58,6 +58,19 @@ struct Args {
     /// How often the embedded bus applies retention.
     #[arg(long, env = "MESH_BUS_MAINTENANCE_INTERVAL", default_value = "60s", value_parser = parse_duration)]
     bus_maintenance_interval: Duration,
+    /// The mesh's SPIFFE trust domain: identities are spiffe://<domain>/service/<name>.
+    #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = "mesh.local")]
+    trust_domain: String,
+    /// The operator's root certificate (PEM) for the mesh CA; with --ca-key. Default: a root
+    /// created on first start in --data-dir (ca.pem, ca-key.pem).
+    #[arg(long, env = "MESH_CA_CERT", requires = "ca_key")]
+    ca_cert: Option<PathBuf>,
+    /// The root's private key (PEM).
+    #[arg(long, env = "MESH_CA_KEY", requires = "ca_cert")]
+    ca_key: Option<PathBuf>,
+    /// Lifetime of the certificates the CA issues.
+    #[arg(long, env = "MESH_CERT_TTL", default_value = "24h", value_parser = parse_duration)]
+    cert_ttl: Duration,
     /// Idle discovery streams get a ping this often.
     #[arg(long, env = "MESH_PING_INTERVAL", default_value = "15s", value_parser = parse_duration)]
     ping_interval: Duration,
@@ -93,6 +106,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     config.retention = Retention { max_age: args.bus_retention_age, max_bytes: args.bus_retention_bytes };
     config.bus_maintenance_interval = args.bus_maintenance_interval;
+    config.trust_domain = args.trust_domain.clone();
+    config.ca_files = args.ca_cert.clone().zip(args.ca_key.clone());
+    config.cert_ttl = args.cert_ttl;
     let cp = ControlPlane::open(config).await?;
     let grpc = TcpListener::bind(args.grpc_addr)
         .await

@@ -30,6 +30,8 @@ const BUS_OFFSETS: TableDefinition<&str, &[u8]> = TableDefinition::new("bus_offs
 /// Event bus: `topic` → next offset (u64 BE), so offsets never repeat after retention empties
 /// a topic.
 const BUS_HEADS: TableDefinition<&str, &[u8]> = TableDefinition::new("bus_heads");
+/// Bootstrap tokens: SHA-256 of the token (hex) → the service it may certify.
+const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
 const EPOCH_KEY: &str = "epoch";
 /// redb page cache.
 const CACHE_BYTES: usize = 4 * 1024 * 1024;
@@ -121,6 +123,7 @@ impl Store {
             tx.open_table(BUS_IDS).map_err(db_err("open bus ids"))?;
             tx.open_table(BUS_OFFSETS).map_err(db_err("open bus offsets"))?;
             tx.open_table(BUS_HEADS).map_err(db_err("open bus heads"))?;
+            tx.open_table(TOKENS).map_err(db_err("open tokens"))?;
             tx.commit().map_err(db_err("commit"))?;
             epoch
         };
@@ -234,6 +237,39 @@ impl Store {
     /// The offset an event id was stored at, if it was.
     pub fn bus_lookup(&self, topic: &str, id: &str) -> Result<Option<u64>, StoreError> {
         self.get_u64(BUS_IDS, &format!("{topic}/{id}"))
+    }
+
+    /// Stores a bootstrap token's hash for `service`.
+    pub async fn token_add(&self, hash: &str, service: &str) -> Result<(), StoreError> {
+        self.write(Op::Put(TOKENS, hash.to_string(), service.as_bytes().to_vec())).await
+    }
+
+    /// The service a token hash is valid for.
+    pub fn token_service(&self, hash: &str) -> Result<Option<String>, StoreError> {
+        let tx = self.inner.db.begin_read().map_err(db_err("begin read"))?;
+        let t = tx.open_table(TOKENS).map_err(db_err("open table"))?;
+        Ok(t.get(hash).map_err(db_err("read"))?.map(|v| String::from_utf8_lossy(v.value()).into_owned()))
+    }
+
+    /// Deletes every token of `service`; returns how many.
+    pub async fn tokens_revoke(&self, service: &str) -> Result<usize, StoreError> {
+        let hashes: Vec<String> = {
+            let tx = self.inner.db.begin_read().map_err(db_err("begin read"))?;
+            let t = tx.open_table(TOKENS).map_err(db_err("open table"))?;
+            let mut out = Vec::new();
+            for row in t.iter().map_err(db_err("iterate"))? {
+                let (k, v) = row.map_err(db_err("read row"))?;
+                if v.value() == service.as_bytes() {
+                    out.push(k.value().to_string());
+                }
+            }
+            out
+        };
+        let n = hashes.len();
+        if n > 0 {
+            self.write_all(hashes.into_iter().map(|h| Op::Delete(TOKENS, h)).collect()).await?;
+        }
+        Ok(n)
     }
 
     pub fn bus_committed(&self, topic: &str, group: &str) -> Result<Option<u64>, StoreError> {

@@ -120,6 +120,11 @@ async fn config(State(s): State<Arc<Shared>>) -> impl IntoResponse {
             "last_error": *s.cp.last_error.lock().unwrap_or_else(|p| p.into_inner()),
         },
         "app_healthy": *s.app_healthy.borrow(),
+        "identity": s.identity.current().map(|id| json!({
+            "spiffe_id": id.spiffe_id,
+            "expires": humantime::format_rfc3339_seconds(id.expires).to_string(),
+            "renews": humantime::format_rfc3339_seconds(crate::identity::renew_at(&id)).to_string(),
+        })),
         "rate_limited": c.service.as_ref().map_or(0, |svc| s.metrics.rate_limited.get_or_create(&vec![("service", svc.clone())]).get()),
         "own_policy": { "version": own_version, "policy": *own_policy },
         "upstreams": upstreams,

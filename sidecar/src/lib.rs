@@ -17,6 +17,7 @@ pub mod control;
 pub mod dns;
 pub mod events;
 pub mod idempotency;
+pub mod identity;
 pub mod inbound;
 pub mod metrics;
 pub mod outbound;
@@ -101,6 +102,9 @@ pub struct Config {
     pub spool_max_age: Duration,
     /// Events delivered to the app by webhook.
     pub subscriptions: Vec<subscribe::Subscription>,
+    /// The service's bootstrap token: with it the sidecar gets (and renews) its certificate
+    /// from the mesh CA.
+    pub identity_token: Option<String>,
 }
 
 /// Connection state toward the control plane, for `/config` and `/ready`.
@@ -130,6 +134,8 @@ pub struct Shared {
     pub stopping: CancellationToken,
     /// The app's event spool and forwarder wake-up (or why the spool could not open).
     pub outbox: Result<events::Outbox, String>,
+    /// This sidecar's certified mesh identity, once it has one.
+    pub identity: identity::IdentityCell,
 }
 
 impl Shared {
@@ -154,6 +160,7 @@ impl Shared {
             )
             .map(events::Outbox::new)
             .map_err(|e| e.to_string()),
+            identity: Default::default(),
             config,
         });
         (shared, added)
@@ -269,6 +276,12 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         events::forward(shared.clone(), background.clone())
             .instrument(tracing::info_span!("event_forwarder")),
     );
+    if let (Mode::Sidecar, Some(token)) = (shared.config.mode, shared.config.identity_token.clone()) {
+        tasks.spawn(
+            identity::run(shared.clone(), token, background.clone())
+                .instrument(tracing::info_span!("identity")),
+        );
+    }
     for sub in shared.config.subscriptions.iter().filter(|_| shared.config.mode == Mode::Sidecar) {
         tasks.spawn(subscribe::deliver(shared.clone(), sub.clone(), background.clone()));
     }

@@ -95,6 +95,13 @@ struct Args {
     /// Publishing gets 429 while the oldest unforwarded event is older than this (default 24h).
     #[arg(long, env = "MESH_SPOOL_MAX_AGE", value_parser = parse_duration)]
     spool_max_age: Option<Duration>,
+    /// The service's bootstrap token (`meshctl identity token create SERVICE`): the sidecar gets
+    /// its certificate from the mesh CA with it and renews it at two thirds of its lifetime.
+    #[arg(long, env = "MESH_IDENTITY_TOKEN", conflicts_with = "identity_token_file")]
+    identity_token: Option<String>,
+    /// The same, read from a file (kept out of the process list).
+    #[arg(long, env = "MESH_IDENTITY_TOKEN_FILE")]
+    identity_token_file: Option<PathBuf>,
     /// Runtime worker threads (default: one per core).
     #[arg(long, env = "MESH_WORKER_THREADS")]
     worker_threads: Option<usize>,
@@ -132,6 +139,7 @@ struct FileConfig {
     #[serde(with = "opt_duration")]
     idempotency_window: Option<Duration>,
     subscriptions: Vec<sidecar::subscribe::Subscription>,
+    identity_token_file: Option<PathBuf>,
     spool_max_bytes: Option<u64>,
     #[serde(with = "opt_duration")]
     spool_max_age: Option<Duration>,
@@ -225,6 +233,19 @@ fn resolve(a: Args) -> anyhow::Result<Resolved> {
     if mode == Mode::Gateway && !subscriptions.is_empty() {
         bail!("subscriptions deliver to a local app: they need sidecar mode");
     }
+    let identity_token = match (a.identity_token, a.identity_token_file.or(f.identity_token_file)) {
+        (Some(t), _) => Some(t),
+        (None, Some(path)) => Some(
+            std::fs::read_to_string(&path)
+                .with_context(|| format!("cannot read --identity-token-file {}", path.display()))?
+                .trim()
+                .to_string(),
+        ),
+        (None, None) => None,
+    };
+    if mode == Mode::Gateway && identity_token.is_some() {
+        bail!("the gateway has no service identity yet: --identity-token needs sidecar mode");
+    }
     let data_dir =
         a.data_dir.or(f.data_dir).unwrap_or_else(|| PathBuf::from(format!(".mesh/sidecar-{instance_id}")));
     let config = Config {
@@ -248,6 +269,7 @@ fn resolve(a: Args) -> anyhow::Result<Resolved> {
         spool_max_bytes: a.spool_max_bytes.or(f.spool_max_bytes).unwrap_or(256 * 1024 * 1024),
         spool_max_age: a.spool_max_age.or(f.spool_max_age).unwrap_or(Duration::from_secs(86_400)),
         subscriptions,
+        identity_token,
     };
     Ok(Resolved { config, inbound, outbound, admin })
 }

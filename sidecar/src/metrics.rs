@@ -65,6 +65,9 @@ pub struct Metrics {
     pub events_dead_lettered: Family<Labels, Counter>,
     pub cache_invalidations: Family<Labels, Counter>,
     pub cache_invalidation_followers: Gauge,
+    pub certificate_expiry: Gauge,
+    pub certificate_rotations: Counter,
+    pub certificate_failures: Counter,
     pub cache_entries: Family<Labels, Gauge>,
     pub cache_bytes: Family<Labels, Gauge>,
     pub inbound_inflight: Gauge,
@@ -108,6 +111,9 @@ impl Metrics {
             events_dead_lettered: Family::default(),
             cache_invalidations: Family::default(),
             cache_invalidation_followers: Gauge::default(),
+            certificate_expiry: Gauge::default(),
+            certificate_rotations: Counter::default(),
+            certificate_failures: Counter::default(),
             cache_entries: Family::default(),
             cache_bytes: Family::default(),
             inbound_inflight: Gauge::default(),
@@ -212,6 +218,21 @@ impl Metrics {
             "cache_invalidation_followers",
             "Topics followed for cache invalidation (positioned on the bus; caches naming others are bypassed)",
             m.cache_invalidation_followers.clone(),
+        );
+        r.register(
+            "certificate_expiry_timestamp_seconds",
+            "When the sidecar's mesh certificate expires (Unix seconds; 0 before the first)",
+            m.certificate_expiry.clone(),
+        );
+        r.register(
+            "certificate_rotations",
+            "Certificates renewed after the first (at two thirds of their lifetime)",
+            m.certificate_rotations.clone(),
+        );
+        r.register(
+            "certificate_failures",
+            "Failed attempts to get a certificate from the mesh CA",
+            m.certificate_failures.clone(),
         );
         r.register("app_healthy", "1 while the local app passes its health probe", m.app_healthy.clone());
         r.register(

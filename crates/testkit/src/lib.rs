@@ -323,6 +323,7 @@ impl TestSidecar {
             spool_max_bytes: 256 * 1024 * 1024,
             spool_max_age: Duration::from_secs(86_400),
             subscriptions: Vec::new(),
+            identity_token: None,
         }
     }
 

@@ -1,0 +1,109 @@
+//! The sidecar's mesh identity: a key pair made here (the private key never leaves this
+//! process), a certificate for `spiffe://<trust-domain>/service/<service>` from the control
+//! plane's CA (`Identity.Certify`, proven with the service's bootstrap token), renewed at two
+//! thirds of its lifetime. Rotation swaps the identity atomically: connections already open keep
+//! the certificate they were made with; new ones get the new one.
+
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use arc_swap::ArcSwapOption;
+use mesh_proto::v1;
+use tokio_util::sync::CancellationToken;
+
+use crate::{Shared, control::Backoff};
+
+/// A certified identity.
+#[derive(Debug)]
+pub struct Identity {
+    pub spiffe_id: String,
+    pub certificate_pem: String,
+    /// PKCS#8 PEM; in memory only.
+    pub private_key_pem: String,
+    pub trust_anchors_pem: String,
+    pub expires: SystemTime,
+    pub issued: SystemTime,
+}
+
+/// The current identity (none until the first certificate arrives).
+#[derive(Default)]
+pub struct IdentityCell(pub ArcSwapOption<Identity>);
+
+impl IdentityCell {
+    pub fn current(&self) -> Option<Arc<Identity>> {
+        self.0.load_full()
+    }
+}
+
+/// One CSR → certificate exchange with the control plane at `url`.
+pub async fn obtain(url: &str, service: &str, token: &str) -> Result<Identity, String> {
+    let key = rcgen::KeyPair::generate().map_err(|e| format!("cannot generate a key pair: {e}"))?;
+    let params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(|e| e.to_string())?;
+    let csr = params
+        .serialize_request(&key)
+        .and_then(|c| c.pem())
+        .map_err(|e| format!("cannot build a CSR: {e}"))?;
+    let ch = tonic::transport::Endpoint::from_shared(url.to_string())
+        .map_err(|e| format!("control-plane URL {url:?}: {e}"))?
+        .connect_timeout(Duration::from_secs(3))
+        .connect()
+        .await
+        .map_err(|e| format!("cannot reach the control plane at {url}: {e}"))?;
+    let issued = SystemTime::now();
+    let r = v1::identity_client::IdentityClient::new(ch)
+        .certify(v1::CertifyRequest { service: service.into(), csr_pem: csr, token: token.into() })
+        .await
+        .map_err(|s| format!("the CA refused: {}", s.message()))?
+        .into_inner();
+    Ok(Identity {
+        spiffe_id: r.spiffe_id,
+        certificate_pem: r.certificate_chain_pem,
+        private_key_pem: key.serialize_pem(),
+        trust_anchors_pem: r.trust_anchors_pem,
+        expires: SystemTime::UNIX_EPOCH + Duration::from_millis(r.expires_at_unix_ms),
+        issued,
+    })
+}
+
+/// When to renew: two thirds into the certificate's lifetime.
+pub fn renew_at(id: &Identity) -> SystemTime {
+    let life = id.expires.duration_since(id.issued).unwrap_or_default();
+    id.issued + life * 2 / 3
+}
+
+/// Keeps `shared.identity` certified until `stop`: obtains a certificate, renews it at two
+/// thirds of its lifetime, retries failures with backoff (the old certificate serves meanwhile).
+pub async fn run(shared: Arc<Shared>, token: String, stop: CancellationToken) {
+    let Some(service) = shared.config.service.clone() else { return };
+    let urls = shared.config.control_plane.clone();
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+    for attempt in 0usize.. {
+        let url = &urls[attempt % urls.len()];
+        let wait = match obtain(url, &service, &token).await {
+            Ok(id) => {
+                backoff.reset();
+                let next = renew_at(&id);
+                let m = &shared.metrics;
+                m.certificate_expiry.set(mesh_proto::unix_ms(id.expires) as i64 / 1000);
+                if shared.identity.current().is_some() {
+                    m.certificate_rotations.inc();
+                }
+                tracing::info!(id = %id.spiffe_id, expires = %humantime::format_rfc3339_seconds(id.expires), "certificate issued");
+                shared.identity.0.store(Some(Arc::new(id)));
+                next.duration_since(SystemTime::now()).unwrap_or_default()
+            }
+            Err(e) => {
+                shared.metrics.certificate_failures.inc();
+                let wait = backoff.next_delay();
+                tracing::warn!(error = %e, retry_in = ?wait, "getting a certificate failed");
+                wait
+            }
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
