@@ -28,6 +28,7 @@ pub mod server;
 pub mod snapshot;
 pub mod spool;
 pub mod subscribe;
+pub mod tls;
 pub mod trace;
 pub mod upstream;
 
