@@ -73,6 +73,9 @@ async fn ready(State(s): State<Arc<Shared>>) -> impl IntoResponse {
     if !config_ok {
         reasons.push("no configuration yet: the control plane has not answered and there is no snapshot");
     }
+    if s.mtls() && s.identity.current().is_none() {
+        reasons.push("no mesh certificate yet: the CA has not certified this sidecar");
+    }
     if s.stopping.is_cancelled() {
         reasons.push("shutting down");
     }
@@ -120,11 +123,12 @@ async fn config(State(s): State<Arc<Shared>>) -> impl IntoResponse {
             "last_error": *s.cp.last_error.lock().unwrap_or_else(|p| p.into_inner()),
         },
         "app_healthy": *s.app_healthy.borrow(),
-        "identity": s.identity.current().map(|id| json!({
-            "spiffe_id": id.spiffe_id,
-            "expires": humantime::format_rfc3339_seconds(id.expires).to_string(),
-            "renews": humantime::format_rfc3339_seconds(crate::identity::renew_at(&id)).to_string(),
+        "identity": s.identity.current().map(|c| json!({
+            "spiffe_id": c.id.spiffe_id,
+            "expires": humantime::format_rfc3339_seconds(c.id.expires).to_string(),
+            "renews": humantime::format_rfc3339_seconds(crate::identity::renew_at(&c.id)).to_string(),
         })),
+        "mtls": c.identity_token.is_some(),
         "rate_limited": c.service.as_ref().map_or(0, |svc| s.metrics.rate_limited.get_or_create(&vec![("service", svc.clone())]).get()),
         "own_policy": { "version": own_version, "policy": *own_policy },
         "upstreams": upstreams,

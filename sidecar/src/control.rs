@@ -289,6 +289,13 @@ async fn registration(
         _ = stop.cancelled() => return Ok(()),
         r = healthy.wait_for(|h| *h) => if r.is_err() { return Ok(()) },
     }
+    if shared.mtls() {
+        // Callers would be refused until this sidecar can complete a handshake.
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = shared.identity.wait() => {}
+        }
+    }
     let mut reg = RegistryClient::new(ch);
     let r = reg
         .register(v1::RegisterRequest { instance: Some(instance(shared, &service)) })

@@ -27,13 +27,71 @@ pub struct Identity {
     pub issued: SystemTime,
 }
 
+impl Identity {
+    /// The trust domain of this identity (`spiffe://<domain>/service/<name>`).
+    pub fn trust_domain(&self) -> &str {
+        self.spiffe_id.trim_start_matches("spiffe://").split('/').next().unwrap_or_default()
+    }
+}
+
+type ClientConfigs = std::collections::HashMap<(String, &'static [u8]), Arc<rustls::ClientConfig>>;
+
+/// An identity with the TLS configurations built from it (once per certificate).
+pub struct Certified {
+    pub id: Identity,
+    pub server: Arc<rustls::ServerConfig>,
+    /// Client configurations per (expected peer, ALPN protocol).
+    clients: std::sync::Mutex<ClientConfigs>,
+}
+
+impl Certified {
+    pub fn new(id: Identity) -> Result<Certified, crate::tls::TlsError> {
+        let server = Arc::new(crate::tls::server_config(&id)?);
+        Ok(Certified { id, server, clients: Default::default() })
+    }
+
+    /// The client configuration for calling `service`, offering `alpn` only.
+    pub fn client_for(
+        &self,
+        service: &str,
+        alpn: &'static [u8],
+    ) -> Result<Arc<rustls::ClientConfig>, crate::tls::TlsError> {
+        let expected = format!("spiffe://{}/service/{service}", self.id.trust_domain());
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = clients.get(&(expected.clone(), alpn)) {
+            return Ok(c.clone());
+        }
+        let mut config = crate::tls::client_config(&self.id, &expected)?;
+        config.alpn_protocols = vec![alpn.to_vec()];
+        let config = Arc::new(config);
+        clients.insert((expected, alpn), config.clone());
+        Ok(config)
+    }
+}
+
 /// The current identity (none until the first certificate arrives).
-#[derive(Default)]
-pub struct IdentityCell(pub ArcSwapOption<Identity>);
+pub struct IdentityCell(pub ArcSwapOption<Certified>, tokio::sync::watch::Sender<bool>);
+
+impl Default for IdentityCell {
+    fn default() -> Self {
+        IdentityCell(ArcSwapOption::empty(), tokio::sync::watch::channel(false).0)
+    }
+}
 
 impl IdentityCell {
-    pub fn current(&self) -> Option<Arc<Identity>> {
+    pub fn current(&self) -> Option<Arc<Certified>> {
         self.0.load_full()
+    }
+
+    /// Replaces the identity (new connections use it; open ones keep theirs).
+    pub fn store(&self, c: Certified) {
+        self.0.store(Some(Arc::new(c)));
+        self.1.send_replace(true);
+    }
+
+    /// Waits until the first certificate is here.
+    pub async fn wait(&self) {
+        let _ = self.1.subscribe().wait_for(|has| *has).await;
     }
 }
 
@@ -76,22 +134,26 @@ pub fn renew_at(id: &Identity) -> SystemTime {
 /// Keeps `shared.identity` certified until `stop`: obtains a certificate, renews it at two
 /// thirds of its lifetime, retries failures with backoff (the old certificate serves meanwhile).
 pub async fn run(shared: Arc<Shared>, token: String, stop: CancellationToken) {
-    let Some(service) = shared.config.service.clone() else { return };
+    let service = shared.identity_service();
     let urls = shared.config.control_plane.clone();
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
     for attempt in 0usize.. {
         let url = &urls[attempt % urls.len()];
-        let wait = match obtain(url, &service, &token).await {
-            Ok(id) => {
+        let certified = obtain(url, &service, &token).await.and_then(|id| {
+            Certified::new(id).map_err(|e| format!("the issued certificate is unusable: {e}"))
+        });
+        let wait = match certified {
+            Ok(c) => {
+                let id = &c.id;
                 backoff.reset();
-                let next = renew_at(&id);
+                let next = renew_at(id);
                 let m = &shared.metrics;
                 m.certificate_expiry.set(mesh_proto::unix_ms(id.expires) as i64 / 1000);
                 if shared.identity.current().is_some() {
                     m.certificate_rotations.inc();
                 }
                 tracing::info!(id = %id.spiffe_id, expires = %humantime::format_rfc3339_seconds(id.expires), "certificate issued");
-                shared.identity.0.store(Some(Arc::new(id)));
+                shared.identity.store(c);
                 next.duration_since(SystemTime::now()).unwrap_or_default()
             }
             Err(e) => {

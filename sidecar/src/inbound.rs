@@ -45,6 +45,16 @@ pub struct Inbound {
     pub metrics: Arc<Metrics>,
     /// Requests in flight to the app (reported as load in heartbeats).
     pub inflight: Arc<AtomicUsize>,
+    /// Callers arrive over mutual TLS with verified identities; authorization applies.
+    pub mtls: bool,
+}
+
+/// Whether `caller` (a verified SPIFFE id) may call a service with `authz`: listed by its
+/// service name or its whole id, or anyone authenticated when the list is empty.
+pub fn authorized(authz: &mesh_proto::policy::AuthzPolicy, caller: &str) -> bool {
+    let service = caller.rsplit_once("/service/").map(|(_, s)| s);
+    authz.allowed_callers.is_empty()
+        || authz.allowed_callers.iter().any(|a| a == caller || Some(a.as_str()) == service)
 }
 
 /// Holds one unit of the app's load until dropped.
@@ -86,9 +96,10 @@ impl Inbound {
             app,
             counters: Default::default(),
             latency,
-            clients: Clients::new(&ServicePolicy::default()),
+            clients: Clients::new(&ServicePolicy::default(), None),
             metrics,
             inflight,
+            mtls: false,
         }
     }
 
@@ -101,10 +112,34 @@ impl Inbound {
         let grpc = proxy::is_grpc(req.headers());
         let resp = async move {
             let started = Instant::now();
-            strip_mesh_headers(req.headers_mut(), None);
-            // Until mesh identity (mTLS) exists, a caller is known by its address.
-            let caller = peer.ip().to_string();
-            let limits = self.policy.borrow().1.rate_limit.clone();
+            let verified = req.extensions().get::<crate::server::PeerIdentity>().map(|p| p.0.clone());
+            strip_mesh_headers(req.headers_mut(), verified.as_deref());
+            let policy = self.policy.borrow().1.clone();
+            if self.mtls {
+                let refusal = match &verified {
+                    None => Some("the caller has no mesh identity".to_string()),
+                    Some(id) if !authorized(&policy.authz, id) => Some(format!(
+                        "{id} may not call {}: the allowed callers are {:?}",
+                        self.service, policy.authz.allowed_callers
+                    )),
+                    Some(_) => None,
+                };
+                if let Some(reason) = refusal {
+                    self.metrics.authz_denied.get_or_create(&vec![("service", self.service.clone())]).inc();
+                    self.counters
+                        .get(403, || self.metrics.request_counter("inbound", &self.service, "app", 403))
+                        .inc();
+                    return error_response(
+                        StatusCode::FORBIDDEN,
+                        "forbidden",
+                        reason,
+                        json!({ "service": self.service, "caller": verified }),
+                    );
+                }
+            }
+            // A caller is known by its verified identity, or (without mTLS) by its address.
+            let caller = verified.unwrap_or_else(|| peer.ip().to_string());
+            let limits = policy.rate_limit.clone();
             if let Err(wait) = self.rate_limits.check(&caller, &limits, Instant::now()) {
                 self.metrics.rate_limited.get_or_create(&vec![("service", self.service.clone())]).inc();
                 let mut resp = error_response(

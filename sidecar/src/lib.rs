@@ -135,15 +135,17 @@ pub struct Shared {
     pub stopping: CancellationToken,
     /// The app's event spool and forwarder wake-up (or why the spool could not open).
     pub outbox: Result<events::Outbox, String>,
-    /// This sidecar's certified mesh identity, once it has one.
-    pub identity: identity::IdentityCell,
+    /// This sidecar's certified mesh identity, once it has one (shared with the upstreams'
+    /// TLS connectors).
+    pub identity: Arc<identity::IdentityCell>,
 }
 
 impl Shared {
     /// The shared state for `config`, and the channel announcing upstreams met for the first
     /// time (for the control loop).
     pub fn new(config: Config) -> (Arc<Shared>, tokio::sync::mpsc::UnboundedReceiver<String>) {
-        let (upstreams, added) = Upstreams::new();
+        let identity = Arc::new(identity::IdentityCell::default());
+        let (upstreams, added) = Upstreams::new(config.identity_token.is_some().then(|| identity.clone()));
         let shared = Arc::new(Shared {
             upstreams: Arc::new(upstreams),
             own_policy: watch::channel((0, Arc::new(ServicePolicy::default()))).0,
@@ -161,10 +163,20 @@ impl Shared {
             )
             .map(events::Outbox::new)
             .map_err(|e| e.to_string()),
-            identity: Default::default(),
+            identity,
             config,
         });
         (shared, added)
+    }
+
+    /// The service name this sidecar's certificate is for (`gateway` for the gateway).
+    pub fn identity_service(&self) -> String {
+        self.config.service.clone().unwrap_or_else(|| "gateway".into())
+    }
+
+    /// Whether traffic between sidecars is mutual TLS (this sidecar has an identity token).
+    pub fn mtls(&self) -> bool {
+        self.config.identity_token.is_some()
     }
 
     fn take_snapshot(&self) -> Snapshot {
@@ -277,7 +289,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         events::forward(shared.clone(), background.clone())
             .instrument(tracing::info_span!("event_forwarder")),
     );
-    if let (Mode::Sidecar, Some(token)) = (shared.config.mode, shared.config.identity_token.clone()) {
+    if let Some(token) = shared.config.identity_token.clone() {
         tasks.spawn(
             identity::run(shared.clone(), token, background.clone())
                 .instrument(tracing::info_span!("identity")),
@@ -304,20 +316,23 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     let handler: Handler = Arc::new(move |req, peer| Box::pin(outbound.clone().handle(req, peer)));
     let name = if shared.config.mode == Mode::Gateway { "gateway" } else { "outbound" };
     let mut servers =
-        vec![tokio::spawn(server::serve(listeners.outbound, handler, serving.clone(), drain, name))];
+        vec![tokio::spawn(server::serve(listeners.outbound, handler, serving.clone(), drain, name, None))];
     if let (Some(listener), Some(app), Some(service)) =
         (listeners.inbound, shared.config.app_addr, &shared.config.service)
     {
-        let inbound = Arc::new(Inbound::new(
+        let mut inbound = Inbound::new(
             service.clone(),
             app,
             shared.own_policy.subscribe(),
             metrics.clone(),
             shared.load.clone(),
             shared.config.idempotency_window,
-        ));
+        );
+        inbound.mtls = shared.mtls();
+        let inbound = Arc::new(inbound);
         let handler: Handler = Arc::new(move |req, peer| Box::pin(inbound.clone().handle(req, peer)));
-        servers.push(tokio::spawn(server::serve(listener, handler, serving.clone(), drain, "inbound")));
+        let tls = shared.mtls().then(|| shared.identity.clone());
+        servers.push(tokio::spawn(server::serve(listener, handler, serving.clone(), drain, "inbound", tls)));
     }
     let admin = tokio::spawn(
         axum::serve(listeners.admin, admin::router(shared.clone()))

@@ -66,6 +66,7 @@ pub struct Metrics {
     pub cache_invalidations: Family<Labels, Counter>,
     pub cache_invalidation_followers: Gauge,
     pub certificate_expiry: Gauge,
+    pub authz_denied: Family<Labels, Counter>,
     pub certificate_rotations: Counter,
     pub certificate_failures: Counter,
     pub cache_entries: Family<Labels, Gauge>,
@@ -112,6 +113,7 @@ impl Metrics {
             cache_invalidations: Family::default(),
             cache_invalidation_followers: Gauge::default(),
             certificate_expiry: Gauge::default(),
+            authz_denied: Family::default(),
             certificate_rotations: Counter::default(),
             certificate_failures: Counter::default(),
             cache_entries: Family::default(),
@@ -223,6 +225,11 @@ impl Metrics {
             "certificate_expiry_timestamp_seconds",
             "When the sidecar's mesh certificate expires (Unix seconds; 0 before the first)",
             m.certificate_expiry.clone(),
+        );
+        r.register(
+            "authz_denied",
+            "Inbound requests refused with 403 by the service's authorization policy",
+            m.authz_denied.clone(),
         );
         r.register(
             "certificate_rotations",

@@ -284,18 +284,21 @@ pub struct Upstream {
     pub budget: crate::resilience::Budget,
     /// Cached answers of this service.
     pub cache: crate::cache::Cache,
+    /// Mutual TLS to this service's sidecars (when this sidecar has a mesh identity).
+    tls: Option<crate::proxy::MeshTls>,
 }
 
 impl Upstream {
-    fn new(name: &str) -> Self {
+    fn new(name: &str, identity: Option<Arc<crate::identity::IdentityCell>>) -> Self {
         let policy = ServicePolicy::default();
+        let tls = identity.map(|identity| crate::proxy::MeshTls { identity, service: name.to_string() });
         Self {
             name: name.to_string(),
             latency: OnceLock::new(),
             endpoints: ArcSwap::from_pointee(EndpointSet::default()),
             policy: ArcSwap::from_pointee(AppliedPolicy {
                 version: 0,
-                clients: Clients::new(&policy),
+                clients: Clients::new(&policy, tls.clone()),
                 limiter: Arc::new(crate::resilience::Limiter::new(&policy.circuit_breaker)),
                 policy: Arc::new(policy),
             }),
@@ -304,6 +307,7 @@ impl Upstream {
             known: watch::channel(false).0,
             budget: Default::default(),
             cache: Default::default(),
+            tls,
         }
     }
 
@@ -342,8 +346,14 @@ impl Upstream {
 
     pub fn set_policy(&self, version: u64, policy: ServicePolicy) {
         let old = self.policy.load();
-        let clients =
-            if old.policy.timeout == policy.timeout { old.clients.clone() } else { Clients::new(&policy) };
+        let same_transport = old.policy.timeout == policy.timeout
+            && old.policy.external.is_some() == policy.external.is_some();
+        let clients = if same_transport {
+            old.clients.clone()
+        } else {
+            // External services are called in plaintext (or however their URL says), never mTLS.
+            Clients::new(&policy, self.tls.clone().filter(|_| policy.external.is_none()))
+        };
         let (o, n) = (&old.policy.circuit_breaker, &policy.circuit_breaker);
         let limiter = if (o.max_concurrent_requests, o.max_pending_requests)
             == (n.max_concurrent_requests, n.max_pending_requests)
@@ -370,12 +380,17 @@ pub struct Upstreams {
     /// names a topic not in here is bypassed (an entry stored before the follower starts could
     /// miss its invalidation and stay stale for its whole TTL).
     live_topics: std::sync::RwLock<std::collections::HashSet<String>>,
+    /// Set when calls to other sidecars are mutual TLS with this identity.
+    identity: Option<Arc<crate::identity::IdentityCell>>,
 }
 
 impl Upstreams {
-    pub fn new() -> (Self, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    /// The upstreams of a sidecar; `identity` makes calls to other sidecars mutual TLS.
+    pub fn new(
+        identity: Option<Arc<crate::identity::IdentityCell>>,
+    ) -> (Self, tokio::sync::mpsc::UnboundedReceiver<String>) {
         let (added, rx) = tokio::sync::mpsc::unbounded_channel();
-        (Self { map: DashMap::new(), added, live_topics: Default::default() }, rx)
+        (Self { map: DashMap::new(), added, live_topics: Default::default(), identity }, rx)
     }
 
     /// Whether every topic `cache` is invalidated by is followed (true when it names none).
@@ -411,7 +426,7 @@ impl Upstreams {
             .entry(name.to_string())
             .or_insert_with(|| {
                 created = true;
-                Arc::new(Upstream::new(name))
+                Arc::new(Upstream::new(name, self.identity.clone()))
             })
             .clone();
         if created {
