@@ -95,8 +95,10 @@ struct Args {
     /// Publishing gets 429 while the oldest unforwarded event is older than this (default 24h).
     #[arg(long, env = "MESH_SPOOL_MAX_AGE", value_parser = parse_duration)]
     spool_max_age: Option<Duration>,
-    /// The service's bootstrap token (`meshctl identity token create SERVICE`): the sidecar gets
-    /// its certificate from the mesh CA with it and renews it at two thirds of its lifetime.
+    /// The service's bootstrap token (`meshctl identity token create SERVICE`; `gateway` for the
+    /// gateway): the sidecar gets its certificate from the mesh CA with it, renews it at two
+    /// thirds of its lifetime, and speaks mutual TLS to other sidecars (its inbound listener
+    /// then accepts mTLS only).
     #[arg(long, env = "MESH_IDENTITY_TOKEN", conflicts_with = "identity_token_file")]
     identity_token: Option<String>,
     /// The same, read from a file (kept out of the process list).
@@ -243,9 +245,6 @@ fn resolve(a: Args) -> anyhow::Result<Resolved> {
         ),
         (None, None) => None,
     };
-    if mode == Mode::Gateway && identity_token.is_some() {
-        bail!("the gateway has no service identity yet: --identity-token needs sidecar mode");
-    }
     let data_dir =
         a.data_dir.or(f.data_dir).unwrap_or_else(|| PathBuf::from(format!(".mesh/sidecar-{instance_id}")));
     let config = Config {

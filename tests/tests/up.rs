@@ -46,6 +46,7 @@ async fn meshctl_up_runs_a_whole_mesh_reachable_through_the_gateway_and_stops_on
         .spawn()
         .unwrap();
     let (mut cp, mut gateway, mut gateway_admin) = (None, None, None);
+    let mut inbounds = Vec::new();
     let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
     let mut up = Up(Some(up));
     for line in lines.by_ref() {
@@ -62,6 +63,9 @@ async fn meshctl_up_runs_a_whole_mesh_reachable_through_the_gateway_and_stops_on
                     Some(first.trim_start_matches("http://").trim_end_matches("/config").to_string())
             }
             Some(&"try:") => break,
+            Some(first) if first.starts_with("sidecar-") && cols.get(2) == Some(&"inbound") => {
+                inbounds.push(cols[1].to_string())
+            }
             _ => {}
         }
     }
@@ -160,6 +164,16 @@ async fn meshctl_up_runs_a_whole_mesh_reachable_through_the_gateway_and_stops_on
         call("GET", format!("/api/markets/{id}"), false, Value::Null).await.1["trades"].as_u64() == Some(7)
     })
     .await;
+    // Mutual TLS: the gateway and both sidecars hold mesh certificates; plaintext to a
+    // sidecar's inbound port gets no HTTP answer.
+    let (_, gw_config) = mesh_testkit::get(gateway_admin_addr, "admin", "/config").await;
+    assert!(gw_config.contains("spiffe://mesh.local/service/gateway"), "{gw_config}");
+    assert_eq!(inbounds.len(), 2, "both sidecars' inbound listeners printed");
+    for inbound in &inbounds {
+        let (status, body) =
+            request(inbound.parse().unwrap(), "GET", "market-service", "/markets", &[], Bytes::new()).await;
+        assert_eq!(status, 0, "plaintext to {inbound} must not be served: {body}");
+    }
     let view = meshctl(&["sidecar", gateway_admin.as_deref().expect("gateway admin address printed")]);
     assert!(
         view.contains("connected")

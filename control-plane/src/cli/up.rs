@@ -137,6 +137,17 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
     mesh.row("", format!("http://{cp_admin}/metrics"), "Prometheus metrics, /healthz");
 
     set_market_policy(&cp_url).await?;
+    // Mesh identity: a bootstrap token per service; every sidecar and the gateway get their
+    // certificates from the control plane's CA and speak mutual TLS to each other.
+    let token_file = |service: &str| args.dir.join("tokens").join(service).display().to_string();
+    for service in ["market-service", "gateway"] {
+        write_token(&cp_url, service, Path::new(&token_file(service))).await?;
+    }
+    mesh.row(
+        "",
+        format!("{}", args.dir.join("tokens").display()),
+        "bootstrap tokens: sidecars get mTLS certificates",
+    );
     mesh.row(
         "",
         "policy market-service".into(),
@@ -190,6 +201,8 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
                     &dir(&format!("sidecar-{id}")),
                     "--drain-delay",
                     "500ms",
+                    "--identity-token-file",
+                    &token_file("market-service"),
                 ]),
             )
             .await?;
@@ -225,6 +238,8 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
                 "/api/accounts=market-service,/accounts",
                 "--route",
                 "/api/analytics=market-service,/analytics",
+                "--identity-token-file",
+                &token_file("gateway"),
             ]),
         )
         .await?;
@@ -295,6 +310,30 @@ async fn set_market_policy(cp_url: &str) -> Result<(), CliError> {
         .await
         .map_err(|s| CliError::Refused(format!("setting the market-service policy: {}", s.message())))?;
     Ok(())
+}
+
+/// Creates a bootstrap token for `service` and writes it to `path` (owner-only).
+async fn write_token(cp_url: &str, service: &str, path: &Path) -> Result<(), CliError> {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    let mut ca = mesh_proto::v1::identity_client::IdentityClient::new(super::connect(cp_url).await?);
+    let token = ca
+        .create_token(mesh_proto::v1::CreateTokenRequest { service: service.into() })
+        .await
+        .map_err(|s| CliError::Refused(format!("creating a token for {service}: {}", s.message())))?
+        .into_inner()
+        .token;
+    let fail = |e: std::io::Error| CliError::Input(format!("cannot write {}: {e}", path.display()));
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(fail)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(fail)?;
+    f.write_all(token.as_bytes()).map_err(fail)
 }
 
 /// Starts binary `bin` from `bin_dir` as `name`, with its stderr in `logs/<name>.log`, and
