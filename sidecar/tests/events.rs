@@ -73,6 +73,18 @@ async fn events_survive_a_dead_bus_in_order_per_key_without_duplicates() {
         let (status, body) = publish(sc.admin, json!(batch)).await;
         assert_eq!(status, 202, "{body}");
     }
+    // Negative control: an app publishing straight to the bus (no spool) has nowhere to put
+    // the same events while it is down.
+    let direct = async {
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
+            .unwrap()
+            .connect()
+            .await
+            .ok()?;
+        let e = v1::Event { id: "direct-1".into(), topic: "markets".into(), ..Default::default() };
+        v1::events_client::EventsClient::new(ch).publish(v1::PublishRequest { events: vec![e] }).await.ok()
+    };
+    assert!(direct.await.is_none(), "without the spool the event is refused while the bus is down");
     // A retried publish of ids already sent is accepted and later dropped by the bus as a duplicate.
     publish(sc.admin, json!({"topic": "markets", "id": "e-7", "subject": "k1"})).await;
     let (_, metrics) = mesh_testkit::get(sc.admin, "admin", "/metrics").await;
