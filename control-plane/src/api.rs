@@ -488,27 +488,33 @@ impl v1::admin_server::Admin for Api {
             .snapshot()
             .into_iter()
             .filter(|p| filter.is_empty() || p.service == filter)
-            .map(|p| v1::ProxyStatus {
-                last_heartbeat_age_ms: s
-                    .registry
-                    .heartbeat_age(&p.service, &p.node_id, now)
-                    .map(|d| d.as_millis() as u64),
-                connected_ms: now.saturating_duration_since(p.connected_at).as_millis() as u64,
-                policies: p
-                    .policies
-                    .iter()
-                    .map(|(svc, st)| v1::PolicySyncStatus {
-                        service: svc.clone(),
-                        current_version: s.policies.current(svc).version,
-                        acked_version: st.acked_version,
-                        nacked_version: st.nacked_version,
-                        nack_reason: st.nack_reason.clone(),
-                        last_ack_latency_ms: st.last_ack_latency_ms,
-                    })
-                    .collect(),
-                node_id: p.node_id,
-                service: p.service,
-                peer: p.peer,
+            .map(|p| {
+                let cert = s.proxies.cert(&p.node_id).unwrap_or_default();
+                v1::ProxyStatus {
+                    spiffe_id: cert.spiffe_id,
+                    certificate_expires_unix_ms: cert.expires_unix_ms,
+                    certificates_issued: cert.issued,
+                    last_heartbeat_age_ms: s
+                        .registry
+                        .heartbeat_age(&p.service, &p.node_id, now)
+                        .map(|d| d.as_millis() as u64),
+                    connected_ms: now.saturating_duration_since(p.connected_at).as_millis() as u64,
+                    policies: p
+                        .policies
+                        .iter()
+                        .map(|(svc, st)| v1::PolicySyncStatus {
+                            service: svc.clone(),
+                            current_version: s.policies.current(svc).version,
+                            acked_version: st.acked_version,
+                            nacked_version: st.nacked_version,
+                            nack_reason: st.nack_reason.clone(),
+                            last_ack_latency_ms: st.last_ack_latency_ms,
+                        })
+                        .collect(),
+                    node_id: p.node_id,
+                    service: p.service,
+                    peer: p.peer,
+                }
             })
             .collect();
         Ok(Response::new(v1::ProxyStatusResponse { proxies }))
@@ -796,7 +802,10 @@ impl v1::identity_server::Identity for Api {
                 _ => Status::internal(e.to_string()),
             })?;
         let id = crate::ca::spiffe_id(&self.0.ca.trust_domain, &r.service);
-        tracing::info!(service = %r.service, %id, "certificate issued");
+        tracing::info!(service = %r.service, node = %r.node_id, %id, "certificate issued");
+        if !r.node_id.is_empty() {
+            self.0.proxies.certified(&r.node_id, &id, mesh_proto::unix_ms(expires));
+        }
         Ok(Response::new(v1::CertifyResponse {
             certificate_chain_pem: pem,
             trust_anchors_pem: self.0.ca.root_pem.clone(),

@@ -322,6 +322,16 @@ pub async fn run(args: Args) -> Result<(), CliError> {
                     .last_heartbeat_age_ms
                     .map(|ms| format!("{:.1}s ago", ms as f64 / 1000.0))
                     .unwrap_or("-".into());
+                let now = mesh_proto::unix_ms(std::time::SystemTime::now());
+                let cert = match p.certificate_expires_unix_ms {
+                    0 => "-".to_string(),
+                    exp if exp <= now => format!("EXPIRED ({} issued)", p.certificates_issued),
+                    exp => format!(
+                        "expires in {} ({} issued)",
+                        humantime::format_duration(std::time::Duration::from_secs((exp - now) / 1000)),
+                        p.certificates_issued
+                    ),
+                };
                 for s in &p.policies {
                     let state = if s.nacked_version == s.current_version
                         && s.current_version > 0
@@ -342,11 +352,14 @@ pub async fn run(args: Args) -> Result<(), CliError> {
                         state,
                         format!("{:.1}ms", s.last_ack_latency_ms),
                         hb.clone(),
+                        cert.clone(),
                     ]);
                 }
                 js.push(json!({
                     "node_id": p.node_id, "service": p.service, "peer": p.peer, "connected_ms": p.connected_ms,
                     "last_heartbeat_age_ms": p.last_heartbeat_age_ms,
+                    "spiffe_id": p.spiffe_id, "certificate_expires_unix_ms": p.certificate_expires_unix_ms,
+                    "certificates_issued": p.certificates_issued,
                     "policies": p.policies.iter().map(|s| json!({
                         "service": s.service, "current_version": s.current_version, "acked_version": s.acked_version,
                         "nacked_version": s.nacked_version, "nack_reason": s.nack_reason, "last_ack_latency_ms": s.last_ack_latency_ms,
@@ -355,7 +368,17 @@ pub async fn run(args: Args) -> Result<(), CliError> {
             }
             emit(
                 out,
-                &["NODE", "SERVICE", "POLICY OF", "CURRENT", "ACKED", "STATE", "ACK LATENCY", "HEARTBEAT"],
+                &[
+                    "NODE",
+                    "SERVICE",
+                    "POLICY OF",
+                    "CURRENT",
+                    "ACKED",
+                    "STATE",
+                    "ACK LATENCY",
+                    "HEARTBEAT",
+                    "CERTIFICATE",
+                ],
                 rows,
                 Value::Array(js),
             );

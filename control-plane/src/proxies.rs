@@ -32,10 +32,19 @@ pub struct ProxyState {
     pub policies: BTreeMap<String, SyncState>,
 }
 
+/// The last certificate the CA issued to a node.
+#[derive(Debug, Clone, Default)]
+pub struct IssuedCert {
+    pub spiffe_id: String,
+    pub expires_unix_ms: u64,
+    pub issued: u32,
+}
+
 #[derive(Default)]
 pub struct Proxies {
     conns: Arc<DashMap<u64, Arc<Mutex<ProxyState>>>>,
     next_id: AtomicU64,
+    certs: DashMap<String, IssuedCert>,
 }
 
 /// One connected proxy; removed from [`Proxies`] when dropped (the stream ended).
@@ -65,6 +74,19 @@ impl Proxies {
             self.conns.iter().map(|e| e.value().lock().unwrap_or_else(|p| p.into_inner()).clone()).collect();
         v.sort_by(|a, b| (&a.service, &a.node_id).cmp(&(&b.service, &b.node_id)));
         v
+    }
+
+    /// Records a certificate issued to `node_id`.
+    pub fn certified(&self, node_id: &str, spiffe_id: &str, expires_unix_ms: u64) {
+        let mut e = self.certs.entry(node_id.to_string()).or_default();
+        e.spiffe_id = spiffe_id.to_string();
+        e.expires_unix_ms = expires_unix_ms;
+        e.issued += 1;
+    }
+
+    /// The last certificate issued to `node_id`, if any.
+    pub fn cert(&self, node_id: &str) -> Option<IssuedCert> {
+        self.certs.get(node_id).map(|c| c.clone())
     }
 
     pub fn len(&self) -> usize {

@@ -13,7 +13,7 @@ fn csr() -> String {
 }
 
 fn certify(service: &str, token: &str, csr_pem: String) -> v1::CertifyRequest {
-    v1::CertifyRequest { service: service.into(), csr_pem, token: token.into() }
+    v1::CertifyRequest { service: service.into(), csr_pem, token: token.into(), node_id: String::new() }
 }
 
 #[tokio::test]

@@ -96,7 +96,7 @@ impl IdentityCell {
 }
 
 /// One CSR → certificate exchange with the control plane at `url`.
-pub async fn obtain(url: &str, service: &str, token: &str) -> Result<Identity, String> {
+pub async fn obtain(url: &str, service: &str, node_id: &str, token: &str) -> Result<Identity, String> {
     let key = rcgen::KeyPair::generate().map_err(|e| format!("cannot generate a key pair: {e}"))?;
     let params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(|e| e.to_string())?;
     let csr = params
@@ -111,7 +111,12 @@ pub async fn obtain(url: &str, service: &str, token: &str) -> Result<Identity, S
         .map_err(|e| format!("cannot reach the control plane at {url}: {e}"))?;
     let issued = SystemTime::now();
     let r = v1::identity_client::IdentityClient::new(ch)
-        .certify(v1::CertifyRequest { service: service.into(), csr_pem: csr, token: token.into() })
+        .certify(v1::CertifyRequest {
+            service: service.into(),
+            csr_pem: csr,
+            token: token.into(),
+            node_id: node_id.into(),
+        })
         .await
         .map_err(|s| format!("the CA refused: {}", s.message()))?
         .into_inner();
@@ -139,7 +144,7 @@ pub async fn run(shared: Arc<Shared>, token: String, stop: CancellationToken) {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
     for attempt in 0usize.. {
         let url = &urls[attempt % urls.len()];
-        let certified = obtain(url, &service, &token).await.and_then(|id| {
+        let certified = obtain(url, &service, &shared.config.instance_id, &token).await.and_then(|id| {
             Certified::new(id).map_err(|e| format!("the issued certificate is unusable: {e}"))
         });
         let wait = match certified {

@@ -47,6 +47,16 @@ async fn the_sidecar_is_certified_for_its_service_and_renews_before_expiry() {
         "the current certificate expires soon after now: {expiry} vs {now}"
     );
     assert_eq!(metric(&m, "mesh_sidecar_certificate_failures_total"), 0.0);
+    // The control plane's proxy-status shows the node's identity, expiry and rotations.
+    let status = v1::admin_client::AdminClient::new(cp.channel().await)
+        .proxy_status(v1::ProxyStatusRequest { service: "market".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let p = status.proxies.iter().find(|p| p.node_id == "m1").expect("m1 in proxy-status");
+    assert_eq!(p.spiffe_id, "spiffe://mesh.local/service/market");
+    assert!(p.certificates_issued >= 3, "{p:?}");
+    assert!(p.certificate_expires_unix_ms as f64 / 1000.0 > now - 1.0, "{p:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
