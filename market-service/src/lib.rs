@@ -107,6 +107,9 @@ pub async fn run(
         markets: markets.clone(),
         admin_token: config.admin_token.clone(),
     }));
+    let listener = axum::serve::ListenerExt::tap_io(listener, |s| {
+        let _ = s.set_nodelay(true);
+    });
     let served = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
     stop.cancel();
     tasks.close();

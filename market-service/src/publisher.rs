@@ -18,7 +18,9 @@ const BATCH: i64 = 200;
 
 /// Runs until `stop`, posting to `{sidecar_admin}/events`.
 pub async fn run(store: Store, sidecar_admin: String, stop: CancellationToken) {
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_nodelay(true);
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
     let url = format!("{}/events", sidecar_admin.trim_end_matches('/'));
     let mut failures = 0u32;
     loop {

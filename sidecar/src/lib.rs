@@ -335,10 +335,15 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         servers.push(tokio::spawn(server::serve(listener, handler, serving.clone(), drain, "inbound", tls)));
     }
     let admin = tokio::spawn(
-        axum::serve(listeners.admin, admin::router(shared.clone()))
-            .with_graceful_shutdown(background.clone().cancelled_owned())
-            .into_future()
-            .instrument(tracing::info_span!("admin")),
+        axum::serve(
+            axum::serve::ListenerExt::tap_io(listeners.admin, |s| {
+                let _ = s.set_nodelay(true);
+            }),
+            admin::router(shared.clone()),
+        )
+        .with_graceful_shutdown(background.clone().cancelled_owned())
+        .into_future()
+        .instrument(tracing::info_span!("admin")),
     );
 
     shutdown.cancelled().await;

@@ -233,7 +233,12 @@ pub async fn deliver(shared: Arc<Shared>, sub: Subscription, stop: CancellationT
     let span = tracing::info_span!("subscription", topic = %sub.topic, path = %sub.path);
     let mut webhook = Webhook {
         shared: shared.clone(),
-        http: Client::builder(TokioExecutor::new()).build_http(),
+        http: Client::builder(TokioExecutor::new()).build({
+            // Without it, back-to-back deliveries on one connection meet Nagle + delayed ACK.
+            let mut c = HttpConnector::new();
+            c.set_nodelay(true);
+            c
+        }),
         app,
         labels: vec![("topic", sub.topic.clone())],
         group: start.group.clone(),

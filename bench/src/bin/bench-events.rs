@@ -98,6 +98,7 @@ async fn serve_hook(addr: SocketAddr, seen: Arc<Mutex<Seen>>) -> anyhow::Result<
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
+            let _ = stream.set_nodelay(true);
             let seen = seen.clone();
             tokio::spawn(async move {
                 let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
@@ -213,7 +214,9 @@ async fn main() -> anyhow::Result<()> {
     if a.serve_only {
         std::future::pending::<()>().await;
     }
-    let http: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    let http: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
     let bus = match &a.direct_bus {
         Some(url) => Some(v1::events_client::EventsClient::new(
             tonic::transport::Endpoint::from_shared(url.clone())?.connect_lazy(),
