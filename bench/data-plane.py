@@ -130,6 +130,8 @@ http {{
 
 
 def haproxy_conf(name, port, h2port, backend):
+    """One-thread HAProxy on 127.0.0.1:`port` to `backend`; both may carry options after the
+    address (bench/mtls.py adds TLS that way)."""
     path = os.path.join(TMP, f"haproxy-{name}.cfg")
     h2 = f"\nfrontend fe2\n  bind 127.0.0.1:{h2port} proto h2\n  default_backend be" if h2port else ""
     with open(path, "w") as f:

@@ -21,28 +21,6 @@ spec.loader.exec_module(dp)
 REL, TMP = dp.REL, dp.TMP
 
 
-def haproxy(name, frontend, backend_server):
-    path = os.path.join(TMP, f"haproxy-{name}.cfg")
-    with open(path, "w") as f:
-        f.write(f"""global
-  nbthread 1
-  maxconn 4000
-  tune.ssl.default-dh-param 2048
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 60s
-  timeout server 60s
-  http-reuse always
-frontend fe
-  bind {frontend}
-  default_backend be
-backend be
-  server app {backend_server}
-""")
-    return ["haproxy", "-f", path, "-db"]
-
-
 def meshctl(cp, *args):
     return subprocess.run([f"{REL}/meshctl", "--control-plane", cp, *args], capture_output=True, text=True, check=True).stdout.strip()
 
@@ -85,11 +63,12 @@ def run():
     out_tls_p, out_tls = outbound("out-mtls", "mtls", tokens["gateway"])
 
     pb, pa, tb, ta = (dp.free_port() for _ in range(4))
-    hb_p, _ = dp.start(haproxy("b-plain", f"127.0.0.1:{pb}", backend), wait_json=False)
-    ha_p, _ = dp.start(haproxy("a-plain", f"127.0.0.1:{pa}", f"127.0.0.1:{pb}"), wait_json=False)
+    hb_p, _ = dp.start(dp.haproxy_conf("b-plain", pb, None, backend), wait_json=False)
+    ha_p, _ = dp.start(dp.haproxy_conf("a-plain", pa, None, f"127.0.0.1:{pb}"), wait_json=False)
+    # The same configuration with TLS on the hop between them (bind and server options).
     ca = os.path.join(certs, "ca.pem")
-    hbt_p, _ = dp.start(haproxy("b-tls", f"127.0.0.1:{tb} ssl crt {certs}/mesh.bundle ca-file {ca} verify required alpn http/1.1", backend), wait_json=False)
-    hat_p, _ = dp.start(haproxy("a-tls", f"127.0.0.1:{ta}", f"127.0.0.1:{tb} ssl crt {certs}/haproxy-client.bundle ca-file {ca} verify required alpn http/1.1"), wait_json=False)
+    hbt_p, _ = dp.start(dp.haproxy_conf("b-tls", f"{tb} ssl crt {certs}/mesh.bundle ca-file {ca} verify required alpn http/1.1", None, backend), wait_json=False)
+    hat_p, _ = dp.start(dp.haproxy_conf("a-tls", ta, None, f"127.0.0.1:{tb} ssl crt {certs}/haproxy-client.bundle ca-file {ca} verify required alpn http/1.1"), wait_json=False)
 
     targets = {
         "direct": (f"http://{backend}/", []),

@@ -347,4 +347,25 @@ mod tests {
             "dedup survives a restart"
         );
     }
+
+    #[tokio::test]
+    async fn retention_by_age_drops_events_older_than_the_limit_by_their_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        let bus = Bus::embedded(store.clone(), Retention::default()).unwrap();
+        let hour = 3_600_000;
+        let mut old = ev("t", "old", "k");
+        old.time_unix_ms = 10 * hour;
+        let mut new = ev("t", "new", "k");
+        new.time_unix_ms = 12 * hour;
+        bus.publish(vec![old, new]).await.unwrap();
+        let keep_90_minutes = Retention { max_age: std::time::Duration::from_secs(5400), max_bytes: 0 };
+        assert_eq!(store.bus_trim("t", keep_90_minutes, 12 * hour + 1).await.unwrap(), 1);
+        let left: Vec<String> =
+            bus.read("t", 0, 10).await.unwrap().into_iter().map(|d| d.event.unwrap().id).collect();
+        assert_eq!(left, ["new"]);
+        // Its id is forgotten with it: the same id is a new event now.
+        let again = bus.publish(vec![ev("t", "old", "k")]).await.unwrap();
+        assert_eq!((again[0].offset, again[0].duplicate), (2, false));
+    }
 }

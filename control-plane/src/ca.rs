@@ -190,6 +190,22 @@ mod tests {
         assert!(matches!(again.certify("market", "not a csr", now), Err(CaError::Csr(_))));
     }
 
+    #[test]
+    fn an_operators_root_is_used_as_given_and_a_missing_one_is_an_error() {
+        let theirs = tempfile::tempdir().unwrap();
+        let made = Ca::open(theirs.path(), None, "corp.example", Duration::from_secs(60)).unwrap();
+        let given = Some((theirs.path().join("ca.pem"), theirs.path().join("ca-key.pem")));
+        let ours = tempfile::tempdir().unwrap();
+        let ca = Ca::open(ours.path(), given, "corp.example", Duration::from_secs(60)).unwrap();
+        assert_eq!(ca.root_pem, made.root_pem, "the given root, not a new one");
+        assert!(!ours.path().join("ca.pem").exists(), "nothing created beside the given files");
+        let (_key, pem) = csr(&[]);
+        assert!(ca.certify("market", &pem, SystemTime::now()).is_ok());
+        let missing = Some((ours.path().join("no.pem"), ours.path().join("no-key.pem")));
+        let err = Ca::open(ours.path(), missing, "corp.example", Duration::from_secs(60)).err().unwrap();
+        assert!(err.to_string().contains("no.pem"), "{err}");
+    }
+
     fn rustls_pem_der(pem: &str) -> Vec<u8> {
         use rustls_pki_types::{CertificateDer, pem::PemObject};
         CertificateDer::from_pem_slice(pem.as_bytes()).unwrap().to_vec()

@@ -294,3 +294,24 @@ async fn a_group_draining_a_backlog_while_committing_gets_each_event_once(backen
     bus.publish(v1::PublishRequest { events: vec![ev(&t, "last", 1)] }).await.unwrap();
     assert_eq!(next_id(&mut again).await, ("last".into(), total), "resumes after the last commit");
 }
+
+/// Two control planes on one NATS server: an event published through one reaches a
+/// subscriber of the other (its heads are refreshed from the streams).
+#[tokio::test]
+async fn nats_control_planes_share_the_bus() {
+    let Some(url) = nats_url() else { return };
+    let backend = BusBackend::Nats(url);
+    let fast = |c: &mut control_plane::Config| c.bus_maintenance_interval = Duration::from_millis(50);
+    let (a, b) = (start(&backend, fast).await, start(&backend, fast).await);
+    let t = fresh_topic();
+    let mut bus_a = EventsClient::new(a.channel().await);
+    bus_a.publish(v1::PublishRequest { events: vec![ev(&t, "first", 1)] }).await.unwrap();
+    let (_tx, mut s) = subscribe(&b, group_start(&t, "g")).await;
+    assert_eq!(next_id(&mut s).await, ("first".into(), 0));
+    bus_a.publish(v1::PublishRequest { events: vec![ev(&t, "second", 2)] }).await.unwrap();
+    assert_eq!(
+        next_id(&mut s).await,
+        ("second".into(), 1),
+        "a live event published through the other control plane"
+    );
+}

@@ -208,4 +208,31 @@ async fn events_publish_replay_and_tail_with_a_group() {
     assert!(first.contains("e1") && second.contains("e2"), "{first} / {second}");
     let err = fails(&meshctl(&url, &["events", "publish", "Bad Topic"]));
     assert!(err.contains("topic"), "{err}");
+    // --from-time takes RFC 3339 (or Unix ms) and says what it wants otherwise.
+    let since = ok(&meshctl(&url, &["events", "replay", "markets", "--from-time", "2000-01-01T00:00:00Z"]));
+    assert!(since.contains("e1") && since.contains("e2"), "{since}");
+    let future = ok(&meshctl(&url, &["events", "replay", "markets", "--from-time", "2999-01-01T00:00:00Z"]));
+    assert!(!future.contains("e1"), "{future}");
+    // (A flag that does not parse is clap's usage error, several lines.)
+    let bad = meshctl(&url, &["events", "replay", "markets", "--from-time", "yesterday"]);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && err.contains("RFC 3339"), "{err}");
+}
+
+#[tokio::test]
+async fn identity_tokens_are_created_once_revoked_and_the_bundle_is_the_root() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = CpProcess::start(dir.path());
+    let url = cp.url();
+    let token = ok(&meshctl(&url, &["identity", "token", "create", "market"]));
+    assert!(token.trim().len() == 64 && token.trim().chars().all(|c| c.is_ascii_hexdigit()), "{token}");
+    let bundle = ok(&meshctl(&url, &["identity", "bundle"]));
+    assert!(
+        bundle.contains("# trust domain: mesh.local") && bundle.contains("BEGIN CERTIFICATE"),
+        "{bundle}"
+    );
+    assert!(!bundle.contains("PRIVATE KEY"));
+    assert!(ok(&meshctl(&url, &["identity", "token", "revoke", "market"])).contains("revoked 1"));
+    let err = fails(&meshctl(&url, &["identity", "token", "create", "Bad Name"]));
+    assert!(err.contains("service"), "{err}");
 }

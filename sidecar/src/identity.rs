@@ -70,7 +70,7 @@ impl Certified {
 }
 
 /// The current identity (none until the first certificate arrives).
-pub struct IdentityCell(pub ArcSwapOption<Certified>, tokio::sync::watch::Sender<bool>);
+pub struct IdentityCell(ArcSwapOption<Certified>, tokio::sync::watch::Sender<bool>);
 
 impl Default for IdentityCell {
     fn default() -> Self {

@@ -84,23 +84,35 @@ pub fn server_config(id: &Identity) -> Result<rustls::ServerConfig, TlsError> {
     Ok(config)
 }
 
-/// The outbound configuration for calls to `expected` (a SPIFFE id).
-pub fn client_config(id: &Identity, expected: &str) -> Result<rustls::ClientConfig, TlsError> {
+/// A client builder that trusts only the mesh root and only a server named `expected`.
+fn client_builder(
+    trust_anchors_pem: &str,
+    expected: &str,
+) -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert>, TlsError> {
     let provider = provider();
     let verifier = Arc::new(SpiffeVerifier {
-        roots: roots(&id.trust_anchors_pem)?,
+        roots: roots(trust_anchors_pem)?,
         expected: expected.to_string(),
         provider: provider.clone(),
     });
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?
         .dangerous()
-        .with_custom_certificate_verifier(verifier)
+        .with_custom_certificate_verifier(verifier))
+}
+
+fn with_alpn(mut config: rustls::ClientConfig) -> rustls::ClientConfig {
+    config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+    config
+}
+
+/// The outbound configuration for calls to `expected` (a SPIFFE id).
+pub fn client_config(id: &Identity, expected: &str) -> Result<rustls::ClientConfig, TlsError> {
+    let config = client_builder(&id.trust_anchors_pem, expected)?
         .with_client_auth_cert(chain(id)?, key(id)?)
         .map_err(|e| TlsError::Config(e.to_string()))?;
-    config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
-    Ok(config)
+    Ok(with_alpn(config))
 }
 
 /// A client that verifies a mesh server but presents no certificate of its own (what a
@@ -109,20 +121,7 @@ pub fn anonymous_client_config(
     trust_anchors_pem: &str,
     expected: &str,
 ) -> Result<rustls::ClientConfig, TlsError> {
-    let provider = provider();
-    let verifier = Arc::new(SpiffeVerifier {
-        roots: roots(trust_anchors_pem)?,
-        expected: expected.to_string(),
-        provider: provider.clone(),
-    });
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError::Config(e.to_string()))?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
-    config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
-    Ok(config)
+    Ok(with_alpn(client_builder(trust_anchors_pem, expected)?.with_no_client_auth()))
 }
 
 /// The URI SAN naming a SPIFFE id in a (verified) certificate.

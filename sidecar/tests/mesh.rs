@@ -30,7 +30,7 @@ async fn mesh_with_fault(policy: ServicePolicy, fault: mesh_testkit::Fault) -> M
 
 async fn mesh_of(policy: ServicePolicy, weights: &[u32], fault: Option<mesh_testkit::Fault>) -> Mesh {
     let cp = TestCp::start().await;
-    cp.set_policy("market", &policy).await;
+    let version = cp.set_policy("market", &policy).await;
     cp.set_policy("web", &fast_policy()).await;
     let mut dirs = Vec::new();
     let (mut backends, mut sidecars) = (Vec::new(), Vec::new());
@@ -59,6 +59,11 @@ async fn mesh_of(policy: ServicePolicy, weights: &[u32], fault: Option<mesh_test
     dirs.push(dir);
     let mesh = Mesh { cp, backends, sidecars, caller, _caller_app: app, _dirs: dirs, _proxies: proxies };
     mesh.wait_endpoints(weights.len()).await;
+    // Endpoints and policy come on separate streams: wait for both before the test's requests.
+    eventually(WAIT, "the caller applies the market policy", || async {
+        market(&mesh.caller.config_json().await)["policy_version"] == version
+    })
+    .await;
     mesh
 }
 
