@@ -173,7 +173,7 @@ def run(_spinners):
     extra = [start([f"{REL}/bench-backend", "127.0.0.1:0"])[1]["http"] for _ in range(2)]
 
     # Control plane on CPU 1 (it is not on the request path).
-    _, cp = start([f"{REL}/control-plane", "--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0",
+    _, cp = start([f"{REL}/control-plane", "--insecure-api", "--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0",
                    "--data-dir", os.path.join(TMP, "cp"), "--log", "error"], cpu=1)
     cp_url = f"http://{cp['grpc']}"
     start([f"{REL}/bench-register", cp_url, "one", backend], cpu=1)

@@ -13,7 +13,7 @@ pids=()
 cleanup() { kill -9 "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$T"; }
 trap cleanup EXIT
 CP=127.0.0.1:17870 HOOK=127.0.0.1:17880 PUB=127.0.0.1:17891 SUB=127.0.0.1:17892
-"$R/control-plane" --grpc-addr $CP --admin-addr 127.0.0.1:17871 --data-dir "$T/cp" --log warn >/dev/null 2>&1 &
+"$R/control-plane" --insecure-api --grpc-addr $CP --admin-addr 127.0.0.1:17871 --data-dir "$T/cp" --log warn >/dev/null 2>&1 &
 pids+=($!)
 for _ in $(seq 1 100); do curl -sf http://127.0.0.1:17871/healthz >/dev/null && break; sleep 0.1; done
 printf 'health: { probe_interval: 100ms, probe_timeout: 100ms, healthy_threshold: 1 }\n' > "$T/sub.yaml"

@@ -25,7 +25,7 @@ out=bench/results
 mkdir -p "$out"
 CP=127.0.0.1:17670 HOOK=127.0.0.1:17680 PUB=127.0.0.1:17691 SUB=127.0.0.1:17692
 start_cp() { # (its stderr is kept in $T/cp.log; `Killed` notices below are the planned SIGKILLs)
-  "$R/control-plane" --grpc-addr $CP --admin-addr 127.0.0.1:17671 --data-dir "$T/cp" --log warn \
+  "$R/control-plane" --insecure-api --grpc-addr $CP --admin-addr 127.0.0.1:17671 --data-dir "$T/cp" --log warn \
     --restart-grace 120s >/dev/null 2>>"$T/cp.log" &
   cp_pid=$!
   pids+=($cp_pid)

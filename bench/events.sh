@@ -27,7 +27,7 @@ out=bench/results
 mkdir -p "$out"
 
 CP=127.0.0.1:17570 HOOK=127.0.0.1:17580 PUB=127.0.0.1:17591 SUB=127.0.0.1:17592
-"$R/control-plane" --grpc-addr $CP --admin-addr 127.0.0.1:17571 --data-dir "$T/cp" --log warn \
+"$R/control-plane" --insecure-api --grpc-addr $CP --admin-addr 127.0.0.1:17571 --data-dir "$T/cp" --log warn \
   --bus "$BUS" --nats-url "$NATS_URL" >/dev/null &
 pids+=($!)
 sidecar() { # name admin [extra...]

@@ -45,7 +45,7 @@ def main():
 
 def run():
     _, be = dp.start([f"{dp.REL}/bench-backend", "127.0.0.1:0"])
-    _, cp = dp.start([f"{dp.REL}/control-plane", "--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0",
+    _, cp = dp.start([f"{dp.REL}/control-plane", "--insecure-api", "--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0",
                       "--data-dir", os.path.join(dp.TMP, "cp"), "--log", "error"], cpu=1)
     cp_url = f"http://{cp['grpc']}"
     for svc, yaml in POLICIES.items():

@@ -48,7 +48,7 @@ def wait(url):
 
 
 def one_backend(db_url, label):
-    _, cp = None, start([f"{REL}/control-plane", "--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0",
+    _, cp = None, start([f"{REL}/control-plane", "--insecure-api", "--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0",
                          "--data-dir", os.path.join(TMP, f"cp-{label}"), "--log", "error"])
     cp_url = f"http://{cp['grpc']}"
     app = start([f"{REL}/market-service", "--listen", "127.0.0.1:0", "--database-url", db_url, "--admin-token", "bench", "--log", "error"])

@@ -28,7 +28,7 @@ def meshctl(cp, *args):
 def run():
     _, be = dp.start([f"{REL}/bench-backend", "127.0.0.1:0"])
     backend = be["http"]
-    _, cp = dp.start([f"{REL}/control-plane", "--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0",
+    _, cp = dp.start([f"{REL}/control-plane", "--insecure-api", "--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0",
                       "--data-dir", os.path.join(TMP, "cp"), "--log", "error"], cpu=1)
     cp_url = f"http://{cp['grpc']}"
     certs = os.path.join(TMP, "certs")

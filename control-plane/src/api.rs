@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
+    auth::Caller,
     metrics::Metrics,
     policy::{Policies, PolicyEntry, PolicyError},
     proxies::{Proxies, ProxyHandle},
@@ -28,6 +29,8 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 
 /// Everything the handlers share.
 pub struct State {
+    /// Who may call what.
+    pub auth: crate::auth::Auth,
     pub registry: Registry,
     pub bus: crate::bus::Bus,
     pub ca: crate::ca::Ca,
@@ -44,6 +47,35 @@ pub struct State {
 /// All four services over one shared state.
 #[derive(Clone)]
 pub struct Api(pub Arc<State>);
+
+/// Authorization (see [`crate::auth`]), counting what it refuses.
+impl Api {
+    fn refused(&self, s: Status) -> Status {
+        refused(&self.0, s)
+    }
+
+    fn admin<T>(&self, req: &Request<T>, what: &str) -> Result<(), Status> {
+        self.0.auth.admin(req, what).map_err(|s| self.refused(s))
+    }
+
+    fn member<T>(&self, req: &Request<T>, what: &str) -> Result<Caller, Status> {
+        self.0.auth.member(req, what).map_err(|s| self.refused(s))
+    }
+
+    fn as_service<T>(&self, req: &Request<T>, service: &str, what: &str) -> Result<Caller, Status> {
+        self.0.auth.as_service(req, service, what).map_err(|s| self.refused(s))
+    }
+}
+
+fn refused(state: &State, s: Status) -> Status {
+    let code = match s.code() {
+        tonic::Code::Unauthenticated => "unauthenticated",
+        _ => "permission_denied",
+    };
+    state.metrics.api_refused.get_or_create(&[("code", code)]).inc();
+    tracing::info!(code, reason = %s.message(), "API call refused");
+    s
+}
 
 impl From<RegistryError> for Status {
     fn from(e: RegistryError) -> Self {
@@ -116,6 +148,8 @@ impl v1::registry_server::Registry for Api {
         &self,
         req: Request<v1::RegisterRequest>,
     ) -> Result<Response<v1::RegisterResponse>, Status> {
+        let service = req.get_ref().instance.as_ref().map(|i| i.service.clone()).unwrap_or_default();
+        self.as_service(&req, &service, "register an instance")?;
         let inst = req.into_inner().instance.ok_or_else(|| Status::invalid_argument("instance: required"))?;
         Ok(Response::new(self.0.registry.register(inst, Instant::now()).await?))
     }
@@ -126,11 +160,14 @@ impl v1::registry_server::Registry for Api {
         &self,
         req: Request<Streaming<v1::HeartbeatRequest>>,
     ) -> Result<Response<Self::HeartbeatStream>, Status> {
+        let caller = self.member(&req, "send heartbeats")?;
         let state = self.0.clone();
         let guard = GaugeGuard::new(&state.metrics.heartbeat_streams);
         let out = req.into_inner().take_until(state.shutdown.clone().cancelled_owned()).map(move |msg| {
             let _open = &guard;
-            msg.map(|hb| state.registry.heartbeat(&hb, Instant::now()))
+            let hb = msg?;
+            caller.may_act_as(&hb.service, "heartbeat").map_err(|s| refused(&state, s))?;
+            Ok(state.registry.heartbeat(&hb, Instant::now()))
         });
         Ok(Response::new(Box::pin(out)))
     }
@@ -139,6 +176,7 @@ impl v1::registry_server::Registry for Api {
         &self,
         req: Request<v1::DeregisterRequest>,
     ) -> Result<Response<v1::DeregisterResponse>, Status> {
+        self.as_service(&req, &req.get_ref().service, "deregister an instance")?;
         let r = req.into_inner();
         let existed = self.0.registry.deregister(&r.service, &r.instance_id).await?;
         let version = self.0.registry.watch(&r.service).borrow().version;
@@ -147,8 +185,9 @@ impl v1::registry_server::Registry for Api {
 
     async fn list_services(
         &self,
-        _req: Request<v1::ListServicesRequest>,
+        req: Request<v1::ListServicesRequest>,
     ) -> Result<Response<v1::ListServicesResponse>, Status> {
+        self.member(&req, "list services")?;
         Ok(Response::new(v1::ListServicesResponse { services: self.0.registry.list_services() }))
     }
 
@@ -156,6 +195,7 @@ impl v1::registry_server::Registry for Api {
         &self,
         req: Request<v1::GetServiceRequest>,
     ) -> Result<Response<v1::GetServiceResponse>, Status> {
+        self.member(&req, "read the registry")?;
         let name = req.into_inner().name;
         self.0
             .registry
@@ -204,6 +244,7 @@ impl v1::discovery_server::Discovery for Api {
     type WatchStream = BoxStream<v1::WatchResponse>;
 
     async fn watch(&self, req: Request<v1::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        self.member(&req, "watch endpoints")?;
         let req = req.into_inner();
         let services = check_services(&req.services)?;
         let s = &self.0;
@@ -239,6 +280,7 @@ impl v1::discovery_server::Discovery for Api {
 // ---- Policy --------------------------------------------------------------------------------
 
 struct PolicySession {
+    caller: Caller,
     inbound: Streaming<v1::PolicyStreamRequest>,
     updates: StreamMap<String, WatchStream<Arc<PolicyEntry>>>,
     queue: std::collections::VecDeque<v1::PolicyPush>,
@@ -271,6 +313,11 @@ impl PolicySession {
 
     fn subscribe(&mut self, sub: v1::PolicySubscribe) -> Result<(), Status> {
         let wanted = check_services(&sub.services)?;
+        if !sub.service.is_empty() {
+            self.caller
+                .may_act_as(&sub.service, "subscribe to policies")
+                .map_err(|s| refused(&self.state, s))?;
+        }
         if !sub.service.is_empty() && !names::is_service_name(&sub.service) {
             return Err(Status::invalid_argument(format!(
                 "service: {:?} must be {}",
@@ -370,6 +417,7 @@ impl PolicySession {
 #[tonic::async_trait]
 impl v1::policy_server::Policy for Api {
     async fn get(&self, req: Request<v1::GetPolicyRequest>) -> Result<Response<v1::VersionedPolicy>, Status> {
+        self.member(&req, "read a policy")?;
         let service = req.into_inner().service;
         if !names::is_service_name(&service) {
             return Err(PolicyError::BadService(service).into());
@@ -381,6 +429,7 @@ impl v1::policy_server::Policy for Api {
         &self,
         req: Request<v1::SetPolicyRequest>,
     ) -> Result<Response<v1::SetPolicyResponse>, Status> {
+        self.admin(&req, "set a policy")?;
         let r = req.into_inner();
         let policy = ServicePolicy::try_from(r.policy.unwrap_or_default())
             .map_err(|e| Status::invalid_argument(format!("invalid policy for {}: {e}", r.service)))?;
@@ -396,6 +445,7 @@ impl v1::policy_server::Policy for Api {
         &self,
         req: Request<v1::DeletePolicyRequest>,
     ) -> Result<Response<v1::DeletePolicyResponse>, Status> {
+        self.admin(&req, "delete a policy")?;
         let service = req.into_inner().service;
         let deleted = self.0.policies.delete(&service).await?;
         let version = deleted.unwrap_or_else(|| self.0.policies.current(&service).version);
@@ -404,8 +454,9 @@ impl v1::policy_server::Policy for Api {
 
     async fn list(
         &self,
-        _req: Request<v1::ListPoliciesRequest>,
+        req: Request<v1::ListPoliciesRequest>,
     ) -> Result<Response<v1::ListPoliciesResponse>, Status> {
+        self.member(&req, "list policies")?;
         let policies = self.0.policies.list().iter().map(|p| p.to_wire()).collect();
         Ok(Response::new(v1::ListPoliciesResponse { policies }))
     }
@@ -416,9 +467,11 @@ impl v1::policy_server::Policy for Api {
         &self,
         req: Request<Streaming<v1::PolicyStreamRequest>>,
     ) -> Result<Response<Self::StreamStream>, Status> {
-        let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let caller = self.member(&req, "stream policies")?;
+        let peer = crate::auth::remote_addr(&req).map(|a| a.to_string()).unwrap_or_default();
         let state = self.0.clone();
         let session = PolicySession {
+            caller,
             inbound: req.into_inner(),
             updates: StreamMap::new(),
             queue: Default::default(),
@@ -438,8 +491,9 @@ impl v1::policy_server::Policy for Api {
 impl v1::admin_server::Admin for Api {
     async fn overview(
         &self,
-        _req: Request<v1::OverviewRequest>,
+        req: Request<v1::OverviewRequest>,
     ) -> Result<Response<v1::OverviewResponse>, Status> {
+        self.admin(&req, "read the overview")?;
         let s = &self.0;
         let (services, instances, healthy) = s.registry.counts();
         Ok(Response::new(v1::OverviewResponse {
@@ -457,7 +511,8 @@ impl v1::admin_server::Admin for Api {
         }))
     }
 
-    async fn stats(&self, _req: Request<v1::StatsRequest>) -> Result<Response<v1::StatsResponse>, Status> {
+    async fn stats(&self, req: Request<v1::StatsRequest>) -> Result<Response<v1::StatsResponse>, Status> {
+        self.admin(&req, "read statistics")?;
         let m = &self.0.metrics;
         let (p50, p99, max) = m.ack_latency_summary_ms();
         Ok(Response::new(v1::StatsResponse {
@@ -480,6 +535,7 @@ impl v1::admin_server::Admin for Api {
         &self,
         req: Request<v1::ProxyStatusRequest>,
     ) -> Result<Response<v1::ProxyStatusResponse>, Status> {
+        self.admin(&req, "read proxy status")?;
         let filter = req.into_inner().service;
         let s = &self.0;
         let now = Instant::now();
@@ -699,6 +755,7 @@ impl v1::events_server::Events for Api {
         &self,
         req: Request<v1::PublishRequest>,
     ) -> Result<Response<v1::PublishResponse>, Status> {
+        self.member(&req, "publish events")?;
         let results = self.0.bus.publish(req.into_inner().events).await?;
         Ok(Response::new(v1::PublishResponse { results }))
     }
@@ -712,6 +769,7 @@ impl v1::events_server::Events for Api {
         &self,
         req: Request<Streaming<v1::SubscribeRequest>>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        self.member(&req, "subscribe to events")?;
         let mut inbound = req.into_inner();
         let first = inbound.message().await?;
         let mut sub = Subscription {
@@ -735,6 +793,7 @@ impl v1::events_server::Events for Api {
     type ReplayStream = BoxStream<v1::Delivery>;
 
     async fn replay(&self, req: Request<v1::ReplayRequest>) -> Result<Response<Self::ReplayStream>, Status> {
+        self.member(&req, "replay events")?;
         let r = req.into_inner();
         check_topic(&r.topic)?;
         let limit = match r.limit {
@@ -818,12 +877,11 @@ impl v1::identity_server::Identity for Api {
         &self,
         req: Request<v1::CreateTokenRequest>,
     ) -> Result<Response<v1::CreateTokenResponse>, Status> {
+        self.admin(&req, "create a bootstrap token")?;
         let service = req.into_inner().service;
         check_service(&service)?;
-        let mut bytes = [0u8; 32];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
-            .map_err(|_| Status::internal("no randomness for a token"))?;
-        let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let token =
+            crate::auth::random_token().ok_or_else(|| Status::internal("no randomness for a token"))?;
         self.0.store.token_add(&token_hash(&token), &service).await.map_err(store_status)?;
         Ok(Response::new(v1::CreateTokenResponse { token, service }))
     }
@@ -832,6 +890,7 @@ impl v1::identity_server::Identity for Api {
         &self,
         req: Request<v1::RevokeTokensRequest>,
     ) -> Result<Response<v1::RevokeTokensResponse>, Status> {
+        self.admin(&req, "revoke bootstrap tokens")?;
         let service = req.into_inner().service;
         check_service(&service)?;
         let n = self.0.store.tokens_revoke(&service).await.map_err(store_status)?;

@@ -119,6 +119,44 @@ impl Ca {
     }
 }
 
+impl Ca {
+    /// A certificate for the control plane's own API: `names` (DNS names or IP addresses) and
+    /// `spiffe://<trust-domain>/control-plane`, with a key made here; valid for the leaf TTL.
+    /// Returns (certificate PEM, key, expiry).
+    pub fn issue_server(
+        &self,
+        names: &[String],
+        now: SystemTime,
+    ) -> Result<(String, KeyPair, SystemTime), CaError> {
+        let key = KeyPair::generate().map_err(|e| CaError::Sign(e.to_string()))?;
+        let mut p = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, "control-plane");
+        p.distinguished_name = dn;
+        let sign = |e: rcgen::Error| CaError::Sign(e.to_string());
+        let mut sans = vec![SanType::URI(
+            format!("spiffe://{}/control-plane", self.trust_domain).try_into().map_err(sign)?,
+        )];
+        for n in names {
+            sans.push(match n.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(n.clone().try_into().map_err(sign)?),
+            });
+        }
+        p.subject_alt_names = sans;
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let expires = now + self.leaf_ttl;
+        p.not_before = (now - Duration::from_secs(60)).into();
+        p.not_after = expires.into();
+        p.serial_number = Some(rand_serial().into());
+        p.use_authority_key_identifier_extension = true;
+        let cert = p.signed_by(&key, &self.issuer).map_err(sign)?;
+        Ok((cert.pem(), key, expires))
+    }
+}
+
 fn rand_serial() -> Vec<u8> {
     let mut b = uuid::Uuid::now_v7().into_bytes().to_vec();
     b[0] &= 0x7f; // positive
@@ -133,7 +171,7 @@ fn write_file(path: &Path, text: &str) -> Result<(), CaError> {
     std::fs::File::open(path).and_then(|f| f.sync_all()).map_err(|e| file_err(path)(e.to_string()))
 }
 
-fn write_private(path: &Path, text: &str) -> Result<(), CaError> {
+pub(crate) fn write_private(path: &Path, text: &str) -> Result<(), CaError> {
     use std::{io::Write, os::unix::fs::OpenOptionsExt};
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| file_err(path)(e.to_string()))?;

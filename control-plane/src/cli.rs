@@ -12,9 +12,10 @@ use std::{
 
 use clap::{Parser, Subcommand, ValueEnum};
 use futures::StreamExt;
+use mesh_proto::dial::{DialError, Dialer};
 use mesh_proto::{policy::ServicePolicy, v1};
 use serde_json::{Value, json};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// `println!` that ignores a closed stdout (`meshctl … | head`) instead of panicking.
 macro_rules! out {
@@ -37,9 +38,21 @@ mod up;
 #[derive(Debug, Parser)]
 #[command(name = "meshctl", version, about = "Operate an Opinion Market Mesh control plane")]
 pub struct Args {
-    /// Control-plane gRPC address.
-    #[arg(long, global = true, env = "MESH_CONTROL_PLANE", default_value = "http://127.0.0.1:7070")]
+    /// Control-plane gRPC address (`http://` only for a control plane run with --insecure-api).
+    #[arg(long, global = true, env = "MESH_CONTROL_PLANE", default_value = "https://127.0.0.1:7070")]
     pub control_plane: String,
+    /// The mesh root certificate the control plane's TLS certificate must chain to (its data
+    /// dir's ca.pem).
+    #[arg(long, global = true, env = "MESH_CA_FILE", default_value = ".mesh/control-plane/ca.pem")]
+    pub ca_file: PathBuf,
+    /// The admin token (its data dir's admin.token): sent with every call.
+    #[arg(
+        long,
+        global = true,
+        env = "MESH_ADMIN_TOKEN_FILE",
+        default_value = ".mesh/control-plane/admin.token"
+    )]
+    pub admin_token_file: PathBuf,
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value = "table")]
     pub output: Output,
@@ -121,13 +134,23 @@ pub enum IdentityCommand {
     #[command(subcommand)]
     Token(TokenCommand),
     /// Print the trust anchors (the mesh root, PEM) and the trust domain.
-    Bundle,
+    Bundle {
+        /// Write the PEM to this file instead (what --control-plane-ca and --ca-file read).
+        #[arg(long)]
+        write: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
     /// Create a token for SERVICE; it is printed once (only its hash is stored).
-    Create { service: String },
+    Create {
+        service: String,
+        /// Write the token to this file (owner-only) instead of printing it: what a sidecar's
+        /// --identity-token-file reads.
+        #[arg(long)]
+        write: Option<PathBuf>,
+    },
     /// Revoke every token of SERVICE (certificates already issued stay valid until they expire).
     Revoke { service: String },
 }
@@ -206,6 +229,19 @@ impl CliError {
             tonic::Code::Unavailable if s.message().contains("transport") || s.message().is_empty() => {
                 CliError::Unreachable { addr: addr.to_string(), cause: s.message().to_string() }
             }
+            // What a plaintext client sees when the server speaks TLS and drops the connection
+            // (which of these depends on when the close arrives).
+            tonic::Code::Internal | tonic::Code::Unknown | tonic::Code::Cancelled
+                if addr.starts_with("http://") =>
+            {
+                CliError::Unreachable {
+                    addr: addr.to_string(),
+                    cause: format!(
+                        "{}; if the control plane serves TLS (its default), use an https:// URL",
+                        s.message()
+                    ),
+                }
+            }
             code => CliError::Refused(format!("{}: {}", code_name(code), s.message())),
         }
     }
@@ -221,24 +257,72 @@ fn code_name(code: tonic::Code) -> String {
     })
 }
 
-/// The innermost cause of an error chain ("Connection refused (os error 111)").
-fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut cur = e;
-    while let Some(next) = cur.source() {
-        cur = next;
-    }
-    cur.to_string()
+/// Where the control plane is and how to prove who we are to it.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub url: String,
+    /// The mesh root, for an `https://` URL.
+    pub ca_file: PathBuf,
+    /// The admin token, sent when the file exists.
+    pub admin_token_file: PathBuf,
 }
 
-pub async fn connect(addr: &str) -> Result<Channel, CliError> {
-    let unreachable = |cause: String| CliError::Unreachable { addr: addr.to_string(), cause };
-    let endpoint = Endpoint::from_shared(addr.to_string())
+/// Sends the admin token (when there is one) with every call.
+#[derive(Clone)]
+pub struct AdminToken(pub Option<tonic::metadata::AsciiMetadataValue>);
+
+impl tonic::service::Interceptor for AdminToken {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A channel to the control plane that carries the admin token.
+pub type CpChannel = tonic::service::interceptor::InterceptedService<Channel, AdminToken>;
+
+fn read_file(path: &Path, flag: &str) -> Result<Option<String>, CliError> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(CliError::Input(format!("cannot read {flag} {}: {e}", path.display()))),
+    }
+}
+
+pub async fn connect(t: &Target) -> Result<CpChannel, CliError> {
+    let addr = &t.url;
+    let endpoint = Dialer::endpoint(addr)
         .map_err(|e| {
-            CliError::Input(format!("--control-plane {addr:?} is not a URL like http://127.0.0.1:7070: {e}"))
+            CliError::Input(format!("--control-plane {addr:?} is not a URL like https://127.0.0.1:7070: {e}"))
         })?
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(30));
-    endpoint.connect().await.map_err(|e| unreachable(root_cause(&e)))
+    let dialer = if addr.starts_with("https://") {
+        let ca = read_file(&t.ca_file, "--ca-file")?.ok_or_else(|| {
+            CliError::Input(format!(
+                "the control plane at {addr} is served over TLS and --ca-file {} does not exist: give \
+                 the mesh root (the control plane's data dir holds it as ca.pem)",
+                t.ca_file.display()
+            ))
+        })?;
+        Dialer::trusting(&ca)
+            .map_err(|e| CliError::Input(format!("--ca-file {}: {e}", t.ca_file.display())))?
+    } else {
+        Dialer::plaintext()
+    };
+    let token = match read_file(&t.admin_token_file, "--admin-token-file")? {
+        Some(token) => Some(format!("Bearer {}", token.trim()).parse().map_err(|_| {
+            CliError::Input(format!("--admin-token-file {}: not a token", t.admin_token_file.display()))
+        })?),
+        None => None,
+    };
+    let ch = dialer.connect(endpoint).await.map_err(|e| match e {
+        DialError::Connect(_, cause) => CliError::Unreachable { addr: addr.to_string(), cause },
+        other => CliError::Input(other.to_string()),
+    })?;
+    Ok(tonic::service::interceptor::InterceptedService::new(ch, AdminToken(token)))
 }
 
 pub async fn run(args: Args) -> Result<(), CliError> {
@@ -248,7 +332,12 @@ pub async fn run(args: Args) -> Result<(), CliError> {
         _ => {}
     }
     let addr = args.control_plane.clone();
-    let ch = connect(&addr).await?;
+    let ch = connect(&Target {
+        url: addr.clone(),
+        ca_file: args.ca_file.clone(),
+        admin_token_file: args.admin_token_file.clone(),
+    })
+    .await?;
     let st = |s: tonic::Status| CliError::from_status(s, &addr);
     let out = args.output;
     match args.command {
@@ -419,7 +508,7 @@ pub async fn run(args: Args) -> Result<(), CliError> {
     Ok(())
 }
 
-async fn policy(cmd: PolicyCommand, ch: Channel, out: Output, addr: &str) -> Result<(), CliError> {
+async fn policy(cmd: PolicyCommand, ch: CpChannel, out: Output, addr: &str) -> Result<(), CliError> {
     let st = |s: tonic::Status| CliError::from_status(s, addr);
     let mut client = v1::policy_client::PolicyClient::new(ch);
     match cmd {
@@ -622,15 +711,38 @@ fn delivery_json(d: &v1::Delivery) -> Value {
     })
 }
 
-async fn identity(cmd: IdentityCommand, ch: Channel, out: Output, addr: &str) -> Result<(), CliError> {
+/// Writes `secret` to `path`, readable by its owner only (directories created).
+pub fn write_secret(path: &Path, secret: &str) -> Result<(), CliError> {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    let fail = |e: std::io::Error| CliError::Input(format!("cannot write {}: {e}", path.display()));
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(fail)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(fail)?;
+    f.write_all(secret.as_bytes()).and_then(|()| f.sync_all()).map_err(fail)
+}
+
+async fn identity(cmd: IdentityCommand, ch: CpChannel, out: Output, addr: &str) -> Result<(), CliError> {
     let st = |s: tonic::Status| CliError::from_status(s, addr);
     let mut ca = v1::identity_client::IdentityClient::new(ch);
     match cmd {
-        IdentityCommand::Token(TokenCommand::Create { service }) => {
+        IdentityCommand::Token(TokenCommand::Create { service, write }) => {
             let r = ca.create_token(v1::CreateTokenRequest { service }).await.map_err(st)?.into_inner();
-            match out {
-                Output::Json => out!("{}", serde_json::json!({"service": r.service, "token": r.token})),
-                Output::Table => out!("{}", r.token),
+            match (write, out) {
+                (Some(path), _) => {
+                    write_secret(&path, &r.token)?;
+                    out!("wrote the token for {} to {}", r.service, path.display());
+                }
+                (None, Output::Json) => {
+                    out!("{}", serde_json::json!({"service": r.service, "token": r.token}))
+                }
+                (None, Output::Table) => out!("{}", r.token),
             }
         }
         IdentityCommand::Token(TokenCommand::Revoke { service }) => {
@@ -642,8 +754,13 @@ async fn identity(cmd: IdentityCommand, ch: Channel, out: Output, addr: &str) ->
                 Output::Table => out!("revoked {n} token(s) of {service}"),
             }
         }
-        IdentityCommand::Bundle => {
+        IdentityCommand::Bundle { write } => {
             let r = ca.trust_bundle(v1::TrustBundleRequest {}).await.map_err(st)?.into_inner();
+            if let Some(path) = write {
+                write_secret(&path, &r.trust_anchors_pem)?;
+                out!("wrote the trust bundle of {} to {}", r.trust_domain, path.display());
+                return Ok(());
+            }
             match out {
                 Output::Json => out!(
                     "{}",
@@ -659,7 +776,7 @@ async fn identity(cmd: IdentityCommand, ch: Channel, out: Output, addr: &str) ->
     Ok(())
 }
 
-async fn events(cmd: EventsCommand, ch: Channel, out: Output, addr: &str) -> Result<(), CliError> {
+async fn events(cmd: EventsCommand, ch: CpChannel, out: Output, addr: &str) -> Result<(), CliError> {
     let st = |s: tonic::Status| CliError::from_status(s, addr);
     let mut bus = v1::events_client::EventsClient::new(ch);
     let print = |d: &v1::Delivery| match out {

@@ -13,6 +13,7 @@
 //! listeners and a shutdown token, so tests run it on port 0 exactly as the binary does.
 
 pub mod api;
+pub mod auth;
 pub mod bus;
 pub mod bus_nats;
 pub mod ca;
@@ -23,6 +24,7 @@ pub mod policy;
 pub mod proxies;
 pub mod registry;
 pub mod store;
+pub mod tls;
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
@@ -62,6 +64,12 @@ pub struct Config {
     pub ca_files: Option<(PathBuf, PathBuf)>,
     /// Lifetime of the certificates the CA issues.
     pub cert_ttl: Duration,
+    /// Serve the gRPC API in plaintext with no authentication (a throwaway local run only).
+    pub insecure_api: bool,
+    /// Names (DNS or IP) the API's certificate carries besides `localhost` and `127.0.0.1`.
+    pub api_names: Vec<String>,
+    /// The admin token's file; default `admin.token` in the data dir, created on first start.
+    pub admin_token_file: Option<PathBuf>,
 }
 
 /// The event bus's log.
@@ -87,6 +95,9 @@ impl Config {
             trust_domain: "mesh.local".into(),
             ca_files: None,
             cert_ttl: Duration::from_secs(24 * 3600),
+            insecure_api: false,
+            api_names: Vec::new(),
+            admin_token_file: None,
         }
     }
 }
@@ -99,6 +110,8 @@ pub enum Error {
     Bus(#[from] bus::BusError),
     #[error("certificate authority: {0}")]
     Ca(#[from] ca::CaError),
+    #[error("admin token file {path}: {reason}")]
+    AdminToken { path: String, reason: String },
     #[error("gRPC server failed: {0}")]
     Grpc(#[from] tonic::transport::Error),
     #[error("admin HTTP server failed: {0}")]
@@ -141,7 +154,17 @@ impl ControlPlane {
         );
         let ca =
             ca::Ca::open(&config.data_dir, config.ca_files.clone(), &config.trust_domain, config.cert_ttl)?;
+        let auth = if config.insecure_api {
+            tracing::warn!(
+                "the gRPC API is plaintext and unauthenticated (--insecure-api): anyone who reaches it is admin"
+            );
+            auth::Auth::open()
+        } else {
+            let token = auth::admin_token(&config.data_dir, config.admin_token_file.as_deref())?;
+            auth::Auth::enforcing(&token, &config.trust_domain)
+        };
         let state = Arc::new(api::State {
+            auth,
             registry,
             bus,
             ca,
@@ -213,7 +236,7 @@ impl ControlPlane {
             .map_err(|e| Error::Admin(std::io::Error::other(e)))?;
 
         let api = Api(state.clone());
-        let grpc_result = tonic::transport::Server::builder()
+        let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -225,10 +248,20 @@ impl ControlPlane {
             .add_service(v1::policy_server::PolicyServer::new(api.clone()))
             .add_service(v1::events_server::EventsServer::new(api.clone()))
             .add_service(v1::identity_server::IdentityServer::new(api.clone()))
-            .add_service(v1::admin_server::AdminServer::new(api))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), own.clone().cancelled_owned())
-            .instrument(tracing::info_span!("grpc"))
-            .await;
+            .add_service(v1::admin_server::AdminServer::new(api));
+        let grpc_result = if self.config.insecure_api {
+            router
+                .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), own.clone().cancelled_owned())
+                .instrument(tracing::info_span!("grpc"))
+                .await
+        } else {
+            let tls = tls::server_config(state.clone(), &self.config.api_names)?;
+            let incoming = tls::incoming(grpc, tls, state.clone(), own.clone());
+            router
+                .serve_with_incoming_shutdown(incoming, own.clone().cancelled_owned())
+                .instrument(tracing::info_span!("grpc", tls = true))
+                .await
+        };
         own.cancel();
         health_reporter.set_not_serving::<v1::registry_server::RegistryServer<Api>>().await;
         tasks.close();

@@ -2,7 +2,7 @@
 //! drain with a deadline → exit code.
 //!
 //! Once both listeners are bound it prints one JSON line on stdout,
-//! `{"event":"listening","grpc":"127.0.0.1:7070","admin":"127.0.0.1:7071"}`, which `meshctl up`
+//! `{"event":"listening","grpc":"127.0.0.1:7070","admin":"127.0.0.1:7071","tls":true}`, which `meshctl up`
 //! and the tests read to learn the ports (pass port 0 to let the OS choose). Logs go to stderr.
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
@@ -71,6 +71,19 @@ struct Args {
     /// Lifetime of the certificates the CA issues.
     #[arg(long, env = "MESH_CERT_TTL", default_value = "24h", value_parser = parse_duration)]
     cert_ttl: Duration,
+    /// Serve the gRPC API in plaintext without authentication: anyone who reaches it is admin.
+    /// For a throwaway local run only; the default is TLS, sidecars authenticated by their
+    /// certificates and meshctl by the admin token.
+    #[arg(long, env = "MESH_INSECURE_API")]
+    insecure_api: bool,
+    /// A name (DNS or IP) the API's certificate carries, besides localhost and 127.0.0.1: the
+    /// host in the URL sidecars and meshctl use (repeat for several).
+    #[arg(long = "api-name", env = "MESH_API_NAMES", value_delimiter = ',')]
+    api_names: Vec<String>,
+    /// The admin token (at least 16 characters) in a file. Default: admin.token in --data-dir,
+    /// created on first start, readable by the owner only.
+    #[arg(long, env = "MESH_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
     /// Idle discovery streams get a ping this often.
     #[arg(long, env = "MESH_PING_INTERVAL", default_value = "15s", value_parser = parse_duration)]
     ping_interval: Duration,
@@ -109,6 +122,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     config.trust_domain = args.trust_domain.clone();
     config.ca_files = args.ca_cert.clone().zip(args.ca_key.clone());
     config.cert_ttl = args.cert_ttl;
+    config.insecure_api = args.insecure_api;
+    config.api_names = args.api_names.clone();
+    config.admin_token_file = args.admin_token_file.clone();
     let cp = ControlPlane::open(config).await?;
     let grpc = TcpListener::bind(args.grpc_addr)
         .await
@@ -117,7 +133,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on --admin-addr {}", args.admin_addr))?;
     let (grpc_addr, admin_addr) = (grpc.local_addr()?, admin.local_addr()?);
-    println!("{}", serde_json::json!({"event": "listening", "grpc": grpc_addr, "admin": admin_addr}));
+    println!(
+        "{}",
+        serde_json::json!({"event": "listening", "grpc": grpc_addr, "admin": admin_addr, "tls": !args.insecure_api})
+    );
     tracing::info!(grpc = %grpc_addr, admin = %admin_addr, "control plane serving");
 
     let shutdown = CancellationToken::new();

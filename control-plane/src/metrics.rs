@@ -38,6 +38,8 @@ pub struct Metrics {
     pub services: Gauge,
     pub instances: Family<[(&'static str, &'static str); 1], Gauge>,
     pub policies: Gauge,
+    pub api_handshake_failures: Counter,
+    pub api_refused: Family<[(&'static str, &'static str); 1], Counter>,
     ack_latency: Histogram,
     recent_acks: Mutex<VecDeque<f64>>,
     registry: Registry,
@@ -62,6 +64,8 @@ impl Metrics {
             services: Gauge::default(),
             instances: Family::default(),
             policies: Gauge::default(),
+            api_handshake_failures: Counter::default(),
+            api_refused: Family::default(),
             ack_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             recent_acks: Mutex::new(VecDeque::with_capacity(RECENT_ACKS)),
             registry: Registry::default(),
@@ -90,6 +94,16 @@ impl Metrics {
         r.register("services", "Services with at least one registered instance", m.services.clone());
         r.register("instances", "Registered instances by state (routable or not)", m.instances.clone());
         r.register("policies", "Services with an explicit policy", m.policies.clone());
+        r.register(
+            "api_handshake_failures",
+            "TLS handshakes on the gRPC listener that failed (plaintext, bad or foreign certificates)",
+            m.api_handshake_failures.clone(),
+        );
+        r.register(
+            "api_refused",
+            "API calls refused by authorization, by code (unauthenticated, permission_denied)",
+            m.api_refused.clone(),
+        );
         r.register(
             "policy_ack_latency_seconds",
             "Time from a policy push to its ACK or NACK",

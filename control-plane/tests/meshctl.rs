@@ -236,3 +236,44 @@ async fn identity_tokens_are_created_once_revoked_and_the_bundle_is_the_root() {
     let err = fails(&meshctl(&url, &["identity", "token", "create", "Bad Name"]));
     assert!(err.contains("service"), "{err}");
 }
+
+#[tokio::test]
+async fn against_the_default_tls_api_meshctl_needs_the_root_and_the_admin_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = CpProcess::start_secure(dir.path());
+    let url = cp.url();
+    assert!(url.starts_with("https://"), "{url}");
+    let (ca, token) = (dir.path().join("ca.pem"), dir.path().join("admin.token"));
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&token).unwrap().permissions());
+    assert_eq!(mode & 0o077, 0, "the admin token is readable by its owner only");
+    let (ca, token) = (ca.display().to_string(), token.display().to_string());
+    let missing = dir.path().join("none").display().to_string();
+    let with = |ca: &str, token: &str, args: &[&str]| {
+        let mut all = vec!["--ca-file", ca, "--admin-token-file", token];
+        all.extend_from_slice(args);
+        meshctl(&url, &all)
+    };
+
+    // With both: the whole API.
+    assert!(ok(&with(&ca, &token, &["services"])).starts_with("SERVICE"));
+    let file = policy_file(&dir, "p.yaml", "timeout:\n  request: 2s\n");
+    assert!(ok(&with(&ca, &token, &["policy", "set", "market-service", "-f", &file])).contains("version 1"));
+    ok(&with(&ca, &token, &["identity", "token", "create", "market-service"]));
+
+    // Without the admin token: refused, nothing changed.
+    let err = fails(&with(&ca, &missing, &["policy", "set", "market-service", "-f", &file]));
+    assert!(err.contains("unauthenticated") && err.contains("admin token"), "{err}");
+    let err = fails(&with(&ca, &missing, &["identity", "token", "create", "payments"]));
+    assert!(err.contains("unauthenticated"), "{err}");
+    let got: serde_json::Value =
+        serde_json::from_str(&ok(&with(&ca, &token, &["-o", "json", "policy", "get", "market-service"])))
+            .unwrap();
+    assert_eq!(got["version"], 1, "{got}");
+
+    // Without the root: it says which flag is missing; plaintext to the TLS port gets nowhere.
+    let err = fails(&with(&missing, &token, &["services"]));
+    assert!(err.contains("--ca-file"), "{err}");
+    let plain = format!("http://{}", cp.grpc);
+    let err = fails(&meshctl(&plain, &["--admin-token-file", &token, "services"]));
+    assert!(err.contains("cannot reach") || err.contains("unavailable"), "{err}");
+}

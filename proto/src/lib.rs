@@ -4,6 +4,8 @@
 //!   protox, so no system `protoc` is needed. Clients and servers for `Registry`, `Discovery`,
 //!   `Policy`, `Identity`, `Events` and `Admin` live under `v1::<service>_client` / `_server`.
 //! - [`policy`]: the validated per-service policy model and its conversions from and to the wire.
+//! - [`dial`]: reaching the control plane over TLS (or plaintext), and the TLS helpers the
+//!   control plane and the sidecar share.
 //! - [`names`]: validation of service names, instance ids, topics, header names and addresses.
 //!
 //! This is the only crate that defines wire types; the others convert at their edge.
@@ -11,6 +13,7 @@
 /// Re-exported so other crates encode and decode these messages without naming prost themselves.
 pub use prost;
 
+pub mod dial;
 pub mod names;
 pub mod policy;
 

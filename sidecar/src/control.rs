@@ -98,24 +98,19 @@ pub async fn run(shared: Arc<Shared>, mut added: mpsc::UnboundedReceiver<String>
     }
 }
 
-async fn connect(url: &str) -> Result<Channel, SessionError> {
+async fn connect(shared: &Shared, url: &str) -> Result<Channel, SessionError> {
     let err = |e: &dyn std::fmt::Display| SessionError::Connect(url.to_string(), e.to_string());
-    tonic::transport::Endpoint::from_shared(url.to_string())
+    let endpoint = mesh_proto::dial::Dialer::endpoint(url)
         .map_err(|e| err(&e))?
         .connect_timeout(Duration::from_secs(3))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5))
         .keep_alive_while_idle(true)
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .map_err(|e| {
-            let mut cause: &dyn std::error::Error = &e;
-            while let Some(next) = cause.source() {
-                cause = next;
-            }
-            err(&cause)
-        })
+        .tcp_nodelay(true);
+    shared.dialer.connect(endpoint).await.map_err(|e| match e {
+        mesh_proto::dial::DialError::Connect(_, cause) => err(&cause),
+        other => err(&other),
+    })
 }
 
 fn subscribe(shared: &Shared) -> v1::PolicyStreamRequest {
@@ -162,7 +157,7 @@ async fn session(
     added: &mut mpsc::UnboundedReceiver<String>,
     stop: &CancellationToken,
 ) -> Result<(), SessionError> {
-    let ch = connect(url).await?;
+    let ch = connect(shared, url).await?;
     shared.metrics.control_plane_reconnects.inc();
     // Names announced before this session are in the subscription already.
     while added.try_recv().is_ok() {}
@@ -353,7 +348,7 @@ pub async fn deregister(shared: &Shared, within: Duration) {
     }
     let url = shared.cp.url.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let attempt = async {
-        let ch = connect(&url).await?;
+        let ch = connect(shared, &url).await?;
         RegistryClient::new(ch)
             .deregister(v1::DeregisterRequest { service, instance_id: shared.config.instance_id.clone() })
             .await
@@ -394,6 +389,7 @@ mod tests {
             spool_max_age: Duration::from_secs(86_400),
             subscriptions: Vec::new(),
             identity_token: None,
+            control_plane_ca: None,
         }
     }
 

@@ -19,7 +19,7 @@ use axum::{
     http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
-use mesh_proto::{names, v1};
+use mesh_proto::{dial::Dialer, names, v1};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::Notify;
@@ -212,15 +212,11 @@ pub async fn publish(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
 
 /// A client of the control plane's event bus at `url`.
 pub async fn connect_events(
+    dialer: &Dialer,
     url: &str,
 ) -> Result<v1::events_client::EventsClient<tonic::transport::Channel>, String> {
-    let ep = tonic::transport::Endpoint::from_shared(url.to_string())
-        .map_err(|e| format!("control-plane URL {url:?}: {e}"))?;
-    let ch = ep
-        .connect_timeout(Duration::from_secs(3))
-        .connect()
-        .await
-        .map_err(|e| format!("cannot reach the control plane at {url}: {e}"))?;
+    let ep = Dialer::endpoint(url).map_err(|e| e.to_string())?.connect_timeout(Duration::from_secs(3));
+    let ch = dialer.connect(ep).await.map_err(|e| e.to_string())?;
     Ok(v1::events_client::EventsClient::new(ch))
 }
 
@@ -254,7 +250,7 @@ pub async fn forward(shared: Arc<Shared>, stop: CancellationToken) {
         if client.is_none() {
             let url = &urls[attempt % urls.len()];
             attempt += 1;
-            client = connect_events(url).await.ok();
+            client = connect_events(&shared.dialer, url).await.ok();
         }
         let n = batch.len() as u64;
         let sent = match &mut client {

@@ -10,7 +10,7 @@ use std::{
 };
 
 use arc_swap::ArcSwapOption;
-use mesh_proto::v1;
+use mesh_proto::{dial::Dialer, v1};
 use tokio_util::sync::CancellationToken;
 
 use crate::{Shared, control::Backoff};
@@ -96,19 +96,21 @@ impl IdentityCell {
 }
 
 /// One CSR → certificate exchange with the control plane at `url`.
-pub async fn obtain(url: &str, service: &str, node_id: &str, token: &str) -> Result<Identity, String> {
+pub async fn obtain(
+    dialer: &Dialer,
+    url: &str,
+    service: &str,
+    node_id: &str,
+    token: &str,
+) -> Result<Identity, String> {
     let key = rcgen::KeyPair::generate().map_err(|e| format!("cannot generate a key pair: {e}"))?;
     let params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(|e| e.to_string())?;
     let csr = params
         .serialize_request(&key)
         .and_then(|c| c.pem())
         .map_err(|e| format!("cannot build a CSR: {e}"))?;
-    let ch = tonic::transport::Endpoint::from_shared(url.to_string())
-        .map_err(|e| format!("control-plane URL {url:?}: {e}"))?
-        .connect_timeout(Duration::from_secs(3))
-        .connect()
-        .await
-        .map_err(|e| format!("cannot reach the control plane at {url}: {e}"))?;
+    let ep = Dialer::endpoint(url).map_err(|e| e.to_string())?.connect_timeout(Duration::from_secs(3));
+    let ch = dialer.connect(ep).await.map_err(|e| e.to_string())?;
     let issued = SystemTime::now();
     let r = v1::identity_client::IdentityClient::new(ch)
         .certify(v1::CertifyRequest {
@@ -130,6 +132,19 @@ pub async fn obtain(url: &str, service: &str, node_id: &str, token: &str) -> Res
     })
 }
 
+/// How this sidecar reaches the control plane: with `ca_pem`, TLS that presents the current
+/// certificate (none before the first one, which is how `Certify` is reached); without, plaintext.
+/// The configuration is made per connection, so a reconnect after a rotation uses the new
+/// certificate.
+pub fn control_plane_dialer(ca_pem: Option<String>, cell: Arc<IdentityCell>) -> Dialer {
+    let Some(ca) = ca_pem else { return Dialer::plaintext() };
+    Dialer::tls(Arc::new(move || {
+        let current = cell.current();
+        let client = current.as_ref().map(|c| (c.id.certificate_pem.as_str(), c.id.private_key_pem.as_str()));
+        mesh_proto::dial::client_config(&ca, client).map(Arc::new)
+    }))
+}
+
 /// When to renew: two thirds into the certificate's lifetime.
 pub fn renew_at(id: &Identity) -> SystemTime {
     let life = id.expires.duration_since(id.issued).unwrap_or_default();
@@ -144,9 +159,10 @@ pub async fn run(shared: Arc<Shared>, token: String, stop: CancellationToken) {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
     for attempt in 0usize.. {
         let url = &urls[attempt % urls.len()];
-        let certified = obtain(url, &service, &shared.config.instance_id, &token).await.and_then(|id| {
-            Certified::new(id).map_err(|e| format!("the issued certificate is unusable: {e}"))
-        });
+        let certified =
+            obtain(&shared.dialer, url, &service, &shared.config.instance_id, &token).await.and_then(|id| {
+                Certified::new(id).map_err(|e| format!("the issued certificate is unusable: {e}"))
+            });
         let wait = match certified {
             Ok(c) => {
                 let id = &c.id;

@@ -106,6 +106,8 @@ pub struct Config {
     /// The service's bootstrap token: with it the sidecar gets (and renews) its certificate
     /// from the mesh CA.
     pub identity_token: Option<String>,
+    /// The mesh root (PEM) that an `https://` control plane's certificate must chain to.
+    pub control_plane_ca: Option<String>,
 }
 
 /// Connection state toward the control plane, for `/config` and `/ready`.
@@ -138,6 +140,8 @@ pub struct Shared {
     /// This sidecar's certified mesh identity, once it has one (shared with the upstreams'
     /// TLS connectors).
     pub identity: Arc<identity::IdentityCell>,
+    /// How to reach the control plane: TLS presenting the current certificate, when it has a CA.
+    pub dialer: mesh_proto::dial::Dialer,
 }
 
 impl Shared {
@@ -163,6 +167,7 @@ impl Shared {
             )
             .map(events::Outbox::new)
             .map_err(|e| e.to_string()),
+            dialer: identity::control_plane_dialer(config.control_plane_ca.clone(), identity.clone()),
             identity,
             config,
         });

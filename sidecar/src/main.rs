@@ -36,9 +36,14 @@ struct Args {
     /// The local app (sidecar mode).
     #[arg(long, env = "MESH_APP_ADDR")]
     app_addr: Option<SocketAddr>,
-    /// Control-plane gRPC URL; repeat or comma-separate for failover.
+    /// Control-plane gRPC URL; repeat or comma-separate for failover. `https://` (the default
+    /// control plane) needs --control-plane-ca; `http://` is for one run with --insecure-api.
     #[arg(long, env = "MESH_CONTROL_PLANE", value_delimiter = ',')]
     control_plane: Vec<String>,
+    /// The mesh root certificate (PEM; the control plane's `ca.pem`, or `meshctl identity
+    /// bundle`): an `https://` control plane must present a certificate it issued.
+    #[arg(long, env = "MESH_CONTROL_PLANE_CA")]
+    control_plane_ca: Option<PathBuf>,
     /// Inbound listener: other sidecars reach the app here (default 0.0.0.0:4143).
     #[arg(long, env = "MESH_INBOUND_ADDR")]
     inbound_addr: Option<SocketAddr>,
@@ -142,6 +147,7 @@ struct FileConfig {
     idempotency_window: Option<Duration>,
     subscriptions: Vec<sidecar::subscribe::Subscription>,
     identity_token_file: Option<PathBuf>,
+    control_plane_ca: Option<PathBuf>,
     spool_max_bytes: Option<u64>,
     #[serde(with = "opt_duration")]
     spool_max_age: Option<Duration>,
@@ -205,7 +211,7 @@ fn resolve(a: Args) -> anyhow::Result<Resolved> {
     let admin = a.admin_addr.or(f.admin_addr).unwrap_or(([127, 0, 0, 1], 4191).into());
     let control_plane = if a.control_plane.is_empty() { f.control_plane } else { a.control_plane };
     let control_plane =
-        if control_plane.is_empty() { vec!["http://127.0.0.1:7070".to_string()] } else { control_plane };
+        if control_plane.is_empty() { vec!["https://127.0.0.1:7070".to_string()] } else { control_plane };
     let mut routes = f.routes;
     for r in &a.routes {
         routes.push(Route::parse(r).map_err(anyhow::Error::msg)?);
@@ -245,6 +251,24 @@ fn resolve(a: Args) -> anyhow::Result<Resolved> {
         ),
         (None, None) => None,
     };
+    let control_plane_ca = match a.control_plane_ca.or(f.control_plane_ca) {
+        Some(path) => Some(
+            std::fs::read_to_string(&path)
+                .with_context(|| format!("cannot read --control-plane-ca {}", path.display()))?,
+        ),
+        None => None,
+    };
+    if let Some(ca) = &control_plane_ca {
+        mesh_proto::dial::roots(ca).context("--control-plane-ca holds no usable certificate")?;
+    }
+    if let Some(url) = control_plane.iter().find(|u| u.starts_with("https://"))
+        && control_plane_ca.is_none()
+    {
+        bail!(
+            "the control plane {url} is served over TLS: give its CA with --control-plane-ca \
+             (the control plane's data dir holds it as ca.pem)"
+        );
+    }
     let data_dir =
         a.data_dir.or(f.data_dir).unwrap_or_else(|| PathBuf::from(format!(".mesh/sidecar-{instance_id}")));
     let config = Config {
@@ -269,6 +293,7 @@ fn resolve(a: Args) -> anyhow::Result<Resolved> {
         spool_max_age: a.spool_max_age.or(f.spool_max_age).unwrap_or(Duration::from_secs(86_400)),
         subscriptions,
         identity_token,
+        control_plane_ca,
     };
     Ok(Resolved { config, inbound, outbound, admin })
 }

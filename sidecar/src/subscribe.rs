@@ -158,7 +158,7 @@ async fn follow(
         let url = &urls[attempt % urls.len()];
         let ended = tokio::select! {
             _ = stop.cancelled() => return,
-            r = follow_once(url, &start, handle, &mut backoff) => r,
+            r = follow_once(&shared.dialer, url, &start, handle, &mut backoff) => r,
         };
         let reason = match ended {
             (Ended::Stopped, _) => return,
@@ -182,12 +182,13 @@ async fn follow(
 
 /// One subscription stream; returns why it ended and the offset after the last handled event.
 async fn follow_once(
+    dialer: &mesh_proto::dial::Dialer,
     url: &str,
     start: &v1::SubscribeStart,
     handle: &mut impl Handle,
     backoff: &mut Backoff,
 ) -> (Ended, Option<u64>) {
-    let mut client = match connect_events(url).await {
+    let mut client = match connect_events(dialer, url).await {
         Ok(c) => c,
         Err(e) => return (Ended::Failed(e), None),
     };

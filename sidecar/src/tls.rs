@@ -15,11 +15,13 @@
 
 use std::sync::Arc;
 
+pub use mesh_proto::dial::{DialError as TlsError, peer_spiffe_id};
+use mesh_proto::dial::{cert_chain, private_key, provider, roots};
 use rustls::{
     DigitallySignedStruct, RootCertStore, SignatureScheme,
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     crypto::CryptoProvider,
-    pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject},
+    pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime},
     server::{ParsedCertificate, WebPkiClientVerifier},
 };
 
@@ -27,42 +29,12 @@ use crate::identity::Identity;
 
 pub const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
 
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    #[error("bad {what} PEM: {reason}")]
-    Pem { what: &'static str, reason: String },
-    #[error("TLS configuration: {0}")]
-    Config(String),
-}
-
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-fn pem_err(what: &'static str) -> impl FnOnce(rustls::pki_types::pem::Error) -> TlsError {
-    move |e| TlsError::Pem { what, reason: e.to_string() }
-}
-
 fn chain(id: &Identity) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    CertificateDer::pem_slice_iter(id.certificate_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(pem_err("certificate"))
+    cert_chain(&id.certificate_pem)
 }
 
 fn key(id: &Identity) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_slice(id.private_key_pem.as_bytes()).map_err(pem_err("private key"))
-}
-
-/// The mesh's trust anchors.
-pub fn roots(trust_anchors_pem: &str) -> Result<RootCertStore, TlsError> {
-    let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(trust_anchors_pem.as_bytes()) {
-        roots.add(cert.map_err(pem_err("trust anchor"))?).map_err(|e| TlsError::Config(e.to_string()))?;
-    }
-    if roots.is_empty() {
-        return Err(TlsError::Config("no trust anchors".into()));
-    }
-    Ok(roots)
+    private_key(&id.private_key_pem)
 }
 
 /// The inbound listener's configuration: mutual TLS with mesh identities only.
@@ -73,13 +45,13 @@ pub fn server_config(id: &Identity) -> Result<rustls::ServerConfig, TlsError> {
         provider.clone(),
     )
     .build()
-    .map_err(|e| TlsError::Config(e.to_string()))?;
+    .map_err(|e| TlsError::Tls(e.to_string()))?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError::Config(e.to_string()))?
+        .map_err(|e| TlsError::Tls(e.to_string()))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain(id)?, key(id)?)
-        .map_err(|e| TlsError::Config(e.to_string()))?;
+        .map_err(|e| TlsError::Tls(e.to_string()))?;
     config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
     Ok(config)
 }
@@ -97,7 +69,7 @@ fn client_builder(
     });
     Ok(rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError::Config(e.to_string()))?
+        .map_err(|e| TlsError::Tls(e.to_string()))?
         .dangerous()
         .with_custom_certificate_verifier(verifier))
 }
@@ -111,7 +83,7 @@ fn with_alpn(mut config: rustls::ClientConfig) -> rustls::ClientConfig {
 pub fn client_config(id: &Identity, expected: &str) -> Result<rustls::ClientConfig, TlsError> {
     let config = client_builder(&id.trust_anchors_pem, expected)?
         .with_client_auth_cert(chain(id)?, key(id)?)
-        .map_err(|e| TlsError::Config(e.to_string()))?;
+        .map_err(|e| TlsError::Tls(e.to_string()))?;
     Ok(with_alpn(config))
 }
 
@@ -122,16 +94,6 @@ pub fn anonymous_client_config(
     expected: &str,
 ) -> Result<rustls::ClientConfig, TlsError> {
     Ok(with_alpn(client_builder(trust_anchors_pem, expected)?.with_no_client_auth()))
-}
-
-/// The URI SAN naming a SPIFFE id in a (verified) certificate.
-pub fn peer_spiffe_id(cert: &CertificateDer<'_>) -> Option<String> {
-    let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
-    let san = parsed.subject_alternative_name().ok()??;
-    san.value.general_names.iter().find_map(|n| match n {
-        x509_parser::extensions::GeneralName::URI(u) if u.starts_with("spiffe://") => Some(u.to_string()),
-        _ => None,
-    })
 }
 
 /// Accepts a server certificate that chains to the mesh root and names `expected`; the TLS

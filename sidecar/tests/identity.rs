@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use mesh_proto::v1::{self, identity_client::IdentityClient};
-use mesh_testkit::{Backend, TestCp, TestSidecar, WAIT, eventually, get};
+use mesh_testkit::{Backend, TestCp, TestSidecar, WAIT, eventually, get, metric};
 
 async fn token(cp: &TestCp, service: &str) -> String {
     IdentityClient::new(cp.channel().await)
@@ -15,21 +15,25 @@ async fn token(cp: &TestCp, service: &str) -> String {
         .token
 }
 
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sidecar_is_certified_for_its_service_and_renews_before_expiry() {
-    let cp = TestCp::start_with(|c| c.cert_ttl = Duration::from_secs(3)).await;
+    // The control plane's API as deployed: TLS, the sidecar authenticated by its certificate
+    // (whose short lifetime also applies to the API's own certificate here).
+    let cp = TestCp::start_with(|c| {
+        c.cert_ttl = Duration::from_secs(3);
+        c.insecure_api = false;
+    })
+    .await;
     let app = Backend::start("market").await;
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = TestSidecar::config(&cp.url(), "market", "m1", app.addr, dir.path());
     cfg.identity_token = Some(token(&cp, "market").await);
+    cfg.control_plane_ca = Some(cp.ca_pem());
     let sc = TestSidecar::start(cfg).await;
+    eventually(WAIT, "m1 registered over the TLS API with its certificate", || async {
+        cp.endpoints("market").await == ["m1"]
+    })
+    .await;
     eventually(WAIT, "a certificate for spiffe://mesh.local/service/market", || async {
         get(sc.admin, "admin", "/config").await.1.contains("spiffe://mesh.local/service/market")
     })
@@ -73,4 +77,21 @@ async fn a_token_for_another_service_gets_no_certificate() {
     .await;
     let config = get(sc.admin, "admin", "/config").await.1;
     assert!(config.contains("\"identity\":null"), "{config}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_certificate_a_sidecar_cannot_register_and_says_why() {
+    let cp = TestCp::start_secure().await;
+    let app = Backend::start("market").await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = TestSidecar::config(&cp.url(), "market", "m1", app.addr, dir.path());
+    cfg.control_plane_ca = Some(cp.ca_pem());
+    let sc = TestSidecar::start(cfg).await;
+    eventually(WAIT, "the refusal in /config", || async {
+        get(sc.admin, "admin", "/config").await.1.contains("no credential to")
+    })
+    .await;
+    assert!(cp.endpoints("market").await.is_empty(), "not registered");
+    let (status, ready) = get(sc.admin, "admin", "/ready").await;
+    assert_eq!(status, 503, "{ready}");
 }

@@ -90,10 +90,23 @@ async fn meshctl_up_runs_a_whole_mesh_reachable_through_the_gateway_and_stops_on
     };
 
     // Both instances register once healthy; the gateway learns them.
-    let meshctl = |args: &[&str]| {
-        let out = Command::new(bin("meshctl")).arg("--control-plane").arg(&cp).args(args).output().unwrap();
-        String::from_utf8(out.stdout).unwrap()
+    // The control plane's API is TLS from the mesh CA; meshctl trusts its root and sends the
+    // admin token it wrote.
+    assert!(cp.starts_with("https://"), "{cp}");
+    let (ca, token) = (state.join("control-plane/ca.pem"), state.join("control-plane/admin.token"));
+    let meshctl_with = |token: &std::path::Path, args: &[&str]| {
+        Command::new(bin("meshctl"))
+            .arg("--control-plane")
+            .arg(&cp)
+            .arg("--ca-file")
+            .arg(&ca)
+            .arg("--admin-token-file")
+            .arg(token)
+            .args(args)
+            .output()
+            .unwrap()
     };
+    let meshctl = |args: &[&str]| String::from_utf8(meshctl_with(&token, args).stdout).unwrap();
     eventually(WAIT, "two healthy market-service instances", || async {
         meshctl(&["instances", "market-service"]).lines().filter(|l| l.contains("healthy")).count() == 2
     })
@@ -189,6 +202,10 @@ async fn meshctl_up_runs_a_whole_mesh_reachable_through_the_gateway_and_stops_on
     .await;
     let status = meshctl(&["proxy-status"]);
     assert!(status.lines().filter(|l| l.contains("SYNCED")).count() >= 3, "{status}");
+    // Without the admin token the API refuses.
+    let anonymous = meshctl_with(&state.join("no-such-token"), &["proxy-status"]);
+    assert!(!anonymous.status.success());
+    assert!(String::from_utf8_lossy(&anonymous.stderr).contains("unauthenticated"), "{anonymous:?}");
 
     let mut up = up.0.take().unwrap();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(up.id() as i32), nix::sys::signal::Signal::SIGINT)

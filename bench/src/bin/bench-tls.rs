@@ -57,9 +57,15 @@ enum Cmd {
 async fn main() -> anyhow::Result<()> {
     match Args::parse().cmd {
         Cmd::Certify { cp, token, service, dir } => {
-            let id = sidecar::identity::obtain(&cp, &service, &service, &token)
-                .await
-                .map_err(anyhow::Error::msg)?;
+            let id = sidecar::identity::obtain(
+                &mesh_proto::dial::Dialer::plaintext(),
+                &cp,
+                &service,
+                &service,
+                &token,
+            )
+            .await
+            .map_err(anyhow::Error::msg)?;
             std::fs::create_dir_all(&dir)?;
             std::fs::write(dir.join(format!("{service}.pem")), &id.certificate_pem)?;
             std::fs::write(dir.join(format!("{service}.key")), &id.private_key_pem)?;

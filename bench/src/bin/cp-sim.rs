@@ -91,6 +91,9 @@ impl Cp {
         };
         let mut child = cmd
             .args([
+                // The simulated sidecars are plaintext clients (the API's TLS is not what this
+                // measures).
+                "--insecure-api",
                 "--grpc-addr",
                 "127.0.0.1:0",
                 "--admin-addr",

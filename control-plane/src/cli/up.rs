@@ -132,16 +132,24 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
         )
         .await?;
     let (grpc, cp_admin) = (addr(&cp, "grpc"), addr(&cp, "admin"));
-    let cp_url = format!("http://{grpc}");
-    mesh.row("control-plane", cp_url.clone(), "gRPC: registry, discovery, policy, admin (meshctl)");
+    let cp_url = format!("https://{grpc}");
+    // The API is TLS from the mesh CA; sidecars trust its root, meshctl also sends the admin
+    // token the control plane wrote into its data dir.
+    let target = super::Target {
+        url: cp_url.clone(),
+        ca_file: args.dir.join("control-plane").join("ca.pem"),
+        admin_token_file: args.dir.join("control-plane").join("admin.token"),
+    };
+    let ca_file = target.ca_file.display().to_string();
+    mesh.row("control-plane", cp_url.clone(), "gRPC over TLS: registry, discovery, policy, admin (meshctl)");
     mesh.row("", format!("http://{cp_admin}/metrics"), "Prometheus metrics, /healthz");
 
-    set_market_policy(&cp_url).await?;
+    set_market_policy(&target).await?;
     // Mesh identity: a bootstrap token per service; every sidecar and the gateway get their
     // certificates from the control plane's CA and speak mutual TLS to each other.
     let token_file = |service: &str| args.dir.join("tokens").join(service).display().to_string();
     for service in ["market-service", "gateway"] {
-        write_token(&cp_url, service, Path::new(&token_file(service))).await?;
+        write_token(&target, service, Path::new(&token_file(service))).await?;
     }
     mesh.row(
         "",
@@ -191,6 +199,8 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
                     &app_addr,
                     "--control-plane",
                     &cp_url,
+                    "--control-plane-ca",
+                    &ca_file,
                     "--inbound-addr",
                     "127.0.0.1:0",
                     "--outbound-addr",
@@ -226,6 +236,8 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
                 "gateway",
                 "--control-plane",
                 &cp_url,
+                "--control-plane-ca",
+                &ca_file,
                 "--outbound-addr",
                 &args.gateway_addr,
                 "--admin-addr",
@@ -261,7 +273,10 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
         logs.display(),
         args.dir.join("admin-token").display()
     );
-    out!("try:   meshctl --control-plane {cp_url} instances market-service");
+    out!(
+        "try:   meshctl --control-plane {cp_url} --ca-file {ca_file} --admin-token-file {} instances market-service",
+        target.admin_token_file.display()
+    );
     out!(
         "       curl -s -XPOST http://{public}/api/accounts -H 'content-type: application/json' -d '{{\"id\":\"alice\"}}'"
     );
@@ -286,12 +301,12 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
 /// gateway) for 30 s, and a market's entries are dropped as soon as its events reach the bus —
 /// a trade is visible at once without giving up the cache. Set only when the service has no
 /// policy yet, so an operator's own survives restarts.
-async fn set_market_policy(cp_url: &str) -> Result<(), CliError> {
+async fn set_market_policy(cp: &super::Target) -> Result<(), CliError> {
     use mesh_proto::{
         policy::{CacheInvalidation, ServicePolicy},
         v1,
     };
-    let mut client = v1::policy_client::PolicyClient::new(super::connect(cp_url).await?);
+    let mut client = v1::policy_client::PolicyClient::new(super::connect(cp).await?);
     let existing = client.get(v1::GetPolicyRequest { service: "market-service".into() }).await;
     if existing.is_ok_and(|r| !r.into_inner().is_default) {
         return Ok(());
@@ -313,27 +328,15 @@ async fn set_market_policy(cp_url: &str) -> Result<(), CliError> {
 }
 
 /// Creates a bootstrap token for `service` and writes it to `path` (owner-only).
-async fn write_token(cp_url: &str, service: &str, path: &Path) -> Result<(), CliError> {
-    use std::{io::Write, os::unix::fs::OpenOptionsExt};
-    let mut ca = mesh_proto::v1::identity_client::IdentityClient::new(super::connect(cp_url).await?);
+async fn write_token(cp: &super::Target, service: &str, path: &Path) -> Result<(), CliError> {
+    let mut ca = mesh_proto::v1::identity_client::IdentityClient::new(super::connect(cp).await?);
     let token = ca
         .create_token(mesh_proto::v1::CreateTokenRequest { service: service.into() })
         .await
         .map_err(|s| CliError::Refused(format!("creating a token for {service}: {}", s.message())))?
         .into_inner()
         .token;
-    let fail = |e: std::io::Error| CliError::Input(format!("cannot write {}: {e}", path.display()));
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(fail)?;
-    }
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(fail)?;
-    f.write_all(token.as_bytes()).map_err(fail)
+    super::write_secret(path, &token)
 }
 
 /// Starts binary `bin` from `bin_dir` as `name`, with its stderr in `logs/<name>.log`, and

@@ -7,28 +7,41 @@ use std::{net::SocketAddr, path::Path};
 use mesh_testkit::Process;
 pub use mesh_testkit::{TestCp, bin, channel, eventually};
 
-/// The real `control-plane` binary on port 0 of 127.0.0.1; SIGKILLed on drop.
+/// The real `control-plane` binary on port 0 of 127.0.0.1; SIGKILLed on drop. Plaintext API
+/// (`--insecure-api`) unless started with [`CpProcess::start_secure`].
 pub struct CpProcess {
     proc: Process,
     pub grpc: SocketAddr,
     pub admin: SocketAddr,
+    secure: bool,
 }
 
 impl CpProcess {
     pub fn start(data_dir: &Path) -> Self {
+        Self::launch(data_dir, false)
+    }
+
+    /// With the binary's defaults: TLS, certificates and the admin token.
+    pub fn start_secure(data_dir: &Path) -> Self {
+        Self::launch(data_dir, true)
+    }
+
+    fn launch(data_dir: &Path, secure: bool) -> Self {
         let args: Vec<String> =
             ["--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--log", "warn", "--data-dir"]
                 .iter()
                 .map(|s| s.to_string())
                 .chain([data_dir.display().to_string()])
+                .chain((!secure).then(|| "--insecure-api".to_string()))
                 .collect();
         let proc = Process::start("control-plane", &args);
         let (grpc, admin) = (proc.addr("grpc"), proc.addr("admin"));
-        Self { proc, grpc, admin }
+        Self { proc, grpc, admin, secure }
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.grpc)
+        let scheme = if self.secure { "https" } else { "http" };
+        format!("{scheme}://{}", self.grpc)
     }
 
     pub fn kill9(self) {

@@ -31,7 +31,10 @@ use mesh_proto::{policy::ServicePolicy, v1};
 pub use sidecar::{Config as SidecarConfig, Mode};
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::{
+    service::interceptor::InterceptedService,
+    transport::{Channel, Endpoint},
+};
 
 pub const WAIT: Duration = Duration::from_secs(15);
 
@@ -51,17 +54,25 @@ where
     }
 }
 
+pub use control_plane::cli::AdminToken as Bearer;
+
+/// What [`TestCp::channel`] returns.
+pub type AdminChannel = control_plane::cli::CpChannel;
+
 pub async fn channel(addr: SocketAddr) -> Channel {
     Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap()
 }
 
 // ---- control plane ---------------------------------------------------------------------------
 
-/// A control plane inside the test process.
+/// A control plane inside the test process. Its API is plaintext and open unless started with
+/// [`TestCp::start_secure`] (the binary's default: TLS, sidecars by certificate, admin by token);
+/// the tests of API security and `meshctl up` run it secure, the others test what is behind it.
 pub struct TestCp {
     pub grpc: SocketAddr,
     pub admin: SocketAddr,
     pub dir: tempfile::TempDir,
+    pub secure: bool,
     stop: CancellationToken,
     task: Option<JoinHandle<Result<(), control_plane::Error>>>,
 }
@@ -76,25 +87,55 @@ impl TestCp {
         Self::start_in(tempfile::tempdir().unwrap(), tune).await
     }
 
+    /// With the API served as the binary serves it by default: TLS and authentication.
+    pub async fn start_secure() -> Self {
+        Self::start_with(|c| c.insecure_api = false).await
+    }
+
     /// Starts on the state in `dir` (a previous instance's data dir).
     pub async fn start_in(dir: tempfile::TempDir, tune: impl FnOnce(&mut control_plane::Config)) -> Self {
         let mut config = control_plane::Config::new(dir.path());
+        config.insecure_api = true;
         tune(&mut config);
+        let secure = !config.insecure_api;
         let cp = control_plane::ControlPlane::open(config).await.unwrap();
         let g = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let a = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (grpc, admin) = (g.local_addr().unwrap(), a.local_addr().unwrap());
         let stop = CancellationToken::new();
         let task = tokio::spawn(cp.serve(g, a, stop.clone()));
-        Self { grpc, admin, dir, stop, task: Some(task) }
+        Self { grpc, admin, dir, secure, stop, task: Some(task) }
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.grpc)
+        let scheme = if self.secure { "https" } else { "http" };
+        format!("{scheme}://{}", self.grpc)
     }
 
-    pub async fn channel(&self) -> Channel {
-        channel(self.grpc).await
+    /// The mesh root (what sidecars get as `--control-plane-ca`).
+    pub fn ca_pem(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("ca.pem")).unwrap()
+    }
+
+    /// The admin token the control plane wrote into its data dir.
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("admin.token")).unwrap().trim().to_string()
+    }
+
+    /// A channel with admin rights: plaintext to an open API, else TLS + the admin token.
+    pub async fn channel(&self) -> AdminChannel {
+        if !self.secure {
+            return InterceptedService::new(channel(self.grpc).await, Bearer(None));
+        }
+        let ch = self.dialer(None).connect(Endpoint::from_shared(self.url()).unwrap()).await.unwrap();
+        InterceptedService::new(ch, Bearer(Some(format!("Bearer {}", self.admin_token()).parse().unwrap())))
+    }
+
+    /// TLS to a secure API trusting the mesh root, presenting `client` (certificate chain PEM,
+    /// key PEM) when given.
+    pub fn dialer(&self, client: Option<(&str, &str)>) -> mesh_proto::dial::Dialer {
+        let config = Arc::new(mesh_proto::dial::client_config(&self.ca_pem(), client).unwrap());
+        mesh_proto::dial::Dialer::tls(Arc::new(move || Ok(config.clone())))
     }
 
     /// Stores `policy` for `service`; returns its version.
@@ -324,6 +365,7 @@ impl TestSidecar {
             spool_max_age: Duration::from_secs(86_400),
             subscriptions: Vec::new(),
             identity_token: None,
+            control_plane_ca: None,
         }
     }
 
@@ -461,6 +503,19 @@ fn client() -> Client<HttpConnector, Full<Bytes>> {
 }
 
 /// `GET path` to `addr` with `Host: host`: (status, body).
+/// The value of sample `name` (with its labels, as written) in Prometheus text, 0 if absent.
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Sample `name` from the `/metrics` of the admin listener at `addr`.
+pub async fn http_metric(addr: SocketAddr, name: &str) -> f64 {
+    metric(&get(addr, "test", "/metrics").await.1, name)
+}
+
 pub async fn get(addr: SocketAddr, host: &str, path: &str) -> (u16, String) {
     request(addr, "GET", host, path, &[], Bytes::new()).await
 }
@@ -687,6 +742,7 @@ impl Drop for FaultProxy {
 /// data in `dir`.
 pub fn control_plane_args(dir: &Path, grpc: &str) -> Vec<String> {
     [
+        "--insecure-api",
         "--grpc-addr",
         grpc,
         "--admin-addr",
