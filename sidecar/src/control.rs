@@ -73,6 +73,14 @@ fn status(what: &'static str) -> impl FnOnce(tonic::Status) -> SessionError {
 pub async fn run(shared: Arc<Shared>, mut added: mpsc::UnboundedReceiver<String>, stop: CancellationToken) {
     let urls = shared.config.control_plane.clone();
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+    // Against the TLS API a sidecar with a bootstrap token is only recognised once certified:
+    // sessions before that would just be refused.
+    if shared.mtls() && shared.config.control_plane_ca.is_some() {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = shared.identity.wait() => {}
+        }
+    }
     for attempt in 0usize.. {
         let url = &urls[attempt % urls.len()];
         *shared.cp.url.lock().unwrap_or_else(|p| p.into_inner()) = url.clone();
