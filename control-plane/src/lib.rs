@@ -70,6 +70,9 @@ pub struct Config {
     pub api_names: Vec<String>,
     /// The admin token's file; default `admin.token` in the data dir, created on first start.
     pub admin_token_file: Option<PathBuf>,
+    /// TLS handshakes in progress at once on the gRPC listener; connections beyond are closed at
+    /// once, so clients that connect and never finish a handshake cannot pile up.
+    pub max_pending_handshakes: usize,
 }
 
 /// The event bus's log.
@@ -98,6 +101,7 @@ impl Config {
             insecure_api: false,
             api_names: Vec::new(),
             admin_token_file: None,
+            max_pending_handshakes: 1024,
         }
     }
 }
@@ -256,7 +260,8 @@ impl ControlPlane {
                 .await
         } else {
             let tls = tls::server_config(state.clone(), &self.config.api_names)?;
-            let incoming = tls::incoming(grpc, tls, state.clone(), own.clone());
+            let incoming =
+                tls::incoming(grpc, tls, state.clone(), self.config.max_pending_handshakes, own.clone());
             router
                 .serve_with_incoming_shutdown(incoming, own.clone().cancelled_owned())
                 .instrument(tracing::info_span!("grpc", tls = true))

@@ -171,10 +171,12 @@ pub fn incoming(
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
     state: Arc<State>,
+    max_handshakes: usize,
     stop: CancellationToken,
 ) -> ReceiverStream<std::io::Result<ApiConn>> {
     let (tx, rx) = tokio::sync::mpsc::channel(128);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_handshakes));
     tokio::spawn(async move {
         loop {
             let (tcp, peer) = tokio::select! {
@@ -190,9 +192,15 @@ pub fn incoming(
                     }
                 },
             };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                state.metrics.api_handshake_failures.inc();
+                tracing::warn!(%peer, max_handshakes, "too many TLS handshakes in progress: connection closed");
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let (acceptor, tx, state) = (acceptor.clone(), tx.clone(), state.clone());
             tokio::spawn(async move {
+                let _slot = slot;
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
                         let _ = tx.send(Ok(ApiConn(tls))).await;

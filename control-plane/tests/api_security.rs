@@ -236,3 +236,40 @@ async fn plaintext_foreign_certificates_and_unknown_servers_get_no_api() {
     let e = Dialer::plaintext().connect(Endpoint::from_shared(cp.url()).unwrap()).await.unwrap_err();
     assert!(e.to_string().contains("--control-plane-ca"), "{e}");
 }
+
+#[tokio::test]
+async fn connections_that_never_finish_a_handshake_are_bounded() {
+    let cp = TestCp::start_with(|c| {
+        c.insecure_api = false;
+        c.max_pending_handshakes = 2;
+    })
+    .await;
+    // Two connections that never send a ClientHello hold both handshake slots…
+    let idle = [
+        tokio::net::TcpStream::connect(cp.grpc).await.unwrap(),
+        tokio::net::TcpStream::connect(cp.grpc).await.unwrap(),
+    ];
+    mesh_testkit::eventually(mesh_testkit::WAIT, "a third connection is turned away", || async {
+        try_register(
+            cp.dialer(None)
+                .connect(Endpoint::from_shared(cp.url()).unwrap())
+                .await
+                .map_err(|e| e.to_string()),
+        )
+        .await
+        .is_err_and(|s| s.code() == Code::Unavailable)
+    })
+    .await;
+    assert!(http_metric(cp.admin, "mesh_control_plane_api_handshake_failures_total").await >= 1.0);
+    // …and once they go, the API answers again (anonymous: UNAUTHENTICATED, not a dead socket).
+    drop(idle);
+    mesh_testkit::eventually(mesh_testkit::WAIT, "the API answers again", || async {
+        let ch = cp
+            .dialer(None)
+            .connect(Endpoint::from_shared(cp.url()).unwrap())
+            .await
+            .map_err(|e| e.to_string());
+        try_register(ch).await.is_err_and(|s| s.code() == Code::Unauthenticated)
+    })
+    .await;
+}
