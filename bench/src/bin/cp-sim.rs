@@ -25,6 +25,7 @@ use std::{
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use control_plane::cli::{CpChannel as Channel, Target, connect};
 use futures::StreamExt;
 use mesh_proto::{
     policy::ServicePolicy,
@@ -36,7 +37,6 @@ use mesh_proto::{
 use serde_json::json;
 use tokio::{io::AsyncBufReadExt, sync::mpsc};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
 
 #[derive(Debug, Parser)]
 #[command(about = "Control-plane benchmark: a simulator of many sidecars over real gRPC")]
@@ -65,13 +65,17 @@ struct Args {
     /// Seconds of heartbeat load.
     #[arg(long, default_value_t = 5)]
     heartbeat_secs: u64,
+    /// Run the control plane with its default TLS API (the simulator authenticates with the
+    /// admin token over TLS); without it, `--insecure-api` (plaintext).
+    #[arg(long)]
+    tls: bool,
 }
 
 struct Cp {
     child: tokio::process::Child,
     pid: u32,
     url: String,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Cp {
@@ -90,10 +94,8 @@ impl Cp {
             None => tokio::process::Command::new(&bin),
         };
         let mut child = cmd
+            .args(if args.tls { None } else { Some("--insecure-api") })
             .args([
-                // The simulated sidecars are plaintext clients (the API's TLS is not what this
-                // measures).
-                "--insecure-api",
                 "--grpc-addr",
                 "127.0.0.1:0",
                 "--admin-addr",
@@ -112,8 +114,9 @@ impl Cp {
         let mut lines = tokio::io::BufReader::new(child.stdout.take().context("stdout")?).lines();
         let line = lines.next_line().await?.context("control plane exited before listening")?;
         let v: serde_json::Value = serde_json::from_str(&line)?;
-        let url = format!("http://{}", v["grpc"].as_str().context("grpc address")?);
-        Ok(Cp { child, pid, url, _dir: dir })
+        let scheme = if args.tls { "https" } else { "http" };
+        let url = format!("{scheme}://{}", v["grpc"].as_str().context("grpc address")?);
+        Ok(Cp { child, pid, url, dir })
     }
 
     /// Resident set size in bytes.
@@ -149,10 +152,17 @@ fn clk_tck() -> u64 {
         .unwrap_or(100)
 }
 
-async fn channels(url: &str, n: usize) -> anyhow::Result<Vec<Channel>> {
+/// `n` connections as meshctl makes them: TLS trusting the mesh root and carrying the admin
+/// token when the control plane serves TLS, plaintext otherwise.
+async fn channels(cp: &Cp, n: usize) -> anyhow::Result<Vec<Channel>> {
+    let target = Target {
+        url: cp.url.clone(),
+        ca_file: cp.dir.path().join("ca.pem"),
+        admin_token_file: cp.dir.path().join("admin.token"),
+    };
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
-        out.push(Endpoint::from_shared(url.to_string())?.connect().await?);
+        out.push(connect(&target).await.map_err(|e| anyhow::anyhow!("{e}"))?);
     }
     Ok(out)
 }
@@ -182,7 +192,7 @@ async fn main() -> anyhow::Result<()> {
     let cp = Cp::start(&args).await?;
     let idle_rss = settle(&cp).await;
     eprintln!("control plane pid {} at {}; idle RSS {:.1} MB", cp.pid, cp.url, idle_rss as f64 / 1e6);
-    let chans = channels(&cp.url, args.connections).await?;
+    let chans = channels(&cp, args.connections).await?;
 
     // 1. Registrations.
     let t = Instant::now();
@@ -290,7 +300,7 @@ async fn main() -> anyhow::Result<()> {
     // A fresh control plane for the stream phases, so memory freed by the phases above and
     // kept by the allocator cannot hide what the streams cost.
     let cp = Cp::start(&args).await?;
-    let chans = channels(&cp.url, args.connections).await?;
+    let chans = channels(&cp, args.connections).await?;
 
     // 3. Streams.
     let before_streams = settle(&cp).await;
