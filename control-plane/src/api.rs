@@ -148,7 +148,8 @@ impl v1::registry_server::Registry for Api {
         &self,
         req: Request<v1::RegisterRequest>,
     ) -> Result<Response<v1::RegisterResponse>, Status> {
-        let service = req.get_ref().instance.as_ref().map(|i| i.service.clone()).unwrap_or_default();
+        let service = req.get_ref().instance.as_ref().map(|i| i.service.clone());
+        let service = service.ok_or_else(|| Status::invalid_argument("instance: required"))?;
         self.as_service(&req, &service, "register an instance")?;
         let inst = req.into_inner().instance.ok_or_else(|| Status::invalid_argument("instance: required"))?;
         Ok(Response::new(self.0.registry.register(inst, Instant::now()).await?))

@@ -45,7 +45,7 @@ pub struct Args {
     /// dir's ca.pem).
     #[arg(long, global = true, env = "MESH_CA_FILE", default_value = ".mesh/control-plane/ca.pem")]
     pub ca_file: PathBuf,
-    /// The admin token (its data dir's admin.token): sent with every call.
+    /// The admin token (its data dir's admin.token): sent with every call to an https:// URL.
     #[arg(
         long,
         global = true,
@@ -312,7 +312,14 @@ pub async fn connect(t: &Target) -> Result<CpChannel, CliError> {
     } else {
         Dialer::plaintext()
     };
-    let token = match read_file(&t.admin_token_file, "--admin-token-file")? {
+    // The token goes only where TLS protects it: an `http://` control plane runs with
+    // --insecure-api and needs none.
+    let token_file = if addr.starts_with("https://") {
+        read_file(&t.admin_token_file, "--admin-token-file")?
+    } else {
+        None
+    };
+    let token = match token_file {
         Some(token) => Some(format!("Bearer {}", token.trim()).parse().map_err(|_| {
             CliError::Input(format!("--admin-token-file {}: not a token", t.admin_token_file.display()))
         })?),
