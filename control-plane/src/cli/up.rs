@@ -268,9 +268,10 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
     super::print_table(&["PROCESS", "LISTENS ON", "WHAT"], std::mem::take(&mut mesh.rows));
     out!();
     out!(
-        "state: {}   logs: {}   admin token: {}",
+        "state: {}   logs: {}   mesh admin token: {}   market admin token: {}",
         args.dir.display(),
         logs.display(),
+        target.admin_token_file.display(),
         args.dir.join("admin-token").display()
     );
     out!(
