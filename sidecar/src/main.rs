@@ -109,7 +109,8 @@ struct Args {
     /// The same, read from a file (kept out of the process list).
     #[arg(long, env = "MESH_IDENTITY_TOKEN_FILE")]
     identity_token_file: Option<PathBuf>,
-    /// Runtime worker threads (default: one per core).
+    /// Runtime worker threads (default: one per core; 1 runs the whole proxy on one thread, the
+    /// cheapest per request when the sidecar gets one core).
     #[arg(long, env = "MESH_WORKER_THREADS")]
     worker_threads: Option<usize>,
     /// Log filter (tracing EnvFilter syntax).

@@ -274,12 +274,26 @@ async fn an_instance_that_stops_heartbeating_leaves_within_the_ttl_and_returns()
     let c = mesh.spread(20, &[]).await;
     assert!(!c.contains_key("bin"), "{c:?}");
 
-    let _proc = mesh_testkit::Process::start("sidecar", &args);
+    // It returns on one worker thread (the single-threaded runtime), serves, and drains on
+    // SIGTERM: deregistered and exited cleanly.
+    let one_worker: Vec<String> =
+        args.iter().cloned().chain(["--worker-threads".into(), "1".into()]).collect();
+    let proc = mesh_testkit::Process::start("sidecar", &one_worker);
     mesh.wait_endpoints(3).await;
     eventually(WAIT, "the returning instance gets traffic", || async {
         mesh.spread(10, &[]).await.contains_key("bin")
     })
     .await;
+    let pid = nix::unistd::Pid::from_raw(proc.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    mesh.wait_endpoints(2).await;
+    let status = tokio::task::spawn_blocking(move || {
+        let mut proc = proc;
+        proc.child.wait().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(status.success(), "{status:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

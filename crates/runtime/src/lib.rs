@@ -32,9 +32,19 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 250ms or 15s: {e}"))
 }
 
-/// A multi-threaded runtime with `threads` workers (default: one per core), or the reason it
-/// could not start.
+/// A runtime with `threads` workers (default: one per core; exactly one: a current-thread
+/// runtime), or the reason it could not start.
 pub fn runtime(threads: Option<usize>) -> Result<tokio::runtime::Runtime, String> {
+    // One worker: a current-thread runtime, everything on the calling thread — no wake-ups
+    // across threads, no work-stealing bookkeeping. For the sidecar at one worker this is
+    // 20–30 % less CPU per request under load than a one-worker multi-thread runtime (whose
+    // `block_on` thread is a second thread doing proxy work): BENCHMARKS.md, data plane. Blocking work still goes to `spawn_blocking`'s pool.
+    if threads == Some(1) {
+        return tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start the async runtime: {e}"));
+    }
     let mut b = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = threads.filter(|n| *n > 0) {
         b.worker_threads(n);
