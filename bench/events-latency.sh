@@ -6,12 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RATES=${RATES:-"300 500 700 1000"} DIRECT=${DIRECT:-"1000"}
-cargo build --release -q -p control-plane -p sidecar -p mesh-bench
-R=target/release
-T=$(mktemp -d)
-pids=()
-cleanup() { kill -9 "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$T"; }
-trap cleanup EXIT
+. bench/lib.sh
 CP=127.0.0.1:17870 HOOK=127.0.0.1:17880 PUB=127.0.0.1:17891 SUB=127.0.0.1:17892
 "$R/control-plane" --insecure-api --grpc-addr $CP --admin-addr 127.0.0.1:17871 --data-dir "$T/cp" --log warn >/dev/null 2>&1 &
 pids+=($!)

@@ -15,12 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUTAGE=${OUTAGE:-60} RATE=${RATE:-200} BEFORE=${BEFORE:-10} AFTER=${AFTER:-10}
-cargo build --release -q -p control-plane -p sidecar -p mesh-bench
-R=target/release
-T=$(mktemp -d)
-pids=()
-cleanup() { kill -9 "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$T"; }
-trap cleanup EXIT
+. bench/lib.sh
 out=bench/results
 mkdir -p "$out"
 CP=127.0.0.1:17670 HOOK=127.0.0.1:17680 PUB=127.0.0.1:17691 SUB=127.0.0.1:17692

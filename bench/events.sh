@@ -17,12 +17,7 @@ cd "$(dirname "$0")/.."
 REPS=${REPS:-3}
 BUS=${BUS:-embedded}
 NATS_URL=${NATS_URL:-nats://127.0.0.1:4222}
-cargo build --release -q -p control-plane -p sidecar -p mesh-bench
-R=target/release
-T=$(mktemp -d)
-pids=()
-cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$T"; }
-trap cleanup EXIT
+. bench/lib.sh
 out=bench/results
 mkdir -p "$out"
 

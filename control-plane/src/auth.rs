@@ -62,7 +62,7 @@ impl Auth {
     pub fn enforcing(admin_token: &str, trust_domain: &str) -> Self {
         Self {
             admin_token_sha256: Some(sha256(admin_token)),
-            service_prefix: format!("spiffe://{trust_domain}/service/"),
+            service_prefix: mesh_proto::names::spiffe_id(trust_domain, ""),
         }
     }
 

@@ -36,10 +36,7 @@ pub struct Ca {
     pub leaf_ttl: Duration,
 }
 
-/// `spiffe://<trust-domain>/service/<service>`.
-pub fn spiffe_id(trust_domain: &str, service: &str) -> String {
-    format!("spiffe://{trust_domain}/service/{service}")
-}
+pub use mesh_proto::names::spiffe_id;
 
 fn file_err(path: &Path) -> impl FnOnce(String) -> CaError + '_ {
     move |reason| CaError::File { path: path.display().to_string(), reason }

@@ -26,13 +26,7 @@ fn csr() -> (String, String) {
 
 /// A certificate for `service` from `cp`'s CA: (chain PEM, key PEM).
 async fn certificate(cp: &TestCp, service: &str) -> (String, String) {
-    let admin = cp.channel().await;
-    let token = v1::identity_client::IdentityClient::new(admin)
-        .create_token(v1::CreateTokenRequest { service: service.into() })
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
+    let token = cp.token(service).await;
     // Certify needs no client certificate: the token is the credential.
     let anonymous = cp.dialer(None).connect(Endpoint::from_shared(cp.url()).unwrap()).await.unwrap();
     let (key, csr_pem) = csr();
@@ -271,5 +265,32 @@ async fn connections_that_never_finish_a_handshake_are_bounded() {
             .map_err(|e| e.to_string());
         try_register(ch).await.is_err_and(|s| s.code() == Code::Unauthenticated)
     })
+    .await;
+}
+
+/// The certificate the API presents on a new connection (verified against the mesh root).
+async fn server_certificate(cp: &TestCp) -> Vec<u8> {
+    let config = std::sync::Arc::new(mesh_proto::dial::client_config(&cp.ca_pem(), None).unwrap());
+    let tcp = tokio::net::TcpStream::connect(cp.grpc).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+#[tokio::test]
+async fn the_apis_own_certificate_is_reissued_before_it_expires() {
+    // 3 s certificates: the API's is reissued 2 s after it was made.
+    let cp = TestCp::start_with(|c| {
+        c.insecure_api = false;
+        c.cert_ttl = Duration::from_secs(3);
+    })
+    .await;
+    let first = server_certificate(&cp).await;
+    assert_eq!(server_certificate(&cp).await, first, "the same certificate until it is due");
+    mesh_testkit::eventually(
+        mesh_testkit::WAIT,
+        "a reissued certificate, still from the mesh root",
+        || async { server_certificate(&cp).await != first },
+    )
     .await;
 }

@@ -20,12 +20,7 @@ fn certify(service: &str, token: &str, csr_pem: String) -> v1::CertifyRequest {
 async fn a_token_certifies_its_own_service_only_and_revocation_ends_it() {
     let cp = TestCp::start().await;
     let mut ca = IdentityClient::new(cp.channel().await);
-    let token = ca
-        .create_token(v1::CreateTokenRequest { service: "market".into() })
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
+    let token = cp.token("market").await;
     assert_eq!(token.len(), 64);
 
     let r = ca.certify(certify("market", &token, csr())).await.unwrap().into_inner();
@@ -74,12 +69,7 @@ async fn a_token_certifies_its_own_service_only_and_revocation_ends_it() {
 async fn tokens_and_the_root_survive_a_restart() {
     let cp = TestCp::start().await;
     let mut ca = IdentityClient::new(cp.channel().await);
-    let token = ca
-        .create_token(v1::CreateTokenRequest { service: "market".into() })
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
+    let token = cp.token("market").await;
     let root = ca.trust_bundle(v1::TrustBundleRequest {}).await.unwrap().into_inner().trust_anchors_pem;
     let dir = cp.stop().await;
     let cp = TestCp::start_in(dir, |_| {}).await;

@@ -37,6 +37,12 @@ pub fn is_header_name(s: &str) -> bool {
         && s.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"!#$%&'*+-.^_`|~".contains(&c))
 }
 
+/// The mesh identity of a service: `spiffe://<trust-domain>/service/<service>` (with an empty
+/// `service`, the prefix every service identity of that trust domain starts with).
+pub fn spiffe_id(trust_domain: &str, service: &str) -> String {
+    format!("spiffe://{trust_domain}/service/{service}")
+}
+
 /// `spiffe://<trust-domain>/<path>` with a non-empty trust domain and path.
 pub fn is_spiffe_id(s: &str) -> bool {
     let Some(rest) = s.strip_prefix("spiffe://") else { return false };

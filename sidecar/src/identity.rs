@@ -56,7 +56,7 @@ impl Certified {
         service: &str,
         alpn: &'static [u8],
     ) -> Result<Arc<rustls::ClientConfig>, crate::tls::TlsError> {
-        let expected = format!("spiffe://{}/service/{service}", self.id.trust_domain());
+        let expected = mesh_proto::names::spiffe_id(self.id.trust_domain(), service);
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = clients.get(&(expected.clone(), alpn)) {
             return Ok(c.clone());

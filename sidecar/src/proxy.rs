@@ -2,6 +2,7 @@
 //! policy's timeouts, request forwarding with streaming bodies (trailers included), hop-by-hop
 //! header handling, and the JSON error responses every refusal uses.
 
+use mesh_proto::dial::root_cause;
 use std::{
     pin::Pin,
     task::{Context, Poll},
@@ -289,14 +290,6 @@ impl ForwardError {
             ForwardError::Failed(..) => "upstream_failed",
         }
     }
-}
-
-fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut cur = e;
-    while let Some(next) = cur.source() {
-        cur = next;
-    }
-    cur.to_string()
 }
 
 /// Removes hop-by-hop headers, and those named in `Connection`; keeps `te: trailers` (gRPC).

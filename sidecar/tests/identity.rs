@@ -3,17 +3,8 @@
 
 use std::time::Duration;
 
-use mesh_proto::v1::{self, identity_client::IdentityClient};
+use mesh_proto::v1;
 use mesh_testkit::{Backend, TestCp, TestSidecar, WAIT, eventually, get, metric};
-
-async fn token(cp: &TestCp, service: &str) -> String {
-    IdentityClient::new(cp.channel().await)
-        .create_token(v1::CreateTokenRequest { service: service.into() })
-        .await
-        .unwrap()
-        .into_inner()
-        .token
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sidecar_is_certified_for_its_service_and_renews_before_expiry() {
@@ -27,13 +18,17 @@ async fn the_sidecar_is_certified_for_its_service_and_renews_before_expiry() {
     let app = Backend::start("market").await;
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = TestSidecar::config(&cp.url(), "market", "m1", app.addr, dir.path());
-    cfg.identity_token = Some(token(&cp, "market").await);
+    cfg.identity_token = Some(cp.token("market").await);
     cfg.control_plane_ca = Some(cp.ca_pem());
     let sc = TestSidecar::start(cfg).await;
     eventually(WAIT, "m1 registered over the TLS API with its certificate", || async {
         cp.endpoints("market").await == ["m1"]
     })
     .await;
+    // It waited for its certificate before opening a session: nothing was refused.
+    let refused =
+        mesh_testkit::http_metric(cp.admin, "mesh_control_plane_api_refused_total{code=\"unauthenticated\"}");
+    assert_eq!(refused.await, 0.0);
     eventually(WAIT, "a certificate for spiffe://mesh.local/service/market", || async {
         get(sc.admin, "admin", "/config").await.1.contains("spiffe://mesh.local/service/market")
     })
@@ -69,7 +64,7 @@ async fn a_token_for_another_service_gets_no_certificate() {
     let app = Backend::start("market").await;
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = TestSidecar::config(&cp.url(), "market", "m1", app.addr, dir.path());
-    cfg.identity_token = Some(token(&cp, "payments").await);
+    cfg.identity_token = Some(cp.token("payments").await);
     let sc = TestSidecar::start(cfg).await;
     eventually(WAIT, "the CA refuses", || async {
         metric(&get(sc.admin, "admin", "/metrics").await.1, "mesh_sidecar_certificate_failures_total") >= 1.0

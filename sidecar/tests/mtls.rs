@@ -182,13 +182,7 @@ async fn only_valid_mesh_identities_get_through_and_clients_check_who_answers() 
 mod mesh {
     use std::time::Duration;
 
-    use mesh_proto::v1::{self, identity_client::IdentityClient};
     use mesh_testkit::{Backend, Load, TestCp, TestSidecar, WAIT, eventually, get, request};
-
-    async fn token(cp: &TestCp, service: &str) -> String {
-        let mut ca = IdentityClient::new(cp.channel().await);
-        ca.create_token(v1::CreateTokenRequest { service: service.into() }).await.unwrap().into_inner().token
-    }
 
     struct Mesh {
         cp: TestCp,
@@ -205,10 +199,10 @@ mod mesh {
         let (app, web_app) = (Backend::start("market").await, Backend::start("web").await);
         let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let mut cfg = TestSidecar::config(&cp.url(), "market", "m1", app.addr, d1.path());
-        cfg.identity_token = Some(token(&cp, "market").await);
+        cfg.identity_token = Some(cp.token("market").await);
         let market = TestSidecar::start(cfg).await;
         let mut cfg = TestSidecar::config(&cp.url(), "web", "w1", web_app.addr, d2.path());
-        cfg.identity_token = Some(token(&cp, "web").await);
+        cfg.identity_token = Some(cp.token("web").await);
         cfg.upstreams = vec!["market".into()];
         let web = TestSidecar::start(cfg).await;
         eventually(WAIT, "web reaches market over mTLS", || async {

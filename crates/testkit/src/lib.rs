@@ -138,6 +138,16 @@ impl TestCp {
         mesh_proto::dial::Dialer::tls(Arc::new(move || Ok(config.clone())))
     }
 
+    /// A new bootstrap token for `service` (created as the admin).
+    pub async fn token(&self, service: &str) -> String {
+        v1::identity_client::IdentityClient::new(self.channel().await)
+            .create_token(v1::CreateTokenRequest { service: service.into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .token
+    }
+
     /// Stores `policy` for `service`; returns its version.
     pub async fn set_policy(&self, service: &str, policy: &ServicePolicy) -> u64 {
         v1::policy_client::PolicyClient::new(self.channel().await)
