@@ -30,7 +30,7 @@ use crate::{
 };
 
 /// The header carrying the verified caller identity to the app.
-pub const CALLER: &str = "x-mesh-caller";
+pub const CALLER: HeaderName = HeaderName::from_static("x-mesh-caller");
 
 pub struct Inbound {
     pub service: String,
@@ -137,10 +137,15 @@ impl Inbound {
                     );
                 }
             }
-            // A caller is known by its verified identity, or (without mTLS) by its address.
-            let caller = verified.unwrap_or_else(|| peer.ip().to_string());
-            let limits = policy.rate_limit.clone();
-            if let Err(wait) = self.rate_limits.check(&caller, &limits, Instant::now()) {
+            // A caller is known by its verified identity, or (without mTLS) by its address; it is
+            // only named when a per-caller limit needs it.
+            let limits = &policy.rate_limit;
+            let caller = match verified {
+                Some(id) => id,
+                None if limits.per_caller_requests_per_second > 0 => peer.ip().to_string(),
+                None => String::new(),
+            };
+            if let Err(wait) = self.rate_limits.check(&caller, limits, Instant::now()) {
                 self.metrics.rate_limited.get_or_create(&vec![("service", self.service.clone())]).inc();
                 let mut resp = error_response(
                     StatusCode::TOO_MANY_REQUESTS,

@@ -21,6 +21,7 @@ pub mod identity;
 pub mod inbound;
 pub mod metrics;
 pub mod outbound;
+pub mod pool;
 pub mod probe;
 pub mod proxy;
 pub mod resilience;

@@ -15,6 +15,7 @@ use sidecar::{Config, Listeners, Mode, outbound::Route};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+
 #[derive(Debug, Parser)]
 #[command(
     version,

@@ -206,12 +206,18 @@ impl Outbound {
         }
         let applied = up.policy();
         let cp = &applied.policy.cache;
-        let pq = req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
-        let (method, headers) = (req.method().clone(), req.headers().clone());
-        let creq = cache::Request { method: &method, path_and_query: &pq, headers: &headers };
-        if !cache::Cache::applies(cp, &creq) || !self.upstreams.invalidation_ready(cp) {
+        let cacheable = {
+            let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+            let creq = cache::Request { method: req.method(), path_and_query: pq, headers: req.headers() };
+            cache::Cache::applies(cp, &creq) && self.upstreams.invalidation_ready(cp)
+        };
+        if !cacheable {
             return self.fetch(up, &applied, req).await;
         }
+        // The request moves on to the upstream: what the cache keys on is kept aside.
+        let pq = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
+        let (method, headers) = (req.method().clone(), req.headers().clone());
+        let creq = cache::Request { method: &method, path_and_query: &pq, headers: &headers };
         let keys = up.cache.keys(cp, &creq);
         let mut stale = None;
         let mut leader = false;
@@ -314,7 +320,7 @@ impl Outbound {
             .as_deref()
             .and_then(|h| req.headers().get(h))
             .map(|v| v.as_bytes().to_vec());
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
         let retry = &policy.retry;
         let idempotent = matches!(
             parts.method,
@@ -393,9 +399,15 @@ impl Outbound {
             };
             let mut r = Request::new(attempt_body);
             *r.method_mut() = parts.method.clone();
-            *r.uri_mut() = parts.uri.clone();
             *r.version_mut() = parts.version;
-            *r.headers_mut() = parts.headers.clone();
+            if attempt >= attempts_allowed {
+                // No attempt comes after this one: the request's parts move instead of copying.
+                *r.uri_mut() = std::mem::take(&mut parts.uri);
+                *r.headers_mut() = std::mem::take(&mut parts.headers);
+            } else {
+                *r.uri_mut() = parts.uri.clone();
+                *r.headers_mut() = parts.headers.clone();
+            }
             let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             let per_try = match (left, (!retry.per_try_timeout.is_zero()).then_some(retry.per_try_timeout)) {
                 (Some(a), Some(b)) => Some(a.min(b)),
@@ -479,7 +491,7 @@ impl Outbound {
 }
 
 /// The retry class of an outcome, if it is a failure of a class the policy can name.
-fn classify(r: &Result<Response<hyper::body::Incoming>, proxy::ForwardError>) -> Option<RetryOn> {
+fn classify(r: &Result<Response<proxy::Pooled>, proxy::ForwardError>) -> Option<RetryOn> {
     match r {
         Err(proxy::ForwardError::Connect(..)) => Some(RetryOn::ConnectFailure),
         Err(proxy::ForwardError::Failed(..)) => Some(RetryOn::Reset),

@@ -1,5 +1,5 @@
-//! What the inbound and outbound proxies share: the body type, pooled clients built from a
-//! policy's timeouts, request forwarding with streaming bodies (trailers included), hop-by-hop
+//! What the inbound and outbound proxies share: the body type, request forwarding on the
+//! connection pools of [`crate::pool`] with streaming bodies (trailers included), hop-by-hop
 //! header handling, and the JSON error responses every refusal uses.
 
 use mesh_proto::dial::root_cause;
@@ -15,11 +15,8 @@ use http::{
 };
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-};
-use mesh_proto::policy::ServicePolicy;
+
+pub use crate::pool::{Clients, Pooled, SendError};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Every body the proxies handle: streamed, never buffered whole.
@@ -118,151 +115,6 @@ pub struct MeshTls {
     pub service: String,
 }
 
-/// The connector of the pooled clients: TCP, then TLS when the target is a mesh peer, offering
-/// one ALPN protocol (the client's HTTP version).
-#[derive(Clone)]
-pub struct MeshConnector {
-    http: HttpConnector,
-    tls: Option<MeshTls>,
-    alpn: &'static [u8],
-}
-
-/// A pooled connection: plain TCP, or TLS to a mesh peer.
-pub enum MeshStream {
-    Plain(TokioIo<tokio::net::TcpStream>),
-    /// Boxed: a TLS connection's state is ~1 KB, a plain one 40 bytes.
-    Tls(Box<TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>>, bool),
-}
-
-impl tower_service::Service<Uri> for MeshConnector {
-    type Response = MeshStream;
-    type Error = BoxError;
-    type Future = Pin<Box<dyn std::future::Future<Output = Result<MeshStream, BoxError>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.http.poll_ready(cx).map_err(Into::into)
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let connecting = self.http.call(uri);
-        let (tls, alpn) = (self.tls.clone(), self.alpn);
-        Box::pin(async move {
-            let tcp = connecting.await?;
-            let Some(tls) = tls else { return Ok(MeshStream::Plain(tcp)) };
-            let Some(cert) = tls.identity.current() else {
-                return Err("this sidecar has no mesh certificate yet (mTLS calls wait for the CA)".into());
-            };
-            let config = cert.client_for(&tls.service, alpn)?;
-            let name = rustls::pki_types::ServerName::try_from(tls.service.clone())
-                .map_err(|e| format!("service name {} as TLS server name: {e}", tls.service))?;
-            let stream = tokio_rustls::TlsConnector::from(config)
-                .connect(name, tcp.into_inner())
-                .await
-                .map_err(|e| format!("mTLS handshake with {} failed: {e}", tls.service))?;
-            Ok(MeshStream::Tls(Box::new(TokioIo::new(stream)), alpn == b"h2"))
-        })
-    }
-}
-
-impl hyper_util::client::legacy::connect::Connection for MeshStream {
-    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
-        match self {
-            MeshStream::Plain(s) => s.connected(),
-            MeshStream::Tls(_, h2) => {
-                let c = hyper_util::client::legacy::connect::Connected::new();
-                if *h2 { c.negotiated_h2() } else { c }
-            }
-        }
-    }
-}
-
-impl hyper::rt::Read for MeshStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            MeshStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            MeshStream::Tls(s, _) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl hyper::rt::Write for MeshStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            MeshStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            MeshStream::Tls(s, _) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            MeshStream::Plain(s) => Pin::new(s).poll_flush(cx),
-            MeshStream::Tls(s, _) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            MeshStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            MeshStream::Tls(s, _) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            MeshStream::Plain(s) => s.is_write_vectored(),
-            MeshStream::Tls(s, _) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            MeshStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            MeshStream::Tls(s, _) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
-    }
-}
-
-/// Pooled keep-alive clients, one for HTTP/1.1 and one for HTTP/2 (prior knowledge, or ALPN
-/// `h2` over TLS), built from a policy's connect and idle timeouts; mutual TLS when `tls` names
-/// the peer. Cheap to clone; clones share the pools.
-#[derive(Clone)]
-pub struct Clients {
-    h1: Client<MeshConnector, Body>,
-    h2: Client<MeshConnector, Body>,
-}
-
-impl Clients {
-    pub fn new(policy: &ServicePolicy, tls: Option<MeshTls>) -> Self {
-        let t = &policy.timeout;
-        let mut http = HttpConnector::new();
-        http.set_nodelay(true);
-        http.set_connect_timeout((!t.connect.is_zero()).then_some(t.connect));
-        let idle = (!t.idle.is_zero()).then_some(t.idle);
-        let build = |h2: bool| {
-            let mut b = Client::builder(TokioExecutor::new());
-            b.timer(TokioTimer::new()).pool_timer(TokioTimer::new()).pool_idle_timeout(idle).http2_only(h2);
-            if h2 {
-                b.http2_keep_alive_interval(Some(Duration::from_secs(20))).http2_keep_alive_while_idle(true);
-            }
-            let alpn: &'static [u8] = if h2 { b"h2" } else { b"http/1.1" };
-            b.build(MeshConnector { http: http.clone(), tls: tls.clone(), alpn })
-        };
-        Self { h1: build(false), h2: build(true) }
-    }
-
-    fn for_version(&self, v: Version) -> &Client<MeshConnector, Body> {
-        if v == Version::HTTP_2 { &self.h2 } else { &self.h1 }
-    }
-}
-
 /// Why a forwarded request got no response.
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
@@ -317,40 +169,38 @@ pub async fn forward(
     mut req: Request<Body>,
     target: &Authority,
     timeout: Option<Duration>,
-) -> Result<Response<hyper::body::Incoming>, ForwardError> {
-    let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(http::uri::Scheme::HTTP);
-    parts.authority = Some(target.clone());
-    parts.path_and_query = Some(
-        req.uri().path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
-    );
-    let uri = Uri::from_parts(parts)
-        .map_err(|e| ForwardError::Failed(target.to_string(), format!("bad target URI: {e}")))?;
-    if req.version() != Version::HTTP_2 && !req.headers().contains_key(header::HOST) {
-        // HTTP/2 callers name the service in :authority; HTTP/1.1 apps expect a Host header.
-        if let Some(a) = req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
-            req.headers_mut().insert(header::HOST, a);
+) -> Result<Response<Pooled>, ForwardError> {
+    let pq = req.uri().path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    if req.version() == Version::HTTP_2 {
+        // HTTP/2 names the target in :scheme and :authority.
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(http::uri::Scheme::HTTP);
+        parts.authority = Some(target.clone());
+        parts.path_and_query = Some(pq);
+        *req.uri_mut() = Uri::from_parts(parts)
+            .map_err(|e| ForwardError::Failed(target.to_string(), format!("bad target URI: {e}")))?;
+    } else {
+        if !req.headers().contains_key(header::HOST) {
+            // HTTP/2 callers name the service in :authority; HTTP/1.1 apps expect a Host header.
+            let host = req.uri().authority().unwrap_or(target);
+            if let Ok(v) = HeaderValue::from_str(host.as_str()) {
+                req.headers_mut().insert(header::HOST, v);
+            }
         }
-    }
-    *req.uri_mut() = uri;
-    strip_hop_by_hop(req.headers_mut());
-    let client = clients.for_version(req.version());
-    if req.version() != Version::HTTP_2 {
+        *req.uri_mut() = Uri::from(pq);
         *req.version_mut() = Version::HTTP_11;
     }
-    let fut = client.request(req);
+    strip_hop_by_hop(req.headers_mut());
+    let fut = clients.send(target, req);
     let result = match timeout {
         Some(t) => {
             tokio::time::timeout(t, fut).await.map_err(|_| ForwardError::Timeout(target.to_string(), t))?
         }
         None => fut.await,
     };
-    result.map_err(|e| {
-        if e.is_connect() {
-            ForwardError::Connect(target.to_string(), root_cause(&e))
-        } else {
-            ForwardError::Failed(target.to_string(), root_cause(&e))
-        }
+    result.map_err(|e| match e {
+        SendError::Connect(e) => ForwardError::Connect(target.to_string(), root_cause(&*e)),
+        SendError::Request(e) => ForwardError::Failed(target.to_string(), root_cause(&e)),
     })
 }
 

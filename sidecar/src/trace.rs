@@ -1,75 +1,145 @@
 //! Request identity across hops: an `x-request-id` on every request and W3C trace context
 //! (`traceparent`) continued with a new span id at each sidecar.
 
-use http::{HeaderMap, HeaderValue};
-use rand::Rng;
+use std::{cell::Cell, fmt};
 
-pub const REQUEST_ID: &str = "x-request-id";
-pub const TRACEPARENT: &str = "traceparent";
+use http::{HeaderMap, HeaderName, HeaderValue};
 
-/// The ids this hop carries.
+/// Header names as constants: a name parsed from a `&str` is allocated on every insert.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+
+/// The ids this hop carries (for its log span; the headers carry them on).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TraceContext {
-    pub request_id: String,
-    pub trace_id: String,
-    pub span_id: String,
+    pub request_id: RequestId,
+    pub trace_id: Hex<32>,
+    pub span_id: Hex<16>,
 }
 
+/// The caller's request id, or the one this hop made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestId {
+    Given(HeaderValue),
+    Made(Hex<32>),
+}
+
+/// Lowercase hex digits, kept as text.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Hex<const N: usize>([u8; N]);
+
 /// Keeps a caller's request id (or makes one) and continues its trace (or starts one), writing
-/// both into `headers` for the next hop.
+/// both into `headers` for the next hop. Allocates only the new `traceparent` value (and a
+/// request id when the caller sent none): this runs on every request.
 pub fn propagate(headers: &mut HeaderMap) -> TraceContext {
-    let mut rng = rand::rng();
-    let request_id = match headers.get(REQUEST_ID).and_then(|v| v.to_str().ok()) {
-        Some(id) if !id.is_empty() && id.len() <= 128 => id.to_string(),
+    let request_id = match headers.get(&REQUEST_ID) {
+        Some(id) if !id.is_empty() && id.len() <= 128 && id.to_str().is_ok() => RequestId::Given(id.clone()),
         _ => {
-            let id = hex(&rng.random::<u128>().to_be_bytes());
-            if let Ok(v) = HeaderValue::from_str(&id) {
-                headers.insert(REQUEST_ID, v);
-            }
-            id
+            let id = Hex::<32>::random();
+            headers.insert(REQUEST_ID, id.header_value());
+            RequestId::Made(id)
         }
     };
-    let span_id = hex(&rng.random::<u64>().max(1).to_be_bytes());
-    let (trace_id, flags) = match headers.get(TRACEPARENT).and_then(|v| v.to_str().ok()).and_then(parse) {
-        Some((trace, flags)) => (trace, flags),
-        None => (hex(&rng.random::<u128>().max(1).to_be_bytes()), "01".to_string()),
+    let span_id = Hex::<16>::random();
+    let (trace_id, flags) = match headers.get(&TRACEPARENT).and_then(|v| parse(v.as_bytes())) {
+        Some(found) => found,
+        None => (Hex::<32>::random(), *b"01"),
     };
-    let mut tp = String::with_capacity(55);
-    for part in ["00-", &trace_id, "-", &span_id, "-", &flags] {
-        tp.push_str(part);
-    }
-    if let Ok(v) = HeaderValue::from_str(&tp) {
+    let mut tp = [0u8; 55];
+    tp[..3].copy_from_slice(b"00-");
+    tp[3..35].copy_from_slice(&trace_id.0);
+    tp[35] = b'-';
+    tp[36..52].copy_from_slice(&span_id.0);
+    tp[52] = b'-';
+    tp[53..].copy_from_slice(&flags);
+    if let Ok(v) = HeaderValue::from_bytes(&tp) {
         headers.insert(TRACEPARENT, v);
     }
     TraceContext { request_id, trace_id, span_id }
 }
 
-/// Lowercase hex, without going through `fmt` (this runs on every request).
-fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(DIGITS[usize::from(b >> 4)] as char);
-        s.push(DIGITS[usize::from(b & 15)] as char);
+thread_local! {
+    /// SplitMix64 state, seeded once per thread from the OS-seeded generator: ids must be
+    /// unique, not secret, and this is cheaper than a cryptographic generator per request.
+    static SEED: Cell<u64> = Cell::new(rand::random());
+}
+
+fn next_u64() -> u64 {
+    SEED.with(|s| {
+        let x = s.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
+        s.set(x);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    })
+}
+
+impl<const N: usize> Hex<N> {
+    /// N hex digits of fresh random bits, never all zero (W3C forbids all-zero ids).
+    fn random() -> Self {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [0u8; N];
+        for chunk in out.chunks_mut(16) {
+            let mut r = next_u64().max(1);
+            for d in chunk.iter_mut() {
+                *d = DIGITS[(r & 15) as usize];
+                r >>= 4;
+            }
+        }
+        Hex(out)
     }
-    s
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).unwrap_or("")
+    }
+
+    fn header_value(&self) -> HeaderValue {
+        HeaderValue::from_bytes(&self.0).unwrap_or_else(|_| HeaderValue::from_static("-"))
+    }
+}
+
+impl<const N: usize> fmt::Display for Hex<N> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl<const N: usize> fmt::Debug for Hex<N> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RequestId::Given(v) => f.write_str(v.to_str().unwrap_or("-")),
+            RequestId::Made(h) => f.write_str(h.as_str()),
+        }
+    }
 }
 
 /// `00-<32 hex>-<16 hex>-<2 hex>` with non-zero ids → (trace id, flags).
-fn parse(v: &str) -> Option<(String, String)> {
-    let parts: Vec<&str> = v.trim().split('-').collect();
-    let [version, trace, parent, flags] = parts.as_slice() else { return None };
-    let hex = |s: &str, n: usize| {
-        s.len() == n && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    };
-    let ok = hex(version, 2)
-        && *version != "ff"
-        && hex(trace, 32)
-        && trace.bytes().any(|b| b != b'0')
-        && hex(parent, 16)
-        && parent.bytes().any(|b| b != b'0')
-        && hex(flags, 2);
-    ok.then(|| (trace.to_string(), flags.to_string()))
+fn parse(v: &[u8]) -> Option<(Hex<32>, [u8; 2])> {
+    let v = v.trim_ascii();
+    let hex = |s: &[u8]| s.iter().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b));
+    let nonzero = |s: &[u8]| s.iter().any(|b| *b != b'0');
+    if v.len() != 55 || v[2] != b'-' || v[35] != b'-' || v[52] != b'-' {
+        return None;
+    }
+    let (version, trace, parent, flags) = (&v[..2], &v[3..35], &v[36..52], &v[53..]);
+    let ok = hex(version)
+        && version != b"ff"
+        && hex(trace)
+        && nonzero(trace)
+        && hex(parent)
+        && nonzero(parent)
+        && hex(flags);
+    if !ok {
+        return None;
+    }
+    Some((Hex(trace.try_into().ok()?), flags.try_into().ok()?))
 }
 
 #[cfg(test)]
@@ -85,9 +155,9 @@ mod tests {
         );
         h.insert(REQUEST_ID, HeaderValue::from_static("req-1"));
         let t = propagate(&mut h);
-        assert_eq!(t.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
-        assert_eq!(t.request_id, "req-1");
-        let tp = h[TRACEPARENT].to_str().unwrap();
+        assert_eq!(t.trace_id.as_str(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(t.request_id.to_string(), "req-1");
+        let tp = h[&TRACEPARENT].to_str().unwrap();
         assert!(tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"), "{tp}");
         assert!(!tp.contains("00f067aa0ba902b7"), "a new span id: {tp}");
         assert!(tp.ends_with("-01"));
@@ -101,10 +171,24 @@ mod tests {
                 h.insert(TRACEPARENT, HeaderValue::from_static(b));
             }
             let t = propagate(&mut h);
-            assert_eq!(t.trace_id.len(), 32);
-            assert_ne!(t.trace_id, "00000000000000000000000000000000");
-            assert_eq!(h[REQUEST_ID].to_str().unwrap(), t.request_id);
-            assert!(parse(h[TRACEPARENT].to_str().unwrap()).is_some());
+            assert_eq!(t.trace_id.as_str().len(), 32);
+            assert_ne!(t.trace_id.as_str(), "00000000000000000000000000000000");
+            assert_eq!(h[&REQUEST_ID].to_str().unwrap(), t.request_id.to_string());
+            assert!(parse(h[&TRACEPARENT].as_bytes()).is_some());
+        }
+    }
+
+    #[test]
+    fn fresh_ids_are_lowercase_hex_and_distinct() {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..1000 {
+            let mut h = HeaderMap::new();
+            let t = propagate(&mut h);
+            for id in [t.trace_id.as_str(), t.span_id.as_str()] {
+                assert!(id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)), "{id}");
+            }
+            assert!(seen.insert(t.trace_id.as_str().to_string()), "a trace id repeated");
+            assert!(seen.insert(t.span_id.as_str().to_string()), "a span id repeated");
         }
     }
 }

@@ -1,0 +1,434 @@
+//! The proxies' connection pools: per target address, a stack of idle HTTP/1.1 connections
+//! (the most recently used on top) and one shared HTTP/2 connection, over TCP or — to a mesh
+//! peer — mutual TLS.
+//!
+//! An HTTP/1.1 connection goes back on its stack when the response body it carries has ended,
+//! so the request path spawns no task, boxes no pool future and hashes one short key. A request
+//! whose reused connection turned out closed before the request was written is sent again on
+//! another (hyper hands such a request back untouched; one that reached the peer never is).
+//! Idle connections older than the policy's idle timeout are closed by a reaper task, one per
+//! pool, started with its first connection and ended with the pool.
+
+use std::{
+    collections::HashMap,
+    pin::Pin,
+    sync::{
+        Arc, Mutex, Weak,
+        atomic::{AtomicBool, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{Request, Response, Version, uri::Authority};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use hyper::{
+    body::Incoming,
+    client::conn::{http1, http2},
+};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use mesh_proto::policy::ServicePolicy;
+use tokio::{net::TcpStream, time::Instant};
+
+use crate::proxy::{Body, BoxError, MeshTls};
+
+/// Idle HTTP/1.1 connections kept per target at most; more are closed when they come back.
+const MAX_IDLE_PER_TARGET: usize = 1024;
+/// HTTP/2 pings on an otherwise idle connection, so a dead peer is noticed.
+const H2_KEEPALIVE: Duration = Duration::from_secs(20);
+/// How long a pooled connection whose last exchange just ended may take to accept the next
+/// request (it is normally ready at once) before another one is used.
+const READY_WAIT: Duration = Duration::from_millis(100);
+
+/// Target addresses are short and chosen by discovery, not by callers: a fast fixed hash.
+type Hasher = foldhash::fast::FixedState;
+
+/// Pooled keep-alive connections built from a policy's connect and idle timeouts; mutual TLS
+/// when `tls` names the peer. Cheap to clone; clones share the pools.
+#[derive(Clone)]
+pub struct Clients(Arc<Inner>);
+
+struct Inner {
+    targets: Mutex<HashMap<Authority, Arc<Target>, Hasher>>,
+    tls: Option<MeshTls>,
+    connect_timeout: Option<Duration>,
+    idle_timeout: Option<Duration>,
+    reaping: AtomicBool,
+}
+
+/// The connections to one address.
+#[derive(Default)]
+struct Target {
+    idle: Mutex<Vec<Idle>>,
+    h2: Mutex<Option<http2::SendRequest<Body>>>,
+    /// Held while an HTTP/2 connection is being made, so concurrent first requests share it.
+    h2_connecting: tokio::sync::Mutex<()>,
+}
+
+struct Idle {
+    tx: http1::SendRequest<Body>,
+    since: Instant,
+}
+
+/// Why a request got no response.
+#[derive(Debug)]
+pub enum SendError {
+    /// No connection could be made (TCP, TLS or the HTTP/2 handshake).
+    Connect(BoxError),
+    /// The connection failed the request.
+    Request(hyper::Error),
+}
+
+/// A connection as the pool holds it: plain TCP, or TLS to a mesh peer.
+pub enum MeshStream {
+    Plain(TokioIo<TcpStream>),
+    /// Boxed: a TLS connection's state is ~1 KB, a plain one 40 bytes.
+    Tls(Box<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>),
+}
+
+/// A response body that puts its HTTP/1.1 connection back in the pool once it has ended.
+pub struct Pooled {
+    body: Incoming,
+    back: Option<(http1::SendRequest<Body>, Arc<Target>)>,
+}
+
+impl Clients {
+    pub fn new(policy: &ServicePolicy, tls: Option<MeshTls>) -> Self {
+        let t = &policy.timeout;
+        Self(Arc::new(Inner {
+            targets: Mutex::new(HashMap::default()),
+            tls,
+            connect_timeout: (!t.connect.is_zero()).then_some(t.connect),
+            idle_timeout: (!t.idle.is_zero()).then_some(t.idle),
+            reaping: AtomicBool::new(false),
+        }))
+    }
+
+    /// Sends `req` (its URI already in the form its version needs) to `target`: HTTP/2 on the
+    /// target's shared connection, anything else as HTTP/1.1 on an idle or new connection.
+    pub async fn send(&self, target: &Authority, req: Request<Body>) -> Result<Response<Pooled>, SendError> {
+        let t = self.target(target);
+        if req.version() == Version::HTTP_2 {
+            self.send_h2(&t, target, req).await
+        } else {
+            self.send_h1(t, target, req).await
+        }
+    }
+
+    fn target(&self, target: &Authority) -> Arc<Target> {
+        let mut targets = self.0.targets.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = targets.get(target) {
+            return t.clone();
+        }
+        targets.entry(target.clone()).or_default().clone()
+    }
+
+    async fn send_h1(
+        &self,
+        t: Arc<Target>,
+        target: &Authority,
+        mut req: Request<Body>,
+    ) -> Result<Response<Pooled>, SendError> {
+        loop {
+            let (mut tx, reused) = match checkout(&t, self.0.idle_timeout).await {
+                Some(tx) => (tx, true),
+                None => (self.connect_h1(target).await?, false),
+            };
+            match tx.try_send_request(req).await {
+                Ok(resp) => return Ok(resp.map(|body| Pooled { body, back: Some((tx, t)) })),
+                Err(mut e) => match e.take_message() {
+                    // Closed before a byte of the request was written: another connection.
+                    Some(r) if reused => req = r,
+                    _ => return Err(SendError::Request(e.into_error())),
+                },
+            }
+        }
+    }
+
+    async fn send_h2(
+        &self,
+        t: &Target,
+        target: &Authority,
+        req: Request<Body>,
+    ) -> Result<Response<Pooled>, SendError> {
+        let (mut tx, reused) = match t.shared_h2() {
+            Some(tx) => (tx, true),
+            None => {
+                let _connecting = t.h2_connecting.lock().await;
+                match t.shared_h2() {
+                    Some(tx) => (tx, true),
+                    None => (self.connect_h2(t, target).await?, false),
+                }
+            }
+        };
+        let req = match tx.try_send_request(req).await {
+            Ok(resp) => return Ok(resp.map(|body| Pooled { body, back: None })),
+            Err(mut e) => match e.take_message() {
+                Some(r) if reused => r,
+                _ => return Err(SendError::Request(e.into_error())),
+            },
+        };
+        // The shared connection went away before taking the request: one new connection.
+        let mut tx = {
+            let _connecting = t.h2_connecting.lock().await;
+            match t.shared_h2() {
+                Some(tx) => tx,
+                None => self.connect_h2(t, target).await?,
+            }
+        };
+        match tx.try_send_request(req).await {
+            Ok(resp) => Ok(resp.map(|body| Pooled { body, back: None })),
+            Err(e) => Err(SendError::Request(e.into_error())),
+        }
+    }
+
+    async fn connect_h1(&self, target: &Authority) -> Result<http1::SendRequest<Body>, SendError> {
+        let io = self.connect(target, b"http/1.1").await.map_err(SendError::Connect)?;
+        let (tx, conn) = http1::handshake(io).await.map_err(|e| SendError::Connect(e.into()))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(tx)
+    }
+
+    async fn connect_h2(
+        &self,
+        t: &Target,
+        target: &Authority,
+    ) -> Result<http2::SendRequest<Body>, SendError> {
+        let io = self.connect(target, b"h2").await.map_err(SendError::Connect)?;
+        let (tx, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(H2_KEEPALIVE)
+            .keep_alive_while_idle(true)
+            .handshake(io)
+            .await
+            .map_err(|e| SendError::Connect(e.into()))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
+            }
+        });
+        *t.h2.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx.clone());
+        Ok(tx)
+    }
+
+    /// TCP (within the connect timeout), then mutual TLS offering `alpn` when the target is a
+    /// mesh peer.
+    async fn connect(&self, target: &Authority, alpn: &'static [u8]) -> Result<MeshStream, BoxError> {
+        self.start_reaper();
+        let connecting = TcpStream::connect(target.as_str());
+        let tcp = match self.0.connect_timeout {
+            Some(limit) => tokio::time::timeout(limit, connecting)
+                .await
+                .map_err(|_| format!("no connection within {}ms", limit.as_millis()))??,
+            None => connecting.await?,
+        };
+        let _ = tcp.set_nodelay(true);
+        let Some(tls) = &self.0.tls else { return Ok(MeshStream::Plain(TokioIo::new(tcp))) };
+        let Some(cert) = tls.identity.current() else {
+            return Err("this sidecar has no mesh certificate yet (mTLS calls wait for the CA)".into());
+        };
+        let config = cert.client_for(&tls.service, alpn)?;
+        let name = rustls::pki_types::ServerName::try_from(tls.service.clone())
+            .map_err(|e| format!("service name {} as TLS server name: {e}", tls.service))?;
+        let stream = tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("mTLS handshake with {} failed: {e}", tls.service))?;
+        Ok(MeshStream::Tls(Box::new(TokioIo::new(stream))))
+    }
+
+    /// Starts the task that closes connections idle past the idle timeout (once per pool; it
+    /// ends when the pool is dropped).
+    fn start_reaper(&self) {
+        let Some(idle) = self.0.idle_timeout else { return };
+        if self.0.reaping.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let pool: Weak<Inner> = Arc::downgrade(&self.0);
+        let every = (idle / 2).clamp(Duration::from_millis(100), Duration::from_secs(30));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(pool) = pool.upgrade() else { break };
+                pool.reap(Instant::now());
+            }
+        });
+    }
+
+    /// Idle HTTP/1.1 connections to `target` (for tests and `/config`).
+    pub fn idle_count(&self, target: &Authority) -> usize {
+        let targets = self.0.targets.lock().unwrap_or_else(|p| p.into_inner());
+        targets.get(target).map_or(0, |t| t.idle.lock().unwrap_or_else(|p| p.into_inner()).len())
+    }
+}
+
+impl Inner {
+    /// Closes idle connections past the timeout, and forgets targets left with nothing.
+    fn reap(&self, now: Instant) {
+        let Some(limit) = self.idle_timeout else { return };
+        let mut targets = self.targets.lock().unwrap_or_else(|p| p.into_inner());
+        targets.retain(|_, t| {
+            let mut idle = t.idle.lock().unwrap_or_else(|p| p.into_inner());
+            idle.retain(|i| !i.tx.is_closed() && now.duration_since(i.since) < limit);
+            let mut h2 = t.h2.lock().unwrap_or_else(|p| p.into_inner());
+            if h2.as_ref().is_some_and(|tx| tx.is_closed()) {
+                *h2 = None;
+            }
+            !idle.is_empty() || h2.is_some() || Arc::strong_count(t) > 1
+        });
+    }
+}
+
+/// The most recently used live idle connection to `t`, if any.
+async fn checkout(t: &Target, idle_timeout: Option<Duration>) -> Option<http1::SendRequest<Body>> {
+    loop {
+        let popped = t.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let Idle { mut tx, since } = popped?;
+        if tx.is_closed() || idle_timeout.is_some_and(|limit| since.elapsed() >= limit) {
+            continue;
+        }
+        if tx.is_ready() {
+            return Some(tx);
+        }
+        // Its last response has only just ended: the connection wants the next request a
+        // moment later.
+        if let Ok(Ok(())) = tokio::time::timeout(READY_WAIT, tx.ready()).await {
+            return Some(tx);
+        }
+    }
+}
+
+impl Target {
+    /// The shared HTTP/2 connection, unless it has closed.
+    fn shared_h2(&self) -> Option<http2::SendRequest<Body>> {
+        self.h2.lock().unwrap_or_else(|p| p.into_inner()).clone().filter(|tx| !tx.is_closed())
+    }
+
+    fn put(&self, tx: http1::SendRequest<Body>) {
+        if tx.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < MAX_IDLE_PER_TARGET {
+            idle.push(Idle { tx, since: Instant::now() });
+        }
+    }
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendError::Connect(e) => write!(f, "{e}"),
+            SendError::Request(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl Pooled {
+    fn give_back(&mut self) {
+        if let Some((tx, t)) = self.back.take() {
+            t.put(tx);
+        }
+    }
+}
+
+impl HttpBody for Pooled {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Err(_))) => self.back = None,
+            Poll::Ready(None) => self.give_back(),
+            // Readers stop at `is_end_stream`, so the last frame hands the connection back.
+            Poll::Ready(Some(Ok(_))) if self.body.is_end_stream() => self.give_back(),
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        // An empty body is never read; one dropped half-read leaves its connection unusable.
+        if self.body.is_end_stream() {
+            self.give_back();
+        }
+    }
+}
+
+impl hyper::rt::Read for MeshStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            MeshStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            MeshStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl hyper::rt::Write for MeshStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            MeshStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            MeshStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            MeshStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            MeshStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            MeshStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            MeshStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            MeshStream::Plain(s) => s.is_write_vectored(),
+            MeshStream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            MeshStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            MeshStream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
