@@ -15,7 +15,6 @@ use sidecar::{Config, Listeners, Mode, outbound::Route};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-
 #[derive(Debug, Parser)]
 #[command(
     version,

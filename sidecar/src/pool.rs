@@ -133,7 +133,8 @@ impl Clients {
         loop {
             let (mut tx, reused) = match checkout(&t, self.0.idle_timeout).await {
                 Some(tx) => (tx, true),
-                None => (self.connect_h1(target).await?, false),
+                // Boxed: the TLS handshake's state would otherwise size every request's future.
+                None => (Box::pin(self.connect_h1(target)).await?, false),
             };
             match tx.try_send_request(req).await {
                 Ok(resp) => return Ok(resp.map(|body| Pooled { body, back: Some((tx, t)) })),
@@ -158,7 +159,7 @@ impl Clients {
                 let _connecting = t.h2_connecting.lock().await;
                 match t.shared_h2() {
                     Some(tx) => (tx, true),
-                    None => (self.connect_h2(t, target).await?, false),
+                    None => (Box::pin(self.connect_h2(t, target)).await?, false),
                 }
             }
         };
@@ -174,7 +175,7 @@ impl Clients {
             let _connecting = t.h2_connecting.lock().await;
             match t.shared_h2() {
                 Some(tx) => tx,
-                None => self.connect_h2(t, target).await?,
+                None => Box::pin(self.connect_h2(t, target)).await?,
             }
         };
         match tx.try_send_request(req).await {

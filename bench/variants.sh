@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Sidecar builds side by side on the mesh path (plaintext and mTLS) against two chained
+# HAProxies, in one run (see bench/variants.py).
+#   bench/variants.sh                                   # this tree's sidecar only
+#   VARIANTS="before=/tmp/old/sidecar,after=target/release/sidecar" bench/variants.sh
+# An older commit's sidecar: git worktree add /tmp/old <rev> &&
+#   (cd /tmp/old && CARGO_TARGET_DIR=/tmp/old-target cargo build --release -p sidecar)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bench/install-peers.sh >/dev/null
+cargo build --release -q -p sidecar -p control-plane -p mesh-bench
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+exec python3 bench/variants.py
