@@ -15,6 +15,9 @@ use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 use tokio::{sync::watch, time::Instant};
 
+/// The header a client sends to make a request safe to retry and apply once.
+pub const IDEMPOTENCY_KEY: http::HeaderName = http::HeaderName::from_static("idempotency-key");
+
 /// Largest response body kept for replay.
 pub const MAX_BODY: usize = 1024 * 1024;
 /// Most keys remembered; the oldest go first.

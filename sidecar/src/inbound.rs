@@ -165,7 +165,11 @@ impl Inbound {
                 return resp;
             }
             // A repeated Idempotency-Key gets the first answer instead of reaching the app again.
-            let key = req.headers().get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_string);
+            let key = req
+                .headers()
+                .get(&crate::idempotency::IDEMPOTENCY_KEY)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
             let mut owner = None;
             if let Some(key) = key {
                 loop {

@@ -162,8 +162,8 @@ impl Outbound {
             }
             return Ok(host);
         };
-        let path = req.uri().path().to_string();
-        let Some(route) = routes.iter().find(|r| r.matches(&path)) else {
+        let path = req.uri().path();
+        let Some(route) = routes.iter().find(|r| r.matches(path)) else {
             return Err(Box::new(error_response(
                 StatusCode::NOT_FOUND,
                 "no_route",
@@ -325,7 +325,7 @@ impl Outbound {
         let idempotent = matches!(
             parts.method,
             Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
-        ) || parts.headers.contains_key("idempotency-key");
+        ) || parts.headers.contains_key(&crate::idempotency::IDEMPOTENCY_KEY);
         let mut attempts_allowed = if idempotent { retry.max_attempts.max(1) } else { 1 };
         // Keep the body for a retry only when it is known to be small enough.
         let mut body = Some(body);

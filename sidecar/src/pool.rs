@@ -50,7 +50,8 @@ type Hasher = foldhash::fast::FixedState;
 pub struct Clients(Arc<Inner>);
 
 struct Inner {
-    targets: Mutex<HashMap<Authority, Arc<Target>, Hasher>>,
+    /// Keyed by the address text: `Authority` hashes and compares byte by byte, lowercased.
+    targets: Mutex<HashMap<Box<str>, Arc<Target>, Hasher>>,
     tls: Option<MeshTls>,
     connect_timeout: Option<Duration>,
     idle_timeout: Option<Duration>,
@@ -118,10 +119,10 @@ impl Clients {
 
     fn target(&self, target: &Authority) -> Arc<Target> {
         let mut targets = self.0.targets.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(t) = targets.get(target) {
+        if let Some(t) = targets.get(target.as_str()) {
             return t.clone();
         }
-        targets.entry(target.clone()).or_default().clone()
+        targets.entry(target.as_str().into()).or_default().clone()
     }
 
     async fn send_h1(
@@ -266,7 +267,7 @@ impl Clients {
     /// Idle HTTP/1.1 connections to `target` (for tests and `/config`).
     pub fn idle_count(&self, target: &Authority) -> usize {
         let targets = self.0.targets.lock().unwrap_or_else(|p| p.into_inner());
-        targets.get(target).map_or(0, |t| t.idle.lock().unwrap_or_else(|p| p.into_inner()).len())
+        targets.get(target.as_str()).map_or(0, |t| t.idle.lock().unwrap_or_else(|p| p.into_inner()).len())
     }
 }
 
