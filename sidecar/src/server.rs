@@ -4,7 +4,7 @@
 //! extensions as [`PeerIdentity`]) — and a graceful drain: stop accepting, let open connections
 //! finish their requests, give up after a deadline.
 
-use std::{convert::Infallible, future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{convert::Infallible, future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -18,6 +18,8 @@ use tracing::Instrument;
 
 use crate::proxy::Body;
 
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
 /// The SPIFFE id a caller proved with its client certificate (set on requests that came over
 /// mutual TLS; absent otherwise).
 #[derive(Debug, Clone)]
@@ -26,32 +28,17 @@ pub struct PeerIdentity(pub String);
 /// How long a TLS handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A request handler: the request and the peer's address in, a response out (never an error:
-/// failures are answered as JSON responses). Generic rather than boxed: hyper keeps one slot per
-/// connection for the request in flight, so the handler's future is written there in place
-/// instead of being allocated and copied to the heap for every request.
-pub trait Handler: Clone + Send + Sync + 'static {
-    type Future: Future<Output = Response<Body>> + Send + 'static;
-    fn call(&self, req: Request<Incoming>, peer: SocketAddr) -> Self::Future;
-}
-
-impl<F, Fut> Handler for F
-where
-    F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Response<Body>> + Send + 'static,
-{
-    type Future = Fut;
-
-    fn call(&self, req: Request<Incoming>, peer: SocketAddr) -> Fut {
-        self(req, peer)
-    }
-}
+/// failures are answered as JSON responses). Boxed per request on purpose: a generic handler
+/// saves the box (~1.4k instructions per request) but hyper then keeps a slot of the future's
+/// full size (~5 KB) allocated for every open connection, idle or not (BENCHMARKS.md).
+pub type Handler = Arc<dyn Fn(Request<Incoming>, SocketAddr) -> BoxFuture<Response<Body>> + Send + Sync>;
 
 /// Serves `listener` until `stop` fires, then drains open connections for at most `drain`.
 /// With `tls`, every connection must complete a mutual TLS handshake with the current identity
 /// (none yet: the connection is refused).
-pub async fn serve<H: Handler>(
+pub async fn serve(
     listener: TcpListener,
-    handler: H,
+    handler: Handler,
     stop: CancellationToken,
     drain: Duration,
     name: &'static str,
@@ -129,27 +116,27 @@ pub async fn serve<H: Handler>(
 /// The hyper service of one connection: the handler, with the caller's verified identity (if
 /// any) in each request's extensions.
 #[derive(Clone)]
-struct Service<H> {
-    handler: H,
+struct Service {
+    handler: Handler,
     peer: SocketAddr,
     caller: Option<PeerIdentity>,
 }
 
 type Answer = Result<Response<Body>, Infallible>;
 
-impl<H: Handler> hyper::service::Service<Request<Incoming>> for Service<H> {
+impl hyper::service::Service<Request<Incoming>> for Service {
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future = futures::future::Map<H::Future, fn(Response<Body>) -> Answer>;
+    type Future = futures::future::Map<BoxFuture<Response<Body>>, fn(Response<Body>) -> Answer>;
 
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
         if let Some(c) = &self.caller {
             req.extensions_mut().insert(c.clone());
         }
-        futures::FutureExt::map(self.handler.call(req, self.peer), Ok as fn(Response<Body>) -> Answer)
+        futures::FutureExt::map((self.handler)(req, self.peer), Ok as fn(Response<Body>) -> Answer)
     }
 }
 
-fn service<H>(handler: H, peer: SocketAddr, caller: Option<PeerIdentity>) -> Service<H> {
+fn service(handler: Handler, peer: SocketAddr, caller: Option<PeerIdentity>) -> Service {
     Service { handler, peer, caller }
 }
