@@ -153,11 +153,88 @@ backend be
     return ["haproxy", "-f", path, "-db"]
 
 
-def main():
+def meshctl(cp_url, *args):
+    return subprocess.run([f"{REL}/meshctl", "--control-plane", cp_url, *args], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def backend_and_control_plane():
+    """The backend (CPU 0) and a plaintext control plane (CPU 1, off the request path): their
+    addresses as (backend `host:port`, control-plane URL)."""
+    _, be = start([f"{REL}/bench-backend", "127.0.0.1:0"])
+    _, cp = start([f"{REL}/control-plane", "--insecure-api", "--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0",
+                   "--data-dir", os.path.join(TMP, "cp"), "--log", "error"], cpu=1)
+    return be["http"], f"http://{cp['grpc']}"
+
+
+def certify(cp_url, certs, *services):
+    """Certificates from the mesh CA for `services` into `certs` (bench-tls certify): for HAProxy
+    and the handshake client, which cannot ask the CA themselves."""
+    for svc in services:
+        token = meshctl(cp_url, "identity", "token", "create", svc)
+        subprocess.run([f"{REL}/bench-tls", "certify", "--cp", cp_url, "--token", token, "--service", svc, "--dir", certs],
+                       check=True, capture_output=True)
+
+
+def sidecar_pair(cp_url, backend, service, binary=None, tokens=(None, None), wrap=()):
+    """Our mesh path: a gateway-mode sidecar routing `/` to `service`, whose inbound sidecar fronts
+    `backend`, one worker each. `tokens` (inbound, outbound) give them mesh identities, so the hop
+    between them is mutual TLS; `wrap` goes before both commands (valgrind). Returns the inbound
+    and outbound processes and their `listening` lines."""
+    binary = binary or f"{REL}/sidecar"
+    common = ["--control-plane", cp_url, "--admin-addr", "127.0.0.1:0", "--worker-threads", "1", "--log", "error"]
+    inb = [*wrap, binary, "--service", service, "--instance-id", f"in-{service}", "--app-addr", backend,
+           "--inbound-addr", "127.0.0.1:0", "--outbound-addr", "127.0.0.1:0", "--data-dir", os.path.join(TMP, f"in-{service}"), *common]
+    out = [*wrap, binary, "--mode", "gateway", "--instance-id", f"out-{service}", "--outbound-addr", "127.0.0.1:0",
+           "--data-dir", os.path.join(TMP, f"out-{service}"), "--route", f"/={service}", *common]
+    for args, token in ((inb, tokens[0]), (out, tokens[1])):
+        if token:
+            args += ["--identity-token", token]
+    in_p, in_info = start(inb)
+    out_p, out_info = start(out)
+    return in_p, in_info, out_p, out_info
+
+
+def haproxy_chain(name, backend, certs=None):
+    """Two chained HAProxies (a → b → backend), one worker each; with `certs` (from `certify` for
+    `mesh` and `haproxy-client`), TLS with client certificates from the mesh CA between them.
+    Returns the URL, both PIDs, and b's address and PID (the TLS side, for handshakes)."""
+    pa, pb = free_port(), free_port()
+    bind_b, to_b = pb, f"127.0.0.1:{pb}"
+    if certs:
+        ca = os.path.join(certs, "ca.pem")
+        bind_b = f"{pb} ssl crt {certs}/mesh.bundle ca-file {ca} verify required alpn http/1.1"
+        to_b = f"{to_b} ssl crt {certs}/haproxy-client.bundle ca-file {ca} verify required alpn http/1.1"
+    b, _ = start(haproxy_conf(f"b-{name}", bind_b, None, backend), wait_json=False)
+    a, _ = start(haproxy_conf(f"a-{name}", pa, None, to_b), wait_json=False)
+    return {"url": f"http://127.0.0.1:{pa}/", "pids": [a.pid, b.pid], "inbound": f"127.0.0.1:{pb}", "inbound_pid": b.pid}
+
+
+def interleave(rep, scenarios, targets):
+    """One rep: wrk with each (scenario, connections) against each target (url, proxy PIDs) in
+    turn, with the proxies' CPU per request from /proc. Returns the results, each labelled."""
+    results = []
+    for scenario, conns in scenarios:
+        for t, (url, pids) in targets.items():
+            before = {p: cpu_seconds(p) for p in pids}
+            r = wrk(url, conns)
+            cpu = sum(cpu_seconds(p) - before[p] for p in pids)
+            r.update({"rep": rep, "scenario": scenario, "target": t,
+                      "cpu_us_per_req": cpu * 1e6 / max(r["requests"], 1) if pids else None})
+            results.append(r)
+            cpu_text = f" {r['cpu_us_per_req']:.1f} us CPU/req" if pids else ""
+            print(f"rep {rep + 1} {scenario:32s} {t:22s} p50 {r['p50_us']}us {r['rps']:.0f} rps{cpu_text} errors {r['errors']}",
+                  file=sys.stderr)
+    return results
+
+
+def main(body=None, spin=True):
+    """Runs `body` (this file's `run` by default) with an idle-priority spinner on each core, then
+    kills every process `start` started."""
     os.makedirs(OUT, exist_ok=True)
-    spinners = [subprocess.Popen(["taskset", "-c", str(c), "chrt", "-i", "0", "sh", "-c", "while :; do :; done"]) for c in (0, 1)]
+    spin_cmd = ["chrt", "-i", "0", "sh", "-c", "while :; do :; done"]
+    spinners = [subprocess.Popen(["taskset", "-c", str(c), *spin_cmd]) for c in (0, 1)] if spin else []
     try:
-        run(spinners)
+        (body or run)()
     finally:
         for p in procs + spinners:
             try:
@@ -167,7 +244,7 @@ def main():
                 pass
 
 
-def run(_spinners):
+def run():
     _, be = start([f"{REL}/bench-backend", "127.0.0.1:0"])
     backend = be["http"]
     extra = [start([f"{REL}/bench-backend", "127.0.0.1:0"])[1]["http"] for _ in range(2)]
@@ -197,15 +274,13 @@ def run(_spinners):
     nginx_p, _ = start(nginx_conf(nx_port, nx_h2, backend), wait_json=False)
     hp_port, hp_h2 = free_port(), free_port()
     hap_p, _ = start(haproxy_conf("one", hp_port, hp_h2, backend), wait_json=False)
-    hb_port, ha_port = free_port(), free_port()
-    hap2_p, _ = start(haproxy_conf("b", hb_port, None, backend), wait_json=False)
-    hap1_p, _ = start(haproxy_conf("a", ha_port, None, f"127.0.0.1:{hb_port}"), wait_json=False)
+    chain = haproxy_chain("x2", backend)
 
     h1 = {"direct": f"http://{backend}/", "nginx": f"http://127.0.0.1:{nx_port}/", "haproxy": f"http://127.0.0.1:{hp_port}/", "ours": f"http://{ours}/"}
     h2 = {"direct": f"http://{backend}/", "nginx": f"http://127.0.0.1:{nx_h2}/", "haproxy": f"http://127.0.0.1:{hp_h2}/", "ours": f"http://{ours}/"}
-    mesh = {"direct": f"http://{backend}/", "haproxy x2": f"http://127.0.0.1:{ha_port}/", "ours x2": f"http://{pair}/"}
+    mesh = {"direct": f"http://{backend}/", "haproxy x2": chain["url"], "ours x2": f"http://{pair}/"}
     tax_t = {"ours": f"http://{ours}/", "ours-lb3": f"http://{tax}/"}
-    pids = {"nginx": [nginx_p.pid], "haproxy": [hap_p.pid], "ours": [ours_p.pid], "haproxy x2": [hap1_p.pid, hap2_p.pid],
+    pids = {"nginx": [nginx_p.pid], "haproxy": [hap_p.pid], "ours": [ours_p.pid], "haproxy x2": chain["pids"],
             "ours x2": [pair_p.pid, inb_p.pid], "ours-lb3": [tax_p.pid], "direct": []}
     for u in list(h1.values()) + list(mesh.values()) + list(tax_t.values()):
         wait_http(u)

@@ -207,15 +207,18 @@ impl Outbound {
         let applied = up.policy();
         let cp = &applied.policy.cache;
         let cacheable = {
-            let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
-            let creq = cache::Request { method: req.method(), path_and_query: pq, headers: req.headers() };
+            let creq = cache::Request {
+                method: req.method(),
+                path_and_query: path_and_query(&req),
+                headers: req.headers(),
+            };
             cache::Cache::applies(cp, &creq) && self.upstreams.invalidation_ready(cp)
         };
         if !cacheable {
             return self.fetch(up, &applied, req).await;
         }
         // The request moves on to the upstream: what the cache keys on is kept aside.
-        let pq = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
+        let pq = path_and_query(&req).to_string();
         let (method, headers) = (req.method().clone(), req.headers().clone());
         let creq = cache::Request { method: &method, path_and_query: &pq, headers: &headers };
         let keys = up.cache.keys(cp, &creq);
@@ -488,6 +491,10 @@ impl Outbound {
             tracing::debug!(%service, endpoint = %endpoint.info.id, open, total, "not ejecting: at the max-ejection share or the last endpoint");
         }
     }
+}
+
+fn path_and_query<B>(req: &Request<B>) -> &str {
+    req.uri().path_and_query().map_or("/", |p| p.as_str())
 }
 
 /// The retry class of an outcome, if it is a failure of a class the policy can name.

@@ -30,6 +30,7 @@ use hyper::{
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_proto::policy::ServicePolicy;
 use tokio::{net::TcpStream, time::Instant};
+use tokio_util::either::Either;
 
 use crate::proxy::{Body, BoxError, MeshTls};
 
@@ -81,12 +82,9 @@ pub enum SendError {
     Request(hyper::Error),
 }
 
-/// A connection as the pool holds it: plain TCP, or TLS to a mesh peer.
-pub enum MeshStream {
-    Plain(TokioIo<TcpStream>),
-    /// Boxed: a TLS connection's state is ~1 KB, a plain one 40 bytes.
-    Tls(Box<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>),
-}
+/// A connection as the pool holds it: plain TCP, or TLS to a mesh peer (boxed: a TLS
+/// connection's state is ~1 KB, a plain one 40 bytes).
+type MeshStream = TokioIo<Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>>;
 
 /// A response body that puts its HTTP/1.1 connection back in the pool once it has ended.
 pub struct Pooled {
@@ -230,7 +228,7 @@ impl Clients {
             None => connecting.await?,
         };
         let _ = tcp.set_nodelay(true);
-        let Some(tls) = &self.0.tls else { return Ok(MeshStream::Plain(TokioIo::new(tcp))) };
+        let Some(tls) = &self.0.tls else { return Ok(TokioIo::new(Either::Left(tcp))) };
         let Some(cert) = tls.identity.current() else {
             return Err("this sidecar has no mesh certificate yet (mTLS calls wait for the CA)".into());
         };
@@ -241,7 +239,7 @@ impl Clients {
             .connect(name, tcp)
             .await
             .map_err(|e| format!("mTLS handshake with {} failed: {e}", tls.service))?;
-        Ok(MeshStream::Tls(Box::new(TokioIo::new(stream))))
+        Ok(TokioIo::new(Either::Right(Box::new(stream))))
     }
 
     /// Starts the task that closes connections idle past the idle timeout (once per pool; it
@@ -264,7 +262,8 @@ impl Clients {
         });
     }
 
-    /// Idle HTTP/1.1 connections to `target` (for tests and `/config`).
+    /// Idle HTTP/1.1 connections to `target`.
+    #[cfg(test)]
     pub fn idle_count(&self, target: &Authority) -> usize {
         let targets = self.0.targets.lock().unwrap_or_else(|p| p.into_inner());
         targets.get(target.as_str()).map_or(0, |t| t.idle.lock().unwrap_or_else(|p| p.into_inner()).len())
@@ -278,7 +277,7 @@ impl Inner {
         let mut targets = self.targets.lock().unwrap_or_else(|p| p.into_inner());
         targets.retain(|_, t| {
             let mut idle = t.idle.lock().unwrap_or_else(|p| p.into_inner());
-            idle.retain(|i| !i.tx.is_closed() && now.duration_since(i.since) < limit);
+            idle.retain(|i| i.usable(now, Some(limit)));
             let mut h2 = t.h2.lock().unwrap_or_else(|p| p.into_inner());
             if h2.as_ref().is_some_and(|tx| tx.is_closed()) {
                 *h2 = None;
@@ -292,10 +291,11 @@ impl Inner {
 async fn checkout(t: &Target, idle_timeout: Option<Duration>) -> Option<http1::SendRequest<Body>> {
     loop {
         let popped = t.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        let Idle { mut tx, since } = popped?;
-        if tx.is_closed() || idle_timeout.is_some_and(|limit| since.elapsed() >= limit) {
+        let idle = popped?;
+        if !idle.usable(Instant::now(), idle_timeout) {
             continue;
         }
+        let mut tx = idle.tx;
         if tx.is_ready() {
             return Some(tx);
         }
@@ -304,6 +304,13 @@ async fn checkout(t: &Target, idle_timeout: Option<Duration>) -> Option<http1::S
         if let Ok(Ok(())) = tokio::time::timeout(READY_WAIT, tx.ready()).await {
             return Some(tx);
         }
+    }
+}
+
+impl Idle {
+    /// Still open, and idle for less than the idle timeout (if any).
+    fn usable(&self, now: Instant, idle_timeout: Option<Duration>) -> bool {
+        !self.tx.is_closed() && idle_timeout.is_none_or(|limit| now.duration_since(self.since) < limit)
     }
 }
 
@@ -320,15 +327,6 @@ impl Target {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < MAX_IDLE_PER_TARGET {
             idle.push(Idle { tx, since: Instant::now() });
-        }
-    }
-}
-
-impl std::fmt::Display for SendError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            SendError::Connect(e) => write!(f, "{e}"),
-            SendError::Request(e) => write!(f, "{e}"),
         }
     }
 }
@@ -374,60 +372,6 @@ impl Drop for Pooled {
         // An empty body is never read; one dropped half-read leaves its connection unusable.
         if self.body.is_end_stream() {
             self.give_back();
-        }
-    }
-}
-
-impl hyper::rt::Read for MeshStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            MeshStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            MeshStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl hyper::rt::Write for MeshStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            MeshStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            MeshStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            MeshStream::Plain(s) => Pin::new(s).poll_flush(cx),
-            MeshStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            MeshStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            MeshStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            MeshStream::Plain(s) => s.is_write_vectored(),
-            MeshStream::Tls(s) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            MeshStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            MeshStream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 }
