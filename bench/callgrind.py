@@ -5,12 +5,18 @@ and repeatable to about 2 % (two copies of one binary read 75.9k and 74.7k in on
 work per request shifts a little with how requests batch), so it is the regression gate
 performance.md asks for; differences smaller than that are noise.
 
-Each sidecar binary in VARIANTS runs as the pair under `valgrind --tool=callgrind`; after a
-warm-up the counters are zeroed (`callgrind_control -z`), wrk drives CONNS connections for
-DURATION seconds, and the instructions counted from then on are divided by the requests wrk
-completed. Run through bench/callgrind.sh:
+Each sidecar binary in VARIANTS runs as the pair under `valgrind --tool=callgrind` while wrk
+drives CONNS connections; SETTLE seconds into the run the counters are zeroed
+(`callgrind_control -z`), DURATION seconds later dumped (`-d`), and the instructions of that
+window are divided by the requests the backend answered in it — so the connections a wrk run
+opens, and those an ending run aborts and the proxies make again, are not counted. With MTLS=1 the hop between the pair is mutual TLS (both sidecars get certificates
+from the control plane's CA); with HAPROXY=1 two chained HAProxies (TLS with client
+certificates from the same CA when MTLS=1) are counted the same way, as the reference.
+Run through bench/callgrind.sh:
   VARIANTS="before=/tmp/old/sidecar,after=target/release/sidecar" bench/callgrind.sh
-Environment: VARIANTS (default "ours=target/release/sidecar"), CONNS (64), DURATION (8).
+  MTLS=1 HAPROXY=1 bench/callgrind.sh
+Environment: VARIANTS (default "ours=target/release/sidecar"), CONNS (64), DURATION (8),
+SETTLE (3), MTLS (0), HAPROXY (0).
 """
 
 import importlib.util
@@ -18,6 +24,8 @@ import os
 import re
 import signal
 import subprocess
+import time
+import urllib.request
 
 spec = importlib.util.spec_from_file_location("dp", os.path.join(os.path.dirname(__file__), "data-plane.py"))
 dp = importlib.util.module_from_spec(spec)
@@ -26,6 +34,9 @@ REL, TMP = dp.REL, dp.TMP
 VARIANTS = [v.split("=", 1) for v in os.environ.get("VARIANTS", f"ours={REL}/sidecar").split(",")]
 CONNS = int(os.environ.get("CONNS", "64"))
 DURATION = int(os.environ.get("DURATION", "8"))
+SETTLE = int(os.environ.get("SETTLE", "3"))
+MTLS = os.environ.get("MTLS", "0") == "1"
+HAPROXY = os.environ.get("HAPROXY", "0") == "1"
 
 
 def instructions(path):
@@ -37,29 +48,62 @@ def instructions(path):
     return 0
 
 
-def measure(name, binary, cp_url, backend):
-    grind = ["valgrind", "--tool=callgrind", "--dump-instr=no", f"--callgrind-out-file={TMP}/cg-{name}.%p"]
-    inb, _, out, info = dp.sidecar_pair(cp_url, backend, f"{name}-svc", binary, wrap=grind)
-    url = f"http://{info['outbound']}/"
+def grind(name):
+    return ["valgrind", "--tool=callgrind", "--dump-instr=no", f"--callgrind-out-file={TMP}/cg-{name}.%p"]
+
+
+def answered(backend):
+    with urllib.request.urlopen(f"http://{backend}/__requests", timeout=30) as r:
+        return int(r.read())
+
+
+def count(name, url, backend, first, second):
+    """Instructions per request of `first` and `second` (the proxy wrk talks to, then the next)
+    over a window inside one wrk run: after a warm-up run and SETTLE seconds into the measured
+    one (the connections an ending wrk run aborts are made again, TLS handshakes included,
+    outside the window), the counters are zeroed; DURATION seconds later both profiles are dumped
+    and the backend says how many requests it answered in between. (requests, first, second)."""
     dp.wait_http(url, tries=1200)
-    subprocess.run(["wrk", "-t1", f"-c{CONNS}", "-d2s", "-H", "Host: bench", url], capture_output=True)  # warm-up
-    for p in (inb, out):
-        subprocess.run(["callgrind_control", "-z", str(p.pid)], capture_output=True, check=True)
-    r = dp.parse_wrk(subprocess.run(["wrk", "-t1", f"-c{CONNS}", f"-d{DURATION}s", "--latency", "-H", "Host: bench", url],
-                                    capture_output=True, text=True).stdout)
-    for p in (out, inb):
+    subprocess.run(["wrk", "-t1", f"-c{CONNS}", "-d2s", "-H", "Host: bench", url], capture_output=True)
+    load = subprocess.Popen(["wrk", "-t1", f"-c{CONNS}", f"-d{SETTLE + DURATION + 5}s", "-H", "Host: bench", url],
+                            stdout=subprocess.DEVNULL)
+    time.sleep(SETTLE)
+    control = lambda flag, p: subprocess.run(["callgrind_control", flag, str(p.pid)], capture_output=True, check=True)
+    control("-z", first)
+    control("-z", second)
+    n0 = answered(backend)
+    time.sleep(DURATION)
+    control("-d", first)
+    control("-d", second)
+    n = max(answered(backend) - n0, 1)
+    load.kill()
+    load.wait()
+    for p in (first, second):
         p.send_signal(signal.SIGTERM)
         p.wait(timeout=120)
-    n = max(r["requests"], 1)
-    # taskset and valgrind exec in place: each file carries its sidecar's PID.
-    return n, instructions(f"{TMP}/cg-{name}.{out.pid}") / n, instructions(f"{TMP}/cg-{name}.{inb.pid}") / n
+    # taskset and valgrind exec in place: each file carries its process's PID; `.1` is the dump.
+    return n, instructions(f"{TMP}/cg-{name}.{first.pid}.1") / n, instructions(f"{TMP}/cg-{name}.{second.pid}.1") / n
 
 
 def run():
     backend, cp_url = dp.backend_and_control_plane()
-    rows = [(name, *measure(name, binary, cp_url, backend)) for name, binary in VARIANTS]
-    print(f"instructions per request under callgrind, {CONNS} connections, {DURATION} s (start-up and warm-up excluded)")
-    print("| variant | requests | outbound (gateway) | inbound | pair |")
+    certs = os.path.join(TMP, "certs")
+    if MTLS and HAPROXY:
+        dp.certify(cp_url, certs, "mesh", "haproxy-client")
+    rows = []
+    for name, binary in VARIANTS:
+        svc = f"{name}-svc"
+        tokens = (dp.meshctl(cp_url, "identity", "token", "create", svc),
+                  dp.meshctl(cp_url, "identity", "token", "create", "gateway")) if MTLS else (None, None)
+        inb, _, out, info = dp.sidecar_pair(cp_url, backend, svc, binary, tokens=tokens, wrap=grind(name))
+        rows.append((name, *count(name, f"http://{info['outbound']}/", backend, out, inb)))
+    if HAPROXY:
+        chain = dp.haproxy_chain("cg", backend, certs if MTLS else None, wrap=grind("haproxy"))
+        rows.append(("haproxy", *count("haproxy", chain["url"], backend, *chain["procs"])))
+    hop = "mutual TLS" if MTLS else "plaintext"
+    print(f"instructions per request under callgrind, {CONNS} connections, {DURATION} s, {hop} between the pair"
+          " (start-up, warm-up and reconnects excluded)")
+    print("| variant | requests | outbound (first proxy) | inbound (second proxy) | pair |")
     print("|---|---|---|---|---|")
     for name, n, o, i in rows:
         print(f"| {name} | {n} | {o / 1000:.1f}k | {i / 1000:.1f}k | {(o + i) / 1000:.1f}k |")

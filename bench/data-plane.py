@@ -194,19 +194,21 @@ def sidecar_pair(cp_url, backend, service, binary=None, tokens=(None, None), wra
     return in_p, in_info, out_p, out_info
 
 
-def haproxy_chain(name, backend, certs=None):
+def haproxy_chain(name, backend, certs=None, wrap=()):
     """Two chained HAProxies (a → b → backend), one worker each; with `certs` (from `certify` for
-    `mesh` and `haproxy-client`), TLS with client certificates from the mesh CA between them.
-    Returns the URL, both PIDs, and b's address and PID (the TLS side, for handshakes)."""
+    `mesh` and `haproxy-client`), TLS with client certificates from the mesh CA between them;
+    `wrap` goes before both commands (valgrind). Returns the URL, both PIDs and processes, and
+    b's address and PID (the TLS side, for handshakes)."""
     pa, pb = free_port(), free_port()
     bind_b, to_b = pb, f"127.0.0.1:{pb}"
     if certs:
         ca = os.path.join(certs, "ca.pem")
         bind_b = f"{pb} ssl crt {certs}/mesh.bundle ca-file {ca} verify required alpn http/1.1"
         to_b = f"{to_b} ssl crt {certs}/haproxy-client.bundle ca-file {ca} verify required alpn http/1.1"
-    b, _ = start(haproxy_conf(f"b-{name}", bind_b, None, backend), wait_json=False)
-    a, _ = start(haproxy_conf(f"a-{name}", pa, None, to_b), wait_json=False)
-    return {"url": f"http://127.0.0.1:{pa}/", "pids": [a.pid, b.pid], "inbound": f"127.0.0.1:{pb}", "inbound_pid": b.pid}
+    b, _ = start([*wrap, *haproxy_conf(f"b-{name}", bind_b, None, backend)], wait_json=False)
+    a, _ = start([*wrap, *haproxy_conf(f"a-{name}", pa, None, to_b)], wait_json=False)
+    return {"url": f"http://127.0.0.1:{pa}/", "pids": [a.pid, b.pid], "procs": (a, b), "inbound": f"127.0.0.1:{pb}",
+            "inbound_pid": b.pid}
 
 
 def interleave(rep, scenarios, targets):

@@ -1,9 +1,14 @@
 //! `bench-backend`: the app behind every proxy in the data-plane benchmark. One thread,
-//! HTTP/1.1 and h2c on one port, answers every request with `200 ok` at once.
+//! HTTP/1.1 and h2c on one port, answers every request with `200 ok` at once, except
+//! `GET /__requests`, which answers how many other requests it has answered (so a benchmark
+//! can count the requests of a time window that no client run starts or ends).
 //!
 //! `bench-backend 127.0.0.1:0` prints `{"event":"listening","http":"…"}` and serves until killed.
 
-use std::convert::Infallible;
+use std::{
+    convert::Infallible,
+    sync::atomic::{AtomicU64, Ordering},
+};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -12,6 +17,9 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo},
     server::conn::auto,
 };
+
+/// Requests answered, `/__requests` excepted.
+static ANSWERED: AtomicU64 = AtomicU64::new(0);
 
 fn main() -> std::io::Result<()> {
     let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:0".into());
@@ -22,8 +30,14 @@ fn main() -> std::io::Result<()> {
             let (stream, _) = listener.accept().await?;
             let _ = stream.set_nodelay(true);
             tokio::spawn(async move {
-                let svc = service_fn(|_req| async {
-                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                let svc = service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                    let body = if req.uri().path() == "/__requests" {
+                        Bytes::from(ANSWERED.load(Ordering::Relaxed).to_string())
+                    } else {
+                        ANSWERED.fetch_add(1, Ordering::Relaxed);
+                        Bytes::from_static(b"ok")
+                    };
+                    Ok::<_, Infallible>(Response::new(Full::new(body)))
                 });
                 let _ = auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), svc)
