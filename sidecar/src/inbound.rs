@@ -1,11 +1,12 @@
 //! Inbound: other sidecars → the local app.
 //!
 //! Every `x-mesh-*` request header a caller sends is removed before the app sees it; the
-//! sidecar sets `x-mesh-caller` itself from the caller's verified identity (mutual TLS, a later
-//! milestone: until then there is no verified identity and the header is never present). The
-//! request is forwarded on a pooled connection in the protocol it arrived in, streaming.
+//! sidecar sets `x-mesh-caller` itself from the caller's verified identity (over mutual TLS;
+//! without it the header is never present). The request is forwarded on a pooled connection in
+//! the protocol it arrived in, streaming.
 
 use std::{
+    borrow::Cow,
     net::SocketAddr,
     sync::{
         Arc,
@@ -26,6 +27,7 @@ use crate::{
     idempotency::{Begin, Idempotency, Stored},
     metrics::Metrics,
     proxy::{self, Body, Clients, Tracked, boxed, error_response},
+    server::{Peer, PeerIdentity},
     trace,
 };
 
@@ -49,12 +51,11 @@ pub struct Inbound {
     pub mtls: bool,
 }
 
-/// Whether `caller` (a verified SPIFFE id) may call a service with `authz`: listed by its
+/// Whether `caller` (a verified identity) may call a service with `authz`: listed by its
 /// service name or its whole id, or anyone authenticated when the list is empty.
-pub fn authorized(authz: &mesh_proto::policy::AuthzPolicy, caller: &str) -> bool {
-    let service = caller.rsplit_once("/service/").map(|(_, s)| s);
+pub fn authorized(authz: &mesh_proto::policy::AuthzPolicy, caller: &PeerIdentity) -> bool {
     authz.allowed_callers.is_empty()
-        || authz.allowed_callers.iter().any(|a| a == caller || Some(a.as_str()) == service)
+        || authz.allowed_callers.iter().any(|a| a == caller.id() || Some(a.as_str()) == caller.service())
 }
 
 /// Holds one unit of the app's load until dropped.
@@ -103,24 +104,26 @@ impl Inbound {
         }
     }
 
-    pub async fn handle(self: Arc<Self>, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    pub async fn handle(self: Arc<Self>, mut req: Request<Incoming>, peer: Peer) -> Response<Body> {
         let t = trace::propagate(req.headers_mut());
         let span = tracing::info_span!(
             "request", direction = "inbound", method = %req.method(), path = %req.uri().path(),
-            request_id = %t.request_id, trace_id = %t.trace_id, %peer,
+            request_id = %t.request_id, trace_id = %t.trace_id, peer = %peer.addr,
         );
         let grpc = proxy::is_grpc(req.headers());
         let resp = async move {
             let started = Instant::now();
-            let verified = req.extensions().get::<crate::server::PeerIdentity>().map(|p| p.0.clone());
-            strip_mesh_headers(req.headers_mut(), verified.as_deref());
+            let verified = peer.identity.as_deref();
+            strip_mesh_headers(req.headers_mut(), verified.and_then(PeerIdentity::header));
             let policy = self.policy.borrow().1.clone();
             if self.mtls {
-                let refusal = match &verified {
+                let refusal = match verified {
                     None => Some("the caller has no mesh identity".to_string()),
-                    Some(id) if !authorized(&policy.authz, id) => Some(format!(
-                        "{id} may not call {}: the allowed callers are {:?}",
-                        self.service, policy.authz.allowed_callers
+                    Some(caller) if !authorized(&policy.authz, caller) => Some(format!(
+                        "{} may not call {}: the allowed callers are {:?}",
+                        caller.id(),
+                        self.service,
+                        policy.authz.allowed_callers
                     )),
                     Some(_) => None,
                 };
@@ -133,7 +136,7 @@ impl Inbound {
                         StatusCode::FORBIDDEN,
                         "forbidden",
                         reason,
-                        json!({ "service": self.service, "caller": verified }),
+                        json!({ "service": self.service, "caller": verified.map(PeerIdentity::id) }),
                     );
                 }
             }
@@ -141,9 +144,9 @@ impl Inbound {
             // only named when a per-caller limit needs it.
             let limits = &policy.rate_limit;
             let caller = match verified {
-                Some(id) => id,
-                None if limits.per_caller_requests_per_second > 0 => peer.ip().to_string(),
-                None => String::new(),
+                Some(caller) => Cow::Borrowed(caller.id()),
+                None if limits.per_caller_requests_per_second > 0 => Cow::Owned(peer.addr.ip().to_string()),
+                None => Cow::Borrowed(""),
             };
             if let Err(wait) = self.rate_limits.check(&caller, limits, Instant::now()) {
                 self.metrics.rate_limited.get_or_create(&vec![("service", self.service.clone())]).inc();
@@ -247,13 +250,13 @@ fn replay(stored: &Stored) -> Response<Body> {
 }
 
 /// Removes every `x-mesh-*` header a caller sent, then sets the caller identity when verified.
-pub fn strip_mesh_headers(h: &mut http::HeaderMap, caller: Option<&str>) {
+pub fn strip_mesh_headers(h: &mut http::HeaderMap, caller: Option<&HeaderValue>) {
     let forged: Vec<HeaderName> = h.keys().filter(|k| k.as_str().starts_with("x-mesh-")).cloned().collect();
     for k in forged {
         h.remove(k);
     }
-    if let Some(v) = caller.and_then(|c| HeaderValue::from_str(c).ok()) {
-        h.insert(CALLER, v);
+    if let Some(v) = caller {
+        h.insert(CALLER, v.clone());
     }
 }
 
@@ -269,7 +272,23 @@ mod tests {
         h.insert("x-other", HeaderValue::from_static("1"));
         strip_mesh_headers(&mut h, None);
         assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-other"]);
-        strip_mesh_headers(&mut h, Some("spiffe://mesh/service/web"));
+        let web = PeerIdentity::new("spiffe://mesh/service/web".into());
+        strip_mesh_headers(&mut h, web.header());
         assert_eq!(h[CALLER], "spiffe://mesh/service/web");
+    }
+
+    #[test]
+    fn callers_are_authorized_by_service_or_whole_id() {
+        let web = PeerIdentity::new("spiffe://mesh/service/web".into());
+        let allow = |list: &[&str]| mesh_proto::policy::AuthzPolicy {
+            allowed_callers: list.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        assert!(authorized(&allow(&[]), &web));
+        assert!(authorized(&allow(&["api", "web"]), &web));
+        assert!(authorized(&allow(&["spiffe://mesh/service/web"]), &web));
+        assert!(!authorized(&allow(&["api"]), &web));
+        assert!(!authorized(&allow(&["spiffe://other/service/web"]), &web));
+        assert!(!authorized(&allow(&["service/web"]), &web));
     }
 }

@@ -319,7 +319,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     let routes = (shared.config.mode == Mode::Gateway).then(|| shared.config.routes.clone());
     let outbound =
         Arc::new(Outbound::new(upstreams.clone(), metrics.clone(), routes, shared.config.discovery_wait));
-    let handler: Handler = Arc::new(move |req, peer| Box::pin(outbound.clone().handle(req, peer)));
+    let handler: Handler = Arc::new(move |req, _| Box::pin(outbound.clone().handle(req)));
     let name = if shared.config.mode == Mode::Gateway { "gateway" } else { "outbound" };
     let mut servers =
         vec![tokio::spawn(server::serve(listeners.outbound, handler, serving.clone(), drain, name, None))];
@@ -336,7 +336,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         );
         inbound.mtls = shared.mtls();
         let inbound = Arc::new(inbound);
-        let handler: Handler = Arc::new(move |req, peer| Box::pin(inbound.clone().handle(req, peer)));
+        let handler: Handler = Arc::new(move |req, peer| Box::pin(inbound.clone().handle(req, peer.clone())));
         let tls = shared.mtls().then(|| shared.identity.clone());
         servers.push(tokio::spawn(server::serve(listener, handler, serving.clone(), drain, "inbound", tls)));
     }

@@ -1,12 +1,12 @@
 //! The accept loop both proxies use: HTTP/1.1 and h2c on one listener (detected per
 //! connection) — or, for the inbound listener of a sidecar with a mesh identity, mutual TLS
-//! only (ALPN picks the protocol; the verified peer identity goes into each request's
-//! extensions as [`PeerIdentity`]) — and a graceful drain: stop accepting, let open connections
-//! finish their requests, give up after a deadline.
+//! only (ALPN picks the protocol; the peer identity its certificate proved is read once per
+//! connection and handed with every request as part of [`Peer`]) — and a graceful drain: stop
+//! accepting, let open connections finish their requests, give up after a deadline.
 
 use std::{convert::Infallible, future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
 
-use http::{Request, Response};
+use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
@@ -20,18 +20,53 @@ use crate::proxy::Body;
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
-/// The SPIFFE id a caller proved with its client certificate (set on requests that came over
-/// mutual TLS; absent otherwise).
+/// The other end of a connection, handed to the handler with each of its requests.
 #[derive(Debug, Clone)]
-pub struct PeerIdentity(pub String);
+pub struct Peer {
+    pub addr: SocketAddr,
+    /// Over mutual TLS, the identity the caller's certificate proved; `None` otherwise.
+    pub identity: Option<Arc<PeerIdentity>>,
+}
+
+/// A SPIFFE id a caller proved with its client certificate, with what requests need of it
+/// prepared once per connection: the service it names and its form as a header value.
+#[derive(Debug)]
+pub struct PeerIdentity {
+    id: String,
+    service: Option<String>,
+    header: Option<HeaderValue>,
+}
+
+impl PeerIdentity {
+    pub fn new(id: String) -> Self {
+        let service = id.rsplit_once("/service/").map(|(_, s)| s.to_string());
+        let header = HeaderValue::from_maybe_shared(bytes::Bytes::from(id.clone())).ok();
+        Self { id, service, header }
+    }
+
+    /// The whole SPIFFE id (`spiffe://<trust-domain>/service/<name>`).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The service the id names, if it has the mesh's form.
+    pub fn service(&self) -> Option<&str> {
+        self.service.as_deref()
+    }
+
+    /// The id as a header value (`None` if it has bytes a header cannot carry).
+    pub fn header(&self) -> Option<&HeaderValue> {
+        self.header.as_ref()
+    }
+}
 
 /// How long a TLS handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// A request handler: the request and the peer's address in, a response out (never an error:
+/// A request handler: the request and its connection's peer in, a response out (never an error:
 /// failures are answered as JSON responses). Boxed per request on purpose: a generic handler
 /// saves the box (~1.4k instructions per request) but hyper then keeps a slot of the future's
 /// full size (~5 KB) allocated for every open connection, idle or not (BENCHMARKS.md).
-pub type Handler = Arc<dyn Fn(Request<Incoming>, SocketAddr) -> BoxFuture<Response<Body>> + Send + Sync>;
+pub type Handler = Arc<dyn Fn(Request<Incoming>, &Peer) -> BoxFuture<Response<Body>> + Send + Sync>;
 
 /// Serves `listener` until `stop` fires, then drains open connections for at most `drain`.
 /// With `tls`, every connection must complete a mutual TLS handshake with the current identity
@@ -45,7 +80,11 @@ pub async fn serve(
     tls: Option<Arc<crate::identity::IdentityCell>>,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
+    // Half-closed client connections are allowed (as HAProxy does without `abortonclose`): a
+    // request whose caller shut its write side still gets its answer, and a request in flight
+    // costs no read of its connection to look for an end of stream (a read that would find the
+    // read buffer still shared with the request's headers and allocate another).
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30)).half_close(true);
     builder.http2().timer(TokioTimer::new()).max_concurrent_streams(1024);
     let graceful = GracefulShutdown::new();
     loop {
@@ -59,7 +98,7 @@ pub async fn serve(
                     tokio::spawn(
                         async move {
                             let Some(cell) = tls else {
-                                let svc = service(handler, peer, None);
+                                let svc = Service { handler, peer: Peer { addr: peer, identity: None } };
                                 let conn = builder.serve_connection(TokioIo::new(stream), svc);
                                 if let Err(e) = watcher.watch(conn.into_owned()).await {
                                     tracing::debug!(error = %e, "connection ended with an error");
@@ -88,7 +127,8 @@ pub async fn serve(
                                 .peer_certificates()
                                 .and_then(|c| c.first())
                                 .and_then(crate::tls::peer_spiffe_id);
-                            let svc = service(handler, peer, caller.map(PeerIdentity));
+                            let identity = caller.map(|id| Arc::new(PeerIdentity::new(id)));
+                            let svc = Service { handler, peer: Peer { addr: peer, identity } };
                             let conn = builder.serve_connection(TokioIo::new(tls), svc);
                             if let Err(e) = watcher.watch(conn.into_owned()).await {
                                 tracing::debug!(error = %e, "connection ended with an error");
@@ -113,13 +153,11 @@ pub async fn serve(
     }
 }
 
-/// The hyper service of one connection: the handler, with the caller's verified identity (if
-/// any) in each request's extensions.
+/// The hyper service of one connection: the handler, called with the connection's peer.
 #[derive(Clone)]
 struct Service {
     handler: Handler,
-    peer: SocketAddr,
-    caller: Option<PeerIdentity>,
+    peer: Peer,
 }
 
 type Answer = Result<Response<Body>, Infallible>;
@@ -129,14 +167,7 @@ impl hyper::service::Service<Request<Incoming>> for Service {
     type Error = Infallible;
     type Future = futures::future::Map<BoxFuture<Response<Body>>, fn(Response<Body>) -> Answer>;
 
-    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
-        if let Some(c) = &self.caller {
-            req.extensions_mut().insert(c.clone());
-        }
-        futures::FutureExt::map((self.handler)(req, self.peer), Ok as fn(Response<Body>) -> Answer)
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        futures::FutureExt::map((self.handler)(req, &self.peer), Ok as fn(Response<Body>) -> Answer)
     }
-}
-
-fn service(handler: Handler, peer: SocketAddr, caller: Option<PeerIdentity>) -> Service {
-    Service { handler, peer, caller }
 }
