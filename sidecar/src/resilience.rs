@@ -10,12 +10,14 @@
 //!   `max_pending_requests` waiting; beyond, refuse at once (no unbounded queue).
 //! - [`backoff`]: full jitter over an exponentially growing cap.
 //!
+//! Both windows (failure rate, retry budget) are counts in fixed time slices ([`Window`]): a
+//! request costs the same, and the state takes the same memory, at any request rate.
+//!
 //! Whether an opening may happen at all (the max-ejection share, never the last endpoint) is the
 //! endpoint set's decision: [`Breaker::record`] reports that the breaker wants to open and the
 //! caller confirms with [`Breaker::open`].
 
 use std::{
-    collections::VecDeque,
     sync::{
         Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
@@ -55,8 +57,8 @@ impl BreakerState {
 struct BreakerInner {
     state: BreakerState,
     consecutive: u32,
-    /// (time, failed) of recent outcomes within the failure-rate window.
-    window: VecDeque<(Instant, bool)>,
+    /// Outcomes within the failure-rate window (marked: failed).
+    window: Window,
     /// Openings in a row without a full recovery (drives the open-duration backoff).
     openings: u32,
 }
@@ -69,7 +71,7 @@ impl Default for Breaker {
         Breaker(Mutex::new(BreakerInner {
             state: BreakerState::Closed,
             consecutive: 0,
-            window: VecDeque::new(),
+            window: Window::default(),
             openings: 0,
         }))
     }
@@ -109,10 +111,7 @@ impl Breaker {
     pub fn record(&self, failed: bool, now: Instant, p: &CircuitBreakerPolicy) -> bool {
         let mut b = self.lock();
         if !p.failure_rate_window.is_zero() {
-            while b.window.front().is_some_and(|(t, _)| now.duration_since(*t) > p.failure_rate_window) {
-                b.window.pop_front();
-            }
-            b.window.push_back((now, failed));
+            b.window.add(now, p.failure_rate_window, failed);
         }
         if !failed {
             b.consecutive = 0;
@@ -131,9 +130,10 @@ impl Breaker {
             return false;
         }
         let by_count = p.consecutive_failures > 0 && b.consecutive >= p.consecutive_failures;
-        let by_rate = p.failure_rate_percent > 0 && b.window.len() as u32 >= p.failure_rate_min_requests && {
-            let failures = b.window.iter().filter(|(_, f)| *f).count() as u64;
-            failures * 100 >= u64::from(p.failure_rate_percent) * b.window.len() as u64
+        let by_rate = p.failure_rate_percent > 0 && !p.failure_rate_window.is_zero() && {
+            let (outcomes, failures) = b.window.counts(now, p.failure_rate_window);
+            outcomes >= u64::from(p.failure_rate_min_requests)
+                && failures * 100 >= u64::from(p.failure_rate_percent) * outcomes
         };
         by_count || by_rate
     }
@@ -158,41 +158,94 @@ impl Breaker {
     }
 }
 
-/// The retry budget of one service: a sliding window of requests and retries.
+/// The retry budget of one service: first attempts and retries over a sliding window.
 #[derive(Debug, Default)]
-pub struct Budget(Mutex<VecDeque<(Instant, bool)>>);
+pub struct Budget(Mutex<Window>);
 
 impl Budget {
     /// Counts a first attempt.
     pub fn request(&self, now: Instant, p: &RetryPolicy) {
-        self.push(now, false, p);
+        self.lock().add(now, p.budget_window, false);
     }
 
     /// Takes a retry from the budget if there is room.
     pub fn try_retry(&self, now: Instant, p: &RetryPolicy) -> bool {
-        let mut w = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        Self::trim(&mut w, now, p.budget_window);
-        let retries = w.iter().filter(|(_, r)| *r).count() as u64;
-        let requests = w.len() as u64 - retries;
+        let mut w = self.lock();
+        let (attempts, retries) = w.counts(now, p.budget_window);
+        let requests = attempts - retries;
         let allowed = requests * u64::from(p.budget_percent) / 100
             + u64::from(p.budget_min_per_second) * p.budget_window.as_secs().max(1);
         if retries >= allowed {
             return false;
         }
-        w.push_back((now, true));
+        w.add(now, p.budget_window, true);
         true
     }
 
-    fn push(&self, now: Instant, retry: bool, p: &RetryPolicy) {
-        let mut w = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        Self::trim(&mut w, now, p.budget_window);
-        w.push_back((now, retry));
+    fn lock(&self) -> std::sync::MutexGuard<'_, Window> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Slices a [`Window`] is kept in.
+const SLICES: usize = 10;
+
+/// Counts of events, and of those marked (failed, retried), over a sliding time window kept as
+/// [`SLICES`] slices: constant work per event and constant memory at any rate (a list of events
+/// would grow with the request rate, and each failure or retry would scan it). Events leave the
+/// window a slice at a time: between nine and ten tenths of the window after they happened.
+#[derive(Debug, Default)]
+pub struct Window {
+    /// When slice 0 began (set by the first event).
+    origin: Option<Instant>,
+    /// The window's length over [`SLICES`]; a different window starts the counts afresh.
+    slice: Duration,
+    /// The newest slice seen: an event stamped earlier (taken before a lock) counts in it.
+    newest: u64,
+    /// Per slot: (slice number since `origin`, events, marked events).
+    slots: [(u64, u64, u64); SLICES],
+}
+
+impl Window {
+    /// Counts an event at `now`.
+    pub fn add(&mut self, now: Instant, window: Duration, marked: bool) {
+        let i = self.slice_of(now, window);
+        let slot = &mut self.slots[(i % SLICES as u64) as usize];
+        if slot.0 != i {
+            *slot = (i, 0, 0);
+        }
+        slot.1 += 1;
+        slot.2 += u64::from(marked);
     }
 
-    fn trim(w: &mut VecDeque<(Instant, bool)>, now: Instant, window: Duration) {
-        while w.front().is_some_and(|(t, _)| now.duration_since(*t) > window) {
-            w.pop_front();
-        }
+    /// (events, marked events) within the window as of `now`.
+    pub fn counts(&mut self, now: Instant, window: Duration) -> (u64, u64) {
+        let i = self.slice_of(now, window);
+        self.slots
+            .iter()
+            .filter(|(n, ..)| *n <= i && i - *n < SLICES as u64)
+            .fold((0, 0), |(e, m), (_, se, sm)| (e + se, m + sm))
+    }
+
+    /// Forgets every event.
+    pub fn clear(&mut self) {
+        *self = Window::default();
+    }
+
+    fn slice_of(&mut self, now: Instant, window: Duration) -> u64 {
+        let slice = (window / SLICES as u32).max(Duration::from_micros(1));
+        let origin = match self.origin {
+            Some(origin) if self.slice == slice => origin,
+            _ => {
+                *self = Window { origin: Some(now), slice, ..Window::default() };
+                now
+            }
+        };
+        // In 64 bits (584 years of nanoseconds): a 128-bit division costs ten times more.
+        let since = u64::try_from(now.saturating_duration_since(origin).as_nanos()).unwrap_or(u64::MAX);
+        let i = since / u64::try_from(slice.as_nanos()).unwrap_or(u64::MAX);
+        self.newest = self.newest.max(i);
+        self.newest
     }
 }
 
@@ -314,9 +367,13 @@ impl RateLimits {
             if callers.len() >= MAX_CALLERS && !callers.contains_key(caller) {
                 callers.clear();
             }
-            let b = callers
-                .entry(caller.to_string())
-                .or_insert_with(|| Bucket::new(p.per_caller_requests_per_second, p.per_caller_burst, now));
+            // A known caller is looked up without copying its name.
+            let b = match callers.get_mut(caller) {
+                Some(b) => b,
+                None => callers.entry(caller.to_string()).or_insert_with(|| {
+                    Bucket::new(p.per_caller_requests_per_second, p.per_caller_burst, now)
+                }),
+            };
             if !b.same_shape(p.per_caller_requests_per_second, p.per_caller_burst) {
                 *b = Bucket::new(p.per_caller_requests_per_second, p.per_caller_burst, now);
             }
