@@ -5,7 +5,7 @@
 //! forward on a pooled connection with the policy's timeouts → stream the response back while
 //! the endpoint's in-flight slot stays held.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, Uri, header};
@@ -96,7 +96,7 @@ impl Outbound {
         Self { upstreams, metrics, routes, discovery_wait }
     }
 
-    pub async fn handle(self: Arc<Self>, mut req: Request<Incoming>, _peer: SocketAddr) -> Response<Body> {
+    pub async fn handle(self: Arc<Self>, mut req: Request<Incoming>) -> Response<Body> {
         let t = trace::propagate(req.headers_mut());
         let direction = if self.routes.is_some() { "gateway" } else { "outbound" };
         let span = tracing::info_span!(
@@ -336,6 +336,11 @@ impl Outbound {
         if attempts_allowed > 1 {
             let hint = body.as_ref().map(|b| b.size_hint().upper()).unwrap_or(Some(0));
             match hint {
+                // No body (a GET, say): nothing to read or keep.
+                Some(0) if body.as_ref().is_some_and(|b| b.is_end_stream()) => {
+                    body = None;
+                    replay = Some(Bytes::new());
+                }
                 Some(n) if n <= retry.max_body_bytes => match body.take().map(|b| b.collect()) {
                     Some(collected) => match collected.await {
                         Ok(c) => replay = Some(c.to_bytes()),
@@ -397,6 +402,7 @@ impl Outbound {
                 return (resp, Some(endpoint));
             };
             let attempt_body = match &replay {
+                Some(bytes) if bytes.is_empty() => proxy::empty(),
                 Some(bytes) => boxed(Full::new(bytes.clone())),
                 None => body.take().map(boxed).unwrap_or_else(proxy::empty),
             };
@@ -411,28 +417,30 @@ impl Outbound {
                 *r.uri_mut() = parts.uri.clone();
                 *r.headers_mut() = parts.headers.clone();
             }
-            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            let sent = Instant::now();
+            let left = deadline.map(|d| d.saturating_duration_since(sent));
             let per_try = match (left, (!retry.per_try_timeout.is_zero()).then_some(retry.per_try_timeout)) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
             let slot = endpoint.start();
-            let sent = Instant::now();
             let result = proxy::forward(&applied.clients, r, &authority, per_try).await;
-            let took = sent.elapsed();
+            // One clock read for everything that follows the answer.
+            let done = Instant::now();
+            let took = done.saturating_duration_since(sent);
             let class = classify(&result);
             let failed = match &result {
                 Ok(resp) => resp.status().is_server_error(),
                 Err(_) => true,
             };
-            endpoint.observe(if failed { took.max(Duration::from_secs(1)) } else { took });
-            if endpoint.breaker.record(failed, Instant::now(), &policy.circuit_breaker) {
+            endpoint.observe(if failed { took.max(Duration::from_secs(1)) } else { took }, done);
+            if endpoint.breaker.record(failed, done, &policy.circuit_breaker) {
                 self.maybe_eject(&set, &endpoint, service, &policy.circuit_breaker);
             }
             let retryable = class.is_some_and(|c| retry.retry_on.contains(&c));
-            let time_left = deadline.is_none_or(|d| Instant::now() < d);
+            let time_left = deadline.is_none_or(|d| done < d);
             if retryable && attempt < attempts_allowed && time_left {
-                if up.budget.try_retry(Instant::now(), retry) {
+                if up.budget.try_retry(done, retry) {
                     self.metrics.retries.get_or_create(&vec![("service", service.to_string())]).inc();
                     tracing::debug!(endpoint = %endpoint.info.id, attempt, class = ?class, "retrying on another endpoint");
                     drop(slot);
@@ -498,6 +506,8 @@ fn path_and_query<B>(req: &Request<B>) -> &str {
 }
 
 /// The retry class of an outcome, if it is a failure of a class the policy can name.
+const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+
 fn classify(r: &Result<Response<proxy::Pooled>, proxy::ForwardError>) -> Option<RetryOn> {
     match r {
         Err(proxy::ForwardError::Connect(..)) => Some(RetryOn::ConnectFailure),
@@ -507,7 +517,7 @@ fn classify(r: &Result<Response<proxy::Pooled>, proxy::ForwardError>) -> Option<
             502 => Some(RetryOn::Status502),
             503 => Some(RetryOn::Status503),
             504 => Some(RetryOn::Status504),
-            _ => match resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()) {
+            _ => match resp.headers().get(&GRPC_STATUS).and_then(|v| v.to_str().ok()) {
                 Some("14") => Some(RetryOn::Unavailable),
                 Some("8") => Some(RetryOn::ResourceExhausted),
                 _ => None,

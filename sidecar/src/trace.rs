@@ -29,34 +29,49 @@ pub enum RequestId {
 pub struct Hex<const N: usize>([u8; N]);
 
 /// Keeps a caller's request id (or makes one) and continues its trace (or starts one), writing
-/// both into `headers` for the next hop. Allocates only the new `traceparent` value (and a
-/// request id when the caller sent none): this runs on every request.
+/// both into `headers` for the next hop. Allocates once, for the new values (`traceparent`, and
+/// the request id when the caller sent none), whose copies — the retry copy of a request's
+/// headers — then only count references: this runs on every request.
 pub fn propagate(headers: &mut HeaderMap) -> TraceContext {
-    let request_id = match headers.get(&REQUEST_ID) {
-        Some(id) if !id.is_empty() && id.len() <= 128 && id.to_str().is_ok() => RequestId::Given(id.clone()),
-        _ => {
-            let id = Hex::<32>::random();
-            headers.insert(REQUEST_ID, id.header_value());
-            RequestId::Made(id)
-        }
-    };
+    let given = headers
+        .get(&REQUEST_ID)
+        .filter(|id| !id.is_empty() && id.len() <= 128 && id.to_str().is_ok())
+        .cloned();
     let span_id = Hex::<16>::random();
     let (trace_id, flags) = match headers.get(&TRACEPARENT).and_then(|v| parse(v.as_bytes())) {
         Some(found) => found,
         None => (Hex::<32>::random(), *b"01"),
     };
-    let mut tp = [0u8; 55];
+    // [request id (when made)][traceparent: 00-<trace id>-<span id>-<flags>]
+    let mut text = [0u8; 32 + TRACEPARENT_LEN];
+    let tp = &mut text[32..];
     tp[..3].copy_from_slice(b"00-");
     tp[3..35].copy_from_slice(&trace_id.0);
     tp[35] = b'-';
     tp[36..52].copy_from_slice(&span_id.0);
     tp[52] = b'-';
     tp[53..].copy_from_slice(&flags);
-    if let Ok(v) = HeaderValue::from_bytes(&tp) {
+    let request_id = match given {
+        Some(id) => RequestId::Given(id),
+        None => {
+            let id = Hex::<32>::random();
+            text[..32].copy_from_slice(&id.0);
+            RequestId::Made(id)
+        }
+    };
+    let shared = bytes::Bytes::from_owner(text);
+    if let RequestId::Made(_) = request_id
+        && let Ok(v) = HeaderValue::from_maybe_shared(shared.slice(..32))
+    {
+        headers.insert(REQUEST_ID, v);
+    }
+    if let Ok(v) = HeaderValue::from_maybe_shared(shared.slice(32..)) {
         headers.insert(TRACEPARENT, v);
     }
     TraceContext { request_id, trace_id, span_id }
 }
+
+const TRACEPARENT_LEN: usize = 55;
 
 thread_local! {
     /// SplitMix64 state, seeded once per thread from the OS-seeded generator: ids must be
@@ -92,10 +107,6 @@ impl<const N: usize> Hex<N> {
 
     pub fn as_str(&self) -> &str {
         std::str::from_utf8(&self.0).unwrap_or("")
-    }
-
-    fn header_value(&self) -> HeaderValue {
-        HeaderValue::from_bytes(&self.0).unwrap_or_else(|_| HeaderValue::from_static("-"))
     }
 }
 

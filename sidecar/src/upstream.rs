@@ -89,8 +89,7 @@ impl Endpoint {
     }
 
     /// Peak EWMA: a slower sample takes over at once, faster ones pull it down with decay.
-    pub fn observe(&self, rtt: Duration) {
-        let now = Instant::now();
+    pub fn observe(&self, rtt: Duration, now: Instant) {
         let mut e = self.ewma.lock().unwrap_or_else(|p| p.into_inner());
         let sample = rtt.as_nanos() as f64;
         if sample > e.nanos {
@@ -162,6 +161,9 @@ impl EndpointSet {
         avoid: &[Arc<Endpoint>],
     ) -> Option<Arc<Endpoint>> {
         let all = &self.endpoints;
+        if avoid.is_empty() && all.len() <= 1 {
+            return all.first().cloned();
+        }
         let candidates: Vec<&Arc<Endpoint>> = if avoid.is_empty() {
             all.iter().collect()
         } else {

@@ -96,9 +96,9 @@ fn consistent_hash_is_sticky_and_spreads_keys() {
 #[test]
 fn p2c_prefers_the_fast_endpoint() {
     let s = set(&[("fast", 100), ("slow1", 100), ("slow2", 100)]);
-    s.endpoints[0].observe(Duration::from_millis(1));
-    s.endpoints[1].observe(Duration::from_millis(50));
-    s.endpoints[2].observe(Duration::from_millis(50));
+    s.endpoints[0].observe(Duration::from_millis(1), Instant::now());
+    s.endpoints[1].observe(Duration::from_millis(50), Instant::now());
+    s.endpoints[2].observe(Duration::from_millis(50), Instant::now());
     let c = counts(&s, Algorithm::P2cPeakEwma, 3000, |_| None);
     // The fast one wins every pair it is in: 2/3 of all picks.
     assert!(c["fast"] > 1900, "{c:?}");
@@ -107,20 +107,20 @@ fn p2c_prefers_the_fast_endpoint() {
 #[tokio::test(start_paused = true)]
 async fn a_slow_sample_decays_so_the_endpoint_is_tried_again() {
     let s = set(&[("a", 100), ("b", 100)]);
-    s.endpoints[0].observe(Duration::from_millis(500));
-    s.endpoints[1].observe(Duration::from_millis(5));
+    s.endpoints[0].observe(Duration::from_millis(500), Instant::now());
+    s.endpoints[1].observe(Duration::from_millis(5), Instant::now());
     let rr = AtomicUsize::new(0);
     assert_eq!(s.pick(Algorithm::P2cPeakEwma, &rr, None, &[]).unwrap().info.id, "b");
     // Nothing new is learned about either; a minute later the old peak no longer dominates.
     tokio::time::advance(Duration::from_secs(60)).await;
-    s.endpoints[1].observe(Duration::from_millis(5));
+    s.endpoints[1].observe(Duration::from_millis(5), Instant::now());
     assert_eq!(s.pick(Algorithm::P2cPeakEwma, &rr, None, &[]).unwrap().info.id, "a");
 }
 
 #[test]
 fn p2c_tries_a_new_endpoint_once_then_waits_for_its_answer() {
     let s = set(&[("known", 100), ("new", 100)]);
-    s.endpoints[0].observe(Duration::from_millis(2));
+    s.endpoints[0].observe(Duration::from_millis(2), Instant::now());
     let rr = AtomicUsize::new(0);
     let first = s.pick(Algorithm::P2cPeakEwma, &rr, None, &[]).unwrap();
     assert_eq!(first.info.id, "new", "an unmeasured idle endpoint is tried");
