@@ -10,11 +10,14 @@ drives CONNS connections; SETTLE seconds into the run the counters are zeroed
 (`callgrind_control -z`), DURATION seconds later dumped (`-d`), and the instructions of that
 window are divided by the requests the backend answered in it — so the connections a wrk run
 opens, and those an ending run aborts and the proxies make again, are not counted. With MTLS=1 the hop between the pair is mutual TLS (both sidecars get certificates
-from the control plane's CA); with HAPROXY=1 two chained HAProxies (TLS with client
-certificates from the same CA when MTLS=1) are counted the same way, as the reference.
+from the control plane's CA); with HAPROXY=1 two chained HAProxies are counted the same way,
+as the reference — in plaintext only: under valgrind the first HAProxy keeps making new TLS
+connections to the second (161 full handshakes in a window of 764 requests, measured), which
+it does not do at full speed (no new connection in 26,621 requests, seen with strace), so a
+TLS count of HAProxy under callgrind would not describe HAProxy.
 Run through bench/callgrind.sh:
   VARIANTS="before=/tmp/old/sidecar,after=target/release/sidecar" bench/callgrind.sh
-  MTLS=1 HAPROXY=1 bench/callgrind.sh
+  MTLS=1 bench/callgrind.sh; HAPROXY=1 bench/callgrind.sh
 Environment: VARIANTS (default "ours=target/release/sidecar"), CONNS (64), DURATION (8),
 SETTLE (3), MTLS (0), HAPROXY (0).
 """
@@ -87,9 +90,6 @@ def count(name, url, backend, first, second):
 
 def run():
     backend, cp_url = dp.backend_and_control_plane()
-    certs = os.path.join(TMP, "certs")
-    if MTLS and HAPROXY:
-        dp.certify(cp_url, certs, "mesh", "haproxy-client")
     rows = []
     for name, binary in VARIANTS:
         svc = f"{name}-svc"
@@ -97,8 +97,10 @@ def run():
                   dp.meshctl(cp_url, "identity", "token", "create", "gateway")) if MTLS else (None, None)
         inb, _, out, info = dp.sidecar_pair(cp_url, backend, svc, binary, tokens=tokens, wrap=grind(name))
         rows.append((name, *count(name, f"http://{info['outbound']}/", backend, out, inb)))
-    if HAPROXY:
-        chain = dp.haproxy_chain("cg", backend, certs if MTLS else None, wrap=grind("haproxy"))
+    if HAPROXY and MTLS:
+        print("HAPROXY=1 counts HAProxy in plaintext only (see the module's notes): skipped with MTLS=1")
+    elif HAPROXY:
+        chain = dp.haproxy_chain("cg", backend, wrap=grind("haproxy"))
         rows.append(("haproxy", *count("haproxy", chain["url"], backend, *chain["procs"])))
     hop = "mutual TLS" if MTLS else "plaintext"
     print(f"instructions per request under callgrind, {CONNS} connections, {DURATION} s, {hop} between the pair"
