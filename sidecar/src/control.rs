@@ -392,6 +392,7 @@ mod tests {
             discovery_wait: Duration::from_secs(1),
             drain_delay: Duration::ZERO,
             drain_timeout: Duration::from_secs(1),
+            header_read_timeout: crate::server::HEADER_READ_TIMEOUT,
             idempotency_window: Duration::from_secs(120),
             spool_max_bytes: 256 * 1024 * 1024,
             spool_max_age: Duration::from_secs(86_400),

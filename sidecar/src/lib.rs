@@ -14,6 +14,7 @@
 pub mod admin;
 pub mod cache;
 pub mod control;
+pub mod deadline;
 pub mod dns;
 pub mod events;
 pub mod idempotency;
@@ -96,6 +97,8 @@ pub struct Config {
     pub drain_delay: Duration,
     /// Then stop accepting and give open requests this long to finish.
     pub drain_timeout: Duration,
+    /// How long an HTTP/1 client may take to send a request head, or keep a connection idle.
+    pub header_read_timeout: Duration,
     /// How long the inbound proxy answers a repeated `Idempotency-Key` with the first response.
     pub idempotency_window: Duration,
     /// The spool refuses new events (429) past this many pending bytes…
@@ -316,13 +319,21 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     }
 
     let drain = shared.config.drain_timeout;
+    let header_timeout = shared.config.header_read_timeout;
     let routes = (shared.config.mode == Mode::Gateway).then(|| shared.config.routes.clone());
     let outbound =
         Arc::new(Outbound::new(upstreams.clone(), metrics.clone(), routes, shared.config.discovery_wait));
     let handler: Handler = Arc::new(move |req, _| Box::pin(outbound.clone().handle(req)));
     let name = if shared.config.mode == Mode::Gateway { "gateway" } else { "outbound" };
-    let mut servers =
-        vec![tokio::spawn(server::serve(listeners.outbound, handler, serving.clone(), drain, name, None))];
+    let mut servers = vec![tokio::spawn(server::serve(
+        listeners.outbound,
+        handler,
+        serving.clone(),
+        drain,
+        name,
+        None,
+        header_timeout,
+    ))];
     if let (Some(listener), Some(app), Some(service)) =
         (listeners.inbound, shared.config.app_addr, &shared.config.service)
     {
@@ -338,7 +349,15 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         let inbound = Arc::new(inbound);
         let handler: Handler = Arc::new(move |req, peer| Box::pin(inbound.clone().handle(req, peer.clone())));
         let tls = shared.mtls().then(|| shared.identity.clone());
-        servers.push(tokio::spawn(server::serve(listener, handler, serving.clone(), drain, "inbound", tls)));
+        servers.push(tokio::spawn(server::serve(
+            listener,
+            handler,
+            serving.clone(),
+            drain,
+            "inbound",
+            tls,
+            header_timeout,
+        )));
     }
     let admin = tokio::spawn(
         axum::serve(

@@ -83,6 +83,10 @@ struct Args {
     /// Then give open requests this long to finish (default 10s).
     #[arg(long, env = "MESH_DRAIN_TIMEOUT", value_parser = parse_duration)]
     drain_timeout: Option<Duration>,
+    /// How long an HTTP/1 client may take to send a request head, or leave a connection idle,
+    /// before it is closed (default 30s).
+    #[arg(long, env = "MESH_HEADER_READ_TIMEOUT", value_parser = parse_duration)]
+    header_read_timeout: Option<Duration>,
     /// How long a repeated Idempotency-Key is answered with the first response (default 2m).
     #[arg(long, env = "MESH_IDEMPOTENCY_WINDOW", value_parser = parse_duration)]
     idempotency_window: Option<Duration>,
@@ -142,6 +146,8 @@ struct FileConfig {
     drain_delay: Option<Duration>,
     #[serde(with = "opt_duration")]
     drain_timeout: Option<Duration>,
+    #[serde(with = "opt_duration")]
+    header_read_timeout: Option<Duration>,
     #[serde(with = "opt_duration")]
     discovery_wait: Option<Duration>,
     #[serde(with = "opt_duration")]
@@ -289,6 +295,10 @@ fn resolve(a: Args) -> anyhow::Result<Resolved> {
         discovery_wait: a.discovery_wait.or(f.discovery_wait).unwrap_or(Duration::from_secs(2)),
         drain_delay: a.drain_delay.or(f.drain_delay).unwrap_or(Duration::from_secs(2)),
         drain_timeout: a.drain_timeout.or(f.drain_timeout).unwrap_or(Duration::from_secs(10)),
+        header_read_timeout: a
+            .header_read_timeout
+            .or(f.header_read_timeout)
+            .unwrap_or(sidecar::server::HEADER_READ_TIMEOUT),
         idempotency_window: a.idempotency_window.or(f.idempotency_window).unwrap_or(Duration::from_secs(120)),
         spool_max_bytes: a.spool_max_bytes.or(f.spool_max_bytes).unwrap_or(256 * 1024 * 1024),
         spool_max_age: a.spool_max_age.or(f.spool_max_age).unwrap_or(Duration::from_secs(86_400)),

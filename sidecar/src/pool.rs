@@ -13,7 +13,7 @@ use std::{
     collections::HashMap,
     pin::Pin,
     sync::{
-        Arc, Mutex, Weak,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
     task::{Context, Poll},
@@ -249,17 +249,8 @@ impl Clients {
         if self.0.reaping.swap(true, Ordering::Relaxed) {
             return;
         }
-        let pool: Weak<Inner> = Arc::downgrade(&self.0);
         let every = (idle / 2).clamp(Duration::from_millis(100), Duration::from_secs(30));
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let Some(pool) = pool.upgrade() else { break };
-                pool.reap(Instant::now());
-            }
-        });
+        crate::deadline::every_while_alive(&self.0, every, |pool| pool.reap(Instant::now()));
     }
 
     /// Idle HTTP/1.1 connections to `target`.

@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::proxy::Body;
+use crate::{deadline::CoarseTimer, proxy::Body};
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
@@ -68,9 +68,15 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// full size (~5 KB) allocated for every open connection, idle or not (BENCHMARKS.md).
 pub type Handler = Arc<dyn Fn(Request<Incoming>, &Peer) -> BoxFuture<Response<Body>> + Send + Sync>;
 
+/// How long an HTTP/1 client may take to send a request's head — and a keep-alive connection
+/// may stay idle between requests — before the connection is closed (slow-header defence).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Serves `listener` until `stop` fires, then drains open connections for at most `drain`.
 /// With `tls`, every connection must complete a mutual TLS handshake with the current identity
-/// (none yet: the connection is refused).
+/// (none yet: the connection is refused). An HTTP/1 request head must arrive within
+/// `header_read_timeout` (to within a tenth of it) of the connection's opening or its previous
+/// answer.
 pub async fn serve(
     listener: TcpListener,
     handler: Handler,
@@ -78,13 +84,16 @@ pub async fn serve(
     drain: Duration,
     name: &'static str,
     tls: Option<Arc<crate::identity::IdentityCell>>,
+    header_read_timeout: Duration,
 ) {
+    let header_timer = CoarseTimer::default();
+    header_timer.start((header_read_timeout / 10).clamp(Duration::from_millis(10), Duration::from_secs(1)));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // Half-closed client connections are allowed (as HAProxy does without `abortonclose`): a
     // request whose caller shut its write side still gets its answer, and a request in flight
     // costs no read of its connection to look for an end of stream (a read that would find the
     // read buffer still shared with the request's headers and allocate another).
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30)).half_close(true);
+    builder.http1().timer(header_timer).header_read_timeout(header_read_timeout).half_close(true);
     builder.http2().timer(TokioTimer::new()).max_concurrent_streams(1024);
     let graceful = GracefulShutdown::new();
     loop {
@@ -169,5 +178,78 @@ impl hyper::service::Service<Request<Incoming>> for Service {
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         futures::FutureExt::map((self.handler)(req, &self.peer), Ok as fn(Response<Body>) -> Answer)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpStream,
+    };
+
+    use super::*;
+
+    /// Serves answers of 200 with `header_read_timeout`; the address, the stop and the task.
+    async fn server(
+        header_read_timeout: Duration,
+    ) -> (SocketAddr, CancellationToken, tokio::task::JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let handler: Handler = Arc::new(|_, _| Box::pin(async { Response::new(crate::proxy::empty()) }));
+        let stop = CancellationToken::new();
+        let drain = Duration::from_secs(1);
+        let task =
+            tokio::spawn(serve(listener, handler, stop.clone(), drain, "test", None, header_read_timeout));
+        (addr, stop, task)
+    }
+
+    /// Reads until the server closes the connection (bounded); what it sent.
+    async fn until_closed(conn: &mut TcpStream) -> String {
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(20), conn.read_to_end(&mut got))
+            .await
+            .expect("the server closes the connection")
+            .expect("read");
+        String::from_utf8_lossy(&got).into_owned()
+    }
+
+    #[tokio::test]
+    async fn slow_headers_and_idle_keep_alive_connections_are_cut_off() {
+        let timeout = Duration::from_millis(300);
+        let (addr, stop, task) = server(timeout).await;
+
+        // Half a request head, then nothing.
+        let mut slow = TcpStream::connect(addr).await.unwrap();
+        let sent = std::time::Instant::now();
+        slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+        let answer = until_closed(&mut slow).await;
+        assert!(sent.elapsed() >= timeout / 2, "not closed long before the timeout");
+        assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+
+        // A whole request is answered; the connection left idle afterwards is closed too.
+        let mut idle = TcpStream::connect(addr).await.unwrap();
+        idle.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let answer = until_closed(&mut idle).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+
+        stop.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn negative_control_a_long_timeout_keeps_a_slow_client_connected() {
+        let (addr, stop, task) = server(HEADER_READ_TIMEOUT).await;
+        let mut slow = TcpStream::connect(addr).await.unwrap();
+        slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_millis(600), slow.read(&mut byte)).await;
+        assert!(read.is_err(), "still open after 600 ms of a 30 s limit: {read:?}");
+        // The rest of the head arrives late but in time: answered.
+        slow.write_all(b"\r\n").await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(20), slow.read(&mut byte)).await.unwrap().unwrap();
+        assert_eq!((n, byte[0]), (1, b'H'));
+        stop.cancel();
+        task.await.unwrap();
     }
 }

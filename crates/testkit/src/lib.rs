@@ -370,6 +370,7 @@ impl TestSidecar {
             discovery_wait: Duration::from_secs(2),
             drain_delay: Duration::from_millis(300),
             drain_timeout: Duration::from_secs(5),
+            header_read_timeout: sidecar::server::HEADER_READ_TIMEOUT,
             idempotency_window: Duration::from_secs(120),
             spool_max_bytes: 256 * 1024 * 1024,
             spool_max_age: Duration::from_secs(86_400),
