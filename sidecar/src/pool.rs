@@ -32,7 +32,10 @@ use mesh_proto::policy::ServicePolicy;
 use tokio::{net::TcpStream, time::Instant};
 use tokio_util::either::Either;
 
-use crate::proxy::{Body, BoxError, MeshTls};
+use crate::{
+    proxy::{Body, BoxError, MeshTls},
+    tls::Gated,
+};
 
 /// Idle HTTP/1.1 connections kept per target at most; more are closed when they come back.
 const MAX_IDLE_PER_TARGET: usize = 1024;
@@ -84,7 +87,7 @@ pub enum SendError {
 
 /// A connection as the pool holds it: plain TCP, or TLS to a mesh peer (boxed: a TLS
 /// connection's state is ~1 KB, a plain one 40 bytes).
-type MeshStream = TokioIo<Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>>;
+type MeshStream = TokioIo<Either<TcpStream, Box<Gated<tokio_rustls::client::TlsStream<TcpStream>>>>>;
 
 /// A response body that puts its HTTP/1.1 connection back in the pool once it has ended.
 pub struct Pooled {
@@ -239,7 +242,7 @@ impl Clients {
             .connect(name, tcp)
             .await
             .map_err(|e| format!("mTLS handshake with {} failed: {e}", tls.service))?;
-        Ok(TokioIo::new(Either::Right(Box::new(stream))))
+        Ok(TokioIo::new(Either::Right(Box::new(Gated(stream)))))
     }
 
     /// Starts the task that closes connections idle past the idle timeout (once per pool; it

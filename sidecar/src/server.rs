@@ -138,7 +138,7 @@ pub async fn serve(
                                 .and_then(crate::tls::peer_spiffe_id);
                             let identity = caller.map(|id| Arc::new(PeerIdentity::new(id)));
                             let svc = Service { handler, peer: Peer { addr: peer, identity } };
-                            let conn = builder.serve_connection(TokioIo::new(tls), svc);
+                            let conn = builder.serve_connection(TokioIo::new(crate::tls::Gated(tls)), svc);
                             if let Err(e) = watcher.watch(conn.into_owned()).await {
                                 tracing::debug!(error = %e, "connection ended with an error");
                             }
