@@ -188,7 +188,12 @@ impl Clients {
 
     async fn connect_h1(&self, target: &Authority) -> Result<http1::SendRequest<Body>, SendError> {
         let io = self.connect(target, b"http/1.1").await.map_err(SendError::Connect)?;
-        let (tx, conn) = http1::handshake(io).await.map_err(|e| SendError::Connect(e.into()))?;
+        // One flat write buffer over TLS (see `server::serve`), vectored writes over TCP.
+        let (tx, conn) = http1::Builder::new()
+            .writev(self.0.tls.is_none())
+            .handshake(io)
+            .await
+            .map_err(|e| SendError::Connect(e.into()))?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream connection ended with an error");

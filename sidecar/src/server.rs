@@ -93,7 +93,14 @@ pub async fn serve(
     // request whose caller shut its write side still gets its answer, and a request in flight
     // costs no read of its connection to look for an end of stream (a read that would find the
     // read buffer still shared with the request's headers and allocate another).
-    builder.http1().timer(header_timer).header_read_timeout(header_read_timeout).half_close(true);
+    // Over TLS, rustls copies every byte into its records anyway, so hyper's queue of buffers
+    // for vectored writes is only bookkeeping there: one flat buffer instead.
+    builder
+        .http1()
+        .timer(header_timer)
+        .header_read_timeout(header_read_timeout)
+        .half_close(true)
+        .writev(tls.is_none());
     builder.http2().timer(TokioTimer::new()).max_concurrent_streams(1024);
     let graceful = GracefulShutdown::new();
     loop {
