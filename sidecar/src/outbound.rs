@@ -106,12 +106,12 @@ impl Outbound {
         let grpc = proxy::is_grpc(req.headers());
         let resp = async move {
             let started = Instant::now();
-            let service = match self.route(&mut req) {
-                Ok(s) => s,
+            let up = match self.route(&mut req) {
+                Ok(up) => up,
                 Err(resp) => return *resp,
             };
-            tracing::Span::current().record("service", service.as_str());
-            let up = self.upstreams.get_or_add(&service);
+            let service = up.name.as_str();
+            tracing::Span::current().record("service", service);
             let (resp, endpoint) = self.send(&up, req).await;
             let status = resp.status().as_u16();
             let took = started.elapsed();
@@ -138,19 +138,18 @@ impl Outbound {
         if grpc { proxy::for_grpc(resp) } else { resp }
     }
 
-    /// The service a request is for; in gateway mode also rewrites its path.
-    fn route(&self, req: &mut Request<Incoming>) -> Result<String, Box<Response<Body>>> {
+    /// The upstream of the service a request is for; in gateway mode also rewrites its path.
+    fn route(&self, req: &mut Request<Incoming>) -> Result<Arc<Upstream>, Box<Response<Body>>> {
         let Some(routes) = &self.routes else {
             let host = req
                 .uri()
                 .host()
-                .map(str::to_string)
                 .or_else(|| {
                     let h = req.headers().get(header::HOST)?.to_str().ok()?;
-                    Some(h.rsplit_once(':').map_or(h, |(host, _)| host).to_string())
+                    Some(h.rsplit_once(':').map_or(h, |(host, _)| host))
                 })
                 .unwrap_or_default();
-            if !mesh_proto::names::is_service_name(&host) {
+            if !mesh_proto::names::is_service_name(host) {
                 return Err(Box::new(error_response(
                     StatusCode::BAD_REQUEST,
                     "unknown_authority",
@@ -160,7 +159,7 @@ impl Outbound {
                     json!({ "authority": host }),
                 )));
             }
-            return Ok(host);
+            return Ok(self.upstreams.get_or_add(host));
         };
         let path = req.uri().path();
         let Some(route) = routes.iter().find(|r| r.matches(path)) else {
@@ -183,7 +182,7 @@ impl Outbound {
                 *req.uri_mut() = uri;
             }
         }
-        Ok(route.service.clone())
+        Ok(self.upstreams.get_or_add(&route.service))
     }
 
     /// Answers from the cache when the policy allows, otherwise fetches (single flight on a
