@@ -323,7 +323,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     let routes = (shared.config.mode == Mode::Gateway).then(|| shared.config.routes.clone());
     let outbound =
         Arc::new(Outbound::new(upstreams.clone(), metrics.clone(), routes, shared.config.discovery_wait));
-    let handler: Handler = Arc::new(move |req, _| Box::pin(outbound.clone().handle(req)));
+    let handler: Handler = Arc::new(move |req, _| server::boxed_in_place(|| outbound.clone().handle(req)));
     let name = if shared.config.mode == Mode::Gateway { "gateway" } else { "outbound" };
     let mut servers = vec![tokio::spawn(server::serve(
         listeners.outbound,
@@ -347,7 +347,8 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         );
         inbound.mtls = shared.mtls();
         let inbound = Arc::new(inbound);
-        let handler: Handler = Arc::new(move |req, peer| Box::pin(inbound.clone().handle(req, peer.clone())));
+        let handler: Handler =
+            Arc::new(move |req, peer| server::boxed_in_place(|| inbound.clone().handle(req, peer.clone())));
         let tls = shared.mtls().then(|| shared.identity.clone());
         servers.push(tokio::spawn(server::serve(
             listener,

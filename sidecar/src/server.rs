@@ -20,6 +20,16 @@ use crate::{deadline::CoarseTimer, proxy::Body};
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
+/// Boxes the future `make` builds, building it in its allocation: a request's future holds the
+/// whole request path's state (kilobytes), and built first and boxed after, it is copied twice.
+pub fn boxed_in_place<F>(make: impl FnOnce() -> F) -> BoxFuture<Response<Body>>
+where
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let boxed: Box<F> = Box::write(Box::<F>::new_uninit(), make());
+    Box::into_pin(boxed)
+}
+
 /// The other end of a connection, handed to the handler with each of its requests.
 #[derive(Debug, Clone)]
 pub struct Peer {
