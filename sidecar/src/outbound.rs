@@ -118,12 +118,12 @@ impl Outbound {
             match &endpoint {
                 Some(e) => e
                     .counters
-                    .get(status, || self.metrics.request_counter(direction, &service, &e.info.id, status))
+                    .get(status, || self.metrics.request_counter(direction, service, &e.info.id, status))
                     .inc(),
-                None => self.metrics.request_counter(direction, &service, "-", status).inc(),
+                None => self.metrics.request_counter(direction, service, "-", status).inc(),
             };
             up.latency
-                .get_or_init(|| self.metrics.latency_histogram(direction, &service))
+                .get_or_init(|| self.metrics.latency_histogram(direction, service))
                 .observe(took.as_secs_f64());
             tracing::debug!(
                 status,
