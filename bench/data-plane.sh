@@ -4,8 +4,4 @@
 #   REPS=1 DURATION=2 bench/data-plane.sh
 # Installs the peers (wrk, nginx-light, haproxy, h2load) with apt when missing (root).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-bench/install-peers.sh >/dev/null
-cargo build --release -q -p sidecar -p control-plane -p mesh-bench
-ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-exec python3 bench/data-plane.py
+exec "$(dirname "$0")/run-python.sh" data-plane.py

@@ -4,8 +4,4 @@
 #   bench/mtls.sh                  # 3 reps x 5 s (~3 min)
 #   REPS=1 DURATION=2 bench/mtls.sh
 set -euo pipefail
-cd "$(dirname "$0")/.."
-bench/install-peers.sh >/dev/null
-cargo build --release -q -p sidecar -p control-plane -p mesh-bench
-ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-exec python3 bench/mtls.py
+exec "$(dirname "$0")/run-python.sh" mtls.py

@@ -6,8 +6,4 @@
 # An older commit's sidecar: git worktree add /tmp/old <rev> &&
 #   (cd /tmp/old && CARGO_TARGET_DIR=/tmp/old-target cargo build --release -p sidecar)
 set -euo pipefail
-cd "$(dirname "$0")/.."
-bench/install-peers.sh >/dev/null
-cargo build --release -q -p sidecar -p control-plane -p mesh-bench
-ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-exec python3 bench/variants.py
+exec "$(dirname "$0")/run-python.sh" variants.py

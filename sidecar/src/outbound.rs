@@ -504,9 +504,9 @@ fn path_and_query<B>(req: &Request<B>) -> &str {
     req.uri().path_and_query().map_or("/", |p| p.as_str())
 }
 
-/// The retry class of an outcome, if it is a failure of a class the policy can name.
 const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
 
+/// The retry class of an outcome, if it is a failure of a class the policy can name.
 fn classify(r: &Result<Response<proxy::Pooled>, proxy::ForwardError>) -> Option<RetryOn> {
     match r {
         Err(proxy::ForwardError::Connect(..)) => Some(RetryOn::ConnectFailure),

@@ -194,11 +194,7 @@ impl Clients {
             .handshake(io)
             .await
             .map_err(|e| SendError::Connect(e.into()))?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream connection ended with an error");
-            }
-        });
+        drive(conn, "HTTP/1.1");
         Ok(tx)
     }
 
@@ -215,11 +211,7 @@ impl Clients {
             .handshake(io)
             .await
             .map_err(|e| SendError::Connect(e.into()))?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
-            }
-        });
+        drive(conn, "HTTP/2");
         *t.h2.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx.clone());
         Ok(tx)
     }
@@ -284,6 +276,18 @@ impl Inner {
             !idle.is_empty() || h2.is_some() || Arc::strong_count(t) > 1
         });
     }
+}
+
+/// Runs an upstream connection's task until the connection ends.
+fn drive<C>(conn: C, protocol: &'static str)
+where
+    C: std::future::Future<Output = Result<(), hyper::Error>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, protocol, "upstream connection ended with an error");
+        }
+    });
 }
 
 /// The most recently used live idle connection to `t`, if any.

@@ -136,7 +136,7 @@ fn parse(v: &[u8]) -> Option<(Hex<32>, [u8; 2])> {
     let v = v.trim_ascii();
     let hex = |s: &[u8]| s.iter().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b));
     let nonzero = |s: &[u8]| s.iter().any(|b| *b != b'0');
-    if v.len() != 55 || v[2] != b'-' || v[35] != b'-' || v[52] != b'-' {
+    if v.len() != TRACEPARENT_LEN || v[2] != b'-' || v[35] != b'-' || v[52] != b'-' {
         return None;
     }
     let (version, trace, parent, flags) = (&v[..2], &v[3..35], &v[36..52], &v[53..]);
