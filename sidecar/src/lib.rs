@@ -21,6 +21,7 @@ pub mod idempotency;
 pub mod identity;
 pub mod inbound;
 pub mod metrics;
+pub mod net;
 pub mod outbound;
 pub mod pool;
 pub mod probe;

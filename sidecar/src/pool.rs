@@ -33,6 +33,7 @@ use tokio::{net::TcpStream, time::Instant};
 use tokio_util::either::Either;
 
 use crate::{
+    net::Coalesced,
     proxy::{Body, BoxError, MeshTls},
     tls::Gated,
 };
@@ -87,7 +88,8 @@ pub enum SendError {
 
 /// A connection as the pool holds it: plain TCP, or TLS to a mesh peer (boxed: a TLS
 /// connection's state is ~1 KB, a plain one 40 bytes).
-type MeshStream = TokioIo<Either<TcpStream, Box<Gated<tokio_rustls::client::TlsStream<TcpStream>>>>>;
+type MeshStream =
+    TokioIo<Either<Coalesced<TcpStream>, Box<Gated<tokio_rustls::client::TlsStream<Coalesced<TcpStream>>>>>>;
 
 /// A response body that puts its HTTP/1.1 connection back in the pool once it has ended.
 pub struct Pooled {
@@ -228,6 +230,7 @@ impl Clients {
             None => connecting.await?,
         };
         let _ = tcp.set_nodelay(true);
+        let tcp = Coalesced(tcp);
         let Some(tls) = &self.0.tls else { return Ok(TokioIo::new(Either::Left(tcp))) };
         let Some(cert) = tls.identity.current() else {
             return Err("this sidecar has no mesh certificate yet (mTLS calls wait for the CA)".into());

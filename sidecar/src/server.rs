@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::{deadline::CoarseTimer, proxy::Body};
+use crate::{deadline::CoarseTimer, net::Coalesced, proxy::Body};
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
@@ -104,7 +104,8 @@ pub async fn serve(
     // costs no read of its connection to look for an end of stream (a read that would find the
     // read buffer still shared with the request's headers and allocate another).
     // Over TLS, rustls copies every byte into its records anyway, so hyper's queue of buffers
-    // for vectored writes is only bookkeeping there: one flat buffer instead.
+    // for vectored writes is only bookkeeping there: one flat buffer instead. In plaintext the
+    // queue stays and `Coalesced` (crate::net) flattens the small writes at the socket.
     builder
         .http1()
         .timer(header_timer)
@@ -125,7 +126,7 @@ pub async fn serve(
                         async move {
                             let Some(cell) = tls else {
                                 let svc = Service { handler, peer: Peer { addr: peer, identity: None } };
-                                let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                                let conn = builder.serve_connection(TokioIo::new(Coalesced(stream)), svc);
                                 if let Err(e) = watcher.watch(conn.into_owned()).await {
                                     tracing::debug!(error = %e, "connection ended with an error");
                                 }
@@ -136,7 +137,7 @@ pub async fn serve(
                                 return;
                             };
                             let acceptor = tokio_rustls::TlsAcceptor::from(cert.server.clone());
-                            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(Coalesced(stream))).await {
                                 Ok(Ok(tls)) => tls,
                                 Ok(Err(e)) => {
                                     tracing::debug!(error = %e, "mTLS handshake refused");

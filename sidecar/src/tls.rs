@@ -29,7 +29,7 @@ use rustls::{
     server::{ParsedCertificate, WebPkiClientVerifier},
 };
 
-use crate::identity::Identity;
+use crate::{identity::Identity, net::Coalesced};
 
 pub const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
 
@@ -183,17 +183,17 @@ pub trait TlsParts {
     fn parts(&mut self) -> (&tokio::net::TcpStream, rustls::Reader<'_>);
 }
 
-impl TlsParts for tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+impl TlsParts for tokio_rustls::client::TlsStream<Coalesced<tokio::net::TcpStream>> {
     fn parts(&mut self) -> (&tokio::net::TcpStream, rustls::Reader<'_>) {
         let (tcp, conn) = self.get_mut();
-        (tcp, conn.reader())
+        (tcp.get_ref(), conn.reader())
     }
 }
 
-impl TlsParts for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
+impl TlsParts for tokio_rustls::server::TlsStream<Coalesced<tokio::net::TcpStream>> {
     fn parts(&mut self) -> (&tokio::net::TcpStream, rustls::Reader<'_>) {
         let (tcp, conn) = self.get_mut();
-        (tcp, conn.reader())
+        (tcp.get_ref(), conn.reader())
     }
 }
 
