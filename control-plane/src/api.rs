@@ -67,7 +67,7 @@ impl Api {
     }
 }
 
-fn refused(state: &State, s: Status) -> Status {
+pub(crate) fn refused(state: &State, s: Status) -> Status {
     let code = match s.code() {
         tonic::Code::Unauthenticated => "unauthenticated",
         _ => "permission_denied",

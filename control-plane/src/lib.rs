@@ -238,6 +238,15 @@ impl ControlPlane {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
             .map_err(|e| Error::Admin(std::io::Error::other(e)))?;
+        // The API's description is for the mesh's members and the admin, like the API itself;
+        // grpc.health.v1 stays open to any TLS client, as liveness probes carry no credential.
+        let reflection = {
+            let state = state.clone();
+            tonic::service::interceptor::InterceptedService::new(reflection, move |req: tonic::Request<()>| {
+                state.auth.member(&req, "list the API by reflection").map_err(|s| api::refused(&state, s))?;
+                Ok(req)
+            })
+        };
 
         let api = Api(state.clone());
         let router = tonic::transport::Server::builder()

@@ -294,3 +294,48 @@ async fn the_apis_own_certificate_is_reissued_before_it_expires() {
     )
     .await;
 }
+
+/// One reflection request over `ch` (with the admin token when `admin` names it): the services
+/// it lists, or the refusal.
+async fn reflected_services(
+    ch: tonic::transport::Channel,
+    admin: Option<String>,
+) -> Result<Vec<String>, tonic::Status> {
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let ask = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut call = tonic::Request::new(tokio_stream::iter([ask]));
+    if let Some(token) = admin {
+        call.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    }
+    let mut answers = ServerReflectionClient::new(ch).server_reflection_info(call).await?.into_inner();
+    match answers.next().await.transpose()?.and_then(|r| r.message_response) {
+        Some(MessageResponse::ListServicesResponse(l)) => Ok(l.service.into_iter().map(|s| s.name).collect()),
+        other => panic!("not a service list: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn reflection_answers_members_and_the_admin_and_health_answers_anyone() {
+    let cp = TestCp::start_secure().await;
+    let anonymous = as_client(&cp, None).await;
+    let e = reflected_services(anonymous.clone(), None).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    let member = as_client(&cp, Some(&certificate(&cp, "market").await)).await;
+    let listed = reflected_services(member, None).await.unwrap();
+    assert!(listed.iter().any(|s| s == "mesh.v1.Registry"), "{listed:?}");
+    let admin = reflected_services(anonymous.clone(), Some(cp.admin_token())).await;
+    assert!(admin.is_ok(), "the admin (meshctl) may list the API: {admin:?}");
+    // Liveness probes carry no credential.
+    let health = tonic_health::pb::health_client::HealthClient::new(anonymous)
+        .check(tonic_health::pb::HealthCheckRequest { service: "mesh.v1.Registry".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(health.status(), tonic_health::pb::health_check_response::ServingStatus::Serving);
+}
