@@ -8,9 +8,18 @@ Method as bench/data-plane.py: proxies and backend on CPU 0 with one worker each
 idle spinners, targets interleaved inside each rep, medians over reps. Also reports each
 variant's RSS idle and with 1,000 client connections (plaintext outbound sidecar).
 
+PAIRED=1 measures differently, for changes smaller than this machine's run-to-run noise (a
+target's throughput moves ±25 % between reps here): two mTLS mesh paths run *at the same time*
+on the same core, one wrk each (both on CPU 1), so whatever slows the machine slows both; each
+path's CPU per request comes from /proc. Pairs: the first variant against a second copy of
+itself (the control: how far apart two identical paths read), the first against each other
+variant, and HAProxy ×2 with TLS against each variant. Both paths compete for one core, so
+absolute figures are not those of a path alone; read the ratios.
+
 Run through bench/variants.sh:
   VARIANTS="before=/path/to/old/sidecar,after=target/release/sidecar" bench/variants.sh
-Environment: VARIANTS (default: "ours=target/release/sidecar"), REPS (3), DURATION (5).
+  PAIRED=1 VARIANTS="before=…,after=…" bench/variants.sh
+Environment: VARIANTS (default: "ours=target/release/sidecar"), REPS (3), DURATION (5), PAIRED.
 """
 
 import importlib.util
@@ -18,6 +27,8 @@ import json
 import os
 import socket
 import statistics
+import subprocess
+import sys
 import time
 
 spec = importlib.util.spec_from_file_location("dp", os.path.join(os.path.dirname(__file__), "data-plane.py"))
@@ -76,6 +87,45 @@ def run():
     report(results, rss, list(targets))
 
 
+def paired():
+    backend, cp_url = dp.backend_and_control_plane()
+    certs = os.path.join(TMP, "certs")
+    dp.certify(cp_url, certs, "mesh", "haproxy-client")
+    token = lambda svc: dp.meshctl(cp_url, "identity", "token", "create", svc)
+    paths = {}
+    first = VARIANTS[0][0]
+    for name, binary in VARIANTS + [(f"{first} (copy)", VARIANTS[0][1])]:
+        service = f"p{len(paths)}-mtls"
+        in_p, _, out_p, info = dp.sidecar_pair(cp_url, backend, service, binary, (token(service), token("gateway")))
+        paths[name] = (f"http://{info['outbound']}/", [out_p.pid, in_p.pid])
+    chain = dp.haproxy_chain("tls", backend, certs)
+    paths["haproxy x2 TLS"] = (chain["url"], chain["pids"])
+    for url, _ in paths.values():
+        dp.wait_http(url)
+    pairs = [(first, f"{first} (copy)")] + [(first, n) for n, _ in VARIANTS[1:]]
+    pairs += [("haproxy x2 TLS", n) for n, _ in VARIANTS]
+    ratios = {p: [] for p in pairs}
+    for rep in range(dp.REPS):
+        for a, b in pairs:
+            before = {p: dp.cpu_seconds(p) for t in (a, b) for p in paths[t][1]}
+            runs = [subprocess.Popen(["taskset", "-c", "1", "wrk", "-t1", "-c64", f"-d{dp.DUR}s", "--latency",
+                                      "-H", "Host: bench", paths[t][0]], stdout=subprocess.PIPE, text=True) for t in (a, b)]
+            ra, rb = (dp.parse_wrk(r.communicate()[0]) for r in runs)
+            cpu = [sum(dp.cpu_seconds(p) - before[p] for p in paths[t][1]) * 1e6 / max(r["requests"], 1)
+                   for t, r in ((a, ra), (b, rb))]
+            ratios[(a, b)].append((cpu[1] / cpu[0], rb["rps"] / ra["rps"]))
+            print(f"rep {rep + 1} {a} | {b}: CPU/req {cpu[0]:.1f} | {cpu[1]:.1f} us, rps {ra['rps']:.0f} | {rb['rps']:.0f}",
+                  file=sys.stderr)
+    with open(os.path.join(dp.OUT, "variants-paired.json"), "w") as f:
+        json.dump({f"{a} | {b}": v for (a, b), v in ratios.items()}, f, indent=1)
+    print(f"mTLS mesh paths at 64 connections, two at a time on one core; medians of {dp.REPS} reps x {dp.DUR} s")
+    print("| A | B | CPU per request B / A | per rep | throughput B / A |")
+    print("|---|---|---|---|---|")
+    for (a, b), v in ratios.items():
+        per = ", ".join(f"{c:.3f}" for c, _ in v)
+        print(f"| {a} | {b} | {statistics.median(c for c, _ in v):.3f} | {per} | {statistics.median(r for _, r in v):.3f} |")
+
+
 def report(results, rss, names):
     def med(scn, t, key):
         return statistics.median(r[key] for r in results if r["scenario"] == scn and r["target"] == t)
@@ -104,4 +154,4 @@ def report(results, rss, names):
 
 
 if __name__ == "__main__":
-    dp.main(run)
+    dp.main(paired if os.environ.get("PAIRED") == "1" else run)
