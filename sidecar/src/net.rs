@@ -24,8 +24,8 @@ thread_local! {
 /// same bytes (the VFS layer and the iovec import), 6–10 % of the call. Copying 200 bytes costs
 /// ~10 ns. Writes larger than [`COALESCE_MAX`] keep `writev`, so bodies are never copied.
 /// Measured on the mTLS mesh path at 64 connections, this build against the one before it
-/// running at the same time on the same core (`PAIRED=1 bench/variants.sh`): 3–6 % less CPU
-/// per request.
+/// running at the same time on the same core (`PAIRED=1 bench/variants.sh`): 0–2 % less CPU
+/// per request of the pair.
 #[derive(Debug)]
 pub struct Coalesced<S>(pub S);
 

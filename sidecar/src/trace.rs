@@ -79,6 +79,18 @@ thread_local! {
     static SEED: Cell<u64> = Cell::new(rand::random());
 }
 
+/// The two lowercase hex digits of every byte.
+const HEX_PAIRS: [[u8; 2]; 256] = {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut t = [[0u8; 2]; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = [DIGITS[i >> 4], DIGITS[i & 15]];
+        i += 1;
+    }
+    t
+};
+
 fn next_u64() -> u64 {
     SEED.with(|s| {
         let x = s.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
@@ -91,15 +103,14 @@ fn next_u64() -> u64 {
 }
 
 impl<const N: usize> Hex<N> {
-    /// N hex digits of fresh random bits, never all zero (W3C forbids all-zero ids).
+    /// N hex digits of fresh random bits, never all zero (W3C forbids all-zero ids): each
+    /// random byte becomes two digits with one table lookup.
     fn random() -> Self {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
         let mut out = [0u8; N];
         for chunk in out.chunks_mut(16) {
-            let mut r = next_u64().max(1);
-            for d in chunk.iter_mut() {
-                *d = DIGITS[(r & 15) as usize];
-                r >>= 4;
+            let r = next_u64().max(1).to_le_bytes();
+            for (pair, byte) in chunk.chunks_mut(2).zip(r) {
+                pair.copy_from_slice(&HEX_PAIRS[byte as usize]);
             }
         }
         Hex(out)
@@ -186,6 +197,13 @@ mod tests {
             assert_ne!(t.trace_id.as_str(), "00000000000000000000000000000000");
             assert_eq!(h[&REQUEST_ID].to_str().unwrap(), t.request_id.to_string());
             assert!(parse(h[&TRACEPARENT].as_bytes()).is_some());
+        }
+    }
+
+    #[test]
+    fn the_digit_table_spells_every_byte() {
+        for (b, pair) in HEX_PAIRS.iter().enumerate() {
+            assert_eq!(std::str::from_utf8(pair).unwrap(), format!("{b:02x}"));
         }
     }
 
