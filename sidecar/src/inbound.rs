@@ -114,6 +114,11 @@ impl Inbound {
         let resp = async move {
             let started = Instant::now();
             let verified = peer.identity.as_deref();
+            // A peer sidecar carried an HTTP/1.1 request as an HTTP/2 stream: the app gets
+            // HTTP/1.1, as it was sent (`strip_mesh_headers` drops the mark).
+            if req.version() == http::Version::HTTP_2 && req.headers().contains_key(&proxy::ORIG_PROTO) {
+                *req.version_mut() = http::Version::HTTP_11;
+            }
             strip_mesh_headers(req.headers_mut(), verified.and_then(PeerIdentity::header));
             let policy = self.policy.borrow().1.clone();
             if self.mtls {

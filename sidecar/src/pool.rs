@@ -8,20 +8,29 @@
 //! another (hyper hands such a request back untouched; one that reached the peer never is).
 //! Idle connections older than the policy's idle timeout are closed by a reaper task, one per
 //! pool, started with its first connection and ended with the pool.
+//!
+//! To a mesh peer, at most [`H1_PER_PEER`] HTTP/1.1 connections are opened; an HTTP/1.1
+//! request that finds none of them idle travels as a stream of the shared HTTP/2 connection
+//! instead, marked with [`crate::proxy::ORIG_PROTO`] so the peer's inbound hands it to its app
+//! as HTTP/1.1. One request at a time stays on HTTP/1.1, which costs least per request; many at
+//! once share the HTTP/2 connection's TLS records and socket writes, which costs less than one
+//! connection each: CPU per request of the mTLS pair at 64 connections −6 % (every request
+//! over HTTP/2: −8 %, but +15–20 µs per request one at a time; `PAIRED=1 bench/variants.sh`
+//! and `bench/mtls.sh`, BENCHMARKS.md).
 
 use std::{
     collections::HashMap,
     pin::Pin,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
     time::Duration,
 };
 
 use bytes::Bytes;
-use http::{Request, Response, Version, uri::Authority};
+use http::{HeaderValue, Method, Request, Response, Version, uri::Authority, uri::PathAndQuery};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::{
     body::Incoming,
@@ -42,6 +51,8 @@ use crate::{
 const MAX_IDLE_PER_TARGET: usize = 1024;
 /// HTTP/2 pings on an otherwise idle connection, so a dead peer is noticed.
 const H2_KEEPALIVE: Duration = Duration::from_secs(20);
+/// HTTP/1.1 connections opened to one mesh peer at most; more requests at once go over HTTP/2.
+pub const H1_PER_PEER: usize = 2;
 /// How long a pooled connection whose last exchange just ended may take to accept the next
 /// request (it is normally ready at once) before another one is used.
 const READY_WAIT: Duration = Duration::from_millis(100);
@@ -70,6 +81,17 @@ struct Target {
     h2: Mutex<Option<http2::SendRequest<Body>>>,
     /// Held while an HTTP/2 connection is being made, so concurrent first requests share it.
     h2_connecting: tokio::sync::Mutex<()>,
+    /// HTTP/1.1 connections open or being opened (counted for mesh peers only).
+    h1_open: AtomicUsize,
+}
+
+/// One of a mesh peer's [`Target::h1_open`] connections, given back when its task ends.
+struct H1Slot(Arc<Target>);
+
+impl Drop for H1Slot {
+    fn drop(&mut self) {
+        self.0.h1_open.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 struct Idle {
@@ -137,8 +159,19 @@ impl Clients {
         loop {
             let (mut tx, reused) = match checkout(&t, self.0.idle_timeout).await {
                 Some(tx) => (tx, true),
-                // Boxed: the TLS handshake's state would otherwise size every request's future.
-                None => (Box::pin(self.connect_h1(target)).await?, false),
+                None => {
+                    let slot = match self.0.tls.is_some() && req.method() != Method::CONNECT {
+                        // A mesh peer: one of its few HTTP/1.1 connections, or HTTP/2.
+                        true if t.h1_open.fetch_add(1, Ordering::Relaxed) >= H1_PER_PEER => {
+                            t.h1_open.fetch_sub(1, Ordering::Relaxed);
+                            return Box::pin(self.send_multiplexed(&t, target, req)).await;
+                        }
+                        true => Some(H1Slot(t.clone())),
+                        false => None,
+                    };
+                    // Boxed: the TLS handshake's state would otherwise size every request's future.
+                    (Box::pin(self.connect_h1(target, slot)).await?, false)
+                }
             };
             match tx.try_send_request(req).await {
                 Ok(resp) => return Ok(resp.map(|body| Pooled { body, back: Some((tx, t)) })),
@@ -149,6 +182,23 @@ impl Clients {
                 },
             }
         }
+    }
+
+    /// An HTTP/1.1 request to a mesh peer as a stream of the shared HTTP/2 connection, marked
+    /// so the peer gives its app HTTP/1.1; the answer goes back as HTTP/1.1.
+    async fn send_multiplexed(
+        &self,
+        t: &Target,
+        target: &Authority,
+        mut req: Request<Body>,
+    ) -> Result<Response<Pooled>, SendError> {
+        let pq = req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+        *req.uri_mut() = crate::proxy::h2_uri(target, pq).map_err(|e| SendError::Connect(e.into()))?;
+        *req.version_mut() = Version::HTTP_2;
+        req.headers_mut().insert(crate::proxy::ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
+        let mut resp = self.send_h2(t, target, req).await?;
+        *resp.version_mut() = Version::HTTP_11;
+        Ok(resp)
     }
 
     async fn send_h2(
@@ -188,7 +238,12 @@ impl Clients {
         }
     }
 
-    async fn connect_h1(&self, target: &Authority) -> Result<http1::SendRequest<Body>, SendError> {
+    /// A new HTTP/1.1 connection; `slot` (a mesh peer's) is held until the connection ends.
+    async fn connect_h1(
+        &self,
+        target: &Authority,
+        slot: Option<H1Slot>,
+    ) -> Result<http1::SendRequest<Body>, SendError> {
         let io = self.connect(target, b"http/1.1").await.map_err(SendError::Connect)?;
         // One flat write buffer over TLS (see `server::serve`), vectored writes over TCP.
         let (tx, conn) = http1::Builder::new()
@@ -196,7 +251,13 @@ impl Clients {
             .handshake(io)
             .await
             .map_err(|e| SendError::Connect(e.into()))?;
-        drive(conn, "HTTP/1.1");
+        drive(
+            async move {
+                let _slot = slot;
+                conn.await
+            },
+            "HTTP/1.1",
+        );
         Ok(tx)
     }
 

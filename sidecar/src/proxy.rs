@@ -165,6 +165,20 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
+/// Marks an HTTP/1.1 request that one sidecar carries to another as an HTTP/2 stream (see
+/// [`crate::pool`]); the receiving sidecar hands it to its app as HTTP/1.1 again, and drops
+/// the header with every other `x-mesh-` one.
+pub const ORIG_PROTO: HeaderName = HeaderName::from_static("x-mesh-orig-proto");
+
+/// The URI an HTTP/2 request to `target` carries: `:scheme` and `:authority` name the target.
+pub fn h2_uri(target: &Authority, pq: http::uri::PathAndQuery) -> Result<Uri, http::uri::InvalidUriParts> {
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(http::uri::Scheme::HTTP);
+    parts.authority = Some(target.clone());
+    parts.path_and_query = Some(pq);
+    Uri::from_parts(parts)
+}
+
 /// Sends `req` to `target` (`host:port`) on a pooled connection, keeping its path, query,
 /// method, version and headers (less hop-by-hop ones); waits at most `timeout` for the
 /// response headers. The response body streams.
@@ -176,12 +190,7 @@ pub async fn forward(
 ) -> Result<Response<Pooled>, ForwardError> {
     let pq = req.uri().path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
     if req.version() == Version::HTTP_2 {
-        // HTTP/2 names the target in :scheme and :authority.
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(http::uri::Scheme::HTTP);
-        parts.authority = Some(target.clone());
-        parts.path_and_query = Some(pq);
-        *req.uri_mut() = Uri::from_parts(parts)
+        *req.uri_mut() = h2_uri(target, pq)
             .map_err(|e| ForwardError::Failed(target.to_string(), format!("bad target URI: {e}")))?;
     } else {
         if !req.headers().contains_key(header::HOST) {

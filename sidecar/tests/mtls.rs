@@ -212,6 +212,49 @@ mod mesh {
         Mesh { cp, app, market, web, _web_app: web_app, _dirs: vec![d1, d2] }
     }
 
+    /// Established TCP connections whose local port is `port` (from /proc/net/tcp).
+    fn established_to(port: u16) -> usize {
+        let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+        let local = format!(":{port:04X}");
+        table
+            .lines()
+            .skip(1)
+            .filter(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.len() > 3 && f[1].ends_with(&local) && f[3] == "01"
+            })
+            .count()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn http1_requests_beyond_a_peers_few_connections_share_one_http2_connection() {
+        let m = mesh(Duration::from_secs(3600)).await;
+        let (inbound, outbound) = (m.market.inbound.unwrap(), m.web.outbound);
+        let (n, before) = (sidecar::pool::H1_PER_PEER + 4, m.app.hits());
+        // n requests at once, each held a second by the app.
+        let calls: Vec<_> = (0..n)
+            .map(|i| {
+                let path = format!("/slow/{i}?delay_ms=1000");
+                tokio::spawn(async move {
+                    request(outbound, "POST", "market", &path, &[], bytes::Bytes::from(vec![1u8; 1000])).await
+                })
+            })
+            .collect();
+        eventually(WAIT, "every request reached the app", || async { m.app.hits() >= before + n as u64 })
+            .await;
+        let open = established_to(inbound.port());
+        assert!(open <= sidecar::pool::H1_PER_PEER + 1, "{open} connections for {n} requests at once");
+        for call in calls {
+            let (status, body) = call.await.unwrap();
+            assert_eq!(status, 200, "{body}");
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(v["version"], "HTTP/1.1", "{body}");
+            assert_eq!(v["headers"]["host"], "market", "{body}");
+            assert!(v["headers"].get("x-mesh-orig-proto").is_none(), "{body}");
+            assert_eq!(v["body_len"], 1000, "{body}");
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn callers_are_verified_identities_and_authorization_is_enforced() {
         let m = mesh(Duration::from_secs(3600)).await;
@@ -228,6 +271,16 @@ mod mesh {
         assert_eq!(status, 200, "{body}");
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["headers"]["x-mesh-caller"], "spiffe://mesh.local/service/web", "{body}");
+        // The app gets HTTP/1.1 with the caller's Host.
+        assert_eq!(v["version"], "HTTP/1.1", "{body}");
+        assert_eq!(v["headers"]["host"], "market", "{body}");
+        assert!(v["headers"].get("x-mesh-orig-proto").is_none(), "{body}");
+        let (status, body) =
+            request(m.web.outbound, "POST", "market", "/orders", &[], bytes::Bytes::from(vec![7u8; 100_000]))
+                .await;
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!((v["method"].as_str(), v["body_len"].as_u64()), (Some("POST"), Some(100_000)), "{body}");
 
         // Plaintext to the mTLS inbound port: refused, nothing reaches the app.
         let before = m.app.hits();
