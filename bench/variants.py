@@ -19,7 +19,8 @@ absolute figures are not those of a path alone; read the ratios.
 Run through bench/variants.sh:
   VARIANTS="before=/path/to/old/sidecar,after=target/release/sidecar" bench/variants.sh
   PAIRED=1 VARIANTS="before=…,after=…" bench/variants.sh
-Environment: VARIANTS (default: "ours=target/release/sidecar"), REPS (3), DURATION (5), PAIRED.
+Environment: VARIANTS (default: "ours=target/release/sidecar"), REPS (3), DURATION (5), PAIRED,
+CONNS (with PAIRED=1: wrk connections per path, 64).
 """
 
 import importlib.util
@@ -36,6 +37,7 @@ dp = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(dp)
 REL, TMP = dp.REL, dp.TMP
 VARIANTS = [v.split("=", 1) for v in os.environ.get("VARIANTS", f"ours={REL}/sidecar").split(",")]
+CONNS = int(os.environ.get("CONNS", "64"))  # wrk connections per path with PAIRED=1
 
 
 def hold_connections(addr, n=1000):
@@ -108,7 +110,7 @@ def paired():
     for rep in range(dp.REPS):
         for a, b in pairs:
             before = {p: dp.cpu_seconds(p) for t in (a, b) for p in paths[t][1]}
-            runs = [subprocess.Popen(["taskset", "-c", "1", "wrk", "-t1", "-c64", f"-d{dp.DUR}s", "--latency",
+            runs = [subprocess.Popen(["taskset", "-c", "1", "wrk", "-t1", f"-c{CONNS}", f"-d{dp.DUR}s", "--latency",
                                       "-H", "Host: bench", paths[t][0]], stdout=subprocess.PIPE, text=True) for t in (a, b)]
             ra, rb = (dp.parse_wrk(r.communicate()[0]) for r in runs)
             cpu = [sum(dp.cpu_seconds(p) - before[p] for p in paths[t][1]) * 1e6 / max(r["requests"], 1)
@@ -118,7 +120,7 @@ def paired():
                   file=sys.stderr)
     with open(os.path.join(dp.OUT, "variants-paired.json"), "w") as f:
         json.dump({f"{a} | {b}": v for (a, b), v in ratios.items()}, f, indent=1)
-    print(f"mTLS mesh paths at 64 connections, two at a time on one core; medians of {dp.REPS} reps x {dp.DUR} s")
+    print(f"mTLS mesh paths at {CONNS} connections, two at a time on one core; medians of {dp.REPS} reps x {dp.DUR} s")
     print("| A | B | CPU per request B / A | per rep | throughput B / A |")
     print("|---|---|---|---|---|")
     for (a, b), v in ratios.items():
