@@ -15,6 +15,10 @@ as the reference — in plaintext only: under valgrind the first HAProxy keeps m
 connections to the second (161 full handshakes in a window of 764 requests, measured), which
 it does not do at full speed (no new connection in 26,621 requests, seen with strace), so a
 TLS count of HAProxy under callgrind would not describe HAProxy.
+Since 3f68506 the mTLS pair multiplexes concurrent requests over one HTTP/2 connection, which
+moves work from the kernel (not counted here) into user space (counted), and valgrind's
+slowdown makes more requests concurrent: compare MTLS=1 counts only between builds that both
+multiplex (BENCHMARKS.md, mTLS fourth round).
 Run through bench/callgrind.sh:
   VARIANTS="before=/tmp/old/sidecar,after=target/release/sidecar" bench/callgrind.sh
   MTLS=1 bench/callgrind.sh; HAPROXY=1 bench/callgrind.sh
