@@ -30,7 +30,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderValue, Method, Request, Response, Version, uri::Authority, uri::PathAndQuery};
+use http::{HeaderValue, Method, Request, Response, Version, uri::Authority};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::{
     body::Incoming,
@@ -52,6 +52,7 @@ const MAX_IDLE_PER_TARGET: usize = 1024;
 /// HTTP/2 pings on an otherwise idle connection, so a dead peer is noticed.
 const H2_KEEPALIVE: Duration = Duration::from_secs(20);
 /// HTTP/1.1 connections opened to one mesh peer at most; more requests at once go over HTTP/2.
+/// (0 sends every request to a peer over HTTP/2: the "all HTTP/2" row of BENCHMARKS.md.)
 pub const H1_PER_PEER: usize = 2;
 /// How long a pooled connection whose last exchange just ended may take to accept the next
 /// request (it is normally ready at once) before another one is used.
@@ -87,6 +88,14 @@ struct Target {
 
 /// One of a mesh peer's [`Target::h1_open`] connections, given back when its task ends.
 struct H1Slot(Arc<Target>);
+
+impl H1Slot {
+    /// A slot for one more HTTP/1.1 connection to `t`, unless [`H1_PER_PEER`] are open.
+    fn take(t: &Arc<Target>) -> Option<Self> {
+        let slot = H1Slot(t.clone());
+        (t.h1_open.fetch_add(1, Ordering::Relaxed) < H1_PER_PEER).then_some(slot)
+    }
+}
 
 impl Drop for H1Slot {
     fn drop(&mut self) {
@@ -160,14 +169,14 @@ impl Clients {
             let (mut tx, reused) = match checkout(&t, self.0.idle_timeout).await {
                 Some(tx) => (tx, true),
                 None => {
-                    let slot = match self.0.tls.is_some() && req.method() != Method::CONNECT {
-                        // A mesh peer: one of its few HTTP/1.1 connections, or HTTP/2.
-                        true if t.h1_open.fetch_add(1, Ordering::Relaxed) >= H1_PER_PEER => {
-                            t.h1_open.fetch_sub(1, Ordering::Relaxed);
+                    // A mesh peer: one of its few HTTP/1.1 connections, or else HTTP/2.
+                    let slot = if self.0.tls.is_some() && req.method() != Method::CONNECT {
+                        let Some(slot) = H1Slot::take(&t) else {
                             return Box::pin(self.send_multiplexed(&t, target, req)).await;
-                        }
-                        true => Some(H1Slot(t.clone())),
-                        false => None,
+                        };
+                        Some(slot)
+                    } else {
+                        None
                     };
                     // Boxed: the TLS handshake's state would otherwise size every request's future.
                     (Box::pin(self.connect_h1(target, slot)).await?, false)
@@ -192,8 +201,7 @@ impl Clients {
         target: &Authority,
         mut req: Request<Body>,
     ) -> Result<Response<Pooled>, SendError> {
-        let pq = req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
-        *req.uri_mut() = crate::proxy::h2_uri(target, pq).map_err(|e| SendError::Connect(e.into()))?;
+        *req.uri_mut() = crate::proxy::h2_uri(target, req.uri()).map_err(|e| SendError::Connect(e.into()))?;
         *req.version_mut() = Version::HTTP_2;
         req.headers_mut().insert(crate::proxy::ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
         let mut resp = self.send_h2(t, target, req).await?;

@@ -170,12 +170,18 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
 /// the header with every other `x-mesh-` one.
 pub const ORIG_PROTO: HeaderName = HeaderName::from_static("x-mesh-orig-proto");
 
-/// The URI an HTTP/2 request to `target` carries: `:scheme` and `:authority` name the target.
-pub fn h2_uri(target: &Authority, pq: http::uri::PathAndQuery) -> Result<Uri, http::uri::InvalidUriParts> {
+/// `uri`'s path and query (`/` when it has none).
+pub fn origin_form(uri: &Uri) -> http::uri::PathAndQuery {
+    uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"))
+}
+
+/// The URI an HTTP/2 request for `uri` carries to `target`: `:scheme` and `:authority` name the
+/// target, the path and query are `uri`'s.
+pub fn h2_uri(target: &Authority, uri: &Uri) -> Result<Uri, http::uri::InvalidUriParts> {
     let mut parts = http::uri::Parts::default();
     parts.scheme = Some(http::uri::Scheme::HTTP);
     parts.authority = Some(target.clone());
-    parts.path_and_query = Some(pq);
+    parts.path_and_query = Some(origin_form(uri));
     Uri::from_parts(parts)
 }
 
@@ -188,9 +194,8 @@ pub async fn forward(
     target: &Authority,
     timeout: Option<Duration>,
 ) -> Result<Response<Pooled>, ForwardError> {
-    let pq = req.uri().path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
     if req.version() == Version::HTTP_2 {
-        *req.uri_mut() = h2_uri(target, pq)
+        *req.uri_mut() = h2_uri(target, req.uri())
             .map_err(|e| ForwardError::Failed(target.to_string(), format!("bad target URI: {e}")))?;
     } else {
         if !req.headers().contains_key(header::HOST) {
@@ -200,7 +205,7 @@ pub async fn forward(
                 req.headers_mut().insert(header::HOST, v);
             }
         }
-        *req.uri_mut() = Uri::from(pq);
+        *req.uri_mut() = Uri::from(origin_form(req.uri()));
         *req.version_mut() = Version::HTTP_11;
     }
     strip_hop_by_hop(req.headers_mut());
