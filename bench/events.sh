@@ -4,7 +4,7 @@
 #
 #   bench/events.sh                 # spool append (group commit) + end to end, 3 reps
 #   REPS=1 bench/events.sh
-#   BUS=nats NATS_URL=nats://127.0.0.1:42220 bench/events.sh   # the bus on NATS JetStream
+#   BUS=nats NATS_URL=nats://127.0.0.1:24222 bench/events.sh   # the bus on NATS JetStream
 #
 # Spool append: events/s accepted (202 = fsync'd) by one sidecar at 1 and 16 concurrent
 # publishers, 1 and 10 events per request, and events per group commit (fsync), read from the
