@@ -60,18 +60,36 @@ pub fn propagate(headers: &mut HeaderMap) -> TraceContext {
         }
     };
     let shared = bytes::Bytes::from_owner(text);
-    if let RequestId::Made(_) = request_id
-        && let Ok(v) = HeaderValue::from_maybe_shared(shared.slice(..32))
-    {
-        headers.insert(REQUEST_ID, v);
+    match request_id {
+        RequestId::Made(_) => {
+            if let Ok(v) = HeaderValue::from_maybe_shared(shared.slice(..32)) {
+                headers.insert(REQUEST_ID, never_indexed(v));
+            }
+        }
+        RequestId::Given(_) => {
+            if let Some(v) = headers.get_mut(&REQUEST_ID) {
+                v.set_sensitive(true);
+            }
+        }
     }
     if let Ok(v) = HeaderValue::from_maybe_shared(shared.slice(32..)) {
-        headers.insert(TRACEPARENT, v);
+        headers.insert(TRACEPARENT, never_indexed(v));
     }
     TraceContext { request_id, trace_id, span_id }
 }
 
 const TRACEPARENT_LEN: usize = 55;
+
+/// Both ids are new on every request, so HTTP/2's header compression (HPACK) gains nothing by
+/// adding them to its table of recent headers: each would only push out an entry that does
+/// repeat (`host`, `x-mesh-orig-proto`, …), which the next request must then send in full again,
+/// and both ends would pay for the insert and the eviction. Marked sensitive, they are sent as
+/// "never indexed" literals and leave the table to the headers that repeat. Over HTTP/1.1 the
+/// mark changes nothing; `to_str` and `Display` still show the value (only `Debug` hides it).
+fn never_indexed(mut v: HeaderValue) -> HeaderValue {
+    v.set_sensitive(true);
+    v
+}
 
 thread_local! {
     /// SplitMix64 state, seeded once per thread from the OS-seeded generator: ids must be
@@ -197,6 +215,23 @@ mod tests {
             assert_ne!(t.trace_id.as_str(), "00000000000000000000000000000000");
             assert_eq!(h[&REQUEST_ID].to_str().unwrap(), t.request_id.to_string());
             assert!(parse(h[&TRACEPARENT].as_bytes()).is_some());
+        }
+    }
+
+    #[test]
+    fn the_per_request_ids_stay_out_of_the_http2_header_table() {
+        for given in [None, Some("req-1")] {
+            let mut h = HeaderMap::new();
+            if let Some(id) = given {
+                h.insert(REQUEST_ID, HeaderValue::from_static(id));
+            }
+            h.insert(http::header::HOST, HeaderValue::from_static("market"));
+            let t = propagate(&mut h);
+            assert!(h[&REQUEST_ID].is_sensitive(), "request id {given:?}");
+            assert!(h[&TRACEPARENT].is_sensitive());
+            assert!(!h[http::header::HOST].is_sensitive(), "only the per-request ids");
+            // What logs show is the value itself.
+            assert_eq!(t.request_id.to_string(), h[&REQUEST_ID].to_str().unwrap());
         }
     }
 
