@@ -19,8 +19,8 @@ use tokio_util::sync::CancellationToken;
 /// kilobytes (hyper's read buffers are split off per request and grown again), and glibc served
 /// those through its fastbin consolidation and chunk unlinking: ~4 % of the sidecar's samples
 /// under load. Measured side by side (BENCHMARKS.md, mTLS section, fifth round): jemalloc
-/// −6 % CPU per request of the mTLS pair, +1 MB idle RSS, +6 MB with 1,000 client connections;
-/// mimalloc saved 11 % but cost +7 MB idle and +22 MB with 1,000 connections.
+/// −6 % CPU per request of the mTLS pair, +0.6–1 MB idle RSS, +4–6 MB with 1,000 client
+/// connections; mimalloc saved 11 % but cost +7–8 MB idle and +21–23 MB with 1,000 connections.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
