@@ -154,13 +154,15 @@ impl Shared {
     /// time (for the control loop).
     pub fn new(config: Config) -> (Arc<Shared>, tokio::sync::mpsc::UnboundedReceiver<String>) {
         let identity = Arc::new(identity::IdentityCell::default());
-        let (upstreams, added) = Upstreams::new(config.identity_token.is_some().then(|| identity.clone()));
+        let metrics = Metrics::new();
+        let (upstreams, added) =
+            Upstreams::new(config.identity_token.is_some().then(|| (identity.clone(), metrics.clone())));
         let shared = Arc::new(Shared {
             upstreams: Arc::new(upstreams),
             own_policy: watch::channel((0, Arc::new(ServicePolicy::default()))).0,
             app_healthy: watch::channel(config.mode == Mode::Gateway).0,
             load: Arc::default(),
-            metrics: Metrics::new(),
+            metrics,
             cp: ControlStatus::default(),
             snapshot: SnapshotWriter::new(config.data_dir.clone()),
             dns: dns::Dns::default(),

@@ -67,6 +67,7 @@ pub struct Metrics {
     pub cache_invalidation_followers: Gauge,
     pub certificate_expiry: Gauge,
     pub authz_denied: Family<Labels, Counter>,
+    pub multiplexed: Family<Labels, Counter>,
     pub certificate_rotations: Counter,
     pub certificate_failures: Counter,
     pub cache_entries: Family<Labels, Gauge>,
@@ -114,6 +115,7 @@ impl Metrics {
             cache_invalidation_followers: Gauge::default(),
             certificate_expiry: Gauge::default(),
             authz_denied: Family::default(),
+            multiplexed: Family::default(),
             certificate_rotations: Counter::default(),
             certificate_failures: Counter::default(),
             cache_entries: Family::default(),
@@ -230,6 +232,12 @@ impl Metrics {
             "authz_denied",
             "Inbound requests refused with 403 by the service's authorization policy",
             m.authz_denied.clone(),
+        );
+        r.register(
+            "multiplexed_requests",
+            "HTTP/1.1 requests to a mesh peer sent as streams of its shared HTTP/2 connection, \
+             because its few HTTP/1.1 connections were all busy, by upstream service",
+            m.multiplexed.clone(),
         );
         r.register(
             "certificate_rotations",

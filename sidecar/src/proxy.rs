@@ -113,6 +113,9 @@ pub fn for_grpc(resp: Response<Body>) -> Response<Body> {
 pub struct MeshTls {
     pub identity: std::sync::Arc<crate::identity::IdentityCell>,
     pub service: String,
+    /// Counts this service's HTTP/1.1 requests that went as streams of the shared HTTP/2
+    /// connection (`mesh_sidecar_multiplexed_requests_total`).
+    pub multiplexed: prometheus_client::metrics::counter::Counter,
 }
 
 /// Why a forwarded request got no response.

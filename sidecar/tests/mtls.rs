@@ -244,6 +244,13 @@ mod mesh {
             .await;
         let open = established_to(inbound.port());
         assert!(open <= sidecar::pool::H1_PER_PEER + 1, "{open} connections for {n} requests at once");
+        // The requests beyond the HTTP/1.1 connections are counted in the caller's metrics.
+        let metrics = get(m.web.admin, "admin", "/metrics").await.1;
+        let line = format!(
+            "mesh_sidecar_multiplexed_requests_total{{service=\"market\"}} {}",
+            n - sidecar::pool::H1_PER_PEER
+        );
+        assert!(metrics.lines().any(|l| l == line), "no `{line}` in {metrics}");
         for call in calls {
             let (status, body) = call.await.unwrap();
             assert_eq!(status, 200, "{body}");
