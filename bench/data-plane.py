@@ -86,9 +86,13 @@ def parse_wrk(text):
     return {"p50_us": lat.get("50"), "p99_us": lat.get("99"), "rps": rps, "requests": total, "errors": errors}
 
 
-def wrk(url, conns, host="bench"):
-    r = subprocess.run(["taskset", "-c", "1", "wrk", "-t1", f"-c{conns}", f"-d{DUR}s", "--latency", "-H", f"Host: {host}", url],
-                       capture_output=True, text=True)
+def wrk_cmd(url, conns, secs=None, host="bench"):
+    """wrk on CPU 1 with one thread and `conns` connections for `secs` (DURATION by default)."""
+    return ["taskset", "-c", "1", "wrk", "-t1", f"-c{conns}", f"-d{secs or DUR}s", "--latency", "-H", f"Host: {host}", url]
+
+
+def wrk(url, conns, host="bench", secs=None):
+    r = subprocess.run(wrk_cmd(url, conns, secs, host), capture_output=True, text=True)
     return parse_wrk(r.stdout)
 
 
@@ -173,6 +177,15 @@ def certify(cp_url, certs, *services):
         token = meshctl(cp_url, "identity", "token", "create", svc)
         subprocess.run([f"{REL}/bench-tls", "certify", "--cp", cp_url, "--token", token, "--service", svc, "--dir", certs],
                        check=True, capture_output=True)
+
+
+def mesh_ca(*services):
+    """The backend, the control plane, certificates from its CA for `services` (see `certify`)
+    and a maker of bootstrap tokens: (backend, control-plane URL, certificate dir, token(svc))."""
+    backend, cp_url = backend_and_control_plane()
+    certs = os.path.join(TMP, "certs")
+    certify(cp_url, certs, *services)
+    return backend, cp_url, certs, lambda svc: meshctl(cp_url, "identity", "token", "create", svc)
 
 
 def sidecar_pair(cp_url, backend, service, binary=None, tokens=(None, None), wrap=()):

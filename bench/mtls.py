@@ -10,9 +10,9 @@ idle spinners, targets interleaved per rep, medians. Run through bench/mtls.sh.
 One-connection latency swings between runs here by more than the differences it should show
 (HAProxy's own p50 read 64-72 us in one run, 80-104 us in another), so both scenarios are also
 measured in short alternating slices: SLICES rounds (20) of HAProxy TLS, ours mTLS, HAProxy TLS
-again, 1 s each at one connection, 2 s at 64. Each round's ratio is ours / the mean of the two HAProxy slices around it, which
-cancels drift slower than a few seconds; the second HAProxy slice against the first is the
-control, the method's own noise.
+again, 1 s each at one connection, 2 s at 64. Each round's ratio is ours / the mean of the two
+HAProxy slices around it, which cancels drift slower than a few seconds; the second HAProxy
+slice against the first is the control, the method's own noise.
 """
 
 import importlib.util
@@ -30,10 +30,7 @@ SLICES = int(os.environ.get("SLICES", "20"))
 
 
 def run():
-    backend, cp_url = dp.backend_and_control_plane()
-    certs = os.path.join(TMP, "certs")
-    dp.certify(cp_url, certs, "mesh", "haproxy-client", "bench-client")
-    token = lambda svc: dp.meshctl(cp_url, "identity", "token", "create", svc)
+    backend, cp_url, certs, token = dp.mesh_ca("mesh", "haproxy-client", "bench-client")
 
     in_plain_p, _, out_plain_p, out_plain = dp.sidecar_pair(cp_url, backend, "plain")
     # The mTLS pair: the inbound sidecar is service `mtls`; the outbound one (a gateway) has the
@@ -87,9 +84,7 @@ def alternate(base, other, conns, secs):
     def one(target):
         url, pids = target
         before = sum(run_ns(p) for p in pids)
-        out = subprocess.run(["taskset", "-c", "1", "wrk", "-t1", f"-c{conns}", f"-d{secs}s", "--latency", "-H", "Host: bench", url],
-                             capture_output=True, text=True, check=True).stdout
-        r = dp.parse_wrk(out)
+        r = dp.wrk(url, conns, secs=secs)
         r["cpu_us_per_req"] = (sum(run_ns(p) for p in pids) - before) / 1e3 / max(r["requests"], 1)
         return r
     rounds = []
@@ -104,7 +99,7 @@ def alternate(base, other, conns, secs):
 
 def report_slices(conns, rounds):
     def quartiles(xs):
-        q = statistics.quantiles(xs, n=4)
+        q = statistics.quantiles(xs, n=4) if len(xs) > 1 else xs * 3  # SLICES=1: no spread to show
         return f"x{statistics.median(xs):.3f} (quartiles {q[0]:.3f}-{q[2]:.3f})"
     print(f"  {conns} connection(s), {len(rounds)} rounds of alternating slices (haproxy TLS, ours mTLS, haproxy TLS):")
     for key, name in (("p50_us", "p50"), ("rps", "rps"), ("cpu_us_per_req", "CPU per request")):

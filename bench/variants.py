@@ -53,10 +53,7 @@ def hold_connections(addr, n=1000):
 
 
 def run():
-    backend, cp_url = dp.backend_and_control_plane()
-    certs = os.path.join(TMP, "certs")
-    dp.certify(cp_url, certs, "mesh", "haproxy-client")
-    token = lambda svc: dp.meshctl(cp_url, "identity", "token", "create", svc)
+    backend, cp_url, certs, token = dp.mesh_ca("mesh", "haproxy-client")
 
     targets, rss_of = {}, {}
     for name, binary in VARIANTS:
@@ -90,10 +87,7 @@ def run():
 
 
 def paired():
-    backend, cp_url = dp.backend_and_control_plane()
-    certs = os.path.join(TMP, "certs")
-    dp.certify(cp_url, certs, "mesh", "haproxy-client")
-    token = lambda svc: dp.meshctl(cp_url, "identity", "token", "create", svc)
+    backend, cp_url, certs, token = dp.mesh_ca("mesh", "haproxy-client")
     paths = {}
     first = VARIANTS[0][0]
     for name, binary in VARIANTS + [(f"{first} (copy)", VARIANTS[0][1])]:
@@ -110,8 +104,7 @@ def paired():
     for rep in range(dp.REPS):
         for a, b in pairs:
             before = {p: dp.cpu_seconds(p) for t in (a, b) for p in paths[t][1]}
-            runs = [subprocess.Popen(["taskset", "-c", "1", "wrk", "-t1", f"-c{CONNS}", f"-d{dp.DUR}s", "--latency",
-                                      "-H", "Host: bench", paths[t][0]], stdout=subprocess.PIPE, text=True) for t in (a, b)]
+            runs = [subprocess.Popen(dp.wrk_cmd(paths[t][0], CONNS), stdout=subprocess.PIPE, text=True) for t in (a, b)]
             ra, rb = (dp.parse_wrk(r.communicate()[0]) for r in runs)
             cpu = [sum(dp.cpu_seconds(p) - before[p] for p in paths[t][1]) * 1e6 / max(r["requests"], 1)
                    for t, r in ((a, ra), (b, rb))]

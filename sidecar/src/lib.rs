@@ -156,7 +156,7 @@ impl Shared {
         let identity = Arc::new(identity::IdentityCell::default());
         let metrics = Metrics::new();
         let (upstreams, added) =
-            Upstreams::new(config.identity_token.is_some().then(|| (identity.clone(), metrics.clone())));
+            Upstreams::new(config.identity_token.is_some().then(|| identity.clone()), metrics.clone());
         let shared = Arc::new(Shared {
             upstreams: Arc::new(upstreams),
             own_policy: watch::channel((0, Arc::new(ServicePolicy::default()))).0,

@@ -16,9 +16,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 /// jemalloc instead of glibc's malloc. Every request allocates and frees buffers of a few
-/// kilobytes (hyper's read buffers are split off per request and grown again), and glibc served
-/// those through its fastbin consolidation and chunk unlinking: ~4 % of the sidecar's samples
-/// under load. Measured side by side (BENCHMARKS.md, mTLS section, fifth round): jemalloc
+/// kilobytes (hyper's read buffers are split off per request and grown again): under load,
+/// glibc's malloc and free took 8–10 % of the sidecar's samples, 1.6–2.3 % of them in fastbin
+/// consolidation and chunk unlinking. Measured side by side (BENCHMARKS.md, mTLS section, fifth round): jemalloc
 /// −6 % CPU per request of the mTLS pair, +0.6–1 MB idle RSS, +4–6 MB with 1,000 client
 /// connections; mimalloc saved 11 % but cost +7–8 MB idle and +21–23 MB with 1,000 connections.
 #[global_allocator]

@@ -22,7 +22,8 @@ thread_local! {
 /// body arrive from hyper as two buffers, and a TLS record from rustls as a one-element
 /// vector. Over loopback here, `writev` of 200 bytes took 130–260 ns longer than `send` (what
 /// a flat write becomes) in five of six runs of `bench/writev.sh`, and as long in the sixth;
-/// copying 200 bytes costs ~10 ns. Writes larger than [`COALESCE_MAX`] keep `writev`, so bodies are never copied.
+/// copying 200 bytes costs ~10 ns. Writes larger than [`COALESCE_MAX`] keep `writev`, so bodies
+/// are never copied.
 /// Measured on the mTLS mesh path at 64 connections, this build against the one before it
 /// running at the same time on the same core (`PAIRED=1 bench/variants.sh`): 0–2 % less CPU
 /// per request of the pair.

@@ -12,9 +12,9 @@
 //! To a mesh peer, at most [`H1_PER_PEER`] HTTP/1.1 connections are opened; an HTTP/1.1
 //! request that finds none of them idle travels as a stream of the shared HTTP/2 connection
 //! instead, marked with [`crate::proxy::ORIG_PROTO`] so the peer's inbound hands it to its app
-//! as HTTP/1.1, and counted in `mesh_sidecar_multiplexed_requests_total`. One request at a time stays on HTTP/1.1, which costs least per request; many at
-//! once share the HTTP/2 connection's TLS records and socket writes, which costs less than one
-//! connection each: CPU per request of the mTLS pair at 64 connections −6 % (every request
+//! as HTTP/1.1, and counted in `mesh_sidecar_multiplexed_requests_total`. One request at a time
+//! stays on HTTP/1.1, which costs least per request; many at once share the HTTP/2 connection's
+//! TLS records and socket writes, which costs less than one connection each: CPU per request of the mTLS pair at 64 connections −6 % (every request
 //! over HTTP/2: −8 %, but +15–20 µs per request one at a time; `PAIRED=1 bench/variants.sh`
 //! and `bench/mtls.sh`, BENCHMARKS.md).
 
@@ -170,13 +170,12 @@ impl Clients {
                 Some(tx) => (tx, true),
                 None => {
                     // A mesh peer: one of its few HTTP/1.1 connections, or else HTTP/2.
-                    let slot = if self.0.tls.is_some() && req.method() != Method::CONNECT {
-                        let Some(slot) = H1Slot::take(&t) else {
-                            return Box::pin(self.send_multiplexed(&t, target, req)).await;
-                        };
-                        Some(slot)
-                    } else {
-                        None
+                    let slot = match &self.0.tls {
+                        Some(tls) if req.method() != Method::CONNECT => match H1Slot::take(&t) {
+                            Some(slot) => Some(slot),
+                            None => return Box::pin(self.send_multiplexed(tls, &t, target, req)).await,
+                        },
+                        _ => None,
                     };
                     // Boxed: the TLS handshake's state would otherwise size every request's future.
                     (Box::pin(self.connect_h1(target, slot)).await?, false)
@@ -194,18 +193,17 @@ impl Clients {
     }
 
     /// An HTTP/1.1 request to a mesh peer as a stream of the shared HTTP/2 connection, marked
-    /// so the peer gives its app HTTP/1.1; the answer goes back as HTTP/1.1.
+    /// so the peer gives its app HTTP/1.1 (and counted in `tls`); the answer goes back as HTTP/1.1.
     async fn send_multiplexed(
         &self,
+        tls: &MeshTls,
         t: &Target,
         target: &Authority,
         mut req: Request<Body>,
     ) -> Result<Response<Pooled>, SendError> {
         *req.uri_mut() = crate::proxy::h2_uri(target, req.uri()).map_err(|e| SendError::Connect(e.into()))?;
         *req.version_mut() = Version::HTTP_2;
-        if let Some(tls) = &self.0.tls {
-            tls.multiplexed.inc();
-        }
+        tls.multiplexed.inc();
         req.headers_mut().insert(crate::proxy::ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
         let mut resp = self.send_h2(t, target, req).await?;
         *resp.version_mut() = Version::HTTP_11;

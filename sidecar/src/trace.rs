@@ -33,10 +33,14 @@ pub struct Hex<const N: usize>([u8; N]);
 /// the request id when the caller sent none), whose copies — the retry copy of a request's
 /// headers — then only count references: this runs on every request.
 pub fn propagate(headers: &mut HeaderMap) -> TraceContext {
+    // A caller's id, marked never indexed (see `never_indexed`) in the same look-up.
     let given = headers
-        .get(&REQUEST_ID)
+        .get_mut(&REQUEST_ID)
         .filter(|id| !id.is_empty() && id.len() <= 128 && id.to_str().is_ok())
-        .cloned();
+        .map(|id| {
+            id.set_sensitive(true);
+            id.clone()
+        });
     let span_id = Hex::<16>::random();
     let (trace_id, flags) = match headers.get(&TRACEPARENT).and_then(|v| parse(v.as_bytes())) {
         Some(found) => found,
@@ -60,17 +64,10 @@ pub fn propagate(headers: &mut HeaderMap) -> TraceContext {
         }
     };
     let shared = bytes::Bytes::from_owner(text);
-    match request_id {
-        RequestId::Made(_) => {
-            if let Ok(v) = HeaderValue::from_maybe_shared(shared.slice(..32)) {
-                headers.insert(REQUEST_ID, never_indexed(v));
-            }
-        }
-        RequestId::Given(_) => {
-            if let Some(v) = headers.get_mut(&REQUEST_ID) {
-                v.set_sensitive(true);
-            }
-        }
+    if let RequestId::Made(_) = request_id
+        && let Ok(v) = HeaderValue::from_maybe_shared(shared.slice(..32))
+    {
+        headers.insert(REQUEST_ID, never_indexed(v));
     }
     if let Ok(v) = HeaderValue::from_maybe_shared(shared.slice(32..)) {
         headers.insert(TRACEPARENT, never_indexed(v));

@@ -293,10 +293,11 @@ pub struct Upstream {
 impl Upstream {
     fn new(
         name: &str,
-        identity: Option<&(Arc<crate::identity::IdentityCell>, Arc<crate::metrics::Metrics>)>,
+        identity: Option<&Arc<crate::identity::IdentityCell>>,
+        metrics: &crate::metrics::Metrics,
     ) -> Self {
         let policy = ServicePolicy::default();
-        let tls = identity.map(|(identity, metrics)| crate::proxy::MeshTls {
+        let tls = identity.map(|identity| crate::proxy::MeshTls {
             identity: identity.clone(),
             service: name.to_string(),
             multiplexed: metrics.multiplexed.get_or_create(&vec![("service", name.to_string())]).clone(),
@@ -389,19 +390,20 @@ pub struct Upstreams {
     /// names a topic not in here is bypassed (an entry stored before the follower starts could
     /// miss its invalidation and stay stale for its whole TTL).
     live_topics: std::sync::RwLock<std::collections::HashSet<String>>,
-    /// Set when calls to other sidecars are mutual TLS with this identity (and counted in
-    /// these metrics).
-    identity: Option<(Arc<crate::identity::IdentityCell>, Arc<crate::metrics::Metrics>)>,
+    /// Set when calls to other sidecars are mutual TLS with this identity.
+    identity: Option<Arc<crate::identity::IdentityCell>>,
+    /// Where the upstreams count what they do (multiplexed requests).
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Upstreams {
-    /// The upstreams of a sidecar; `identity` makes calls to other sidecars mutual TLS, with
-    /// the multiplexed requests counted in its metrics.
+    /// The upstreams of a sidecar; `identity` makes calls to other sidecars mutual TLS.
     pub fn new(
-        identity: Option<(Arc<crate::identity::IdentityCell>, Arc<crate::metrics::Metrics>)>,
+        identity: Option<Arc<crate::identity::IdentityCell>>,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> (Self, tokio::sync::mpsc::UnboundedReceiver<String>) {
         let (added, rx) = tokio::sync::mpsc::unbounded_channel();
-        (Self { map: DashMap::new(), added, live_topics: Default::default(), identity }, rx)
+        (Self { map: DashMap::new(), added, live_topics: Default::default(), identity, metrics }, rx)
     }
 
     /// Whether every topic `cache` is invalidated by is followed (true when it names none).
@@ -437,7 +439,7 @@ impl Upstreams {
             .entry(name.to_string())
             .or_insert_with(|| {
                 created = true;
-                Arc::new(Upstream::new(name, self.identity.as_ref()))
+                Arc::new(Upstream::new(name, self.identity.as_ref(), &self.metrics))
             })
             .clone();
         if created {

@@ -145,7 +145,7 @@ fn avoid_skips_endpoints_unless_none_would_remain() {
 
 #[test]
 fn endpoints_that_stay_keep_their_state_across_updates() {
-    let up = Upstream::new("svc", None);
+    let up = Upstream::new("svc", None, &crate::metrics::Metrics::new());
     up.set_endpoints(1, vec![info("a", 100), info("b", 100)], Source::Discovery);
     let a = up.endpoints().endpoints[0].clone();
     let _guard = a.start();
