@@ -64,6 +64,7 @@ impl From<DomainError> for Refusal {
             DomainError::InsufficientShares { .. } => (409, "insufficient_shares", None),
             DomainError::Slippage(_) => (409, "slippage", None),
             DomainError::Forbidden(_) => (403, "forbidden", None),
+            DomainError::TooLarge(field, _) => (422, "amount_out_of_range", Some(*field)),
         };
         Refusal { status, code, message: e.to_string(), field }
     }
@@ -95,6 +96,28 @@ pub struct Ctx {
     pub idempotency: Option<(String, String)>,
     pub expected_version: Option<u64>,
     pub is_admin: bool,
+    /// An `Authorization` header was sent (a wrong one is 403, none at all is 401).
+    pub has_credential: bool,
+}
+
+impl Ctx {
+    /// Refuses unless the caller presented the admin token: 401 without a credential (the
+    /// answer carries `WWW-Authenticate`), 403 with a wrong one.
+    pub fn require_admin(&self, what: &str) -> Result<(), Refusal> {
+        match (self.is_admin, self.has_credential) {
+            (true, _) => Ok(()),
+            (false, false) => Err(Refusal::new(
+                401,
+                "unauthenticated",
+                format!("{what} needs the admin token: send Authorization: Bearer <token>"),
+            )),
+            (false, true) => Err(Refusal::new(
+                403,
+                "forbidden",
+                format!("{what} needs the admin token; this one is not it"),
+            )),
+        }
+    }
 }
 
 /// A successful command's answer: status and JSON body.
@@ -108,37 +131,72 @@ pub struct Projection {
     pub accounts: BTreeMap<String, Account>,
     /// Price points per market: (time, prices) after creation and every trade.
     pub history: BTreeMap<String, Vec<(u64, Vec<f64>)>>,
+    /// Aggregates whose log holds an event that does not parse, and why (`/healthz` lists them).
+    pub unreadable: BTreeMap<String, String>,
 }
 
 impl Projection {
-    fn apply(&mut self, r: &Recorded) -> Result<(), StoreError> {
-        let bad = |e: serde_json::Error| {
-            StoreError::Db(format!("event {} of {} is unreadable: {e}", r.event_id, r.aggregate_id))
-        };
+    /// Folds one committed event. An event that does not parse takes its aggregate out of the
+    /// projection (reported in `unreadable`, its later events skipped) instead of failing every
+    /// read: one bad aggregate never stops the service or the others.
+    fn apply(&mut self, r: &Recorded) {
+        self.seq = r.seq;
+        if self.unreadable.contains_key(&r.aggregate_id) {
+            return;
+        }
         let id = r.aggregate_id.split_once('-').map_or(r.aggregate_id.as_str(), |(_, id)| id);
-        match r.aggregate_type.as_str() {
+        let parsed = match r.aggregate_type.as_str() {
             "market" => {
-                let e: MarketEvent = serde_json::from_str(&r.payload).map_err(bad)?;
-                if let Some(m) = Market::apply(self.markets.remove(id), id, &e) {
-                    if matches!(e, MarketEvent::MarketCreated { .. } | MarketEvent::TradeExecuted { .. }) {
-                        self.history
-                            .entry(m.id.clone())
-                            .or_default()
-                            .push((r.recorded_at_ms as u64, m.prices()));
-                    }
-                    self.markets.insert(id.to_string(), m);
-                }
+                serde_json::from_str::<MarketEvent>(&r.payload).map(|e| self.apply_market(id, &r, &e))
             }
-            "account" => {
-                let e: AccountEvent = serde_json::from_str(&r.payload).map_err(bad)?;
+            "account" => serde_json::from_str::<AccountEvent>(&r.payload).map(|e| {
                 if let Some(a) = Account::apply(self.accounts.remove(id), id, &e) {
                     self.accounts.insert(id.to_string(), a);
                 }
+            }),
+            other => {
+                tracing::warn!(aggregate_type = other, "unknown aggregate type in the log; skipped");
+                Ok(())
             }
-            other => tracing::warn!(aggregate_type = other, "unknown aggregate type in the log; skipped"),
+        };
+        if let Err(e) = parsed {
+            let reason = format!("event {} (version {}) is unreadable: {e}", r.event_id, r.version);
+            tracing::error!(aggregate = %r.aggregate_id, %reason, "aggregate left out of the projection; the rest is served");
+            self.markets.remove(id);
+            self.accounts.remove(id);
+            self.history.remove(id);
+            self.unreadable.insert(r.aggregate_id.clone(), reason);
         }
-        self.seq = r.seq;
-        Ok(())
+    }
+
+    /// A market as read: 404 if it does not exist, 503 naming the event if its log is unreadable.
+    pub fn market(&self, id: &str) -> Result<&Market, Refusal> {
+        self.markets.get(id).ok_or_else(|| self.missing(&market_id(id), "market", id))
+    }
+
+    /// An account as read, like [`Projection::market`].
+    pub fn account(&self, id: &str) -> Result<&Account, Refusal> {
+        self.accounts.get(id).ok_or_else(|| self.missing(&account_id(id), "account", id))
+    }
+
+    fn missing(&self, aggregate: &str, kind: &str, id: &str) -> Refusal {
+        match self.unreadable.get(aggregate) {
+            Some(reason) => Refusal::new(
+                503,
+                "aggregate_unreadable",
+                format!("{aggregate} cannot be served: {reason}; other aggregates are unaffected"),
+            ),
+            None => Refusal::new(404, "not_found", format!("{kind} {id} does not exist")),
+        }
+    }
+
+    fn apply_market(&mut self, id: &str, r: &Recorded, e: &MarketEvent) {
+        if let Some(m) = Market::apply(self.markets.remove(id), id, e) {
+            if matches!(e, MarketEvent::MarketCreated { .. } | MarketEvent::TradeExecuted { .. }) {
+                self.history.entry(m.id.clone()).or_default().push((r.recorded_at_ms as u64, m.prices()));
+            }
+            self.markets.insert(id.to_string(), m);
+        }
     }
 }
 
@@ -204,7 +262,7 @@ impl Markets {
                 return Ok(p);
             }
             for r in &batch {
-                p.apply(r)?;
+                p.apply(r);
             }
         }
     }
@@ -226,18 +284,25 @@ impl Markets {
         T: serde::de::DeserializeOwned,
         E: serde::de::DeserializeOwned,
     {
-        let unreadable =
-            |what: String| move |e: serde_json::Error| StoreError::Db(format!("{what} is unreadable: {e}"));
         let (snap, tail) = self.store.load(aggregate).await?;
-        let mut state: Option<T> = match snap {
-            Some((_, json)) => {
-                Some(serde_json::from_str(&json).map_err(unreadable(format!("snapshot of {aggregate}")))?)
-            }
-            None => None,
+        let (mut state, tail): (Option<T>, _) = match snap {
+            None => (None, tail),
+            Some((version, json)) => match serde_json::from_str(&json) {
+                Ok(state) => (Some(state), tail),
+                Err(e) => {
+                    // A snapshot is only a cache of the log: fold the whole stream instead.
+                    tracing::warn!(%aggregate, version, error = %e, "snapshot unreadable; folding the whole log");
+                    (None, self.store.stream(aggregate).await?)
+                }
+            },
         };
         for r in &tail {
-            let e: E =
-                serde_json::from_str(&r.payload).map_err(unreadable(format!("event {}", r.event_id)))?;
+            let e: E = serde_json::from_str(&r.payload).map_err(|e| {
+                StoreError::Db(format!(
+                    "{aggregate} is unreadable at event {} (version {}): {e}; other aggregates are unaffected",
+                    r.event_id, r.version
+                ))
+            })?;
             state = apply(state, id, &e);
         }
         Ok(state)
@@ -393,26 +458,11 @@ impl Markets {
     }
 
     pub async fn grant(&self, id: &str, amount: Micro, ctx: &Ctx) -> Result<Answer, Refusal> {
-        if !ctx.is_admin {
-            return Err(Refusal::new(
-                403,
-                "forbidden",
-                "grants need the admin token (Authorization: Bearer …)",
-            ));
-        }
-        if amount.0 <= 0 {
-            return Err(Refusal {
-                field: Some("amount"),
-                ..Refusal::new(400, "invalid", "amount: must be positive")
-            });
-        }
+        ctx.require_admin("granting funds")?;
         self.with_retries(ctx, || async {
             let a = self.account(id).await?;
-            let evs = [AccountEvent::FundsGranted { amount, by: "admin".into() }];
-            let balance = a
-                .balance
-                .checked_add(amount)
-                .ok_or_else(|| Refusal::new(400, "invalid", "amount: the balance would overflow"))?;
+            let evs = domain::grant(&a, amount, "admin")?;
+            let balance = Micro(a.balance.0 + amount.0);
             let appends = vec![Append {
                 aggregate_id: account_id(id),
                 aggregate_type: "account",
@@ -537,11 +587,7 @@ impl Markets {
             }];
             for (acc, amount) in credits.iter().filter(|(_, a)| a.0 > 0) {
                 let a = self.account(acc).await?;
-                let ev = [AccountEvent::FundsCredited {
-                    amount: *amount,
-                    market: id.to_string(),
-                    reason: reason.into(),
-                }];
+                let ev = [domain::credit(&a, *amount, id, reason)?];
                 appends.push(Append {
                     aggregate_id: account_id(acc),
                     aggregate_type: "account",

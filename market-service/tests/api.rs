@@ -240,7 +240,9 @@ async fn bad_inputs_get_the_documented_4xx_never_500() {
             ("GET", "/nowhere".into(), String::new(), 404, "not_found"),
             ("POST", "/accounts".into(), json!({"id": "has space"}).to_string(), 400, "invalid"),
             ("POST", "/accounts".into(), json!({"id": "alice"}).to_string(), 409, "exists"),
-            ("POST", "/accounts/alice/grants".into(), json!({"amount": "5"}).to_string(), 403, "forbidden"),
+            ("POST", "/accounts/alice/grants".into(), json!({"amount": "5"}).to_string(), 401, "unauthenticated"),
+            ("DELETE", "/markets".into(), String::new(), 405, "method_not_allowed"),
+            ("PUT", format!("/markets/{id}/trades"), String::new(), 405, "method_not_allowed"),
             ("POST", "/markets".into(), json!({"question": "", "outcomes": ["a", "b"], "close_time_ms": future, "creator": "alice", "liquidity": "10"}).to_string(), 400, "invalid"),
             ("POST", "/markets".into(), json!({"question": "q", "outcomes": ["a"], "close_time_ms": future, "creator": "alice", "liquidity": "10"}).to_string(), 400, "invalid"),
             ("POST", "/markets".into(), json!({"question": "q", "outcomes": ["a", "a"], "close_time_ms": future, "creator": "alice", "liquidity": "10"}).to_string(), 400, "invalid"),
@@ -262,6 +264,30 @@ async fn bad_inputs_get_the_documented_4xx_never_500() {
         assert_eq!((st, v["error"].as_str()), (409, Some("version_conflict")));
         let (st, v) = s.raw("POST", &trades, &[("idempotency-key", "")], "{}".into()).await;
         assert_eq!(st, 400, "{v}");
+        // No credential is 401 with a challenge; a wrong one is 403.
+        let (st, head, _) = mesh_testkit::request_full(
+            s.addr,
+            "POST",
+            "market-service",
+            "/accounts/alice/grants",
+            &[("content-type", "application/json")],
+            Bytes::from_static(br#"{"amount":"5"}"#),
+        )
+        .await;
+        assert_eq!(st, 401);
+        assert!(
+            head.get("www-authenticate").is_some_and(|v| v.as_bytes().starts_with(b"Bearer")),
+            "{head:?}"
+        );
+        let (st, v) = s
+            .call(
+                "POST",
+                "/accounts/alice/grants",
+                &[("authorization", "Bearer wrong")],
+                json!({"amount": "5"}),
+            )
+            .await;
+        assert_eq!((st, v["error"].as_str()), (403, Some("forbidden")), "{v}");
         let huge = "x".repeat(100 * 1024);
         assert_eq!(s.raw("POST", "/accounts", &[], json!({"id": huge}).to_string()).await.0, 413);
         s.stop().await;
@@ -401,6 +427,77 @@ async fn concurrent_writers_lose_nothing_and_duplicate_nothing() {
         store.close().await;
         a.stop().await;
         b.stop().await;
+    }
+}
+
+/// Issue #15.1: amounts past the one bound are refused at input naming the field; amounts that
+/// are already stored (past any bound) stay readable; an unreadable event takes out only its own
+/// aggregate, and the service still starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amounts_past_the_bound_are_refused_and_no_stored_aggregate_stops_the_service() {
+    let dir = tempfile::tempdir().unwrap();
+    for url in databases(&dir).await {
+        let s = Svc::start(&url, 2).await;
+        s.account("alice", "1000000000000").await;
+        let grant = |amount: &'static str| {
+            let s = &s;
+            async move {
+                s.call(
+                    "POST",
+                    "/accounts/alice/grants",
+                    &[("authorization", ADMIN)],
+                    json!({"amount": amount}),
+                )
+                .await
+            }
+        };
+        let (st, v) = grant("47").await;
+        assert_eq!(
+            (st, v["error"].as_str(), v["field"].as_str()),
+            (422, Some("amount_out_of_range"), Some("balance")),
+            "{v}"
+        );
+        let (st, v) = grant("2000000000000").await;
+        assert_eq!((st, v["field"].as_str()), (422, Some("amount")), "{v}");
+        assert_eq!(s.balance("alice").await, Micro::units(1_000_000_000_000).0);
+        s.account("bob", "10").await;
+        s.account("carol", "10").await;
+        let url = s.url.clone();
+        s.stop().await;
+
+        // What an earlier version let through: a balance of 2×10¹² + 47 in an event and in a
+        // snapshot; and one event that does not parse at all.
+        let store = market_service::store::Store::connect(&url).await.unwrap();
+        store
+            .execute_unchecked("UPDATE events SET payload = REPLACE(payload, '\"1000000000000.000000\"', '\"2000000000047.000000\"') WHERE aggregate_id = 'account-alice'".into())
+            .await
+            .unwrap();
+        store
+            .execute_unchecked("UPDATE snapshots SET state = REPLACE(state, '\"1000000000000.000000\"', '\"2000000000047.000000\"') WHERE aggregate_id = 'account-alice'".into())
+            .await
+            .unwrap();
+        let broken = store
+            .execute_unchecked("UPDATE events SET payload = '{\"type\":\"FundsGranted\",\"amount\":[]}' WHERE aggregate_id = 'account-carol' AND version = 2".into())
+            .await
+            .unwrap();
+        assert_eq!(broken, 1);
+        store.close().await;
+
+        let s = Svc::start(&url, 2).await;
+        assert_eq!(s.balance("alice").await, Micro::units(2_000_000_000_047).0, "stored amounts read back");
+        let (st, v) = s
+            .call("POST", "/accounts/alice/grants", &[("authorization", ADMIN)], json!({"amount": "1"}))
+            .await;
+        assert_eq!((st, v["field"].as_str()), (422, Some("balance")), "refused, not 503: {v}");
+        assert_eq!(s.balance("bob").await, Micro::units(10).0, "the others are served");
+        let (st, v) = s.get("/accounts/carol").await;
+        assert_eq!(st, 503, "{v}");
+        assert!(v["message"].as_str().unwrap().contains("account-carol"), "{v}");
+        let (st, v) = s.get("/healthz").await;
+        assert_eq!(st, 200, "{v}");
+        assert!(v["unreadable_aggregates"]["account-carol"].is_string(), "{v}");
+        assert_eq!(s.get("/analytics/platform").await.0, 200);
+        s.stop().await;
     }
 }
 

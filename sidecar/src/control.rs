@@ -229,14 +229,36 @@ async fn apply_policy(shared: &Shared, p: v1::PolicyPush) -> v1::PolicyStreamReq
             };
         }
     };
-    if shared.config.service.as_deref() == Some(p.service.as_str()) {
-        shared.own_policy.send_replace((p.version, Arc::new(policy.clone())));
-    }
-    if let Some(up) = shared.upstreams.get(&p.service) {
-        shared.dns.sync(&up, policy.external.as_ref());
+    let own = shared.config.service.as_deref() == Some(p.service.as_str());
+    let before_own = own.then(|| shared.own_policy.send_replace((p.version, Arc::new(policy.clone()))));
+    let up = shared.upstreams.get(&p.service);
+    let before_up = up.as_ref().map(|up| {
+        let before = up.policy();
+        shared.dns.sync(up, policy.external.as_ref());
         up.set_policy(p.version, policy);
+        before
+    });
+    if let Err(e) = shared.snapshot.save().await {
+        // Not durable, so not acknowledged: the previous policy comes back and the push is
+        // NACKed with the reason (the control plane shows it; the next push tries again).
+        if let Some(before) = before_own {
+            shared.own_policy.send_replace(before);
+        }
+        if let (Some(up), Some(before)) = (up, before_up) {
+            shared.dns.sync(&up, before.policy.external.as_ref());
+            up.restore(before);
+        }
+        tracing::error!(service = %p.service, version = p.version, error = %e, "policy not durable: NACK, previous policy kept");
+        shared.metrics.policy_nacks.inc();
+        return v1::PolicyStreamRequest {
+            kind: Some(Kind::Nack(v1::PolicyNack {
+                service: p.service,
+                version: p.version,
+                nonce: p.nonce,
+                reason: format!("the sidecar could not make the policy durable: {e}"),
+            })),
+        };
     }
-    shared.snapshot.save().await;
     shared.cp.synced.store(true, Ordering::Relaxed);
     shared.metrics.policy_acks.inc();
     tracing::debug!(service = %p.service, version = p.version, "policy applied");
@@ -262,7 +284,10 @@ async fn apply_discovery(shared: &Shared, m: v1::WatchResponse) {
         up.set_endpoints(s.version, infos, Source::Discovery);
     }
     shared.metrics.discovery_updates.inc();
-    shared.snapshot.save().await;
+    if let Err(e) = shared.snapshot.save().await {
+        // Endpoints are not acknowledged; serving goes on with them, the next update retries.
+        tracing::warn!(error = %e, "the snapshot does not hold the newest endpoints");
+    }
 }
 
 fn instance(shared: &Shared, service: &str) -> v1::Instance {
@@ -370,11 +395,11 @@ pub async fn deregister(shared: &Shared, within: Duration) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::{Config, Mode};
 
-    fn config(dir: &std::path::Path) -> Config {
+    pub(crate) fn config(dir: &std::path::Path) -> Config {
         Config {
             mode: Mode::Sidecar,
             service: Some("web".into()),
@@ -443,6 +468,40 @@ mod tests {
         let kept = up.policy();
         assert_eq!((kept.version, kept.policy.as_ref()), (1, &good));
         assert_eq!(shared.metrics.policy_nacks.get(), 1);
+        stop.cancel();
+        writer.await.unwrap();
+    }
+
+    /// Issue #15.4: no ACK before the snapshot is durable.
+    #[tokio::test(start_paused = true)]
+    async fn a_push_whose_snapshot_cannot_be_written_is_nacked_and_the_previous_policy_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("data");
+        let (shared, _added) = crate::Shared::new(config(&data_dir));
+        let stop = CancellationToken::new();
+        let writer =
+            tokio::spawn(shared.snapshot.clone().run(crate::snapshot::Snapshot::default, stop.clone()));
+        let up = shared.upstreams.get_or_add("market");
+        let mut good = ServicePolicy::default();
+        good.retry.max_attempts = 2;
+        let reply = apply_policy(&shared, push("market", 1, (&good).into())).await;
+        assert!(matches!(reply.kind, Some(Kind::Ack(_))), "{reply:?}");
+
+        // The data dir turns into a file: the next snapshot write fails.
+        std::fs::remove_dir_all(&data_dir).unwrap();
+        std::fs::write(&data_dir, b"").unwrap();
+        let mut next = good.clone();
+        next.retry.max_attempts = 3;
+        let reply = apply_policy(&shared, push("market", 2, (&next).into())).await;
+        match reply.kind {
+            Some(Kind::Nack(n)) => {
+                assert_eq!(n.version, 2);
+                assert!(n.reason.contains("durable"), "{}", n.reason);
+            }
+            other => panic!("expected a NACK, got {other:?}"),
+        }
+        let kept = up.policy();
+        assert_eq!((kept.version, kept.policy.as_ref()), (1, &good));
         stop.cancel();
         writer.await.unwrap();
     }

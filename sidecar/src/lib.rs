@@ -275,6 +275,10 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         upstreams.get_or_add(name);
     }
 
+    // Every start-up error comes before the first task is spawned, so none is left running.
+    if let Err(e) = &shared.outbox {
+        return Err(Error::Config(format!("cannot open the event spool: {e}")));
+    }
     let background = CancellationToken::new();
     let serving = CancellationToken::new();
     let tasks = TaskTracker::new();
@@ -291,9 +295,6 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
             )
             .instrument(tracing::info_span!("snapshot")),
     );
-    if let Err(e) = &shared.outbox {
-        return Err(Error::Config(format!("cannot open the event spool: {e}")));
-    }
     tasks.spawn(
         control::run(shared.clone(), added, background.clone()).instrument(tracing::info_span!("control")),
     );
@@ -391,4 +392,27 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     admin.await.map_err(|e| Error::Admin(std::io::Error::other(e)))?.map_err(Error::Admin)?;
     tracing::info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue #15.5: a start-up error leaves no task behind (the snapshot writer used to be
+    /// spawned before the spool was checked, and waited forever on a token nobody cancelled).
+    #[tokio::test]
+    async fn a_start_up_error_leaves_no_task_running() {
+        let dir = tempfile::tempdir().unwrap();
+        // The spool's directory is a file: opening the spool fails.
+        std::fs::write(dir.path().join("spool"), b"").unwrap();
+        let config = crate::control::tests::config(dir.path());
+        let bind = || async { TcpListener::bind("127.0.0.1:0").await.unwrap() };
+        let listeners =
+            Listeners { inbound: Some(bind().await), outbound: bind().await, admin: bind().await };
+        let tasks = || tokio::runtime::Handle::current().metrics().num_alive_tasks();
+        let before = tasks();
+        let err = run(config, listeners, CancellationToken::new()).await.unwrap_err();
+        assert!(err.to_string().contains("spool"), "{err}");
+        assert_eq!(tasks(), before, "a task was left running");
+    }
 }

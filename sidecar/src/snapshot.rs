@@ -4,7 +4,8 @@
 //!
 //! Writes are atomic (temporary file, fsync, rename, fsync of the directory). A writer task
 //! coalesces requests: whoever asks for a save waits until a snapshot taken after its request
-//! is on disk, so a policy is ACKed only once it is durable here.
+//! is on disk and learns whether it got there, so a policy is ACKed only once it is durable
+//! here (and NACKed when the write failed, after [`WRITE_ATTEMPTS`] tries).
 
 use std::{
     collections::BTreeMap,
@@ -24,6 +25,9 @@ use tokio_util::sync::CancellationToken;
 use crate::upstream::EndpointInfo;
 
 pub const FILE: &str = "snapshot.json";
+
+/// Tries of one snapshot write before its waiters are told it failed.
+pub const WRITE_ATTEMPTS: u32 = 3;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PolicyRecord {
@@ -73,7 +77,8 @@ pub struct SnapshotWriter {
     dir: PathBuf,
     requested: AtomicU64,
     notify: Notify,
-    saved: watch::Sender<u64>,
+    /// The newest generation written, and how the write went (an error names the path and cause).
+    saved: watch::Sender<(u64, Result<(), Arc<str>>)>,
 }
 
 impl SnapshotWriter {
@@ -82,15 +87,20 @@ impl SnapshotWriter {
             dir,
             requested: AtomicU64::new(0),
             notify: Notify::new(),
-            saved: watch::channel(0).0,
+            saved: watch::channel((0, Ok(()))).0,
         })
     }
 
-    /// Asks for a save and waits until a snapshot taken after this call is durable.
-    pub async fn save(&self) {
+    /// Asks for a save and waits until a snapshot taken after this call was written: `Ok` once
+    /// it is durable, the reason when the write failed (or the writer has stopped).
+    pub async fn save(&self) -> Result<(), Arc<str>> {
         let generation = self.requested.fetch_add(1, Ordering::SeqCst) + 1;
         self.notify.notify_one();
-        let _ = self.saved.subscribe().wait_for(|s| *s >= generation).await;
+        let mut rx = self.saved.subscribe();
+        match rx.wait_for(|(g, _)| *g >= generation).await {
+            Ok(done) => done.1.clone(),
+            Err(_) => Err(Arc::from("the snapshot writer has stopped")),
+        }
     }
 
     /// The writer task: takes a snapshot with `take` whenever asked, until `stop`.
@@ -101,17 +111,26 @@ impl SnapshotWriter {
                 _ = self.notify.notified() => {}
             }
             let generation = self.requested.load(Ordering::SeqCst);
-            let snap = take();
-            let dir = self.dir.clone();
-            match tokio::task::spawn_blocking(move || write(&dir, &snap)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    tracing::error!(error = %e, dir = %self.dir.display(), "writing the snapshot failed")
+            let snap = Arc::new(take());
+            let mut result = Ok(());
+            for attempt in 1..=WRITE_ATTEMPTS {
+                let (dir, snap) = (self.dir.clone(), snap.clone());
+                result = match tokio::task::spawn_blocking(move || write(&dir, &snap)).await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(format!("writing the snapshot in {} failed: {e}", self.dir.display())),
+                    Err(e) => Err(format!("the snapshot task failed: {e}")),
+                };
+                match &result {
+                    Ok(()) => break,
+                    Err(e) => tracing::error!(error = %e, attempt, "snapshot write failed"),
                 }
-                Err(e) => tracing::error!(error = %e, "snapshot task failed"),
+                if attempt < WRITE_ATTEMPTS {
+                    tokio::time::sleep(std::time::Duration::from_millis(50 << attempt)).await;
+                }
             }
-            // Waiters are released even on failure: serving must not stop because the disk did.
-            self.saved.send_replace(generation);
+            // Waiters learn the outcome: serving goes on when the disk fails, but nothing that
+            // waited on this write is acknowledged as durable.
+            let _previous = self.saved.send_replace((generation, result.map_err(Arc::from)));
         }
     }
 }
@@ -137,7 +156,7 @@ mod tests {
             },
             stop.clone(),
         ));
-        w.save().await;
+        w.save().await.unwrap();
         assert_eq!(load(dir.path()).unwrap(), Some(snap));
         assert!(!dir.path().join("snapshot.json.tmp").exists());
         stop.cancel();
@@ -145,5 +164,20 @@ mod tests {
 
         std::fs::write(dir.path().join(FILE), b"{\"own_pol").unwrap();
         assert!(load(dir.path()).unwrap_err().contains("damaged"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_write_is_reported_to_whoever_waited() {
+        let dir = tempfile::tempdir().unwrap();
+        // The data dir is a file: every write fails.
+        let blocked = dir.path().join("not-a-dir");
+        std::fs::write(&blocked, b"").unwrap();
+        let w = SnapshotWriter::new(blocked);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(w.clone().run(Snapshot::default, stop.clone()));
+        let err = w.save().await.unwrap_err();
+        assert!(err.contains("not-a-dir"), "{err}");
+        stop.cancel();
+        task.await.unwrap();
     }
 }

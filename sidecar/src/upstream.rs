@@ -375,6 +375,11 @@ impl Upstream {
         self.policy.store(Arc::new(AppliedPolicy { version, policy: Arc::new(policy), clients, limiter }));
     }
 
+    /// Puts back a policy this upstream had before (a push that could not be made durable).
+    pub fn restore(&self, applied: Arc<AppliedPolicy>) {
+        self.policy.store(applied);
+    }
+
     /// Waits (at most `within`) until some source has given this service endpoints.
     pub async fn wait_known(&self, within: Duration) -> bool {
         let mut rx = self.known.subscribe();

@@ -541,6 +541,19 @@ pub async fn request(
     headers: &[(&str, &str)],
     body: Bytes,
 ) -> (u16, String) {
+    let (status, _, body) = request_full(addr, method, host, path, headers, body).await;
+    (status, body)
+}
+
+/// [`request`], also returning the answer's headers (status 0 and no headers if it failed).
+pub async fn request_full(
+    addr: SocketAddr,
+    method: &str,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> (u16, http::HeaderMap, String) {
     let mut b = Request::builder().method(method).uri(format!("http://{addr}{path}")).header("host", host);
     for (k, v) in headers {
         b = b.header(*k, *v);
@@ -548,10 +561,11 @@ pub async fn request(
     match client().request(b.body(Full::new(body)).unwrap()).await {
         Ok(resp) => {
             let status = resp.status().as_u16();
-            let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-            (status, String::from_utf8_lossy(&body).into_owned())
+            let (parts, body) = resp.into_parts();
+            let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            (status, parts.headers, String::from_utf8_lossy(&body).into_owned())
         }
-        Err(e) => (0, e.to_string()),
+        Err(e) => (0, http::HeaderMap::new(), e.to_string()),
     }
 }
 

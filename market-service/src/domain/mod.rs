@@ -67,10 +67,26 @@ pub enum DomainError {
     Slippage(String),
     #[error("only the market's creator or an admin may {0}")]
     Forbidden(&'static str),
+    /// The command would take an amount past [`money::MAX`].
+    #[error("{0}")]
+    TooLarge(&'static str, String),
 }
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> DomainError {
     DomainError::Invalid { field, reason: reason.into() }
+}
+
+/// `v` if it is within the one bound on amounts, else a refusal naming `field`.
+fn bounded(field: &'static str, v: Micro) -> Result<Micro, DomainError> {
+    money::within(field, v).map_err(|reason| DomainError::TooLarge(field, reason))
+}
+
+/// `a + b`, refused past the bound (or an `i64`) and naming `field`.
+fn bounded_sum(field: &'static str, a: Micro, b: Micro) -> Result<Micro, DomainError> {
+    let sum = a.checked_add(b).ok_or_else(|| {
+        DomainError::TooLarge(field, format!("{field}: {a} + {b} is beyond the largest amount allowed"))
+    })?;
+    bounded(field, sum)
 }
 
 // ---- events ---------------------------------------------------------------------------------
@@ -258,16 +274,17 @@ impl Market {
                 }
             }
             MarketEvent::TradeExecuted { account, outcome, shares, cost, .. } => {
-                m.shares[*outcome].0 += shares.0;
-                m.pool.0 += cost.0;
-                m.volume.0 += cost.0.abs();
+                // Folds saturate: stored data always folds, whatever bound wrote it.
+                m.shares[*outcome].0 = m.shares[*outcome].0.saturating_add(shares.0);
+                m.pool.0 = m.pool.0.saturating_add(cost.0);
+                m.volume.0 = m.volume.0.saturating_add(cost.0.saturating_abs());
                 m.trades += 1;
                 let n = m.outcomes.len();
                 let p =
                     &mut m.positions.entry(account.clone()).or_insert_with(|| vec![Position::default(); n])
                         [*outcome];
-                p.shares.0 += shares.0;
-                p.net_paid.0 += cost.0;
+                p.shares.0 = p.shares.0.saturating_add(shares.0);
+                p.net_paid.0 = p.net_paid.0.saturating_add(cost.0);
             }
             MarketEvent::MarketClosed { .. } => m.status = Status::Closed,
             MarketEvent::MarketResolved { outcome, .. } => {
@@ -275,11 +292,11 @@ impl Market {
                 m.winner = Some(*outcome);
             }
             MarketEvent::MarketSettled { payouts, creator_refund } => {
-                m.pool.0 -= payouts.values().map(|v| v.0).sum::<i64>() + creator_refund.0;
+                m.pool.0 = m.pool.0.saturating_sub(sum(payouts.values()).saturating_add(creator_refund.0));
             }
             MarketEvent::MarketCancelled { refunds, creator_refund, .. } => {
                 m.status = Status::Cancelled;
-                m.pool.0 -= refunds.values().map(|v| v.0).sum::<i64>() + creator_refund.0;
+                m.pool.0 = m.pool.0.saturating_sub(sum(refunds.values()).saturating_add(creator_refund.0));
             }
         }
         Some(m)
@@ -342,17 +359,39 @@ impl Account {
         match e {
             AccountEvent::AccountOpened { .. } => {}
             AccountEvent::FundsGranted { amount, .. } => {
-                a.balance.0 += amount.0;
-                a.granted.0 += amount.0;
+                a.balance.0 = a.balance.0.saturating_add(amount.0);
+                a.granted.0 = a.granted.0.saturating_add(amount.0);
             }
-            AccountEvent::FundsDebited { amount, .. } => a.balance.0 -= amount.0,
-            AccountEvent::FundsCredited { amount, .. } => a.balance.0 += amount.0,
+            AccountEvent::FundsDebited { amount, .. } => a.balance.0 = a.balance.0.saturating_sub(amount.0),
+            AccountEvent::FundsCredited { amount, .. } => a.balance.0 = a.balance.0.saturating_add(amount.0),
         }
         Some(a)
     }
 }
 
+/// The saturating sum of amounts (folds never panic on stored data).
+fn sum<'a>(amounts: impl IntoIterator<Item = &'a Micro>) -> i64 {
+    amounts.into_iter().fold(0i64, |acc, v| acc.saturating_add(v.0))
+}
+
 // ---- commands -------------------------------------------------------------------------------
+
+/// Money enters an account (an admin's grant): positive, and the balance stays within bounds.
+pub fn grant(a: &Account, amount: Micro, by: &str) -> Result<Vec<AccountEvent>, DomainError> {
+    if amount.0 <= 0 {
+        return Err(invalid("amount", "must be positive"));
+    }
+    bounded("amount", amount)?;
+    bounded_sum("balance", a.balance, amount)?;
+    Ok(vec![AccountEvent::FundsGranted { amount, by: by.to_string() }])
+}
+
+/// What a market pays an account (settlement or refund), refused if the balance would pass the
+/// bound.
+pub fn credit(a: &Account, amount: Micro, market: &str, reason: &str) -> Result<AccountEvent, DomainError> {
+    bounded_sum("balance", a.balance, amount)?;
+    Ok(AccountEvent::FundsCredited { amount, market: market.to_string(), reason: reason.to_string() })
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -477,9 +516,10 @@ pub struct Quote {
 
 pub fn quote(m: &Market, outcome: usize, side: Side, shares: Micro) -> Result<Quote, DomainError> {
     m.outcome(outcome)?;
-    if shares.0 <= 0 || shares.0 > money::MAX_INPUT {
+    if shares.0 <= 0 {
         return Err(invalid("shares", "must be positive"));
     }
+    bounded("shares", shares)?;
     let (amount, after) = match side {
         Side::Buy => {
             let mut q = m.shares.clone();
@@ -565,10 +605,15 @@ pub fn trade(
     // The pool must always cover the largest possible payout (LMSR guarantees it up to
     // rounding; refuse rather than ever be insolvent).
     let mut after = m.shares.clone();
-    after[t.outcome].0 += shares.0;
-    let pool_after = m.pool.0 + cost.0;
+    after[t.outcome] = bounded_sum("shares", after[t.outcome], shares)?;
+    let pool_after = bounded_sum("pool", m.pool, cost)?.0;
     if after.iter().any(|s| s.0 > pool_after) {
         return Err(invalid("shares", "the market maker cannot cover this trade"));
+    }
+    let held = m.positions.get(&a.id).map(|p| p[t.outcome].shares).unwrap_or_default();
+    bounded_sum("shares", held, shares)?;
+    if t.side == Side::Sell {
+        bounded_sum("balance", a.balance, q.amount)?;
     }
     let event =
         MarketEvent::TradeExecuted { account: a.id.clone(), outcome: t.outcome, shares, cost, at_ms: now_ms };
@@ -603,7 +648,7 @@ pub fn resolve(
         .map(|(acc, p)| (acc.clone(), p[outcome].shares))
         .filter(|(_, s)| s.0 > 0)
         .collect();
-    let paid: i64 = payouts.values().map(|v| v.0).sum();
+    let paid = sum(payouts.values());
     let creator_refund = Micro(m.pool.0 - paid);
     debug_assert!(creator_refund.0 >= 0, "the trade solvency check keeps the pool covering payouts");
     let mut credits = payouts.clone();
@@ -634,10 +679,10 @@ pub fn cancel(
     let owed: BTreeMap<String, i64> = m
         .positions
         .iter()
-        .map(|(acc, ps)| (acc.clone(), ps.iter().map(|p| p.net_paid.0).sum::<i64>()))
+        .map(|(acc, ps)| (acc.clone(), ps.iter().fold(0i64, |s, p| s.saturating_add(p.net_paid.0))))
         .filter(|(_, v)| *v > 0)
         .collect();
-    let total: i64 = owed.values().sum();
+    let total = owed.values().fold(0i64, |s, v| s.saturating_add(*v));
     let refunds: BTreeMap<String, Micro> = owed
         .into_iter()
         .map(|(acc, v)| {
@@ -649,7 +694,7 @@ pub fn cancel(
             (acc, Micro(r))
         })
         .collect();
-    let creator_refund = Micro(m.pool.0 - refunds.values().map(|v| v.0).sum::<i64>());
+    let creator_refund = Micro(m.pool.0.saturating_sub(sum(refunds.values())));
     let mut credits = refunds.clone();
     *credits.entry(m.creator.clone()).or_default() =
         Micro(credits.get(&m.creator).map_or(0, |v| v.0) + creator_refund.0);

@@ -2,6 +2,11 @@
 //!
 //! On the wire an amount is a decimal string with up to six decimals (`"12.5"`, `"0.000001"`)
 //! or a whole JSON integer (`12`); it is always written back as a string with six decimals.
+//!
+//! One bound, [`MAX`], applies to every amount a command accepts or produces (inputs, balances,
+//! positions, pools, payouts): the domain refuses a command that would pass it
+//! ([`within`]). Reading is not bounded: anything an `i64` of millionths holds parses, so data
+//! stored by any version (or under another bound) always stays readable.
 
 use std::fmt;
 
@@ -9,8 +14,17 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer, de::Error};
 
 /// Millionths per unit.
 pub const SCALE: i64 = 1_000_000;
-/// Largest amount accepted from a request: one trillion units.
-pub const MAX_INPUT: i64 = 1_000_000_000_000 * SCALE;
+/// The largest amount anything may hold or move: one trillion units.
+pub const MAX: i64 = 1_000_000_000_000 * SCALE;
+
+/// `Ok(v)` when `v` is within ±[`MAX`]; otherwise why, naming `field`.
+pub fn within(field: &str, v: Micro) -> Result<Micro, String> {
+    if v.0.unsigned_abs() <= MAX as u64 {
+        Ok(v)
+    } else {
+        Err(format!("{field}: {v} is beyond the largest amount allowed ({} units)", MAX / SCALE))
+    }
+}
 
 /// An amount of credits or shares in millionths.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -35,7 +49,8 @@ impl Micro {
         self.0.checked_sub(o.0).map(Micro)
     }
 
-    /// Parses `"12"`, `"12.5"`, `"-0.000001"`; at most six decimals.
+    /// Parses `"12"`, `"12.5"`, `"-0.000001"`; at most six decimals; anything an `i64` of
+    /// millionths holds (bounds are the domain's business, see [`within`]).
     pub fn parse(s: &str) -> Result<Micro, String> {
         let s = s.trim();
         let (neg, digits) = match s.strip_prefix('-') {
@@ -58,8 +73,7 @@ impl Micro {
         let v = whole
             .checked_mul(SCALE)
             .and_then(|w| w.checked_add(frac_val))
-            .filter(|v| *v <= MAX_INPUT)
-            .ok_or_else(|| format!("{s:?} is too large (at most {} units)", MAX_INPUT / SCALE))?;
+            .ok_or_else(|| format!("{s:?} is too large (at most {} units)", i64::MAX / SCALE))?;
         Ok(Micro(if neg { -v } else { v }))
     }
 }
@@ -88,11 +102,9 @@ impl<'de> Deserialize<'de> for Micro {
             Float(#[allow(dead_code)] f64),
         }
         match Raw::deserialize(d)? {
-            Raw::Int(i) => i
-                .checked_mul(SCALE)
-                .filter(|v| v.abs() <= MAX_INPUT)
-                .map(Micro)
-                .ok_or_else(|| D::Error::custom(format!("{i} is too large"))),
+            Raw::Int(i) => {
+                i.checked_mul(SCALE).map(Micro).ok_or_else(|| D::Error::custom(format!("{i} is too large")))
+            }
             Raw::Str(s) => Micro::parse(&s).map_err(D::Error::custom),
             Raw::Float(_) => Err(D::Error::custom(
                 "write amounts as a string like \"12.5\" or a whole number, not a float",
@@ -124,5 +136,17 @@ mod tests {
         assert_eq!(serde_json::from_str::<Micro>("7").unwrap(), Micro(7_000_000));
         assert!(serde_json::from_str::<Micro>("7.5").unwrap_err().to_string().contains("not a float"));
         assert_eq!(serde_json::to_string(&Micro(1)).unwrap(), "\"0.000001\"");
+    }
+
+    #[test]
+    fn amounts_beyond_the_bound_still_read_but_are_not_within_it() {
+        // What an account granted 2×10¹² + 47 units stored: it must read back.
+        let stored = "\"2000000000047.000000\"";
+        let m: Micro = serde_json::from_str(stored).unwrap();
+        assert_eq!(m, Micro::units(2_000_000_000_047));
+        assert_eq!(serde_json::to_string(&m).unwrap(), stored);
+        assert!(within("balance", m).unwrap_err().starts_with("balance: "));
+        assert_eq!(within("balance", Micro(MAX)), Ok(Micro(MAX)));
+        assert!(within("balance", Micro(-MAX - 1)).is_err());
     }
 }
