@@ -38,6 +38,8 @@ pub struct State {
     pub policies: Arc<Policies>,
     pub metrics: Arc<Metrics>,
     pub proxies: Proxies,
+    /// What each caller watches, bounded (see [`crate::watch_limits`]).
+    pub watch_limits: Arc<crate::watch_limits::WatchLimits>,
     pub started: Instant,
     pub data_dir: String,
     pub ping_interval: Duration,
@@ -213,16 +215,27 @@ struct WatchState {
     ping: Pin<Box<Sleep>>,
     ping_interval: Duration,
     version: u64,
-    shutdown: CancellationToken,
-    metrics: Arc<Metrics>,
+    state: Arc<State>,
+    _lease: crate::watch_limits::Lease,
     _open: GaugeGuard,
+}
+
+/// A watch that ends lets go of its names: entries nobody else needs are forgotten.
+impl Drop for WatchState {
+    fn drop(&mut self) {
+        let names: Vec<String> = self.updates.keys().cloned().collect();
+        self.updates = StreamMap::new();
+        for name in names {
+            self.state.registry.release(&name);
+        }
+    }
 }
 
 impl WatchState {
     async fn next(mut self) -> Option<(Result<v1::WatchResponse, Status>, Self)> {
         use v1::watch_response::Kind;
         let msg = tokio::select! {
-            _ = self.shutdown.cancelled() => return None,
+            _ = self.state.shutdown.cancelled() => return None,
             Some((_, first)) = self.updates.next() => {
                 // Coalesce whatever else is ready into the same message.
                 let mut services = vec![first.to_wire()];
@@ -235,7 +248,7 @@ impl WatchState {
             _ = &mut self.ping => v1::WatchResponse { kind: Kind::Ping.into(), version: self.version, services: vec![] },
         };
         self.ping.as_mut().reset(Instant::now() + self.ping_interval);
-        self.metrics.discovery_messages.inc();
+        self.state.metrics.discovery_messages.inc();
         Some((Ok(msg), self))
     }
 }
@@ -245,10 +258,11 @@ impl v1::discovery_server::Discovery for Api {
     type WatchStream = BoxStream<v1::WatchResponse>;
 
     async fn watch(&self, req: Request<v1::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
-        self.member(&req, "watch endpoints")?;
+        let caller = self.member(&req, "watch endpoints")?;
         let req = req.into_inner();
         let services = check_services(&req.services)?;
         let s = &self.0;
+        let lease = s.watch_limits.acquire(&caller.to_string(), &services)?;
         let mut updates = StreamMap::with_capacity(services.len());
         let mut snapshot = Vec::with_capacity(services.len());
         for name in services {
@@ -269,8 +283,8 @@ impl v1::discovery_server::Discovery for Api {
             ping: Box::pin(tokio::time::sleep(s.ping_interval)),
             ping_interval: s.ping_interval,
             version,
-            shutdown: s.shutdown.clone(),
-            metrics: s.metrics.clone(),
+            state: s.clone(),
+            _lease: lease,
             _open: GaugeGuard::new(&s.metrics.discovery_streams),
         };
         let out = stream::once(async move { Ok(first) }).chain(stream::unfold(state, WatchState::next));
@@ -289,7 +303,19 @@ struct PolicySession {
     seq: u64,
     subscribed: bool,
     state: Arc<State>,
+    lease: Option<crate::watch_limits::Lease>,
     _open: GaugeGuard,
+}
+
+/// A policy stream that ends lets go of its names, as a discovery watch does.
+impl Drop for PolicySession {
+    fn drop(&mut self) {
+        let names: Vec<String> = self.updates.keys().cloned().collect();
+        self.updates = StreamMap::new();
+        for name in names {
+            self.state.policies.release(&name);
+        }
+    }
 }
 
 impl PolicySession {
@@ -326,6 +352,10 @@ impl PolicySession {
                 names::SERVICE_NAME_RULE
             )));
         }
+        match &mut self.lease {
+            Some(lease) => lease.replace(&wanted)?,
+            None => self.lease = Some(self.state.watch_limits.acquire(&self.caller.to_string(), &wanted)?),
+        }
         self.proxy.with(|p| {
             p.node_id = sub.node_id.clone();
             p.service = sub.service.clone();
@@ -334,6 +364,7 @@ impl PolicySession {
         let stale: Vec<String> = self.updates.keys().filter(|k| !wanted.contains(k)).cloned().collect();
         for k in stale {
             self.updates.remove(&k);
+            self.state.policies.release(&k);
         }
         for name in wanted {
             if self.updates.contains_key(&name) {
@@ -479,6 +510,7 @@ impl v1::policy_server::Policy for Api {
             proxy: state.proxies.connect(peer, Instant::now()),
             seq: 0,
             subscribed: false,
+            lease: None,
             _open: GaugeGuard::new(&state.metrics.policy_streams),
             state,
         };

@@ -29,6 +29,8 @@ async fn metrics(AxumState(s): AxumState<Arc<State>>) -> impl IntoResponse {
     s.metrics.instances.get_or_create(&[("state", "routable")]).set(healthy as i64);
     s.metrics.instances.get_or_create(&[("state", "not_routable")]).set((instances - healthy) as i64);
     s.metrics.policies.set(s.policies.list().len() as i64);
+    s.metrics.tracked.get_or_create(&[("table", "registry")]).set(s.registry.tracked() as i64);
+    s.metrics.tracked.get_or_create(&[("table", "policy")]).set(s.policies.tracked() as i64);
     (
         [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
         s.metrics.render(),

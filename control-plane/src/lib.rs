@@ -25,6 +25,7 @@ pub mod proxies;
 pub mod registry;
 pub mod store;
 pub mod tls;
+pub mod watch_limits;
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
@@ -176,6 +177,7 @@ impl ControlPlane {
             policies,
             metrics,
             proxies: Proxies::default(),
+            watch_limits: Default::default(),
             started: Instant::now(),
             data_dir: config.data_dir.display().to_string(),
             ping_interval: config.ping_interval,

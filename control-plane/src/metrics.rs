@@ -38,6 +38,8 @@ pub struct Metrics {
     pub services: Gauge,
     pub instances: Family<[(&'static str, &'static str); 1], Gauge>,
     pub policies: Gauge,
+    /// Registry entries and policy channels held (registered, configured or watched).
+    pub tracked: Family<[(&'static str, &'static str); 1], Gauge>,
     pub api_handshake_failures: Counter,
     pub api_refused: Family<[(&'static str, &'static str); 1], Counter>,
     ack_latency: Histogram,
@@ -64,6 +66,7 @@ impl Metrics {
             services: Gauge::default(),
             instances: Family::default(),
             policies: Gauge::default(),
+            tracked: Family::default(),
             api_handshake_failures: Counter::default(),
             api_refused: Family::default(),
             ack_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
@@ -94,6 +97,11 @@ impl Metrics {
         r.register("services", "Services with at least one registered instance", m.services.clone());
         r.register("instances", "Registered instances by state (routable or not)", m.instances.clone());
         r.register("policies", "Services with an explicit policy", m.policies.clone());
+        r.register(
+            "tracked_names",
+            "Service names the control plane holds state for (registered, configured or watched), by table",
+            m.tracked.clone(),
+        );
         r.register(
             "api_handshake_failures",
             "TLS handshakes on the gRPC listener that failed (plaintext, bad or foreign certificates)",

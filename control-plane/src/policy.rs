@@ -112,6 +112,18 @@ impl Policies {
             .subscribe()
     }
 
+    /// Forgets `service`'s channel if it only ever held the defaults (version 0) and nobody
+    /// watches it any more: a watch of a name nobody configured leaves nothing behind. A policy
+    /// that was ever set or deleted keeps its channel, so its version never goes back.
+    pub fn release(&self, service: &str) {
+        self.channels.remove_if(service, |_, tx| tx.receiver_count() == 0 && tx.borrow().version == 0);
+    }
+
+    /// Channels held (set policies and watched names).
+    pub fn tracked(&self) -> usize {
+        self.channels.len()
+    }
+
     /// Explicitly set policies (not defaults), sorted by service.
     pub fn list(&self) -> Vec<Arc<PolicyEntry>> {
         let mut out: Vec<_> =

@@ -6,6 +6,11 @@
 //! takes a registry-wide lock. Versions come from [`Revisions`]: one counter, prefixed by the
 //! persisted boot epoch so that they keep increasing across restarts.
 //!
+//! Entries: a service is tracked while it has instances, a discovery watcher, or a caller
+//! holding it; a watch of a name nobody registered leaves nothing behind once it ends
+//! ([`Registry::release`]). The sweeper walks only services with instances (`live`), so its cost
+//! does not grow with names that are merely watched.
+//!
 //! Time: every decision takes `now` explicitly ([`tokio::time::Instant`]), so tests can drive it
 //! with a paused clock. A TTL is a lower bound: an instance expires only once strictly more than
 //! its TTL has passed since its last heartbeat. A restart gives every stored instance a fresh TTL.
@@ -176,6 +181,9 @@ pub struct Sweep {
 
 pub struct Registry {
     services: DashMap<String, Arc<Service>>,
+    /// The services with at least one instance (what the sweeper walks). Changed only under the
+    /// service's `writes` lock, together with its instances.
+    live: DashMap<String, Arc<Service>>,
     store: Store,
     policies: Arc<Policies>,
     revisions: Revisions,
@@ -195,8 +203,14 @@ impl Registry {
         now: Instant,
         grace: Duration,
     ) -> Self {
-        let reg =
-            Self { services: DashMap::new(), store, policies, revisions: Revisions::new(epoch), metrics };
+        let reg = Self {
+            services: DashMap::new(),
+            live: DashMap::new(),
+            store,
+            policies,
+            revisions: Revisions::new(epoch),
+            metrics,
+        };
         for info in stored {
             let svc = reg.service(&info.service);
             let mut st = svc.lock();
@@ -204,6 +218,7 @@ impl Registry {
             state.not_before = now + grace;
             st.instances.insert(state.endpoint.instance_id.clone(), state);
             svc.publish(&st, &reg.revisions);
+            reg.live.insert(svc.name.clone(), svc.clone());
         }
         reg
     }
@@ -230,13 +245,53 @@ impl Registry {
             .clone()
     }
 
+    /// Keeps `live` in step with `svc`'s instances (the caller holds `svc.writes`).
+    fn track_live(&self, svc: &Arc<Service>, has_instances: bool) {
+        if has_instances {
+            self.live.entry(svc.name.clone()).or_insert_with(|| svc.clone());
+        } else {
+            self.live.remove(&svc.name);
+        }
+    }
+
     fn health_policy(&self, service: &str) -> HealthPolicy {
         self.policies.current(service).policy.health.clone()
     }
 
-    /// The discovery view of `service`, now and as it changes.
+    /// The discovery view of `service`, now and as it changes. The receiver is taken under the
+    /// map's lock, so [`Registry::release`] never drops an entry someone is subscribing to.
     pub fn watch(&self, service: &str) -> watch::Receiver<Arc<Endpoints>> {
-        self.service(service).endpoints.subscribe()
+        if let Some(s) = self.services.get(service) {
+            return s.endpoints.subscribe();
+        }
+        let empty = || Endpoints { service: service.to_string(), version: 0, endpoints: vec![] };
+        self.services
+            .entry(service.to_string())
+            .or_insert_with(|| {
+                Arc::new(Service {
+                    name: service.to_string(),
+                    state: Mutex::new(ServiceState::default()),
+                    writes: tokio::sync::Mutex::new(()),
+                    endpoints: watch::channel(Arc::new(empty())).0,
+                })
+            })
+            .endpoints
+            .subscribe()
+    }
+
+    /// Forgets `service` if nothing needs it any more: no instance, no watcher, nobody holding
+    /// it. Called when a watcher lets go of it.
+    pub fn release(&self, service: &str) {
+        self.services.remove_if(service, |_, svc| {
+            Arc::strong_count(svc) == 1
+                && svc.endpoints.receiver_count() == 0
+                && svc.lock().instances.is_empty()
+        });
+    }
+
+    /// Services tracked (with instances, watched, or both): what watching costs in memory.
+    pub fn tracked(&self) -> usize {
+        self.services.len()
     }
 
     /// Registers or replaces an instance; durable before it returns.
@@ -260,6 +315,7 @@ impl Registry {
             svc.publish(&st, &self.revisions);
             (view, svc.endpoints.borrow().version)
         };
+        self.track_live(&svc, true);
         self.metrics.registrations.inc();
         tracing::info!(service = %info.service, instance = %info.id, address = %info.address, "registered");
         let h = self.health_policy(&info.service);
@@ -316,11 +372,20 @@ impl Registry {
             return Ok(false);
         }
         self.store.delete_instance(service, id).await?;
-        let mut st = svc.lock();
-        st.instances.remove(id);
-        svc.publish(&st, &self.revisions);
+        let empty = {
+            let mut st = svc.lock();
+            st.instances.remove(id);
+            svc.publish(&st, &self.revisions);
+            st.instances.is_empty()
+        };
+        if empty {
+            self.track_live(&svc, false);
+        }
         self.metrics.deregistrations.inc();
         tracing::info!(%service, instance = %id, "deregistered");
+        drop(_w);
+        drop(svc);
+        self.release(service);
         Ok(true)
     }
 
@@ -328,13 +393,13 @@ impl Registry {
     /// expired instances due for deregistration.
     pub fn sweep(&self, now: Instant) -> Sweep {
         let mut out = Sweep::default();
-        let services: Vec<Arc<Service>> = self.services.iter().map(|e| e.value().clone()).collect();
+        let services: Vec<Arc<Service>> = self.live.iter().map(|e| e.value().clone()).collect();
         for svc in services {
-            let h = self.health_policy(&svc.name);
-            let mut st = svc.lock();
-            if st.instances.is_empty() {
+            if svc.lock().instances.is_empty() {
                 continue;
             }
+            let h = self.health_policy(&svc.name);
+            let mut st = svc.lock();
             let st = &mut *st;
             while st
                 .recent_expirations
@@ -407,9 +472,19 @@ impl Registry {
                 continue;
             }
             self.store.delete_instance(service, id).await?;
-            svc.lock().instances.remove(id);
+            let empty = {
+                let mut st = svc.lock();
+                st.instances.remove(id);
+                st.instances.is_empty()
+            };
+            if empty {
+                self.track_live(&svc, false);
+            }
             self.metrics.deregistrations.inc();
             tracing::info!(%service, instance = %id, "expired instance deregistered");
+            drop(_w);
+            drop(svc);
+            self.release(service);
         }
         Ok(sweep)
     }
@@ -430,7 +505,7 @@ impl Registry {
     /// Services with at least one instance or an explicit policy, sorted by name.
     pub fn list_services(&self) -> Vec<v1::ServiceSummary> {
         let mut out: BTreeMap<String, v1::ServiceSummary> = BTreeMap::new();
-        for e in self.services.iter() {
+        for e in self.live.iter() {
             let st = e.value().lock();
             if st.instances.is_empty() {
                 continue;
@@ -458,7 +533,7 @@ impl Registry {
     /// (services with instances, instances, routable instances).
     pub fn counts(&self) -> (usize, usize, usize) {
         let (mut services, mut instances, mut healthy) = (0, 0, 0);
-        for e in self.services.iter() {
+        for e in self.live.iter() {
             let st = e.value().lock();
             if !st.instances.is_empty() {
                 services += 1;

@@ -172,3 +172,55 @@ async fn a_silent_instance_leaves_discovery_after_its_ttl_and_returns_when_it_he
     assert_eq!((ack.heartbeat_interval_ms, ack.ttl_ms), (100, 300));
     assert_eq!(ids(&next(&mut w).await, "market"), ["m1"]);
 }
+
+/// `mesh_control_plane_tracked_names{table}` from the admin listener.
+async fn tracked(cp: &TestCp, table: &str) -> i64 {
+    let (_, text) = support::http_get(cp.admin, "/metrics").await;
+    let prefix = format!("mesh_control_plane_tracked_names{{table=\"{table}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .unwrap_or_else(|| panic!("{prefix} in {text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Issue #15.2 (RELIABILITY S6): watching names nobody registered is bounded per caller, and
+/// leaves nothing behind once the streams end.
+#[tokio::test]
+async fn watched_names_nobody_registered_are_bounded_and_forgotten_when_the_watch_ends() {
+    let cp = TestCp::start().await;
+    let mut reg = RegistryClient::new(cp.channel().await);
+    reg.register(v1::RegisterRequest { instance: Some(instance("market", "m1", 9001)) }).await.unwrap();
+    let base = tracked(&cp, "registry").await;
+    assert_eq!(base, 1, "only the registered service");
+
+    let per_stream = control_plane::api::MAX_WATCHED_SERVICES;
+    let streams_to_fill = control_plane::watch_limits::MAX_NAMES_PER_CALLER / per_stream;
+    let mut open = Vec::new();
+    for i in 0..streams_to_fill {
+        let names: Vec<String> = (0..per_stream).map(|j| format!("ghost-{i}-{j}")).collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let mut w = watch(&cp, &refs).await;
+        assert_eq!(next(&mut w).await.kind(), Kind::Snapshot);
+        open.push(w);
+    }
+    assert_eq!(tracked(&cp, "registry").await, base + (streams_to_fill * per_stream) as i64);
+    // One more distinct name is past the caller's bound; a name it already holds is not.
+    let err = DiscoveryClient::new(cp.channel().await)
+        .watch(v1::WatchRequest { services: vec!["ghost-extra".into()], node_id: "t".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
+    assert!(err.message().contains("distinct services"), "{}", err.message());
+    let mut again = watch(&cp, &["ghost-0-0", "ghost-1-1"]).await;
+    assert_eq!(next(&mut again).await.kind(), Kind::Snapshot);
+
+    drop(open);
+    drop(again);
+    eventually(WAIT, "every watched name is forgotten", || async { tracked(&cp, "registry").await == base })
+        .await;
+    // The registered service is still there and still watchable.
+    let mut w = watch(&cp, &["market"]).await;
+    assert_eq!(ids(&next(&mut w).await, "market"), ["m1"]);
+}
