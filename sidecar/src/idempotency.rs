@@ -2,6 +2,12 @@
 //! service gets the first answer instead of reaching the app again. A duplicate that arrives
 //! while the first is still in flight waits for it (single flight).
 //!
+//! A key belongs to one client ([`scope`]: the verified caller, or its address without mTLS,
+//! and its `Authorization`), and to one request ([`fingerprint`]: method, path and query, and a
+//! SHA-256 of the body). The same key with a different request is refused
+//! ([`Begin::Mismatch`], answered 422 as the IETF Idempotency-Key draft says), never given
+//! another request's answer.
+//!
 //! Only answers that settle the request are kept (not 5xx, bodies up to [`MAX_BODY`]); when the
 //! first attempt fails or its answer is not kept, waiting duplicates go to the app themselves.
 
@@ -18,7 +24,8 @@ use tokio::{sync::watch, time::Instant};
 /// The header a client sends to make a request safe to retry and apply once.
 pub const IDEMPOTENCY_KEY: http::HeaderName = http::HeaderName::from_static("idempotency-key");
 
-/// Largest response body kept for replay.
+/// Largest response body kept for replay, and largest request body a keyed request may carry
+/// (its digest needs all of it).
 pub const MAX_BODY: usize = 1024 * 1024;
 /// Most keys remembered; the oldest go first.
 const MAX_KEYS: usize = 10_000;
@@ -33,9 +40,43 @@ pub struct Stored {
 
 type Slot = watch::Sender<Option<Option<Arc<Stored>>>>;
 
+/// What a key was first used for: SHA-256 of method, path and query, and body.
+pub type Fingerprint = [u8; 32];
+
 struct Entry {
     at: Instant,
+    fingerprint: Fingerprint,
     slot: Slot,
+}
+
+fn sha256(parts: &[&[u8]]) -> [u8; 32] {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for p in parts {
+        // Length-prefixed, so no two different part lists hash alike.
+        ctx.update(&(p.len() as u64).to_be_bytes());
+        ctx.update(p);
+    }
+    let mut out = [0; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
+}
+
+/// Whose key this is: the caller (verified identity, or address without mTLS), the client's
+/// credential within it (the `Authorization` header, as a digest), and the key.
+pub fn scope(caller: &str, authorization: Option<&[u8]>, key: &str) -> String {
+    let who = sha256(&[caller.as_bytes(), authorization.unwrap_or_default()]);
+    let mut s = String::with_capacity(key.len() + 65);
+    for b in &who[..16] {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s.push(' ');
+    s.push_str(key);
+    s
+}
+
+/// What request a key is used for.
+pub fn fingerprint(method: &http::Method, path_and_query: &str, body: &[u8]) -> Fingerprint {
+    sha256(&[method.as_str().as_bytes(), path_and_query.as_bytes(), body])
 }
 
 /// What to do with a request carrying a key.
@@ -46,6 +87,8 @@ pub enum Begin {
     Wait(watch::Receiver<Option<Option<Arc<Stored>>>>),
     /// This request goes to the app; finish the guard with its answer.
     Owner(Guard),
+    /// The key was used for a different request within the window.
+    Mismatch,
 }
 
 pub struct Idempotency {
@@ -66,11 +109,15 @@ impl Idempotency {
         Arc::new(Idempotency { window, keys: Mutex::new(HashMap::new()) })
     }
 
-    pub fn begin(self: &Arc<Self>, key: &str, now: Instant) -> Begin {
+    /// `key` is a [`scope`]; `fingerprint` says what request it is used for.
+    pub fn begin(self: &Arc<Self>, key: &str, fingerprint: Fingerprint, now: Instant) -> Begin {
         let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(e) = keys.get(key)
             && now.duration_since(e.at) <= self.window
         {
+            if e.fingerprint != fingerprint {
+                return Begin::Mismatch;
+            }
             match e.slot.borrow().clone() {
                 Some(Some(stored)) => return Begin::Replay(stored),
                 None => return Begin::Wait(e.slot.subscribe()),
@@ -86,7 +133,7 @@ impl Idempotency {
             }
         }
         let slot = watch::channel(None).0;
-        keys.insert(key.to_string(), Entry { at: now, slot: slot.clone() });
+        keys.insert(key.to_string(), Entry { at: now, fingerprint, slot: slot.clone() });
         Begin::Owner(Guard { key: key.to_string(), slot, table: self.clone(), done: false })
     }
 }
@@ -123,6 +170,8 @@ impl Drop for Guard {
 mod tests {
     use super::*;
 
+    const F: Fingerprint = [1; 32];
+
     fn ok(body: &'static str) -> Stored {
         Stored {
             status: StatusCode::CREATED,
@@ -135,19 +184,20 @@ mod tests {
     async fn a_repeat_within_the_window_replays_and_after_it_goes_through() {
         let t = Idempotency::new(Duration::from_secs(60));
         let now = Instant::now();
-        let Begin::Owner(g) = t.begin("k", now) else { panic!("first request owns the key") };
+        let Begin::Owner(g) = t.begin("k", F, now) else { panic!("first request owns the key") };
         g.finish(Some(ok("first")));
-        let Begin::Replay(s) = t.begin("k", now + Duration::from_secs(59)) else { panic!("replayed") };
+        let Begin::Replay(s) = t.begin("k", F, now + Duration::from_secs(59)) else { panic!("replayed") };
+        assert!(matches!(t.begin("k", [2; 32], now), Begin::Mismatch), "another request, same key");
         assert_eq!(s.body, "first");
-        assert!(matches!(t.begin("k", now + Duration::from_secs(61)), Begin::Owner(_)), "window over");
+        assert!(matches!(t.begin("k", F, now + Duration::from_secs(61)), Begin::Owner(_)), "window over");
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_duplicate_in_flight_waits_for_the_first_answer() {
         let t = Idempotency::new(Duration::from_secs(60));
         let now = Instant::now();
-        let Begin::Owner(g) = t.begin("k", now) else { panic!() };
-        let Begin::Wait(mut rx) = t.begin("k", now) else { panic!("waits") };
+        let Begin::Owner(g) = t.begin("k", F, now) else { panic!() };
+        let Begin::Wait(mut rx) = t.begin("k", F, now) else { panic!("waits") };
         g.finish(Some(ok("one")));
         let got = rx.wait_for(|v| v.is_some()).await.unwrap().clone().unwrap().unwrap();
         assert_eq!(got.body, "one");
@@ -157,13 +207,27 @@ mod tests {
     async fn failures_are_not_kept_so_a_retry_reaches_the_app() {
         let t = Idempotency::new(Duration::from_secs(60));
         let now = Instant::now();
-        let Begin::Owner(g) = t.begin("k", now) else { panic!() };
-        let Begin::Wait(mut rx) = t.begin("k", now) else { panic!() };
+        let Begin::Owner(g) = t.begin("k", F, now) else { panic!() };
+        let Begin::Wait(mut rx) = t.begin("k", F, now) else { panic!() };
         g.finish(Some(Stored { status: StatusCode::SERVICE_UNAVAILABLE, ..ok("") }));
         assert!(rx.wait_for(|v| v.is_some()).await.unwrap().clone().unwrap().is_none(), "waiters go through");
-        assert!(matches!(t.begin("k", now), Begin::Owner(_)));
-        let Begin::Owner(g) = t.begin("other", now) else { panic!() };
+        assert!(matches!(t.begin("k", F, now), Begin::Owner(_)));
+        let Begin::Owner(g) = t.begin("other", F, now) else { panic!() };
         drop(g); // the request died: nothing kept
-        assert!(matches!(t.begin("other", now), Begin::Owner(_)));
+        assert!(matches!(t.begin("other", F, now), Begin::Owner(_)));
+    }
+
+    #[test]
+    fn keys_belong_to_one_client_and_one_request() {
+        let alice = scope("spiffe://m/service/gateway", Some(b"Bearer alice"), "k");
+        let bob = scope("spiffe://m/service/gateway", Some(b"Bearer bob"), "k");
+        let web = scope("spiffe://m/service/web", Some(b"Bearer alice"), "k");
+        assert!(alice != bob && alice != web && bob != web);
+        assert_eq!(alice, scope("spiffe://m/service/gateway", Some(b"Bearer alice"), "k"));
+        let post = http::Method::POST;
+        let trade = fingerprint(&post, "/markets/m1/trades", br#"{"shares":"1"}"#);
+        assert_ne!(trade, fingerprint(&post, "/markets/m1/trades", br#"{"shares":"2"}"#));
+        assert_ne!(trade, fingerprint(&post, "/accounts", br#"{"shares":"1"}"#));
+        assert_ne!(trade, fingerprint(&http::Method::PUT, "/markets/m1/trades", br#"{"shares":"1"}"#));
     }
 }

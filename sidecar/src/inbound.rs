@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::{
-    idempotency::{Begin, Idempotency, Stored},
+    idempotency::{self, Begin, Idempotency, Stored},
     metrics::Metrics,
     proxy::{self, Body, Clients, Tracked, boxed, error_response},
     server::{Peer, PeerIdentity},
@@ -172,21 +172,49 @@ impl Inbound {
                     .inc();
                 return resp;
             }
-            // A repeated Idempotency-Key gets the first answer instead of reaching the app again.
-            let key = req
-                .headers()
-                .get(&crate::idempotency::IDEMPOTENCY_KEY)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
+            // A repeated Idempotency-Key gets the first answer instead of reaching the app again;
+            // the same key with a different request is refused.
+            let mut req = req.map(boxed);
             let mut owner = None;
-            if let Some(key) = key {
+            if let Some(key) = req.headers().get(&idempotency::IDEMPOTENCY_KEY).and_then(|v| v.to_str().ok()) {
+                let who = verified.map_or_else(|| peer.addr.ip().to_string(), |c| c.id().to_string());
+                let scope = idempotency::scope(
+                    &who,
+                    req.headers().get(http::header::AUTHORIZATION).map(HeaderValue::as_bytes),
+                    key,
+                );
+                let (parts, body) = req.into_parts();
+                let body = match proxy::collect_up_to(body, idempotency::MAX_BODY).await {
+                    Ok(body) => body,
+                    Err(e) => {
+                        return error_response(
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            "idempotent_body_too_large",
+                            format!("a request with an Idempotency-Key carries at most {} bytes: {e}", idempotency::MAX_BODY),
+                            json!({ "service": self.service }),
+                        );
+                    }
+                };
+                let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+                let fingerprint = idempotency::fingerprint(&parts.method, path, &body);
+                req = Request::from_parts(parts, boxed(Full::new(body)));
                 loop {
-                    match self.idempotency.begin(&key, Instant::now()) {
+                    match self.idempotency.begin(&scope, fingerprint, Instant::now()) {
                         Begin::Replay(stored) => return replay(&stored),
                         Begin::Wait(mut rx) => match rx.wait_for(|v| v.is_some()).await.map(|v| v.clone()) {
                             Ok(Some(Some(stored))) => return replay(&stored),
                             _ => continue,
                         },
+                        Begin::Mismatch => {
+                            return error_response(
+                                StatusCode::UNPROCESSABLE_ENTITY,
+                                "idempotency_key_reused",
+                                "this Idempotency-Key was used for a different request (method, path or body); \
+                                 use a new key for a new request"
+                                    .to_string(),
+                                json!({ "service": self.service }),
+                            );
+                        }
                         Begin::Owner(guard) => {
                             owner = Some(guard);
                             break;
@@ -195,11 +223,11 @@ impl Inbound {
                 }
             }
             let load = Load::start(&self.inflight, &self.metrics);
-            let result = proxy::forward(&self.clients, req.map(boxed), &self.app, None).await;
+            let result = proxy::forward(&self.clients, req, &self.app, None).await;
             let resp = match (result, owner) {
                 (Ok(resp), Some(guard)) => {
                     let (parts, body) = resp.into_parts();
-                    match proxy::collect_up_to(body, crate::idempotency::MAX_BODY).await {
+                    match proxy::collect_up_to(body, idempotency::MAX_BODY).await {
                         Ok(bytes) => {
                             let stored =
                                 Stored { status: parts.status, headers: parts.headers.clone(), body: bytes };

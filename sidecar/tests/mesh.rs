@@ -613,6 +613,49 @@ async fn a_post_repeated_with_the_same_idempotency_key_reaches_the_app_once() {
     assert_eq!(app.hits() - before, 3);
 }
 
+/// Issue #15.3: a key belongs to one client and one request. Another request with the same key
+/// is 422 and never gets the first request's answer; another client's key is its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_idempotency_key_with_another_request_is_refused_not_replayed() {
+    let mesh = mesh_with(resilient(1), &[100]).await;
+    let app = &mesh.backends[0];
+    let send = |path: &'static str, body: &'static str, auth: &'static str| async move {
+        request(
+            mesh.caller.outbound,
+            "POST",
+            "market",
+            path,
+            &[("idempotency-key", "k"), ("authorization", auth)],
+            bytes::Bytes::from_static(body.as_bytes()),
+        )
+        .await
+    };
+    let before = app.hits();
+    let alice = send("/markets/m1/trades", r#"{"account":"alice","shares":"1"}"#, "Bearer alice").await;
+    assert_eq!(alice.0, 200);
+    assert_eq!(
+        send("/markets/m1/trades", r#"{"account":"alice","shares":"1"}"#, "Bearer alice").await,
+        alice
+    );
+    assert_eq!(app.hits() - before, 1, "the repeat is a replay");
+
+    for (path, body) in [
+        ("/markets/m1/trades", r#"{"account":"bob","shares":"5"}"#),
+        ("/accounts", r#"{"account":"alice","shares":"1"}"#),
+    ] {
+        let (status, answer) = send(path, body, "Bearer alice").await;
+        assert_eq!(status, 422, "{path} {body}: {answer}");
+        assert!(answer.contains("idempotency_key_reused"), "{answer}");
+        assert!(!answer.contains("alice\",\"shares"), "never the first request's answer: {answer}");
+    }
+    assert_eq!(app.hits() - before, 1, "refused requests never reach the app");
+
+    // Bob's key is his own: his request reaches the app.
+    let bob = send("/markets/m1/trades", r#"{"account":"bob","shares":"5"}"#, "Bearer bob").await;
+    assert_eq!(bob.0, 200);
+    assert_eq!(app.hits() - before, 2);
+}
+
 fn cached(ttl_ms: u64) -> ServicePolicy {
     let mut p = resilient(1);
     p.cache.ttl = Duration::from_millis(ttl_ms);
