@@ -199,9 +199,12 @@ def sidecar_pair(cp_url, backend, service, binary=None, tokens=(None, None), wra
            "--inbound-addr", "127.0.0.1:0", "--outbound-addr", "127.0.0.1:0", "--data-dir", os.path.join(TMP, f"in-{service}"), *common]
     out = [*wrap, binary, "--mode", "gateway", "--instance-id", f"out-{service}", "--outbound-addr", "127.0.0.1:0",
            "--data-dir", os.path.join(TMP, f"out-{service}"), "--route", f"/={service}", *common]
-    for args, token in ((inb, tokens[0]), (out, tokens[1])):
+    for i, (args, token) in enumerate(((inb, tokens[0]), (out, tokens[1]))):
         if token:
-            args += ["--identity-token", token]
+            path = os.path.join(TMP, f"token-{service}-{i}")
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+                f.write(token)
+            args += ["--identity-token-file", path]
     in_p, in_info = start(inb)
     out_p, out_info = start(out)
     return in_p, in_info, out_p, out_info

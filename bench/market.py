@@ -51,7 +51,10 @@ def one_backend(db_url, label):
     _, cp = None, start([f"{REL}/control-plane", "--insecure-api", "--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0",
                          "--data-dir", os.path.join(TMP, f"cp-{label}"), "--log", "error"])
     cp_url = f"http://{cp['grpc']}"
-    app = start([f"{REL}/market-service", "--listen", "127.0.0.1:0", "--database-url", db_url, "--admin-token", "bench", "--log", "error"])
+    token_file = os.path.join(TMP, f"admin-token-{label}")
+    with open(os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        f.write("bench")
+    app = start([f"{REL}/market-service", "--listen", "127.0.0.1:0", "--database-url", db_url, "--admin-token-file", token_file, "--log", "error"])
     direct = f"http://{app['http']}"
     start([f"{REL}/sidecar", "--service", "market-service", "--instance-id", f"m-{label}", "--app-addr", app["http"],
            "--control-plane", cp_url, "--inbound-addr", "127.0.0.1:0", "--outbound-addr", "127.0.0.1:0",

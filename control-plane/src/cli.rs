@@ -334,7 +334,7 @@ pub async fn connect(t: &Target) -> Result<CpChannel, CliError> {
 
 pub async fn run(args: Args) -> Result<(), CliError> {
     match args.command {
-        Command::Up(up) => return up::run(up).await,
+        Command::Up(up) => return up::run(up, args.output).await,
         Command::Sidecar { admin } => return sidecar(&admin, args.output).await,
         _ => {}
     }
@@ -732,6 +732,8 @@ pub fn write_secret(path: &Path, secret: &str) -> Result<(), CliError> {
         .mode(0o600)
         .open(path)
         .map_err(fail)?;
+    // `mode` applies only when the file is created: an older file keeps its bits otherwise.
+    f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600)).map_err(fail)?;
     f.write_all(secret.as_bytes()).and_then(|()| f.sync_all()).map_err(fail)
 }
 

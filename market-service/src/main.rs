@@ -20,9 +20,11 @@ struct Args {
     /// sqlite://PATH (created if missing) or postgres://USER@HOST:PORT/DB.
     #[arg(long, env = "MESH_DATABASE_URL", default_value = "sqlite://.mesh/market.db")]
     database_url: String,
-    /// Bearer token for grants, admin resolution and projection rebuilds.
-    #[arg(long, env = "MESH_ADMIN_TOKEN")]
-    admin_token: Option<String>,
+    /// A file holding the operator's bearer token for grants, admin resolution and projection
+    /// rebuilds (a secret: read from a file, never given on the command line). Without it those
+    /// are refused.
+    #[arg(long, env = "MESH_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<std::path::PathBuf>,
     /// Snapshot an aggregate every N events.
     #[arg(long, env = "MESH_SNAPSHOT_EVERY", default_value_t = 50)]
     snapshot_every: u64,
@@ -53,9 +55,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on --listen {}", args.listen))?;
     println!("{}", serde_json::json!({"event": "listening", "http": listener.local_addr()?}));
+    let admin_token = match &args.admin_token_file {
+        None => None,
+        Some(path) => {
+            Some(mesh_runtime::read_secret(path).map_err(|e| anyhow::anyhow!("--admin-token-file: {e}"))?)
+        }
+    };
     let config = market_service::Config {
         database_url: args.database_url,
-        admin_token: args.admin_token,
+        admin_token,
         snapshot_every: args.snapshot_every,
         close_interval: args.close_interval,
         sidecar_admin: args.sidecar_admin,

@@ -113,13 +113,11 @@ struct Args {
     /// Publishing gets 429 while the oldest unforwarded event is older than this (default 24h).
     #[arg(long, env = "MESH_SPOOL_MAX_AGE", value_parser = parse_duration)]
     spool_max_age: Option<Duration>,
-    /// The service's bootstrap token (`meshctl identity token create SERVICE`; `gateway` for the
-    /// gateway): the sidecar gets its certificate from the mesh CA with it, renews it at two
-    /// thirds of its lifetime, and speaks mutual TLS to other sidecars (its inbound listener
-    /// then accepts mTLS only).
-    #[arg(long, env = "MESH_IDENTITY_TOKEN", conflicts_with = "identity_token_file")]
-    identity_token: Option<String>,
-    /// The same, read from a file (kept out of the process list).
+    /// A file holding the service's bootstrap token (`meshctl identity token create SERVICE`;
+    /// `gateway` for the gateway): the sidecar gets its certificate from the mesh CA with it,
+    /// renews it at two thirds of its lifetime, and speaks mutual TLS to other sidecars (its
+    /// inbound listener then accepts mTLS only). A secret: read from a file, never given on the
+    /// command line.
     #[arg(long, env = "MESH_IDENTITY_TOKEN_FILE")]
     identity_token_file: Option<PathBuf>,
     /// Runtime worker threads (default: one per core; 1 runs the whole proxy on one thread, the
@@ -257,15 +255,11 @@ fn resolve(a: Args) -> anyhow::Result<Resolved> {
     if mode == Mode::Gateway && !subscriptions.is_empty() {
         bail!("subscriptions deliver to a local app: they need sidecar mode");
     }
-    let identity_token = match (a.identity_token, a.identity_token_file.or(f.identity_token_file)) {
-        (Some(t), _) => Some(t),
-        (None, Some(path)) => Some(
-            std::fs::read_to_string(&path)
-                .with_context(|| format!("cannot read --identity-token-file {}", path.display()))?
-                .trim()
-                .to_string(),
+    let identity_token = match a.identity_token_file.or(f.identity_token_file) {
+        Some(path) => Some(
+            mesh_runtime::read_secret(&path).map_err(|e| anyhow::anyhow!("--identity-token-file: {e}"))?,
         ),
-        (None, None) => None,
+        None => None,
     };
     let control_plane_ca = match a.control_plane_ca.or(f.control_plane_ca) {
         Some(path) => Some(

@@ -53,18 +53,19 @@ async fn meshctl_up_runs_a_whole_mesh_reachable_through_the_gateway_and_stops_on
         let line = line.unwrap();
         let cols: Vec<&str> = line.split_whitespace().collect();
         match cols.first() {
-            Some(&"control-plane") => cp = Some(cols[1].to_string()),
+            // PROCESS PID LISTENS-ON WHAT
+            Some(&"control-plane") => cp = Some(cols[2].to_string()),
             Some(&"gateway") => {
                 gateway =
-                    Some(cols[1].trim_end_matches("/api/markets").trim_start_matches("http://").to_string())
+                    Some(cols[2].trim_end_matches("/api/markets").trim_start_matches("http://").to_string())
             }
             Some(first) if gateway.is_some() && gateway_admin.is_none() && first.ends_with("/config") => {
                 gateway_admin =
                     Some(first.trim_start_matches("http://").trim_end_matches("/config").to_string())
             }
             Some(&"try:") => break,
-            Some(first) if first.starts_with("sidecar-") && cols.get(2) == Some(&"inbound") => {
-                inbounds.push(cols[1].to_string())
+            Some(first) if first.starts_with("sidecar-") && cols.get(3) == Some(&"inbound") => {
+                inbounds.push(cols[2].to_string())
             }
             _ => {}
         }
@@ -212,6 +213,123 @@ async fn meshctl_up_runs_a_whole_mesh_reachable_through_the_gateway_and_stops_on
         .unwrap();
     let exit = tokio::task::spawn_blocking(move || up.wait().unwrap()).await.unwrap();
     assert!(exit.success(), "{exit:?}");
+    let refused = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(gw)).await;
+    assert!(!matches!(refused, Ok(Ok(_))), "the gateway stopped with meshctl up");
+}
+
+/// Issue #15.6 and #15.7: `meshctl up -o json` supervises: one market-service instance killed is
+/// reported and restarted on its address while the mesh keeps serving; one that keeps dying
+/// within seconds stops the mesh with a non-zero exit. The market's operator token is 256
+/// random bits in an owner-only file, never on a command line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meshctl_up_restarts_a_dead_process_and_gives_up_on_one_that_keeps_dying() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join(".mesh");
+    let mut child = Command::new(bin("meshctl"))
+        .args(["-o", "json", "up", "--restart-backoff", "100ms", "--give-up-after", "3"])
+        .args(["--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--gateway-addr", "127.0.0.1:0"])
+        .arg("--dir")
+        .arg(&state)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut up = Up(Some(child));
+    let (tx, mut events) = tokio::sync::mpsc::unbounded_channel::<Value>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")));
+        }
+    });
+    let mut next =
+        async || tokio::time::timeout(Duration::from_secs(60), events.recv()).await.unwrap().unwrap();
+    let ready = next().await;
+    assert_eq!(ready["event"], "up", "{ready}");
+    let listeners = ready["listeners"].as_array().unwrap();
+    let pid_of = |name: &str| {
+        listeners
+            .iter()
+            .find(|l| l["process"] == name)
+            .and_then(|l| l["pid"].as_u64())
+            .unwrap_or_else(|| panic!("{name} in {ready}"))
+    };
+    let victim = pid_of("market-service-1") as i32;
+    for name in ["control-plane", "market-service-2", "gateway"] {
+        assert!(pid_of(name) > 0);
+    }
+    let gateway = listeners.iter().find(|l| l["process"] == "gateway").unwrap()["address"].as_str().unwrap();
+    let gw: std::net::SocketAddr =
+        gateway.trim_start_matches("http://").trim_end_matches("/api/markets").parse().unwrap();
+
+    // #15.7: the token file is owner-only, 64 hex digits (256 bits), and no process's command
+    // line carries it.
+    let token_file = state.join("admin-token");
+    let token = std::fs::read_to_string(&token_file).unwrap();
+    assert_eq!(std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777, 0o600);
+    assert!(token.len() == 64 && token.bytes().all(|b| b.is_ascii_hexdigit()), "{token}");
+    for l in listeners.iter().filter_map(|l| l["pid"].as_u64()) {
+        let cmdline = std::fs::read(format!("/proc/{l}/cmdline")).unwrap();
+        assert!(
+            !String::from_utf8_lossy(&cmdline).contains(&token),
+            "pid {l} has the token on its command line"
+        );
+    }
+
+    let markets = || async { request(gw, "GET", "example.com", "/api/markets", &[], Bytes::new()).await.0 };
+    eventually(WAIT, "the gateway serves", || async { markets().await == 200 }).await;
+
+    // Kill one instance: reported with its exit, restarted; the mesh serves all along.
+    let kill = |pid: i32| {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap()
+    };
+    kill(victim);
+    let exited = next().await;
+    assert_eq!(
+        (exited["event"].as_str(), exited["process"].as_str()),
+        (Some("exited"), Some("market-service-1")),
+        "{exited}"
+    );
+    assert!(exited["status"].as_str().unwrap().contains("SIGKILL"), "{exited}");
+    eventually(WAIT, "the gateway serves while an instance is down", || async { markets().await == 200 })
+        .await;
+    let restarted = next().await;
+    assert_eq!(
+        (restarted["event"].as_str(), restarted["process"].as_str()),
+        (Some("restarted"), Some("market-service-1")),
+        "{restarted}"
+    );
+    let pid = restarted["pid"].as_u64().unwrap() as i32;
+    assert_ne!(pid, victim);
+    assert!(up.0.as_mut().unwrap().try_wait().unwrap().is_none(), "meshctl keeps running");
+    for _ in 0..10 {
+        assert_eq!(markets().await, 200);
+    }
+
+    // Negative control for giving up: killed again within seconds of each start, three times
+    // in a row, it is given up on and the whole mesh stops with a non-zero exit.
+    kill(pid);
+    loop {
+        let e = next().await;
+        match e["event"].as_str() {
+            Some("exited" | "stopping" | "stopped") => {}
+            Some("restarted") => kill(e["pid"].as_u64().unwrap() as i32),
+            Some("giving_up") => {
+                assert_eq!(
+                    (e["process"].as_str(), e["failures"].as_u64()),
+                    (Some("market-service-1"), Some(3)),
+                    "{e}"
+                );
+                break;
+            }
+            _ => panic!("unexpected {e}"),
+        }
+    }
+    let mut child = up.0.take().unwrap();
+    let exit = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+    assert!(!exit.success(), "giving up is a failure: {exit:?}");
     let refused = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(gw)).await;
     assert!(!matches!(refused, Ok(Ok(_))), "the gateway stopped with meshctl up");
 }

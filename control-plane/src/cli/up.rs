@@ -1,6 +1,12 @@
 //! `meshctl up`: the local mesh on loopback as separate processes with embedded storage under
 //! `./.mesh/`, started in order, each awaited until it listens, and all stopped (SIGTERM, then
-//! SIGKILL after a grace period) on Ctrl-C or when any of them dies.
+//! SIGKILL after a grace period) on Ctrl-C.
+//!
+//! Supervision: a process that exits is reported (name, PID, exit status) and started again
+//! on the addresses it had, after a backoff that doubles with each quick failure; the rest of
+//! the mesh keeps serving meanwhile. After `--give-up-after` consecutive quick failures (runs
+//! shorter than [`QUICK`]) of one process, meshctl stops the mesh and exits non-zero. Logs in
+//! `<dir>/logs/` are appended to, so a restart keeps the history.
 //!
 //! The binaries are looked up beside `meshctl` itself (`cargo build --release` puts them all in
 //! `target/release/`).
@@ -13,7 +19,7 @@ use std::{
 
 use clap::Args;
 use nix::{sys::signal, unistd::Pid};
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
     process::{Child, Command},
@@ -44,13 +50,29 @@ pub struct UpArgs {
     /// How long each process may take to start listening.
     #[arg(long, default_value = "30s", value_parser = mesh_runtime::parse_duration)]
     pub start_timeout: Duration,
+    /// The first wait before restarting a process that exited; doubles per quick failure.
+    #[arg(long, default_value = "500ms", value_parser = mesh_runtime::parse_duration)]
+    pub restart_backoff: Duration,
+    /// Consecutive quick failures of one process after which the whole mesh is stopped.
+    #[arg(long, default_value_t = 5)]
+    pub give_up_after: u32,
 }
+
+/// A run shorter than this counts as a quick failure.
+pub const QUICK: Duration = Duration::from_secs(10);
 
 /// A started process of the local mesh.
 struct Proc {
     name: String,
     child: Child,
     log: PathBuf,
+    bin: String,
+    /// The arguments to start it again with: addresses it chose (port 0) are pinned to what it
+    /// got, so its peers still find it.
+    args: Vec<String>,
+    started: Instant,
+    /// Consecutive quick failures.
+    quick_failures: u32,
 }
 
 /// The processes started so far; stopped together.
@@ -60,13 +82,13 @@ struct Mesh {
     timeout: Duration,
     procs: Vec<Proc>,
     rows: Vec<Vec<String>>,
+    json: bool,
 }
 
 impl Mesh {
     /// Starts `bin` as `label` and returns its `listening` line; on failure stops everything.
     async fn launch(&mut self, label: &str, bin: &str, args: &[String]) -> Result<Value, CliError> {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        match start(&self.bin_dir, label, bin, &args, &self.logs, self.timeout).await {
+        match start(&self.bin_dir, label, bin, args, &self.logs, self.timeout).await {
             Ok((proc, listening)) => {
                 self.procs.push(proc);
                 Ok(listening)
@@ -78,9 +100,64 @@ impl Mesh {
         }
     }
 
+    /// A row of the table; a named process is shown with the PID of the process started
+    /// `back` launches ago (0: the last one).
     fn row(&mut self, process: &str, at: String, what: &str) {
-        self.rows.push(vec![process.to_string(), at, what.to_string()]);
+        self.row_of(process, 0, at, what)
     }
+
+    fn row_of(&mut self, process: &str, back: usize, at: String, what: &str) {
+        let pid = self.procs.iter().rev().nth(back).and_then(|p| p.child.id());
+        let pid = pid.filter(|_| !process.is_empty()).map(|p| p.to_string()).unwrap_or_default();
+        self.rows.push(vec![process.to_string(), pid, at, what.to_string()]);
+    }
+
+    /// Stops every process on a signal (Ctrl-C: a clean exit).
+    async fn stop(&mut self, sig: &str) -> Result<(), CliError> {
+        self.say(
+            "stopping",
+            json!({"reason": format!("{sig} received")}),
+            format!("stopping the mesh: {sig} received"),
+        );
+        stop_all(std::mem::take(&mut self.procs)).await;
+        self.say("stopped", json!({}), "stopped".into());
+        Ok(())
+    }
+
+    /// Says what happened to a process: a line of text, or a JSON object with `-o json`.
+    fn say(&self, event: &str, fields: Value, text: String) {
+        if self.json {
+            let mut v = json!({ "event": event });
+            if let (Some(v), Value::Object(f)) = (v.as_object_mut(), fields) {
+                v.extend(f);
+            }
+            out!("{v}");
+        } else {
+            out!("{text}");
+        }
+    }
+}
+
+/// `args` with every `FLAG 127.0.0.1:0` replaced by the address the process reported for it.
+fn pinned(args: &[String], listening: &Value) -> Vec<String> {
+    const KEYS: [(&str, &str); 5] = [
+        ("--listen", "http"),
+        ("--grpc-addr", "grpc"),
+        ("--admin-addr", "admin"),
+        ("--inbound-addr", "inbound"),
+        ("--outbound-addr", "outbound"),
+    ];
+    let mut out = args.to_vec();
+    for i in 1..out.len() {
+        if let Some((_, key)) = KEYS.iter().find(|(flag, _)| *flag == out[i - 1])
+            && out[i].ends_with(":0")
+            && let Some(got) = listening.get(*key).and_then(Value::as_str)
+        {
+            // A URL (`https://…`) or a bare address, as the process printed it.
+            out[i] = got.rsplit("//").next().unwrap_or(got).to_string();
+        }
+    }
+    out
 }
 
 fn addr(v: &Value, key: &str) -> String {
@@ -96,7 +173,7 @@ fn strings(a: &[&str]) -> Vec<String> {
     a.iter().map(|s| s.to_string()).collect()
 }
 
-pub async fn run(args: UpArgs) -> Result<(), CliError> {
+pub async fn run(args: UpArgs, output: super::Output) -> Result<(), CliError> {
     let bin_dir = std::env::current_exe()
         .ok()
         .and_then(|p| p.parent().map(Path::to_path_buf))
@@ -105,16 +182,18 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
     std::fs::create_dir_all(&logs)
         .map_err(|e| CliError::Input(format!("cannot create {}: {e}", logs.display())))?;
     let dir = |sub: &str| args.dir.join(sub).display().to_string();
-    let admin_token = uuid::Uuid::now_v7().simple().to_string();
-    std::fs::write(args.dir.join("admin-token"), &admin_token).map_err(|e| {
-        CliError::Input(format!("cannot write {}: {e}", args.dir.join("admin-token").display()))
-    })?;
+    // The market service's operator token: 256 random bits, owner-only, passed as a file.
+    let market_token_file = args.dir.join("admin-token");
+    let admin_token = crate::auth::random_token()
+        .ok_or_else(|| CliError::Input("the system's random number generator failed".into()))?;
+    super::write_secret(&market_token_file, &admin_token)?;
     let mut mesh = Mesh {
         bin_dir,
         logs: logs.clone(),
         timeout: args.start_timeout,
         procs: Vec::new(),
         rows: Vec::new(),
+        json: output == super::Output::Json,
     };
 
     let cp = mesh
@@ -178,8 +257,8 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
                     "127.0.0.1:0",
                     "--database-url",
                     &db,
-                    "--admin-token",
-                    &admin_token,
+                    "--admin-token-file",
+                    &market_token_file.display().to_string(),
                     "--sidecar-admin",
                     &format!("http://{sidecar_admin}"),
                 ]),
@@ -216,7 +295,7 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
                 ]),
             )
             .await?;
-        mesh.row(&id, format!("http://{app_addr}"), "market service (reached through its sidecar)");
+        mesh.row_of(&id, 1, format!("http://{app_addr}"), "market service (reached through its sidecar)");
         mesh.row(&format!("  sidecar-{i}"), addr(&sidecar, "inbound"), "inbound from the mesh");
         mesh.row(
             "",
@@ -263,9 +342,22 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
     );
     mesh.row("", format!("http://{}/config", addr(&gw, "admin")), "gateway admin");
 
+    if mesh.json {
+        let rows: Vec<Value> = std::mem::take(&mut mesh.rows)
+            .into_iter()
+            .map(|r| json!({"process": r[0], "pid": r[1].parse::<u32>().ok(), "address": r[2], "what": r[3]}))
+            .collect();
+        mesh.say(
+            "up",
+            json!({"listeners": rows, "dir": args.dir, "logs": logs, "mesh_admin_token_file": target.admin_token_file,
+                   "market_admin_token_file": market_token_file}),
+            String::new(),
+        );
+        return supervise(mesh, args.restart_backoff, args.give_up_after).await;
+    }
     out!();
     out!("Opinion Market Mesh is up. Ctrl-C stops it.");
-    super::print_table(&["PROCESS", "LISTENS ON", "WHAT"], std::mem::take(&mut mesh.rows));
+    super::print_table(&["PROCESS", "PID", "LISTENS ON", "WHAT"], std::mem::take(&mut mesh.rows));
     out!();
     out!(
         "state: {}   logs: {}   mesh admin token: {}   market admin token: {}",
@@ -287,15 +379,84 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
     );
     out!("       curl -s http://{public}/api/markets");
     out!();
+    supervise(mesh, args.restart_backoff, args.give_up_after).await
+}
 
-    let reason = tokio::select! {
-        sig = shutdown_signal() => format!("{sig} received"),
-        name = first_exit(&mut mesh.procs) => format!("{name} exited unexpectedly (see its log)"),
-    };
-    out!("stopping the mesh: {reason}");
-    stop_all(mesh.procs).await;
-    out!("stopped");
-    Ok(())
+/// Keeps the mesh running until Ctrl-C: a process that exits is reported and restarted with
+/// backoff; one that keeps failing quickly stops the mesh with an error.
+async fn supervise(mut mesh: Mesh, backoff: Duration, give_up_after: u32) -> Result<(), CliError> {
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+    loop {
+        let (i, status) = tokio::select! {
+            sig = &mut signal => return mesh.stop(sig).await,
+            exit = first_exit(&mut mesh.procs) => exit,
+        };
+        let p = &mut mesh.procs[i];
+        let ran = p.started.elapsed();
+        p.quick_failures = if ran < QUICK { p.quick_failures + 1 } else { 1 };
+        let (name, failures, log) = (p.name.clone(), p.quick_failures, p.log.display().to_string());
+        if failures >= give_up_after {
+            let why = format!(
+                "{name} failed {failures} times in a row, each within {QUICK:?} of starting ({status}); \
+                 stopping the mesh — see {log}"
+            );
+            mesh.say(
+                "giving_up",
+                json!({"process": name, "failures": failures, "status": status, "log": log}),
+                format!("error: {why}"),
+            );
+            stop_all(std::mem::take(&mut mesh.procs)).await;
+            return Err(CliError::Input(why));
+        }
+        let delay = backoff.saturating_mul(1 << (failures - 1).min(6));
+        mesh.say(
+            "exited",
+            json!({"process": name, "status": status, "ran_ms": ran.as_millis() as u64, "restart_in_ms": delay.as_millis() as u64, "log": log}),
+            format!("{name} exited ({status}) after {ran:.1?}; the rest keeps serving; restarting it in {delay:?} (log: {log})"),
+        );
+        tokio::select! {
+            sig = &mut signal => return mesh.stop(sig).await,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        let p = &mesh.procs[i];
+        let (bin, args) = (p.bin.clone(), p.args.clone());
+        match start(&mesh.bin_dir, &name, &bin, &args, &mesh.logs, mesh.timeout).await {
+            Ok((mut fresh, _)) => {
+                fresh.quick_failures = failures;
+                let pid = fresh.child.id();
+                mesh.say(
+                    "restarted",
+                    json!({"process": name, "pid": pid}),
+                    format!("{name} restarted (pid {})", pid.unwrap_or(0)),
+                );
+                mesh.procs[i] = fresh;
+            }
+            // Still down: its old, exited child answers `first_exit` at once, which counts as
+            // the next failure and backs off further.
+            Err(e) => mesh.say(
+                "restart_failed",
+                json!({"process": name, "error": e.to_string()}),
+                format!("{name} did not restart: {e}"),
+            ),
+        }
+    }
+}
+
+/// A child's exit, as people read it.
+fn describe(status: std::io::Result<std::process::ExitStatus>) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        Ok(s) => match (s.code(), s.signal()) {
+            (Some(code), _) => format!("exit code {code}"),
+            (None, Some(sig)) => format!(
+                "killed by signal {sig}{}",
+                signal::Signal::try_from(sig).map(|s| format!(" ({s})")).unwrap_or_default()
+            ),
+            _ => s.to_string(),
+        },
+        Err(e) => format!("status unknown: {e}"),
+    }
 }
 
 /// The local mesh's policy for the market service: market pages are cached at the caller (the
@@ -345,12 +506,12 @@ async fn write_token(cp: &super::Target, service: &str, path: &Path) -> Result<(
 async fn start(
     bin_dir: &Path,
     name: &str,
-    bin: &str,
-    args: &[&str],
+    bin_name: &str,
+    args: &[String],
     logs: &Path,
     timeout: Duration,
 ) -> Result<(Proc, Value), CliError> {
-    let bin = bin_dir.join(bin);
+    let bin = bin_dir.join(bin_name);
     if !bin.exists() {
         return Err(CliError::Input(format!(
             "{} not found: build every binary first with `cargo build --release`",
@@ -358,8 +519,11 @@ async fn start(
         )));
     }
     let log = logs.join(format!("{name}.log"));
-    let log_file = std::fs::File::create(&log)
-        .map_err(|e| CliError::Input(format!("cannot create {}: {e}", log.display())))?;
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .map_err(|e| CliError::Input(format!("cannot open {}: {e}", log.display())))?;
     eprint!("starting {name} … ");
     let t0 = Instant::now();
     let mut child = Command::new(&bin)
@@ -384,15 +548,25 @@ async fn start(
     };
     match tokio::time::timeout(timeout, wait).await {
         Ok(Some(v)) => {
-            eprintln!("ok ({} ms)", t0.elapsed().as_millis());
+            eprintln!("ok, pid {} ({} ms)", child.id().unwrap_or(0), t0.elapsed().as_millis());
             // Keep draining stdout so the child never blocks on a full pipe.
             tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-            Ok((Proc { name: name.into(), child, log }, v))
+            let proc = Proc {
+                name: name.into(),
+                child,
+                log,
+                bin: bin_name.into(),
+                args: pinned(args, &v),
+                started: Instant::now(),
+                quick_failures: 0,
+            };
+            Ok((proc, v))
         }
         outcome => {
             eprintln!("failed");
             let _ = child.start_kill();
             let _ = child.wait().await;
+            // The log is appended to: only this run's lines are its own, but the last line is.
             let tail = std::fs::read_to_string(&log).unwrap_or_default();
             let last = tail.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("(no output)");
             let why =
@@ -402,13 +576,12 @@ async fn start(
     }
 }
 
-async fn first_exit(procs: &mut [Proc]) -> String {
-    let waits = procs.iter_mut().map(|p| {
-        Box::pin(async move {
-            let _ = p.child.wait().await;
-            p.name.clone()
-        })
-    });
+/// The first process to exit: its index and how it ended.
+async fn first_exit(procs: &mut [Proc]) -> (usize, String) {
+    let waits = procs
+        .iter_mut()
+        .enumerate()
+        .map(|(i, p)| Box::pin(async move { (i, describe(p.child.wait().await)) }));
     futures::future::select_all(waits).await.0
 }
 

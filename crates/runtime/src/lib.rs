@@ -13,6 +13,27 @@ pub fn init_tracing(filter: &str) {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
+/// Reads a secret (a token) from `path`, trimmed. Refuses an empty file; warns (on stderr, the
+/// secret never printed) when the file is readable by others than its owner.
+pub fn read_secret(path: &std::path::Path) -> Result<String, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let secret = text.trim();
+    if secret.is_empty() {
+        return Err(format!("{} is empty: write the secret into it", path.display()));
+    }
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        eprintln!(
+            "warning: {} is readable by other users (mode {:o}); chmod 600 it",
+            path.display(),
+            meta.permissions().mode() & 0o777
+        );
+    }
+    Ok(secret.to_string())
+}
+
 /// Resolves on SIGTERM or SIGINT with the signal's name.
 pub async fn shutdown_signal() -> &'static str {
     use tokio::signal::unix::{SignalKind, signal};
