@@ -418,6 +418,7 @@ pub(crate) mod tests {
             drain_delay: Duration::ZERO,
             drain_timeout: Duration::from_secs(1),
             header_read_timeout: crate::server::HEADER_READ_TIMEOUT,
+            max_request_body: crate::MAX_REQUEST_BODY,
             idempotency_window: Duration::from_secs(120),
             spool_max_bytes: 256 * 1024 * 1024,
             spool_max_age: Duration::from_secs(86_400),

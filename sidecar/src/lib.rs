@@ -100,6 +100,8 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// How long an HTTP/1 client may take to send a request head, or keep a connection idle.
     pub header_read_timeout: Duration,
+    /// Gateway mode: the largest request body (0: no limit); a larger `Content-Length` is 413.
+    pub max_request_body: u64,
     /// How long the inbound proxy answers a repeated `Idempotency-Key` with the first response.
     pub idempotency_window: Duration,
     /// The spool refuses new events (429) past this many pending bytes…
@@ -230,6 +232,9 @@ impl Shared {
 }
 
 /// Bound listeners: `inbound` only in sidecar mode.
+/// The gateway's default limit on a request body: 1 MiB.
+pub const MAX_REQUEST_BODY: u64 = 1024 * 1024;
+
 pub struct Listeners {
     pub inbound: Option<TcpListener>,
     pub outbound: TcpListener,
@@ -325,8 +330,12 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     let drain = shared.config.drain_timeout;
     let header_timeout = shared.config.header_read_timeout;
     let routes = (shared.config.mode == Mode::Gateway).then(|| shared.config.routes.clone());
-    let outbound =
-        Arc::new(Outbound::new(upstreams.clone(), metrics.clone(), routes, shared.config.discovery_wait));
+    let mut outbound =
+        Outbound::new(upstreams.clone(), metrics.clone(), routes, shared.config.discovery_wait);
+    if shared.config.mode == Mode::Gateway {
+        outbound.max_request_body = shared.config.max_request_body;
+    }
+    let outbound = Arc::new(outbound);
     let handler: Handler = Arc::new(move |req, _| server::boxed_in_place(|| outbound.clone().handle(req)));
     let name = if shared.config.mode == Mode::Gateway { "gateway" } else { "outbound" };
     let mut servers = vec![tokio::spawn(server::serve(

@@ -96,6 +96,10 @@ struct Args {
     /// before it is closed (default 30s).
     #[arg(long, env = "MESH_HEADER_READ_TIMEOUT", value_parser = parse_duration)]
     header_read_timeout: Option<Duration>,
+    /// Gateway mode: the largest request body accepted (bytes; default 1048576, 0 = no limit).
+    /// A larger declared `Content-Length` is refused with 413 before any of the body is read.
+    #[arg(long, env = "MESH_MAX_REQUEST_BODY")]
+    max_request_body: Option<u64>,
     /// How long a repeated Idempotency-Key is answered with the first response (default 2m).
     #[arg(long, env = "MESH_IDEMPOTENCY_WINDOW", value_parser = parse_duration)]
     idempotency_window: Option<Duration>,
@@ -155,6 +159,7 @@ struct FileConfig {
     drain_timeout: Option<Duration>,
     #[serde(with = "opt_duration")]
     header_read_timeout: Option<Duration>,
+    max_request_body: Option<u64>,
     #[serde(with = "opt_duration")]
     discovery_wait: Option<Duration>,
     #[serde(with = "opt_duration")]
@@ -302,6 +307,7 @@ fn resolve(a: Args) -> anyhow::Result<Resolved> {
             .header_read_timeout
             .or(f.header_read_timeout)
             .unwrap_or(sidecar::server::HEADER_READ_TIMEOUT),
+        max_request_body: a.max_request_body.or(f.max_request_body).unwrap_or(sidecar::MAX_REQUEST_BODY),
         idempotency_window: a.idempotency_window.or(f.idempotency_window).unwrap_or(Duration::from_secs(120)),
         spool_max_bytes: a.spool_max_bytes.or(f.spool_max_bytes).unwrap_or(256 * 1024 * 1024),
         spool_max_age: a.spool_max_age.or(f.spool_max_age).unwrap_or(Duration::from_secs(86_400)),

@@ -80,6 +80,9 @@ pub struct Outbound {
     pub routes: Option<Vec<Route>>,
     /// How long a request for a service seen for the first time waits for its endpoints.
     pub discovery_wait: Duration,
+    /// The largest request body accepted (0: no limit): a larger `Content-Length` is refused with
+    /// 413 before any of the body is read (the gateway sets it).
+    pub max_request_body: u64,
 }
 
 impl Outbound {
@@ -93,7 +96,27 @@ impl Outbound {
             r.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
             r
         });
-        Self { upstreams, metrics, routes, discovery_wait }
+        Self { upstreams, metrics, routes, discovery_wait, max_request_body: 0 }
+    }
+
+    /// 413 for a declared body over the limit, answered before any of it is read.
+    fn too_large(&self, req: &Request<Incoming>) -> Option<Response<Body>> {
+        let declared = req.headers().get(http::header::CONTENT_LENGTH)?.to_str().ok()?.parse::<u64>().ok()?;
+        (self.max_request_body > 0 && declared > self.max_request_body).then(|| {
+            self.metrics.request_counter("gateway", "-", "-", 413).inc();
+            let mut resp = error_response(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!(
+                    "the request body ({declared} bytes) is larger than this gateway accepts ({} bytes)",
+                    self.max_request_body
+                ),
+                json!({ "limit": self.max_request_body, "content_length": declared }),
+            );
+            // The unread body cannot share the connection with a next request.
+            resp.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+            resp
+        })
     }
 
     pub async fn handle(self: Arc<Self>, mut req: Request<Incoming>) -> Response<Body> {
@@ -106,6 +129,9 @@ impl Outbound {
         let grpc = proxy::is_grpc(req.headers());
         let resp = async move {
             let started = Instant::now();
+            if let Some(resp) = self.too_large(&req) {
+                return resp;
+            }
             let up = match self.route(&mut req) {
                 Ok(up) => up,
                 Err(resp) => return *resp,

@@ -371,6 +371,7 @@ impl TestSidecar {
             drain_delay: Duration::from_millis(300),
             drain_timeout: Duration::from_secs(5),
             header_read_timeout: sidecar::server::HEADER_READ_TIMEOUT,
+            max_request_body: sidecar::MAX_REQUEST_BODY,
             idempotency_window: Duration::from_secs(120),
             spool_max_bytes: 256 * 1024 * 1024,
             spool_max_age: Duration::from_secs(86_400),
