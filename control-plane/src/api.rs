@@ -829,17 +829,58 @@ impl v1::events_server::Events for Api {
         self.member(&req, "replay events")?;
         let r = req.into_inner();
         check_topic(&r.topic)?;
+        // Any limit is served in full, read page by page as the client takes it (memory stays
+        // one page however much is asked for).
         let limit = match r.limit {
             0 => 1000,
-            n => (n as usize).min(10_000),
+            n => n as usize,
         };
         let from = match (r.from_offset, r.from_time_unix_ms) {
             (Some(o), _) => o,
             (None, Some(t)) => self.0.bus.offset_at(&r.topic, t).await?,
             (None, None) => 0,
         };
-        let deliveries = self.0.bus.read(&r.topic, from, limit).await?;
-        Ok(Response::new(Box::pin(stream::iter(deliveries.into_iter().map(Ok)))))
+        let pages = Pages {
+            state: self.0.clone(),
+            topic: r.topic,
+            next: from,
+            left: limit,
+            page: Default::default(),
+        };
+        Ok(Response::new(Box::pin(stream::unfold(pages, Pages::next))))
+    }
+}
+
+/// A replay read from the bus a page at a time.
+struct Pages {
+    state: Arc<State>,
+    topic: String,
+    next: u64,
+    left: usize,
+    page: std::collections::VecDeque<v1::Delivery>,
+}
+
+impl Pages {
+    /// Deliveries read from the bus per page.
+    const SIZE: usize = 1000;
+
+    async fn next(mut self) -> Option<(Result<v1::Delivery, Status>, Self)> {
+        if self.left == 0 {
+            return None;
+        }
+        if self.page.is_empty() {
+            match self.state.bus.read(&self.topic, self.next, self.left.min(Self::SIZE)).await {
+                Ok(page) => self.page = page.into(),
+                Err(e) => {
+                    self.left = 0;
+                    return Some((Err(e.into()), self));
+                }
+            }
+        }
+        let d = self.page.pop_front()?;
+        self.next = d.offset + 1;
+        self.left -= 1;
+        Some((Ok(d), self))
     }
 }
 

@@ -831,8 +831,18 @@ async fn events(cmd: EventsCommand, ch: CpChannel, out: Output, addr: &str) -> R
         EventsCommand::Replay { topic, from_offset, from_time, limit } => {
             let req = v1::ReplayRequest { topic, from_offset, from_time_unix_ms: from_time, limit };
             let mut s = bus.replay(req).await.map_err(st)?.into_inner();
+            let (mut printed, mut last) = (0u32, None);
             while let Some(d) = s.next().await {
-                print(&d.map_err(st)?);
+                let d = d.map_err(st)?;
+                last = Some(d.offset);
+                printed += 1;
+                print(&d);
+            }
+            if let Some(last) = last.filter(|_| printed == if limit == 0 { 1000 } else { limit }) {
+                eprintln!(
+                    "{printed} events printed (--limit); there may be more: continue with --from-offset {}",
+                    last + 1
+                );
             }
         }
         EventsCommand::Tail { topic, group, from_offset, from_time, from_end, count } => {
