@@ -115,12 +115,20 @@ pub enum PolicyCommand {
         /// Refuse unless the stored version is this one (compare-and-set).
         #[arg(long)]
         expected_version: Option<u64>,
+        /// Change only the fields the file names, keeping every other field as stored (without
+        /// it, fields the file leaves out go back to their defaults). Compare-and-set against
+        /// the version it read, so a concurrent change is refused, not lost.
+        #[arg(long)]
+        merge: bool,
     },
     /// Show what `set` would change, field by field.
     Diff {
         service: String,
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
+        /// As `set --merge` would apply it.
+        #[arg(long)]
+        merge: bool,
     },
     /// Put the service back on the default policy.
     Delete { service: String },
@@ -536,8 +544,14 @@ async fn policy(cmd: PolicyCommand, ch: CpChannel, out: Output, addr: &str) -> R
                 }
             }
         }
-        PolicyCommand::Set { service, file, dry_run, expected_version } => {
-            let policy = read_policy_file(&file)?;
+        PolicyCommand::Set { service, file, dry_run, expected_version, merge } => {
+            let (policy, expected_version) = match merge {
+                false => (read_policy_file(&file)?, expected_version),
+                true => {
+                    let (policy, read) = merged_policy(&mut client, &service, &file, &st).await?;
+                    (policy, expected_version.or(Some(read)))
+                }
+            };
             let r = client
                 .set(v1::SetPolicyRequest {
                     service: service.clone(),
@@ -566,8 +580,11 @@ async fn policy(cmd: PolicyCommand, ch: CpChannel, out: Output, addr: &str) -> R
                 }
             }
         }
-        PolicyCommand::Diff { service, file } => {
-            let policy = read_policy_file(&file)?;
+        PolicyCommand::Diff { service, file, merge } => {
+            let policy = match merge {
+                false => read_policy_file(&file)?,
+                true => merged_policy(&mut client, &service, &file, &st).await?.0,
+            };
             let r = client
                 .set(v1::SetPolicyRequest {
                     service,
@@ -891,6 +908,48 @@ async fn events(cmd: EventsCommand, ch: CpChannel, out: Output, addr: &str) -> R
 }
 
 /// Reads a policy from YAML or JSON (JSON is YAML), refusing unknown fields and invalid values.
+/// The stored policy of `service` with the fields `path` names put over it, and the version it
+/// was read at.
+async fn merged_policy(
+    client: &mut v1::policy_client::PolicyClient<CpChannel>,
+    service: &str,
+    path: &Path,
+    st: &impl Fn(tonic::Status) -> CliError,
+) -> Result<(ServicePolicy, u64), CliError> {
+    let vp = client.get(v1::GetPolicyRequest { service: service.into() }).await.map_err(st)?.into_inner();
+    let stored = ServicePolicy::try_from(vp.policy.unwrap_or_default())
+        .map_err(|e| CliError::Refused(format!("the control plane sent a policy meshctl cannot read: {e}")))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| CliError::Input(format!("cannot read policy file {}: {e}", path.display())))?;
+    let patch: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text)
+        .map_err(|e| CliError::Input(format!("policy file {}: {e}", path.display())))?;
+    let mut merged = serde_yaml_ng::to_value(&stored)
+        .map_err(|e| CliError::Input(format!("the stored policy of {service}: {e}")))?;
+    merge_yaml(&mut merged, patch);
+    let policy: ServicePolicy = serde_yaml_ng::from_value(merged)
+        .map_err(|e| CliError::Input(format!("policy file {}: {e}", path.display())))?;
+    policy.validate().map_err(|e| CliError::Input(format!("policy file {}: {e}", path.display())))?;
+    Ok((policy, vp.version))
+}
+
+/// Puts `patch` over `base`: mappings merge key by key, anything else replaces.
+fn merge_yaml(base: &mut serde_yaml_ng::Value, patch: serde_yaml_ng::Value) {
+    use serde_yaml_ng::Value::Mapping;
+    match (base, patch) {
+        (Mapping(b), Mapping(p)) => {
+            for (k, v) in p {
+                match b.get_mut(&k) {
+                    Some(slot) => merge_yaml(slot, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (slot, v) => *slot = v,
+    }
+}
+
 pub fn read_policy_file(path: &Path) -> Result<ServicePolicy, CliError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| CliError::Input(format!("cannot read policy file {}: {e}", path.display())))?;

@@ -277,3 +277,40 @@ async fn against_the_default_tls_api_meshctl_needs_the_root_and_the_admin_token(
     let err = fails(&meshctl(&plain, &["--admin-token-file", &token, "services"]));
     assert!(err.contains("cannot reach") || err.contains("unavailable"), "{err}");
 }
+
+/// Issue #15.13: `policy set --merge` changes only the fields the file names; plain `set`
+/// (the negative control) puts the others back to their defaults.
+#[tokio::test]
+async fn policy_set_merge_keeps_the_fields_the_file_leaves_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = CpProcess::start(dir.path());
+    let url = cp.url();
+    let cache = policy_file(
+        &dir,
+        "cache.yaml",
+        "cache: { ttl: 30s, path_prefixes: [/markets/], invalidate_on: [{ topic: market-events, prefix: \"/markets/{key}\" }] }\n",
+    );
+    ok(&meshctl(&url, &["policy", "set", "market-service", "-f", &cache]));
+    let lb = policy_file(&dir, "lb.yaml", "load_balancer: { algorithm: round_robin }\ntimeout: { request: 2s }\n");
+    let get = || -> serde_json::Value {
+        serde_json::from_str(&ok(&meshctl(&url, &["-o", "json", "policy", "get", "market-service"]))).unwrap()
+    };
+
+    let diff = ok(&meshctl(&url, &["policy", "diff", "market-service", "-f", &lb, "--merge"]));
+    assert!(diff.contains("load_balancer.algorithm") && !diff.contains("cache."), "{diff}");
+    ok(&meshctl(&url, &["policy", "set", "market-service", "-f", &lb, "--merge"]));
+    let p = get();
+    assert_eq!(p["policy"]["load_balancer"]["algorithm"], "round_robin", "{p}");
+    assert_eq!(p["policy"]["cache"]["invalidate_on"][0]["topic"], "market-events", "kept: {p}");
+    assert_eq!(p["policy"]["cache"]["ttl"], "30s", "kept: {p}");
+    // A merge that breaks a rule is refused naming the field, and nothing changes.
+    let bad = policy_file(&dir, "bad.yaml", "retry: { max_attempts: 50 }\n");
+    let err = fails(&meshctl(&url, &["policy", "set", "market-service", "-f", &bad, "--merge"]));
+    assert!(err.contains("retry.max_attempts"), "{err}");
+    assert_eq!(get()["version"], p["version"]);
+
+    // Without --merge, what the file leaves out goes back to its default.
+    ok(&meshctl(&url, &["policy", "set", "market-service", "-f", &lb]));
+    let p = get();
+    assert_eq!(p["policy"]["cache"]["invalidate_on"].as_array().map(Vec::len), Some(0), "{p}");
+}
