@@ -634,8 +634,14 @@ async fn policy(cmd: PolicyCommand, ch: CpChannel, out: Output, addr: &str) -> R
 /// `meshctl sidecar ADMIN`: fetches the sidecar's `/config` over plain HTTP/1.1.
 async fn sidecar(admin: &str, out: Output) -> Result<(), CliError> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = admin.trim_start_matches("http://").trim_end_matches('/');
-    let unreachable = |cause: String| CliError::Unreachable { addr: format!("sidecar admin {addr}"), cause };
+    // `127.0.0.1:4191`, or a URL as `meshctl up` prints it (`http://127.0.0.1:4191/config`).
+    let addr = admin.trim_start_matches("http://").split('/').next().unwrap_or_default();
+    let unreachable = |cause: String| {
+        CliError::Input(format!(
+            "cannot reach the sidecar admin listener at {addr}: {cause} (`meshctl up` prints each \
+             sidecar's admin URL, http://…/config)"
+        ))
+    };
     let mut s = tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(addr))
         .await
         .map_err(|_| unreachable("timed out".into()))?

@@ -188,6 +188,9 @@ async fn meshctl_up_runs_a_whole_mesh_reachable_through_the_gateway_and_stops_on
             request(inbound.parse().unwrap(), "GET", "market-service", "/markets", &[], Bytes::new()).await;
         assert_eq!(status, 0, "plaintext to {inbound} must not be served: {body}");
     }
+    // Issue #15.12: the admin URL exactly as `meshctl up` printed it works too.
+    let printed = format!("http://{}/config", gateway_admin.as_deref().unwrap_or_default());
+    assert!(meshctl(&["sidecar", &printed]).contains("connected"), "meshctl sidecar {printed}");
     let view = meshctl(&["sidecar", gateway_admin.as_deref().expect("gateway admin address printed")]);
     assert!(
         view.contains("connected")
