@@ -923,8 +923,9 @@ async fn merged_policy(
     st: &impl Fn(tonic::Status) -> CliError,
 ) -> Result<(ServicePolicy, u64), CliError> {
     let vp = client.get(v1::GetPolicyRequest { service: service.into() }).await.map_err(st)?.into_inner();
-    let stored = ServicePolicy::try_from(vp.policy.unwrap_or_default())
-        .map_err(|e| CliError::Refused(format!("the control plane sent a policy meshctl cannot read: {e}")))?;
+    let stored = ServicePolicy::try_from(vp.policy.unwrap_or_default()).map_err(|e| {
+        CliError::Refused(format!("the control plane sent a policy meshctl cannot read: {e}"))
+    })?;
     let text = std::fs::read_to_string(path)
         .map_err(|e| CliError::Input(format!("cannot read policy file {}: {e}", path.display())))?;
     let patch: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text)

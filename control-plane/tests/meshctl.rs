@@ -291,7 +291,8 @@ async fn policy_set_merge_keeps_the_fields_the_file_leaves_out() {
         "cache: { ttl: 30s, path_prefixes: [/markets/], invalidate_on: [{ topic: market-events, prefix: \"/markets/{key}\" }] }\n",
     );
     ok(&meshctl(&url, &["policy", "set", "market-service", "-f", &cache]));
-    let lb = policy_file(&dir, "lb.yaml", "load_balancer: { algorithm: round_robin }\ntimeout: { request: 2s }\n");
+    let lb =
+        policy_file(&dir, "lb.yaml", "load_balancer: { algorithm: round_robin }\ntimeout: { request: 2s }\n");
     let get = || -> serde_json::Value {
         serde_json::from_str(&ok(&meshctl(&url, &["-o", "json", "policy", "get", "market-service"]))).unwrap()
     };

@@ -146,9 +146,7 @@ impl Projection {
         }
         let id = r.aggregate_id.split_once('-').map_or(r.aggregate_id.as_str(), |(_, id)| id);
         let parsed = match r.aggregate_type.as_str() {
-            "market" => {
-                serde_json::from_str::<MarketEvent>(&r.payload).map(|e| self.apply_market(id, &r, &e))
-            }
+            "market" => serde_json::from_str::<MarketEvent>(&r.payload).map(|e| self.apply_market(id, r, &e)),
             "account" => serde_json::from_str::<AccountEvent>(&r.payload).map(|e| {
                 if let Some(a) = Account::apply(self.accounts.remove(id), id, &e) {
                     self.accounts.insert(id.to_string(), a);
