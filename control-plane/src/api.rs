@@ -22,6 +22,9 @@ use crate::{
     registry::{Endpoints, Registry, RegistryError},
 };
 
+/// Events a replay returns when the request names no limit.
+pub const DEFAULT_REPLAY_LIMIT: u32 = 1000;
+
 /// Most services one discovery watch or policy stream may follow.
 pub const MAX_WATCHED_SERVICES: usize = 256;
 
@@ -223,11 +226,18 @@ struct WatchState {
 /// A watch that ends lets go of its names: entries nobody else needs are forgotten.
 impl Drop for WatchState {
     fn drop(&mut self) {
-        let names: Vec<String> = self.updates.keys().cloned().collect();
-        self.updates = StreamMap::new();
-        for name in names {
-            self.state.registry.release(&name);
-        }
+        let registry = &self.state.registry;
+        release_all(&mut self.updates, |name| registry.release(name));
+    }
+}
+
+/// Drops every receiver in `updates` first (so they no longer count as watchers), then hands
+/// each name to `release`.
+fn release_all<T>(updates: &mut StreamMap<String, T>, release: impl Fn(&str)) {
+    let names: Vec<String> = updates.keys().cloned().collect();
+    *updates = StreamMap::new();
+    for name in names {
+        release(&name);
     }
 }
 
@@ -310,11 +320,8 @@ struct PolicySession {
 /// A policy stream that ends lets go of its names, as a discovery watch does.
 impl Drop for PolicySession {
     fn drop(&mut self) {
-        let names: Vec<String> = self.updates.keys().cloned().collect();
-        self.updates = StreamMap::new();
-        for name in names {
-            self.state.policies.release(&name);
-        }
+        let policies = &self.state.policies;
+        release_all(&mut self.updates, |name| policies.release(name));
     }
 }
 
@@ -832,7 +839,7 @@ impl v1::events_server::Events for Api {
         // Any limit is served in full, read page by page as the client takes it (memory stays
         // one page however much is asked for).
         let limit = match r.limit {
-            0 => 1000,
+            0 => DEFAULT_REPLAY_LIMIT as usize,
             n => n as usize,
         };
         let from = match (r.from_offset, r.from_time_unix_ms) {

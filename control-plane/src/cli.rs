@@ -861,7 +861,8 @@ async fn events(cmd: EventsCommand, ch: CpChannel, out: Output, addr: &str) -> R
                 printed += 1;
                 print(&d);
             }
-            if let Some(last) = last.filter(|_| printed == if limit == 0 { 1000 } else { limit }) {
+            let asked = if limit == 0 { crate::api::DEFAULT_REPLAY_LIMIT } else { limit };
+            if let Some(last) = last.filter(|_| printed == asked) {
                 eprintln!(
                     "{printed} events printed (--limit); there may be more: continue with --from-offset {}",
                     last + 1
@@ -913,7 +914,6 @@ async fn events(cmd: EventsCommand, ch: CpChannel, out: Output, addr: &str) -> R
     Ok(())
 }
 
-/// Reads a policy from YAML or JSON (JSON is YAML), refusing unknown fields and invalid values.
 /// The stored policy of `service` with the fields `path` names put over it, and the version it
 /// was read at.
 async fn merged_policy(
@@ -926,17 +926,10 @@ async fn merged_policy(
     let stored = ServicePolicy::try_from(vp.policy.unwrap_or_default()).map_err(|e| {
         CliError::Refused(format!("the control plane sent a policy meshctl cannot read: {e}"))
     })?;
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| CliError::Input(format!("cannot read policy file {}: {e}", path.display())))?;
-    let patch: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text)
-        .map_err(|e| CliError::Input(format!("policy file {}: {e}", path.display())))?;
     let mut merged = serde_yaml_ng::to_value(&stored)
         .map_err(|e| CliError::Input(format!("the stored policy of {service}: {e}")))?;
-    merge_yaml(&mut merged, patch);
-    let policy: ServicePolicy = serde_yaml_ng::from_value(merged)
-        .map_err(|e| CliError::Input(format!("policy file {}: {e}", path.display())))?;
-    policy.validate().map_err(|e| CliError::Input(format!("policy file {}: {e}", path.display())))?;
-    Ok((policy, vp.version))
+    merge_yaml(&mut merged, policy_file_value(path)?);
+    Ok((validated_policy(path, serde_yaml_ng::from_value(merged))?, vp.version))
 }
 
 /// Puts `patch` over `base`: mappings merge key by key, anything else replaces.
@@ -957,12 +950,30 @@ fn merge_yaml(base: &mut serde_yaml_ng::Value, patch: serde_yaml_ng::Value) {
     }
 }
 
+/// Reads a policy from YAML or JSON (JSON is YAML), refusing unknown fields and invalid values.
 pub fn read_policy_file(path: &Path) -> Result<ServicePolicy, CliError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| CliError::Input(format!("cannot read policy file {}: {e}", path.display())))?;
-    let policy: ServicePolicy = serde_yaml_ng::from_str(&text)
-        .map_err(|e| CliError::Input(format!("policy file {}: {e}", path.display())))?;
-    policy.validate().map_err(|e| CliError::Input(format!("policy file {}: {e}", path.display())))?;
+    validated_policy(path, serde_yaml_ng::from_str(&policy_file_text(path)?))
+}
+
+/// A policy file as a YAML value (any mapping; fields are checked when it becomes a policy).
+fn policy_file_value(path: &Path) -> Result<serde_yaml_ng::Value, CliError> {
+    serde_yaml_ng::from_str(&policy_file_text(path)?)
+        .map_err(|e| CliError::Input(format!("policy file {}: {e}", path.display())))
+}
+
+fn policy_file_text(path: &Path) -> Result<String, CliError> {
+    std::fs::read_to_string(path)
+        .map_err(|e| CliError::Input(format!("cannot read policy file {}: {e}", path.display())))
+}
+
+/// The policy that `path` describes, if it parses and validates; the error names the file.
+fn validated_policy(
+    path: &Path,
+    parsed: Result<ServicePolicy, serde_yaml_ng::Error>,
+) -> Result<ServicePolicy, CliError> {
+    let bad = |e: String| CliError::Input(format!("policy file {}: {e}", path.display()));
+    let policy = parsed.map_err(|e| bad(e.to_string()))?;
+    policy.validate().map_err(|e| bad(e.to_string()))?;
     Ok(policy)
 }
 

@@ -218,6 +218,25 @@ mod tests {
         (dir, Policies::new(store, loaded.policies).unwrap())
     }
 
+    /// Issue #15.2: a channel made by a watch of a name nobody configured goes when the watch
+    /// does; one that was ever set stays (its version must never go back).
+    #[tokio::test]
+    async fn watched_defaults_are_released_and_set_policies_are_kept() {
+        let (_dir, p) = open();
+        let base = p.tracked();
+        let rx = p.watch("ghost");
+        p.release("ghost");
+        assert_eq!(p.tracked(), base + 1, "still watched");
+        drop(rx);
+        p.release("ghost");
+        assert_eq!(p.tracked(), base, "released");
+        p.set("real", ServicePolicy::default(), None, false).await.unwrap();
+        let rx = p.watch("real");
+        drop(rx);
+        p.release("real");
+        assert_eq!(p.tracked(), base + 1, "a set policy keeps its channel");
+    }
+
     #[tokio::test]
     async fn versions_increase_through_set_and_delete_and_survive_restart() {
         let (dir, p) = open();

@@ -144,6 +144,17 @@ struct Service {
 }
 
 impl Service {
+    /// A service with no instances and an empty discovery view at version 0.
+    fn new(name: &str) -> Arc<Service> {
+        let empty = Endpoints { service: name.to_string(), version: 0, endpoints: vec![] };
+        Arc::new(Service {
+            name: name.to_string(),
+            state: Mutex::new(ServiceState::default()),
+            writes: tokio::sync::Mutex::new(()),
+            endpoints: watch::channel(Arc::new(empty)).0,
+        })
+    }
+
     fn lock(&self) -> MutexGuard<'_, ServiceState> {
         // A panic while holding the lock cannot leave the map half-updated in a way that matters
         // more than losing the registry, so recover the guard.
@@ -231,18 +242,7 @@ impl Registry {
         if let Some(s) = self.services.get(name) {
             return s.clone();
         }
-        self.services
-            .entry(name.to_string())
-            .or_insert_with(|| {
-                let empty = Endpoints { service: name.to_string(), version: 0, endpoints: vec![] };
-                Arc::new(Service {
-                    name: name.to_string(),
-                    state: Mutex::new(ServiceState::default()),
-                    writes: tokio::sync::Mutex::new(()),
-                    endpoints: watch::channel(Arc::new(empty)).0,
-                })
-            })
-            .clone()
+        self.services.entry(name.to_string()).or_insert_with(|| Service::new(name)).clone()
     }
 
     /// Keeps `live` in step with `svc`'s instances (the caller holds `svc.writes`).
@@ -264,17 +264,9 @@ impl Registry {
         if let Some(s) = self.services.get(service) {
             return s.endpoints.subscribe();
         }
-        let empty = || Endpoints { service: service.to_string(), version: 0, endpoints: vec![] };
         self.services
             .entry(service.to_string())
-            .or_insert_with(|| {
-                Arc::new(Service {
-                    name: service.to_string(),
-                    state: Mutex::new(ServiceState::default()),
-                    writes: tokio::sync::Mutex::new(()),
-                    endpoints: watch::channel(Arc::new(empty())).0,
-                })
-            })
+            .or_insert_with(|| Service::new(service))
             .endpoints
             .subscribe()
     }
@@ -395,11 +387,11 @@ impl Registry {
         let mut out = Sweep::default();
         let services: Vec<Arc<Service>> = self.live.iter().map(|e| e.value().clone()).collect();
         for svc in services {
-            if svc.lock().instances.is_empty() {
-                continue;
-            }
             let h = self.health_policy(&svc.name);
             let mut st = svc.lock();
+            if st.instances.is_empty() {
+                continue; // its last instance left since `live` was read
+            }
             let st = &mut *st;
             while st
                 .recent_expirations

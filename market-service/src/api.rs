@@ -408,7 +408,7 @@ async fn platform(State(s): S) -> Result<Json<Value>, Refusal> {
         let n = p.markets.values().filter(|m| Some(m.status) == Status::parse(st)).count();
         by_status.insert(st.into(), json!(n));
     }
-    let volume = Micro(p.markets.values().fold(0i64, |s, m| s.saturating_add(m.volume.0)));
+    let volume = Micro(crate::domain::money::sum(p.markets.values().map(|m| m.volume.0)));
     let trades: u64 = p.markets.values().map(|m| m.trades).sum();
     let traders: std::collections::BTreeSet<&String> =
         p.markets.values().flat_map(|m| m.positions.keys()).collect();

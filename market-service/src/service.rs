@@ -73,6 +73,7 @@ impl From<DomainError> for Refusal {
 impl From<StoreError> for Refusal {
     fn from(e: StoreError) -> Self {
         match e {
+            StoreError::Unreadable(reason) => Refusal::new(503, "aggregate_unreadable", reason),
             StoreError::Conflict { .. } => {
                 Refusal::new(409, "version_conflict", format!("{e}; reload and retry"))
             }
@@ -158,11 +159,14 @@ impl Projection {
             }
         };
         if let Err(e) = parsed {
-            let reason = format!("event {} (version {}) is unreadable: {e}", r.event_id, r.version);
+            let reason = unreadable(&r.aggregate_id, r, &e);
             tracing::error!(aggregate = %r.aggregate_id, %reason, "aggregate left out of the projection; the rest is served");
-            self.markets.remove(id);
-            self.accounts.remove(id);
-            self.history.remove(id);
+            if r.aggregate_type == "market" {
+                self.markets.remove(id);
+                self.history.remove(id);
+            } else {
+                self.accounts.remove(id);
+            }
             self.unreadable.insert(r.aggregate_id.clone(), reason);
         }
     }
@@ -179,11 +183,7 @@ impl Projection {
 
     fn missing(&self, aggregate: &str, kind: &str, id: &str) -> Refusal {
         match self.unreadable.get(aggregate) {
-            Some(reason) => Refusal::new(
-                503,
-                "aggregate_unreadable",
-                format!("{aggregate} cannot be served: {reason}; other aggregates are unaffected"),
-            ),
+            Some(reason) => StoreError::Unreadable(reason.clone()).into(),
             None => Refusal::new(404, "not_found", format!("{kind} {id} does not exist")),
         }
     }
@@ -196,6 +196,14 @@ impl Projection {
             self.markets.insert(id.to_string(), m);
         }
     }
+}
+
+/// Why `aggregate` cannot be served: event `r` does not parse.
+fn unreadable(aggregate: &str, r: &Recorded, e: &serde_json::Error) -> String {
+    format!(
+        "{aggregate} cannot be served: its event {} (version {}) is unreadable ({e}); other aggregates are unaffected",
+        r.event_id, r.version
+    )
 }
 
 pub struct Markets {
@@ -295,12 +303,8 @@ impl Markets {
             },
         };
         for r in &tail {
-            let e: E = serde_json::from_str(&r.payload).map_err(|e| {
-                StoreError::Db(format!(
-                    "{aggregate} is unreadable at event {} (version {}): {e}; other aggregates are unaffected",
-                    r.event_id, r.version
-                ))
-            })?;
+            let e: E = serde_json::from_str(&r.payload)
+                .map_err(|e| StoreError::Unreadable(unreadable(aggregate, r, &e)))?;
             state = apply(state, id, &e);
         }
         Ok(state)

@@ -33,6 +33,10 @@ pub enum StoreError {
     Db(String),
     #[error("{0}")]
     Config(String),
+    /// An aggregate's log (or snapshot) holds data that does not parse: that aggregate cannot
+    /// be served, the others can.
+    #[error("{0}")]
+    Unreadable(String),
 }
 
 impl From<sqlx::Error> for StoreError {

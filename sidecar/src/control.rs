@@ -211,6 +211,19 @@ async fn session(
     }
 }
 
+/// The NACK of push `p`, counted.
+fn nack(shared: &Shared, p: v1::PolicyPush, reason: String) -> v1::PolicyStreamRequest {
+    shared.metrics.policy_nacks.inc();
+    v1::PolicyStreamRequest {
+        kind: Some(Kind::Nack(v1::PolicyNack {
+            service: p.service,
+            version: p.version,
+            nonce: p.nonce,
+            reason,
+        })),
+    }
+}
+
 /// Applies a push and answers it: ACK once applied and durable, NACK (keeping the previous
 /// policy untouched) when it does not validate.
 async fn apply_policy(shared: &Shared, p: v1::PolicyPush) -> v1::PolicyStreamRequest {
@@ -218,15 +231,7 @@ async fn apply_policy(shared: &Shared, p: v1::PolicyPush) -> v1::PolicyStreamReq
         Ok(policy) => policy,
         Err(e) => {
             tracing::warn!(service = %p.service, version = p.version, reason = %e, "refusing policy push (NACK); keeping the previous policy");
-            shared.metrics.policy_nacks.inc();
-            return v1::PolicyStreamRequest {
-                kind: Some(Kind::Nack(v1::PolicyNack {
-                    service: p.service,
-                    version: p.version,
-                    nonce: p.nonce,
-                    reason: e.to_string(),
-                })),
-            };
+            return nack(shared, p, e.to_string());
         }
     };
     let own = shared.config.service.as_deref() == Some(p.service.as_str());
@@ -249,15 +254,7 @@ async fn apply_policy(shared: &Shared, p: v1::PolicyPush) -> v1::PolicyStreamReq
             up.restore(before);
         }
         tracing::error!(service = %p.service, version = p.version, error = %e, "policy not durable: NACK, previous policy kept");
-        shared.metrics.policy_nacks.inc();
-        return v1::PolicyStreamRequest {
-            kind: Some(Kind::Nack(v1::PolicyNack {
-                service: p.service,
-                version: p.version,
-                nonce: p.nonce,
-                reason: format!("the sidecar could not make the policy durable: {e}"),
-            })),
-        };
+        return nack(shared, p, format!("the sidecar could not make the policy durable: {e}"));
     }
     shared.cp.synced.store(true, Ordering::Relaxed);
     shared.metrics.policy_acks.inc();

@@ -64,10 +64,11 @@ fn sha256(parts: &[&[u8]]) -> [u8; 32] {
 /// Whose key this is: the caller (verified identity, or address without mTLS), the client's
 /// credential within it (the `Authorization` header, as a digest), and the key.
 pub fn scope(caller: &str, authorization: Option<&[u8]>, key: &str) -> String {
+    use std::fmt::Write;
     let who = sha256(&[caller.as_bytes(), authorization.unwrap_or_default()]);
-    let mut s = String::with_capacity(key.len() + 65);
+    let mut s = String::with_capacity(key.len() + 33);
     for b in &who[..16] {
-        s.push_str(&format!("{b:02x}"));
+        let _ = write!(s, "{b:02x}");
     }
     s.push(' ');
     s.push_str(key);

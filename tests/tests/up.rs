@@ -24,31 +24,42 @@ impl Drop for Up {
     }
 }
 
+impl Up {
+    /// `meshctl [GLOBAL…] up [UP…]` on port 0 everywhere with its state in `state`, and its
+    /// stdout.
+    fn start(state: &std::path::Path, global: &[&str], up: &[&str]) -> (Up, std::process::ChildStdout) {
+        let mut child = Command::new(bin("meshctl"))
+            .args(global)
+            .arg("up")
+            .args(up)
+            .args([
+                "--grpc-addr",
+                "127.0.0.1:0",
+                "--admin-addr",
+                "127.0.0.1:0",
+                "--gateway-addr",
+                "127.0.0.1:0",
+            ])
+            .arg("--dir")
+            .arg(state)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        (Up(Some(child)), stdout)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn meshctl_up_runs_a_whole_mesh_reachable_through_the_gateway_and_stops_on_ctrl_c() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join(".mesh");
-    let mut up = Command::new(bin("meshctl"))
-        .args([
-            "up",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--gateway-addr",
-            "127.0.0.1:0",
-            "--dir",
-        ])
-        .arg(&state)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let (mut up, stdout) = Up::start(&state, &[], &[]);
     let (mut cp, mut gateway, mut gateway_admin) = (None, None, None);
     let mut inbounds = Vec::new();
-    let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
-    let mut up = Up(Some(up));
+    let mut lines = BufReader::new(stdout).lines();
     for line in lines.by_ref() {
         let line = line.unwrap();
         let cols: Vec<&str> = line.split_whitespace().collect();
@@ -229,22 +240,20 @@ async fn meshctl_up_restarts_a_dead_process_and_gives_up_on_one_that_keeps_dying
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join(".mesh");
-    let mut child = Command::new(bin("meshctl"))
-        .args(["-o", "json", "up", "--restart-backoff", "100ms", "--give-up-after", "3"])
-        .args(["--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--gateway-addr", "127.0.0.1:0"])
-        .arg("--dir")
-        .arg(&state)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut up = Up(Some(child));
+    // A token file left world-readable by an older version is tightened, not reused as it is.
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(state.join("admin-token"), "old").unwrap();
+    std::fs::set_permissions(state.join("admin-token"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (mut up, stdout) =
+        Up::start(&state, &["-o", "json"], &["--restart-backoff", "100ms", "--give-up-after", "3"]);
     let (tx, mut events) = tokio::sync::mpsc::unbounded_channel::<Value>();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")));
+            // A line that is not JSON fails the test where it is read (`event` is missing).
+            let _ = tx.send(
+                serde_json::from_str(&line)
+                    .unwrap_or_else(|e| json!({"not_json": line, "error": e.to_string()})),
+            );
         }
     });
     let mut next =

@@ -433,12 +433,15 @@ async fn supervise(mut mesh: Mesh, backoff: Duration, give_up_after: u32) -> Res
                 mesh.procs[i] = fresh;
             }
             // Still down: its old, exited child answers `first_exit` at once, which counts as
-            // the next failure and backs off further.
-            Err(e) => mesh.say(
-                "restart_failed",
-                json!({"process": name, "error": e.to_string()}),
-                format!("{name} did not restart: {e}"),
-            ),
+            // the next quick failure (dated from this attempt) and backs off further.
+            Err(e) => {
+                mesh.procs[i].started = Instant::now();
+                mesh.say(
+                    "restart_failed",
+                    json!({"process": name, "error": e.to_string()}),
+                    format!("{name} did not restart: {e}"),
+                );
+            }
         }
     }
 }
@@ -601,5 +604,40 @@ async fn stop_all(mut procs: Vec<Proc>) {
                 let _ = p.child.kill().await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_restart_keeps_the_addresses_the_process_chose() {
+        let args = strings(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--database-url",
+            "sqlite://x:0",
+            "--admin-addr",
+            "127.0.0.1:7",
+        ]);
+        let listening = json!({"event": "listening", "http": "127.0.0.1:40001", "admin": "127.0.0.1:40002"});
+        assert_eq!(
+            pinned(&args, &listening),
+            strings(&[
+                "--listen",
+                "127.0.0.1:40001",
+                "--database-url",
+                "sqlite://x:0",
+                "--admin-addr",
+                "127.0.0.1:7"
+            ]),
+            "only port-0 addresses of listener flags are pinned"
+        );
+        let cp = strings(&["--grpc-addr", "127.0.0.1:0"]);
+        assert_eq!(
+            pinned(&cp, &json!({"grpc": "https://127.0.0.1:40003"})),
+            strings(&["--grpc-addr", "127.0.0.1:40003"])
+        );
     }
 }

@@ -16,19 +16,21 @@ pub fn init_tracing(filter: &str) {
 /// Reads a secret (a token) from `path`, trimmed. Refuses an empty file; warns (on stderr, the
 /// secret never printed) when the file is readable by others than its owner.
 pub fn read_secret(path: &std::path::Path) -> Result<String, String> {
-    use std::os::unix::fs::PermissionsExt;
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    use std::{io::Read, os::unix::fs::PermissionsExt};
+    let fail = |e: std::io::Error| format!("cannot read {}: {e}", path.display());
+    let mut file = std::fs::File::open(path).map_err(fail)?;
+    let mode = file.metadata().map_err(fail)?.permissions().mode();
+    let mut text = String::new();
+    file.read_to_string(&mut text).map_err(fail)?;
     let secret = text.trim();
     if secret.is_empty() {
         return Err(format!("{} is empty: write the secret into it", path.display()));
     }
-    if let Ok(meta) = std::fs::metadata(path)
-        && meta.permissions().mode() & 0o077 != 0
-    {
+    if mode & 0o077 != 0 {
         eprintln!(
             "warning: {} is readable by other users (mode {:o}); chmod 600 it",
             path.display(),
-            meta.permissions().mode() & 0o777
+            mode & 0o777
         );
     }
     Ok(secret.to_string())
@@ -91,5 +93,25 @@ where
             eprintln!("error: {e}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn secrets_are_read_trimmed_and_an_empty_or_missing_file_is_an_error() {
+        let dir = std::env::temp_dir().join(format!("mesh-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("token");
+        std::fs::write(&path, "  s3cret\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(super::read_secret(&path).unwrap(), "s3cret");
+        std::fs::write(&path, "\n").unwrap();
+        assert!(super::read_secret(&path).unwrap_err().contains("is empty"));
+        let missing = dir.join("missing");
+        assert!(super::read_secret(&missing).unwrap_err().contains("missing"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -292,11 +292,15 @@ impl Market {
                 m.winner = Some(*outcome);
             }
             MarketEvent::MarketSettled { payouts, creator_refund } => {
-                m.pool.0 = m.pool.0.saturating_sub(sum(payouts.values()).saturating_add(creator_refund.0));
+                m.pool.0 = m.pool.0.saturating_sub(
+                    money::sum(payouts.values().map(|v| v.0)).saturating_add(creator_refund.0),
+                );
             }
             MarketEvent::MarketCancelled { refunds, creator_refund, .. } => {
                 m.status = Status::Cancelled;
-                m.pool.0 = m.pool.0.saturating_sub(sum(refunds.values()).saturating_add(creator_refund.0));
+                m.pool.0 = m.pool.0.saturating_sub(
+                    money::sum(refunds.values().map(|v| v.0)).saturating_add(creator_refund.0),
+                );
             }
         }
         Some(m)
@@ -367,11 +371,6 @@ impl Account {
         }
         Some(a)
     }
-}
-
-/// The saturating sum of amounts (folds never panic on stored data).
-fn sum<'a>(amounts: impl IntoIterator<Item = &'a Micro>) -> i64 {
-    amounts.into_iter().fold(0i64, |acc, v| acc.saturating_add(v.0))
 }
 
 // ---- commands -------------------------------------------------------------------------------
@@ -648,7 +647,7 @@ pub fn resolve(
         .map(|(acc, p)| (acc.clone(), p[outcome].shares))
         .filter(|(_, s)| s.0 > 0)
         .collect();
-    let paid = sum(payouts.values());
+    let paid = money::sum(payouts.values().map(|v| v.0));
     let creator_refund = Micro(m.pool.0 - paid);
     debug_assert!(creator_refund.0 >= 0, "the trade solvency check keeps the pool covering payouts");
     let mut credits = payouts.clone();
@@ -679,10 +678,10 @@ pub fn cancel(
     let owed: BTreeMap<String, i64> = m
         .positions
         .iter()
-        .map(|(acc, ps)| (acc.clone(), ps.iter().fold(0i64, |s, p| s.saturating_add(p.net_paid.0))))
+        .map(|(acc, ps)| (acc.clone(), money::sum(ps.iter().map(|p| p.net_paid.0))))
         .filter(|(_, v)| *v > 0)
         .collect();
-    let total = owed.values().fold(0i64, |s, v| s.saturating_add(*v));
+    let total = money::sum(owed.values().copied());
     let refunds: BTreeMap<String, Micro> = owed
         .into_iter()
         .map(|(acc, v)| {
@@ -694,7 +693,7 @@ pub fn cancel(
             (acc, Micro(r))
         })
         .collect();
-    let creator_refund = Micro(m.pool.0.saturating_sub(sum(refunds.values())));
+    let creator_refund = Micro(m.pool.0.saturating_sub(money::sum(refunds.values().map(|v| v.0))));
     let mut credits = refunds.clone();
     *credits.entry(m.creator.clone()).or_default() =
         Micro(credits.get(&m.creator).map_or(0, |v| v.0) + creator_refund.0);

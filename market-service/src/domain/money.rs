@@ -26,6 +26,11 @@ pub fn within(field: &str, v: Micro) -> Result<Micro, String> {
     }
 }
 
+/// The sum of `amounts`, saturating at the ends of `i64` (folding stored data never panics).
+pub fn sum(amounts: impl IntoIterator<Item = i64>) -> i64 {
+    amounts.into_iter().fold(0i64, |acc, v| acc.saturating_add(v))
+}
+
 /// An amount of credits or shares in millionths.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Micro(pub i64);

@@ -218,6 +218,30 @@ fn market(creator: &Account) -> Market {
     Market::replay(None, "m1", &events).unwrap()
 }
 
+/// Issue #15.1: the one bound on amounts, checked on what a command would produce.
+#[test]
+fn commands_past_the_bound_on_amounts_are_refused_naming_the_field() {
+    let max_units = money::MAX / money::SCALE;
+    let rich = funded(max_units);
+    let m = market(&funded(1_000));
+    fn too_large<T>(r: Result<T, DomainError>) -> &'static str {
+        match r {
+            Err(DomainError::TooLarge(field, _)) => field,
+            Err(other) => panic!("expected TooLarge, got {other:?}"),
+            Ok(_) => panic!("expected TooLarge, got Ok"),
+        }
+    }
+    assert_eq!(too_large(grant(&rich, Micro(1), "admin")), "balance");
+    assert_eq!(too_large(grant(&funded(0), Micro(money::MAX + 1), "admin")), "amount");
+    assert_eq!(too_large(credit(&rich, Micro(1), "m1", "settlement")), "balance");
+    assert_eq!(too_large(quote(&m, 0, Side::Buy, Micro(money::MAX + 1))), "shares");
+    assert!(grant(&funded(max_units - 1), Micro::units(1), "admin").is_ok(), "up to the bound is fine");
+    // Folding stored data past the bound saturates instead of overflowing.
+    let huge = AccountEvent::FundsGranted { amount: Micro(i64::MAX), by: "old".into() };
+    let folded = Account::apply(Some(rich.clone()), "alice", &huge).unwrap();
+    assert_eq!(folded.balance, Micro(i64::MAX));
+}
+
 #[test]
 fn trading_refuses_what_it_must() {
     let alice = funded(1_000);
