@@ -3,60 +3,19 @@
 
 use std::{
     io::{BufRead, BufReader},
-    process::{Command, Stdio},
+    process::Command,
     time::Duration,
 };
 
 use bytes::Bytes;
-use mesh_testkit::{WAIT, bin, eventually, request};
+use mesh_testkit::{MeshctlUp, WAIT, bin, eventually, request};
 use serde_json::{Value, json};
-
-/// `meshctl up`, interrupted (Ctrl-C) if the test fails first, so no process outlives the test.
-struct Up(Option<std::process::Child>);
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Up {
-    /// `meshctl [GLOBAL…] up [UP…]` on port 0 everywhere with its state in `state`, and its
-    /// stdout.
-    fn start(state: &std::path::Path, global: &[&str], up: &[&str]) -> (Up, std::process::ChildStdout) {
-        let mut child = Command::new(bin("meshctl"))
-            .args(global)
-            .arg("up")
-            .args(up)
-            .args([
-                "--grpc-addr",
-                "127.0.0.1:0",
-                "--admin-addr",
-                "127.0.0.1:0",
-                "--gateway-addr",
-                "127.0.0.1:0",
-            ])
-            .arg("--dir")
-            .arg(state)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        (Up(Some(child)), stdout)
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn meshctl_up_runs_a_whole_mesh_reachable_through_the_gateway_and_stops_on_ctrl_c() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join(".mesh");
-    let (mut up, stdout) = Up::start(&state, &[], &[]);
+    let (mut up, stdout) = MeshctlUp::start(&state, &[], &[]);
     let (mut cp, mut gateway, mut gateway_admin) = (None, None, None);
     let mut inbounds = Vec::new();
     let mut lines = BufReader::new(stdout).lines();
@@ -245,7 +204,7 @@ async fn meshctl_up_restarts_a_dead_process_and_gives_up_on_one_that_keeps_dying
     std::fs::write(state.join("admin-token"), "old").unwrap();
     std::fs::set_permissions(state.join("admin-token"), std::fs::Permissions::from_mode(0o644)).unwrap();
     let (mut up, stdout) =
-        Up::start(&state, &["-o", "json"], &["--restart-backoff", "100ms", "--give-up-after", "3"]);
+        MeshctlUp::start(&state, &["-o", "json"], &["--restart-backoff", "100ms", "--give-up-after", "3"]);
     let (tx, mut events) = tokio::sync::mpsc::unbounded_channel::<Value>();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {

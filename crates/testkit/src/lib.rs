@@ -464,6 +464,47 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// `meshctl [GLOBAL…] up [UP…]` on port 0 everywhere with its state in a directory; stopped
+/// with SIGINT (Ctrl-C) on drop, so no process of its mesh outlives the test.
+pub struct MeshctlUp(pub Option<Child>);
+
+impl MeshctlUp {
+    /// Starts it and hands back its stdout.
+    pub fn start(state: &std::path::Path, global: &[&str], up: &[&str]) -> (Self, std::process::ChildStdout) {
+        let mut child = Command::new(bin("meshctl"))
+            .args(global)
+            .arg("up")
+            .args(up)
+            .args([
+                "--grpc-addr",
+                "127.0.0.1:0",
+                "--admin-addr",
+                "127.0.0.1:0",
+                "--gateway-addr",
+                "127.0.0.1:0",
+            ])
+            .arg("--dir")
+            .arg(state)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        (Self(Some(child)), stdout)
+    }
+}
+
+impl Drop for MeshctlUp {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+            let _ = child.wait();
+        }
+    }
+}
+
 /// A workspace binary as a child process; killed (SIGKILL) on drop.
 pub struct Process {
     pub child: Child,
@@ -473,13 +514,19 @@ pub struct Process {
 
 impl Process {
     pub fn start(name: &str, args: &[String]) -> Self {
-        let mut child = Command::new(bin(name))
-            .args(args)
+        let mut cmd = Command::new(bin(name));
+        cmd.args(args);
+        Self::spawn(cmd, name)
+    }
+
+    /// Runs `cmd` (stdin closed, stderr inherited) and waits for its `listening` line.
+    pub fn spawn(mut cmd: Command, name: &str) -> Self {
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .unwrap();
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
         let listening =
