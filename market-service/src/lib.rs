@@ -17,7 +17,6 @@ pub mod store;
 
 use std::{sync::Arc, time::Duration};
 
-use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 
@@ -52,9 +51,10 @@ impl Config {
 /// Connects, migrates, builds the projection, then serves until `shutdown`.
 pub async fn run(
     config: Config,
-    listener: TcpListener,
+    listener: impl Into<mesh_runtime::LocalListener>,
     shutdown: CancellationToken,
 ) -> Result<(), store::StoreError> {
+    let listener = listener.into();
     let store = Store::connect(&config.database_url).await?;
     let (markets, mut due) = Markets::new(store.clone(), config.snapshot_every);
     let seq = markets.read().await?.seq;
@@ -107,10 +107,7 @@ pub async fn run(
         markets: markets.clone(),
         admin_token: config.admin_token.clone(),
     }));
-    let listener = axum::serve::ListenerExt::tap_io(listener, |s| {
-        let _ = s.set_nodelay(true);
-    });
-    let served = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
+    let served = mesh_runtime::serve_http(listener, app, shutdown.cancelled_owned()).await;
     stop.cancel();
     tasks.close();
     tasks.wait().await;

@@ -1,7 +1,7 @@
 //! `market-service`: flags → tracing → bind → `market_service::run` until SIGTERM / SIGINT.
 //! Prints `{"event":"listening","http":"…"}` on stdout once bound; logs go to stderr.
 
-use std::{net::SocketAddr, process::ExitCode, time::Duration};
+use std::{process::ExitCode, time::Duration};
 
 use anyhow::Context;
 use clap::Parser;
@@ -14,9 +14,11 @@ use tokio_util::sync::CancellationToken;
     about = "Opinion markets with an LMSR market maker, event-sourced on SQLite or PostgreSQL"
 )]
 struct Args {
-    /// HTTP listener (only its sidecar should reach it).
+    /// HTTP listener (only its sidecar should reach it): host:port, or unix:/path for a Unix
+    /// domain socket only this user can open (mode 0600) — then nobody else on the host can
+    /// reach the service past its sidecar.
     #[arg(long, env = "MESH_LISTEN", default_value = "127.0.0.1:8081")]
-    listen: SocketAddr,
+    listen: mesh_runtime::LocalAddr,
     /// sqlite://PATH (created if missing) or postgres://USER@HOST:PORT/DB.
     #[arg(long, env = "MESH_DATABASE_URL", default_value = "sqlite://.mesh/market.db")]
     database_url: String,
@@ -51,10 +53,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    let listener = tokio::net::TcpListener::bind(args.listen)
+    let listener = mesh_runtime::LocalListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on --listen {}", args.listen))?;
-    println!("{}", serde_json::json!({"event": "listening", "http": listener.local_addr()?}));
+    println!("{}", serde_json::json!({"event": "listening", "http": listener.local_addr()?.to_string()}));
     let admin_token = match &args.admin_token_file {
         None => None,
         Some(path) => {

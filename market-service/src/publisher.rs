@@ -3,28 +3,101 @@
 //! the sidecar has spooled them (202). A failure keeps them for the next round; a crash between
 //! the 202 and the mark re-sends them, and the bus drops them as duplicates by event id.
 
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::{service::now_ms, store::Store};
 
 /// Rows sent per request.
 const BATCH: i64 = 200;
 
-/// Runs until `stop`, posting to `{sidecar_admin}/events`.
+/// The sidecar's event API: `http://host:port` or `unix:/path`, over one kept connection.
+struct Sidecar {
+    target: Target,
+    conn: Option<http1::SendRequest<Full<Bytes>>>,
+}
+
+enum Target {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+impl Sidecar {
+    fn new(sidecar_admin: &str) -> Self {
+        let target = match sidecar_admin.strip_prefix("unix:") {
+            Some(path) => Target::Unix(path.into()),
+            None => {
+                Target::Tcp(sidecar_admin.trim_start_matches("http://").trim_end_matches('/').to_string())
+            }
+        };
+        Self { target, conn: None }
+    }
+
+    /// POSTs `body` to `/events`; (status, body) of the answer.
+    async fn post(&mut self, body: Bytes) -> Result<(http::StatusCode, Bytes), String> {
+        let mut conn = match self.conn.take() {
+            Some(mut c) => match c.ready().await {
+                Ok(()) => c,
+                Err(_) => self.connect().await?, // the sidecar closed it: a new one
+            },
+            None => self.connect().await?,
+        };
+        let host = match &self.target {
+            Target::Tcp(a) => a.as_str(),
+            Target::Unix(_) => "localhost",
+        };
+        let req = http::Request::post("/events")
+            .header(http::header::HOST, host)
+            .header("content-type", "application/json")
+            .body(Full::new(body))
+            .map_err(|e| e.to_string())?;
+        let resp = conn.send_request(req).await.map_err(|e| e.to_string())?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await.map(|b| b.to_bytes()).map_err(|e| e.to_string())?;
+        self.conn = Some(conn);
+        Ok((status, body))
+    }
+
+    async fn connect(&self) -> Result<http1::SendRequest<Full<Bytes>>, String> {
+        let (tx, conn) = match &self.target {
+            Target::Tcp(addr) => {
+                let s = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("{addr}: {e}"))?;
+                let _ = s.set_nodelay(true);
+                let (tx, conn) = http1::handshake(TokioIo::new(s)).await.map_err(|e| e.to_string())?;
+                (tx, futures::future::Either::Left(conn))
+            }
+            Target::Unix(path) => {
+                let s = tokio::net::UnixStream::connect(path)
+                    .await
+                    .map_err(|e| format!("unix:{}: {e}", path.display()))?;
+                let (tx, conn) = http1::handshake(TokioIo::new(s)).await.map_err(|e| e.to_string())?;
+                (tx, futures::future::Either::Right(conn))
+            }
+        };
+        // The connection lives until `tx` is dropped (the publisher stops or reconnects).
+        tokio::spawn(
+            async move {
+                let _ = conn.await;
+            }
+            .instrument(tracing::info_span!("sidecar_connection")),
+        );
+        Ok(tx)
+    }
+}
+
+/// Runs until `stop`, posting to the sidecar's `/events` (`http://host:port` or `unix:/path`).
 pub async fn run(store: Store, sidecar_admin: String, stop: CancellationToken) {
-    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
-    connector.set_nodelay(true);
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
-    let url = format!("{}/events", sidecar_admin.trim_end_matches('/'));
+    let mut sidecar = Sidecar::new(&sidecar_admin);
     let mut failures = 0u32;
     loop {
-        let sent = publish_once(&store, &client, &url).await;
+        let sent = publish_once(&store, &mut sidecar, &sidecar_admin).await;
         if sent.is_ok() {
             failures = 0;
         }
@@ -45,11 +118,7 @@ pub async fn run(store: Store, sidecar_admin: String, stop: CancellationToken) {
     }
 }
 
-async fn publish_once(
-    store: &Store,
-    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
-    url: &str,
-) -> Result<usize, String> {
+async fn publish_once(store: &Store, sidecar: &mut Sidecar, url: &str) -> Result<usize, String> {
     let rows = store.outbox_pending(BATCH).await.map_err(|e| e.to_string())?;
     if rows.is_empty() {
         return Ok(0);
@@ -68,18 +137,13 @@ async fn publish_once(
             })
         })
         .collect();
-    let req = http::Request::post(url)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(Value::Array(events).to_string())))
-        .map_err(|e| e.to_string())?;
-    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+    let body = Bytes::from(Value::Array(events).to_string());
+    let (status, answer) = tokio::time::timeout(Duration::from_secs(10), sidecar.post(body))
         .await
         .map_err(|_| format!("{url} did not answer within 10s"))?
         .map_err(|e| format!("{url}: {e}"))?;
-    let status = resp.status();
     if status != http::StatusCode::ACCEPTED {
-        let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-        return Err(format!("{url} answered {status}: {}", String::from_utf8_lossy(&body)));
+        return Err(format!("{url} answered {status}: {}", String::from_utf8_lossy(&answer)));
     }
     let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
     store.mark_published(&ids, now_ms() as i64).await.map_err(|e| e.to_string())?;

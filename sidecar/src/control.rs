@@ -401,7 +401,7 @@ pub(crate) mod tests {
             mode: Mode::Sidecar,
             service: Some("web".into()),
             instance_id: "web-1".into(),
-            app_addr: Some("127.0.0.1:9".parse().unwrap()),
+            app_addr: Some(mesh_runtime::LocalAddr::Tcp("127.0.0.1:9".parse().unwrap())),
             control_plane: vec!["http://127.0.0.1:9".into()],
             advertise_addr: "127.0.0.1:9".into(),
             data_dir: dir.to_path_buf(),

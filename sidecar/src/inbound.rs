@@ -7,7 +7,6 @@
 
 use std::{
     borrow::Cow,
-    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -26,7 +25,7 @@ use tracing::Instrument;
 use crate::{
     idempotency::{self, Begin, Idempotency, Stored},
     metrics::Metrics,
-    proxy::{self, Body, Clients, Tracked, boxed, error_response},
+    proxy::{self, Body, Tracked, boxed, error_response},
     server::{Peer, PeerIdentity},
     trace,
 };
@@ -40,10 +39,9 @@ pub struct Inbound {
     pub policy: tokio::sync::watch::Receiver<(u64, Arc<ServicePolicy>)>,
     rate_limits: crate::resilience::RateLimits,
     idempotency: Arc<Idempotency>,
-    pub app: http::uri::Authority,
+    pub app: crate::proxy::LocalApp,
     counters: crate::metrics::StatusCounters,
     latency: prometheus_client::metrics::histogram::Histogram,
-    pub clients: Clients,
     pub metrics: Arc<Metrics>,
     /// Requests in flight to the app (reported as load in heartbeats).
     pub inflight: Arc<AtomicUsize>,
@@ -79,16 +77,13 @@ impl Drop for Load {
 impl Inbound {
     pub fn new(
         service: String,
-        app: SocketAddr,
+        app: crate::proxy::LocalApp,
         policy: tokio::sync::watch::Receiver<(u64, Arc<ServicePolicy>)>,
         metrics: Arc<Metrics>,
         inflight: Arc<AtomicUsize>,
         idempotency_window: Duration,
     ) -> Self {
         let latency = metrics.latency_histogram("inbound", &service);
-        // A SocketAddr always forms a valid authority.
-        let app =
-            app.to_string().parse().unwrap_or_else(|_| http::uri::Authority::from_static("127.0.0.1:80"));
         Self {
             service,
             policy,
@@ -97,7 +92,6 @@ impl Inbound {
             app,
             counters: Default::default(),
             latency,
-            clients: Clients::new(&ServicePolicy::default(), None),
             metrics,
             inflight,
             mtls: false,
@@ -223,7 +217,7 @@ impl Inbound {
                 }
             }
             let load = Load::start(&self.inflight, &self.metrics);
-            let result = proxy::forward(&self.clients, req, &self.app, None).await;
+            let result = self.app.send(req, None).await;
             let resp = match (result, owner) {
                 (Ok(resp), Some(guard)) => {
                     let (parts, body) = resp.into_parts();

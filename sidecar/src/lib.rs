@@ -37,7 +37,6 @@ pub mod upstream;
 
 use std::{
     collections::HashMap,
-    net::SocketAddr,
     path::PathBuf,
     sync::{
         Arc, Mutex,
@@ -77,8 +76,8 @@ pub struct Config {
     /// The service this sidecar serves (sidecar mode).
     pub service: Option<String>,
     pub instance_id: String,
-    /// The local app (sidecar mode).
-    pub app_addr: Option<SocketAddr>,
+    /// The local app (sidecar mode): TCP, or its Unix socket.
+    pub app_addr: Option<mesh_runtime::LocalAddr>,
     /// Control-plane gRPC URLs, tried in turn.
     pub control_plane: Vec<String>,
     /// The address registered for other sidecars to reach this instance's inbound listener.
@@ -140,6 +139,8 @@ pub struct Shared {
     pub cp: ControlStatus,
     pub snapshot: Arc<SnapshotWriter>,
     pub dns: dns::Dns,
+    /// The local app (sidecar mode): inbound requests, probes and event deliveries reach it.
+    pub app: Option<proxy::LocalApp>,
     /// Cancelled when shutdown begins.
     pub stopping: CancellationToken,
     /// The app's event spool and forwarder wake-up (or why the spool could not open).
@@ -168,6 +169,7 @@ impl Shared {
             cp: ControlStatus::default(),
             snapshot: SnapshotWriter::new(config.data_dir.clone()),
             dns: dns::Dns::default(),
+            app: config.app_addr.as_ref().map(proxy::LocalApp::new),
             stopping: CancellationToken::new(),
             outbox: spool::Spool::open(
                 &config.data_dir.join("spool"),
@@ -237,7 +239,10 @@ pub const MAX_REQUEST_BODY: u64 = 1024 * 1024;
 
 pub struct Listeners {
     pub inbound: Option<TcpListener>,
-    pub outbound: TcpListener,
+    /// The app's way into the mesh (TCP, or its Unix socket); the public listener in gateway mode.
+    pub outbound: mesh_runtime::LocalListener,
+    /// The admin API for the local app on its own (Unix) socket, besides `admin`.
+    pub app_api: Option<mesh_runtime::LocalListener>,
     pub admin: TcpListener,
 }
 
@@ -320,7 +325,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         subscribe::invalidate_caches(shared.clone(), Duration::from_secs(1), background.clone())
             .instrument(tracing::info_span!("cache_invalidation")),
     );
-    if let (Mode::Sidecar, Some(app)) = (shared.config.mode, shared.config.app_addr) {
+    if let (Mode::Sidecar, Some(app)) = (shared.config.mode, shared.app.clone()) {
         tasks.spawn(
             probe::run(app, shared.own_policy.subscribe(), shared.app_healthy.clone(), background.clone())
                 .instrument(tracing::info_span!("probe")),
@@ -348,7 +353,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         header_timeout,
     ))];
     if let (Some(listener), Some(app), Some(service)) =
-        (listeners.inbound, shared.config.app_addr, &shared.config.service)
+        (listeners.inbound, shared.app.clone(), &shared.config.service)
     {
         let mut inbound = Inbound::new(
             service.clone(),
@@ -374,16 +379,24 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         )));
     }
     let admin = tokio::spawn(
-        axum::serve(
-            axum::serve::ListenerExt::tap_io(listeners.admin, |s| {
-                let _ = s.set_nodelay(true);
-            }),
+        mesh_runtime::serve_http(
+            listeners.admin.into(),
             admin::router(shared.clone()),
+            background.clone().cancelled_owned(),
         )
-        .with_graceful_shutdown(background.clone().cancelled_owned())
-        .into_future()
         .instrument(tracing::info_span!("admin")),
     );
+    if let Some(listener) = listeners.app_api {
+        // The same API for the local app on its own socket; it stops with the admin listener.
+        tasks.spawn(
+            mesh_runtime::serve_http(
+                listener,
+                admin::router(shared.clone()),
+                background.clone().cancelled_owned(),
+            )
+            .instrument(tracing::info_span!("app_api")),
+        );
+    }
 
     shutdown.cancelled().await;
     shared.stopping.cancel();
@@ -416,8 +429,12 @@ mod tests {
         std::fs::write(dir.path().join("spool"), b"").unwrap();
         let config = crate::control::tests::config(dir.path());
         let bind = || async { TcpListener::bind("127.0.0.1:0").await.unwrap() };
-        let listeners =
-            Listeners { inbound: Some(bind().await), outbound: bind().await, admin: bind().await };
+        let listeners = Listeners {
+            inbound: Some(bind().await),
+            outbound: bind().await.into(),
+            app_api: None,
+            admin: bind().await,
+        };
         let tasks = || tokio::runtime::Handle::current().metrics().num_alive_tasks();
         let before = tasks();
         let err = run(config, listeners, CancellationToken::new()).await.unwrap_err();

@@ -9,6 +9,7 @@ use std::{collections::HashMap, net::SocketAddr, path::PathBuf, process::ExitCod
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use mesh_runtime::{LocalAddr, LocalListener};
 use mesh_runtime::{parse_duration, shutdown_signal};
 use serde::Deserialize;
 use sidecar::{Config, Listeners, Mode, outbound::Route};
@@ -42,9 +43,10 @@ struct Args {
     /// Unique instance id (default: <service>-<hostname>-<pid>).
     #[arg(long, env = "MESH_INSTANCE_ID")]
     instance_id: Option<String>,
-    /// The local app (sidecar mode).
+    /// The local app (sidecar mode): host:port, or unix:/path for its Unix socket (then no
+    /// other user of the host can reach the app past this sidecar).
     #[arg(long, env = "MESH_APP_ADDR")]
-    app_addr: Option<SocketAddr>,
+    app_addr: Option<LocalAddr>,
     /// Control-plane gRPC URL; repeat or comma-separate for failover. `https://` (the default
     /// control plane) needs --control-plane-ca; `http://` is for one run with --insecure-api.
     #[arg(long, env = "MESH_CONTROL_PLANE", value_delimiter = ',')]
@@ -56,10 +58,14 @@ struct Args {
     /// Inbound listener: other sidecars reach the app here (default 0.0.0.0:4143).
     #[arg(long, env = "MESH_INBOUND_ADDR")]
     inbound_addr: Option<SocketAddr>,
-    /// Outbound listener for the local app (default 127.0.0.1:4140); the public listener in
-    /// gateway mode.
+    /// Outbound listener for the local app (default 127.0.0.1:4140; unix:/path for a socket
+    /// only the app's user can open, mode 0600); the public listener in gateway mode.
     #[arg(long, env = "MESH_OUTBOUND_ADDR")]
-    outbound_addr: Option<SocketAddr>,
+    outbound_addr: Option<LocalAddr>,
+    /// The admin API (`POST /events`, `/config`, …) also on this address for the local app:
+    /// unix:/path makes a socket only the app's user can open (mode 0600).
+    #[arg(long, env = "MESH_APP_API_ADDR")]
+    app_api_addr: Option<LocalAddr>,
     /// Admin listener: /metrics /ready /live /config (default 127.0.0.1:4191).
     #[arg(long, env = "MESH_ADMIN_ADDR")]
     admin_addr: Option<SocketAddr>,
@@ -140,10 +146,11 @@ struct FileConfig {
     mode: Option<Mode>,
     service: Option<String>,
     instance_id: Option<String>,
-    app_addr: Option<SocketAddr>,
+    app_addr: Option<String>,
     control_plane: Vec<String>,
     inbound_addr: Option<SocketAddr>,
-    outbound_addr: Option<SocketAddr>,
+    outbound_addr: Option<String>,
+    app_api_addr: Option<String>,
     admin_addr: Option<SocketAddr>,
     advertise_addr: Option<String>,
     data_dir: Option<PathBuf>,
@@ -187,8 +194,14 @@ mod opt_duration {
 struct Resolved {
     config: Config,
     inbound: SocketAddr,
-    outbound: SocketAddr,
+    outbound: LocalAddr,
+    app_api: Option<LocalAddr>,
     admin: SocketAddr,
+}
+
+/// A `host:port` or `unix:/path` from the config file, named by its key in errors.
+fn local_addr(key: &str, value: Option<String>) -> anyhow::Result<Option<LocalAddr>> {
+    value.map(|v| v.parse().map_err(|e: String| anyhow::anyhow!("{key}: {e}"))).transpose()
 }
 
 fn resolve(a: Args) -> anyhow::Result<Resolved> {
@@ -210,7 +223,7 @@ fn resolve(a: Args) -> anyhow::Result<Resolved> {
     if mode == Mode::Sidecar && service.is_none() {
         bail!("--service is required in sidecar mode");
     }
-    let app_addr = a.app_addr.or(f.app_addr);
+    let app_addr = a.app_addr.or(local_addr("app_addr", f.app_addr)?);
     if mode == Mode::Sidecar && app_addr.is_none() {
         bail!("--app-addr is required in sidecar mode (where the local app listens)");
     }
@@ -226,7 +239,11 @@ fn resolve(a: Args) -> anyhow::Result<Resolved> {
     let inbound = a.inbound_addr.or(f.inbound_addr).unwrap_or(([0, 0, 0, 0], 4143).into());
     let default_outbound: SocketAddr =
         if mode == Mode::Gateway { ([0, 0, 0, 0], 8080).into() } else { ([127, 0, 0, 1], 4140).into() };
-    let outbound = a.outbound_addr.or(f.outbound_addr).unwrap_or(default_outbound);
+    let outbound = a
+        .outbound_addr
+        .or(local_addr("outbound_addr", f.outbound_addr)?)
+        .unwrap_or(LocalAddr::Tcp(default_outbound));
+    let app_api = a.app_api_addr.or(local_addr("app_api_addr", f.app_api_addr)?);
     let admin = a.admin_addr.or(f.admin_addr).unwrap_or(([127, 0, 0, 1], 4191).into());
     let control_plane = if a.control_plane.is_empty() { f.control_plane } else { a.control_plane };
     let control_plane =
@@ -315,7 +332,7 @@ fn resolve(a: Args) -> anyhow::Result<Resolved> {
         identity_token,
         control_plane_ca,
     };
-    Ok(Resolved { config, inbound, outbound, admin })
+    Ok(Resolved { config, inbound, outbound, app_api, admin })
 }
 
 fn main() -> ExitCode {
@@ -326,7 +343,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let Resolved { mut config, inbound, outbound, admin } = resolve(args)?;
+    let Resolved { mut config, inbound, outbound, app_api, admin } = resolve(args)?;
     let bind = |addr: SocketAddr, what: &'static str| async move {
         TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {what} {addr}"))
     };
@@ -334,7 +351,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Mode::Sidecar => Some(bind(inbound, "--inbound-addr").await?),
         Mode::Gateway => None,
     };
-    let outbound = bind(outbound, "--outbound-addr").await?;
+    let local = |addr: LocalAddr, what: &'static str| async move {
+        LocalListener::bind(&addr).await.with_context(|| format!("cannot listen on {what} {addr}"))
+    };
+    let outbound = local(outbound, "--outbound-addr").await?;
+    let app_api = match app_api {
+        Some(a) => Some(local(a, "--app-api-addr").await?),
+        None => None,
+    };
     let admin = bind(admin, "--admin-addr").await?;
     let inbound_addr = inbound.as_ref().map(|l| l.local_addr()).transpose()?;
     if config.advertise_addr.is_empty()
@@ -346,13 +370,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     println!(
         "{}",
         serde_json::json!({
-            "event": "listening", "outbound": outbound.local_addr()?, "inbound": inbound_addr,
+            "event": "listening", "outbound": outbound.local_addr()?.to_string(), "inbound": inbound_addr,
             "admin": admin.local_addr()?, "instance_id": config.instance_id,
+            "app_api": app_api.as_ref().map(|l| l.local_addr().map(|a| a.to_string())).transpose()?,
         })
     );
     let shutdown = CancellationToken::new();
     let mut task =
-        tokio::spawn(sidecar::run(config, Listeners { inbound, outbound, admin }, shutdown.clone()));
+        tokio::spawn(sidecar::run(config, Listeners { inbound, outbound, app_api, admin }, shutdown.clone()));
     tokio::select! {
         r = &mut task => return r.context("sidecar task failed")?.map_err(Into::into),
         sig = shutdown_signal() => tracing::info!(signal = sig, "shutting down"),

@@ -73,6 +73,8 @@ struct Inner {
     connect_timeout: Option<Duration>,
     idle_timeout: Option<Duration>,
     reaping: AtomicBool,
+    /// Every connection goes to this Unix socket (the local app's), whatever the target names.
+    unix: Option<std::path::PathBuf>,
 }
 
 /// The connections to one address.
@@ -117,10 +119,14 @@ pub enum SendError {
     Request(hyper::Error),
 }
 
-/// A connection as the pool holds it: plain TCP, or TLS to a mesh peer (boxed: a TLS
-/// connection's state is ~1 KB, a plain one 40 bytes).
-type MeshStream =
-    TokioIo<Either<Coalesced<TcpStream>, Box<Gated<tokio_rustls::client::TlsStream<Coalesced<TcpStream>>>>>>;
+/// A connection as the pool holds it: plain TCP or a Unix socket to the local app, or TLS to a
+/// mesh peer (boxed: a TLS connection's state is ~1 KB, a plain one 40 bytes).
+type MeshStream = TokioIo<
+    Either<
+        Either<Coalesced<TcpStream>, tokio::net::UnixStream>,
+        Box<Gated<tokio_rustls::client::TlsStream<Coalesced<TcpStream>>>>,
+    >,
+>;
 
 /// A response body that puts its HTTP/1.1 connection back in the pool once it has ended.
 pub struct Pooled {
@@ -137,7 +143,18 @@ impl Clients {
             connect_timeout: (!t.connect.is_zero()).then_some(t.connect),
             idle_timeout: (!t.idle.is_zero()).then_some(t.idle),
             reaping: AtomicBool::new(false),
+            unix: None,
         }))
+    }
+
+    /// A pool whose connections all go to the Unix socket at `path` (plaintext).
+    pub fn unix(policy: &ServicePolicy, path: std::path::PathBuf) -> Self {
+        let mut inner = Self::new(policy, None);
+        // Just made: the only reference.
+        if let Some(i) = Arc::get_mut(&mut inner.0) {
+            i.unix = Some(path);
+        }
+        inner
     }
 
     /// Sends `req` (its URI already in the form its version needs) to `target`: HTTP/2 on the
@@ -292,16 +309,14 @@ impl Clients {
     /// mesh peer.
     async fn connect(&self, target: &Authority, alpn: &'static [u8]) -> Result<MeshStream, BoxError> {
         self.start_reaper();
-        let connecting = TcpStream::connect(target.as_str());
-        let tcp = match self.0.connect_timeout {
-            Some(limit) => tokio::time::timeout(limit, connecting)
-                .await
-                .map_err(|_| format!("no connection within {}ms", limit.as_millis()))??,
-            None => connecting.await?,
-        };
+        if let Some(path) = &self.0.unix {
+            let unix = self.within_connect_timeout(tokio::net::UnixStream::connect(path)).await?;
+            return Ok(TokioIo::new(Either::Left(Either::Right(unix))));
+        }
+        let tcp = self.within_connect_timeout(TcpStream::connect(target.as_str())).await?;
         let _ = tcp.set_nodelay(true);
         let tcp = Coalesced(tcp);
-        let Some(tls) = &self.0.tls else { return Ok(TokioIo::new(Either::Left(tcp))) };
+        let Some(tls) = &self.0.tls else { return Ok(TokioIo::new(Either::Left(Either::Left(tcp)))) };
         let Some(cert) = tls.identity.current() else {
             return Err("this sidecar has no mesh certificate yet (mTLS calls wait for the CA)".into());
         };
@@ -313,6 +328,18 @@ impl Clients {
             .await
             .map_err(|e| format!("mTLS handshake with {} failed: {e}", tls.service))?;
         Ok(TokioIo::new(Either::Right(Box::new(Gated(stream)))))
+    }
+
+    async fn within_connect_timeout<S>(
+        &self,
+        connecting: impl std::future::Future<Output = std::io::Result<S>>,
+    ) -> Result<S, BoxError> {
+        Ok(match self.0.connect_timeout {
+            Some(limit) => tokio::time::timeout(limit, connecting)
+                .await
+                .map_err(|_| format!("no connection within {}ms", limit.as_millis()))??,
+            None => connecting.await?,
+        })
     }
 
     /// Starts the task that closes connections idle past the idle timeout (once per pool; it

@@ -3,26 +3,20 @@
 //! `unhealthy_threshold` failures in a row. Settings come from the service's own policy and
 //! take effect on its next change. A probe interval of 0 means "always healthy".
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
-use bytes::Bytes;
-use http_body_util::Empty;
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::TokioExecutor,
-};
+use http_body_util::{BodyExt, Empty};
 use mesh_proto::policy::ServicePolicy;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 /// Runs until `stop`, publishing the app's health on `healthy`.
 pub async fn run(
-    app: SocketAddr,
+    app: crate::proxy::LocalApp,
     mut policy: watch::Receiver<(u64, Arc<ServicePolicy>)>,
     healthy: watch::Sender<bool>,
     stop: CancellationToken,
 ) {
-    let client: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let (mut good, mut bad) = (0u32, 0u32);
     loop {
         let h = policy.borrow_and_update().1.health.clone();
@@ -33,7 +27,7 @@ pub async fn run(
                 _ = policy.changed() => continue,
             }
         }
-        let ok = probe_once(&client, app, &h.probe_path, h.probe_timeout).await;
+        let ok = probe_once(&app, &h.probe_path, h.probe_timeout).await;
         if ok {
             (good, bad) = (good.saturating_add(1), 0);
         } else {
@@ -41,10 +35,10 @@ pub async fn run(
         }
         let was = *healthy.borrow();
         if !was && good >= h.healthy_threshold {
-            tracing::info!(%app, path = %h.probe_path, "app is healthy");
+            tracing::info!(app = %app.authority, path = %h.probe_path, "app is healthy");
             healthy.send_replace(true);
         } else if was && bad >= h.unhealthy_threshold {
-            tracing::warn!(%app, path = %h.probe_path, failures = bad, "app is unhealthy");
+            tracing::warn!(app = %app.authority, path = %h.probe_path, failures = bad, "app is unhealthy");
             healthy.send_replace(false);
         }
         tokio::select! {
@@ -55,22 +49,18 @@ pub async fn run(
     }
 }
 
-async fn probe_once(
-    client: &Client<HttpConnector, Empty<Bytes>>,
-    app: SocketAddr,
-    path: &str,
-    timeout: Duration,
-) -> bool {
-    let Ok(uri) = format!("http://{app}{path}").parse::<http::Uri>() else { return false };
-    match tokio::time::timeout(timeout, client.get(uri)).await {
-        Ok(Ok(resp)) => {
+async fn probe_once(app: &crate::proxy::LocalApp, path: &str, timeout: Duration) -> bool {
+    let Ok(req) = http::Request::get(path).body(crate::proxy::boxed(Empty::new())) else { return false };
+    match app.send(req, Some(timeout)).await {
+        Ok(resp) => {
             let s = resp.status();
+            // Read the answer so the connection goes back to the pool.
+            let _ = tokio::time::timeout(timeout, resp.into_body().collect()).await;
             s.is_success() || s.is_redirection()
         }
-        Ok(Err(e)) => {
+        Err(e) => {
             tracing::debug!(error = %e, "health probe failed");
             false
         }
-        Err(_) => false,
     }
 }

@@ -317,3 +317,38 @@ mod tests {
         assert_eq!((v["error"].as_str(), v["service"].as_str()), (Some("no_endpoints"), Some("market")));
     }
 }
+
+/// The local app, over TCP or its Unix socket: one pool shared by inbound requests, health
+/// probes and event deliveries.
+#[derive(Clone)]
+pub struct LocalApp {
+    /// What requests name as `Host` (`localhost` over a Unix socket).
+    pub authority: Authority,
+    pub clients: Clients,
+}
+
+impl LocalApp {
+    pub fn new(addr: &mesh_runtime::LocalAddr) -> Self {
+        let defaults = mesh_proto::policy::ServicePolicy::default();
+        match addr {
+            // A SocketAddr always forms a valid authority.
+            mesh_runtime::LocalAddr::Tcp(a) => Self {
+                authority: a.to_string().parse().unwrap_or_else(|_| Authority::from_static("127.0.0.1:80")),
+                clients: Clients::new(&defaults, None),
+            },
+            mesh_runtime::LocalAddr::Unix(path) => Self {
+                authority: Authority::from_static("localhost"),
+                clients: Clients::unix(&defaults, path.clone()),
+            },
+        }
+    }
+
+    /// Sends `req` (path and query as its URI) to the app.
+    pub async fn send(
+        &self,
+        req: Request<Body>,
+        timeout: Option<Duration>,
+    ) -> Result<Response<Pooled>, ForwardError> {
+        forward(&self.clients, req, &self.authority, timeout).await
+    }
+}

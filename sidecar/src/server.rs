@@ -12,7 +12,7 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::{conn::auto, graceful::GracefulShutdown},
 };
-use tokio::net::TcpListener;
+use mesh_runtime::LocalListener;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -88,7 +88,7 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// `header_read_timeout` (to within a tenth of it) of the connection's opening or its previous
 /// answer.
 pub async fn serve(
-    listener: TcpListener,
+    listener: impl Into<LocalListener>,
     handler: Handler,
     stop: CancellationToken,
     drain: Duration,
@@ -114,10 +114,42 @@ pub async fn serve(
         .writev(tls.is_none());
     builder.http2().timer(TokioTimer::new()).max_concurrent_streams(1024);
     let graceful = GracefulShutdown::new();
+    let listener = listener.into();
+    let tcp = match &listener {
+        LocalListener::Tcp(l) => l,
+        LocalListener::Unix(l, path) => {
+            // The local app's own socket (owner-only): plaintext, no mesh identity.
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    accepted = l.accept() => match accepted {
+                        Ok((stream, _)) => {
+                            let svc = Service { handler: handler.clone(), peer: Peer { addr: LOCAL, identity: None } };
+                            let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
+                            let watched = graceful.watch(conn);
+                            tokio::spawn(
+                                async move {
+                                    if let Err(e) = watched.await {
+                                        tracing::debug!(error = %e, "connection ended with an error");
+                                    }
+                                }
+                                .instrument(tracing::debug_span!("conn", listener = name, socket = %path.display())),
+                            );
+                        }
+                        Err(e) => {
+                            tracing::warn!(listener = name, error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    },
+                }
+            }
+            return drain_then_stop(listener, graceful, drain, name).await;
+        }
+    };
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
-            accepted = listener.accept() => match accepted {
+            accepted = tcp.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
                     let (handler, builder, tls) = (handler.clone(), builder.clone(), tls.clone());
@@ -172,6 +204,19 @@ pub async fn serve(
             },
         }
     }
+    drain_then_stop(listener, graceful, drain, name).await
+}
+
+/// The peer address of a client on a Unix socket (it has none of its own).
+pub const LOCAL: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
+
+/// Stops accepting, then waits for open connections, at most `drain`.
+async fn drain_then_stop(
+    listener: LocalListener,
+    graceful: GracefulShutdown,
+    drain: Duration,
+    name: &'static str,
+) {
     drop(listener);
     // Connections still handshaking hold watchers too; the drain covers them.
     tokio::select! {
@@ -212,7 +257,7 @@ mod tests {
     async fn server(
         header_read_timeout: Duration,
     ) -> (SocketAddr, CancellationToken, tokio::task::JoinHandle<()>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let handler: Handler = Arc::new(|_, _| Box::pin(async { Response::new(crate::proxy::empty()) }));
         let stop = CancellationToken::new();

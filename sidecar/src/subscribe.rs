@@ -16,10 +16,6 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::TokioExecutor,
-};
 use mesh_proto::{names, policy::human_duration, v1};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -228,18 +224,12 @@ async fn follow_once(
 
 /// Delivers `sub`'s events to the app until `stop`.
 pub async fn deliver(shared: Arc<Shared>, sub: Subscription, stop: CancellationToken) {
-    let Some(app) = shared.config.app_addr else { return };
+    let Some(app) = shared.app.clone() else { return };
     let group = sub.group.clone().or_else(|| shared.config.service.clone()).unwrap_or_default();
     let start = v1::SubscribeStart { topic: sub.topic.clone(), group, ..Default::default() };
     let span = tracing::info_span!("subscription", topic = %sub.topic, path = %sub.path);
     let mut webhook = Webhook {
         shared: shared.clone(),
-        http: Client::builder(TokioExecutor::new()).build({
-            // Without it, back-to-back deliveries on one connection meet Nagle + delayed ACK.
-            let mut c = HttpConnector::new();
-            c.set_nodelay(true);
-            c
-        }),
         app,
         labels: vec![("topic", sub.topic.clone())],
         group: start.group.clone(),
@@ -251,8 +241,7 @@ pub async fn deliver(shared: Arc<Shared>, sub: Subscription, stop: CancellationT
 
 struct Webhook {
     shared: Arc<Shared>,
-    http: Client<HttpConnector, Full<Bytes>>,
-    app: std::net::SocketAddr,
+    app: crate::proxy::LocalApp,
     sub: Subscription,
     group: String,
     labels: Vec<(&'static str, String)>,
@@ -271,7 +260,7 @@ impl Handle for Webhook {
                 _ = stop.cancelled() => return false,
                 r = healthy.wait_for(|h| *h) => if r.is_err() { return false },
             }
-            match post(&self.http, self.app, sub, &event, d.offset).await {
+            match post(&self.app, sub, &event, d.offset).await {
                 Ok(()) => {
                     m.events_delivered.get_or_create(&self.labels).inc();
                     return true;
@@ -299,8 +288,7 @@ impl Handle for Webhook {
 }
 
 async fn post(
-    http: &Client<HttpConnector, Full<Bytes>>,
-    app: std::net::SocketAddr,
+    app: &crate::proxy::LocalApp,
     sub: &Subscription,
     e: &v1::Event,
     offset: u64,
@@ -308,7 +296,7 @@ async fn post(
     let time =
         humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(e.time_unix_ms))
             .to_string();
-    let mut req = http::Request::post(format!("http://{app}{}", sub.path))
+    let mut req = http::Request::post(sub.path.as_str())
         .header(
             http::header::CONTENT_TYPE,
             if e.content_type.is_empty() { "application/json" } else { &e.content_type },
@@ -327,10 +315,11 @@ async fn post(
             req = req.header(name, value);
         }
     }
-    let req =
-        req.body(Full::new(Bytes::from(e.data.clone()))).map_err(|e| format!("invalid event header: {e}"))?;
+    let req = req
+        .body(crate::proxy::boxed(Full::new(Bytes::from(e.data.clone()))))
+        .map_err(|e| format!("invalid event header: {e}"))?;
     let resp = tokio::time::timeout(sub.timeout, async {
-        let resp = http.request(req).await.map_err(|e| format!("cannot reach the app: {e}"))?;
+        let resp = app.send(req, None).await.map_err(|e| format!("cannot reach the app: {e}"))?;
         let status = resp.status();
         // Read the answer so the connection can be reused.
         let _ = resp.into_body().collect().await;

@@ -5,7 +5,7 @@
 //!
 //! - `<!-- readme-test: up [expect="…"]… -->`: run in order against one `meshctl up` mesh, from
 //!   the directory holding its `.mesh/`, with the binaries on `PATH` and `MESH_CONTROL_PLANE`,
-//!   `MARKET`, `GATEWAY_ADMIN` and `SIDECAR_ADMIN` set to what `meshctl up` printed; the
+//!   `GATEWAY_ADMIN` and `SIDECAR_ADMIN` set to what `meshctl up` printed; the
 //!   gateway's documented address is replaced by the one it got (the test binds port 0). A
 //!   block must exit 0 and print every `expect`. `console` blocks are `$ command` lines each
 //!   followed by the output it must print.
@@ -130,7 +130,6 @@ async fn every_readme_command_runs_as_written() {
     let env: BTreeMap<&str, String> = [
         ("PATH", path()),
         ("MESH_CONTROL_PLANE", find(&|r| r["process"] == "control-plane")),
-        ("MARKET", find(&|r| r["process"] == "market-service-1")),
         ("GATEWAY_ADMIN", admin_url("gateway admin").trim_end_matches("/config").to_string()),
         ("SIDECAR_ADMIN", admin_url("sidecar admin").trim_end_matches("/config").to_string()),
     ]

@@ -252,6 +252,41 @@ async fn meshctl_up_restarts_a_dead_process_and_gives_up_on_one_that_keeps_dying
     let markets = || async { request(gw, "GET", "example.com", "/api/markets", &[], Bytes::new()).await.0 };
     eventually(WAIT, "the gateway serves", || async { markets().await == 200 }).await;
 
+    // #15.8: the market service listens on a Unix socket only its user can open, and reaches
+    // the mesh through its sidecar's socket; no TCP port of the app exists to bypass mTLS.
+    let app =
+        listeners.iter().find(|l| l["process"] == "market-service-1").unwrap()["address"].as_str().unwrap();
+    let app_socket = std::path::PathBuf::from(app.strip_prefix("unix:").unwrap_or_else(|| panic!("{app}")));
+    let sockets = app_socket.parent().unwrap();
+    for name in ["app.sock", "sidecar.sock", "outbound.sock"] {
+        let mode = std::fs::metadata(sockets.join(name)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{name}");
+    }
+    let over_unix = |socket: std::path::PathBuf, host: &'static str, path: &'static str| async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::UnixStream::connect(socket).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).await.unwrap();
+        raw
+    };
+    assert!(over_unix(app_socket.clone(), "localhost", "/healthz").await.starts_with("HTTP/1.1 200"));
+    let via_mesh = over_unix(sockets.join("outbound.sock"), "market-service", "/markets").await;
+    assert!(via_mesh.starts_with("HTTP/1.1 200"), "the app's way into the mesh: {via_mesh}");
+    let root = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap()) == 0;
+    if root && std::path::Path::new("/usr/sbin/runuser").exists() {
+        // Another user of the host cannot reach the app (the root test user can: the control).
+        let other = Command::new("runuser")
+            .args(["-u", "nobody", "--", "curl", "-s", "--unix-socket"])
+            .arg(&app_socket)
+            .arg("http://localhost/healthz")
+            .output()
+            .unwrap();
+        assert!(!other.status.success(), "nobody reached the app: {other:?}");
+    }
+
     // Kill one instance: reported with its exit, restarted; the mesh serves all along.
     let kill = |pid: i32| {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap()

@@ -164,11 +164,6 @@ fn addr(v: &Value, key: &str) -> String {
     v.get(key).and_then(Value::as_str).unwrap_or_default().to_string()
 }
 
-/// A port free right now on 127.0.0.1 (for a listener two processes must agree on).
-fn free_port() -> std::io::Result<std::net::SocketAddr> {
-    std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
-}
-
 fn strings(a: &[&str]) -> Vec<String> {
     a.iter().map(|s| s.to_string()).collect()
 }
@@ -244,23 +239,24 @@ pub async fn run(args: UpArgs, output: super::Output) -> Result<(), CliError> {
     let db = format!("sqlite://{}", args.dir.join("market.db").display());
     for i in 1..=args.instances {
         let id = format!("market-service-{i}");
-        // The service publishes its events to its sidecar's admin listener, so that port is
-        // chosen before either starts.
-        let sidecar_admin =
-            free_port().map_err(|e| CliError::Input(format!("cannot find a free port: {e}")))?;
+        // The app and its sidecar talk over Unix sockets only this user can open (mode 0600):
+        // nobody else on the host reaches the app past its sidecar, or the mesh as the app.
+        let socket = |name: &str| format!("unix:{}", args.dir.join("sockets").join(&id).join(name).display());
+        let (app_socket, api_socket, outbound_socket) =
+            (socket("app.sock"), socket("sidecar.sock"), socket("outbound.sock"));
         let app = mesh
             .launch(
                 &id,
                 "market-service",
                 &strings(&[
                     "--listen",
-                    "127.0.0.1:0",
+                    &app_socket,
                     "--database-url",
                     &db,
                     "--admin-token-file",
                     &market_token_file.display().to_string(),
                     "--sidecar-admin",
-                    &format!("http://{sidecar_admin}"),
+                    &api_socket,
                 ]),
             )
             .await?;
@@ -283,9 +279,11 @@ pub async fn run(args: UpArgs, output: super::Output) -> Result<(), CliError> {
                     "--inbound-addr",
                     "127.0.0.1:0",
                     "--outbound-addr",
-                    "127.0.0.1:0",
+                    &outbound_socket,
+                    "--app-api-addr",
+                    &api_socket,
                     "--admin-addr",
-                    &sidecar_admin.to_string(),
+                    "127.0.0.1:0",
                     "--data-dir",
                     &dir(&format!("sidecar-{id}")),
                     "--drain-delay",
@@ -295,7 +293,7 @@ pub async fn run(args: UpArgs, output: super::Output) -> Result<(), CliError> {
                 ]),
             )
             .await?;
-        mesh.row_of(&id, 1, format!("http://{app_addr}"), "market service (reached through its sidecar)");
+        mesh.row_of(&id, 1, app_addr, "market service, on its Unix socket (reached through its sidecar)");
         mesh.row(&format!("  sidecar-{i}"), addr(&sidecar, "inbound"), "inbound from the mesh");
         mesh.row(
             "",

@@ -13,6 +13,110 @@ pub fn init_tracing(filter: &str) {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
+/// Where a process listens for, or reaches, its local peer (an app and its sidecar): TCP, or a
+/// Unix domain socket (`unix:/path`) that only the owner's user can open (mode 0600), so no
+/// other user of the host can reach the app past its sidecar or use the sidecar as the app.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalAddr {
+    Tcp(std::net::SocketAddr),
+    Unix(std::path::PathBuf),
+}
+
+impl std::str::FromStr for LocalAddr {
+    type Err = String;
+
+    /// `host:port` or `unix:/path`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.strip_prefix("unix:") {
+            Some("") => Err("unix: needs a path (unix:/run/app.sock)".into()),
+            Some(path) => Ok(LocalAddr::Unix(path.into())),
+            None => s
+                .parse()
+                .map(LocalAddr::Tcp)
+                .map_err(|e| format!("{s:?} is neither host:port nor unix:/path ({e})")),
+        }
+    }
+}
+
+impl std::fmt::Display for LocalAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LocalAddr::Tcp(a) => write!(f, "{a}"),
+            LocalAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// Binds a Unix domain socket at `path`, owner-only (0600). A socket left at `path` by an
+/// earlier run is replaced; any other file there is an error.
+pub fn bind_unix(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
+        Ok(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket", path.display()),
+            ));
+        }
+        Err(_) => {}
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let listener = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// A bound [`LocalAddr`].
+pub enum LocalListener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener, std::path::PathBuf),
+}
+
+impl LocalListener {
+    /// Binds `addr` (a Unix socket owner-only, see [`bind_unix`]).
+    pub async fn bind(addr: &LocalAddr) -> std::io::Result<Self> {
+        Ok(match addr {
+            LocalAddr::Tcp(a) => LocalListener::Tcp(tokio::net::TcpListener::bind(a).await?),
+            LocalAddr::Unix(p) => LocalListener::Unix(bind_unix(p)?, p.clone()),
+        })
+    }
+
+    /// Where it listens (a TCP port 0 resolved to the port it got).
+    pub fn local_addr(&self) -> std::io::Result<LocalAddr> {
+        Ok(match self {
+            LocalListener::Tcp(l) => LocalAddr::Tcp(l.local_addr()?),
+            LocalListener::Unix(_, p) => LocalAddr::Unix(p.clone()),
+        })
+    }
+}
+
+/// Serves `app` on `listener` (TCP with Nagle off, or a Unix socket) until `shutdown`, then
+/// waits for open requests.
+pub async fn serve_http(
+    listener: LocalListener,
+    app: axum::Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    match listener {
+        LocalListener::Tcp(l) => {
+            let l = axum::serve::ListenerExt::tap_io(l, |s| {
+                let _ = s.set_nodelay(true);
+            });
+            axum::serve(l, app).with_graceful_shutdown(shutdown).await
+        }
+        LocalListener::Unix(l, _) => axum::serve(l, app).with_graceful_shutdown(shutdown).await,
+    }
+}
+
+impl From<tokio::net::TcpListener> for LocalListener {
+    fn from(l: tokio::net::TcpListener) -> Self {
+        LocalListener::Tcp(l)
+    }
+}
+
 /// Reads a secret (a token) from `path`, trimmed. Refuses an empty file; warns (on stderr, the
 /// secret never printed) when the file is readable by others than its owner.
 pub fn read_secret(path: &std::path::Path) -> Result<String, String> {
@@ -99,6 +203,27 @@ where
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::PermissionsExt;
+
+    #[tokio::test]
+    async fn local_addresses_parse_and_unix_sockets_are_owner_only() {
+        use super::LocalAddr;
+        assert_eq!(
+            "127.0.0.1:8081".parse::<LocalAddr>(),
+            Ok(LocalAddr::Tcp("127.0.0.1:8081".parse().unwrap()))
+        );
+        assert_eq!("unix:/run/a.sock".parse::<LocalAddr>(), Ok(LocalAddr::Unix("/run/a.sock".into())));
+        assert_eq!(LocalAddr::Unix("/run/a.sock".into()).to_string(), "unix:/run/a.sock");
+        assert!("unix:".parse::<LocalAddr>().is_err() && "nowhere".parse::<LocalAddr>().is_err());
+        let dir = std::env::temp_dir().join(format!("mesh-sock-{}", std::process::id()));
+        let path = dir.join("sub/app.sock");
+        let first = super::bind_unix(&path).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        drop(first);
+        super::bind_unix(&path).expect("a stale socket is replaced");
+        std::fs::write(dir.join("file"), b"").unwrap();
+        assert!(super::bind_unix(&dir.join("file")).is_err(), "a regular file is not replaced");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn secrets_are_read_trimmed_and_an_empty_or_missing_file_is_an_error() {

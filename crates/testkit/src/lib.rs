@@ -357,7 +357,7 @@ impl TestSidecar {
             mode: Mode::Sidecar,
             service: Some(service.into()),
             instance_id: id.into(),
-            app_addr: Some(app),
+            app_addr: Some(mesh_runtime::LocalAddr::Tcp(app)),
             control_plane: vec![cp.to_string()],
             advertise_addr: String::new(),
             data_dir: dir.to_path_buf(),
@@ -409,7 +409,7 @@ impl TestSidecar {
         let (out_addr, admin_addr) = (outbound.local_addr().unwrap(), admin.local_addr().unwrap());
         let stop = CancellationToken::new();
         let (instance_id, dir) = (config.instance_id.clone(), config.data_dir.clone());
-        let listeners = sidecar::Listeners { inbound, outbound, admin };
+        let listeners = sidecar::Listeners { inbound, outbound: outbound.into(), app_api: None, admin };
         let task = tokio::spawn(sidecar::run(config, listeners, stop.clone()));
         Self {
             outbound: out_addr,
