@@ -458,9 +458,7 @@ impl v1::policy_server::Policy for Api {
     async fn get(&self, req: Request<v1::GetPolicyRequest>) -> Result<Response<v1::VersionedPolicy>, Status> {
         self.member(&req, "read a policy")?;
         let service = req.into_inner().service;
-        if !names::is_service_name(&service) {
-            return Err(PolicyError::BadService(service).into());
-        }
+        names::check_service(&service).map_err(PolicyError::BadService)?;
         Ok(Response::new(self.0.policies.current(&service).to_wire()))
     }
 
@@ -633,9 +631,7 @@ fn check_topic(topic: &str) -> Result<(), Status> {
     if names::is_topic(topic) {
         return Ok(());
     }
-    Err(Status::invalid_argument(format!(
-        "topic {topic:?}: 1..=128 characters of a-z, 0-9, '.', '_' and '-'"
-    )))
+    Err(Status::invalid_argument(format!("topic {topic:?}: {}", names::TOPIC_RULE)))
 }
 
 struct Subscription {
@@ -690,10 +686,7 @@ impl Subscription {
     async fn start(&mut self, s: v1::SubscribeStart) -> Result<(), Status> {
         check_topic(&s.topic)?;
         if !s.group.is_empty() && !names::is_topic(&s.group) {
-            return Err(Status::invalid_argument(format!(
-                "group {:?}: 1..=128 characters of a-z, 0-9, '.', '_' and '-'",
-                s.group
-            )));
+            return Err(Status::invalid_argument(format!("group {:?}: {}", s.group, names::TOPIC_RULE)));
         }
         let bus = &self.state.bus;
         // A previous start's committer stores its last commit and releases its lease.
@@ -903,10 +896,7 @@ fn token_hash(token: &str) -> String {
 }
 
 fn check_service(service: &str) -> Result<(), Status> {
-    if names::is_service_name(service) {
-        return Ok(());
-    }
-    Err(Status::invalid_argument(format!("service {service:?} must be {}", names::SERVICE_NAME_RULE)))
+    names::check_service(service).map_err(Status::invalid_argument)
 }
 
 #[tonic::async_trait]

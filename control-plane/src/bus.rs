@@ -86,7 +86,7 @@ fn validate(events: &[v1::Event]) -> Result<(), BusError> {
     for (index, e) in events.iter().enumerate() {
         let bad = |reason: String| Err(BusError::Invalid { index, reason });
         if !names::is_topic(&e.topic) {
-            return bad(format!("topic {:?}: 1..=128 characters of a-z, 0-9, '.', '_' and '-'", e.topic));
+            return bad(format!("topic {:?}: {}", e.topic, names::TOPIC_RULE));
         }
         if e.id.is_empty() || e.id.len() > 200 {
             return bad("id: 1..=200 characters, unique per topic (duplicates are dropped)".into());

@@ -46,7 +46,8 @@ impl PolicyEntry {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
-    #[error("service {0:?}: must be {rule}", rule = names::SERVICE_NAME_RULE)]
+    /// What a service name must be (from `names::check_service`).
+    #[error("{0}")]
     BadService(String),
     #[error(
         "policy for {service} is at version {current}, not the expected {expected}: get it again and retry"
@@ -203,7 +204,7 @@ impl Policies {
 }
 
 fn check_service(service: &str) -> Result<(), PolicyError> {
-    if names::is_service_name(service) { Ok(()) } else { Err(PolicyError::BadService(service.to_string())) }
+    names::check_service(service).map_err(PolicyError::BadService)
 }
 
 #[cfg(test)]

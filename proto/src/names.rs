@@ -30,6 +30,13 @@ pub fn is_topic(s: &str) -> bool {
         && s.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'.' | b'_' | b'-'))
 }
 
+pub const TOPIC_RULE: &str = "1..=128 characters of a-z, 0-9, '.', '_' and '-'";
+
+/// `Ok` for a service name, otherwise the sentence saying what a service name must be.
+pub fn check_service(s: &str) -> Result<(), String> {
+    if is_service_name(s) { Ok(()) } else { Err(format!("service {s:?} must be {SERVICE_NAME_RULE}")) }
+}
+
 /// Lowercase HTTP header names (RFC 9110 token characters).
 pub fn is_header_name(s: &str) -> bool {
     !s.is_empty()

@@ -630,7 +630,7 @@ impl CachePolicy {
                 let t = &rule.topic;
                 return Err(c.err(
                     &format!("invalidate_on[{i}].topic"),
-                    format!("{t:?} is not a topic name ([a-z0-9._-], 1..=128)"),
+                    format!("{t:?} is not a topic name: {}", names::TOPIC_RULE),
                 ));
             }
             if !rule.prefix.starts_with('/') {

@@ -11,7 +11,7 @@ use axum::{
 };
 use serde_json::json;
 
-use crate::{Mode, Shared};
+use crate::{config::Mode, shared::Shared};
 
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
@@ -20,7 +20,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/ready", get(ready))
         .route("/config", get(config))
         .route("/cache/invalidate", axum::routing::post(invalidate))
-        .route("/events", axum::routing::post(crate::events::publish))
+        .route("/events", axum::routing::post(crate::events::api::publish))
         .fallback(|| async {
             (
                 StatusCode::NOT_FOUND,

@@ -326,7 +326,7 @@ async fn graceful_shutdown_under_load_fails_no_request() {
 async fn gateway_routes_by_path_prefix_with_rewrite() {
     let mesh = mesh_with(fast_policy(), &[100]).await;
     let dir = tempfile::tempdir().unwrap();
-    let routes = vec![sidecar::outbound::Route::parse("/api/markets=market,/markets").unwrap()];
+    let routes = vec![sidecar::outbound::route::Route::parse("/api/markets=market,/markets").unwrap()];
     let gw = TestSidecar::start(TestSidecar::gateway_config(&mesh.cp.url(), routes, dir.path())).await;
     eventually(WAIT, "the gateway routes to market", || async {
         get(gw.outbound, "example.com", "/api/markets/7?x=1").await.0 == 200
@@ -349,7 +349,7 @@ async fn a_body_over_the_gateways_limit_is_413_before_it_is_read() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mesh = mesh_with(fast_policy(), &[100]).await;
     let dir = tempfile::tempdir().unwrap();
-    let routes = vec![sidecar::outbound::Route::parse("/api/markets=market,/markets").unwrap()];
+    let routes = vec![sidecar::outbound::route::Route::parse("/api/markets=market,/markets").unwrap()];
     let gw = TestSidecar::start(TestSidecar::gateway_config(&mesh.cp.url(), routes, dir.path())).await;
     eventually(WAIT, "the gateway routes to market", || async {
         get(gw.outbound, "example.com", "/api/markets/1").await.0 == 200

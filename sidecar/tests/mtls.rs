@@ -13,7 +13,7 @@ use std::{
 };
 
 use control_plane::ca::Ca;
-use sidecar::{identity::Identity, tls};
+use sidecar::{identity::Identity, transport::tls};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -230,7 +230,7 @@ mod mesh {
     async fn http1_requests_beyond_a_peers_few_connections_share_one_http2_connection() {
         let m = mesh(Duration::from_secs(3600)).await;
         let (inbound, outbound) = (m.market.inbound.unwrap(), m.web.outbound);
-        let (n, before) = (sidecar::pool::H1_PER_PEER + 4, m.app.hits());
+        let (n, before) = (sidecar::endpoint::pool::H1_PER_PEER + 4, m.app.hits());
         // n requests at once, each held a second by the app.
         let calls: Vec<_> = (0..n)
             .map(|i| {
@@ -243,12 +243,15 @@ mod mesh {
         eventually(WAIT, "every request reached the app", || async { m.app.hits() >= before + n as u64 })
             .await;
         let open = established_to(inbound.port());
-        assert!(open <= sidecar::pool::H1_PER_PEER + 1, "{open} connections for {n} requests at once");
+        assert!(
+            open <= sidecar::endpoint::pool::H1_PER_PEER + 1,
+            "{open} connections for {n} requests at once"
+        );
         // The requests beyond the HTTP/1.1 connections are counted in the caller's metrics.
         let metrics = get(m.web.admin, "admin", "/metrics").await.1;
         let line = format!(
             "mesh_sidecar_multiplexed_requests_total{{service=\"market\"}} {}",
-            n - sidecar::pool::H1_PER_PEER
+            n - sidecar::endpoint::pool::H1_PER_PEER
         );
         assert!(metrics.lines().any(|l| l == line), "no `{line}` in {metrics}");
         for call in calls {

@@ -17,7 +17,7 @@ use axum::{
 use futures::StreamExt;
 use mesh_proto::{policy::ServicePolicy, v1};
 use mesh_testkit::{TestCp, TestSidecar, WAIT, eventually};
-use sidecar::subscribe::Subscription;
+use sidecar::events::subscription::Subscription;
 use tokio_util::sync::CancellationToken;
 
 /// An app with a webhook at `/hooks`: answers 500 to every `fail_every`-th delivery (0: never)

@@ -89,7 +89,7 @@ async fn main() -> anyhow::Result<()> {
                 issued: SystemTime::now(),
             };
             let expected = format!("spiffe://mesh.local/service/{expect}");
-            let mut config = sidecar::tls::client_config(&id, &expected)?;
+            let mut config = sidecar::transport::tls::client_config(&id, &expected)?;
             config.alpn_protocols = vec![b"http/1.1".to_vec()];
             // Every handshake is a full one (no session resumption), as for a new peer.
             config.resumption = rustls::client::Resumption::disabled();

@@ -370,8 +370,8 @@ impl TestSidecar {
             discovery_wait: Duration::from_secs(2),
             drain_delay: Duration::from_millis(300),
             drain_timeout: Duration::from_secs(5),
-            header_read_timeout: sidecar::server::HEADER_READ_TIMEOUT,
-            max_request_body: sidecar::MAX_REQUEST_BODY,
+            header_read_timeout: sidecar::config::HEADER_READ_TIMEOUT,
+            max_request_body: sidecar::config::MAX_REQUEST_BODY,
             idempotency_window: Duration::from_secs(120),
             spool_max_bytes: 256 * 1024 * 1024,
             spool_max_age: Duration::from_secs(86_400),
@@ -382,7 +382,11 @@ impl TestSidecar {
     }
 
     /// A gateway routing `routes` into the mesh.
-    pub fn gateway_config(cp: &str, routes: Vec<sidecar::outbound::Route>, dir: &Path) -> SidecarConfig {
+    pub fn gateway_config(
+        cp: &str,
+        routes: Vec<sidecar::outbound::route::Route>,
+        dir: &Path,
+    ) -> SidecarConfig {
         SidecarConfig {
             mode: Mode::Gateway,
             service: None,

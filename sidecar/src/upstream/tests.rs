@@ -1,4 +1,8 @@
+use mesh_proto::policy::Algorithm;
+use tokio::time::Instant;
+
 use super::*;
+use crate::upstream::{endpoint::EndpointInfo, set::EndpointSet};
 
 fn info(id: &str, weight: u32) -> EndpointInfo {
     EndpointInfo {

@@ -1,0 +1,24 @@
+//! Secrets (tokens) read from files.
+
+/// Reads a secret (a token) from `path`, trimmed. Refuses an empty file; warns (on stderr, the
+/// secret never printed) when the file is readable by others than its owner.
+pub fn read_secret(path: &std::path::Path) -> Result<String, String> {
+    use std::{io::Read, os::unix::fs::PermissionsExt};
+    let fail = |e: std::io::Error| format!("cannot read {}: {e}", path.display());
+    let mut file = std::fs::File::open(path).map_err(fail)?;
+    let mode = file.metadata().map_err(fail)?.permissions().mode();
+    let mut text = String::new();
+    file.read_to_string(&mut text).map_err(fail)?;
+    let secret = text.trim();
+    if secret.is_empty() {
+        return Err(format!("{} is empty: write the secret into it", path.display()));
+    }
+    if mode & 0o077 != 0 {
+        eprintln!(
+            "warning: {} is readable by other users (mode {:o}); chmod 600 it",
+            path.display(),
+            mode & 0o777
+        );
+    }
+    Ok(secret.to_string())
+}

@@ -1,0 +1,64 @@
+use std::os::unix::fs::PermissionsExt;
+
+#[tokio::test]
+async fn local_addresses_parse_and_unix_sockets_are_owner_only() {
+    use crate::LocalAddr;
+    assert_eq!("127.0.0.1:8081".parse::<LocalAddr>(), Ok(LocalAddr::Tcp("127.0.0.1:8081".parse().unwrap())));
+    assert_eq!("unix:/run/a.sock".parse::<LocalAddr>(), Ok(LocalAddr::Unix("/run/a.sock".into())));
+    assert_eq!(LocalAddr::Unix("/run/a.sock".into()).to_string(), "unix:/run/a.sock");
+    assert!("unix:".parse::<LocalAddr>().is_err() && "nowhere".parse::<LocalAddr>().is_err());
+    let dir = std::env::temp_dir().join(format!("mesh-sock-{}", std::process::id()));
+    let path = dir.join("sub/app.sock");
+    let first = crate::bind_unix(&path).unwrap();
+    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    drop(first);
+    crate::bind_unix(&path).expect("a stale socket is replaced");
+    std::fs::write(dir.join("file"), b"").unwrap();
+    assert!(crate::bind_unix(&dir.join("file")).is_err(), "a regular file is not replaced");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn secrets_are_read_trimmed_and_an_empty_or_missing_file_is_an_error() {
+    let dir = std::env::temp_dir().join(format!("mesh-secret-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("token");
+    std::fs::write(&path, "  s3cret\n").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(crate::read_secret(&path).unwrap(), "s3cret");
+    std::fs::write(&path, "\n").unwrap();
+    assert!(crate::read_secret(&path).unwrap_err().contains("is empty"));
+    let missing = dir.join("missing");
+    assert!(crate::read_secret(&missing).unwrap_err().contains("missing"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn backoff_is_jittered_under_an_exponential_cap() {
+    use std::time::Duration;
+    let mut b = crate::Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+    for attempt in 0..20u32 {
+        let cap = Duration::from_millis(100)
+            .saturating_mul(2u32.saturating_pow(attempt))
+            .min(Duration::from_secs(10));
+        assert!(b.next_delay() <= cap);
+    }
+    let waits: Vec<_> = (0..50).map(|_| b.next_delay()).collect();
+    assert!(waits.iter().any(|w| *w != waits[0]), "jittered");
+    b.reset();
+    assert!(b.next_delay() <= Duration::from_millis(100));
+}
+
+#[test]
+fn rotation_walks_the_urls_in_turn() {
+    let urls = vec!["a".to_string(), "b".to_string()];
+    let mut r = crate::Rotation::new(&urls);
+    assert_eq!([r.next_url(), r.next_url(), r.next_url()], ["a", "b", "a"]);
+}
+
+#[test]
+fn error_bodies_have_one_shape() {
+    let b = crate::error_body("no_route", "no route for /x", serde_json::json!({"path": "/x"}));
+    assert_eq!(b, serde_json::json!({"error": "no_route", "message": "no route for /x", "path": "/x"}));
+    assert_eq!(crate::sha256_hex(b"abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+}

@@ -1,0 +1,321 @@
+//! The command line (and an optional YAML config file) resolved into a [`Config`].
+//!
+//! A flag given on the command line (or through its `MESH_*` variable) wins over the config
+//! file; the file wins over the defaults of [`Config::new`].
+
+use std::{collections::HashMap, net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::{Context, bail};
+use mesh_runtime::{LocalAddr, parse_duration};
+use serde::Deserialize;
+
+use crate::{
+    config::{ADMIN_ADDR, CONTROL_PLANE, Config, GATEWAY_ADDR, INBOUND_ADDR, Mode, OUTBOUND_ADDR},
+    events::subscription::Subscription,
+    outbound::route::Route,
+};
+
+/// The sidecar's command line.
+#[derive(Debug, clap::Parser)]
+#[command(
+    version,
+    about = "Opinion Market Mesh sidecar: the proxy beside a service instance, or the gateway"
+)]
+pub struct Args {
+    /// YAML file with any of the settings below (snake_case keys); flags win over it.
+    #[arg(long, env = "MESH_CONFIG")]
+    config: Option<PathBuf>,
+    /// sidecar (beside a service instance) or gateway (the platform's edge).
+    #[arg(long, env = "MESH_MODE", value_enum)]
+    mode: Option<Mode>,
+    /// The service this instance belongs to (sidecar mode).
+    #[arg(long, env = "MESH_SERVICE")]
+    service: Option<String>,
+    /// Unique instance id (default: <service>-<hostname>-<pid>).
+    #[arg(long, env = "MESH_INSTANCE_ID")]
+    instance_id: Option<String>,
+    /// The local app (sidecar mode): host:port, or unix:/path for its Unix socket (then no
+    /// other user of the host can reach the app past this sidecar).
+    #[arg(long, env = "MESH_APP_ADDR")]
+    app_addr: Option<LocalAddr>,
+    /// Control-plane gRPC URL; repeat or comma-separate for failover. `https://` (the default
+    /// control plane) needs --control-plane-ca; `http://` is for one run with --insecure-api.
+    #[arg(long, env = "MESH_CONTROL_PLANE", value_delimiter = ',')]
+    control_plane: Vec<String>,
+    /// The mesh root certificate (PEM; the control plane's `ca.pem`, or `meshctl identity
+    /// bundle`): an `https://` control plane must present a certificate it issued.
+    #[arg(long, env = "MESH_CONTROL_PLANE_CA")]
+    control_plane_ca: Option<PathBuf>,
+    /// Inbound listener: other sidecars reach the app here (default 0.0.0.0:4143).
+    #[arg(long, env = "MESH_INBOUND_ADDR")]
+    inbound_addr: Option<SocketAddr>,
+    /// Outbound listener for the local app (default 127.0.0.1:4140; unix:/path for a socket
+    /// only the app's user can open, mode 0600); the public listener in gateway mode.
+    #[arg(long, env = "MESH_OUTBOUND_ADDR")]
+    outbound_addr: Option<LocalAddr>,
+    /// The admin API (`POST /events`, `/config`, …) also on this address for the local app:
+    /// unix:/path makes a socket only the app's user can open (mode 0600).
+    #[arg(long, env = "MESH_APP_API_ADDR")]
+    app_api_addr: Option<LocalAddr>,
+    /// Admin listener: /metrics /ready /live /config (default 127.0.0.1:4191).
+    #[arg(long, env = "MESH_ADMIN_ADDR")]
+    admin_addr: Option<SocketAddr>,
+    /// Address registered for other sidecars (default: the inbound address, 127.0.0.1 for 0.0.0.0).
+    #[arg(long, env = "MESH_ADVERTISE_ADDR")]
+    advertise_addr: Option<String>,
+    /// Where the fail-static snapshot lives (default .mesh/sidecar-<instance id>).
+    #[arg(long, env = "MESH_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Services the app calls, watched from the start (others are added on first use).
+    #[arg(long = "upstream", env = "MESH_UPSTREAMS", value_delimiter = ',')]
+    upstreams: Vec<String>,
+    /// Gateway route PREFIX=SERVICE[,REWRITE], e.g. /api/markets=market-service,/markets.
+    #[arg(long = "route", env = "MESH_ROUTES", value_delimiter = ';')]
+    routes: Vec<String>,
+    #[arg(long, env = "MESH_ZONE")]
+    zone: Option<String>,
+    /// Version label registered with the instance.
+    #[arg(long, env = "MESH_INSTANCE_VERSION")]
+    instance_version: Option<String>,
+    /// Metadata KEY=VALUE registered with the instance; repeatable.
+    #[arg(long = "metadata", env = "MESH_METADATA", value_delimiter = ',')]
+    metadata: Vec<String>,
+    /// Weight for the weighted balancer (default 100).
+    #[arg(long, env = "MESH_WEIGHT")]
+    weight: Option<u32>,
+    /// After SIGTERM and deregistration, keep serving this long (default 2s).
+    #[arg(long, env = "MESH_DRAIN_DELAY", value_parser = parse_duration)]
+    drain_delay: Option<Duration>,
+    /// Then give open requests this long to finish (default 10s).
+    #[arg(long, env = "MESH_DRAIN_TIMEOUT", value_parser = parse_duration)]
+    drain_timeout: Option<Duration>,
+    /// How long an HTTP/1 client may take to send a request head, or leave a connection idle,
+    /// before it is closed (default 30s).
+    #[arg(long, env = "MESH_HEADER_READ_TIMEOUT", value_parser = parse_duration)]
+    header_read_timeout: Option<Duration>,
+    /// Gateway mode: the largest request body accepted (bytes; default 1048576, 0 = no limit).
+    /// A larger declared `Content-Length` is refused with 413 before any of the body is read.
+    #[arg(long, env = "MESH_MAX_REQUEST_BODY")]
+    max_request_body: Option<u64>,
+    /// How long a repeated Idempotency-Key is answered with the first response (default 2m).
+    #[arg(long, env = "MESH_IDEMPOTENCY_WINDOW", value_parser = parse_duration)]
+    idempotency_window: Option<Duration>,
+    /// How long a request for a service met for the first time waits for its endpoints (default 2s).
+    #[arg(long, env = "MESH_DISCOVERY_WAIT", value_parser = parse_duration)]
+    discovery_wait: Option<Duration>,
+    /// Deliver a topic's events to the app: TOPIC=PATH (POST, CloudEvents binary mode); repeat
+    /// for more. The config file's `subscriptions` take group, max_attempts, dead_letter_topic,
+    /// timeout and backoff too.
+    #[arg(long = "subscribe", env = "MESH_SUBSCRIBE", value_delimiter = ',')]
+    subscribe: Vec<String>,
+    /// Most bytes of unforwarded events spooled before publishing gets 429 (default 256 MiB).
+    #[arg(long, env = "MESH_SPOOL_MAX_BYTES")]
+    spool_max_bytes: Option<u64>,
+    /// Publishing gets 429 while the oldest unforwarded event is older than this (default 24h).
+    #[arg(long, env = "MESH_SPOOL_MAX_AGE", value_parser = parse_duration)]
+    spool_max_age: Option<Duration>,
+    /// A file holding the service's bootstrap token (`meshctl identity token create SERVICE`;
+    /// `gateway` for the gateway): the sidecar gets its certificate from the mesh CA with it,
+    /// renews it at two thirds of its lifetime, and speaks mutual TLS to other sidecars (its
+    /// inbound listener then accepts mTLS only). A secret: read from a file, never given on the
+    /// command line.
+    #[arg(long, env = "MESH_IDENTITY_TOKEN_FILE")]
+    identity_token_file: Option<PathBuf>,
+    /// Runtime worker threads (default: one per core; 1 runs the whole proxy on one thread, the
+    /// cheapest per request when the sidecar gets one core).
+    #[arg(long, env = "MESH_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
+    /// Log filter (tracing EnvFilter syntax).
+    #[arg(long, env = "MESH_LOG", default_value = "info")]
+    pub log: String,
+}
+
+/// The config file: every key optional, unknown keys are errors.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct FileConfig {
+    mode: Option<Mode>,
+    service: Option<String>,
+    instance_id: Option<String>,
+    app_addr: Option<String>,
+    control_plane: Vec<String>,
+    inbound_addr: Option<SocketAddr>,
+    outbound_addr: Option<String>,
+    app_api_addr: Option<String>,
+    admin_addr: Option<SocketAddr>,
+    advertise_addr: Option<String>,
+    data_dir: Option<PathBuf>,
+    upstreams: Vec<String>,
+    routes: Vec<Route>,
+    zone: Option<String>,
+    instance_version: Option<String>,
+    metadata: HashMap<String, String>,
+    weight: Option<u32>,
+    #[serde(with = "opt_duration")]
+    drain_delay: Option<Duration>,
+    #[serde(with = "opt_duration")]
+    drain_timeout: Option<Duration>,
+    #[serde(with = "opt_duration")]
+    header_read_timeout: Option<Duration>,
+    max_request_body: Option<u64>,
+    #[serde(with = "opt_duration")]
+    discovery_wait: Option<Duration>,
+    #[serde(with = "opt_duration")]
+    idempotency_window: Option<Duration>,
+    subscriptions: Vec<Subscription>,
+    identity_token_file: Option<PathBuf>,
+    control_plane_ca: Option<PathBuf>,
+    spool_max_bytes: Option<u64>,
+    #[serde(with = "opt_duration")]
+    spool_max_age: Option<Duration>,
+}
+
+mod opt_duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, de::Error};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|s| humantime::parse_duration(&s).map_err(|e| D::Error::custom(format!("{s:?}: {e}"))))
+            .transpose()
+    }
+}
+
+/// The config and the listeners' addresses.
+pub struct Resolved {
+    pub config: Config,
+    pub inbound: SocketAddr,
+    pub outbound: LocalAddr,
+    pub app_api: Option<LocalAddr>,
+    pub admin: SocketAddr,
+}
+
+/// A `host:port` or `unix:/path` from the config file, named by its key in errors.
+fn local_addr(key: &str, value: Option<String>) -> anyhow::Result<Option<LocalAddr>> {
+    value.map(|v| v.parse().map_err(|e: String| anyhow::anyhow!("{key}: {e}"))).transpose()
+}
+
+pub fn resolve(a: Args) -> anyhow::Result<Resolved> {
+    let f: FileConfig = match &a.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read --config {}", path.display()))?;
+            serde_yaml_ng::from_str(&text).with_context(|| format!("config file {}", path.display()))?
+        }
+        None => FileConfig::default(),
+    };
+    let mode = a.mode.or(f.mode).unwrap_or(Mode::Sidecar);
+    let service = a.service.or(f.service);
+    if let Some(s) = &service
+        && !mesh_proto::names::is_service_name(s)
+    {
+        bail!("--service {s:?} must be {}", mesh_proto::names::SERVICE_NAME_RULE);
+    }
+    if mode == Mode::Sidecar && service.is_none() {
+        bail!("--service is required in sidecar mode");
+    }
+    let app_addr = a.app_addr.or(local_addr("app_addr", f.app_addr)?);
+    if mode == Mode::Sidecar && app_addr.is_none() {
+        bail!("--app-addr is required in sidecar mode (where the local app listens)");
+    }
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "local".into());
+    let instance_id = a.instance_id.or(f.instance_id).unwrap_or_else(|| {
+        format!("{}-{}-{}", service.as_deref().unwrap_or("gateway"), host, std::process::id())
+    });
+    if !mesh_proto::names::is_instance_id(&instance_id) {
+        bail!("--instance-id {instance_id:?} must be {}", mesh_proto::names::INSTANCE_ID_RULE);
+    }
+    let inbound = a.inbound_addr.or(f.inbound_addr).unwrap_or(INBOUND_ADDR);
+    let default_outbound = if mode == Mode::Gateway { GATEWAY_ADDR } else { OUTBOUND_ADDR };
+    let outbound = a
+        .outbound_addr
+        .or(local_addr("outbound_addr", f.outbound_addr)?)
+        .unwrap_or(LocalAddr::Tcp(default_outbound));
+    let app_api = a.app_api_addr.or(local_addr("app_api_addr", f.app_api_addr)?);
+    let admin = a.admin_addr.or(f.admin_addr).unwrap_or(ADMIN_ADDR);
+    let control_plane = if a.control_plane.is_empty() { f.control_plane } else { a.control_plane };
+    let control_plane =
+        if control_plane.is_empty() { vec![CONTROL_PLANE.to_string()] } else { control_plane };
+    let mut routes = f.routes;
+    for r in &a.routes {
+        routes.push(Route::parse(r).map_err(anyhow::Error::msg)?);
+    }
+    for r in &routes {
+        r.validate().map_err(anyhow::Error::msg)?;
+    }
+    if mode == Mode::Gateway && routes.is_empty() {
+        bail!("gateway mode needs at least one --route PREFIX=SERVICE[,REWRITE]");
+    }
+    let mut metadata = f.metadata;
+    for kv in &a.metadata {
+        let (k, v) = kv.split_once('=').with_context(|| format!("--metadata {kv:?}: expected KEY=VALUE"))?;
+        metadata.insert(k.to_string(), v.to_string());
+    }
+    let upstreams: Vec<String> = if a.upstreams.is_empty() { f.upstreams } else { a.upstreams };
+    if let Some(bad) = upstreams.iter().find(|u| !mesh_proto::names::is_service_name(u)) {
+        bail!("--upstream {bad:?} must be {}", mesh_proto::names::SERVICE_NAME_RULE);
+    }
+    let mut subscriptions = f.subscriptions;
+    for s in &a.subscribe {
+        subscriptions.push(Subscription::parse(s).map_err(anyhow::Error::msg)?);
+    }
+    for s in &subscriptions {
+        s.validate().map_err(anyhow::Error::msg)?;
+    }
+    if mode == Mode::Gateway && !subscriptions.is_empty() {
+        bail!("subscriptions deliver to a local app: they need sidecar mode");
+    }
+    let identity_token = match a.identity_token_file.or(f.identity_token_file) {
+        Some(path) => Some(
+            mesh_runtime::read_secret(&path).map_err(|e| anyhow::anyhow!("--identity-token-file: {e}"))?,
+        ),
+        None => None,
+    };
+    let control_plane_ca = match a.control_plane_ca.or(f.control_plane_ca) {
+        Some(path) => Some(
+            std::fs::read_to_string(&path)
+                .with_context(|| format!("cannot read --control-plane-ca {}", path.display()))?,
+        ),
+        None => None,
+    };
+    if let Some(ca) = &control_plane_ca {
+        mesh_proto::dial::roots(ca).context("--control-plane-ca holds no usable certificate")?;
+    }
+    if let Some(url) = control_plane.iter().find(|u| u.starts_with("https://"))
+        && control_plane_ca.is_none()
+    {
+        bail!(
+            "the control plane {url} is served over TLS: give its CA with --control-plane-ca \
+             (the control plane's data dir holds it as ca.pem)"
+        );
+    }
+    let data_dir =
+        a.data_dir.or(f.data_dir).unwrap_or_else(|| PathBuf::from(format!(".mesh/sidecar-{instance_id}")));
+    let mut c = Config::new(mode, instance_id, control_plane, data_dir);
+    let d = c.clone();
+    c.service = if mode == Mode::Sidecar { service } else { None };
+    c.advertise_addr = a.advertise_addr.or(f.advertise_addr).unwrap_or_default();
+    c.app_addr = app_addr;
+    c.zone = a.zone.or(f.zone).unwrap_or_default();
+    c.version = a.instance_version.or(f.instance_version).unwrap_or_default();
+    c.metadata = metadata;
+    c.weight = a.weight.or(f.weight).unwrap_or(d.weight);
+    c.upstreams = upstreams;
+    c.routes = routes;
+    c.discovery_wait = a.discovery_wait.or(f.discovery_wait).unwrap_or(d.discovery_wait);
+    c.drain_delay = a.drain_delay.or(f.drain_delay).unwrap_or(d.drain_delay);
+    c.drain_timeout = a.drain_timeout.or(f.drain_timeout).unwrap_or(d.drain_timeout);
+    c.header_read_timeout = a.header_read_timeout.or(f.header_read_timeout).unwrap_or(d.header_read_timeout);
+    c.max_request_body = a.max_request_body.or(f.max_request_body).unwrap_or(d.max_request_body);
+    c.idempotency_window = a.idempotency_window.or(f.idempotency_window).unwrap_or(d.idempotency_window);
+    c.spool_max_bytes = a.spool_max_bytes.or(f.spool_max_bytes).unwrap_or(d.spool_max_bytes);
+    c.spool_max_age = a.spool_max_age.or(f.spool_max_age).unwrap_or(d.spool_max_age);
+    c.subscriptions = subscriptions;
+    c.identity_token = identity_token;
+    c.control_plane_ca = control_plane_ca;
+    let config = c;
+    Ok(Resolved { config, inbound, outbound, app_api, admin })
+}

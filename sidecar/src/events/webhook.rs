@@ -1,0 +1,162 @@
+//! Events from the bus, delivered to the local app and to the response cache.
+//!
+//! - **Webhooks.** Each [`Subscription`] (from the sidecar's config) follows its topic as its
+//!   consumer group and POSTs every event to the app in CloudEvents binary mode (`ce-*`
+//!   headers, the data as the body), one at a time, so in order per key. A `2xx` answer commits
+//!   the event; anything else (or no answer within `timeout`) is retried with jittered backoff;
+//!   after `max_attempts` the event is published to the dead-letter topic with the reason and
+//!   then committed. Delivery waits while the app's health probe fails. Delivery is
+//!   at-least-once: a crash between the app's answer and the commit delivers the event again.
+//! - **Cache invalidation.** For every topic an upstream's cache policy names in
+//!   `invalidate_on`, the sidecar follows the topic from its head (no group: it keeps the offset
+//!   in memory and resumes from it after a reconnect) and drops the entries whose path starts
+//!   with the rule's prefix, `{key}` replaced by the event's key.
+
+use crate::events::follow::EventsClient;
+use crate::events::follow::Handle;
+use crate::events::follow::follow;
+use crate::events::subscription::Subscription;
+use crate::shared::Shared;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use mesh_proto::v1;
+use mesh_runtime::Backoff;
+use std::{sync::Arc, time::Duration};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+/// Delivers `sub`'s events to the app until `stop`.
+pub async fn deliver(shared: Arc<Shared>, sub: Subscription, stop: CancellationToken) {
+    let Some(app) = shared.app.clone() else { return };
+    let group = sub.group.clone().or_else(|| shared.config.service.clone()).unwrap_or_default();
+    let start = v1::SubscribeStart { topic: sub.topic.clone(), group, ..Default::default() };
+    let span = tracing::info_span!("subscription", topic = %sub.topic, path = %sub.path);
+    let mut webhook = Webhook {
+        shared: shared.clone(),
+        app,
+        labels: vec![("topic", sub.topic.clone())],
+        group: start.group.clone(),
+        sub,
+        stop: stop.clone(),
+    };
+    follow(&shared, start, &stop, &mut webhook).instrument(span).await
+}
+
+struct Webhook {
+    shared: Arc<Shared>,
+    app: crate::endpoint::local_app::LocalApp,
+    sub: Subscription,
+    group: String,
+    labels: Vec<(&'static str, String)>,
+    stop: CancellationToken,
+}
+
+impl Handle for Webhook {
+    async fn handle(&mut self, client: &mut EventsClient, d: v1::Delivery) -> bool {
+        let Some(event) = d.event else { return true };
+        let (m, sub, stop) = (&self.shared.metrics, &self.sub, &self.stop);
+        let mut backoff = Backoff::new(sub.backoff_base, sub.backoff_max);
+        let mut last_error = String::new();
+        for attempt in 1..=sub.max_attempts {
+            let mut healthy = self.shared.app_healthy.subscribe();
+            tokio::select! {
+                _ = stop.cancelled() => return false,
+                r = healthy.wait_for(|h| *h) => if r.is_err() { return false },
+            }
+            match post(&self.app, sub, &event, d.offset).await {
+                Ok(()) => {
+                    m.events_delivered.get_or_create(&self.labels).inc();
+                    return true;
+                }
+                Err(e) => {
+                    m.event_delivery_failures.get_or_create(&self.labels).inc();
+                    tracing::debug!(id = %event.id, attempt, error = %e, "delivery failed");
+                    last_error = e;
+                }
+            }
+            if attempt < sub.max_attempts && !backoff.wait(stop).await {
+                return false;
+            }
+        }
+        tracing::warn!(id = %event.id, error = %last_error, "event dead-lettered");
+        let stored = dead_letter(client, sub, &self.group, event, d.offset, &last_error, stop).await;
+        if stored {
+            m.events_dead_lettered.get_or_create(&self.labels).inc();
+        }
+        stored
+    }
+}
+
+async fn post(
+    app: &crate::endpoint::local_app::LocalApp,
+    sub: &Subscription,
+    e: &v1::Event,
+    offset: u64,
+) -> Result<(), String> {
+    let time =
+        humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(e.time_unix_ms))
+            .to_string();
+    let mut req = http::Request::post(sub.path.as_str())
+        .header(
+            http::header::CONTENT_TYPE,
+            if e.content_type.is_empty() { "application/json" } else { &e.content_type },
+        )
+        .header("ce-specversion", "1.0")
+        .header("ce-id", &e.id)
+        .header("ce-source", &e.source)
+        .header("ce-type", &e.r#type)
+        .header("ce-time", time)
+        .header("ce-topic", &e.topic)
+        .header("x-mesh-event-offset", offset.to_string());
+    for (name, value) in
+        [("ce-subject", &e.key), ("ce-correlationid", &e.correlation_id), ("ce-causationid", &e.causation_id)]
+    {
+        if !value.is_empty() {
+            req = req.header(name, value);
+        }
+    }
+    let req = req
+        .body(crate::http::body::boxed(Full::new(Bytes::from(e.data.clone()))))
+        .map_err(|e| format!("invalid event header: {e}"))?;
+    let resp = tokio::time::timeout(sub.timeout, async {
+        let resp = app.send(req, None).await.map_err(|e| format!("cannot reach the app: {e}"))?;
+        let status = resp.status();
+        // Read the answer so the connection can be reused.
+        let _ = resp.into_body().collect().await;
+        Ok::<_, String>(status)
+    })
+    .await
+    .map_err(|_| format!("the app did not answer within {:?}", sub.timeout))??;
+    if resp.is_success() { Ok(()) } else { Err(format!("the app answered {resp}")) }
+}
+
+/// Publishes `event` to the subscription's dead-letter topic (retrying until it is stored or
+/// `stop`); false when stopped first.
+async fn dead_letter(
+    client: &mut EventsClient,
+    sub: &Subscription,
+    group: &str,
+    mut event: v1::Event,
+    offset: u64,
+    reason: &str,
+    stop: &CancellationToken,
+) -> bool {
+    event.attributes.insert("deadletter_topic".into(), event.topic.clone());
+    event.attributes.insert("deadletter_group".into(), group.to_string());
+    event.attributes.insert("deadletter_offset".into(), offset.to_string());
+    event.attributes.insert("deadletter_attempts".into(), sub.max_attempts.to_string());
+    event.attributes.insert("deadletter_reason".into(), reason.chars().take(500).collect());
+    event.topic = sub.dead_letter();
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        match client.publish(v1::PublishRequest { events: vec![event.clone()] }).await {
+            Ok(_) => return true,
+            Err(s) => {
+                tracing::warn!(error = %s, "publishing to the dead-letter topic failed; retrying");
+                if !backoff.wait(stop).await {
+                    return false;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! What every part of the sidecar shares ([`Shared`]): the config, the upstreams, the own
+//! policy, the app's health, metrics, the control-plane status, the snapshot writer, the event
+//! outbox and the mesh identity.
+
+use crate::config::Config;
+use crate::config::Mode;
+use crate::metrics::Metrics;
+use crate::upstream::Source;
+use crate::upstream::Upstreams;
+use crate::upstream::snapshot::PolicyRecord;
+use crate::upstream::snapshot::Snapshot;
+use crate::upstream::snapshot::SnapshotWriter;
+use crate::upstream::snapshot::UpstreamRecord;
+use mesh_proto::policy::ServicePolicy;
+use std::sync::{
+    Arc, Mutex,
+    atomic::{AtomicBool, AtomicUsize, Ordering},
+};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// Connection state toward the control plane, for `/config` and `/ready`.
+#[derive(Default)]
+pub struct ControlStatus {
+    pub url: Mutex<String>,
+    pub connected: AtomicBool,
+    pub registered: AtomicBool,
+    pub synced: AtomicBool,
+    pub from_snapshot: AtomicBool,
+    pub last_error: Mutex<String>,
+}
+
+/// What every part of the sidecar shares.
+pub struct Shared {
+    pub config: Config,
+    pub upstreams: Arc<Upstreams>,
+    pub own_policy: watch::Sender<(u64, Arc<ServicePolicy>)>,
+    pub app_healthy: watch::Sender<bool>,
+    /// Inbound requests in flight (the load reported in heartbeats).
+    pub load: Arc<AtomicUsize>,
+    pub metrics: Arc<Metrics>,
+    pub cp: ControlStatus,
+    pub snapshot: Arc<SnapshotWriter>,
+    pub dns: crate::upstream::dns::Dns,
+    /// The local app (sidecar mode): inbound requests, probes and event deliveries reach it.
+    pub app: Option<crate::endpoint::local_app::LocalApp>,
+    /// Cancelled when shutdown begins.
+    pub stopping: CancellationToken,
+    /// The app's event spool and forwarder wake-up (or why the spool could not open).
+    pub outbox: Result<crate::events::outbox::Outbox, String>,
+    /// This sidecar's certified mesh identity, once it has one (shared with the upstreams'
+    /// TLS connectors).
+    pub identity: Arc<crate::identity::cell::IdentityCell>,
+    /// How to reach the control plane: TLS presenting the current certificate, when it has a CA.
+    pub dialer: mesh_proto::dial::Dialer,
+}
+
+impl Shared {
+    /// The shared state for `config`, and the channel announcing upstreams met for the first
+    /// time (for the control loop).
+    pub fn new(config: Config) -> (Arc<Shared>, tokio::sync::mpsc::UnboundedReceiver<String>) {
+        let identity = Arc::new(crate::identity::cell::IdentityCell::default());
+        let metrics = Metrics::new();
+        let (upstreams, added) =
+            Upstreams::new(config.identity_token.is_some().then(|| identity.clone()), metrics.clone());
+        let shared = Arc::new(Shared {
+            upstreams: Arc::new(upstreams),
+            own_policy: watch::channel((0, Arc::new(ServicePolicy::default()))).0,
+            app_healthy: watch::channel(config.mode == Mode::Gateway).0,
+            load: Arc::default(),
+            metrics,
+            cp: ControlStatus::default(),
+            snapshot: SnapshotWriter::new(config.data_dir.clone()),
+            dns: crate::upstream::dns::Dns::default(),
+            app: config.app_addr.as_ref().map(crate::endpoint::local_app::LocalApp::new),
+            stopping: CancellationToken::new(),
+            outbox: crate::events::spool::Spool::open(
+                &config.data_dir.join("spool"),
+                config.spool_max_bytes,
+                config.spool_max_age,
+            )
+            .map(crate::events::outbox::Outbox::new)
+            .map_err(|e| e.to_string()),
+            dialer: crate::identity::cell::control_plane_dialer(
+                config.control_plane_ca.clone(),
+                identity.clone(),
+            ),
+            identity,
+            config,
+        });
+        (shared, added)
+    }
+
+    /// The service name this sidecar's certificate is for (`gateway` for the gateway).
+    pub fn identity_service(&self) -> String {
+        self.config.service.clone().unwrap_or_else(|| "gateway".into())
+    }
+
+    /// Whether traffic between sidecars is mutual TLS (this sidecar has an identity token).
+    pub fn mtls(&self) -> bool {
+        self.config.identity_token.is_some()
+    }
+
+    pub(crate) fn take_snapshot(&self) -> Snapshot {
+        let (v, p) = self.own_policy.borrow().clone();
+        let own_policy = (v > 0).then(|| PolicyRecord { version: v, policy: (*p).clone() });
+        let upstreams = self
+            .upstreams
+            .all()
+            .into_iter()
+            .filter(|u| u.source() != Source::None)
+            .map(|u| {
+                let set = u.endpoints();
+                let p = u.policy();
+                let policy =
+                    (p.version > 0).then(|| PolicyRecord { version: p.version, policy: (*p.policy).clone() });
+                (
+                    u.name.clone(),
+                    UpstreamRecord { endpoints_version: set.version, endpoints: set.infos(), policy },
+                )
+            })
+            .collect();
+        Snapshot { own_policy, upstreams }
+    }
+
+    pub(crate) fn restore(&self, snap: Snapshot) {
+        if let Some(own) = snap.own_policy {
+            self.own_policy.send_replace((own.version, Arc::new(own.policy)));
+        }
+        for (name, rec) in snap.upstreams {
+            let up = self.upstreams.get_or_add(&name);
+            if let Some(p) = rec.policy {
+                self.dns.sync(&up, p.policy.external.as_ref());
+                up.set_policy(p.version, p.policy);
+            }
+            up.set_endpoints(rec.endpoints_version, rec.endpoints, Source::Snapshot);
+        }
+        self.cp.from_snapshot.store(true, Ordering::Relaxed);
+    }
+}
