@@ -657,7 +657,7 @@ fn spawn_committer(
     lease: tokio::sync::OwnedMutexGuard<()>,
 ) -> tokio::sync::watch::Sender<Option<u64>> {
     let (tx, mut rx) = tokio::sync::watch::channel(None::<u64>);
-    tokio::spawn(async move {
+    mesh_runtime::spawn(tracing::info_span!("event_committer", %topic, %group), async move {
         let _lease = lease;
         let mut stored = None;
         loop {

@@ -199,7 +199,7 @@ impl ControlPlane {
         // Streams follow the server's own token, so cancelling it ends them and lets the
         // gRPC server's graceful shutdown finish.
         let own = state.shutdown.clone();
-        tasks.spawn({
+        mesh_runtime::spawn_tracked(&tasks, tracing::info_span!("shutdown_relay"), {
             let (shutdown, own) = (shutdown.clone(), own.clone());
             async move {
                 shutdown.cancelled().await;
@@ -207,20 +207,20 @@ impl ControlPlane {
             }
         });
 
-        tasks.spawn(
-            sweeper(state.clone(), self.config.sweep_interval).instrument(tracing::info_span!("sweeper")),
+        mesh_runtime::spawn_tracked(
+            &tasks,
+            tracing::info_span!("sweeper"),
+            sweeper(state.clone(), self.config.sweep_interval),
         );
-        tasks.spawn({
+        mesh_runtime::spawn_tracked(&tasks, tracing::info_span!("bus_maintenance"), {
             let (state, every) = (state.clone(), self.config.bus_maintenance_interval);
             async move { state.bus.maintain(every, state.shutdown.clone()).await }
-                .instrument(tracing::info_span!("bus_maintenance"))
         });
 
-        let admin_task = tasks.spawn({
+        let admin_task = mesh_runtime::spawn_tracked(&tasks, tracing::info_span!("admin_http"), {
             let router = http::router(state.clone());
             let own = own.clone();
             async move { axum::serve(admin, router).with_graceful_shutdown(own.cancelled_owned()).await }
-                .instrument(tracing::info_span!("admin_http"))
         });
 
         let (health_reporter, health_service) = tonic_health::server::health_reporter();

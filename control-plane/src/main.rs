@@ -10,9 +10,8 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use control_plane::{BusBackend, Config, ControlPlane, bus::Retention};
-use mesh_runtime::{parse_duration, shutdown_signal};
+use mesh_runtime::parse_duration;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum StoreKind {
@@ -139,17 +138,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
     tracing::info!(grpc = %grpc_addr, admin = %admin_addr, "control plane serving");
 
-    let shutdown = CancellationToken::new();
-    let mut server = tokio::spawn(cp.serve(grpc, admin, shutdown.clone()));
-    tokio::select! {
-        res = &mut server => return res.context("control plane task failed")?.map_err(Into::into),
-        sig = shutdown_signal() => tracing::info!(signal = sig, "shutting down: draining"),
-    }
-    shutdown.cancel();
-    match tokio::time::timeout(args.drain_timeout, server).await {
-        Ok(res) => res.context("control plane task failed")??,
-        Err(_) => tracing::warn!(timeout = ?args.drain_timeout, "drain deadline passed; exiting anyway"),
-    }
-    tracing::info!("stopped");
-    Ok(())
+    mesh_runtime::serve_until_signal("control plane", Some(args.drain_timeout), |stop| {
+        cp.serve(grpc, admin, stop)
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!(e))
 }

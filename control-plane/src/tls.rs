@@ -177,7 +177,7 @@ pub fn incoming(
     let (tx, rx) = tokio::sync::mpsc::channel(128);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let slots = Arc::new(tokio::sync::Semaphore::new(max_handshakes));
-    tokio::spawn(async move {
+    mesh_runtime::spawn(tracing::info_span!("grpc_tls_accept"), async move {
         loop {
             let (tcp, peer) = tokio::select! {
                 _ = stop.cancelled() => return,
@@ -199,7 +199,7 @@ pub fn incoming(
             };
             let _ = tcp.set_nodelay(true);
             let (acceptor, tx, state) = (acceptor.clone(), tx.clone(), state.clone());
-            tokio::spawn(async move {
+            mesh_runtime::spawn(tracing::debug_span!("tls_handshake", %peer), async move {
                 let _slot = slot;
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {

@@ -18,7 +18,6 @@ pub mod store;
 use std::{sync::Arc, time::Duration};
 
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::Instrument;
 
 use crate::{service::Markets, store::Store};
 
@@ -62,7 +61,7 @@ pub async fn run(
     let tasks = TaskTracker::new();
     let stop = CancellationToken::new();
 
-    tasks.spawn({
+    mesh_runtime::spawn_tracked(&tasks, tracing::info_span!("snapshotter"), {
         let (markets, stop) = (markets.clone(), stop.clone());
         async move {
             loop {
@@ -75,9 +74,8 @@ pub async fn run(
                 }
             }
         }
-        .instrument(tracing::info_span!("snapshotter"))
     });
-    tasks.spawn({
+    mesh_runtime::spawn_tracked(&tasks, tracing::info_span!("closer"), {
         let (markets, stop, every) = (markets.clone(), stop.clone(), config.close_interval);
         async move {
             let mut tick = tokio::time::interval(every);
@@ -94,13 +92,13 @@ pub async fn run(
                 }
             }
         }
-        .instrument(tracing::info_span!("closer"))
     });
 
     if let Some(admin) = config.sidecar_admin.clone() {
-        tasks.spawn(
-            publisher::run(store.clone(), admin, stop.clone())
-                .instrument(tracing::info_span!("outbox_publisher")),
+        mesh_runtime::spawn_tracked(
+            &tasks,
+            tracing::info_span!("outbox_publisher"),
+            publisher::run(store.clone(), admin, stop.clone()),
         );
     }
     let app = api::router(Arc::new(api::AppState {

@@ -5,8 +5,7 @@ use std::{process::ExitCode, time::Duration};
 
 use anyhow::Context;
 use clap::Parser;
-use mesh_runtime::{parse_duration, shutdown_signal};
-use tokio_util::sync::CancellationToken;
+use mesh_runtime::parse_duration;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -70,13 +69,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         close_interval: args.close_interval,
         sidecar_admin: args.sidecar_admin,
     };
-    let shutdown = CancellationToken::new();
-    let mut task = tokio::spawn(market_service::run(config, listener, shutdown.clone()));
-    tokio::select! {
-        r = &mut task => return Ok(r.context("service task failed")??),
-        sig = shutdown_signal() => tracing::info!(signal = sig, "shutting down"),
-    }
-    shutdown.cancel();
-    task.await.context("service task failed")??;
-    Ok(())
+    mesh_runtime::serve_until_signal("market service", None, |stop| {
+        market_service::run(config, listener, stop)
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!(e))
 }

@@ -11,7 +11,6 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 use crate::{service::now_ms, store::Store};
 
@@ -82,12 +81,9 @@ impl Sidecar {
             }
         };
         // The connection lives until `tx` is dropped (the publisher stops or reconnects).
-        tokio::spawn(
-            async move {
-                let _ = conn.await;
-            }
-            .instrument(tracing::info_span!("sidecar_connection")),
-        );
+        mesh_runtime::spawn(tracing::info_span!("sidecar_connection"), async move {
+            let _ = conn.await;
+        });
         Ok(tx)
     }
 }

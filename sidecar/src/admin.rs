@@ -11,7 +11,7 @@ use axum::{
 };
 use serde_json::json;
 
-use crate::{config::Mode, shared::Shared};
+use crate::{config::Mode, events::api, identity, metrics::Metrics, shared::Shared};
 
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
@@ -20,7 +20,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/ready", get(ready))
         .route("/config", get(config))
         .route("/cache/invalidate", axum::routing::post(invalidate))
-        .route("/events", axum::routing::post(crate::events::api::publish))
+        .route("/events", axum::routing::post(api::publish))
         .fallback(|| async {
             (
                 StatusCode::NOT_FOUND,
@@ -126,7 +126,7 @@ async fn config(State(s): State<Arc<Shared>>) -> impl IntoResponse {
         "identity": s.identity.current().map(|c| json!({
             "spiffe_id": c.id.spiffe_id,
             "expires": humantime::format_rfc3339_seconds(c.id.expires).to_string(),
-            "renews": humantime::format_rfc3339_seconds(crate::identity::renew_at(&c.id)).to_string(),
+            "renews": humantime::format_rfc3339_seconds(identity::renew_at(&c.id)).to_string(),
         })),
         "mtls": c.identity_token.is_some(),
         "rate_limited": c.service.as_ref().map_or(0, |svc| s.metrics.rate_limited.get_or_create(&vec![("service", svc.clone())]).get()),
@@ -170,7 +170,7 @@ async fn invalidate(
 }
 
 /// The resilience and cache counters of one upstream (the same series /metrics shows).
-fn counters(m: &crate::metrics::Metrics, service: &str) -> serde_json::Value {
+fn counters(m: &Metrics, service: &str) -> serde_json::Value {
     let one = |f: &prometheus_client::metrics::family::Family<
         Vec<(&'static str, String)>,
         prometheus_client::metrics::counter::Counter,

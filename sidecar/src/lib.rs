@@ -28,14 +28,20 @@ pub mod upstream;
 
 pub use config::{Config, Mode};
 
-use crate::inbound::Inbound;
-use crate::outbound::Outbound;
-use crate::server::Handler;
-use crate::shared::Shared;
+use crate::{
+    control::{probe, registration, session},
+    events::{forwarder, invalidation, webhook},
+    inbound::Inbound,
+    outbound::Outbound,
+    server::Handler,
+    shared::Shared,
+    upstream::snapshot,
+};
+
+use mesh_runtime::{spawn, spawn_tracked};
 use std::{sync::Arc, time::Duration};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::Instrument;
 
 pub struct Listeners {
     pub inbound: Option<TcpListener>,
@@ -69,7 +75,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     }
     let (shared, added) = Shared::new(config);
     let (upstreams, metrics) = (shared.upstreams.clone(), shared.metrics.clone());
-    match crate::upstream::snapshot::load(&shared.config.data_dir).map_err(Error::Snapshot)? {
+    match snapshot::load(&shared.config.data_dir).map_err(Error::Snapshot)? {
         Some(snap) => {
             tracing::info!(
                 upstreams = snap.upstreams.len(),
@@ -92,53 +98,51 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     let background = CancellationToken::new();
     let serving = CancellationToken::new();
     let tasks = TaskTracker::new();
-    tasks.spawn(
-        shared
-            .snapshot
-            .clone()
-            .run(
-                {
-                    let s = shared.clone();
-                    move || s.take_snapshot()
-                },
-                background.clone(),
-            )
-            .instrument(tracing::info_span!("snapshot")),
+    spawn_tracked(
+        &tasks,
+        tracing::info_span!("snapshot"),
+        shared.snapshot.clone().run(
+            {
+                let s = shared.clone();
+                move || s.take_snapshot()
+            },
+            background.clone(),
+        ),
     );
-    tasks.spawn(
-        crate::control::session::run(shared.clone(), added, background.clone())
-            .instrument(tracing::info_span!("control")),
+    spawn_tracked(
+        &tasks,
+        tracing::info_span!("control"),
+        session::run(shared.clone(), added, background.clone()),
     );
-    tasks.spawn(
-        crate::events::forwarder::forward(shared.clone(), background.clone())
-            .instrument(tracing::info_span!("event_forwarder")),
+    spawn_tracked(
+        &tasks,
+        tracing::info_span!("event_forwarder"),
+        forwarder::forward(shared.clone(), background.clone()),
     );
     if let Some(token) = shared.config.identity_token.clone() {
-        tasks.spawn(
-            crate::identity::run(shared.clone(), token, background.clone())
-                .instrument(tracing::info_span!("identity")),
+        spawn_tracked(
+            &tasks,
+            tracing::info_span!("identity"),
+            identity::run(shared.clone(), token, background.clone()),
         );
     }
     for sub in shared.config.subscriptions.iter().filter(|_| shared.config.mode == Mode::Sidecar) {
-        tasks.spawn(crate::events::webhook::deliver(shared.clone(), sub.clone(), background.clone()));
+        spawn_tracked(
+            &tasks,
+            tracing::info_span!("webhook", topic = %sub.topic),
+            webhook::deliver(shared.clone(), sub.clone(), background.clone()),
+        );
     }
-    tasks.spawn(
-        crate::events::invalidation::invalidate_caches(
-            shared.clone(),
-            Duration::from_secs(1),
-            background.clone(),
-        )
-        .instrument(tracing::info_span!("cache_invalidation")),
+    spawn_tracked(
+        &tasks,
+        tracing::info_span!("cache_invalidation"),
+        invalidation::invalidate_caches(shared.clone(), Duration::from_secs(1), background.clone()),
     );
     if let (Mode::Sidecar, Some(app)) = (shared.config.mode, shared.app.clone()) {
-        tasks.spawn(
-            crate::control::probe::run(
-                app,
-                shared.own_policy.subscribe(),
-                shared.app_healthy.clone(),
-                background.clone(),
-            )
-            .instrument(tracing::info_span!("probe")),
+        spawn_tracked(
+            &tasks,
+            tracing::info_span!("probe"),
+            probe::run(app, shared.own_policy.subscribe(), shared.app_healthy.clone(), background.clone()),
         );
     }
 
@@ -151,18 +155,12 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         outbound.max_request_body = shared.config.max_request_body;
     }
     let outbound = Arc::new(outbound);
-    let handler: Handler =
-        Arc::new(move |req, _| crate::server::boxed_in_place(|| outbound.clone().handle(req)));
+    let handler: Handler = Arc::new(move |req, _| server::boxed_in_place(|| outbound.clone().handle(req)));
     let name = if shared.config.mode == Mode::Gateway { "gateway" } else { "outbound" };
-    let mut servers = vec![tokio::spawn(crate::server::serve(
-        listeners.outbound,
-        handler,
-        serving.clone(),
-        drain,
-        name,
-        None,
-        header_timeout,
-    ))];
+    let mut servers = vec![spawn(
+        tracing::info_span!("listener", name),
+        server::serve(listeners.outbound, handler, serving.clone(), drain, name, None, header_timeout),
+    )];
     if let (Some(listener), Some(app), Some(service)) =
         (listeners.inbound, shared.app.clone(), &shared.config.service)
     {
@@ -176,44 +174,39 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         );
         inbound.mtls = shared.mtls();
         let inbound = Arc::new(inbound);
-        let handler: Handler = Arc::new(move |req, peer| {
-            crate::server::boxed_in_place(|| inbound.clone().handle(req, peer.clone()))
-        });
+        let handler: Handler =
+            Arc::new(move |req, peer| server::boxed_in_place(|| inbound.clone().handle(req, peer.clone())));
         let tls = shared.mtls().then(|| shared.identity.clone());
-        servers.push(tokio::spawn(crate::server::serve(
-            listener,
-            handler,
-            serving.clone(),
-            drain,
-            "inbound",
-            tls,
-            header_timeout,
-        )));
+        servers.push(spawn(
+            tracing::info_span!("listener", name = "inbound"),
+            server::serve(listener, handler, serving.clone(), drain, "inbound", tls, header_timeout),
+        ));
     }
-    let admin = tokio::spawn(
+    let admin = spawn(
+        tracing::info_span!("admin"),
         mesh_runtime::serve_http(
             listeners.admin.into(),
-            crate::admin::router(shared.clone()),
+            admin::router(shared.clone()),
             background.clone().cancelled_owned(),
-        )
-        .instrument(tracing::info_span!("admin")),
+        ),
     );
     if let Some(listener) = listeners.app_api {
         // The same API for the local app on its own socket; it stops with the admin listener.
-        tasks.spawn(
+        spawn_tracked(
+            &tasks,
+            tracing::info_span!("app_api"),
             mesh_runtime::serve_http(
                 listener,
-                crate::admin::router(shared.clone()),
+                admin::router(shared.clone()),
                 background.clone().cancelled_owned(),
-            )
-            .instrument(tracing::info_span!("app_api")),
+            ),
         );
     }
 
     shutdown.cancelled().await;
     shared.stopping.cancel();
     tracing::info!("shutting down: deregistering, then draining");
-    crate::control::registration::deregister(&shared, Duration::from_secs(2)).await;
+    registration::deregister(&shared, Duration::from_secs(2)).await;
     tokio::time::sleep(shared.config.drain_delay).await;
     serving.cancel();
     for s in servers {

@@ -2,15 +2,19 @@
 //! policy, the app's health, metrics, the control-plane status, the snapshot writer, the event
 //! outbox and the mesh identity.
 
-use crate::config::Config;
-use crate::config::Mode;
-use crate::metrics::Metrics;
-use crate::upstream::Source;
-use crate::upstream::Upstreams;
-use crate::upstream::snapshot::PolicyRecord;
-use crate::upstream::snapshot::Snapshot;
-use crate::upstream::snapshot::SnapshotWriter;
-use crate::upstream::snapshot::UpstreamRecord;
+use crate::{
+    config::{Config, Mode},
+    endpoint::local_app::LocalApp,
+    events::{outbox::Outbox, spool::Spool},
+    identity::cell::{self, IdentityCell},
+    metrics::Metrics,
+    upstream::{
+        Source, Upstreams,
+        dns::Dns,
+        snapshot::{PolicyRecord, Snapshot, SnapshotWriter, UpstreamRecord},
+    },
+};
+
 use mesh_proto::policy::ServicePolicy;
 use std::sync::{
     Arc, Mutex,
@@ -41,16 +45,16 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub cp: ControlStatus,
     pub snapshot: Arc<SnapshotWriter>,
-    pub dns: crate::upstream::dns::Dns,
+    pub dns: Dns,
     /// The local app (sidecar mode): inbound requests, probes and event deliveries reach it.
-    pub app: Option<crate::endpoint::local_app::LocalApp>,
+    pub app: Option<LocalApp>,
     /// Cancelled when shutdown begins.
     pub stopping: CancellationToken,
     /// The app's event spool and forwarder wake-up (or why the spool could not open).
-    pub outbox: Result<crate::events::outbox::Outbox, String>,
+    pub outbox: Result<Outbox, String>,
     /// This sidecar's certified mesh identity, once it has one (shared with the upstreams'
     /// TLS connectors).
-    pub identity: Arc<crate::identity::cell::IdentityCell>,
+    pub identity: Arc<IdentityCell>,
     /// How to reach the control plane: TLS presenting the current certificate, when it has a CA.
     pub dialer: mesh_proto::dial::Dialer,
 }
@@ -59,7 +63,7 @@ impl Shared {
     /// The shared state for `config`, and the channel announcing upstreams met for the first
     /// time (for the control loop).
     pub fn new(config: Config) -> (Arc<Shared>, tokio::sync::mpsc::UnboundedReceiver<String>) {
-        let identity = Arc::new(crate::identity::cell::IdentityCell::default());
+        let identity = Arc::new(IdentityCell::default());
         let metrics = Metrics::new();
         let (upstreams, added) =
             Upstreams::new(config.identity_token.is_some().then(|| identity.clone()), metrics.clone());
@@ -71,20 +75,13 @@ impl Shared {
             metrics,
             cp: ControlStatus::default(),
             snapshot: SnapshotWriter::new(config.data_dir.clone()),
-            dns: crate::upstream::dns::Dns::default(),
-            app: config.app_addr.as_ref().map(crate::endpoint::local_app::LocalApp::new),
+            dns: Dns::default(),
+            app: config.app_addr.as_ref().map(LocalApp::new),
             stopping: CancellationToken::new(),
-            outbox: crate::events::spool::Spool::open(
-                &config.data_dir.join("spool"),
-                config.spool_max_bytes,
-                config.spool_max_age,
-            )
-            .map(crate::events::outbox::Outbox::new)
-            .map_err(|e| e.to_string()),
-            dialer: crate::identity::cell::control_plane_dialer(
-                config.control_plane_ca.clone(),
-                identity.clone(),
-            ),
+            outbox: Spool::open(&config.data_dir.join("spool"), config.spool_max_bytes, config.spool_max_age)
+                .map(Outbox::new)
+                .map_err(|e| e.to_string()),
+            dialer: cell::control_plane_dialer(config.control_plane_ca.clone(), identity.clone()),
             identity,
             config,
         });

@@ -8,6 +8,7 @@ mod digest;
 mod http;
 mod process;
 mod secret;
+mod task;
 
 pub use addr::{LocalAddr, LocalListener, bind_unix};
 pub use backoff::{Backoff, Rotation};
@@ -15,6 +16,7 @@ pub use digest::{sha256, sha256_hex};
 pub use http::{error_body, error_response, serve_http};
 pub use process::{init_tracing, main, parse_duration, runtime, serve_until_signal, shutdown_signal};
 pub use secret::read_secret;
+pub use task::{spawn, spawn_tracked};
 
 #[cfg(test)]
 mod tests;

@@ -87,7 +87,7 @@ where
     E: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
 {
     let shutdown = CancellationToken::new();
-    let mut task = tokio::spawn(serve(shutdown.clone()));
+    let mut task = crate::task::spawn(tracing::info_span!("server", what), serve(shutdown.clone()));
     let failed = |e: tokio::task::JoinError| format!("the {what} task failed: {e}");
     tokio::select! {
         r = &mut task => return r.map_err(failed)?.map_err(Into::into),

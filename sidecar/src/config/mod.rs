@@ -7,7 +7,7 @@ use std::{collections::HashMap, net::SocketAddr, path::PathBuf, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
-use crate::outbound::route::Route;
+use crate::{events::subscription::Subscription, outbound::route::Route};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
@@ -57,7 +57,7 @@ pub struct Config {
     /// …or while its oldest pending event is older than this.
     pub spool_max_age: Duration,
     /// Events delivered to the app by webhook.
-    pub subscriptions: Vec<crate::events::subscription::Subscription>,
+    pub subscriptions: Vec<Subscription>,
     /// The service's bootstrap token: with it the sidecar gets (and renews) its certificate
     /// from the mesh CA.
     pub identity_token: Option<String>,

@@ -9,9 +9,11 @@ use std::{sync::Arc, time::Duration};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::{endpoint::local_app::LocalApp, http::body};
+
 /// Runs until `stop`, publishing the app's health on `healthy`.
 pub async fn run(
-    app: crate::endpoint::local_app::LocalApp,
+    app: LocalApp,
     mut policy: watch::Receiver<(u64, Arc<ServicePolicy>)>,
     healthy: watch::Sender<bool>,
     stop: CancellationToken,
@@ -48,8 +50,8 @@ pub async fn run(
     }
 }
 
-async fn probe_once(app: &crate::endpoint::local_app::LocalApp, path: &str, timeout: Duration) -> bool {
-    let Ok(req) = http::Request::get(path).body(crate::http::body::boxed(Empty::new())) else { return false };
+async fn probe_once(app: &LocalApp, path: &str, timeout: Duration) -> bool {
+    let Ok(req) = http::Request::get(path).body(body::boxed(Empty::new())) else { return false };
     match app.send(req, Some(timeout)).await {
         Ok(resp) => {
             let s = resp.status();

@@ -1,7 +1,10 @@
 //! Registration of this instance, heartbeats with its health and load, and deregistration.
 
-use crate::control::client::{SessionError, connect, status};
-use crate::shared::Shared;
+use crate::{
+    control::client::{SessionError, connect, status},
+    shared::Shared,
+};
+
 use futures::StreamExt;
 use mesh_proto::v1::{self, registry_client::RegistryClient};
 use std::{

@@ -8,13 +8,15 @@
 //! keeps serving what it has (it never drops endpoints for lack of a control plane) and
 //! reconnects with jittered exponential backoff, trying each configured address in turn.
 
-use crate::control::client::SessionError;
-use crate::control::client::connect;
-use crate::control::client::status;
-use crate::control::registration::registration;
-use crate::shared::Shared;
-use crate::upstream::Source;
-use crate::upstream::endpoint::EndpointInfo;
+use crate::{
+    control::{
+        client::{SessionError, connect, status},
+        registration::registration,
+    },
+    shared::Shared,
+    upstream::{Source, endpoint::EndpointInfo},
+};
+
 use futures::StreamExt;
 use mesh_proto::{
     policy::ServicePolicy,

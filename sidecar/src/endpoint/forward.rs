@@ -1,12 +1,13 @@
 //! One request forwarded to one endpoint on a pooled connection, within a timeout.
 
-use crate::endpoint::pool::Clients;
-use crate::endpoint::pool::Pooled;
-use crate::endpoint::pool::SendError;
-use crate::http::body::Body;
-use crate::http::headers::h2_uri;
-use crate::http::headers::origin_form;
-use crate::http::headers::strip_hop_by_hop;
+use crate::{
+    endpoint::pool::{Clients, Pooled, SendError},
+    http::{
+        body::Body,
+        headers::{h2_uri, origin_form, strip_hop_by_hop},
+    },
+};
+
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header, uri::Authority};
 use mesh_proto::dial::root_cause;
 use std::time::Duration;

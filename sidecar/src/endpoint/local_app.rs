@@ -1,9 +1,13 @@
 //! The local app beside a sidecar, over TCP or its Unix socket.
 
-use crate::endpoint::forward::{ForwardError, forward};
-use crate::endpoint::pool::Clients;
-use crate::endpoint::pool::Pooled;
-use crate::http::body::Body;
+use crate::{
+    endpoint::{
+        forward::{ForwardError, forward},
+        pool::{Clients, Pooled},
+    },
+    http::body::Body,
+};
+
 use http::{Request, Response, uri::Authority};
 use std::time::Duration;
 

@@ -18,10 +18,16 @@
 //! over HTTP/2: −8 %, but +15–20 µs per request one at a time; `PAIRED=1 bench/variants.sh`
 //! and `bench/mtls.sh`, BENCHMARKS.md).
 
-use crate::http::body::Body;
-use crate::http::body::BoxError;
-use crate::transport::net::Coalesced;
-use crate::transport::tls::Gated;
+use crate::{
+    http::{
+        body::{Body, BoxError},
+        headers::{self, ORIG_PROTO},
+    },
+    identity::cell::IdentityCell,
+    server::timer,
+    transport::{net::Coalesced, tls::Gated},
+};
+
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, Version, uri::Authority};
 use http_body::{Body as HttpBody, Frame, SizeHint};
@@ -48,7 +54,7 @@ use tokio_util::either::Either;
 /// whose SPIFFE id the server must have.
 #[derive(Clone)]
 pub struct MeshTls {
-    pub identity: std::sync::Arc<crate::identity::cell::IdentityCell>,
+    pub identity: std::sync::Arc<IdentityCell>,
     pub service: String,
     /// Counts this service's HTTP/1.1 requests that went as streams of the shared HTTP/2
     /// connection (`mesh_sidecar_multiplexed_requests_total`).
@@ -229,11 +235,10 @@ impl Clients {
         target: &Authority,
         mut req: Request<Body>,
     ) -> Result<Response<Pooled>, SendError> {
-        *req.uri_mut() =
-            crate::http::headers::h2_uri(target, req.uri()).map_err(|e| SendError::Connect(e.into()))?;
+        *req.uri_mut() = headers::h2_uri(target, req.uri()).map_err(|e| SendError::Connect(e.into()))?;
         *req.version_mut() = Version::HTTP_2;
         tls.multiplexed.inc();
-        req.headers_mut().insert(crate::http::headers::ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
+        req.headers_mut().insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
         let mut resp = self.send_h2(t, target, req).await?;
         *resp.version_mut() = Version::HTTP_11;
         Ok(resp)
@@ -362,7 +367,7 @@ impl Clients {
             return;
         }
         let every = (idle / 2).clamp(Duration::from_millis(100), Duration::from_secs(30));
-        crate::server::timer::every_while_alive(&self.0, every, |pool| pool.reap(Instant::now()));
+        timer::every_while_alive("idle_reaper", &self.0, every, |pool| pool.reap(Instant::now()));
     }
 
     /// Idle HTTP/1.1 connections to `target`.
@@ -395,7 +400,7 @@ fn drive<C>(conn: C, protocol: &'static str)
 where
     C: std::future::Future<Output = Result<(), hyper::Error>> + Send + 'static,
 {
-    tokio::spawn(async move {
+    mesh_runtime::spawn(tracing::debug_span!("upstream_connection", protocol), async move {
         if let Err(e) = conn.await {
             tracing::debug!(error = %e, protocol, "upstream connection ended with an error");
         }

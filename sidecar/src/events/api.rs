@@ -7,8 +7,8 @@
 //! jittered backoff; the bus drops duplicates by id, so a crash between publish and cursor
 //! update only re-sends.
 
-use crate::events::spool::SpoolError;
-use crate::shared::Shared;
+use crate::{events::spool::SpoolError, shared::Shared};
+
 use axum::{
     Json,
     body::Bytes,

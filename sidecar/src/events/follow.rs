@@ -1,8 +1,8 @@
 //! Following a topic from the control plane's bus: reconnects with backoff, resumes from the
 //! group's committed offset (or, without a group, after the last handled event).
 
-use crate::events::forwarder::connect_events;
-use crate::shared::Shared;
+use crate::{events::forwarder::connect_events, shared::Shared};
+
 use mesh_proto::v1;
 use mesh_runtime::{Backoff, Rotation};
 use std::time::Duration;

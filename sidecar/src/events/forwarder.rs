@@ -1,6 +1,7 @@
 //! The forwarder: spooled events to the control plane's bus, in spool order, with backoff.
 
 use crate::shared::Shared;
+
 use mesh_proto::{dial::Dialer, v1};
 use mesh_runtime::{Backoff, Rotation};
 use std::{sync::Arc, time::Duration};

@@ -1,13 +1,13 @@
 //! Cache invalidation by events: the entries an upstream's `invalidate_on` rules name are dropped as events pass.
 
-use crate::events::follow::EventsClient;
-use crate::events::follow::Handle;
-use crate::events::follow::follow;
-use crate::shared::Shared;
+use crate::{
+    events::follow::{EventsClient, Handle, follow},
+    shared::Shared,
+};
+
 use mesh_proto::v1;
 use std::{collections::HashMap, sync::Arc, time::Duration};
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 /// Keeps one follower per topic named by an upstream's cache `invalidate_on` rules, and drops
 /// matching entries as their events pass. Rechecks the policies every `every`. A cache naming
@@ -40,20 +40,15 @@ pub async fn invalidate_caches(shared: Arc<Shared>, every: Duration, stop: Cance
             followers.insert(topic.clone(), token.clone());
             let s = shared.clone();
             let span = tracing::info_span!("cache_invalidation", topic = %topic);
-            tokio::spawn(
-                async move {
-                    let start =
-                        v1::SubscribeStart { topic: topic.clone(), from_end: true, ..Default::default() };
-                    let mut invalidator =
-                        Invalidator { shared: s.clone(), topic: topic.clone(), live: false };
-                    follow(&s, start, &token, &mut invalidator).await;
-                    if invalidator.live {
-                        s.upstreams.set_topic_live(&topic, false);
-                        s.metrics.cache_invalidation_followers.dec();
-                    }
+            mesh_runtime::spawn(span, async move {
+                let start = v1::SubscribeStart { topic: topic.clone(), from_end: true, ..Default::default() };
+                let mut invalidator = Invalidator { shared: s.clone(), topic: topic.clone(), live: false };
+                follow(&s, start, &token, &mut invalidator).await;
+                if invalidator.live {
+                    s.upstreams.set_topic_live(&topic, false);
+                    s.metrics.cache_invalidation_followers.dec();
                 }
-                .instrument(span),
-            );
+            });
         }
         tokio::select! {
             _ = stop.cancelled() => return,

@@ -1,7 +1,7 @@
 //! The spool and its group-commit writer: appends from the publish API share one fsync.
 
-use crate::events::spool::Spool;
-use crate::events::spool::SpoolError;
+use crate::events::spool::{Spool, SpoolError};
+
 use mesh_proto::v1;
 use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
@@ -26,7 +26,10 @@ impl Outbox {
         let spool = Arc::new(Mutex::new(spool));
         let (appends, queue) = std::sync::mpsc::channel::<Append>();
         let writer = spool.clone();
+        // A thread, not a task: fsync blocks. It logs inside the span of whoever opened the spool.
+        let span = tracing::info_span!(parent: tracing::Span::current(), "event_committer");
         let spawned = std::thread::Builder::new().name("spool-writer".into()).spawn(move || {
+            let _span = span.enter();
             while let Ok(first) = queue.recv() {
                 let mut group = vec![first];
                 while group.len() < 1024

@@ -12,11 +12,16 @@
 //!   in memory and resumes from it after a reconnect) and drops the entries whose path starts
 //!   with the rule's prefix, `{key}` replaced by the event's key.
 
-use crate::events::follow::EventsClient;
-use crate::events::follow::Handle;
-use crate::events::follow::follow;
-use crate::events::subscription::Subscription;
-use crate::shared::Shared;
+use crate::{
+    endpoint::local_app::LocalApp,
+    events::{
+        follow::{EventsClient, Handle, follow},
+        subscription::Subscription,
+    },
+    http::body,
+    shared::Shared,
+};
+
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use mesh_proto::v1;
@@ -44,7 +49,7 @@ pub async fn deliver(shared: Arc<Shared>, sub: Subscription, stop: CancellationT
 
 struct Webhook {
     shared: Arc<Shared>,
-    app: crate::endpoint::local_app::LocalApp,
+    app: LocalApp,
     sub: Subscription,
     group: String,
     labels: Vec<(&'static str, String)>,
@@ -87,12 +92,7 @@ impl Handle for Webhook {
     }
 }
 
-async fn post(
-    app: &crate::endpoint::local_app::LocalApp,
-    sub: &Subscription,
-    e: &v1::Event,
-    offset: u64,
-) -> Result<(), String> {
+async fn post(app: &LocalApp, sub: &Subscription, e: &v1::Event, offset: u64) -> Result<(), String> {
     let time =
         humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(e.time_unix_ms))
             .to_string();
@@ -116,7 +116,7 @@ async fn post(
         }
     }
     let req = req
-        .body(crate::http::body::boxed(Full::new(Bytes::from(e.data.clone()))))
+        .body(body::boxed(Full::new(Bytes::from(e.data.clone()))))
         .map_err(|e| format!("invalid event header: {e}"))?;
     let resp = tokio::time::timeout(sub.timeout, async {
         let resp = app.send(req, None).await.map_err(|e| format!("cannot reach the app: {e}"))?;

@@ -1,9 +1,8 @@
 //! The mesh's refusals: the one JSON error body (`mesh_runtime::error_body`) with an
 //! `x-mesh-error` header, or a trailers-only answer for gRPC callers.
 
-use crate::http::body::Body;
-use crate::http::body::boxed;
-use crate::http::body::empty;
+use crate::http::body::{Body, boxed, empty};
+
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::Full;

@@ -1,7 +1,11 @@
 //! The current identity and the TLS configurations made from it, swapped atomically on
 //! rotation; and how the sidecar dials the control plane with it.
 
-use crate::identity::cert::Identity;
+use crate::{
+    identity::cert::Identity,
+    transport::tls::{self, TlsError},
+};
+
 use arc_swap::ArcSwapOption;
 use mesh_proto::dial::Dialer;
 use std::sync::Arc;
@@ -17,8 +21,8 @@ pub struct Certified {
 }
 
 impl Certified {
-    pub fn new(id: Identity) -> Result<Certified, crate::transport::tls::TlsError> {
-        let server = Arc::new(crate::transport::tls::server_config(&id)?);
+    pub fn new(id: Identity) -> Result<Certified, TlsError> {
+        let server = Arc::new(tls::server_config(&id)?);
         Ok(Certified { id, server, clients: Default::default() })
     }
 
@@ -27,13 +31,13 @@ impl Certified {
         &self,
         service: &str,
         alpn: &'static [u8],
-    ) -> Result<Arc<rustls::ClientConfig>, crate::transport::tls::TlsError> {
+    ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
         let expected = mesh_proto::names::spiffe_id(self.id.trust_domain(), service);
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = clients.get(&(expected.clone(), alpn)) {
             return Ok(c.clone());
         }
-        let mut config = crate::transport::tls::client_config(&self.id, &expected)?;
+        let mut config = tls::client_config(&self.id, &expected)?;
         config.alpn_protocols = vec![alpn.to_vec()];
         let config = Arc::new(config);
         clients.insert((expected, alpn), config.clone());

@@ -9,8 +9,8 @@ pub mod cert;
 
 pub use cert::Identity;
 
-use crate::identity::cell::Certified;
-use crate::shared::Shared;
+use crate::{identity::cell::Certified, shared::Shared};
+
 use mesh_proto::{dial::Dialer, v1};
 use mesh_runtime::{Backoff, Rotation};
 use std::{

@@ -9,17 +9,22 @@ pub mod authz;
 pub mod idempotency;
 pub mod rate_limit;
 
-use crate::http::body::Body;
-use crate::http::body::Tracked;
-use crate::http::body::boxed;
-use crate::http::errors::error_response;
-use crate::inbound::authz::authorized;
-use crate::inbound::idempotency::Begin;
-use crate::inbound::idempotency::Idempotency;
-use crate::inbound::idempotency::Stored;
-use crate::metrics::Metrics;
-use crate::server::Peer;
-use crate::server::PeerIdentity;
+use crate::{
+    endpoint::local_app::LocalApp,
+    http::{
+        body::{Body, Tracked, boxed, collect_up_to},
+        errors::{self, error_response},
+        headers::{self, ORIG_PROTO},
+        trace,
+    },
+    inbound::{
+        authz::authorized,
+        idempotency::{Begin, Idempotency, Stored},
+    },
+    metrics::{Metrics, StatusCounters},
+    server::{Peer, PeerIdentity},
+};
+
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -43,10 +48,10 @@ pub struct Inbound {
     pub service: String,
     /// This service's own policy (rate limits apply here, at the receiving side).
     pub policy: tokio::sync::watch::Receiver<(u64, Arc<ServicePolicy>)>,
-    rate_limits: crate::inbound::rate_limit::RateLimits,
+    rate_limits: rate_limit::RateLimits,
     idempotency: Arc<Idempotency>,
-    pub app: crate::endpoint::local_app::LocalApp,
-    counters: crate::metrics::StatusCounters,
+    pub app: LocalApp,
+    counters: StatusCounters,
     latency: prometheus_client::metrics::histogram::Histogram,
     pub metrics: Arc<Metrics>,
     /// Requests in flight to the app (reported as load in heartbeats).
@@ -76,7 +81,7 @@ impl Drop for Load {
 impl Inbound {
     pub fn new(
         service: String,
-        app: crate::endpoint::local_app::LocalApp,
+        app: LocalApp,
         policy: tokio::sync::watch::Receiver<(u64, Arc<ServicePolicy>)>,
         metrics: Arc<Metrics>,
         inflight: Arc<AtomicUsize>,
@@ -98,18 +103,18 @@ impl Inbound {
     }
 
     pub async fn handle(self: Arc<Self>, mut req: Request<Incoming>, peer: Peer) -> Response<Body> {
-        let t = crate::http::trace::propagate(req.headers_mut());
+        let t = trace::propagate(req.headers_mut());
         let span = tracing::info_span!(
             "request", direction = "inbound", method = %req.method(), path = %req.uri().path(),
             request_id = %t.request_id, trace_id = %t.trace_id, peer = %peer.addr,
         );
-        let grpc = crate::http::headers::is_grpc(req.headers());
+        let grpc = headers::is_grpc(req.headers());
         let resp = async move {
             let started = Instant::now();
             let verified = peer.identity.as_deref();
             // A peer sidecar carried an HTTP/1.1 request as an HTTP/2 stream: the app gets
             // HTTP/1.1, as it was sent (`strip_mesh_headers` drops the mark).
-            if req.version() == http::Version::HTTP_2 && req.headers().contains_key(&crate::http::headers::ORIG_PROTO) {
+            if req.version() == http::Version::HTTP_2 && req.headers().contains_key(&ORIG_PROTO) {
                 *req.version_mut() = http::Version::HTTP_11;
             }
             strip_mesh_headers(req.headers_mut(), verified.and_then(PeerIdentity::header));
@@ -169,27 +174,27 @@ impl Inbound {
             // the same key with a different request is refused.
             let mut req = req.map(boxed);
             let mut owner = None;
-            if let Some(key) = req.headers().get(&crate::inbound::idempotency::IDEMPOTENCY_KEY).and_then(|v| v.to_str().ok()) {
+            if let Some(key) = req.headers().get(&idempotency::IDEMPOTENCY_KEY).and_then(|v| v.to_str().ok()) {
                 let who = verified.map_or_else(|| peer.addr.ip().to_string(), |c| c.id().to_string());
-                let scope = crate::inbound::idempotency::scope(
+                let scope = idempotency::scope(
                     &who,
                     req.headers().get(http::header::AUTHORIZATION).map(HeaderValue::as_bytes),
                     key,
                 );
                 let (parts, body) = req.into_parts();
-                let body = match crate::http::body::collect_up_to(body, crate::inbound::idempotency::MAX_BODY).await {
+                let body = match collect_up_to(body, idempotency::MAX_BODY).await {
                     Ok(body) => body,
                     Err(e) => {
                         return error_response(
                             StatusCode::PAYLOAD_TOO_LARGE,
                             "idempotent_body_too_large",
-                            format!("a request with an Idempotency-Key carries at most {} bytes: {e}", crate::inbound::idempotency::MAX_BODY),
+                            format!("a request with an Idempotency-Key carries at most {} bytes: {e}", idempotency::MAX_BODY),
                             json!({ "service": self.service }),
                         );
                     }
                 };
                 let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-                let fingerprint = crate::inbound::idempotency::fingerprint(&parts.method, path, &body);
+                let fingerprint = idempotency::fingerprint(&parts.method, path, &body);
                 req = Request::from_parts(parts, boxed(Full::new(body)));
                 loop {
                     match self.idempotency.begin(&scope, fingerprint, Instant::now()) {
@@ -220,7 +225,7 @@ impl Inbound {
             let resp = match (result, owner) {
                 (Ok(resp), Some(guard)) => {
                     let (parts, body) = resp.into_parts();
-                    match crate::http::body::collect_up_to(body, crate::inbound::idempotency::MAX_BODY).await {
+                    match collect_up_to(body, idempotency::MAX_BODY).await {
                         Ok(bytes) => {
                             let stored =
                                 Stored { status: parts.status, headers: parts.headers.clone(), body: bytes };
@@ -261,7 +266,7 @@ impl Inbound {
         }
         .instrument(span)
         .await;
-        if grpc { crate::http::errors::for_grpc(resp) } else { resp }
+        if grpc { errors::for_grpc(resp) } else { resp }
     }
 }
 

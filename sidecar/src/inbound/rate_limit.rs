@@ -86,7 +86,7 @@ impl RateLimits {
 #[cfg(test)]
 mod tests {
     use super::*;
-    
+
     use std::time::Duration;
     use tokio::time::Instant;
 

@@ -2,6 +2,7 @@
 //! breaker, a half-open probe closes it, each reopening lasts longer up to a cap.
 
 use crate::outbound::window::Window;
+
 use mesh_proto::policy::CircuitBreakerPolicy;
 use std::{sync::Mutex, time::Duration};
 use tokio::time::Instant;

@@ -1,6 +1,14 @@
 //! The concurrency limit of one upstream service: a bounded wait queue, then refusal at once.
 
+use http::{Response, StatusCode};
 use mesh_proto::policy::CircuitBreakerPolicy;
+use serde_json::json;
+
+use crate::{
+    http::{body::Body, errors::error_response},
+    metrics::Metrics,
+};
+
 use std::sync::{
     Arc,
     atomic::{AtomicUsize, Ordering},
@@ -61,12 +69,31 @@ impl Limiter {
     }
 }
 
+/// A slot under `service`'s concurrency limit (`None` when it has none), or the 503 that
+/// refuses the request at once beyond it: no unbounded queue.
+pub async fn admit(
+    limiter: &Limiter,
+    service: &str,
+    metrics: &Metrics,
+) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, Response<Body>> {
+    limiter.acquire().await.map_err(|o| {
+        metrics.overload_rejections.get_or_create(&vec![("service", service.to_string())]).inc();
+        error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            format!(
+                "service {service} is at its concurrency limit ({} in flight, {} waiting): refused at once",
+                o.in_flight, o.pending
+            ),
+            json!({ "service": service }),
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use mesh_proto::policy::CircuitBreakerPolicy;
-    
-    
 
     #[tokio::test]
     async fn the_limiter_refuses_at_once_beyond_the_pending_limit() {

@@ -1,6 +1,16 @@
 //! Gateway routes: a path prefix to a service, with an optional rewrite.
 
+use std::sync::Arc;
+
+use http::{Request, Response, StatusCode, Uri, header};
+use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::{
+    http::{body::Body, errors::error_response},
+    upstream::{Upstream, Upstreams},
+};
 
 /// A gateway route: requests whose path starts with `prefix` go to `service`, with the prefix
 /// replaced by `rewrite` when set (`/api/markets/7` → `/markets/7` for prefix `/api/markets`,
@@ -47,6 +57,57 @@ impl Route {
         path.strip_prefix(self.prefix.trim_end_matches('/'))
             .is_some_and(|rest| rest.is_empty() || rest.starts_with('/') || self.prefix.ends_with('/'))
     }
+}
+
+/// The upstream of the service a request is for; in gateway mode also rewrites its path.
+pub fn route(
+    routes: Option<&[Route]>,
+    upstreams: &Upstreams,
+    req: &mut Request<Incoming>,
+) -> Result<Arc<Upstream>, Box<Response<Body>>> {
+    let Some(routes) = routes else {
+        let host = req
+            .uri()
+            .host()
+            .or_else(|| {
+                let h = req.headers().get(header::HOST)?.to_str().ok()?;
+                Some(h.rsplit_once(':').map_or(h, |(host, _)| host))
+            })
+            .unwrap_or_default();
+        if !mesh_proto::names::is_service_name(host) {
+            return Err(Box::new(error_response(
+                StatusCode::BAD_REQUEST,
+                "unknown_authority",
+                format!(
+                    "cannot tell which service this request is for: authority {host:?} is not a mesh service name (send Host: <service> or use this sidecar as HTTP_PROXY)"
+                ),
+                json!({ "authority": host }),
+            )));
+        }
+        return Ok(upstreams.get_or_add(host));
+    };
+    let path = req.uri().path();
+    let Some(route) = routes.iter().find(|r| r.matches(path)) else {
+        return Err(Box::new(error_response(
+            StatusCode::NOT_FOUND,
+            "no_route",
+            format!("no route for path {path}"),
+            json!({ "path": path }),
+        )));
+    };
+    if let Some(rewrite) = &route.rewrite {
+        let rest = &path[route.prefix.trim_end_matches('/').len()..];
+        let new_path = format!("{}{}", rewrite.trim_end_matches('/'), rest);
+        let new_path = if new_path.is_empty() { "/".to_string() } else { new_path };
+        let pq = match req.uri().query() {
+            Some(q) => format!("{new_path}?{q}"),
+            None => new_path,
+        };
+        if let Ok(uri) = pq.parse::<Uri>() {
+            *req.uri_mut() = uri;
+        }
+    }
+    Ok(upstreams.get_or_add(&route.service))
 }
 
 #[cfg(test)]

@@ -66,3 +66,34 @@ impl Window {
         self.newest
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_window_slides_a_slice_at_a_time_in_constant_memory() {
+        let window = Duration::from_secs(10);
+        let mut w = Window::default();
+        let t = Instant::now();
+        for i in 0..100_000u64 {
+            // 100,000 events over 10 s, every fifth marked.
+            w.add(t + Duration::from_micros(i * 100), window, i % 5 == 0);
+        }
+        assert_eq!(w.counts(t + Duration::from_millis(9_999), window), (100_000, 20_000));
+        // 10.5 s in, the first second's slice has left; 18.5 s in, only the last one is left; its
+        // events leave 9 to 10 s after they happened.
+        assert_eq!(w.counts(t + Duration::from_millis(10_500), window), (90_000, 18_000));
+        assert_eq!(w.counts(t + Duration::from_millis(18_500), window), (10_000, 2_000));
+        assert_eq!(w.counts(t + Duration::from_secs(19), window), (0, 0));
+        // An event stamped before the newest one seen counts in the newest slice, not in the past.
+        w.add(t, window, true);
+        assert_eq!(w.counts(t + Duration::from_secs(20), window), (1, 1));
+        // Another window length starts afresh; so does clear.
+        assert_eq!(w.counts(t + Duration::from_secs(20), Duration::from_secs(5)), (0, 0));
+        w.add(t, window, false);
+        w.clear();
+        assert_eq!(w.counts(t, window), (0, 0));
+        assert_eq!(std::mem::size_of::<Window>(), 280, "fixed size, whatever the rate");
+    }
+}

@@ -6,9 +6,16 @@
 
 pub mod timer;
 
-use crate::http::body::Body;
-use crate::server::timer::CoarseTimer;
-use crate::transport::net::Coalesced;
+use crate::{
+    http::body::Body,
+    identity::cell::IdentityCell,
+    server::timer::CoarseTimer,
+    transport::{
+        net::Coalesced,
+        tls::{self, Gated},
+    },
+};
+
 use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use hyper_util::{
@@ -18,7 +25,6 @@ use hyper_util::{
 use mesh_runtime::LocalListener;
 use std::{convert::Infallible, future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
@@ -92,7 +98,7 @@ pub async fn serve(
     stop: CancellationToken,
     drain: Duration,
     name: &'static str,
-    tls: Option<Arc<crate::identity::cell::IdentityCell>>,
+    tls: Option<Arc<IdentityCell>>,
     header_read_timeout: Duration,
 ) {
     let header_timer = CoarseTimer::default();
@@ -126,14 +132,11 @@ pub async fn serve(
                             let svc = Service { handler: handler.clone(), peer: Peer { addr: LOCAL, identity: None } };
                             let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
                             let watched = graceful.watch(conn);
-                            tokio::spawn(
-                                async move {
+                            mesh_runtime::spawn(tracing::debug_span!("conn", listener = name, socket = %path.display()), async move {
                                     if let Err(e) = watched.await {
                                         tracing::debug!(error = %e, "connection ended with an error");
                                     }
-                                }
-                                .instrument(tracing::debug_span!("conn", listener = name, socket = %path.display())),
-                            );
+                                });
                         }
                         Err(e) => {
                             tracing::warn!(listener = name, error = %e, "accept failed");
@@ -153,8 +156,7 @@ pub async fn serve(
                     let _ = stream.set_nodelay(true);
                     let (handler, builder, tls) = (handler.clone(), builder.clone(), tls.clone());
                     let watcher = graceful.watcher();
-                    tokio::spawn(
-                        async move {
+                    mesh_runtime::spawn(tracing::debug_span!("conn", listener = name, %peer), async move {
                             let Some(cell) = tls else {
                                 let svc = Service { handler, peer: Peer { addr: peer, identity: None } };
                                 let conn = builder.serve_connection(TokioIo::new(Coalesced(stream)), svc);
@@ -184,16 +186,14 @@ pub async fn serve(
                                 .1
                                 .peer_certificates()
                                 .and_then(|c| c.first())
-                                .and_then(crate::transport::tls::peer_spiffe_id);
+                                .and_then(tls::peer_spiffe_id);
                             let identity = caller.map(|id| Arc::new(PeerIdentity::new(id)));
                             let svc = Service { handler, peer: Peer { addr: peer, identity } };
-                            let conn = builder.serve_connection(TokioIo::new(crate::transport::tls::Gated(tls)), svc);
+                            let conn = builder.serve_connection(TokioIo::new(Gated(tls)), svc);
                             if let Err(e) = watcher.watch(conn.into_owned()).await {
                                 tracing::debug!(error = %e, "connection ended with an error");
                             }
-                        }
-                        .instrument(tracing::debug_span!("conn", listener = name, %peer)),
-                    );
+                        });
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
@@ -261,8 +261,10 @@ mod tests {
         let handler: Handler = Arc::new(|_, _| Box::pin(async { Response::new(crate::http::body::empty()) }));
         let stop = CancellationToken::new();
         let drain = Duration::from_secs(1);
-        let task =
-            tokio::spawn(serve(listener, handler, stop.clone(), drain, "test", None, header_read_timeout));
+        let task = mesh_runtime::spawn(
+            tracing::Span::none(),
+            serve(listener, handler, stop.clone(), drain, "test", None, header_read_timeout),
+        );
         (addr, stop, task)
     }
 

@@ -10,6 +10,9 @@
 //! gives it back, each under a short lock, with no allocation (the table grows to the most
 //! deadlines armed at once — about the idle keep-alive connections — and is reused).
 
+// hyper's `Timer` is given `std::time::Instant` deadlines; this timer keeps them as they come.
+#![allow(clippy::disallowed_types)]
+
 use std::{
     future::Future,
     pin::Pin,
@@ -42,7 +45,7 @@ impl CoarseTimer {
     /// Starts the task that fires due deadlines every `tick`; it ends once every clone of the
     /// timer (and every sleep it made) is gone.
     pub fn start(&self, tick: Duration) {
-        every_while_alive(&self.0, tick, |table| CoarseTimer(table).fire(Instant::now()));
+        every_while_alive("header_timer", &self.0, tick, |table| CoarseTimer(table).fire(Instant::now()));
     }
 
     /// Fires every deadline past due at `now`.
@@ -84,15 +87,15 @@ impl hyper::rt::Timer for CoarseTimer {
     }
 }
 
-/// Spawns a task that calls `f` every `tick` with `owner`, for as long as `owner` is alive
+/// Spawns a task (`name` in its span) that calls `f` every `tick` with `owner`, for as long as `owner` is alive
 /// elsewhere (the task holds it only while calling `f`).
-pub fn every_while_alive<T, F>(owner: &Arc<T>, tick: Duration, f: F)
+pub fn every_while_alive<T, F>(name: &'static str, owner: &Arc<T>, tick: Duration, f: F)
 where
     T: Send + Sync + 'static,
     F: Fn(Arc<T>) + Send + 'static,
 {
     let owner: Weak<T> = Arc::downgrade(owner);
-    tokio::spawn(async move {
+    mesh_runtime::spawn(tracing::debug_span!("ticker", task = name), async move {
         let mut every = tokio::time::interval(tick);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

@@ -12,8 +12,8 @@
 //! - [`peer_spiffe_id`]: the verified identity of the other side, read from its certificate.
 //! - [`Gated`]: a TLS stream whose reads skip rustls while nothing can be read.
 
-use crate::identity::cert::Identity;
-use crate::transport::net::Coalesced;
+use crate::{identity::cert::Identity, transport::net::Coalesced};
+
 pub use mesh_proto::dial::{DialError as TlsError, peer_spiffe_id};
 use mesh_proto::dial::{cert_chain, private_key, provider, roots};
 use rustls::{

@@ -3,9 +3,8 @@
 //! addresses, re-resolving when the records' TTL runs out. A failed lookup keeps the last
 //! addresses and retries with backoff.
 
-use crate::upstream::Source;
-use crate::upstream::Upstream;
-use crate::upstream::endpoint::EndpointInfo;
+use crate::upstream::{Source, Upstream, endpoint::EndpointInfo};
+
 use dashmap::DashMap;
 use hickory_resolver::TokioResolver;
 use mesh_proto::policy::ExternalService;
@@ -48,7 +47,10 @@ impl Dns {
         let (Some(ext), Some(resolver)) = (external.cloned(), external.and_then(|_| self.resolver())) else {
             return;
         };
-        let task = tokio::spawn(resolve_loop(up.clone(), ext.clone(), resolver));
+        let task = mesh_runtime::spawn(
+            tracing::info_span!("dns", service = %up.name, host = %ext.host),
+            resolve_loop(up.clone(), ext.clone(), resolver),
+        );
         self.running.insert(up.name.clone(), (ext, task.abort_handle()));
     }
 
@@ -84,10 +86,10 @@ async fn resolve_loop(up: Arc<Upstream>, ext: ExternalService, resolver: TokioRe
                 version += 1;
                 tracing::debug!(service = %up.name, host = %ext.host, addresses = infos.len(), "resolved");
                 up.set_endpoints(version, infos, Source::Dns);
-                lookup
-                    .valid_until()
-                    .saturating_duration_since(std::time::Instant::now())
-                    .clamp(MIN_REFRESH, MAX_REFRESH)
+                // hickory states a record's lifetime as a std Instant.
+                #[allow(clippy::disallowed_types)]
+                let now = std::time::Instant::now();
+                lookup.valid_until().saturating_duration_since(now).clamp(MIN_REFRESH, MAX_REFRESH)
             }
             Err(e) => {
                 failures += 1;

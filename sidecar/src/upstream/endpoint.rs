@@ -10,6 +10,8 @@ use std::{
 };
 use tokio::time::Instant;
 
+use crate::{metrics::StatusCounters, outbound::breaker::Breaker};
+
 /// Latency assumed for an endpoint with no measurement yet (linkerd uses the same idea).
 const DEFAULT_RTT: Duration = Duration::from_millis(30);
 
@@ -40,9 +42,9 @@ pub struct Endpoint {
     inflight: AtomicUsize,
     ewma: Mutex<Ewma>,
     /// This endpoint's request counters by status.
-    pub counters: crate::metrics::StatusCounters,
+    pub counters: StatusCounters,
     /// Outlier detection for this endpoint.
-    pub breaker: crate::outbound::breaker::Breaker,
+    pub breaker: Breaker,
 }
 
 #[derive(Debug)]

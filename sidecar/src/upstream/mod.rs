@@ -7,10 +7,17 @@ pub mod endpoint;
 pub mod set;
 pub mod snapshot;
 
-use crate::endpoint::pool::Clients;
-use crate::upstream::endpoint::Endpoint;
-use crate::upstream::endpoint::EndpointInfo;
-use crate::upstream::set::EndpointSet;
+use crate::{
+    endpoint::pool::{Clients, MeshTls},
+    identity::cell::IdentityCell,
+    metrics::Metrics,
+    outbound::{cache::Cache, limit::Limiter, retry::Budget},
+    upstream::{
+        endpoint::{Endpoint, EndpointInfo},
+        set::EndpointSet,
+    },
+};
+
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
 use mesh_proto::policy::ServicePolicy;
@@ -28,7 +35,7 @@ pub struct AppliedPolicy {
     pub version: u64,
     pub policy: Arc<ServicePolicy>,
     pub clients: Clients,
-    pub limiter: Arc<crate::outbound::limit::Limiter>,
+    pub limiter: Arc<Limiter>,
 }
 
 /// Where an upstream's endpoints come from right now.
@@ -53,21 +60,17 @@ pub struct Upstream {
     /// Becomes true with the first endpoint set from any source.
     known: watch::Sender<bool>,
     /// Retries spent against requests seen.
-    pub budget: crate::outbound::retry::Budget,
+    pub budget: Budget,
     /// Cached answers of this service.
-    pub cache: crate::outbound::cache::Cache,
+    pub cache: Cache,
     /// Mutual TLS to this service's sidecars (when this sidecar has a mesh identity).
-    tls: Option<crate::endpoint::pool::MeshTls>,
+    tls: Option<MeshTls>,
 }
 
 impl Upstream {
-    fn new(
-        name: &str,
-        identity: Option<&Arc<crate::identity::cell::IdentityCell>>,
-        metrics: &crate::metrics::Metrics,
-    ) -> Self {
+    fn new(name: &str, identity: Option<&Arc<IdentityCell>>, metrics: &Metrics) -> Self {
         let policy = ServicePolicy::default();
-        let tls = identity.map(|identity| crate::endpoint::pool::MeshTls {
+        let tls = identity.map(|identity| MeshTls {
             identity: identity.clone(),
             service: name.to_string(),
             multiplexed: metrics.multiplexed.get_or_create(&vec![("service", name.to_string())]).clone(),
@@ -79,7 +82,7 @@ impl Upstream {
             policy: ArcSwap::from_pointee(AppliedPolicy {
                 version: 0,
                 clients: Clients::new(&policy, tls.clone()),
-                limiter: Arc::new(crate::outbound::limit::Limiter::new(&policy.circuit_breaker)),
+                limiter: Arc::new(Limiter::new(&policy.circuit_breaker)),
                 policy: Arc::new(policy),
             }),
             rr: AtomicUsize::new(0),
@@ -140,7 +143,7 @@ impl Upstream {
         {
             old.limiter.clone()
         } else {
-            Arc::new(crate::outbound::limit::Limiter::new(n))
+            Arc::new(Limiter::new(n))
         };
         self.policy.store(Arc::new(AppliedPolicy { version, policy: Arc::new(policy), clients, limiter }));
     }
@@ -166,16 +169,16 @@ pub struct Upstreams {
     /// miss its invalidation and stay stale for its whole TTL).
     live_topics: std::sync::RwLock<std::collections::HashSet<String>>,
     /// Set when calls to other sidecars are mutual TLS with this identity.
-    identity: Option<Arc<crate::identity::cell::IdentityCell>>,
+    identity: Option<Arc<IdentityCell>>,
     /// Where the upstreams count what they do (multiplexed requests).
-    metrics: Arc<crate::metrics::Metrics>,
+    metrics: Arc<Metrics>,
 }
 
 impl Upstreams {
     /// The upstreams of a sidecar; `identity` makes calls to other sidecars mutual TLS.
     pub fn new(
-        identity: Option<Arc<crate::identity::cell::IdentityCell>>,
-        metrics: Arc<crate::metrics::Metrics>,
+        identity: Option<Arc<IdentityCell>>,
+        metrics: Arc<Metrics>,
     ) -> (Self, tokio::sync::mpsc::UnboundedReceiver<String>) {
         let (added, rx) = tokio::sync::mpsc::unbounded_channel();
         (Self { map: DashMap::new(), added, live_topics: Default::default(), identity, metrics }, rx)

@@ -1,8 +1,8 @@
 //! An upstream's endpoint set, and the six balancers that pick from it (round robin, random,
 //! least connections, power of two choices on latency, weighted, consistent hash on a ring).
 
-use crate::upstream::endpoint::Endpoint;
-use crate::upstream::endpoint::EndpointInfo;
+use crate::upstream::endpoint::{Endpoint, EndpointInfo};
+
 use mesh_proto::policy::Algorithm;
 use rand::Rng;
 use std::sync::{

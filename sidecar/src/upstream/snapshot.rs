@@ -8,6 +8,7 @@
 //! here (and NACKed when the write failed, after [`WRITE_ATTEMPTS`] tries).
 
 use crate::upstream::endpoint::EndpointInfo;
+
 use mesh_proto::policy::ServicePolicy;
 use serde::{Deserialize, Serialize};
 use std::{
