@@ -24,7 +24,7 @@ use std::{net::SocketAddr, path::Path};
 
 use tonic::{Request, Status};
 
-use crate::tls::Peer;
+use crate::{ca, error, transport::peer::Peer};
 
 /// Who made a call.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,18 +139,11 @@ fn unauthenticated(what: &str) -> Status {
     ))
 }
 
-/// 32 random bytes, hex: bootstrap and admin tokens.
-pub fn random_token() -> Option<String> {
-    let mut bytes = [0u8; 32];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).ok()?;
-    Some(bytes.iter().map(|b| format!("{b:02x}")).collect())
-}
-
 /// The admin token: read from `given`, or from `admin.token` in `data_dir`, created there
 /// (owner-only, fsync'd) on first start.
-pub fn admin_token(data_dir: &Path, given: Option<&Path>) -> Result<String, crate::Error> {
+pub fn admin_token(data_dir: &Path, given: Option<&Path>) -> Result<String, error::Error> {
     let path = given.map(Path::to_path_buf).unwrap_or_else(|| data_dir.join("admin.token"));
-    let err = |reason: String| crate::Error::AdminToken { path: path.display().to_string(), reason };
+    let err = |reason: String| error::Error::AdminToken { path: path.display().to_string(), reason };
     if given.is_some() || path.exists() {
         let token = std::fs::read_to_string(&path).map_err(|e| err(e.to_string()))?.trim().to_string();
         if token.len() < 16 {
@@ -158,8 +151,8 @@ pub fn admin_token(data_dir: &Path, given: Option<&Path>) -> Result<String, crat
         }
         return Ok(token);
     }
-    let token = random_token().ok_or_else(|| err("no randomness for a token".into()))?;
-    crate::ca::write_private(&path, &format!("{token}\n")).map_err(|e| err(e.to_string()))?;
+    let token = mesh_runtime::random_token().ok_or_else(|| err("no randomness for a token".into()))?;
+    ca::write_private(&path, &format!("{token}\n")).map_err(|e| err(e.to_string()))?;
     tracing::info!(path = %path.display(), "created the admin token (meshctl reads it with --admin-token-file)");
     Ok(token)
 }

@@ -11,7 +11,7 @@ use axum::{
     routing::get,
 };
 
-use crate::api::State;
+use crate::state::State;
 
 pub fn router(state: Arc<State>) -> Router {
     Router::new()

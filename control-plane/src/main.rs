@@ -9,7 +9,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
-use control_plane::{BusBackend, Config, ControlPlane, bus::Retention};
+use control_plane::{BusBackend, Config, ControlPlane, bus::retention::Retention};
 use mesh_runtime::parse_duration;
 use tokio::net::TcpListener;
 

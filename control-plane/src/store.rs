@@ -18,6 +18,8 @@ use mesh_proto::{
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::bus::retention::Retention;
+
 const POLICIES: TableDefinition<&str, &[u8]> = TableDefinition::new("policies");
 const INSTANCES: TableDefinition<&str, &[u8]> = TableDefinition::new("instances");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -196,7 +198,7 @@ impl Store {
     pub async fn bus_trim(
         &self,
         topic: &str,
-        retention: crate::bus::Retention,
+        retention: Retention,
         now_ms: u64,
     ) -> Result<usize, StoreError> {
         let rows = self.bus_read(topic, 0, usize::MAX)?;

@@ -2,13 +2,11 @@
 //! limited to their own service, the admin by token; refusals are UNAUTHENTICATED or
 //! PERMISSION_DENIED and change nothing.
 
-mod support;
-
 use std::time::Duration;
 
 use mesh_proto::{dial::Dialer, v1};
+use mesh_testkit::instance;
 use mesh_testkit::{TestCp, http_metric};
-use support::instance;
 use tokio_stream::StreamExt;
 use tonic::{Code, transport::Endpoint};
 

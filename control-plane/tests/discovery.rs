@@ -1,14 +1,12 @@
 //! The discovery contract over real gRPC on loopback.
 
-mod support;
-
 use std::time::Duration;
 
 use futures::StreamExt;
 use mesh_proto::v1::{
     self, discovery_client::DiscoveryClient, registry_client::RegistryClient, watch_response::Kind,
 };
-use support::{TestCp, eventually, instance};
+use mesh_testkit::{TestCp, eventually, instance};
 use tonic::Streaming;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -175,7 +173,7 @@ async fn a_silent_instance_leaves_discovery_after_its_ttl_and_returns_when_it_he
 
 /// `mesh_control_plane_tracked_names{table}` from the admin listener.
 async fn tracked(cp: &TestCp, table: &str) -> i64 {
-    let (_, text) = support::http_get(cp.admin, "/metrics").await;
+    let (_, text) = mesh_testkit::get(cp.admin, "test", "/metrics").await;
     let prefix = format!("mesh_control_plane_tracked_names{{table=\"{table}\"}} ");
     text.lines()
         .find_map(|l| l.strip_prefix(prefix.as_str()))

@@ -3,14 +3,12 @@
 //! one). Without that variable the NATS half reports itself skipped — unless
 //! `MESH_REQUIRE_NATS=1` (CI), where it fails.
 
-mod support;
-
 use std::time::Duration;
 
 use control_plane::BusBackend;
 use futures::StreamExt;
 use mesh_proto::v1::{self, events_client::EventsClient, subscribe_request::Kind};
-use support::TestCp;
+use mesh_testkit::TestCp;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -231,7 +229,8 @@ async fn from_end_delivers_only_new_events(backend: BusBackend) {
 
 async fn retention_drops_the_oldest_events_and_offsets_keep_growing(backend: BusBackend) {
     let cp = start(&backend, |c| {
-        c.retention = control_plane::bus::Retention { max_age: Duration::ZERO, max_bytes: 8 * 1024 };
+        c.retention =
+            control_plane::bus::retention::Retention { max_age: Duration::ZERO, max_bytes: 8 * 1024 };
         c.bus_maintenance_interval = Duration::from_millis(50);
     })
     .await;
@@ -250,7 +249,7 @@ async fn retention_drops_the_oldest_events_and_offsets_keep_growing(backend: Bus
             s.map(|d| d.unwrap().offset).collect::<Vec<_>>().await
         }
     };
-    support::eventually(Duration::from_secs(10), "the oldest events are dropped", || async {
+    mesh_testkit::eventually(Duration::from_secs(10), "the oldest events are dropped", || async {
         let offsets = retained().await;
         !offsets.is_empty() && offsets.len() < 12 && offsets[0] > 0
     })

@@ -1,10 +1,8 @@
 //! The mesh CA over real gRPC: bootstrap tokens per service, CSR signing, revocation.
 
-mod support;
-
 use mesh_proto::v1::{self, identity_client::IdentityClient};
+use mesh_testkit::TestCp;
 use rustls_pki_types::{CertificateDer, pem::PemObject};
-use support::TestCp;
 
 fn csr() -> String {
     let key = rcgen::KeyPair::generate().unwrap();

@@ -1,7 +1,5 @@
 //! Policy API and the bidi push stream with ACK / NACK over real gRPC.
 
-mod support;
-
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -9,7 +7,7 @@ use mesh_proto::{
     policy::{Algorithm, ServicePolicy},
     v1::{self, admin_client::AdminClient, policy_client::PolicyClient, policy_stream_request::Kind},
 };
-use support::TestCp;
+use mesh_testkit::TestCp;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
@@ -108,7 +106,7 @@ async fn pushes_carry_versions_and_nonces_and_acks_are_recorded() {
     assert_eq!(ServicePolicy::try_from(push.policy.clone().unwrap()).unwrap(), rr());
     proxy.ack(&push).await;
 
-    support::eventually(WAIT, "proxy-status shows the ACK", || async {
+    mesh_testkit::eventually(WAIT, "proxy-status shows the ACK", || async {
         let st = status(&cp).await;
         st.len() == 1 && st[0].policies.iter().any(|p| p.service == "market" && p.acked_version == 1)
     })
@@ -124,7 +122,8 @@ async fn pushes_carry_versions_and_nonces_and_acks_are_recorded() {
 
     // The stream ends: the proxy leaves proxy-status.
     drop(proxy);
-    support::eventually(WAIT, "disconnected proxy removed", || async { status(&cp).await.is_empty() }).await;
+    mesh_testkit::eventually(WAIT, "disconnected proxy removed", || async { status(&cp).await.is_empty() })
+        .await;
 }
 
 #[tokio::test]
@@ -142,7 +141,7 @@ async fn a_nack_is_recorded_with_its_reason_and_the_acked_version_stays() {
     let p2 = proxy.next().await;
     proxy.nack(&p2, "cannot apply: test says no").await;
 
-    support::eventually(WAIT, "proxy-status shows the NACK", || async {
+    mesh_testkit::eventually(WAIT, "proxy-status shows the NACK", || async {
         status(&cp).await[0].policies[0].nacked_version == 2
     })
     .await;

@@ -1,8 +1,6 @@
 //! The real `control-plane` binary: durability across SIGKILL, graceful shutdown on SIGTERM,
 //! standard gRPC health and reflection, and the admin HTTP listener.
 
-mod support;
-
 use std::{
     collections::BTreeMap,
     sync::{Arc, Mutex},
@@ -14,7 +12,7 @@ use mesh_proto::{
     policy::ServicePolicy,
     v1::{self, policy_client::PolicyClient, registry_client::RegistryClient},
 };
-use support::{CpProcess, channel, http_get, instance};
+use mesh_testkit::{CpProcess, channel, http_get, instance};
 use tonic::transport::Endpoint;
 
 /// Writers register instances and set policies as fast as they can while the control plane is
@@ -175,7 +173,7 @@ async fn sigterm_ends_open_streams_and_exits_cleanly() {
         .unwrap()
         .into_inner();
 
-    support::signal(cp.pid(), nix::sys::signal::Signal::SIGTERM);
+    mesh_testkit::signal(cp.pid(), nix::sys::signal::Signal::SIGTERM);
     let ended = tokio::time::timeout(Duration::from_secs(10), async {
         while let Some(Ok(_)) = watch.next().await {}
         while let Some(Ok(_)) = hb.next().await {}

@@ -220,3 +220,51 @@ pub fn peer_spiffe_id(cert: &CertificateDer<'_>) -> Option<String> {
         _ => None,
     })
 }
+
+/// Sends the admin token (when there is one) with every call.
+#[derive(Clone)]
+pub struct AdminToken(pub Option<tonic::metadata::AsciiMetadataValue>);
+
+impl tonic::service::Interceptor for AdminToken {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+impl AdminToken {
+    /// `authorization: Bearer <token>` on every call.
+    pub fn bearer(token: &str) -> Result<Self, DialError> {
+        format!("Bearer {}", token.trim()).parse().map(|v| AdminToken(Some(v))).map_err(|_| DialError::Pem {
+            what: "admin token",
+            reason: "not a token (printable ASCII)".into(),
+        })
+    }
+}
+
+/// A channel to the control plane at `url` as its operator: for `https://`, TLS trusting
+/// `ca_pem` (the mesh root) and the admin token on every call; for `http://` (a control plane
+/// run with --insecure-api), plaintext and no token, which only goes where TLS protects it.
+pub async fn admin_channel(
+    url: &str,
+    ca_pem: Option<&str>,
+    token: Option<&str>,
+) -> Result<AdminChannel, DialError> {
+    let endpoint = Dialer::endpoint(url)?
+        .connect_timeout(std::time::Duration::from_secs(3))
+        .timeout(std::time::Duration::from_secs(30));
+    let (dialer, token) = if url.starts_with("https://") {
+        let ca = ca_pem.ok_or_else(|| DialError::NoTrust(url.to_string()))?;
+        (Dialer::trusting(ca)?, token.map(AdminToken::bearer).transpose()?.unwrap_or(AdminToken(None)))
+    } else {
+        (Dialer::plaintext(), AdminToken(None))
+    };
+    let ch = dialer.connect(endpoint).await?;
+    Ok(tonic::service::interceptor::InterceptedService::new(ch, token))
+}
+
+/// A channel to the control plane that carries the admin token.
+pub type AdminChannel =
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, AdminToken>;

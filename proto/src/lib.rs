@@ -26,6 +26,9 @@ pub mod v1 {
 /// The encoded `FileDescriptorSet` of `mesh.v1`, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/mesh_v1_descriptor.bin"));
 
+/// How many events `Events.Replay` returns when the request names no limit.
+pub const DEFAULT_REPLAY_LIMIT: u32 = 1000;
+
 /// Time since the Unix epoch in milliseconds (wall clock, for timestamps on the wire).
 pub fn unix_ms(t: std::time::SystemTime) -> u64 {
     t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)

@@ -5,6 +5,9 @@
 //!
 //! `bench-backend 127.0.0.1:0` prints `{"event":"listening","http":"…"}` and serves until killed.
 
+// Benchmarks time real work with the wall clock and spawn plain load generators.
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
+
 use std::{
     convert::Infallible,
     sync::atomic::{AtomicU64, Ordering},

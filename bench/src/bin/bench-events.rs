@@ -11,6 +11,9 @@
 //! spool (the negative control: what an app without the sidecar's spool loses while the bus is
 //! down). Prints one JSON object with the figures.
 
+// Benchmarks time real work with the wall clock and spawn plain load generators.
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
+
 use std::{
     collections::HashMap,
     convert::Infallible,

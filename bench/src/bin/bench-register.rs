@@ -2,6 +2,9 @@
 //! control plane at URL and keeps them alive with heartbeats until killed (benchmarks use it to
 //! point a sidecar straight at backends).
 
+// Benchmarks time real work with the wall clock and spawn plain load generators.
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
+
 use std::time::Duration;
 
 use mesh_proto::v1::{self, registry_client::RegistryClient};

@@ -8,6 +8,9 @@
 //!   mutual TLS handshakes (client certificate `S`, the server must be `SERVICE`) from
 //!   `--conns` loops for `--secs`; prints `{"handshakes_per_second": …}`.
 
+// Benchmarks time real work with the wall clock and spawn plain load generators.
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
+
 use std::{
     path::PathBuf,
     sync::{

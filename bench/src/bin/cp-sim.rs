@@ -13,6 +13,9 @@
 //!
 //! Figures go to stdout as one JSON object (and a readable summary on stderr).
 
+// Benchmarks time real work with the wall clock and spawn plain load generators.
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
+
 use std::{
     path::PathBuf,
     process::Stdio,
@@ -25,8 +28,8 @@ use std::{
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use control_plane::cli::{CpChannel as Channel, Target, connect};
 use futures::StreamExt;
+use mesh_proto::dial::{AdminChannel as Channel, admin_channel};
 use mesh_proto::{
     policy::ServicePolicy,
     v1::{
@@ -155,14 +158,11 @@ fn clk_tck() -> u64 {
 /// `n` connections as meshctl makes them: TLS trusting the mesh root and carrying the admin
 /// token when the control plane serves TLS, plaintext otherwise.
 async fn channels(cp: &Cp, n: usize) -> anyhow::Result<Vec<Channel>> {
-    let target = Target {
-        url: cp.url.clone(),
-        ca_file: cp.dir.path().join("ca.pem"),
-        admin_token_file: cp.dir.path().join("admin.token"),
-    };
+    let ca = std::fs::read_to_string(cp.dir.path().join("ca.pem")).ok();
+    let token = std::fs::read_to_string(cp.dir.path().join("admin.token")).ok();
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
-        out.push(connect(&target).await.map_err(|e| anyhow::anyhow!("{e}"))?);
+        out.push(admin_channel(&cp.url, ca.as_deref(), token.as_deref()).await?);
     }
     Ok(out)
 }

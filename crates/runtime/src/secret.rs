@@ -22,3 +22,11 @@ pub fn read_secret(path: &std::path::Path) -> Result<String, String> {
     }
     Ok(secret.to_string())
 }
+
+/// 32 random bytes from the operating system, in hex: a bearer token. `None` when the system
+/// has no randomness to give.
+pub fn random_token() -> Option<String> {
+    let mut bytes = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).ok()?;
+    Some(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}

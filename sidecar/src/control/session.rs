@@ -234,6 +234,7 @@ async fn apply_discovery(shared: &Shared, m: v1::WatchResponse) {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // Tests spawn plain tasks.
 mod tests {
     use super::*;
     use crate::config::Config;

@@ -91,6 +91,7 @@ pub async fn admit(
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // Tests spawn plain tasks.
 mod tests {
     use super::*;
     use mesh_proto::policy::CircuitBreakerPolicy;

@@ -244,6 +244,7 @@ impl hyper::service::Service<Request<Incoming>> for Service {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods, clippy::disallowed_types)] // Tests spawn plain tasks and time a real slow client.
 mod tests {
     use tokio::{
         io::{AsyncReadExt, AsyncWriteExt},

@@ -135,6 +135,7 @@ impl SnapshotWriter {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // Tests spawn plain tasks.
 mod tests {
     use super::*;
 

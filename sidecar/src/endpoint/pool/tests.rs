@@ -1,3 +1,6 @@
+// Tests spawn plain tasks.
+#![allow(clippy::disallowed_methods)]
+
 use std::{
     convert::Infallible,
     net::SocketAddr,

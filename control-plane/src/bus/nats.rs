@@ -13,7 +13,7 @@
 //! Topic and group names may contain `.` and `_`; in stream names and subject tokens they are
 //! escaped (`_` → `_u`, `.` → `_d`) so distinct names never collide.
 
-use std::time::Duration;
+use crate::bus::{error::BusError, retention::Retention};
 
 use async_nats::jetstream::{
     self,
@@ -23,8 +23,7 @@ use async_nats::jetstream::{
 use bytes::Bytes;
 use dashmap::DashMap;
 use mesh_proto::{prost::Message, v1};
-
-use crate::bus::{BusError, Retention};
+use std::time::Duration;
 
 /// How long JetStream remembers message ids for dedup.
 pub const DEDUP_WINDOW: Duration = Duration::from_secs(3600);

@@ -1,7 +1,5 @@
 //! `meshctl` end to end: the real binary against a real control plane process.
 
-mod support;
-
 use std::{
     io::Write,
     process::{Command, Output},
@@ -9,7 +7,7 @@ use std::{
 };
 
 use mesh_proto::v1::{self, registry_client::RegistryClient};
-use support::{CpProcess, bin, channel, instance};
+use mesh_testkit::{CpProcess, bin, channel, instance};
 
 fn meshctl(url: &str, args: &[&str]) -> Output {
     Command::new(bin("meshctl")).arg("--control-plane").arg(url).args(args).output().unwrap()
@@ -158,7 +156,7 @@ async fn proxy_status_shows_connected_proxies() {
     .await
     .unwrap();
     let url = cp.url();
-    support::eventually(Duration::from_secs(10), "proxy-status lists the synced proxy", || {
+    mesh_testkit::eventually(Duration::from_secs(10), "proxy-status lists the synced proxy", || {
         let url = url.clone();
         async move {
             let out = ok(&meshctl(&url, &["proxy-status"]));

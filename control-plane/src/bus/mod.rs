@@ -14,47 +14,26 @@
 //! Subscribers follow a `watch` of the topic's head offset. Delivery is at-least-once: a group
 //! resumes from its last committed offset; one subscriber of a group receives at a time.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+pub mod embedded;
+pub mod error;
+pub mod nats;
+pub mod retention;
+
+use crate::{
+    bus::{embedded::append_embedded, error::BusError, nats::NatsLog, retention::Retention},
+    store::{Store, StoreError},
+};
 
 use dashmap::DashMap;
 use mesh_proto::{names, prost::Message, v1};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 use tokio::sync::{Mutex, OwnedMutexGuard, watch};
-
-use crate::{
-    bus_nats::NatsLog,
-    store::{Store, StoreError},
-};
 
 /// Largest event accepted (data plus attributes).
 pub const MAX_EVENT_BYTES: usize = 256 * 1024;
 
 /// Largest batch read from the log at once.
 pub const READ_BATCH: usize = 256;
-
-#[derive(Debug, thiserror::Error)]
-pub enum BusError {
-    #[error("event {index}: {reason}")]
-    Invalid { index: usize, reason: String },
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error("NATS JetStream: {0}")]
-    Nats(String),
-}
-
-/// How long and how much of each topic the bus keeps; older events go first.
-#[derive(Debug, Clone, Copy)]
-pub struct Retention {
-    /// Events older than this are dropped (0: no age limit).
-    pub max_age: Duration,
-    /// Per topic, the oldest events are dropped beyond this many bytes (0: no size limit).
-    pub max_bytes: u64,
-}
-
-impl Default for Retention {
-    fn default() -> Self {
-        Retention { max_age: Duration::from_secs(7 * 86_400), max_bytes: 1 << 30 }
-    }
-}
 
 struct Topic {
     /// Serialises offset assignment and dedup for this topic.
@@ -258,38 +237,6 @@ impl Bus {
             }
         }
     }
-}
-
-/// Appends to the embedded log: dedup against stored ids, next offsets from `head`.
-async fn append_embedded(
-    store: &Store,
-    topic: &str,
-    head: u64,
-    batch: &[&v1::Event],
-) -> Result<(Vec<v1::PublishResult>, u64), BusError> {
-    let mut next = head;
-    let mut fresh: HashMap<&str, u64> = HashMap::new();
-    let mut entries = Vec::new();
-    let mut results = Vec::with_capacity(batch.len());
-    for e in batch {
-        let existing = match fresh.get(e.id.as_str()) {
-            Some(o) => Some(*o),
-            None => store.bus_lookup(topic, &e.id)?,
-        };
-        results.push(match existing {
-            Some(offset) => v1::PublishResult { id: e.id.clone(), offset, duplicate: true },
-            None => {
-                fresh.insert(e.id.as_str(), next);
-                entries.push((next, e.id.clone(), e.encode_to_vec(), e.time_unix_ms));
-                next += 1;
-                v1::PublishResult { id: e.id.clone(), offset: next - 1, duplicate: false }
-            }
-        });
-    }
-    if !entries.is_empty() {
-        store.bus_append(topic, entries, next).await?;
-    }
-    Ok((results, next))
 }
 
 #[cfg(test)]

@@ -10,35 +10,29 @@
 //! Handshakes run in their own tasks with a deadline, so a client that never finishes one holds
 //! no one else up, and a failed one is counted and dropped without touching the server.
 
-use std::{
-    net::SocketAddr,
-    pin::Pin,
-    sync::{Arc, Mutex},
-    task::{Context, Poll},
-    time::{Duration, SystemTime},
+use crate::{
+    ca::{Ca, CaError},
+    transport::peer::ApiConn,
 };
 
 use rustls::{
     server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier},
     sign::CertifiedKey,
 };
-use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::{TcpListener, TcpStream},
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
 };
-use tokio_rustls::server::TlsStream;
+use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::server::Connected;
-
-use crate::{api::State, ca::CaError};
 
 /// How long a client may take to complete the TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The API's certificate, reissued at two thirds of its lifetime.
 struct ApiCert {
-    state: Arc<State>,
+    ca: Arc<Ca>,
     names: Vec<String>,
     current: Mutex<(Arc<CertifiedKey>, SystemTime)>,
 }
@@ -49,9 +43,9 @@ impl std::fmt::Debug for ApiCert {
     }
 }
 
-fn issue(state: &State, names: &[String]) -> Result<(Arc<CertifiedKey>, SystemTime), CaError> {
+fn issue(ca: &Ca, names: &[String]) -> Result<(Arc<CertifiedKey>, SystemTime), CaError> {
     let now = SystemTime::now();
-    let (pem, key, expires) = state.ca.issue_server(names, now)?;
+    let (pem, key, expires) = ca.issue_server(names, now)?;
     let bad = |e: &dyn std::fmt::Display| CaError::Sign(e.to_string());
     let chain = mesh_proto::dial::cert_chain(&pem).map_err(|e| bad(&e))?;
     let key = mesh_proto::dial::private_key(&key.serialize_pem()).map_err(|e| bad(&e))?;
@@ -64,7 +58,7 @@ impl ResolvesServerCert for ApiCert {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
         if SystemTime::now() >= current.1 {
-            match issue(&self.state, &self.names) {
+            match issue(&self.ca, &self.names) {
                 Ok(fresh) => {
                     tracing::info!(names = ?self.names, "reissued the API's server certificate");
                     *current = fresh;
@@ -79,7 +73,7 @@ impl ResolvesServerCert for ApiCert {
 
 /// The API's TLS configuration: TLS 1.3/1.2, ALPN h2, client certificates optional and checked
 /// against the mesh root.
-pub fn server_config(state: Arc<State>, names: &[String]) -> Result<Arc<rustls::ServerConfig>, CaError> {
+pub fn server_config(ca: Arc<Ca>, names: &[String]) -> Result<Arc<rustls::ServerConfig>, CaError> {
     let bad = |e: &dyn std::fmt::Display| CaError::Sign(e.to_string());
     let mut names: Vec<String> = names.to_vec();
     for n in ["localhost", "127.0.0.1"] {
@@ -88,13 +82,13 @@ pub fn server_config(state: Arc<State>, names: &[String]) -> Result<Arc<rustls::
         }
     }
     let provider = mesh_proto::dial::provider();
-    let roots = mesh_proto::dial::roots(&state.ca.root_pem).map_err(|e| bad(&e))?;
+    let roots = mesh_proto::dial::roots(&ca.root_pem).map_err(|e| bad(&e))?;
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .allow_unauthenticated()
         .build()
         .map_err(|e| bad(&e))?;
-    let first = issue(&state, &names)?;
-    let resolver = Arc::new(ApiCert { state, names, current: Mutex::new(first) });
+    let first = issue(&ca, &names)?;
+    let resolver = Arc::new(ApiCert { ca, names, current: Mutex::new(first) });
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| bad(&e))?
@@ -104,73 +98,11 @@ pub fn server_config(state: Arc<State>, names: &[String]) -> Result<Arc<rustls::
     Ok(Arc::new(config))
 }
 
-/// A TLS connection to the API; tonic puts its [`Peer`] into every request's extensions.
-pub struct ApiConn(TlsStream<TcpStream>);
-
-/// Who is at the other end of an API connection.
-#[derive(Debug, Clone)]
-pub struct Peer {
-    pub addr: Option<SocketAddr>,
-    /// The SPIFFE id of the client certificate (verified against the mesh root), if any.
-    pub spiffe_id: Option<String>,
-}
-
-impl Connected for ApiConn {
-    type ConnectInfo = Peer;
-
-    fn connect_info(&self) -> Peer {
-        let (tcp, session) = self.0.get_ref();
-        let spiffe_id =
-            session.peer_certificates().and_then(|c| c.first()).and_then(mesh_proto::dial::peer_spiffe_id);
-        Peer { addr: tcp.peer_addr().ok(), spiffe_id }
-    }
-}
-
-impl AsyncRead for ApiConn {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for ApiConn {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
-    }
-}
-
 /// TLS connections accepted on `listener` until `stop`.
 pub fn incoming(
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
-    state: Arc<State>,
+    failures: prometheus_client::metrics::counter::Counter,
     max_handshakes: usize,
     stop: CancellationToken,
 ) -> ReceiverStream<std::io::Result<ApiConn>> {
@@ -193,12 +125,12 @@ pub fn incoming(
                 },
             };
             let Ok(slot) = slots.clone().try_acquire_owned() else {
-                state.metrics.api_handshake_failures.inc();
+                failures.inc();
                 tracing::warn!(%peer, max_handshakes, "too many TLS handshakes in progress: connection closed");
                 continue;
             };
             let _ = tcp.set_nodelay(true);
-            let (acceptor, tx, state) = (acceptor.clone(), tx.clone(), state.clone());
+            let (acceptor, tx, failures) = (acceptor.clone(), tx.clone(), failures.clone());
             mesh_runtime::spawn(tracing::debug_span!("tls_handshake", %peer), async move {
                 let _slot = slot;
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
@@ -206,11 +138,11 @@ pub fn incoming(
                         let _ = tx.send(Ok(ApiConn(tls))).await;
                     }
                     Ok(Err(e)) => {
-                        state.metrics.api_handshake_failures.inc();
+                        failures.inc();
                         tracing::debug!(%peer, error = %e, "TLS handshake on the gRPC listener failed");
                     }
                     Err(_) => {
-                        state.metrics.api_handshake_failures.inc();
+                        failures.inc();
                         tracing::debug!(%peer, "TLS handshake on the gRPC listener timed out");
                     }
                 }

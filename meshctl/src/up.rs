@@ -11,52 +11,27 @@
 //! The binaries are looked up beside `meshctl` itself (`cargo build --release` puts them all in
 //! `target/release/`).
 
+use crate::{
+    args::{Output, UpArgs},
+    commands::identity,
+    connect::{self, Target},
+    error::CliError,
+    output,
+};
+
+use mesh_runtime::shutdown_signal;
+use nix::{sys::signal, unistd::Pid};
+use serde_json::{Value, json};
 use std::{
     path::{Path, PathBuf},
     process::Stdio,
     time::Duration,
 };
-
-use clap::Args;
-use nix::{sys::signal, unistd::Pid};
-use serde_json::{Value, json};
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
     process::{Child, Command},
     time::Instant,
 };
-
-use mesh_runtime::shutdown_signal;
-
-use super::CliError;
-
-#[derive(Debug, Args)]
-pub struct UpArgs {
-    /// Where the mesh keeps its state and logs.
-    #[arg(long, env = "MESH_UP_DIR", default_value = ".mesh")]
-    pub dir: PathBuf,
-    /// Control-plane gRPC address.
-    #[arg(long, default_value = "127.0.0.1:7070")]
-    pub grpc_addr: String,
-    /// Control-plane admin HTTP address.
-    #[arg(long, default_value = "127.0.0.1:7071")]
-    pub admin_addr: String,
-    /// The gateway's public address.
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    pub gateway_addr: String,
-    /// Market-service instances, each behind its own sidecar, sharing one SQLite database.
-    #[arg(long, default_value_t = 2)]
-    pub instances: usize,
-    /// How long each process may take to start listening.
-    #[arg(long, default_value = "30s", value_parser = mesh_runtime::parse_duration)]
-    pub start_timeout: Duration,
-    /// The first wait before restarting a process that exited; doubles per quick failure.
-    #[arg(long, default_value = "500ms", value_parser = mesh_runtime::parse_duration)]
-    pub restart_backoff: Duration,
-    /// Consecutive quick failures of one process after which the whole mesh is stopped.
-    #[arg(long, default_value_t = 5)]
-    pub give_up_after: u32,
-}
 
 /// A run shorter than this counts as a quick failure.
 pub const QUICK: Duration = Duration::from_secs(10);
@@ -168,7 +143,7 @@ fn strings(a: &[&str]) -> Vec<String> {
     a.iter().map(|s| s.to_string()).collect()
 }
 
-pub async fn run(args: UpArgs, output: super::Output) -> Result<(), CliError> {
+pub async fn run(args: UpArgs, output: Output) -> Result<(), CliError> {
     let bin_dir = std::env::current_exe()
         .ok()
         .and_then(|p| p.parent().map(Path::to_path_buf))
@@ -179,16 +154,16 @@ pub async fn run(args: UpArgs, output: super::Output) -> Result<(), CliError> {
     let dir = |sub: &str| args.dir.join(sub).display().to_string();
     // The market service's operator token: 256 random bits, owner-only, passed as a file.
     let market_token_file = args.dir.join("admin-token");
-    let admin_token = crate::auth::random_token()
+    let admin_token = mesh_runtime::random_token()
         .ok_or_else(|| CliError::Input("the system's random number generator failed".into()))?;
-    super::write_secret(&market_token_file, &admin_token)?;
+    identity::write_secret(&market_token_file, &admin_token)?;
     let mut mesh = Mesh {
         bin_dir,
         logs: logs.clone(),
         timeout: args.start_timeout,
         procs: Vec::new(),
         rows: Vec::new(),
-        json: output == super::Output::Json,
+        json: output == Output::Json,
     };
 
     let cp = mesh
@@ -209,7 +184,7 @@ pub async fn run(args: UpArgs, output: super::Output) -> Result<(), CliError> {
     let cp_url = format!("https://{grpc}");
     // The API is TLS from the mesh CA; sidecars trust its root, meshctl also sends the admin
     // token the control plane wrote into its data dir.
-    let target = super::Target {
+    let target = Target {
         url: cp_url.clone(),
         ca_file: args.dir.join("control-plane").join("ca.pem"),
         admin_token_file: args.dir.join("control-plane").join("admin.token"),
@@ -355,7 +330,7 @@ pub async fn run(args: UpArgs, output: super::Output) -> Result<(), CliError> {
     }
     out!();
     out!("Opinion Market Mesh is up. Ctrl-C stops it.");
-    super::print_table(&["PROCESS", "PID", "LISTENS ON", "WHAT"], std::mem::take(&mut mesh.rows));
+    output::print_table(&["PROCESS", "PID", "LISTENS ON", "WHAT"], std::mem::take(&mut mesh.rows));
     out!();
     out!(
         "state: {}   logs: {}   mesh admin token: {}   market admin token: {}",
@@ -464,12 +439,12 @@ fn describe(status: std::io::Result<std::process::ExitStatus>) -> String {
 /// gateway) for 30 s, and a market's entries are dropped as soon as its events reach the bus —
 /// a trade is visible at once without giving up the cache. Set only when the service has no
 /// policy yet, so an operator's own survives restarts.
-async fn set_market_policy(cp: &super::Target) -> Result<(), CliError> {
+async fn set_market_policy(cp: &Target) -> Result<(), CliError> {
     use mesh_proto::{
         policy::{CacheInvalidation, ServicePolicy},
         v1,
     };
-    let mut client = v1::policy_client::PolicyClient::new(super::connect(cp).await?);
+    let mut client = v1::policy_client::PolicyClient::new(connect::connect(cp).await?);
     let existing = client.get(v1::GetPolicyRequest { service: "market-service".into() }).await;
     if existing.is_ok_and(|r| !r.into_inner().is_default) {
         return Ok(());
@@ -491,15 +466,15 @@ async fn set_market_policy(cp: &super::Target) -> Result<(), CliError> {
 }
 
 /// Creates a bootstrap token for `service` and writes it to `path` (owner-only).
-async fn write_token(cp: &super::Target, service: &str, path: &Path) -> Result<(), CliError> {
-    let mut ca = mesh_proto::v1::identity_client::IdentityClient::new(super::connect(cp).await?);
+async fn write_token(cp: &Target, service: &str, path: &Path) -> Result<(), CliError> {
+    let mut ca = mesh_proto::v1::identity_client::IdentityClient::new(connect::connect(cp).await?);
     let token = ca
         .create_token(mesh_proto::v1::CreateTokenRequest { service: service.into() })
         .await
         .map_err(|s| CliError::Refused(format!("creating a token for {service}: {}", s.message())))?
         .into_inner()
         .token;
-    super::write_secret(path, &token)
+    identity::write_secret(path, &token)
 }
 
 /// Starts binary `bin` from `bin_dir` as `name`, with its stderr in `logs/<name>.log`, and
@@ -551,7 +526,9 @@ async fn start(
         Ok(Some(v)) => {
             eprintln!("ok, pid {} ({} ms)", child.id().unwrap_or(0), t0.elapsed().as_millis());
             // Keep draining stdout so the child never blocks on a full pipe.
-            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+            mesh_runtime::spawn(tracing::debug_span!("drain_output"), async move {
+                while let Ok(Some(_)) = lines.next_line().await {}
+            });
             let proc = Proc {
                 name: name.into(),
                 child,

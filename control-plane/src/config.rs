@@ -1,0 +1,74 @@
+//! The control plane's settings: [`Config`], every default in [`Config::new`] (the binary's
+//! flags start from it).
+
+use crate::bus::retention::Retention;
+
+use std::{path::PathBuf, time::Duration};
+
+/// Control-plane settings (the binary fills these from flags and `MESH_*` variables).
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the redb file lives.
+    pub data_dir: PathBuf,
+    /// Idle discovery streams get a PING this often.
+    pub ping_interval: Duration,
+    /// How often TTLs are checked: expiry happens at most this long after the TTL passed.
+    pub sweep_interval: Duration,
+    /// HTTP/2 streams one connection may open (discovery + policy streams of many proxies).
+    pub max_concurrent_streams: u32,
+    /// After a restart, restored instances do not expire before this has passed (on top of
+    /// their TTL): time for every sidecar to reconnect through its backoff.
+    pub restart_grace: Duration,
+    /// Where the event bus keeps its log.
+    pub bus: BusBackend,
+    /// How long and how much of each topic the bus keeps.
+    pub retention: Retention,
+    /// How often the bus applies retention (embedded) or refreshes heads (NATS).
+    pub bus_maintenance_interval: Duration,
+    /// The mesh's SPIFFE trust domain.
+    pub trust_domain: String,
+    /// The operator's own root (certificate, key); default: created in the data dir.
+    pub ca_files: Option<(PathBuf, PathBuf)>,
+    /// Lifetime of the certificates the CA issues.
+    pub cert_ttl: Duration,
+    /// Serve the gRPC API in plaintext with no authentication (a throwaway local run only).
+    pub insecure_api: bool,
+    /// Names (DNS or IP) the API's certificate carries besides `localhost` and `127.0.0.1`.
+    pub api_names: Vec<String>,
+    /// The admin token's file; default `admin.token` in the data dir, created on first start.
+    pub admin_token_file: Option<PathBuf>,
+    /// TLS handshakes in progress at once on the gRPC listener; connections beyond are closed at
+    /// once, so clients that connect and never finish a handshake cannot pile up.
+    pub max_pending_handshakes: usize,
+}
+
+/// The event bus's log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BusBackend {
+    /// In the control plane's redb file (default).
+    Embedded,
+    /// NATS JetStream at this URL.
+    Nats(String),
+}
+
+impl Config {
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            ping_interval: Duration::from_secs(15),
+            sweep_interval: Duration::from_millis(50),
+            max_concurrent_streams: 16_384,
+            restart_grace: Duration::from_secs(15),
+            bus: BusBackend::Embedded,
+            retention: Retention::default(),
+            bus_maintenance_interval: Duration::from_secs(60),
+            trust_domain: "mesh.local".into(),
+            ca_files: None,
+            cert_ttl: Duration::from_secs(24 * 3600),
+            insecure_api: false,
+            api_names: Vec::new(),
+            admin_token_file: None,
+            max_pending_handshakes: 1024,
+        }
+    }
+}

@@ -1,0 +1,214 @@
+//! The control plane as one server: [`ControlPlane::open`] restores state from a data dir;
+//! [`ControlPlane::serve`] takes bound listeners and a shutdown token, so tests run it on port 0
+//! exactly as the binary does.
+
+use crate::{
+    api::{Api, status::refused},
+    auth, bus, ca,
+    config::{BusBackend, Config},
+    error::Error,
+    http,
+    metrics::Metrics,
+    policy::Policies,
+    proxies::Proxies,
+    registry::Registry,
+    state::State,
+    store::Store,
+    transport,
+};
+
+use mesh_proto::v1;
+use std::{sync::Arc, time::Duration};
+use tokio::{net::TcpListener, time::Instant};
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::Instrument;
+
+pub struct ControlPlane {
+    config: Config,
+    state: Arc<State>,
+}
+
+impl ControlPlane {
+    /// Opens the data dir and restores policies and instances (each instance with a fresh TTL);
+    /// connects to NATS when the bus lives there.
+    pub async fn open(config: Config) -> Result<Self, Error> {
+        let (store, loaded) = Store::open(&config.data_dir)?;
+        let metrics = Metrics::new();
+        let policies = Arc::new(Policies::new(store.clone(), loaded.policies)?);
+        let bus = match &config.bus {
+            BusBackend::Embedded => bus::Bus::embedded(store.clone(), config.retention)?,
+            BusBackend::Nats(url) => bus::Bus::nats(url, config.retention).await?,
+        };
+        tracing::info!(
+            epoch = loaded.epoch,
+            instances = loaded.instances.len(),
+            policies = policies.list().len(),
+            bus = bus.kind(),
+            data_dir = %config.data_dir.display(),
+            "state restored"
+        );
+        let store_handle = store.clone();
+        let registry = Registry::new(
+            store,
+            policies.clone(),
+            metrics.clone(),
+            loaded.epoch,
+            loaded.instances,
+            Instant::now(),
+            config.restart_grace,
+        );
+        let ca =
+            ca::Ca::open(&config.data_dir, config.ca_files.clone(), &config.trust_domain, config.cert_ttl)?;
+        let auth = if config.insecure_api {
+            tracing::warn!(
+                "the gRPC API is plaintext and unauthenticated (--insecure-api): anyone who reaches it is admin"
+            );
+            auth::Auth::open()
+        } else {
+            let token = auth::admin_token(&config.data_dir, config.admin_token_file.as_deref())?;
+            auth::Auth::enforcing(&token, &config.trust_domain)
+        };
+        let state = Arc::new(State {
+            auth,
+            registry,
+            bus,
+            ca: Arc::new(ca),
+            store: store_handle,
+            policies,
+            metrics,
+            proxies: Proxies::default(),
+            watch_limits: Default::default(),
+            started: Instant::now(),
+            data_dir: config.data_dir.display().to_string(),
+            ping_interval: config.ping_interval,
+            shutdown: CancellationToken::new(),
+        });
+        Ok(Self { config, state })
+    }
+
+    /// Serves gRPC on `grpc` and admin HTTP on `admin` until `shutdown` is cancelled, then ends
+    /// every stream and drains.
+    pub async fn serve(
+        self,
+        grpc: TcpListener,
+        admin: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), Error> {
+        let state = self.state;
+        let tasks = TaskTracker::new();
+        // Streams follow the server's own token, so cancelling it ends them and lets the
+        // gRPC server's graceful shutdown finish.
+        let own = state.shutdown.clone();
+        mesh_runtime::spawn_tracked(&tasks, tracing::info_span!("shutdown_relay"), {
+            let (shutdown, own) = (shutdown.clone(), own.clone());
+            async move {
+                shutdown.cancelled().await;
+                own.cancel();
+            }
+        });
+
+        mesh_runtime::spawn_tracked(
+            &tasks,
+            tracing::info_span!("sweeper"),
+            sweeper(state.clone(), self.config.sweep_interval),
+        );
+        mesh_runtime::spawn_tracked(&tasks, tracing::info_span!("bus_maintenance"), {
+            let (state, every) = (state.clone(), self.config.bus_maintenance_interval);
+            async move { state.bus.maintain(every, state.shutdown.clone()).await }
+        });
+
+        let admin_task = mesh_runtime::spawn_tracked(&tasks, tracing::info_span!("admin_http"), {
+            let router = http::router(state.clone());
+            let own = own.clone();
+            async move { axum::serve(admin, router).with_graceful_shutdown(own.cancelled_owned()).await }
+        });
+
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        for name in [
+            "",
+            "mesh.v1.Registry",
+            "mesh.v1.Discovery",
+            "mesh.v1.Policy",
+            "mesh.v1.Admin",
+            "mesh.v1.Events",
+            "mesh.v1.Identity",
+        ] {
+            health_reporter.set_service_status(name, tonic_health::ServingStatus::Serving).await;
+        }
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(mesh_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| Error::Admin(std::io::Error::other(e)))?;
+        // The API's description is for the mesh's members and the admin, like the API itself;
+        // grpc.health.v1 stays open to any TLS client, as liveness probes carry no credential.
+        let reflection = {
+            let state = state.clone();
+            tonic::service::interceptor::InterceptedService::new(reflection, move |req: tonic::Request<()>| {
+                state.auth.member(&req, "list the API by reflection").map_err(|s| refused(&state, s))?;
+                Ok(req)
+            })
+        };
+
+        let api = Api(state.clone());
+        let router = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .http2_keepalive_interval(Some(Duration::from_secs(20)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .max_concurrent_streams(Some(self.config.max_concurrent_streams))
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(v1::registry_server::RegistryServer::new(api.clone()))
+            .add_service(v1::discovery_server::DiscoveryServer::new(api.clone()))
+            .add_service(v1::policy_server::PolicyServer::new(api.clone()))
+            .add_service(v1::events_server::EventsServer::new(api.clone()))
+            .add_service(v1::identity_server::IdentityServer::new(api.clone()))
+            .add_service(v1::admin_server::AdminServer::new(api));
+        let grpc_result = if self.config.insecure_api {
+            router
+                .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), own.clone().cancelled_owned())
+                .instrument(tracing::info_span!("grpc"))
+                .await
+        } else {
+            let tls = transport::tls::server_config(state.ca.clone(), &self.config.api_names)?;
+            let incoming = transport::tls::incoming(
+                grpc,
+                tls,
+                state.metrics.api_handshake_failures.clone(),
+                self.config.max_pending_handshakes,
+                own.clone(),
+            );
+            router
+                .serve_with_incoming_shutdown(incoming, own.clone().cancelled_owned())
+                .instrument(tracing::info_span!("grpc", tls = true))
+                .await
+        };
+        own.cancel();
+        health_reporter.set_not_serving::<v1::registry_server::RegistryServer<Api>>().await;
+        tasks.close();
+        let admin_result = admin_task.await.map_err(|e| Error::Admin(std::io::Error::other(e)))?;
+        tasks.wait().await;
+        grpc_result?;
+        admin_result.map_err(Error::Admin)
+    }
+
+    pub fn state(&self) -> &Arc<State> {
+        &self.state
+    }
+}
+
+async fn sweeper(state: Arc<State>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = state.shutdown.cancelled() => return,
+            _ = tick.tick() => {
+                if let Err(e) = state.registry.sweep_and_deregister(Instant::now()).await {
+                    tracing::error!(error = %e, "deregistering expired instances failed; will retry");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! A real sidecar in process on port 0 ([`TestSidecar`]).
+
+pub use sidecar::{Config as SidecarConfig, Mode};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+
+use crate::{client::get, eventually::WAIT};
+
+/// A sidecar inside the test process.
+pub struct TestSidecar {
+    pub outbound: SocketAddr,
+    pub inbound: Option<SocketAddr>,
+    pub admin: SocketAddr,
+    pub instance_id: String,
+    pub dir: PathBuf,
+    stop: CancellationToken,
+    task: Option<JoinHandle<Result<(), sidecar::Error>>>,
+}
+
+impl TestSidecar {
+    /// A sidecar for `service` in front of `app`, with its data in `dir`.
+    pub fn config(cp: &str, service: &str, id: &str, app: SocketAddr, dir: &Path) -> SidecarConfig {
+        SidecarConfig {
+            mode: Mode::Sidecar,
+            service: Some(service.into()),
+            instance_id: id.into(),
+            app_addr: Some(mesh_runtime::LocalAddr::Tcp(app)),
+            control_plane: vec![cp.to_string()],
+            advertise_addr: String::new(),
+            data_dir: dir.to_path_buf(),
+            zone: "z1".into(),
+            version: "test".into(),
+            metadata: HashMap::new(),
+            weight: 100,
+            upstreams: vec![],
+            routes: vec![],
+            discovery_wait: Duration::from_secs(2),
+            drain_delay: Duration::from_millis(300),
+            drain_timeout: Duration::from_secs(5),
+            header_read_timeout: sidecar::config::HEADER_READ_TIMEOUT,
+            max_request_body: sidecar::config::MAX_REQUEST_BODY,
+            idempotency_window: Duration::from_secs(120),
+            spool_max_bytes: 256 * 1024 * 1024,
+            spool_max_age: Duration::from_secs(86_400),
+            subscriptions: Vec::new(),
+            identity_token: None,
+            control_plane_ca: None,
+        }
+    }
+
+    /// A gateway routing `routes` into the mesh.
+    pub fn gateway_config(
+        cp: &str,
+        routes: Vec<sidecar::outbound::route::Route>,
+        dir: &Path,
+    ) -> SidecarConfig {
+        SidecarConfig {
+            mode: Mode::Gateway,
+            service: None,
+            instance_id: "gateway".into(),
+            app_addr: None,
+            routes,
+            ..Self::config(cp, "gateway", "gateway", "127.0.0.1:9".parse().unwrap(), dir)
+        }
+    }
+
+    pub async fn start(mut config: SidecarConfig) -> Self {
+        let outbound = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let inbound = match config.mode {
+            Mode::Sidecar => Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+            Mode::Gateway => None,
+        };
+        let inbound_addr = inbound.as_ref().map(|l| l.local_addr().unwrap());
+        if config.advertise_addr.is_empty()
+            && let Some(a) = inbound_addr
+        {
+            config.advertise_addr = a.to_string();
+        }
+        let (out_addr, admin_addr) = (outbound.local_addr().unwrap(), admin.local_addr().unwrap());
+        let stop = CancellationToken::new();
+        let (instance_id, dir) = (config.instance_id.clone(), config.data_dir.clone());
+        let listeners = sidecar::Listeners { inbound, outbound: outbound.into(), app_api: None, admin };
+        let task = tokio::spawn(sidecar::run(config, listeners, stop.clone()));
+        Self {
+            outbound: out_addr,
+            inbound: inbound_addr,
+            admin: admin_addr,
+            instance_id,
+            dir,
+            stop,
+            task: Some(task),
+        }
+    }
+
+    /// Starts the graceful shutdown and returns at once.
+    pub fn begin_stop(&self) {
+        self.stop.cancel();
+    }
+
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(t) = self.task.take() {
+            tokio::time::timeout(WAIT, t).await.expect("sidecar drains").unwrap().unwrap();
+        }
+    }
+
+    pub async fn config_json(&self) -> serde_json::Value {
+        let (_, body) = get(self.admin, "admin", "/config").await;
+        serde_json::from_str(&body).unwrap()
+    }
+}
+
+impl Drop for TestSidecar {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+// ---- real binaries ---------------------------------------------------------------------------

@@ -1,0 +1,201 @@
+//! The commands: [`run`] dispatches to one file per command group; the registry views
+//! (`services`, `instances`, `proxy-status`, `overview`, `stats`) are answered here.
+
+pub mod events;
+pub mod identity;
+pub mod policy;
+pub mod sidecar;
+
+use crate::{
+    args::{Args, Command},
+    connect::{Target, connect},
+    error::CliError,
+    output::{dash, emit, emit_kv, health_name},
+    up,
+};
+
+use mesh_proto::v1;
+use serde_json::{Value, json};
+
+pub async fn run(args: Args) -> Result<(), CliError> {
+    match args.command {
+        Command::Up(up) => return up::run(up, args.output).await,
+        Command::Sidecar { admin } => return sidecar::run(&admin, args.output).await,
+        _ => {}
+    }
+    let addr = args.control_plane.clone();
+    let ch = connect(&Target {
+        url: addr.clone(),
+        ca_file: args.ca_file.clone(),
+        admin_token_file: args.admin_token_file.clone(),
+    })
+    .await?;
+    let st = |s: tonic::Status| CliError::from_status(s, &addr);
+    let out = args.output;
+    match args.command {
+        Command::Services => {
+            let r = v1::registry_client::RegistryClient::new(ch)
+                .list_services(v1::ListServicesRequest {})
+                .await
+                .map_err(st)?
+                .into_inner();
+            let rows = r
+                .services
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.name.clone(),
+                        s.instances.to_string(),
+                        s.healthy.to_string(),
+                        s.policy_version.to_string(),
+                    ]
+                })
+                .collect();
+            let js = r.services.iter().map(|s| json!({"name": s.name, "instances": s.instances, "healthy": s.healthy, "policy_version": s.policy_version})).collect();
+            emit(out, &["SERVICE", "INSTANCES", "HEALTHY", "POLICY"], rows, Value::Array(js));
+        }
+        Command::Instances { service } => {
+            let r = v1::registry_client::RegistryClient::new(ch)
+                .get_service(v1::GetServiceRequest { name: service })
+                .await
+                .map_err(st)?
+                .into_inner();
+            let health = |i: &v1::Instance| health_name(i.health());
+            let rows = r
+                .instances
+                .iter()
+                .map(|i| {
+                    vec![
+                        i.id.clone(),
+                        i.address.clone(),
+                        dash(&i.zone),
+                        dash(&i.version),
+                        health(i).into(),
+                        i.load.to_string(),
+                        format!("{:.1}s", i.last_heartbeat_age_ms as f64 / 1000.0),
+                    ]
+                })
+                .collect();
+            let js = r.instances.iter().map(|i| json!({
+                "id": i.id, "address": i.address, "zone": i.zone, "version": i.version, "metadata": i.metadata,
+                "weight": i.weight, "health": health(i), "load": i.load, "last_heartbeat_age_ms": i.last_heartbeat_age_ms,
+            })).collect();
+            emit(
+                out,
+                &["ID", "ADDRESS", "ZONE", "VERSION", "HEALTH", "LOAD", "LAST HEARTBEAT"],
+                rows,
+                Value::Array(js),
+            );
+        }
+        Command::Policy(cmd) => policy::run(cmd, ch, out, &addr).await?,
+        Command::Events(cmd) => events::run(cmd, ch, out, &addr).await?,
+        Command::Identity(cmd) => identity::run(cmd, ch, out, &addr).await?,
+        Command::ProxyStatus { service } => {
+            let r = v1::admin_client::AdminClient::new(ch)
+                .proxy_status(v1::ProxyStatusRequest { service: service.unwrap_or_default() })
+                .await
+                .map_err(st)?
+                .into_inner();
+            let mut rows = Vec::new();
+            let mut js = Vec::new();
+            for p in &r.proxies {
+                let hb = p
+                    .last_heartbeat_age_ms
+                    .map(|ms| format!("{:.1}s ago", ms as f64 / 1000.0))
+                    .unwrap_or("-".into());
+                let now = mesh_proto::unix_ms(std::time::SystemTime::now());
+                let cert = match p.certificate_expires_unix_ms {
+                    0 => "-".to_string(),
+                    exp if exp <= now => format!("EXPIRED ({} issued)", p.certificates_issued),
+                    exp => format!(
+                        "expires in {} ({} issued)",
+                        humantime::format_duration(std::time::Duration::from_secs((exp - now) / 1000)),
+                        p.certificates_issued
+                    ),
+                };
+                for s in &p.policies {
+                    let state = if s.nacked_version == s.current_version
+                        && s.current_version > 0
+                        && s.acked_version < s.current_version
+                    {
+                        format!("NACKED: {}", s.nack_reason)
+                    } else if s.acked_version == s.current_version {
+                        "SYNCED".into()
+                    } else {
+                        "STALE".into()
+                    };
+                    rows.push(vec![
+                        dash(&p.node_id),
+                        dash(&p.service),
+                        s.service.clone(),
+                        s.current_version.to_string(),
+                        s.acked_version.to_string(),
+                        state,
+                        format!("{:.1}ms", s.last_ack_latency_ms),
+                        hb.clone(),
+                        cert.clone(),
+                    ]);
+                }
+                js.push(json!({
+                    "node_id": p.node_id, "service": p.service, "peer": p.peer, "connected_ms": p.connected_ms,
+                    "last_heartbeat_age_ms": p.last_heartbeat_age_ms,
+                    "spiffe_id": p.spiffe_id, "certificate_expires_unix_ms": p.certificate_expires_unix_ms,
+                    "certificates_issued": p.certificates_issued,
+                    "policies": p.policies.iter().map(|s| json!({
+                        "service": s.service, "current_version": s.current_version, "acked_version": s.acked_version,
+                        "nacked_version": s.nacked_version, "nack_reason": s.nack_reason, "last_ack_latency_ms": s.last_ack_latency_ms,
+                    })).collect::<Vec<_>>(),
+                }));
+            }
+            emit(
+                out,
+                &[
+                    "NODE",
+                    "SERVICE",
+                    "POLICY OF",
+                    "CURRENT",
+                    "ACKED",
+                    "STATE",
+                    "ACK LATENCY",
+                    "HEARTBEAT",
+                    "CERTIFICATE",
+                ],
+                rows,
+                Value::Array(js),
+            );
+        }
+        Command::Overview => {
+            let o = v1::admin_client::AdminClient::new(ch)
+                .overview(v1::OverviewRequest {})
+                .await
+                .map_err(st)?
+                .into_inner();
+            let js = json!({
+                "server_version": o.server_version, "uptime_ms": o.uptime_ms, "services": o.services,
+                "instances": o.instances, "healthy_instances": o.healthy_instances, "policies": o.policies,
+                "discovery_streams": o.discovery_streams, "policy_streams": o.policy_streams,
+                "heartbeat_streams": o.heartbeat_streams, "registry_version": o.registry_version, "data_dir": o.data_dir,
+            });
+            emit_kv(out, js);
+        }
+        Command::Stats => {
+            let s = v1::admin_client::AdminClient::new(ch)
+                .stats(v1::StatsRequest {})
+                .await
+                .map_err(st)?
+                .into_inner();
+            let js = json!({
+                "registrations_total": s.registrations_total, "deregistrations_total": s.deregistrations_total,
+                "heartbeats_total": s.heartbeats_total, "expirations_total": s.expirations_total,
+                "self_preservation_holds_total": s.self_preservation_holds_total,
+                "discovery_messages_total": s.discovery_messages_total, "policy_pushes_total": s.policy_pushes_total,
+                "policy_acks_total": s.policy_acks_total, "policy_nacks_total": s.policy_nacks_total,
+                "ack_latency_p50_ms": s.ack_latency_p50_ms, "ack_latency_p99_ms": s.ack_latency_p99_ms,
+                "ack_latency_max_ms": s.ack_latency_max_ms,
+            });
+            emit_kv(out, js);
+        }
+        Command::Up(_) | Command::Sidecar { .. } => unreachable!("handled above"),
+    }
+    Ok(())
+}

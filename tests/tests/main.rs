@@ -1,0 +1,10 @@
+//! Whole-system tests: `meshctl up`, the README's commands, and the deploy files checked by the tools users have.
+//!
+//! One test binary for the crate (faster to link than one per file); each module is one area.
+
+// Tests spawn plain tasks (their spans are the product's concern) and may time real waits.
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
+
+mod deploy;
+mod readme;
+mod up;
