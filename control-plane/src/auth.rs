@@ -48,20 +48,16 @@ impl std::fmt::Display for Caller {
 /// How callers are recognised.
 pub struct Auth {
     /// SHA-256 of the admin token; `None` when the API is unauthenticated (`--insecure-api`).
-    admin_token_sha256: Option<Vec<u8>>,
+    admin_token_sha256: Option<[u8; 32]>,
     /// `spiffe://<trust-domain>/service/`.
     service_prefix: String,
-}
-
-fn sha256(s: &str) -> Vec<u8> {
-    ring::digest::digest(&ring::digest::SHA256, s.as_bytes()).as_ref().to_vec()
 }
 
 impl Auth {
     /// Callers are recognised by the admin token or a certificate of `trust_domain`.
     pub fn enforcing(admin_token: &str, trust_domain: &str) -> Self {
         Self {
-            admin_token_sha256: Some(sha256(admin_token)),
+            admin_token_sha256: Some(mesh_runtime::sha256(admin_token.as_bytes())),
             service_prefix: mesh_proto::names::spiffe_id(trust_domain, ""),
         }
     }
@@ -77,7 +73,7 @@ impl Auth {
         let Some(admin) = &self.admin_token_sha256 else { return Ok(Caller::Admin) };
         if let Some(value) = req.metadata().get("authorization") {
             let token = value.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")).unwrap_or_default();
-            if !token.is_empty() && sha256(token.trim()) == *admin {
+            if !token.is_empty() && mesh_runtime::sha256(token.trim().as_bytes()) == *admin {
                 return Ok(Caller::Admin);
             }
             return Err(Status::unauthenticated(

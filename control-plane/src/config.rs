@@ -51,20 +51,32 @@ pub enum BusBackend {
     Nats(String),
 }
 
+/// The defaults (the binary's flags show them in `--help`).
+pub const PING_INTERVAL: Duration = Duration::from_secs(15);
+pub const SWEEP_INTERVAL: Duration = Duration::from_millis(50);
+pub const RESTART_GRACE: Duration = Duration::from_secs(15);
+pub const BUS_MAINTENANCE_INTERVAL: Duration = Duration::from_secs(60);
+pub const TRUST_DOMAIN: &str = "mesh.local";
+pub const CERT_TTL: Duration = Duration::from_secs(24 * 3600);
+pub const GRPC_ADDR: &str = "127.0.0.1:7070";
+pub const ADMIN_ADDR: &str = "127.0.0.1:7071";
+pub const DATA_DIR: &str = ".mesh/control-plane";
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl Config {
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         Self {
             data_dir: data_dir.into(),
-            ping_interval: Duration::from_secs(15),
-            sweep_interval: Duration::from_millis(50),
+            ping_interval: PING_INTERVAL,
+            sweep_interval: SWEEP_INTERVAL,
             max_concurrent_streams: 16_384,
-            restart_grace: Duration::from_secs(15),
+            restart_grace: RESTART_GRACE,
             bus: BusBackend::Embedded,
-            retention: Retention::default(),
-            bus_maintenance_interval: Duration::from_secs(60),
-            trust_domain: "mesh.local".into(),
+            retention: Retention::DEFAULT,
+            bus_maintenance_interval: BUS_MAINTENANCE_INTERVAL,
+            trust_domain: TRUST_DOMAIN.into(),
             ca_files: None,
-            cert_ttl: Duration::from_secs(24 * 3600),
+            cert_ttl: CERT_TTL,
             insecure_api: false,
             api_names: Vec::new(),
             admin_token_file: None,

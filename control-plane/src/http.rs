@@ -18,7 +18,7 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .fallback(|| async {
-            (StatusCode::NOT_FOUND, Json(serde_json::json!({"error": "not found: try /metrics or /healthz"})))
+            mesh_runtime::error_response(StatusCode::NOT_FOUND, "not_found", "try /metrics or /healthz")
         })
         .with_state(state)
 }

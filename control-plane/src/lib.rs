@@ -13,20 +13,20 @@
 //! listeners and a shutdown token, so tests run it on port 0 exactly as the binary does.
 
 pub mod api;
-pub mod auth;
+pub(crate) mod auth;
 pub mod bus;
 pub mod ca;
 pub mod config;
 pub mod error;
-pub mod http;
-pub mod metrics;
-pub mod policy;
-pub mod proxies;
-pub mod registry;
+pub(crate) mod http;
+pub(crate) mod metrics;
+pub(crate) mod policy;
+pub(crate) mod proxies;
+pub(crate) mod registry;
 pub mod server;
-pub mod state;
-pub mod store;
-pub mod transport;
+pub(crate) mod state;
+pub(crate) mod store;
+pub(crate) mod transport;
 pub mod watch_limits;
 
 pub use config::{BusBackend, Config};

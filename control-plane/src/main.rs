@@ -5,12 +5,11 @@
 //! `{"event":"listening","grpc":"127.0.0.1:7070","admin":"127.0.0.1:7071","tls":true}`, which `meshctl up`
 //! and the tests read to learn the ports (pass port 0 to let the OS choose). Logs go to stderr.
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
-use control_plane::{BusBackend, Config, ControlPlane, bus::retention::Retention};
-use mesh_runtime::parse_duration;
+use control_plane::{BusBackend, Config, ControlPlane, bus::retention::Retention, config};
 use tokio::net::TcpListener;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -31,13 +30,13 @@ enum BusKind {
 #[command(version, about = "Opinion Market Mesh control plane: registry, discovery, policy, management API")]
 struct Args {
     /// gRPC listener (all mesh.v1 services, grpc.health.v1, reflection).
-    #[arg(long, env = "MESH_GRPC_ADDR", default_value = "127.0.0.1:7070")]
+    #[arg(long, env = "MESH_GRPC_ADDR", default_value = config::GRPC_ADDR)]
     grpc_addr: SocketAddr,
     /// Admin HTTP listener (/metrics, /healthz).
-    #[arg(long, env = "MESH_ADMIN_ADDR", default_value = "127.0.0.1:7071")]
+    #[arg(long, env = "MESH_ADMIN_ADDR", default_value = config::ADMIN_ADDR)]
     admin_addr: SocketAddr,
     /// Where state is kept.
-    #[arg(long, env = "MESH_DATA_DIR", default_value = ".mesh/control-plane")]
+    #[arg(long, env = "MESH_DATA_DIR", default_value = config::DATA_DIR)]
     data_dir: PathBuf,
     /// Storage backend.
     #[arg(long, env = "MESH_STORE", value_enum, default_value = "embedded")]
@@ -49,16 +48,16 @@ struct Args {
     #[arg(long, env = "MESH_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     nats_url: String,
     /// The bus drops events older than this (0: keep by age forever).
-    #[arg(long, env = "MESH_BUS_RETENTION_AGE", default_value = "7d", value_parser = parse_duration)]
-    bus_retention_age: Duration,
+    #[arg(long, env = "MESH_BUS_RETENTION_AGE", default_value_t = Retention::DEFAULT.max_age.into(), value_parser = duration)]
+    bus_retention_age: humantime::Duration,
     /// Per topic, the bus drops its oldest events beyond this many bytes (0: no limit).
-    #[arg(long, env = "MESH_BUS_RETENTION_BYTES", default_value_t = 1 << 30)]
+    #[arg(long, env = "MESH_BUS_RETENTION_BYTES", default_value_t = Retention::DEFAULT.max_bytes)]
     bus_retention_bytes: u64,
     /// How often the embedded bus applies retention.
-    #[arg(long, env = "MESH_BUS_MAINTENANCE_INTERVAL", default_value = "60s", value_parser = parse_duration)]
-    bus_maintenance_interval: Duration,
+    #[arg(long, env = "MESH_BUS_MAINTENANCE_INTERVAL", default_value_t = config::BUS_MAINTENANCE_INTERVAL.into(), value_parser = duration)]
+    bus_maintenance_interval: humantime::Duration,
     /// The mesh's SPIFFE trust domain: identities are spiffe://<domain>/service/<name>.
-    #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = "mesh.local")]
+    #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = config::TRUST_DOMAIN)]
     trust_domain: String,
     /// The operator's root certificate (PEM) for the mesh CA; with --ca-key. Default: a root
     /// created on first start in --data-dir (ca.pem, ca-key.pem).
@@ -68,8 +67,8 @@ struct Args {
     #[arg(long, env = "MESH_CA_KEY", requires = "ca_cert")]
     ca_key: Option<PathBuf>,
     /// Lifetime of the certificates the CA issues.
-    #[arg(long, env = "MESH_CERT_TTL", default_value = "24h", value_parser = parse_duration)]
-    cert_ttl: Duration,
+    #[arg(long, env = "MESH_CERT_TTL", default_value_t = config::CERT_TTL.into(), value_parser = duration)]
+    cert_ttl: humantime::Duration,
     /// Serve the gRPC API in plaintext without authentication: anyone who reaches it is admin.
     /// For a throwaway local run only; the default is TLS, sidecars authenticated by their
     /// certificates and meshctl by the admin token.
@@ -84,20 +83,25 @@ struct Args {
     #[arg(long, env = "MESH_ADMIN_TOKEN_FILE")]
     admin_token_file: Option<PathBuf>,
     /// Idle discovery streams get a ping this often.
-    #[arg(long, env = "MESH_PING_INTERVAL", default_value = "15s", value_parser = parse_duration)]
-    ping_interval: Duration,
+    #[arg(long, env = "MESH_PING_INTERVAL", default_value_t = config::PING_INTERVAL.into(), value_parser = duration)]
+    ping_interval: humantime::Duration,
     /// How often heartbeat TTLs are checked.
-    #[arg(long, env = "MESH_SWEEP_INTERVAL", default_value = "50ms", value_parser = parse_duration)]
-    sweep_interval: Duration,
+    #[arg(long, env = "MESH_SWEEP_INTERVAL", default_value_t = config::SWEEP_INTERVAL.into(), value_parser = duration)]
+    sweep_interval: humantime::Duration,
     /// After a restart, stored instances get this long (on top of their TTL) to heartbeat again.
-    #[arg(long, env = "MESH_RESTART_GRACE", default_value = "15s", value_parser = parse_duration)]
-    restart_grace: Duration,
+    #[arg(long, env = "MESH_RESTART_GRACE", default_value_t = config::RESTART_GRACE.into(), value_parser = duration)]
+    restart_grace: humantime::Duration,
     /// How long in-flight calls may take to finish after SIGTERM.
-    #[arg(long, env = "MESH_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
-    drain_timeout: Duration,
+    #[arg(long, env = "MESH_DRAIN_TIMEOUT", default_value_t = config::DRAIN_TIMEOUT.into(), value_parser = duration)]
+    drain_timeout: humantime::Duration,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "MESH_LOG", default_value = "info")]
     log: String,
+}
+
+/// A duration flag (`250ms`, `15s`, `7d`), shown in `--help` as it parses.
+fn duration(s: &str) -> Result<humantime::Duration, String> {
+    mesh_runtime::parse_duration(s).map(Into::into)
 }
 
 fn main() -> ExitCode {
@@ -109,18 +113,19 @@ fn main() -> ExitCode {
 async fn run(args: Args) -> anyhow::Result<()> {
     let StoreKind::Embedded = args.store;
     let mut config = Config::new(&args.data_dir);
-    config.ping_interval = args.ping_interval;
-    config.sweep_interval = args.sweep_interval;
-    config.restart_grace = args.restart_grace;
+    config.ping_interval = args.ping_interval.into();
+    config.sweep_interval = args.sweep_interval.into();
+    config.restart_grace = args.restart_grace.into();
     config.bus = match args.bus {
         BusKind::Embedded => BusBackend::Embedded,
         BusKind::Nats => BusBackend::Nats(args.nats_url.clone()),
     };
-    config.retention = Retention { max_age: args.bus_retention_age, max_bytes: args.bus_retention_bytes };
-    config.bus_maintenance_interval = args.bus_maintenance_interval;
+    config.retention =
+        Retention { max_age: args.bus_retention_age.into(), max_bytes: args.bus_retention_bytes };
+    config.bus_maintenance_interval = args.bus_maintenance_interval.into();
     config.trust_domain = args.trust_domain.clone();
     config.ca_files = args.ca_cert.clone().zip(args.ca_key.clone());
-    config.cert_ttl = args.cert_ttl;
+    config.cert_ttl = args.cert_ttl.into();
     config.insecure_api = args.insecure_api;
     config.api_names = args.api_names.clone();
     config.admin_token_file = args.admin_token_file.clone();
@@ -138,7 +143,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
     tracing::info!(grpc = %grpc_addr, admin = %admin_addr, "control plane serving");
 
-    mesh_runtime::serve_until_signal("control plane", Some(args.drain_timeout), |stop| {
+    mesh_runtime::serve_until_signal("control plane", Some(args.drain_timeout.into()), |stop| {
         cp.serve(grpc, admin, stop)
     })
     .await

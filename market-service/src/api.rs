@@ -35,10 +35,8 @@ type S = State<Arc<AppState>>;
 
 impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
-        let mut body = json!({ "error": self.code, "message": self.message });
-        if let Some(f) = self.field {
-            body["field"] = json!(f);
-        }
+        let extra = self.field.map_or(serde_json::Value::Null, |f| json!({ "field": f }));
+        let body = mesh_runtime::error_body(self.code, &self.message, extra);
         let mut resp =
             (StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), Json(body))
                 .into_response();
@@ -85,9 +83,8 @@ fn ctx(s: &AppState, h: &HeaderMap, method_path: &str, body: &[u8]) -> Result<Ct
             return Err(Refusal::new(400, "invalid", "Idempotency-Key: 1..=200 characters"));
         }
         Some(k) => {
-            let digest =
-                ring::digest::digest(&ring::digest::SHA256, &[method_path.as_bytes(), b"\n", body].concat());
-            Some((k, digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()))
+            let digest = mesh_runtime::sha256(&[method_path.as_bytes(), b"\n", body].concat());
+            Some((k, mesh_runtime::hex(&digest)))
         }
     };
     let expected_version = match header("if-match") {

@@ -14,7 +14,6 @@
 
 use std::time::Duration;
 
-use ring::digest;
 use serde::Serialize;
 use sqlx::{AnyConnection, AnyPool, Row, any::AnyPoolOptions};
 
@@ -122,8 +121,7 @@ const SCHEMA_POSTGRES: &[&str] = &[
 
 /// The chain hash of one event.
 pub fn chain_hash(prev: &str, r: &Recorded) -> String {
-    let mut ctx = digest::Context::new(&digest::SHA256);
-    for part in [
+    let parts = [
         prev,
         &r.event_id,
         &r.aggregate_id,
@@ -133,11 +131,9 @@ pub fn chain_hash(prev: &str, r: &Recorded) -> String {
         &r.correlation_id,
         &r.causation_id,
         &r.recorded_at_ms.to_string(),
-    ] {
-        ctx.update(&(part.len() as u64).to_be_bytes());
-        ctx.update(part.as_bytes());
-    }
-    ctx.finish().as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    ];
+    let parts: Vec<&[u8]> = parts.iter().map(|p| p.as_bytes()).collect();
+    mesh_runtime::hex(&mesh_runtime::sha256_parts(&parts))
 }
 
 #[derive(Clone)]

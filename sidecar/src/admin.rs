@@ -22,9 +22,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/cache/invalidate", axum::routing::post(invalidate))
         .route("/events", axum::routing::post(api::publish))
         .fallback(|| async {
-            (
+            mesh_runtime::error_response(
                 StatusCode::NOT_FOUND,
-                Json(json!({"error": "not_found", "message": "try /metrics, /ready, /live or /config"})),
+                "not_found",
+                "try /metrics, /ready, /live or /config",
             )
         })
         .with_state(shared)
@@ -148,23 +149,21 @@ async fn invalidate(
     q: Result<axum::extract::Query<Invalidate>, axum::extract::rejection::QueryRejection>,
 ) -> impl IntoResponse {
     let Ok(axum::extract::Query(q)) = q else {
-        return (
+        return mesh_runtime::error_response(
             StatusCode::BAD_REQUEST,
-            Json(
-                json!({"error": "invalid_query", "message": "name ?service=NAME and optionally &prefix=/path"}),
-            ),
+            "invalid_query",
+            "name ?service=NAME and optionally &prefix=/path",
         );
     };
     match s.upstreams.get(&q.service) {
-        None => (
+        None => mesh_runtime::error_response(
             StatusCode::NOT_FOUND,
-            Json(
-                json!({"error": "not_found", "message": format!("this sidecar has no upstream {}", q.service)}),
-            ),
+            "not_found",
+            format!("this sidecar has no upstream {}", q.service),
         ),
         Some(up) => {
             let n = up.cache.invalidate(&q.prefix);
-            (StatusCode::OK, Json(json!({"service": q.service, "prefix": q.prefix, "invalidated": n})))
+            Json(json!({"service": q.service, "prefix": q.prefix, "invalidated": n})).into_response()
         }
     }
 }

@@ -11,20 +11,20 @@
 //!
 //! [`run`] takes bound listeners and a shutdown token, so tests run the real sidecar on port 0.
 
-pub mod admin;
+pub(crate) mod admin;
 pub mod config;
-pub mod control;
+pub(crate) mod control;
 pub mod endpoint;
 pub mod events;
-pub mod http;
+pub(crate) mod http;
 pub mod identity;
-pub mod inbound;
-pub mod metrics;
+pub(crate) mod inbound;
+pub(crate) mod metrics;
 pub mod outbound;
-pub mod server;
-pub mod shared;
+pub(crate) mod server;
+pub(crate) mod shared;
 pub mod transport;
-pub mod upstream;
+pub(crate) mod upstream;
 
 pub use config::{Config, Mode};
 

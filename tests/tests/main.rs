@@ -6,5 +6,6 @@
 #![allow(clippy::disallowed_methods, clippy::disallowed_types)]
 
 mod deploy;
+mod layout;
 mod readme;
 mod up;

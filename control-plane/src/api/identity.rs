@@ -10,11 +10,7 @@ use tonic::{Request, Response, Status};
 
 /// Tokens are stored as the hex SHA-256 of the token.
 fn token_hash(token: &str) -> String {
-    ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    mesh_runtime::hex(&mesh_runtime::sha256(token.as_bytes()))
 }
 
 fn check_service(service: &str) -> Result<(), Status> {

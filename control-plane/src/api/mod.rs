@@ -1,14 +1,14 @@
 //! The gRPC API: one file per service, one map from errors to `Status` ([`status`]), and
 //! [`Api`], the handle every service is implemented on (authorization checks included).
 
-pub mod admin;
-pub mod discovery;
-pub mod events;
-pub mod identity;
-pub mod policy;
-pub mod registry;
-pub mod status;
-pub mod streams;
+pub(crate) mod admin;
+pub(crate) mod discovery;
+pub(crate) mod events;
+pub(crate) mod identity;
+pub(crate) mod policy;
+pub(crate) mod registry;
+pub(crate) mod status;
+pub(crate) mod streams;
 
 use crate::{api::status::refused, auth::Caller, state::State};
 

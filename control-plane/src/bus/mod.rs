@@ -14,9 +14,9 @@
 //! Subscribers follow a `watch` of the topic's head offset. Delivery is at-least-once: a group
 //! resumes from its last committed offset; one subscriber of a group receives at a time.
 
-pub mod embedded;
+pub(crate) mod embedded;
 pub mod error;
-pub mod nats;
+pub(crate) mod nats;
 pub mod retention;
 
 use crate::{

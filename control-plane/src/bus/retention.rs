@@ -11,8 +11,13 @@ pub struct Retention {
     pub max_bytes: u64,
 }
 
+impl Retention {
+    /// A week, and 1 GiB per topic.
+    pub const DEFAULT: Retention = Retention { max_age: Duration::from_secs(7 * 86_400), max_bytes: 1 << 30 };
+}
+
 impl Default for Retention {
     fn default() -> Self {
-        Retention { max_age: Duration::from_secs(7 * 86_400), max_bytes: 1 << 30 }
+        Retention::DEFAULT
     }
 }

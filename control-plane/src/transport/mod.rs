@@ -1,5 +1,5 @@
 //! The gRPC listener's transport: [`tls`] (the API's certificate from the mesh CA, the handshake
 //! queue) and [`peer`] (the connection with the client certificate it proved).
 
-pub mod peer;
-pub mod tls;
+pub(crate) mod peer;
+pub(crate) mod tls;

@@ -60,5 +60,9 @@ fn rotation_walks_the_urls_in_turn() {
 fn error_bodies_have_one_shape() {
     let b = crate::error_body("no_route", "no route for /x", serde_json::json!({"path": "/x"}));
     assert_eq!(b, serde_json::json!({"error": "no_route", "message": "no route for /x", "path": "/x"}));
-    assert_eq!(crate::sha256_hex(b"abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+    assert_eq!(
+        crate::hex(&crate::sha256(b"abc")),
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    );
+    assert_ne!(crate::sha256_parts(&[b"ab", b"c"]), crate::sha256_parts(&[b"a", b"bc"]));
 }

@@ -2,7 +2,6 @@
 
 pub use sidecar::{Config as SidecarConfig, Mode};
 use std::{
-    collections::HashMap,
     net::SocketAddr,
     path::{Path, PathBuf},
     time::Duration,
@@ -26,32 +25,15 @@ pub struct TestSidecar {
 impl TestSidecar {
     /// A sidecar for `service` in front of `app`, with its data in `dir`.
     pub fn config(cp: &str, service: &str, id: &str, app: SocketAddr, dir: &Path) -> SidecarConfig {
-        SidecarConfig {
-            mode: Mode::Sidecar,
-            service: Some(service.into()),
-            instance_id: id.into(),
-            app_addr: Some(mesh_runtime::LocalAddr::Tcp(app)),
-            control_plane: vec![cp.to_string()],
-            advertise_addr: String::new(),
-            data_dir: dir.to_path_buf(),
-            zone: "z1".into(),
-            version: "test".into(),
-            metadata: HashMap::new(),
-            weight: 100,
-            upstreams: vec![],
-            routes: vec![],
-            discovery_wait: Duration::from_secs(2),
-            drain_delay: Duration::from_millis(300),
-            drain_timeout: Duration::from_secs(5),
-            header_read_timeout: sidecar::config::HEADER_READ_TIMEOUT,
-            max_request_body: sidecar::config::MAX_REQUEST_BODY,
-            idempotency_window: Duration::from_secs(120),
-            spool_max_bytes: 256 * 1024 * 1024,
-            spool_max_age: Duration::from_secs(86_400),
-            subscriptions: Vec::new(),
-            identity_token: None,
-            control_plane_ca: None,
-        }
+        let mut c = SidecarConfig::new(Mode::Sidecar, id.into(), vec![cp.to_string()], dir.to_path_buf());
+        c.service = Some(service.into());
+        c.app_addr = Some(mesh_runtime::LocalAddr::Tcp(app));
+        c.zone = "z1".into();
+        c.version = "test".into();
+        // Tests stop sidecars often: a short drain.
+        c.drain_delay = Duration::from_millis(300);
+        c.drain_timeout = Duration::from_secs(5);
+        c
     }
 
     /// A gateway routing `routes` into the mesh.

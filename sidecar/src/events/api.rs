@@ -51,7 +51,7 @@ struct CloudEvent {
 }
 
 fn refuse(status: StatusCode, code: &str, message: String) -> Response {
-    (status, Json(json!({"error": code, "message": message}))).into_response()
+    mesh_runtime::error_response(status, code, message)
 }
 
 pub async fn publish(State(s): State<Arc<Shared>>, body: Bytes) -> Response {

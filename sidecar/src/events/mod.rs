@@ -2,11 +2,11 @@
 //! [`forwarder`] to the bus; from the bus, [`webhook`] deliveries to the app (configured by a
 //! [`subscription`]) and cache [`invalidation`], both reading through [`follow`].
 
-pub mod api;
-pub mod follow;
-pub mod forwarder;
-pub mod invalidation;
-pub mod outbox;
-pub mod spool;
+pub(crate) mod api;
+pub(crate) mod follow;
+pub(crate) mod forwarder;
+pub(crate) mod invalidation;
+pub(crate) mod outbox;
+pub(crate) mod spool;
 pub mod subscription;
-pub mod webhook;
+pub(crate) mod webhook;

@@ -15,10 +15,7 @@ pub fn error_response(
     message: String,
     extra: serde_json::Value,
 ) -> Response<Body> {
-    let mut body = serde_json::json!({ "error": code, "message": message });
-    if let (Some(b), serde_json::Value::Object(extra)) = (body.as_object_mut(), extra) {
-        b.extend(extra);
-    }
+    let body = mesh_runtime::error_body(code, &message, extra);
     let mut resp = Response::new(boxed(Full::new(Bytes::from(body.to_string()))));
     *resp.status_mut() = status;
     let h = resp.headers_mut();

@@ -4,7 +4,7 @@
 //! thirds of its lifetime. Rotation swaps the identity atomically: connections already open keep
 //! the certificate they were made with; new ones get the new one.
 
-pub mod cell;
+pub(crate) mod cell;
 pub mod cert;
 
 pub use cert::Identity;

@@ -49,23 +49,11 @@ struct Entry {
     slot: Slot,
 }
 
-fn sha256(parts: &[&[u8]]) -> [u8; 32] {
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    for p in parts {
-        // Length-prefixed, so no two different part lists hash alike.
-        ctx.update(&(p.len() as u64).to_be_bytes());
-        ctx.update(p);
-    }
-    let mut out = [0; 32];
-    out.copy_from_slice(ctx.finish().as_ref());
-    out
-}
-
 /// Whose key this is: the caller (verified identity, or address without mTLS), the client's
 /// credential within it (the `Authorization` header, as a digest), and the key.
 pub fn scope(caller: &str, authorization: Option<&[u8]>, key: &str) -> String {
     use std::fmt::Write;
-    let who = sha256(&[caller.as_bytes(), authorization.unwrap_or_default()]);
+    let who = mesh_runtime::sha256_parts(&[caller.as_bytes(), authorization.unwrap_or_default()]);
     let mut s = String::with_capacity(key.len() + 33);
     for b in &who[..16] {
         let _ = write!(s, "{b:02x}");
@@ -77,7 +65,7 @@ pub fn scope(caller: &str, authorization: Option<&[u8]>, key: &str) -> String {
 
 /// What request a key is used for.
 pub fn fingerprint(method: &http::Method, path_and_query: &str, body: &[u8]) -> Fingerprint {
-    sha256(&[method.as_str().as_bytes(), path_and_query.as_bytes(), body])
+    mesh_runtime::sha256_parts(&[method.as_str().as_bytes(), path_and_query.as_bytes(), body])
 }
 
 /// What to do with a request carrying a key.

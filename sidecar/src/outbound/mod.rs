@@ -5,13 +5,13 @@
 //! forward on a pooled connection with the policy's timeouts → stream the response back while
 //! the endpoint's in-flight slot stays held.
 
-pub mod balance;
-pub mod breaker;
-pub mod cache;
-pub mod limit;
-pub mod retry;
+pub(crate) mod balance;
+pub(crate) mod breaker;
+pub(crate) mod cache;
+pub(crate) mod limit;
+pub(crate) mod retry;
 pub mod route;
-pub mod window;
+pub(crate) mod window;
 
 use std::{sync::Arc, time::Duration};
 
