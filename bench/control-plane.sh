@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 REPS=${REPS:-3}
 SIZES=${SIZES:-"1000 10000"}
 
-cargo build --release -q -p control-plane -p mesh-bench
+cargo build --release -q -p control-plane -p meshctl -p mesh-bench
 
 spinners=()
 for cpu in 0 1; do

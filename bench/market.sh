@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 bench/install-peers.sh >/dev/null
 scripts/test-deps >/dev/null
 trap 'scripts/test-deps stop' EXIT
-cargo build --release -q -p sidecar -p control-plane -p market-service
+cargo build --release -q -p sidecar -p control-plane -p meshctl -p market-service
 # shellcheck disable=SC1091
 . target/test-env
 PG_URL=$MESH_TEST_POSTGRES_URL python3 bench/market.py

@@ -5,6 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bench/install-peers.sh >/dev/null
-cargo build --release -q -p sidecar -p control-plane -p mesh-bench
+cargo build --release -q -p sidecar -p control-plane -p meshctl -p mesh-bench
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 exec python3 "bench/$1"

@@ -1,18 +1,18 @@
-//! `sidecar`: flags (and an optional YAML config file, [`sidecar::config::args`]) → tracing →
+//! `sidecar`: flags (and an optional YAML config file, [`args`]) → tracing →
 //! bind → `sidecar::run` until SIGTERM / SIGINT → ordered drain → exit code.
 //!
 //! Once listening it prints one JSON line on stdout,
 //! `{"event":"listening","outbound":…,"inbound":…,"admin":…}`; logs go to stderr.
 
+mod args;
+
 use std::{net::SocketAddr, process::ExitCode};
 
 use anyhow::Context;
+use args::{Args, Resolved, resolve};
 use clap::Parser;
 use mesh_runtime::{LocalAddr, LocalListener};
-use sidecar::{
-    Listeners, Mode,
-    config::args::{Args, Resolved, resolve},
-};
+use sidecar::{Listeners, Mode};
 use tokio::net::TcpListener;
 
 /// jemalloc instead of glibc's malloc. Every request allocates and frees buffers of a few

@@ -1,7 +1,5 @@
-//! The sidecar's settings: [`Config`] with every default in one place ([`Config::new`]), and
-//! [`args`], the command line and YAML file that resolve into it.
-
-pub mod args;
+//! The sidecar's settings: [`Config`] with every default in one place ([`Config::new`]). The
+//! binary resolves its command line and config file into one (`src/args.rs`).
 
 use std::{collections::HashMap, net::SocketAddr, path::PathBuf, time::Duration};
 

@@ -1,4 +1,6 @@
-//! The command line (and an optional YAML config file) resolved into a [`Config`].
+//! The binary's command line (and an optional YAML config file) resolved into a [`Config`]:
+//! part of the `sidecar` binary, not of the library, which takes a `Config` and reads neither
+//! flags nor the environment.
 //!
 //! A flag given on the command line (or through its `MESH_*` variable) wins over the config
 //! file; the file wins over the defaults of [`Config::new`].
@@ -9,7 +11,7 @@ use anyhow::{Context, bail};
 use mesh_runtime::{LocalAddr, parse_duration};
 use serde::Deserialize;
 
-use crate::{
+use sidecar::{
     config::{ADMIN_ADDR, CONTROL_PLANE, Config, GATEWAY_ADDR, INBOUND_ADDR, Mode, OUTBOUND_ADDR},
     events::subscription::Subscription,
     outbound::route::Route,
