@@ -90,3 +90,90 @@ fn maybe_eject(
         tracing::debug!(%service, endpoint = %endpoint.info.id, open, total, "not ejecting: at the max-ejection share or the last endpoint");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use mesh_proto::policy::Algorithm;
+
+    use super::*;
+    use crate::upstream::{Source, endpoint::EndpointInfo};
+
+    fn upstream(ids: &[&str]) -> Upstream {
+        let up = Upstream::new("svc", None, &Metrics::new());
+        let infos = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| EndpointInfo {
+                id: id.to_string(),
+                address: format!("127.0.0.1:{}", 1000 + i),
+                zone: String::new(),
+                weight: 100,
+            })
+            .collect();
+        up.set_endpoints(1, infos, Source::Discovery);
+        up
+    }
+
+    fn policy() -> ServicePolicy {
+        let mut p = ServicePolicy::default();
+        p.load_balancer.algorithm = Algorithm::RoundRobin;
+        p.circuit_breaker.half_open_probes = 1;
+        p.circuit_breaker.open_duration = Duration::from_secs(10);
+        p
+    }
+
+    fn ids(tried: &[Arc<Endpoint>]) -> Vec<&str> {
+        tried.iter().map(|e| e.info.id.as_str()).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tried_and_open_endpoints_are_avoided_while_others_remain() {
+        let (up, p) = (upstream(&["a", "b", "c"]), policy());
+        let b = up.endpoints().endpoints[1].clone();
+        b.breaker.open(Instant::now(), &p.circuit_breaker);
+        let mut tried = vec![up.endpoints().endpoints[0].clone()];
+        for _ in 0..10 {
+            let (_, e) = choose(&up, &p, None, &mut tried).unwrap();
+            assert_eq!(e.info.id, "c", "a was tried and b is open");
+        }
+        // Everything tried: the balancer may pick again rather than fail.
+        tried.push(up.endpoints().endpoints[2].clone());
+        assert!(choose(&up, &p, None, &mut tried).is_some());
+        assert!(choose(&upstream(&[]), &p, None, &mut Vec::new()).is_none(), "no endpoints at all");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_half_open_endpoint_takes_only_its_probes() {
+        let (up, p) = (upstream(&["a", "b"]), policy());
+        let a = up.endpoints().endpoints[0].clone();
+        a.breaker.open(Instant::now(), &p.circuit_breaker);
+        tokio::time::advance(Duration::from_secs(11)).await;
+        // Due for a probe: the first request to it is the probe; after that it is turned away
+        // (and counted as tried) until the probe's outcome is recorded.
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            let mut tried = Vec::new();
+            let (_, e) = choose(&up, &p, None, &mut tried).unwrap();
+            seen.push(e.info.id.clone());
+            if !tried.is_empty() {
+                assert_eq!(ids(&tried), ["a"]);
+            }
+        }
+        assert_eq!(seen.iter().filter(|id| *id == "a").count(), 1, "{seen:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_open_a_breaker_within_the_ejection_share_only() {
+        let (up, mut p) = (upstream(&["a", "b"]), policy());
+        p.circuit_breaker.consecutive_failures = 1;
+        p.circuit_breaker.max_ejection_percent = 50;
+        let m = Metrics::new();
+        let set = up.endpoints();
+        let (a, b) = (set.endpoints[0].clone(), set.endpoints[1].clone());
+        let now = Instant::now();
+        record(&set, &a, true, Duration::from_millis(5), now, &p, "svc", &m);
+        assert!(a.breaker.is_open(now), "half the set may be ejected");
+        record(&set, &b, true, Duration::from_millis(5), now, &p, "svc", &m);
+        assert!(!b.breaker.is_open(now), "not the last endpoint");
+    }
+}

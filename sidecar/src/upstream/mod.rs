@@ -68,7 +68,7 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    fn new(name: &str, identity: Option<&Arc<IdentityCell>>, metrics: &Metrics) -> Self {
+    pub(crate) fn new(name: &str, identity: Option<&Arc<IdentityCell>>, metrics: &Metrics) -> Self {
         let policy = ServicePolicy::default();
         let tls = identity.map(|identity| MeshTls {
             identity: identity.clone(),
