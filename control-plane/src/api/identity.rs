@@ -2,7 +2,7 @@
 
 use crate::{
     api::{Api, status::store_status},
-    ca::{self, CaError},
+    ca,
 };
 
 use mesh_proto::{names, v1};
@@ -44,11 +44,7 @@ impl v1::identity_server::Identity for Api {
             }
             Some(_) => {}
         }
-        let (pem, expires) =
-            self.0.ca.certify(&r.service, &r.csr_pem, std::time::SystemTime::now()).map_err(|e| match e {
-                CaError::Csr(_) => Status::invalid_argument(e.to_string()),
-                _ => Status::internal(e.to_string()),
-            })?;
+        let (pem, expires) = self.0.ca.certify(&r.service, &r.csr_pem, std::time::SystemTime::now())?;
         let id = ca::spiffe_id(&self.0.ca.trust_domain, &r.service);
         tracing::info!(service = %r.service, node = %r.node_id, %id, "certificate issued");
         if !r.node_id.is_empty() {

@@ -2,7 +2,8 @@
 //! of failure it is, the message what failed and what to do.
 
 use crate::{
-    bus::error::BusError, policy::PolicyError, registry::RegistryError, state::State, store::StoreError,
+    bus::error::BusError, ca::CaError, policy::PolicyError, registry::RegistryError, state::State,
+    store::StoreError,
 };
 
 use tonic::Status;
@@ -47,6 +48,15 @@ impl From<BusError> for Status {
             BusError::Invalid { .. } => Status::invalid_argument(e.to_string()),
             BusError::Store(e) => store_status(e),
             BusError::Nats(_) => Status::unavailable(e.to_string()),
+        }
+    }
+}
+
+impl From<CaError> for Status {
+    fn from(e: CaError) -> Self {
+        match e {
+            CaError::Csr(_) => Status::invalid_argument(e.to_string()),
+            _ => Status::internal(e.to_string()),
         }
     }
 }
