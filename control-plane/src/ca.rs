@@ -5,7 +5,7 @@
 //! (`--ca-cert` / `--ca-key`). [`Ca::certify`] signs a sidecar's CSR as a short-lived leaf whose
 //! only identity is the URI SAN `spiffe://<trust-domain>/service/<name>`: whatever names the CSR
 //! asks for are ignored, so a CSR cannot widen what it is issued for. The caller has already
-//! proven it may speak for `<name>` with a bootstrap token (see [`crate::store`]'s token table).
+//! proven it may speak for `<name>` with a bootstrap token (see `crate::store`'s token table).
 
 use std::{
     path::{Path, PathBuf},

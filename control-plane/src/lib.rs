@@ -1,16 +1,19 @@
 //! The Opinion Market Mesh control plane.
 //!
-//! - [`registry`]: instances, heartbeats, TTL expiry with self-preservation, deregistration; one
+//! - `registry`: instances, heartbeats, TTL expiry with self-preservation, deregistration; one
 //!   `watch` channel per service feeds discovery.
-//! - [`policy`]: versioned per-service policies, persisted and pushed.
-//! - [`store`]: the redb file in the data dir; fsync before anything is acknowledged.
-//! - [`api`]: the gRPC handlers (`Registry`, `Discovery`, `Policy`, `Events`, `Admin`).
-//! - [`bus`]: the event bus (embedded in the store, or [`bus_nats`] on NATS JetStream).
-//! - [`http`]: the admin HTTP listener (`/metrics`, `/healthz`).
-//! - [`cli`]: `meshctl`, a thin client of the API.
+//! - `policy`: versioned per-service policies, persisted and pushed.
+//! - `store`: the redb file in the data dir; fsync before anything is acknowledged.
+//! - [`api`]: one file per gRPC service (`Registry`, `Discovery`, `Policy`, `Admin`, `Events`,
+//!   `Identity`) and one map from errors to `Status`; `state`: what they share.
+//! - [`bus`]: the event bus (embedded in the store, or on NATS JetStream).
+//! - [`ca`]: the mesh CA; `transport`: the API's TLS; `auth`: who a caller is.
+//! - `http`: the admin HTTP listener (`/metrics`, `/healthz`).
+//! - [`config`]: every setting and its default; [`server`]: [`ControlPlane`].
 //!
 //! [`ControlPlane::open`] restores state from a data dir; [`ControlPlane::serve`] takes bound
-//! listeners and a shutdown token, so tests run it on port 0 exactly as the binary does.
+//! listeners and a shutdown token, so tests run it on port 0 exactly as the binary does. The
+//! command line is the binary's (`main.rs`); `meshctl` is its own crate.
 
 pub mod api;
 pub(crate) mod auth;

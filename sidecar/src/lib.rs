@@ -1,15 +1,21 @@
 //! The Opinion Market Mesh sidecar: the proxy beside each service instance, or, in gateway
 //! mode, the platform's edge.
 //!
-//! - [`outbound`]: app → mesh. Routes by authority (or path prefix in gateway mode), balances
-//!   over the upstream's endpoints by policy, forwards on pooled connections, streams bodies.
-//! - [`inbound`]: mesh → app. Strips forged `x-mesh-*` headers, forwards to `--app-addr`.
-//! - [`upstream`]: endpoints, policies and the six balancers.
-//! - [`control`]: registration, heartbeats, discovery and policy streams, reconnect backoff.
-//! - [`snapshot`]: the fail-static snapshot in the data dir.
-//! - [`probe`], [`dns`], [`admin`], [`metrics`], [`trace`], [`server`], [`proxy`].
+//! Laid out by the request path:
+//! - `server`: accepting (HTTP/1.1, h2c or mutual TLS) and draining; `http`: bodies, headers,
+//!   refusals, trace context.
+//! - [`outbound`]: app → mesh — route, cache, concurrency limit, balance, forward, retry,
+//!   breakers; each a file, `fetch` their composition.
+//! - `inbound`: mesh → app — authorization, rate limits, idempotency, the app's socket.
+//! - [`endpoint`]: connection pools and forwarding; `upstream`: endpoints, applied policies,
+//!   DNS, the fail-static snapshot.
+//! - [`transport`]: TCP and mutual TLS; [`identity`]: the certificate and its renewal.
+//! - `control`: registration, heartbeats, the discovery and policy streams, the app's health.
+//! - [`events`]: the publish API, spool and forwarder; webhooks and cache invalidation.
+//! - `admin`, `metrics`; [`config`]: every setting and its default.
 //!
-//! [`run`] takes bound listeners and a shutdown token, so tests run the real sidecar on port 0.
+//! [`run`] takes a [`Config`], bound listeners and a shutdown token, so tests run the real
+//! sidecar on port 0.
 
 pub(crate) mod admin;
 pub mod config;

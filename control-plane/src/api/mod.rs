@@ -1,4 +1,4 @@
-//! The gRPC API: one file per service, one map from errors to `Status` ([`status`]), and
+//! The gRPC API: one file per service, one map from errors to `Status` (`status`), and
 //! [`Api`], the handle every service is implemented on (authorization checks included).
 
 pub(crate) mod admin;

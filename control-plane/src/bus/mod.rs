@@ -7,7 +7,7 @@
 //!   original offset) or gets the next offset; the new events, their ids and the topic's head
 //!   commit in one transaction (fsync) before the publisher hears back. Dedup covers every
 //!   retained event.
-//! - **nats** ([`crate::bus_nats`]): NATS JetStream, one stream per topic, the offset being the
+//! - **nats** (`crate::bus_nats`): NATS JetStream, one stream per topic, the offset being the
 //!   stream sequence − 1, dedup through the `Nats-Msg-Id` header (within the stream's duplicate
 //!   window), group offsets in a stream of their own.
 //!

@@ -1,5 +1,5 @@
-//! Endpoints: the connection [`pool`] per upstream, [`forward`]ing one request on it, and the
-//! [`local_app`] beside a sidecar.
+//! Endpoints: the connection [`pool`] per upstream, `forward`ing one request on it, and the
+//! `local_app` beside a sidecar.
 
 pub(crate) mod forward;
 pub(crate) mod local_app;

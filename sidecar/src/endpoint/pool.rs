@@ -11,7 +11,7 @@
 //!
 //! To a mesh peer, at most [`H1_PER_PEER`] HTTP/1.1 connections are opened; an HTTP/1.1
 //! request that finds none of them idle travels as a stream of the shared HTTP/2 connection
-//! instead, marked with [`crate::http::headers::ORIG_PROTO`] so the peer's inbound hands it to its app
+//! instead, marked with `crate::http::headers::ORIG_PROTO` so the peer's inbound hands it to its app
 //! as HTTP/1.1, and counted in `mesh_sidecar_multiplexed_requests_total`. One request at a time
 //! stays on HTTP/1.1, which costs least per request; many at once share the HTTP/2 connection's
 //! TLS records and socket writes, which costs less than one connection each: CPU per request of the mTLS pair at 64 connections −6 % (every request

@@ -1,6 +1,6 @@
-//! Events: the app's publish [`api`], the durable [`spool`] and its [`outbox`], the
-//! [`forwarder`] to the bus; from the bus, [`webhook`] deliveries to the app (configured by a
-//! [`subscription`]) and cache [`invalidation`], both reading through [`follow`].
+//! Events: the app's publish `api`, the durable `spool` and its `outbox`, the
+//! `forwarder` to the bus; from the bus, `webhook` deliveries to the app (configured by a
+//! [`subscription`]) and cache `invalidation`, both reading through `follow`.
 
 pub(crate) mod api;
 pub(crate) mod follow;

@@ -1,4 +1,4 @@
-//! The proxies' byte streams: TCP with coalesced writes ([`net`]) and mutual TLS ([`tls`]).
+//! The proxies' byte streams: TCP with coalesced writes (`net`) and mutual TLS ([`tls`]).
 
 pub(crate) mod net;
 pub mod tls;

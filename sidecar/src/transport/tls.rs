@@ -1,4 +1,4 @@
-//! Mutual TLS between sidecars, from a certified [`Identity`](crate::identity::cert::Identity):
+//! Mutual TLS between sidecars, from a certified `Identity`:
 //! rustls with the ring provider, TLS 1.3 and 1.2, ALPN `h2` and `http/1.1`.
 //!
 //! - [`server_config`]: the inbound side. It presents this sidecar's certificate and requires a
