@@ -8,10 +8,10 @@
 //!
 //! [`run`] takes a bound listener and a shutdown token; the binary is a thin shell around it.
 
-pub mod api;
+pub(crate) mod api;
 pub mod domain;
-pub mod openapi;
-pub mod publisher;
+pub(crate) mod openapi;
+pub(crate) mod publisher;
 pub mod service;
 pub mod store;
 
