@@ -22,6 +22,7 @@ pub mod config;
 pub(crate) mod control;
 pub mod endpoint;
 pub mod events;
+pub mod gateway;
 pub(crate) mod http;
 pub mod identity;
 pub(crate) mod inbound;
