@@ -14,6 +14,10 @@ use serde::Deserialize;
 use sidecar::{
     config::{ADMIN_ADDR, CONTROL_PLANE, Config, GATEWAY_ADDR, INBOUND_ADDR, Mode, OUTBOUND_ADDR},
     events::subscription::Subscription,
+    gateway::{
+        auth::{AuthMode, EdgeAuthConfig},
+        jwt::Expectations,
+    },
     outbound::route::Route,
 };
 
@@ -123,6 +127,29 @@ pub struct Args {
     /// command line.
     #[arg(long, env = "MESH_IDENTITY_TOKEN_FILE")]
     identity_token_file: Option<PathBuf>,
+    /// Gateway mode: check end users' bearer tokens (JWTs) against this JWK Set file (RS*, PS*,
+    /// ES256/384, EdDSA, HS*), re-read when it changes. The verified `sub` and `roles` reach the
+    /// app as `x-mesh-user` and `x-mesh-user-roles`; clients can never set those.
+    #[arg(long, env = "MESH_JWKS_FILE")]
+    jwks_file: Option<PathBuf>,
+    /// Accepted token issuer (`iss`); repeat for several. Default: any.
+    #[arg(long = "jwt-issuer", env = "MESH_JWT_ISSUERS", value_delimiter = ',')]
+    jwt_issuers: Vec<String>,
+    /// Accepted token audience (`aud`); repeat for several. Default: any.
+    #[arg(long = "jwt-audience", env = "MESH_JWT_AUDIENCES", value_delimiter = ',')]
+    jwt_audiences: Vec<String>,
+    /// Routes that name no auth mode: required (no token: 401), optional (a token is checked
+    /// when present) or none. Default: optional.
+    #[arg(long, env = "MESH_AUTH", value_enum)]
+    auth: Option<AuthMode>,
+    /// How often the JWK Set file is checked for a change (default 30s; an unknown key id
+    /// re-reads it at once).
+    #[arg(long, env = "MESH_JWKS_REFRESH", value_parser = parse_duration)]
+    jwks_refresh: Option<Duration>,
+    /// Sidecar mode: a service whose calls may carry a verified end user to the app (default:
+    /// gateway); repeat for several. Over mutual TLS only: the caller's certificate says who it is.
+    #[arg(long = "trusted-edge", env = "MESH_TRUSTED_EDGES", value_delimiter = ',')]
+    trusted_edges: Vec<String>,
     /// Runtime worker threads (default: one per core; 1 runs the whole proxy on one thread, the
     /// cheapest per request when the sidecar gets one core).
     #[arg(long, env = "MESH_WORKER_THREADS")]
@@ -167,6 +194,13 @@ struct FileConfig {
     subscriptions: Vec<Subscription>,
     identity_token_file: Option<PathBuf>,
     control_plane_ca: Option<PathBuf>,
+    jwks_file: Option<PathBuf>,
+    jwt_issuers: Vec<String>,
+    jwt_audiences: Vec<String>,
+    auth: Option<AuthMode>,
+    #[serde(with = "opt_duration")]
+    jwks_refresh: Option<Duration>,
+    trusted_edges: Vec<String>,
     spool_max_bytes: Option<u64>,
     #[serde(with = "opt_duration")]
     spool_max_age: Option<Duration>,
@@ -318,6 +352,28 @@ pub fn resolve(a: Args) -> anyhow::Result<Resolved> {
     c.subscriptions = subscriptions;
     c.identity_token = identity_token;
     c.control_plane_ca = control_plane_ca;
+    let pick = |a: Vec<String>, f: Vec<String>| if a.is_empty() { f } else { a };
+    let jwks_file = a.jwks_file.or(f.jwks_file);
+    if mode == Mode::Sidecar && jwks_file.is_some() {
+        bail!("--jwks-file checks end users at the edge: it needs gateway mode");
+    }
+    c.edge_auth = jwks_file.map(|jwks_file| EdgeAuthConfig {
+        jwks_file,
+        expect: Expectations {
+            issuers: pick(a.jwt_issuers, f.jwt_issuers),
+            audiences: pick(a.jwt_audiences, f.jwt_audiences),
+            ..Expectations::default()
+        },
+        default_mode: a.auth.or(f.auth).unwrap_or(AuthMode::Optional),
+        refresh: a.jwks_refresh.or(f.jwks_refresh).unwrap_or(Duration::from_secs(30)),
+    });
+    let edges = pick(a.trusted_edges, f.trusted_edges);
+    if let Some(bad) = edges.iter().find(|s| !mesh_proto::names::is_service_name(s)) {
+        bail!("--trusted-edge {bad:?} must be {}", mesh_proto::names::SERVICE_NAME_RULE);
+    }
+    if !edges.is_empty() {
+        c.trusted_edges = edges;
+    }
     let config = c;
     Ok(Resolved { config, inbound, outbound, app_api, admin })
 }

@@ -5,7 +5,7 @@ use std::{collections::HashMap, net::SocketAddr, path::PathBuf, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{events::subscription::Subscription, outbound::route::Route};
+use crate::{events::subscription::Subscription, gateway::auth::EdgeAuthConfig, outbound::route::Route};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
@@ -61,6 +61,11 @@ pub struct Config {
     pub identity_token: Option<String>,
     /// The mesh root (PEM) that an `https://` control plane's certificate must chain to.
     pub control_plane_ca: Option<String>,
+    /// Gateway mode: end-user tokens (JWTs) checked against a JWK Set file.
+    pub edge_auth: Option<EdgeAuthConfig>,
+    /// Sidecar mode: the services whose calls may carry a verified end user (`x-mesh-user`,
+    /// `x-mesh-user-roles`) to the app; from any other caller those headers are dropped.
+    pub trusted_edges: Vec<String>,
 }
 
 /// The gateway's default limit on a request body: 1 MiB.
@@ -110,6 +115,8 @@ impl Config {
             subscriptions: Vec::new(),
             identity_token: None,
             control_plane_ca: None,
+            edge_auth: None,
+            trusted_edges: vec!["gateway".into()],
         }
     }
 

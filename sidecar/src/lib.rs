@@ -38,6 +38,7 @@ pub use config::{Config, Mode};
 use crate::{
     control::{probe, registration, session},
     events::{forwarder, invalidation, webhook},
+    gateway::auth::EdgeAuth,
     inbound::Inbound,
     outbound::Outbound,
     server::Handler,
@@ -45,7 +46,7 @@ use crate::{
     upstream::snapshot,
 };
 
-use mesh_runtime::{spawn, spawn_tracked};
+use mesh_runtime::{Backoff, spawn, spawn_tracked};
 use std::{sync::Arc, time::Duration};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -102,6 +103,12 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     if let Err(e) = &shared.outbox {
         return Err(Error::Config(format!("cannot open the event spool: {e}")));
     }
+    let edge_auth = match (&shared.config.edge_auth, shared.config.mode) {
+        (Some(cfg), Mode::Gateway) => Some(Arc::new(
+            EdgeAuth::load(cfg.clone()).map_err(|e| Error::Config(format!("end-user tokens: {e}")))?,
+        )),
+        _ => None,
+    };
     let background = CancellationToken::new();
     let serving = CancellationToken::new();
     let tasks = TaskTracker::new();
@@ -153,6 +160,15 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         );
     }
 
+    if let Some(auth) = edge_auth.clone() {
+        let stop = background.clone();
+        spawn_tracked(&tasks, tracing::info_span!("jwks_refresh"), async move {
+            while Backoff::sleep(auth.refresh_interval(), &stop).await {
+                auth.reload(false);
+            }
+        });
+    }
+
     let drain = shared.config.drain_timeout;
     let header_timeout = shared.config.header_read_timeout;
     let routes = (shared.config.mode == Mode::Gateway).then(|| shared.config.routes.clone());
@@ -160,6 +176,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         Outbound::new(upstreams.clone(), metrics.clone(), routes, shared.config.discovery_wait);
     if shared.config.mode == Mode::Gateway {
         outbound.max_request_body = shared.config.max_request_body;
+        outbound.edge_auth = edge_auth.clone();
     }
     let outbound = Arc::new(outbound);
     let handler: Handler = Arc::new(move |req, _| server::boxed_in_place(|| outbound.clone().handle(req)));
@@ -180,6 +197,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
             shared.config.idempotency_window,
         );
         inbound.mtls = shared.mtls();
+        inbound.trusted_edges = shared.config.trusted_edges.clone();
         let inbound = Arc::new(inbound);
         let handler: Handler =
             Arc::new(move |req, peer| server::boxed_in_place(|| inbound.clone().handle(req, peer.clone())));

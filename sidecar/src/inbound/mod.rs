@@ -11,6 +11,7 @@ pub mod rate_limit;
 
 use crate::{
     endpoint::local_app::LocalApp,
+    gateway::auth,
     http::{
         body::{Body, Tracked, boxed, collect_up_to},
         errors::{self, error_response},
@@ -58,6 +59,8 @@ pub struct Inbound {
     pub inflight: Arc<AtomicUsize>,
     /// Callers arrive over mutual TLS with verified identities; authorization applies.
     pub mtls: bool,
+    /// Services whose calls may carry a verified end user to the app (the gateway).
+    pub trusted_edges: Vec<String>,
 }
 
 /// Holds one unit of the app's load until dropped.
@@ -99,6 +102,7 @@ impl Inbound {
             metrics,
             inflight,
             mtls: false,
+            trusted_edges: Vec::new(),
         }
     }
 
@@ -117,7 +121,9 @@ impl Inbound {
             if req.version() == http::Version::HTTP_2 && req.headers().contains_key(&ORIG_PROTO) {
                 *req.version_mut() = http::Version::HTTP_11;
             }
-            strip_mesh_headers(req.headers_mut(), verified.and_then(PeerIdentity::header));
+            // The end user rides along only from a trusted edge, whose identity was verified.
+            let edge = verified.and_then(PeerIdentity::service).is_some_and(|s| self.trusted_edges.iter().any(|t| t == s));
+            strip_mesh_headers(req.headers_mut(), verified.and_then(PeerIdentity::header), edge);
             let policy = self.policy.borrow().1.clone();
             if self.mtls {
                 let refusal = match verified {
@@ -281,8 +287,13 @@ fn replay(stored: &Stored) -> Response<Body> {
 }
 
 /// Removes every `x-mesh-*` header a caller sent, then sets the caller identity when verified.
-pub fn strip_mesh_headers(h: &mut http::HeaderMap, caller: Option<&HeaderValue>) {
-    let forged: Vec<HeaderName> = h.keys().filter(|k| k.as_str().starts_with("x-mesh-")).cloned().collect();
+pub fn strip_mesh_headers(h: &mut http::HeaderMap, caller: Option<&HeaderValue>, keep_user: bool) {
+    let forged: Vec<HeaderName> = h
+        .keys()
+        .filter(|k| k.as_str().starts_with("x-mesh-"))
+        .filter(|k| !(keep_user && (**k == auth::USER || **k == auth::USER_ROLES)))
+        .cloned()
+        .collect();
     for k in forged {
         h.remove(k);
     }
@@ -301,10 +312,17 @@ mod tests {
         h.insert(CALLER, HeaderValue::from_static("spiffe://mesh/service/admin"));
         h.insert("x-mesh-anything", HeaderValue::from_static("1"));
         h.insert("x-other", HeaderValue::from_static("1"));
-        strip_mesh_headers(&mut h, None);
+        h.insert(auth::USER, HeaderValue::from_static("mallory"));
+        strip_mesh_headers(&mut h, None, false);
         assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-other"]);
         let web = PeerIdentity::new("spiffe://mesh/service/web".into());
-        strip_mesh_headers(&mut h, web.header());
+        strip_mesh_headers(&mut h, web.header(), false);
         assert_eq!(h[CALLER], "spiffe://mesh/service/web");
+        // From a trusted edge the verified end user passes; nothing else of its x-mesh-* does.
+        h.insert(auth::USER, HeaderValue::from_static("alice"));
+        h.insert("x-mesh-anything", HeaderValue::from_static("1"));
+        strip_mesh_headers(&mut h, web.header(), true);
+        assert_eq!(h[auth::USER], "alice");
+        assert!(!h.contains_key("x-mesh-anything"));
     }
 }

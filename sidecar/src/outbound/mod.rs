@@ -24,6 +24,7 @@ use tracing::Instrument;
 
 use crate::{
     endpoint::forward::forward,
+    gateway::auth::{EdgeAuth, strip_user},
     http::{
         body::{Body, Tracked, boxed, collect_up_to},
         errors::{error_response, for_grpc},
@@ -45,6 +46,9 @@ pub struct Outbound {
     /// The largest request body accepted (0: no limit): a larger `Content-Length` is refused with
     /// 413 before any of the body is read (the gateway sets it).
     pub max_request_body: u64,
+    /// Gateway mode: end-user authentication (`None`: tokens are not checked, and client-sent
+    /// identity headers are still removed).
+    pub edge_auth: Option<Arc<EdgeAuth>>,
 }
 
 impl Outbound {
@@ -58,7 +62,7 @@ impl Outbound {
             r.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
             r
         });
-        Self { upstreams, metrics, routes, discovery_wait, max_request_body: 0 }
+        Self { upstreams, metrics, routes, discovery_wait, max_request_body: 0, edge_auth: None }
     }
 
     /// 413 for a declared body over the limit, answered before any of it is read.
@@ -94,10 +98,25 @@ impl Outbound {
             if let Some(resp) = self.too_large(&req) {
                 return resp;
             }
-            let up = match route::route(self.routes.as_deref(), &self.upstreams, &mut req) {
-                Ok(up) => up,
-                Err(resp) => return *resp,
-            };
+            let route::Routed { upstream: up, auth: mode } =
+                match route::route(self.routes.as_deref(), &self.upstreams, &mut req) {
+                    Ok(routed) => routed,
+                    Err(resp) => return *resp,
+                };
+            if self.routes.is_some() {
+                // The edge: no client names the end user; only a verified token does.
+                let authenticated = match &self.edge_auth {
+                    Some(auth) => auth.authenticate(req.headers_mut(), mode.unwrap_or(auth.default_mode())),
+                    None => {
+                        strip_user(req.headers_mut());
+                        Ok(())
+                    }
+                };
+                if let Err(resp) = authenticated {
+                    self.metrics.request_counter(direction, &up.name, "-", 401).inc();
+                    return *resp;
+                }
+            }
             let service = up.name.as_str();
             tracing::Span::current().record("service", service);
             let (resp, endpoint) = self.send(&up, req).await;

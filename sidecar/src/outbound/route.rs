@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::{
+    gateway::auth::AuthMode,
     http::{body::Body, errors::error_response},
     upstream::{Upstream, Upstreams},
 };
@@ -22,6 +23,9 @@ pub struct Route {
     pub service: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rewrite: Option<String>,
+    /// Whether the route needs an end-user token (default: the gateway's `--auth`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthMode>,
 }
 
 impl Route {
@@ -33,7 +37,7 @@ impl Route {
             Some((svc, rw)) => (svc, Some(rw.to_string())),
             None => (rest, None),
         };
-        let r = Route { prefix: prefix.to_string(), service: service.to_string(), rewrite };
+        let r = Route { prefix: prefix.to_string(), service: service.to_string(), rewrite, auth: None };
         r.validate()?;
         Ok(r)
     }
@@ -59,12 +63,20 @@ impl Route {
     }
 }
 
-/// The upstream of the service a request is for; in gateway mode also rewrites its path.
+/// Where a request goes.
+pub struct Routed {
+    pub upstream: Arc<Upstream>,
+    /// The matched gateway route's auth mode, if it names one.
+    pub auth: Option<AuthMode>,
+}
+
+/// The upstream of the service a request is for and, in gateway mode, the matched route's auth
+/// mode; in gateway mode also rewrites the path.
 pub fn route(
     routes: Option<&[Route]>,
     upstreams: &Upstreams,
     req: &mut Request<Incoming>,
-) -> Result<Arc<Upstream>, Box<Response<Body>>> {
+) -> Result<Routed, Box<Response<Body>>> {
     let Some(routes) = routes else {
         let host = req
             .uri()
@@ -84,7 +96,7 @@ pub fn route(
                 json!({ "authority": host }),
             )));
         }
-        return Ok(upstreams.get_or_add(host));
+        return Ok(Routed { upstream: upstreams.get_or_add(host), auth: None });
     };
     let path = req.uri().path();
     let Some(route) = routes.iter().find(|r| r.matches(path)) else {
@@ -107,7 +119,7 @@ pub fn route(
             *req.uri_mut() = uri;
         }
     }
-    Ok(upstreams.get_or_add(&route.service))
+    Ok(Routed { upstream: upstreams.get_or_add(&route.service), auth: route.auth })
 }
 
 #[cfg(test)]

@@ -1,0 +1,154 @@
+//! End users at the edge: a gateway with a JWK Set in front of a market sidecar, mutual TLS
+//! between them, real tokens signed here.
+
+use std::{path::Path, time::Duration};
+
+use bytes::Bytes;
+use jsonwebtoken::{Algorithm, EncodingKey, Header, encode, get_current_timestamp};
+use mesh_testkit::{Backend, TestCp, TestSidecar, WAIT, eventually, request, request_full};
+use serde_json::{Value, json};
+use sidecar::{
+    gateway::{
+        auth::{AuthMode, EdgeAuthConfig},
+        jwt::Expectations,
+    },
+    outbound::route::Route,
+};
+
+fn b64url(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+/// A P-256 signing key and its JWK.
+fn es256(kid: &str) -> (EncodingKey, Value) {
+    let k = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let raw = k.public_key_raw();
+    let jwk =
+        json!({"kty": "EC", "crv": "P-256", "kid": kid, "x": b64url(&raw[1..33]), "y": b64url(&raw[33..65])});
+    (EncodingKey::from_ec_der(&k.serialize_der()), jwk)
+}
+
+fn write_jwks(path: &Path, keys: &[&Value]) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, json!({ "keys": keys }).to_string()).unwrap();
+    std::fs::rename(tmp, path).unwrap();
+}
+
+fn token(key: &EncodingKey, kid: &str, sub: &str, exp_in: i64) -> String {
+    let mut h = Header::new(Algorithm::ES256);
+    h.kid = Some(kid.into());
+    let now = get_current_timestamp() as i64;
+    let claims = json!({"sub": sub, "iss": "https://issuer.test", "aud": "market", "exp": now + exp_in, "roles": ["trader", "admin"]});
+    encode(&h, &claims, key).unwrap()
+}
+
+fn seen(body: &str) -> Value {
+    serde_json::from_str::<Value>(body).unwrap_or_else(|e| panic!("{e}: {body}"))["headers"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_verified_end_users_reach_the_app_and_only_through_the_gateway() {
+    let cp = TestCp::start().await;
+    cp.set_policy("market", &mesh_testkit::fast_policy()).await;
+    let (app, web_app) = (Backend::start("market").await, Backend::start("web").await);
+    let dirs: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let jwks = dirs[3].path().join("jwks.json");
+    let (key1, jwk1) = es256("ec-1");
+    write_jwks(&jwks, &[&jwk1]);
+
+    let mut cfg = TestSidecar::config(&cp.url(), "market", "m1", app.addr, dirs[0].path());
+    cfg.identity_token = Some(cp.token("market").await);
+    let market = TestSidecar::start(cfg).await;
+    let routes = vec![
+        Route {
+            prefix: "/private".into(),
+            service: "market".into(),
+            rewrite: None,
+            auth: Some(AuthMode::Required),
+        },
+        Route::parse("/=market").unwrap(),
+    ];
+    let mut cfg = TestSidecar::gateway_config(&cp.url(), routes, dirs[1].path());
+    cfg.identity_token = Some(cp.token("gateway").await);
+    cfg.edge_auth = Some(EdgeAuthConfig {
+        jwks_file: jwks.clone(),
+        expect: Expectations {
+            issuers: vec!["https://issuer.test".into()],
+            audiences: vec!["market".into()],
+            leeway: Duration::from_secs(5),
+        },
+        default_mode: AuthMode::Optional,
+        refresh: Duration::from_secs(3600),
+    });
+    let gateway = TestSidecar::start(cfg).await;
+    let mut cfg = TestSidecar::config(&cp.url(), "web", "w1", web_app.addr, dirs[2].path());
+    cfg.identity_token = Some(cp.token("web").await);
+    cfg.upstreams = vec!["market".into()];
+    let web = TestSidecar::start(cfg).await;
+    let gw = gateway.outbound;
+    eventually(WAIT, "the gateway reaches market over mTLS", || async {
+        request(gw, "GET", "edge", "/ping", &[], Bytes::new()).await.0 == 200
+    })
+    .await;
+
+    // A required route without a token: 401 with a challenge, and the app never sees it.
+    let before = app.hits();
+    let (status, headers, body) = request_full(gw, "GET", "edge", "/private/x", &[], Bytes::new()).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(headers["www-authenticate"].to_str().unwrap().starts_with("Bearer"));
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["error"], "token_missing", "{body}");
+    assert_eq!(app.hits(), before);
+
+    // A verified token: the app gets its subject and roles, whatever the client claims.
+    let alice = format!("Bearer {}", token(&key1, "ec-1", "alice", 600));
+    let forged =
+        [("authorization", alice.as_str()), ("x-mesh-user", "mallory"), ("x-mesh-user-roles", "root")];
+    let (status, body) = request(gw, "GET", "edge", "/private/who", &forged, Bytes::new()).await;
+    assert_eq!(status, 200, "{body}");
+    let h = seen(&body);
+    assert_eq!(
+        (h["x-mesh-user"].as_str(), h["x-mesh-user-roles"].as_str()),
+        (Some("alice"), Some("trader,admin"))
+    );
+
+    // An optional route without a token goes on anonymous: the forged identity is dropped.
+    let (status, body) =
+        request(gw, "GET", "edge", "/who", &[("x-mesh-user", "mallory")], Bytes::new()).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(seen(&body).get("x-mesh-user").is_none(), "{body}");
+
+    // A bad token is refused with its reason, on optional routes too.
+    let expired = format!("Bearer {}", token(&key1, "ec-1", "alice", -120));
+    let (status, headers, body) =
+        request_full(gw, "GET", "edge", "/who", &[("authorization", &expired)], Bytes::new()).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(headers["www-authenticate"].to_str().unwrap().contains("invalid_token"));
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["error"], "token_expired", "{body}");
+    assert!(!body.contains(&expired[7..]), "the token is never echoed");
+
+    // The key set rotates on disk: a token of the new key is accepted without a restart.
+    let (key2, jwk2) = es256("ec-2");
+    write_jwks(&jwks, &[&jwk1, &jwk2]);
+    let bob = format!("Bearer {}", token(&key2, "ec-2", "bob", 600));
+    let (status, body) =
+        request(gw, "GET", "edge", "/private/who", &[("authorization", &bob)], Bytes::new()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(seen(&body)["x-mesh-user"], "bob");
+
+    // Another mesh service cannot speak for an end user: only the gateway is a trusted edge.
+    let (status, body) =
+        request(web.outbound, "GET", "market", "/who", &[("x-mesh-user", "alice")], Bytes::new()).await;
+    assert_eq!(status, 200, "{body}");
+    let h = seen(&body);
+    assert!(h.get("x-mesh-user").is_none(), "{body}");
+    assert_eq!(h["x-mesh-caller"], "spiffe://mesh.local/service/web");
+    drop((market, gateway, web));
+}
