@@ -61,6 +61,9 @@ pub enum Command {
     /// The mesh CA: bootstrap tokens for sidecars, and the trust bundle.
     #[command(subcommand)]
     Identity(IdentityCommand),
+    /// End-user tokens from the local mesh's development issuer (`meshctl up` trusts it).
+    #[command(subcommand)]
+    Token(EndUserTokenCommand),
     /// One sidecar's view: its upstreams, endpoints, breaker states and cache (from its admin
     /// listener, e.g. 127.0.0.1:4191).
     Sidecar { admin: String },
@@ -214,4 +217,24 @@ pub struct UpArgs {
     /// Consecutive quick failures of one process after which the whole mesh is stopped.
     #[arg(long, default_value_t = 5)]
     pub give_up_after: u32,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EndUserTokenCommand {
+    /// Print a token for an end user, signed by the development issuer in --dir (made on first
+    /// use); send it as `Authorization: Bearer <token>` through the gateway.
+    Issue {
+        /// Who the token is for (its `sub`: the account the user acts as).
+        #[arg(long)]
+        sub: String,
+        /// With the `admin` role (granting money, administrative actions).
+        #[arg(long)]
+        admin: bool,
+        /// How long it is valid.
+        #[arg(long, default_value = "1h", value_parser = mesh_runtime::parse_duration)]
+        ttl: Duration,
+        /// The local mesh's state directory (as given to `meshctl up`).
+        #[arg(long, default_value = ".mesh")]
+        dir: PathBuf,
+    },
 }

@@ -14,6 +14,7 @@ mod args;
 mod commands;
 mod connect;
 mod error;
+mod issuer;
 mod up;
 
 use std::process::ExitCode;

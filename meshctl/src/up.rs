@@ -277,6 +277,9 @@ pub async fn run(args: UpArgs, output: Output) -> Result<(), CliError> {
         );
     }
 
+    // End users: the gateway trusts the development issuer's key set (`meshctl token issue`).
+    let issuer = crate::issuer::Issuer::open(&args.dir.join("issuer"))?;
+    let jwks_file = issuer.jwks_file.display().to_string();
     let gw = mesh
         .launch(
             "gateway",
@@ -304,6 +307,14 @@ pub async fn run(args: UpArgs, output: Output) -> Result<(), CliError> {
                 "/api/analytics=market-service,/analytics",
                 "--identity-token-file",
                 &token_file("gateway"),
+                "--jwks-file",
+                &jwks_file,
+                "--jwt-issuer",
+                crate::issuer::ISSUER,
+                "--jwt-audience",
+                crate::issuer::AUDIENCE,
+                "--auth",
+                "optional",
             ]),
         )
         .await?;
@@ -351,6 +362,10 @@ pub async fn run(args: UpArgs, output: Output) -> Result<(), CliError> {
         args.dir.join("admin-token").display()
     );
     out!("       curl -s http://{public}/api/markets");
+    out!(
+        "       meshctl token issue --sub alice --dir {}   (an end-user token the gateway verifies)",
+        args.dir.display()
+    );
     out!();
     supervise(mesh, args.restart_backoff, args.give_up_after).await
 }

@@ -15,24 +15,11 @@ use sidecar::{
     outbound::route::Route,
 };
 
-fn b64url(bytes: &[u8]) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let n = chunk.iter().enumerate().fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
-        for i in 0..=chunk.len() {
-            out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
-        }
-    }
-    out
-}
-
 /// A P-256 signing key and its JWK.
 fn es256(kid: &str) -> (EncodingKey, Value) {
     let k = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let raw = k.public_key_raw();
-    let jwk =
-        json!({"kty": "EC", "crv": "P-256", "kid": kid, "x": b64url(&raw[1..33]), "y": b64url(&raw[33..65])});
+    let jwk = json!({"kty": "EC", "crv": "P-256", "kid": kid, "x": mesh_runtime::base64url(&raw[1..33]), "y": mesh_runtime::base64url(&raw[33..65])});
     (EncodingKey::from_ec_der(&k.serialize_der()), jwk)
 }
 
@@ -124,6 +111,17 @@ async fn only_verified_end_users_reach_the_app_and_only_through_the_gateway() {
         request(gw, "GET", "edge", "/who", &[("x-mesh-user", "mallory")], Bytes::new()).await;
     assert_eq!(status, 200, "{body}");
     assert!(seen(&body).get("x-mesh-user").is_none(), "{body}");
+
+    // An opaque bearer credential (the app's own admin token) is the app's to check: it passes.
+    let (status, body) =
+        request(gw, "GET", "edge", "/who", &[("authorization", "Bearer 0123abcd")], Bytes::new()).await;
+    assert_eq!(status, 200, "{body}");
+    let h = seen(&body);
+    assert_eq!(h["authorization"], "Bearer 0123abcd", "{body}");
+    assert!(h.get("x-mesh-user").is_none(), "{body}");
+    let (status, _) =
+        request(gw, "GET", "edge", "/private/x", &[("authorization", "Bearer 0123abcd")], Bytes::new()).await;
+    assert_eq!(status, 401, "a required route takes a JWT only");
 
     // A bad token is refused with its reason, on optional routes too.
     let expired = format!("Bearer {}", token(&key1, "ec-1", "alice", -120));

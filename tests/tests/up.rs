@@ -92,6 +92,24 @@ async fn meshctl_up_runs_a_whole_mesh_reachable_through_the_gateway_and_stops_on
         call("POST", "/api/accounts/alice/grants".into(), true, json!({"amount": "1000"})).await.0,
         200
     );
+    // End users: the gateway verifies tokens of the development issuer (`meshctl token issue`).
+    let issued = Command::new(bin("meshctl"))
+        .args(["token", "issue", "--sub", "alice", "--ttl", "10m", "--dir"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(issued.status.success(), "{}", String::from_utf8_lossy(&issued.stderr));
+    let jwt = String::from_utf8(issued.stdout).unwrap().trim().to_string();
+    assert_eq!(jwt.split('.').count(), 3, "{jwt}");
+    let with = |t: String| async move {
+        let bearer = format!("Bearer {t}");
+        request(gw, "GET", "example.com", "/api/markets", &[("authorization", bearer.as_str())], Bytes::new())
+            .await
+    };
+    assert_eq!(with(jwt.clone()).await.0, 200);
+    let (status, body) = with(format!("{jwt}x")).await;
+    assert_eq!(status, 401, "a token with a broken signature: {body}");
+    assert!(body.contains("token_bad_signature") || body.contains("token_malformed"), "{body}");
     let close = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()
         as u64
         + 3_600_000;

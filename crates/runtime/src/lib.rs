@@ -12,7 +12,7 @@ mod task;
 
 pub use addr::{LocalAddr, LocalListener, bind_unix};
 pub use backoff::{Backoff, Rotation};
-pub use digest::{hex, sha256, sha256_parts};
+pub use digest::{base64url, hex, sha256, sha256_parts};
 pub use http::{error_body, error_response, serve_http};
 pub use process::{init_tracing, main, parse_duration, runtime, serve_until_signal, shutdown_signal};
 pub use secret::{random_token, read_secret};

@@ -65,4 +65,11 @@ fn error_bodies_have_one_shape() {
         "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
     );
     assert_ne!(crate::sha256_parts(&[b"ab", b"c"]), crate::sha256_parts(&[b"a", b"bc"]));
+    // RFC 4648 §10 vectors, base64url without padding.
+    let b64: Vec<String> = ["", "f", "fo", "foo", "foob", "fooba", "foobar"]
+        .iter()
+        .map(|s| crate::base64url(s.as_bytes()))
+        .collect();
+    assert_eq!(b64, ["", "Zg", "Zm8", "Zm9v", "Zm9vYg", "Zm9vYmE", "Zm9vYmFy"]);
+    assert_eq!(crate::base64url(&[0xfb, 0xff]), "-_8");
 }

@@ -7,9 +7,10 @@ pub mod policy;
 pub mod sidecar;
 
 use crate::{
-    args::{Args, Command},
+    args::{Args, Command, EndUserTokenCommand},
     connect::{Target, connect},
     error::CliError,
+    issuer::Issuer,
     output::{dash, emit, emit_kv, health_name},
     up,
 };
@@ -21,6 +22,11 @@ pub async fn run(args: Args) -> Result<(), CliError> {
     match args.command {
         Command::Up(up) => return up::run(up, args.output).await,
         Command::Sidecar { admin } => return sidecar::run(&admin, args.output).await,
+        Command::Token(EndUserTokenCommand::Issue { sub, admin, ttl, dir }) => {
+            let token = Issuer::open(&dir.join("issuer"))?.issue(&sub, admin, ttl)?;
+            out!("{token}");
+            return Ok(());
+        }
         _ => {}
     }
     let addr = args.control_plane.clone();
@@ -195,7 +201,7 @@ pub async fn run(args: Args) -> Result<(), CliError> {
             });
             emit_kv(out, js);
         }
-        Command::Up(_) | Command::Sidecar { .. } => unreachable!("handled above"),
+        Command::Up(_) | Command::Sidecar { .. } | Command::Token(_) => unreachable!("handled above"),
     }
     Ok(())
 }

@@ -8,6 +8,8 @@
 //!   a verified token. The receiving sidecar passes them to its app only when the caller is a
 //!   trusted edge (the gateway's mesh identity); from anyone else they are dropped with every
 //!   other `x-mesh-*` header.
+//! - Only a JWT (three dot-separated parts) is the edge's to verify; another bearer credential (an
+//!   app's own API key or admin token) passes to the app as on a route without auth.
 //! - A refused token is 401 with `WWW-Authenticate: Bearer error="invalid_token", …` and a JSON
 //!   body naming what was wrong; a route that requires a token answers 401 without one. The
 //!   token is never logged.
@@ -141,12 +143,15 @@ impl EdgeAuth {
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-            .map(str::trim);
+            .map(str::trim)
+            // An opaque bearer credential (an API key, an app's admin token) is not the edge's
+            // business: it goes on to the app, which checks it; only a JWT is verified here.
+            .filter(|t| t.bytes().filter(|b| *b == b'.').count() == 2);
         let Some(token) = token else {
             if mode == AuthMode::Required {
                 return Err(Box::new(unauthorized(
                     "token_missing",
-                    "this route needs a bearer token (Authorization: Bearer <JWT>)".into(),
+                    "this route needs a bearer JWT (Authorization: Bearer <token>)".into(),
                     "Bearer".into(),
                 )));
             }

@@ -8,18 +8,6 @@ const RSA_DER: &[u8] = include_bytes!("testdata/rsa-2048.der");
 const RSA_N: &str = "s5gkrSPkmccypsv_VIjzbqgJI4t83cJddOKgsbr0JfQW-4fFoSTrOCGWq95SiZ7EEvQlugE5vOTXUF28cir80YVR027cMS0oKAB9Tg4eZ_28Q_PIMxnQbOReeFTfJo8T2b7IF3nKTYIKUEpAhRU6Z_sEC2YaQ04kbs2_C4WZx-3CoahTtac0DoGQHe73bheOGimM1wuiE0EgMnjaSpN3ffRPAj-OtuGo_QSJAGPvV90Vv3B4ts5VquU9DA16h-qNk63IvbML8r7q9XBdmMxwV01kg1QhQk4w51CPsfuggEpWtFX7kmA54oYQUSbkwKgP62VGlUc8OLo087-dY39SLw";
 const SECRET: &[u8] = b"a-shared-secret-of-at-least-32-bytes!!";
 
-fn b64url(bytes: &[u8]) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let n = chunk.iter().enumerate().fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
-        for i in 0..=chunk.len() {
-            out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
-        }
-    }
-    out
-}
-
 /// Keys of every kind, each with its signing half.
 struct Signers {
     es256: (EncodingKey, Value),
@@ -31,12 +19,12 @@ fn signers() -> Signers {
     let raw = ec.public_key_raw();
     let es256 = (
         EncodingKey::from_ec_der(&ec.serialize_der()),
-        json!({"kty": "EC", "crv": "P-256", "kid": "ec-1", "x": b64url(&raw[1..33]), "y": b64url(&raw[33..65])}),
+        json!({"kty": "EC", "crv": "P-256", "kid": "ec-1", "x": mesh_runtime::base64url(&raw[1..33]), "y": mesh_runtime::base64url(&raw[33..65])}),
     );
     let ed = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
     let eddsa = (
         EncodingKey::from_ed_der(&ed.serialize_der()),
-        json!({"kty": "OKP", "crv": "Ed25519", "kid": "ed-1", "x": b64url(ed.public_key_raw())}),
+        json!({"kty": "OKP", "crv": "Ed25519", "kid": "ed-1", "x": mesh_runtime::base64url(ed.public_key_raw())}),
     );
     Signers { es256, eddsa }
 }
@@ -44,7 +32,7 @@ fn signers() -> Signers {
 fn jwks(extra: &[Value]) -> String {
     let mut keys = vec![
         json!({"kty": "RSA", "kid": "rsa-1", "alg": "RS256", "use": "sig", "n": RSA_N, "e": "AQAB"}),
-        json!({"kty": "oct", "kid": "hs-1", "k": b64url(SECRET)}),
+        json!({"kty": "oct", "kid": "hs-1", "k": mesh_runtime::base64url(SECRET)}),
     ];
     keys.extend_from_slice(extra);
     json!({ "keys": keys }).to_string()
@@ -133,7 +121,12 @@ fn each_bad_token_is_refused_with_its_reason() {
     // A tampered payload.
     let good = es(&claims("alice"));
     let parts: Vec<&str> = good.split('.').collect();
-    let tampered = format!("{}.{}.{}", parts[0], b64url(claims("mallory").to_string().as_bytes()), parts[2]);
+    let tampered = format!(
+        "{}.{}.{}",
+        parts[0],
+        mesh_runtime::base64url(claims("mallory").to_string().as_bytes()),
+        parts[2]
+    );
     assert_eq!(v.verify(&tampered), Err(Refusal::BadSignature));
     assert_eq!(
         v.verify(&token(Algorithm::ES256, Some("nobody"), &s.es256.0, &claims("alice"))),
@@ -150,8 +143,8 @@ fn alg_none_and_algorithm_confusion_are_refused() {
     // `alg: none`, no signature.
     let none = format!(
         "{}.{}.",
-        b64url(br#"{"alg":"none","typ":"JWT","kid":"rsa-1"}"#),
-        b64url(claims("alice").to_string().as_bytes())
+        mesh_runtime::base64url(br#"{"alg":"none","typ":"JWT","kid":"rsa-1"}"#),
+        mesh_runtime::base64url(claims("alice").to_string().as_bytes())
     );
     assert_eq!(v.verify(&none), Err(Refusal::Malformed));
     // HS256 "signed" with the RSA key's public parameters as the shared secret.
@@ -172,7 +165,7 @@ fn a_rotated_key_set_takes_over_without_a_restart() {
     let v = verifier(&s);
     let new = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let raw = new.public_key_raw();
-    let jwk = json!({"kty": "EC", "crv": "P-256", "kid": "ec-2", "x": b64url(&raw[1..33]), "y": b64url(&raw[33..65])});
+    let jwk = json!({"kty": "EC", "crv": "P-256", "kid": "ec-2", "x": mesh_runtime::base64url(&raw[1..33]), "y": mesh_runtime::base64url(&raw[33..65])});
     let t = token(
         Algorithm::ES256,
         Some("ec-2"),
