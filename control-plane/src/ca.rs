@@ -168,18 +168,10 @@ fn write_file(path: &Path, text: &str) -> Result<(), CaError> {
     std::fs::File::open(path).and_then(|f| f.sync_all()).map_err(|e| file_err(path)(e.to_string()))
 }
 
+/// Writes a key or token owner-only, never over an existing file.
 pub(crate) fn write_private(path: &Path, text: &str) -> Result<(), CaError> {
-    use std::{io::Write, os::unix::fs::OpenOptionsExt};
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| file_err(path)(e.to_string()))?;
-    }
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| file_err(path)(e.to_string()))?;
-    f.write_all(text.as_bytes()).and_then(|()| f.sync_all()).map_err(|e| file_err(path)(e.to_string()))
+    mesh_runtime::write_secret(path, text, mesh_runtime::Existing::Keep)
+        .map_err(|e| file_err(path)(e.to_string()))
 }
 
 #[cfg(test)]

@@ -270,6 +270,10 @@ async fn metrics_and_healthz() {
     let (status, body) = http_get(cp.admin, "/nope").await;
     assert_eq!(status, 404);
     assert!(body.contains("error"));
+    // The one error shape of every HTTP listener: a code and a message saying what to do.
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"], "not_found", "{body}");
+    assert!(v["message"].as_str().is_some_and(|m| m.contains("/metrics")), "{body}");
 
     let (status, text) = http_get(cp.admin, "/metrics").await;
     assert_eq!(status, 200);

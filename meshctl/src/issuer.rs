@@ -31,7 +31,8 @@ impl Issuer {
             CliError::Input(format!("the development token issuer in {}: {what}: {e}", dir.display()))
         };
         let key_file = dir.join("key.pem");
-        let key = if key_file.exists() {
+        let made = !key_file.exists();
+        let key = if !made {
             let pem = std::fs::read_to_string(&key_file).map_err(|e| fail("cannot read key.pem", &e))?;
             rcgen::KeyPair::from_pem(&pem).map_err(|e| fail("key.pem is not a key", &e))?
         } else {
@@ -49,8 +50,12 @@ impl Issuer {
             "kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": kid,
             "x": mesh_runtime::base64url(&raw[1..33]), "y": mesh_runtime::base64url(&raw[33..65]),
         }]});
+        // Written with the key (or when missing): rewriting it on every `token issue` would only
+        // make the gateway read it again.
         let jwks_file = dir.join("jwks.json");
-        std::fs::write(&jwks_file, jwks.to_string()).map_err(|e| fail("cannot write jwks.json", &e))?;
+        if made || !jwks_file.exists() {
+            std::fs::write(&jwks_file, jwks.to_string()).map_err(|e| fail("cannot write jwks.json", &e))?;
+        }
         Ok(Issuer { key, kid, jwks_file })
     }
 

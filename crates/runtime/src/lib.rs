@@ -15,7 +15,7 @@ pub use backoff::{Backoff, Rotation};
 pub use digest::{base64url, hex, sha256, sha256_parts};
 pub use http::{error_body, error_response, serve_http};
 pub use process::{init_tracing, main, parse_duration, runtime, serve_until_signal, shutdown_signal};
-pub use secret::{random_token, read_secret};
+pub use secret::{Existing, random_token, read_secret, write_secret};
 pub use task::{spawn, spawn_tracked};
 
 #[cfg(test)]

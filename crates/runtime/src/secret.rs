@@ -23,6 +23,37 @@ pub fn read_secret(path: &std::path::Path) -> Result<String, String> {
     Ok(secret.to_string())
 }
 
+/// Whether [`write_secret`] may replace an existing file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Existing {
+    /// Replace its contents (and make it owner-only if it was not).
+    Replace,
+    /// Fail with `AlreadyExists`: a key that exists is never overwritten.
+    Keep,
+}
+
+/// Writes a secret to `path`, owner-only (0600) and fsync'd, creating its directory.
+pub fn write_secret(path: &std::path::Path, text: &str, existing: Existing) -> std::io::Result<()> {
+    use std::{
+        io::Write,
+        os::unix::fs::{OpenOptionsExt, PermissionsExt},
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut open = std::fs::OpenOptions::new();
+    open.write(true).mode(0o600);
+    match existing {
+        Existing::Replace => open.create(true).truncate(true),
+        Existing::Keep => open.create_new(true),
+    };
+    let mut f = open.open(path)?;
+    // `mode` applies only when the file is created: an older file keeps its bits otherwise.
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()
+}
+
 /// 32 random bytes from the operating system, in hex: a bearer token. `None` when the system
 /// has no randomness to give.
 pub fn random_token() -> Option<String> {

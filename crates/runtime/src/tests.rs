@@ -73,3 +73,23 @@ fn error_bodies_have_one_shape() {
     assert_eq!(b64, ["", "Zg", "Zm8", "Zm9v", "Zm9vYg", "Zm9vYmE", "Zm9vYmFy"]);
     assert_eq!(crate::base64url(&[0xfb, 0xff]), "-_8");
 }
+
+#[test]
+fn secrets_are_written_owner_only_and_kept_when_asked() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("mesh-write-secret-{}", std::process::id()));
+    let path = dir.join("sub/token");
+    crate::write_secret(&path, "one", crate::Existing::Keep).unwrap();
+    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    let again = crate::write_secret(&path, "two", crate::Existing::Keep).unwrap_err();
+    assert_eq!(again.kind(), std::io::ErrorKind::AlreadyExists);
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    crate::write_secret(&path, "three", crate::Existing::Replace).unwrap();
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "three");
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o600,
+        "made owner-only again"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -59,19 +59,6 @@ pub async fn run(cmd: IdentityCommand, ch: AdminChannel, out: Output, addr: &str
 
 /// Writes `secret` to `path`, readable by its owner only (directories created).
 pub fn write_secret(path: &Path, secret: &str) -> Result<(), CliError> {
-    use std::{io::Write, os::unix::fs::OpenOptionsExt};
-    let fail = |e: std::io::Error| CliError::Input(format!("cannot write {}: {e}", path.display()));
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(fail)?;
-    }
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(fail)?;
-    // `mode` applies only when the file is created: an older file keeps its bits otherwise.
-    f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600)).map_err(fail)?;
-    f.write_all(secret.as_bytes()).and_then(|()| f.sync_all()).map_err(fail)
+    mesh_runtime::write_secret(path, secret, mesh_runtime::Existing::Replace)
+        .map_err(|e| CliError::Input(format!("cannot write {}: {e}", path.display())))
 }

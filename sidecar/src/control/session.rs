@@ -249,15 +249,24 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn an_invalid_push_is_nacked_with_the_field_and_the_previous_policy_stays() {
-        let dir = tempfile::tempdir().unwrap();
-        let (shared, _added) = crate::shared::Shared::new(Config::unit_test(dir.path()));
+    /// A sidecar's shared state in `data_dir` with its snapshot writer running (stopped by
+    /// cancelling the token), and its upstream `market`.
+    fn sidecar(
+        data_dir: &std::path::Path,
+    ) -> (Arc<Shared>, CancellationToken, tokio::task::JoinHandle<()>, Arc<crate::upstream::Upstream>) {
+        let (shared, _added) = Shared::new(Config::unit_test(data_dir));
         let stop = CancellationToken::new();
         let writer = tokio::spawn(
             shared.snapshot.clone().run(crate::upstream::snapshot::Snapshot::default, stop.clone()),
         );
         let up = shared.upstreams.get_or_add("market");
+        (shared, stop, writer, up)
+    }
+
+    #[tokio::test]
+    async fn an_invalid_push_is_nacked_with_the_field_and_the_previous_policy_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let (shared, stop, writer, up) = sidecar(dir.path());
 
         let mut good = ServicePolicy::default();
         good.retry.max_attempts = 2;
@@ -290,12 +299,7 @@ mod tests {
     async fn a_push_whose_snapshot_cannot_be_written_is_nacked_and_the_previous_policy_stays() {
         let dir = tempfile::tempdir().unwrap();
         let data_dir = dir.path().join("data");
-        let (shared, _added) = crate::shared::Shared::new(Config::unit_test(&data_dir));
-        let stop = CancellationToken::new();
-        let writer = tokio::spawn(
-            shared.snapshot.clone().run(crate::upstream::snapshot::Snapshot::default, stop.clone()),
-        );
-        let up = shared.upstreams.get_or_add("market");
+        let (shared, stop, writer, up) = sidecar(&data_dir);
         let mut good = ServicePolicy::default();
         good.retry.max_attempts = 2;
         let reply = apply_policy(&shared, push("market", 1, (&good).into())).await;

@@ -71,10 +71,16 @@ pub struct EdgeAuth {
 /// Reloads for unknown key ids happen at most this often.
 const RELOAD_AT_MOST_EVERY: Duration = Duration::from_secs(1);
 
+fn modified(path: &std::path::Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// The key set in `path`, with the modification time read before it (so a change made while it
+/// is read is seen again at the next check, never missed).
 fn read_keys(path: &std::path::Path) -> Result<(Keys, Option<SystemTime>), String> {
+    let modified = modified(path);
     let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let keys = Keys::from_json(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-    let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
     Ok((keys, modified))
 }
 
@@ -98,10 +104,10 @@ impl EdgeAuth {
     /// in use and says why.
     pub fn reload(&self, force: bool) {
         let path = &self.config.jwks_file;
-        let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        let now_modified = modified(path);
         {
             let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            if !force && modified == state.0 {
+            if !force && now_modified == state.0 {
                 return;
             }
             state.1 = Some(Instant::now());
@@ -199,4 +205,73 @@ fn unauthorized(code: &str, message: String, challenge: String) -> Response<Body
         resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
     }
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    fn es256(kid: &str) -> (EncodingKey, Value) {
+        let k = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let raw = k.public_key_raw();
+        let (x, y) = (mesh_runtime::base64url(&raw[1..33]), mesh_runtime::base64url(&raw[33..65]));
+        (
+            EncodingKey::from_ec_der(&k.serialize_der()),
+            json!({"kty": "EC", "crv": "P-256", "kid": kid, "x": x, "y": y}),
+        )
+    }
+
+    fn bearer(key: &EncodingKey, kid: &str) -> HeaderMap {
+        let mut h = Header::new(Algorithm::ES256);
+        h.kid = Some(kid.into());
+        let claims = json!({"sub": "alice", "exp": jsonwebtoken::get_current_timestamp() + 600});
+        let token = jsonwebtoken::encode(&h, &claims, key).unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_str(&format!("Bearer {token}")).unwrap());
+        headers
+    }
+
+    /// The interval refresh (`reload(false)`) notices a changed file by its modification time,
+    /// and leaves the keys alone when the file is unchanged or broken.
+    #[test]
+    fn a_changed_key_set_file_is_read_again_and_a_broken_one_keeps_the_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jwks.json");
+        let (k1, j1) = es256("k1");
+        let (k2, j2) = es256("k2");
+        let write = |keys: &[&Value], at: u64| {
+            std::fs::write(&path, json!({ "keys": keys }).to_string()).unwrap();
+            let f = std::fs::File::options().write(true).open(&path).unwrap();
+            f.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(at)).unwrap();
+        };
+        write(&[&j1], 1_000);
+        let auth = EdgeAuth::load(EdgeAuthConfig {
+            jwks_file: path.clone(),
+            expect: Expectations::default(),
+            default_mode: AuthMode::Required,
+            refresh: Duration::from_secs(30),
+        })
+        .unwrap();
+        assert!(auth.authenticate(&mut bearer(&k1, "k1"), AuthMode::Required).is_ok());
+
+        // k1 leaves the set, k2 joins: only the interval check can notice k1 is gone.
+        write(&[&j2], 2_000);
+        auth.reload(false);
+        assert!(auth.authenticate(&mut bearer(&k1, "k1"), AuthMode::Required).is_err(), "k1 was removed");
+        let mut ok = bearer(&k2, "k2");
+        assert!(auth.authenticate(&mut ok, AuthMode::Required).is_ok());
+        assert_eq!(ok[USER], "alice");
+
+        // Unchanged file: nothing is read. A broken file: the keys in use stay.
+        std::fs::write(&path, "not json").unwrap();
+        let f = std::fs::File::options().write(true).open(&path).unwrap();
+        f.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(2_000)).unwrap();
+        auth.reload(false);
+        f.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(3_000)).unwrap();
+        auth.reload(false);
+        assert!(auth.authenticate(&mut bearer(&k2, "k2"), AuthMode::Required).is_ok(), "k2 still trusted");
+    }
 }
