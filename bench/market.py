@@ -30,9 +30,14 @@ def start(args):
     return json.loads(p.stdout.readline())
 
 
-def call(method, url, body=None, token=None):
+def call(method, url, body=None, token=None, user=None):
+    headers = {"content-type": "application/json"}
+    if token:
+        headers["authorization"] = f"Bearer {token}"
+    if user:
+        headers["x-mesh-user"] = user  # what the market's sidecar hands it for a verified user
     req = urllib.request.Request(url, method=method, data=json.dumps(body).encode() if body is not None else None,
-                                 headers={"content-type": "application/json", **({"authorization": f"Bearer {token}"} if token else {})})
+                                 headers=headers)
     with urllib.request.urlopen(req, timeout=10) as r:
         return json.loads(r.read())
 
@@ -47,10 +52,34 @@ def wait(url):
     raise SystemExit(f"{url} never answered")
 
 
+# End-user tokens from meshctl's development issuer (made in TMP on first use): the gateway
+# verifies them and hands the market service the user, as in `meshctl up`.
+TOKENS = []
+
+
+def issuer():
+    for t in range(16):
+        TOKENS.append(subprocess.run([f"{REL}/meshctl", "token", "issue", "--sub", f"t{t}", "--ttl", "2h", "--dir", TMP],
+                                     capture_output=True, text=True, check=True).stdout.strip())
+    return os.path.join(TMP, "issuer", "jwks.json")
+
+
 def one_backend(db_url, label):
-    _, cp = None, start([f"{REL}/control-plane", "--insecure-api", "--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0",
-                         "--data-dir", os.path.join(TMP, f"cp-{label}"), "--log", "error"])
-    cp_url = f"http://{cp['grpc']}"
+    jwks = issuer() if not TOKENS else os.path.join(TMP, "issuer", "jwks.json")
+    # The mesh as `meshctl up` runs it: the control plane's CA gives the gateway and the sidecar
+    # certificates, so the sidecar knows the verified user comes from the edge.
+    cp_dir = os.path.join(TMP, f"cp-{label}")
+    cp = start([f"{REL}/control-plane", "--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0",
+                "--data-dir", cp_dir, "--log", "error"])
+    cp_url = f"https://{cp['grpc']}"
+    ca = os.path.join(cp_dir, "ca.pem")
+    identity = {}
+    for service in ["market-service", "gateway"]:
+        identity[service] = os.path.join(TMP, f"token-{service}-{label}")
+        subprocess.run([f"{REL}/meshctl", "--control-plane", cp_url, "--ca-file", ca, "--admin-token-file",
+                        os.path.join(cp_dir, "admin.token"), "identity", "token", "create", service,
+                        "--write", identity[service]], check=True, capture_output=True)
+    tls = lambda service: ["--control-plane-ca", ca, "--identity-token-file", identity[service]]
     token_file = os.path.join(TMP, f"admin-token-{label}")
     with open(os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
         f.write("bench")
@@ -58,30 +87,36 @@ def one_backend(db_url, label):
     direct = f"http://{app['http']}"
     start([f"{REL}/sidecar", "--service", "market-service", "--instance-id", f"m-{label}", "--app-addr", app["http"],
            "--control-plane", cp_url, "--inbound-addr", "127.0.0.1:0", "--outbound-addr", "127.0.0.1:0",
-           "--admin-addr", "127.0.0.1:0", "--data-dir", os.path.join(TMP, f"sc-{label}"), "--log", "error"])
+           "--admin-addr", "127.0.0.1:0", "--data-dir", os.path.join(TMP, f"sc-{label}"), "--log", "error", *tls("market-service")])
     gw = start([f"{REL}/sidecar", "--mode", "gateway", "--instance-id", f"gw-{label}", "--control-plane", cp_url,
                 "--outbound-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--data-dir", os.path.join(TMP, f"gw-{label}"),
-                "--route", "/api/markets=market-service,/markets", "--log", "error"])
+                "--route", "/api/markets=market-service,/markets", "--log", "error",
+                "--jwks-file", jwks, "--jwt-issuer", "meshctl-dev", "--jwt-audience", "opinion-market", "--auth", "optional",
+                *tls("gateway")])
     gateway = f"http://{gw['outbound']}/api/markets"
     wait(f"{direct}/healthz")
     for t in range(16):
-        call("POST", f"{direct}/accounts", {"id": f"t{t}"})
+        call("POST", f"{direct}/accounts", {}, user=f"t{t}")
         call("POST", f"{direct}/accounts/t{t}/grants", {"amount": "100000000"}, token="bench")
     close = int(time.time() * 1000) + 3_600_000
     markets = [call("POST", f"{direct}/markets", {"question": f"Q{i}?", "outcomes": ["yes", "no"], "close_time_ms": close,
-                                                  "creator": "t0", "liquidity": "1000"})["id"] for i in range(8)]
+                                                  "liquidity": "1000"}, user="t0")["id"] for i in range(8)]
     wait(f"{gateway}/{markets[0]}")
     return {"direct": f"{direct}/markets", "through the mesh": gateway}, markets
 
 
 LUA = """
 local markets = {%s}
+local tokens = {%s}
 local done, bad = 0, 0
 math.randomseed(os.time())
 request = function()
   local m = markets[math.random(#markets)]
-  local body = string.format('{"account":"t%%d","outcome":%%d,"side":"buy","shares":"0.01"}', math.random(0, 15), math.random(0, 1))
-  return wrk.format("POST", "%s/" .. m .. "/trades", {["Content-Type"] = "application/json"}, body)
+  local t = math.random(0, 15)
+  local body = string.format('{"outcome":%%d,"side":"buy","shares":"0.01"}', math.random(0, 1))
+  local who = {["Content-Type"] = "application/json"}
+  if %s then who["Authorization"] = "Bearer " .. tokens[t + 1] else who["x-mesh-user"] = "t" .. t end
+  return wrk.format("POST", "%s/" .. m .. "/trades", who, body)
 end
 response = function(status, headers, body)
   if status ~= 201 and bad < 3 then
@@ -92,12 +127,12 @@ end
 """
 
 
-def run_wrk(base, markets):
+def run_wrk(base, markets, gateway):
     from urllib.parse import urlparse
     u = urlparse(base)
     script = os.path.join(TMP, "trades.lua")
     with open(script, "w") as f:
-        f.write(LUA % (",".join(f'"{m}"' for m in markets), u.path))
+        f.write(LUA % (",".join(f'"{m}"' for m in markets), ",".join(f'"{t}"' for t in TOKENS), "true" if gateway else "false", u.path))
     r = subprocess.run(["wrk", "-t1", "-c8", f"-d{DUR}s", "--latency", "-s", script, f"{u.scheme}://{u.netloc}"],
                        capture_output=True, text=True)
     out = r.stdout
@@ -124,7 +159,7 @@ def main():
         for label, url in dbs:
             paths, markets = one_backend(url, label.lower())
             for path, base in paths.items():
-                rps, p50, p99, bad = run_wrk(base, markets)
+                rps, p50, p99, bad = run_wrk(base, markets, path != "direct")
                 print(f"| {label} | {path} | {rps:.0f} | {p50:.2f} | {p99:.2f} | {bad} |")
                 sys.stdout.flush()
     finally:

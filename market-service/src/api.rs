@@ -3,6 +3,12 @@
 //! are 400s naming the problem). Every POST honours `Idempotency-Key`: a repeated key with the
 //! same request gets the first answer, and the change it made is applied once. `If-Match: N`
 //! pins the market version a command expects.
+//!
+//! Who acts is the end user the gateway verified ([`USER_HEADER`], with [`ROLES_HEADER`]), never
+//! a name in the body: a trade debits the caller's own account, a new market is the caller's,
+//! only its creator or an admin changes, resolves or cancels it, accounts are read by their
+//! owner. A write without a user is 401, acting on someone else's market or account is 403.
+//! The operator's bearer token (a file given to the binary) is an admin without an account.
 
 use std::sync::Arc;
 
@@ -54,7 +60,8 @@ fn answer((status, body): Answer) -> Response {
     (StatusCode::from_u16(status).unwrap_or(StatusCode::OK), Json(body)).into_response()
 }
 
-/// A JSON body parsed strictly; failures are 400s with the parser's reason.
+/// A JSON body parsed strictly (an empty one is `{}`); failures are 400s with the parser's
+/// reason.
 pub struct Body<T>(pub T, pub Bytes);
 
 impl<T: DeserializeOwned, St: Send + Sync> FromRequest<St> for Body<T> {
@@ -69,14 +76,26 @@ impl<T: DeserializeOwned, St: Send + Sync> FromRequest<St> for Body<T> {
         let bytes = Bytes::from_request(req, state)
             .await
             .map_err(|e| Refusal::new(413, "body_too_large", format!("cannot read the body: {e}")))?;
-        let value = serde_json::from_slice(&bytes)
+        // No body reads as `{}`: a command without fields needs none.
+        let json: &[u8] = if bytes.is_empty() { b"{}" } else { &bytes };
+        let value = serde_json::from_slice(json)
             .map_err(|e| Refusal::new(400, "invalid_body", format!("invalid JSON body: {e}")))?;
         Ok(Body(value, bytes))
     }
 }
 
+/// The verified end user: set by the gateway from a checked token, and kept by this service's
+/// sidecar only on calls from a trusted edge (a client can never send it). The service listens
+/// where only its sidecar reaches it, so it takes the header as given.
+pub const USER_HEADER: &str = "x-mesh-user";
+/// The verified end user's roles, comma separated; `admin` may grant funds and act on any
+/// market.
+pub const ROLES_HEADER: &str = "x-mesh-user-roles";
+pub const ADMIN_ROLE: &str = "admin";
+
 fn ctx(s: &AppState, h: &HeaderMap, method_path: &str, body: &[u8]) -> Result<Ctx, Refusal> {
     let header = |name: &str| h.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let user = header(USER_HEADER).filter(|u| !u.is_empty());
     let idempotency = match header("idempotency-key") {
         None => None,
         Some(k) if k.is_empty() || k.len() > 200 => {
@@ -84,7 +103,8 @@ fn ctx(s: &AppState, h: &HeaderMap, method_path: &str, body: &[u8]) -> Result<Ct
         }
         Some(k) => {
             let digest = mesh_runtime::sha256(&[method_path.as_bytes(), b"\n", body].concat());
-            Some((k, mesh_runtime::hex(&digest)))
+            // Scoped to the caller (an account id holds no '/'), so users' keys never collide.
+            Some((format!("{}/{k}", user.as_deref().unwrap_or("")), mesh_runtime::hex(&digest)))
         }
     };
     let expected_version = match header("if-match") {
@@ -95,15 +115,24 @@ fn ctx(s: &AppState, h: &HeaderMap, method_path: &str, body: &[u8]) -> Result<Ct
                 .map_err(|_| Refusal::new(400, "invalid", "If-Match: a market version number"))?,
         ),
     };
-    let is_admin = match (&s.admin_token, header("authorization")) {
+    let role_admin =
+        user.is_some() && header(ROLES_HEADER).is_some_and(|r| r.split(',').any(|r| r.trim() == ADMIN_ROLE));
+    let operator = match (&s.admin_token, header("authorization")) {
         (Some(token), Some(auth)) => auth.strip_prefix("Bearer ").is_some_and(|t| t == token),
         _ => false,
     };
     let correlation_id = header("x-correlation-id")
         .or_else(|| header("x-request-id"))
         .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
-    let has_credential = h.contains_key(header::AUTHORIZATION);
-    Ok(Ctx { correlation_id, idempotency, expected_version, is_admin, has_credential })
+    let has_credential = user.is_some() || h.contains_key(header::AUTHORIZATION);
+    Ok(Ctx {
+        correlation_id,
+        idempotency,
+        expected_version,
+        user,
+        is_admin: role_admin || operator,
+        has_credential,
+    })
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -159,7 +188,9 @@ async fn openapi() -> Json<Value> {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct OpenAccount {
-    id: String,
+    /// Only an admin opening an account for someone else names it; otherwise it is the caller.
+    #[serde(default)]
+    id: Option<String>,
     #[serde(default)]
     name: String,
 }
@@ -170,7 +201,7 @@ async fn open_account(
     Body(b, raw): Body<OpenAccount>,
 ) -> Result<Response, Refusal> {
     let c = ctx(&s, &h, "POST /accounts", &raw)?;
-    Ok(answer(s.markets.open_account(&b.id, &b.name, &c).await?))
+    Ok(answer(s.markets.open_account(b.id.as_deref(), &b.name, &c).await?))
 }
 
 #[derive(Deserialize)]
@@ -189,7 +220,14 @@ async fn grant(
     Ok(answer(s.markets.grant(&id, b.amount, &c).await?))
 }
 
-async fn get_account(State(s): S, Path(id): Path<String>) -> Result<Json<Value>, Refusal> {
+/// An account: its owner's or an admin's to read (`me`: the caller's own).
+async fn get_account(State(s): S, Path(id): Path<String>, h: HeaderMap) -> Result<Response, Refusal> {
+    let c = ctx(&s, &h, "", b"")?;
+    let id = match (id.as_str(), &c.user) {
+        ("me", Some(user)) => user.clone(),
+        _ => id,
+    };
+    c.owner_or_admin(&id, "reading an account")?;
     let p = s.markets.read().await?;
     let a = p.account(&id)?;
     let positions: Vec<Value> = p
@@ -202,9 +240,9 @@ async fn get_account(State(s): S, Path(id): Path<String>) -> Result<Json<Value>,
             })
         })
         .collect();
-    Ok(Json(
-        json!({"id": a.id, "name": a.name, "balance": a.balance, "granted": a.granted, "version": a.version, "positions": positions}),
-    ))
+    let body = json!({"id": a.id, "name": a.name, "balance": a.balance, "granted": a.granted, "version": a.version, "positions": positions});
+    // One user's account: no shared cache may keep it.
+    Ok(([(header::CACHE_CONTROL, "private, no-store")], Json(body)).into_response())
 }
 
 async fn create_market(
@@ -309,7 +347,6 @@ async fn trade(
 #[serde(deny_unknown_fields)]
 struct Resolve {
     outcome: usize,
-    by: String,
 }
 
 async fn resolve(
@@ -319,23 +356,21 @@ async fn resolve(
     Body(b, raw): Body<Resolve>,
 ) -> Result<Response, Refusal> {
     let c = ctx(&s, &h, &format!("POST /markets/{id}/resolve"), &raw)?;
-    Ok(answer(s.markets.finish(&id, Some(b.outcome), &b.by, &c).await?))
+    Ok(answer(s.markets.finish(&id, Some(b.outcome), &c).await?))
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Cancel {
-    by: String,
-}
+struct Cancel {}
 
 async fn cancel(
     State(s): S,
     Path(id): Path<String>,
     h: HeaderMap,
-    Body(b, raw): Body<Cancel>,
+    Body(Cancel {}, raw): Body<Cancel>,
 ) -> Result<Response, Refusal> {
     let c = ctx(&s, &h, &format!("POST /markets/{id}/cancel"), &raw)?;
-    Ok(answer(s.markets.finish(&id, None, &b.by, &c).await?))
+    Ok(answer(s.markets.finish(&id, None, &c).await?))
 }
 
 async fn positions(State(s): S, Path(id): Path<String>) -> Result<Json<Value>, Refusal> {

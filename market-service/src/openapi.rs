@@ -8,6 +8,8 @@ fn op(summary: &str, body: Option<&str>, ok: &str) -> Value {
         "responses": {
             ok: {"description": "success", "content": {"application/json": {}}},
             "400": {"$ref": "#/components/responses/Error"},
+            "401": {"$ref": "#/components/responses/Error"},
+            "403": {"$ref": "#/components/responses/Error"},
             "404": {"$ref": "#/components/responses/Error"},
             "409": {"$ref": "#/components/responses/Error"},
         }
@@ -29,16 +31,16 @@ pub fn document() -> Value {
         "info": {"title": "Opinion Market Mesh — market service", "version": env!("CARGO_PKG_VERSION")},
         "paths": {
             "/healthz": {"get": op("Liveness and database reachability", None, "200")},
-            "/accounts": {"post": op("Open an account", Some("OpenAccount"), "201")},
-            "/accounts/{id}": {"get": op("Balance and open positions", None, "200")},
-            "/accounts/{id}/grants": {"post": op("Credit an account (admin bearer token)", Some("Grant"), "200")},
+            "/accounts": {"post": op("Open the caller's account (its id is the caller's subject)", Some("OpenAccount"), "201")},
+            "/accounts/{id}": {"get": op("Balance and open positions (the owner or an admin; `me` is the caller's)", None, "200")},
+            "/accounts/{id}/grants": {"post": op("Credit an account (admin)", Some("Grant"), "200")},
             "/markets": {
                 "post": op("Create a market; the creator pays the LMSR subsidy b·ln(n)", Some("CreateMarket"), "201"),
                 "get": op("List markets (?status=open|closed|resolved|cancelled&category=&limit=1..500&offset=)", None, "200"),
             },
-            "/markets/{id}": {"get": op("A market with current prices", None, "200"), "patch": op("Change description or close time while open", Some("UpdateMarket"), "200")},
+            "/markets/{id}": {"get": op("A market with current prices", None, "200"), "patch": op("Change description or close time while open (creator or admin)", Some("UpdateMarket"), "200")},
             "/markets/{id}/quote": {"post": op("Price a trade without making it", Some("Quote"), "200")},
-            "/markets/{id}/trades": {"post": op("Buy or sell shares of an outcome", Some("Trade"), "201")},
+            "/markets/{id}/trades": {"post": op("Buy or sell shares of an outcome for the caller's account", Some("Trade"), "201")},
             "/markets/{id}/resolve": {"post": op("Resolve to an outcome and settle (creator or admin)", Some("Resolve"), "200")},
             "/markets/{id}/cancel": {"post": op("Cancel and refund (creator or admin)", Some("Cancel"), "200")},
             "/markets/{id}/positions": {"get": op("Positions in a market", None, "200")},
@@ -50,24 +52,25 @@ pub fn document() -> Value {
             "/admin/projections/rebuild": {"post": op("Rebuild the read projections from the log (admin)", None, "200")},
         },
         "components": {
+            "securitySchemes": {"endUser": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT", "description": "an end user's token, verified by the gateway, which hands the service the user as x-mesh-user (and roles as x-mesh-user-roles; admin may grant and act on any market). Writes act as that user; without one they are 401. The operator's token (a file) is an admin without an account."}},
             "responses": {"Error": {"description": "refused", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}},
             "schemas": {
                 "Error": {"type": "object", "required": ["error", "message"], "properties": {"error": {"type": "string"}, "message": {"type": "string"}, "field": {"type": "string"}}},
                 "Amount": amount,
-                "OpenAccount": {"type": "object", "additionalProperties": false, "required": ["id"], "properties": {"id": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}, "name": {"type": "string"}}},
+                "OpenAccount": {"type": "object", "additionalProperties": false, "properties": {"id": {"type": "string", "pattern": "^[A-Za-z0-9_.@:|+-]{1,128}$", "description": "the caller's own subject (the default); only an admin names another"}, "name": {"type": "string"}}},
                 "Grant": {"type": "object", "additionalProperties": false, "required": ["amount"], "properties": {"amount": {"$ref": "#/components/schemas/Amount"}}},
-                "CreateMarket": {"type": "object", "additionalProperties": false, "required": ["question", "outcomes", "close_time_ms", "creator", "liquidity"], "properties": {
+                "CreateMarket": {"type": "object", "additionalProperties": false, "required": ["question", "outcomes", "close_time_ms", "liquidity"], "properties": {
                     "question": {"type": "string", "maxLength": 500}, "description": {"type": "string"}, "category": {"type": "string"},
                     "outcomes": {"type": "array", "minItems": 2, "maxItems": 32, "items": {"type": "string"}},
                     "close_time_ms": {"type": "integer", "description": "Unix milliseconds, in the future"},
-                    "creator": {"type": "string"}, "liquidity": {"$ref": "#/components/schemas/Amount"}}},
+                    "liquidity": {"$ref": "#/components/schemas/Amount"}}},
                 "UpdateMarket": {"type": "object", "additionalProperties": false, "properties": {"description": {"type": "string"}, "close_time_ms": {"type": "integer"}}},
                 "Quote": {"type": "object", "additionalProperties": false, "required": ["outcome", "side", "shares"], "properties": {"outcome": {"type": "integer", "minimum": 0}, "side": {"enum": ["buy", "sell"]}, "shares": {"$ref": "#/components/schemas/Amount"}}},
-                "Trade": {"type": "object", "additionalProperties": false, "required": ["account", "outcome", "side", "shares"], "properties": {
-                    "account": {"type": "string"}, "outcome": {"type": "integer", "minimum": 0}, "side": {"enum": ["buy", "sell"]},
+                "Trade": {"type": "object", "additionalProperties": false, "required": ["outcome", "side", "shares"], "properties": {
+                    "outcome": {"type": "integer", "minimum": 0}, "side": {"enum": ["buy", "sell"]},
                     "shares": {"$ref": "#/components/schemas/Amount"}, "max_cost": {"$ref": "#/components/schemas/Amount"}, "min_proceeds": {"$ref": "#/components/schemas/Amount"}}},
-                "Resolve": {"type": "object", "additionalProperties": false, "required": ["outcome", "by"], "properties": {"outcome": {"type": "integer", "minimum": 0}, "by": {"type": "string"}}},
-                "Cancel": {"type": "object", "additionalProperties": false, "required": ["by"], "properties": {"by": {"type": "string"}}},
+                "Resolve": {"type": "object", "additionalProperties": false, "required": ["outcome"], "properties": {"outcome": {"type": "integer", "minimum": 0}}},
+                "Cancel": {"type": "object", "additionalProperties": false, "properties": {}},
             }
         }
     })

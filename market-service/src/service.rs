@@ -89,34 +89,78 @@ impl From<StoreError> for Refusal {
     }
 }
 
-/// Who asks and how: correlation for the audit trail, idempotency, a pinned version.
+/// Who asks and how: the verified end user, correlation for the audit trail, idempotency, a
+/// pinned version.
 #[derive(Debug, Clone, Default)]
 pub struct Ctx {
     pub correlation_id: String,
-    /// (key, hash of the request) when an `Idempotency-Key` was sent.
+    /// (key, hash of the request) when an `Idempotency-Key` was sent; the key is scoped to the
+    /// caller, so two users' keys never meet.
     pub idempotency: Option<(String, String)>,
     pub expected_version: Option<u64>,
+    /// The end user the gateway verified (`x-mesh-user`, the token's `sub`): whom a command
+    /// acts as. Never taken from the body.
+    pub user: Option<String>,
+    /// The user has the `admin` role, or the caller presented the operator's token.
     pub is_admin: bool,
-    /// An `Authorization` header was sent (a wrong one is 403, none at all is 401).
+    /// An `Authorization` header or a user was sent (a wrong one is 403, none at all is 401).
     pub has_credential: bool,
 }
 
+/// What to tell a caller who is not signed in.
+const SIGN_IN: &str = "send Authorization: Bearer <token> through the gateway (meshctl token issue prints one for the local mesh)";
+
 impl Ctx {
-    /// Refuses unless the caller presented the admin token: 401 without a credential (the
-    /// answer carries `WWW-Authenticate`), 403 with a wrong one.
+    fn unauthenticated(what: &str) -> Refusal {
+        Refusal::new(401, "unauthenticated", format!("{what} needs a signed-in user: {SIGN_IN}"))
+    }
+
+    /// The signed-in user a command acts as: 401 without one. The operator's token is no user
+    /// (it has no account): 403.
+    pub fn user(&self, what: &str) -> Result<&str, Refusal> {
+        match &self.user {
+            Some(u) => Ok(u),
+            None if self.is_admin => Err(Refusal::new(
+                403,
+                "forbidden",
+                format!("{what} acts as a signed-in user; the operator token is not one"),
+            )),
+            None => Err(Self::unauthenticated(what)),
+        }
+    }
+
+    /// Who is acting, as the audit trail records it: the user, or `operator` for the
+    /// operator's token; 401 for an anonymous caller.
+    pub fn principal(&self, what: &str) -> Result<String, Refusal> {
+        match &self.user {
+            Some(u) => Ok(u.clone()),
+            None if self.is_admin => Ok("operator".into()),
+            None => Err(Self::unauthenticated(what)),
+        }
+    }
+
+    /// Refuses unless the caller is an admin (the `admin` role, or the operator's token): 401
+    /// without a credential (the answer carries `WWW-Authenticate`), 403 with another one.
     pub fn require_admin(&self, what: &str) -> Result<(), Refusal> {
         match (self.is_admin, self.has_credential) {
             (true, _) => Ok(()),
-            (false, false) => Err(Refusal::new(
-                401,
-                "unauthenticated",
-                format!("{what} needs the admin token: send Authorization: Bearer <token>"),
-            )),
+            (false, false) => Err(Self::unauthenticated(what)),
             (false, true) => Err(Refusal::new(
                 403,
                 "forbidden",
-                format!("{what} needs the admin token; this one is not it"),
+                format!("{what} needs the admin role (or the operator token); this caller has neither"),
             )),
+        }
+    }
+
+    /// `owner` itself or an admin; 401 for an anonymous caller, 403 for anyone else.
+    pub fn owner_or_admin(&self, owner: &str, what: &str) -> Result<(), Refusal> {
+        if self.is_admin || self.user.as_deref() == Some(owner) {
+            return Ok(());
+        }
+        match &self.user {
+            None => Err(Self::unauthenticated(what)),
+            Some(u) => Err(Refusal::new(403, "forbidden", format!("{what}: {u} is not {owner}"))),
         }
     }
 }
@@ -424,17 +468,54 @@ impl Markets {
             .ok_or_else(|| Refusal::new(404, "not_found", format!("market {id} does not exist")))
     }
 
+    /// The caller's own account: a 404 that says how to open it.
+    async fn own_account(&self, user: &str) -> Result<Account, Refusal> {
+        self.load_account(user).await?.ok_or_else(|| {
+            Refusal::new(
+                404,
+                "no_account",
+                format!("{user} has no account yet: POST /accounts opens it (an admin grants it funds)"),
+            )
+        })
+    }
+
     async fn account(&self, id: &str) -> Result<Account, Refusal> {
         self.load_account(id)
             .await?
             .ok_or_else(|| Refusal::new(404, "not_found", format!("account {id} does not exist")))
     }
 
-    pub async fn open_account(&self, id: &str, name: &str, ctx: &Ctx) -> Result<Answer, Refusal> {
+    /// Opens the caller's account: its id is the caller's subject. An admin may open one for
+    /// another subject (`id`); anyone else naming another id is refused.
+    pub async fn open_account(&self, id: Option<&str>, name: &str, ctx: &Ctx) -> Result<Answer, Refusal> {
+        let id = match (id, ctx.user.as_deref()) {
+            (Some(id), _) if ctx.is_admin => id,
+            (None, None) if ctx.is_admin => {
+                return Err(Refusal {
+                    field: Some("id"),
+                    ..Refusal::new(400, "invalid", "id: name the account to open for another user")
+                });
+            }
+            (Some(id), Some(user)) if id != user => {
+                return Err(Refusal {
+                    field: Some("id"),
+                    ..Refusal::new(
+                        403,
+                        "forbidden",
+                        format!("an account's id is its owner's: yours is {user}, not {id}"),
+                    )
+                });
+            }
+            _ => ctx.user("opening an account")?,
+        };
         if !domain::valid_account_id(id) {
             return Err(Refusal {
                 field: Some("id"),
-                ..Refusal::new(400, "invalid", "id: 1..=64 characters of A-Z, a-z, 0-9, '_' and '-'")
+                ..Refusal::new(
+                    400,
+                    "invalid",
+                    format!("id: 1..={} characters of A-Z, a-z, 0-9 and _.@:|+-", domain::MAX_ACCOUNT_ID),
+                )
             });
         }
         if name.chars().count() > domain::MAX_NAME {
@@ -461,9 +542,10 @@ impl Markets {
 
     pub async fn grant(&self, id: &str, amount: Micro, ctx: &Ctx) -> Result<Answer, Refusal> {
         ctx.require_admin("granting funds")?;
+        let by = ctx.principal("granting funds")?;
         self.with_retries(ctx, || async {
             let a = self.account(id).await?;
-            let evs = domain::grant(&a, amount, "admin")?;
+            let evs = domain::grant(&a, amount, &by)?;
             let balance = Micro(a.balance.0 + amount.0);
             let appends = vec![Append {
                 aggregate_id: account_id(id),
@@ -478,9 +560,9 @@ impl Markets {
 
     pub async fn create_market(&self, c: &domain::CreateMarket, ctx: &Ctx) -> Result<Answer, Refusal> {
         let id = uuid::Uuid::now_v7().to_string();
+        let user = ctx.user("creating a market")?;
         self.with_retries(ctx, || async {
-            let creator =
-                self.account(&c.creator).await.map_err(|r| Refusal { field: Some("creator"), ..r })?;
+            let creator = self.own_account(user).await?;
             let (me, ae) = domain::create_market(&id, c, &creator, now_ms())?;
             let mevs = market_events(&me, ctx, "");
             let cause = mevs[0].event_id.clone();
@@ -512,10 +594,12 @@ impl Markets {
         close_time_ms: Option<u64>,
         ctx: &Ctx,
     ) -> Result<Answer, Refusal> {
+        let by = ctx.principal("changing a market")?;
         self.with_retries(ctx, || async {
             let m = self.market(id).await?;
             Self::pinned(ctx, m.version)?;
-            let me = domain::update_market(&m, description.clone(), close_time_ms, now_ms())?;
+            let me =
+                domain::update_market(&m, description.clone(), close_time_ms, (&by, ctx.is_admin), now_ms())?;
             let next = Market::replay(Some(m.clone()), id, &me)
                 .ok_or_else(|| Refusal::new(500, "internal", "fold"))?;
             let appends = vec![Append {
@@ -542,10 +626,11 @@ impl Markets {
     }
 
     pub async fn trade(&self, id: &str, t: &domain::Trade, ctx: &Ctx) -> Result<Answer, Refusal> {
+        let user = ctx.user("trading")?;
         self.with_retries(ctx, || async {
             let m = self.market(id).await?;
             Self::pinned(ctx, m.version)?;
-            let a = self.account(&t.account).await.map_err(|r| Refusal { field: Some("account"), ..r })?;
+            let a = self.own_account(user).await?;
             let (me, ae, q) = domain::trade(&m, &a, t, now_ms())?;
             let mevs = market_events(&me, ctx, "");
             let cause = mevs[0].event_id.clone();
@@ -564,13 +649,10 @@ impl Markets {
     }
 
     /// Resolve (and settle) or cancel: the market's events plus a credit to every account owed.
-    pub async fn finish(
-        &self,
-        id: &str,
-        resolve_to: Option<usize>,
-        by: &str,
-        ctx: &Ctx,
-    ) -> Result<Answer, Refusal> {
+    pub async fn finish(&self, id: &str, resolve_to: Option<usize>, ctx: &Ctx) -> Result<Answer, Refusal> {
+        let by =
+            ctx.principal(if resolve_to.is_some() { "resolving a market" } else { "cancelling a market" })?;
+        let by = by.as_str();
         self.with_retries(ctx, || async {
             let m = self.market(id).await?;
             Self::pinned(ctx, m.version)?;

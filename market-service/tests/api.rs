@@ -52,6 +52,11 @@ impl Svc {
         (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
     }
 
+    /// A call as the end user the gateway verified (what its sidecar hands the service).
+    async fn act(&self, user: &str, method: &str, path: &str, body: Value) -> (u16, Value) {
+        self.call(method, path, &[("x-mesh-user", user)], body).await
+    }
+
     async fn get(&self, path: &str) -> (u16, Value) {
         self.call("GET", path, &[], Value::Null).await
     }
@@ -68,7 +73,7 @@ impl Svc {
     }
 
     async fn account(&self, id: &str, grant: &str) {
-        assert_eq!(self.post("/accounts", json!({"id": id, "name": id})).await.0, 201);
+        assert_eq!(self.act(id, "POST", "/accounts", json!({"name": id})).await.0, 201);
         let (s, b) = self
             .call(
                 "POST",
@@ -81,14 +86,15 @@ impl Svc {
     }
 
     async fn balance(&self, account: &str) -> i64 {
-        let (_, a) = self.get(&format!("/accounts/{account}")).await;
+        let (_, a) =
+            self.call("GET", &format!("/accounts/{account}"), &[("authorization", ADMIN)], Value::Null).await;
         Micro::parse(a["balance"].as_str().unwrap_or_else(|| panic!("{a}"))).unwrap().0
     }
 
     async fn market(&self, creator: &str, close_in_ms: u64) -> String {
         let close = market_service::service::now_ms() + close_in_ms;
         let (s, b) = self
-            .post("/markets", json!({"question": "Will it rain?", "category": "weather", "outcomes": ["yes", "no"], "close_time_ms": close, "creator": creator, "liquidity": "100"}))
+            .act(creator, "POST", "/markets", json!({"question": "Will it rain?", "category": "weather", "outcomes": ["yes", "no"], "close_time_ms": close, "liquidity": "100"}))
             .await;
         assert_eq!(s, 201, "{b}");
         b["id"].as_str().unwrap().to_string()
@@ -142,17 +148,21 @@ async fn every_endpoint_on_its_happy_path() {
         assert_eq!(st, 200, "{q}");
         let quoted = q["quote"]["amount"].as_str().unwrap().to_string();
         let (st, t) = s
-            .post(
+            .act(
+                "bob",
+                "POST",
                 &format!("/markets/{id}/trades"),
-                json!({"account": "bob", "outcome": 0, "side": "buy", "shares": "10", "max_cost": "6"}),
+                json!({"outcome": 0, "side": "buy", "shares": "10", "max_cost": "6"}),
             )
             .await;
         assert_eq!(st, 201, "{t}");
         assert_eq!(t["quote"]["amount"].as_str().unwrap(), quoted, "the trade costs what the quote said");
         let (st, t) = s
-            .post(
+            .act(
+                "bob",
+                "POST",
                 &format!("/markets/{id}/trades"),
-                json!({"account": "bob", "outcome": 0, "side": "sell", "shares": "4", "min_proceeds": "1"}),
+                json!({"outcome": 0, "side": "sell", "shares": "4", "min_proceeds": "1"}),
             )
             .await;
         assert_eq!(st, 201, "{t}");
@@ -165,14 +175,19 @@ async fn every_endpoint_on_its_happy_path() {
         assert_eq!((st, l["total"].as_u64()), (200, Some(1)));
         assert_eq!(s.get("/markets?category=sports").await.1["total"], 0);
         let (st, u) = s
-            .call("PATCH", &format!("/markets/{id}"), &[("if-match", "3")], json!({"description": "updated"}))
+            .call(
+                "PATCH",
+                &format!("/markets/{id}"),
+                &[("if-match", "3"), ("x-mesh-user", "alice")],
+                json!({"description": "updated"}),
+            )
             .await;
         assert_eq!((st, u["description"].as_str()), (200, Some("updated")), "{u}");
         let (st, pos) = s.get(&format!("/markets/{id}/positions")).await;
         assert_eq!((st, pos["positions"][0]["shares"].as_str()), (200, Some("6.000000")));
         let (st, h) = s.get(&format!("/markets/{id}/history")).await;
         assert_eq!((st, h["points"].as_array().unwrap().len()), (200, 3));
-        let (st, a) = s.get("/accounts/bob").await;
+        let (st, a) = s.act("bob", "GET", "/accounts/bob", Value::Null).await;
         assert_eq!((st, a["positions"].as_array().unwrap().len()), (200, 1));
         let (st, ev) = s.get(&format!("/markets/{id}/events")).await;
         assert_eq!((st, ev["events"].as_array().unwrap().len()), (200, 4));
@@ -186,7 +201,7 @@ async fn every_endpoint_on_its_happy_path() {
 
         // Resolution settles: bob's 6 winning shares pay 6 credits; alice gets the rest back.
         let before = s.balance("bob").await;
-        let (st, r) = s.post(&format!("/markets/{id}/resolve"), json!({"outcome": 0, "by": "alice"})).await;
+        let (st, r) = s.act("alice", "POST", &format!("/markets/{id}/resolve"), json!({"outcome": 0})).await;
         assert_eq!(st, 200, "{r}");
         assert_eq!(s.balance("bob").await - before, Micro::units(6).0);
         assert_eq!(s.get(&format!("/markets/{id}")).await.1["pool"], "0.000000");
@@ -195,13 +210,16 @@ async fn every_endpoint_on_its_happy_path() {
 
         // Cancellation refunds what was paid.
         let id2 = s.market("alice", 3_600_000).await;
-        s.post(
+        s.act(
+            "bob",
+            "POST",
             &format!("/markets/{id2}/trades"),
-            json!({"account": "bob", "outcome": 1, "side": "buy", "shares": "5"}),
+            json!({"outcome": 1, "side": "buy", "shares": "5"}),
         )
         .await;
         let before = s.balance("bob").await;
-        assert_eq!(s.post(&format!("/markets/{id2}/cancel"), json!({"by": "alice"})).await.0, 200);
+        // A command without fields takes an empty body.
+        assert_eq!(s.act("alice", "POST", &format!("/markets/{id2}/cancel"), Value::Null).await.0, 200);
         assert!(s.balance("bob").await > before, "bob's stake is refunded");
         s.stop().await;
     }
@@ -216,50 +234,75 @@ async fn bad_inputs_get_the_documented_4xx_never_500() {
         let id = s.market("alice", 3_600_000).await;
         let trades = format!("/markets/{id}/trades");
         let future = market_service::service::now_ms() + 3_600_000;
-        let cases: Vec<(&str, String, String, u16, &str)> = vec![
-            ("POST", trades.clone(), "{not json".into(), 400, "invalid_body"),
-            ("POST", trades.clone(), json!({"account": "alice", "outcome": 0, "side": "buy", "shares": "1", "extra": 1}).to_string(), 400, "invalid_body"),
-            ("POST", trades.clone(), json!({"account": "alice", "outcome": "zero", "side": "buy", "shares": "1"}).to_string(), 400, "invalid_body"),
-            ("POST", trades.clone(), json!({"account": "alice", "outcome": -1, "side": "buy", "shares": "1"}).to_string(), 400, "invalid_body"),
-            ("POST", trades.clone(), json!({"account": "alice", "outcome": 0, "side": "hold", "shares": "1"}).to_string(), 400, "invalid_body"),
-            ("POST", trades.clone(), json!({"account": "alice", "outcome": 0, "side": "buy", "shares": "-5"}).to_string(), 400, "invalid"),
-            ("POST", trades.clone(), json!({"account": "alice", "outcome": 0, "side": "buy", "shares": 1.5}).to_string(), 400, "invalid_body"),
-            ("POST", trades.clone(), json!({"account": "alice", "outcome": 0, "side": "buy", "shares": "99999999999999999999"}).to_string(), 400, "invalid_body"),
-            ("POST", trades.clone(), r#"{"account":"alice","outcome":99999999999999999999999,"side":"buy","shares":"1"}"#.into(), 400, "invalid_body"),
-            ("POST", trades.clone(), json!({"account": "alice", "outcome": 5, "side": "buy", "shares": "1"}).to_string(), 400, "invalid"),
-            ("POST", trades.clone(), json!({"account": "nobody", "outcome": 0, "side": "buy", "shares": "1"}).to_string(), 404, "not_found"),
-            ("POST", trades.clone(), json!({"account": "alice", "outcome": 0, "side": "buy", "shares": "100000"}).to_string(), 409, "insufficient_balance"),
-            ("POST", trades.clone(), json!({"account": "alice", "outcome": 0, "side": "sell", "shares": "1"}).to_string(), 409, "insufficient_shares"),
-            ("POST", trades.clone(), json!({"account": "alice", "outcome": 0, "side": "buy", "shares": "10", "max_cost": "0.01"}).to_string(), 409, "slippage"),
-            ("POST", "/markets/nope/trades".into(), json!({"account": "alice", "outcome": 0, "side": "buy", "shares": "1"}).to_string(), 404, "not_found"),
-            ("GET", "/markets/nope".into(), String::new(), 404, "not_found"),
-            ("GET", "/accounts/nope".into(), String::new(), 404, "not_found"),
-            ("GET", "/markets?status=sleeping".into(), String::new(), 400, "invalid"),
-            ("GET", "/markets?limit=0".into(), String::new(), 400, "invalid"),
-            ("GET", "/markets?limit=abc".into(), String::new(), 400, "invalid_query"),
-            ("GET", "/nowhere".into(), String::new(), 404, "not_found"),
-            ("POST", "/accounts".into(), json!({"id": "has space"}).to_string(), 400, "invalid"),
-            ("POST", "/accounts".into(), json!({"id": "alice"}).to_string(), 409, "exists"),
-            ("POST", "/accounts/alice/grants".into(), json!({"amount": "5"}).to_string(), 401, "unauthenticated"),
-            ("DELETE", "/markets".into(), String::new(), 405, "method_not_allowed"),
-            ("PUT", format!("/markets/{id}/trades"), String::new(), 405, "method_not_allowed"),
-            ("POST", "/markets".into(), json!({"question": "", "outcomes": ["a", "b"], "close_time_ms": future, "creator": "alice", "liquidity": "10"}).to_string(), 400, "invalid"),
-            ("POST", "/markets".into(), json!({"question": "q", "outcomes": ["a"], "close_time_ms": future, "creator": "alice", "liquidity": "10"}).to_string(), 400, "invalid"),
-            ("POST", "/markets".into(), json!({"question": "q", "outcomes": ["a", "a"], "close_time_ms": future, "creator": "alice", "liquidity": "10"}).to_string(), 400, "invalid"),
-            ("POST", "/markets".into(), json!({"question": "q", "outcomes": ["a", "b"], "close_time_ms": 1, "creator": "alice", "liquidity": "10"}).to_string(), 400, "invalid"),
-            ("POST", "/markets".into(), json!({"question": "q", "outcomes": ["a", "b"], "close_time_ms": future, "creator": "ghost", "liquidity": "10"}).to_string(), 404, "not_found"),
-            ("POST", "/markets".into(), json!({"question": "q", "outcomes": ["a", "b"], "close_time_ms": future, "creator": "alice", "liquidity": "0"}).to_string(), 400, "invalid"),
-            ("POST", format!("/markets/{id}/resolve"), json!({"outcome": 0, "by": "mallory"}).to_string(), 403, "forbidden"),
-            ("POST", format!("/markets/{id}/resolve"), json!({"outcome": 9, "by": "alice"}).to_string(), 400, "invalid"),
-            ("PATCH", format!("/markets/{id}"), json!({}).to_string(), 400, "invalid"),
+        // (user: "" anonymous, "root" with the admin role; method, path, body, status, code)
+        let cases: Vec<(&str, &str, String, String, u16, &str)> = vec![
+            ("alice", "POST", trades.clone(), "{not json".into(), 400, "invalid_body"),
+            ("alice", "POST", trades.clone(), json!({"outcome": 0, "side": "buy", "shares": "1", "extra": 1}).to_string(), 400, "invalid_body"),
+            ("alice", "POST", trades.clone(), json!({"outcome": "zero", "side": "buy", "shares": "1"}).to_string(), 400, "invalid_body"),
+            ("alice", "POST", trades.clone(), json!({"outcome": -1, "side": "buy", "shares": "1"}).to_string(), 400, "invalid_body"),
+            ("alice", "POST", trades.clone(), json!({"outcome": 0, "side": "hold", "shares": "1"}).to_string(), 400, "invalid_body"),
+            ("alice", "POST", trades.clone(), json!({"outcome": 0, "side": "buy", "shares": "-5"}).to_string(), 400, "invalid"),
+            ("alice", "POST", trades.clone(), json!({"outcome": 0, "side": "buy", "shares": 1.5}).to_string(), 400, "invalid_body"),
+            ("alice", "POST", trades.clone(), json!({"outcome": 0, "side": "buy", "shares": "99999999999999999999"}).to_string(), 400, "invalid_body"),
+            ("alice", "POST", trades.clone(), r#"{"outcome":99999999999999999999999,"side":"buy","shares":"1"}"#.into(), 400, "invalid_body"),
+            ("alice", "POST", trades.clone(), json!({"outcome": 5, "side": "buy", "shares": "1"}).to_string(), 400, "invalid"),
+            ("nobody", "POST", trades.clone(), json!({"outcome": 0, "side": "buy", "shares": "1"}).to_string(), 404, "no_account"),
+            ("alice", "POST", trades.clone(), json!({"outcome": 0, "side": "buy", "shares": "100000"}).to_string(), 409, "insufficient_balance"),
+            ("alice", "POST", trades.clone(), json!({"outcome": 0, "side": "sell", "shares": "1"}).to_string(), 409, "insufficient_shares"),
+            ("alice", "POST", trades.clone(), json!({"outcome": 0, "side": "buy", "shares": "10", "max_cost": "0.01"}).to_string(), 409, "slippage"),
+            ("alice", "POST", "/markets/nope/trades".into(), json!({"outcome": 0, "side": "buy", "shares": "1"}).to_string(), 404, "not_found"),
+            ("alice", "GET", "/markets/nope".into(), String::new(), 404, "not_found"),
+            ("root", "GET", "/accounts/nope".into(), String::new(), 404, "not_found"),
+            ("alice", "GET", "/markets?status=sleeping".into(), String::new(), 400, "invalid"),
+            ("alice", "GET", "/markets?limit=0".into(), String::new(), 400, "invalid"),
+            ("alice", "GET", "/markets?limit=abc".into(), String::new(), 400, "invalid_query"),
+            ("alice", "GET", "/nowhere".into(), String::new(), 404, "not_found"),
+            ("has space", "POST", "/accounts".into(), json!({}).to_string(), 400, "invalid"),
+            ("alice", "POST", "/accounts".into(), json!({"id": "alice"}).to_string(), 409, "exists"),
+            ("", "POST", "/accounts/alice/grants".into(), json!({"amount": "5"}).to_string(), 401, "unauthenticated"),
+            ("alice", "POST", "/accounts/alice/grants".into(), json!({"amount": "5"}).to_string(), 403, "forbidden"),
+            ("root", "POST", "/accounts/nope/grants".into(), json!({"amount": "5"}).to_string(), 404, "not_found"),
+            ("alice", "DELETE", "/markets".into(), String::new(), 405, "method_not_allowed"),
+            ("alice", "PUT", format!("/markets/{id}/trades"), String::new(), 405, "method_not_allowed"),
+            ("alice", "POST", "/markets".into(), json!({"question": "", "outcomes": ["a", "b"], "close_time_ms": future, "liquidity": "10"}).to_string(), 400, "invalid"),
+            ("alice", "POST", "/markets".into(), json!({"question": "q", "outcomes": ["a"], "close_time_ms": future, "liquidity": "10"}).to_string(), 400, "invalid"),
+            ("alice", "POST", "/markets".into(), json!({"question": "q", "outcomes": ["a", "a"], "close_time_ms": future, "liquidity": "10"}).to_string(), 400, "invalid"),
+            ("alice", "POST", "/markets".into(), json!({"question": "q", "outcomes": ["a", "b"], "close_time_ms": 1, "liquidity": "10"}).to_string(), 400, "invalid"),
+            ("ghost", "POST", "/markets".into(), json!({"question": "q", "outcomes": ["a", "b"], "close_time_ms": future, "liquidity": "10"}).to_string(), 404, "no_account"),
+            ("alice", "POST", "/markets".into(), json!({"question": "q", "outcomes": ["a", "b"], "close_time_ms": future, "liquidity": "0"}).to_string(), 400, "invalid"),
+            ("mallory", "POST", format!("/markets/{id}/resolve"), json!({"outcome": 0}).to_string(), 403, "forbidden"),
+            ("alice", "POST", format!("/markets/{id}/resolve"), json!({"outcome": 9}).to_string(), 400, "invalid"),
+            ("alice", "PATCH", format!("/markets/{id}"), json!({}).to_string(), 400, "invalid"),
+            // Who acts is the verified user, never a name in the body: anonymous writes are
+            // 401, acting on another's market or account is 403.
+            ("alice", "POST", trades.clone(), json!({"account": "bob", "outcome": 0, "side": "buy", "shares": "1"}).to_string(), 400, "invalid_body"),
+            ("alice", "POST", "/markets".into(), json!({"question": "q", "outcomes": ["a", "b"], "close_time_ms": future, "liquidity": "10", "creator": "bob"}).to_string(), 400, "invalid_body"),
+            ("", "POST", trades.clone(), json!({"outcome": 0, "side": "buy", "shares": "1"}).to_string(), 401, "unauthenticated"),
+            ("", "POST", "/markets".into(), json!({"question": "q", "outcomes": ["a", "b"], "close_time_ms": future, "liquidity": "10"}).to_string(), 401, "unauthenticated"),
+            ("", "PATCH", format!("/markets/{id}"), json!({"description": "mine now"}).to_string(), 401, "unauthenticated"),
+            ("", "POST", format!("/markets/{id}/cancel"), String::new(), 401, "unauthenticated"),
+            ("", "POST", "/accounts".into(), json!({}).to_string(), 401, "unauthenticated"),
+            ("", "GET", "/accounts/alice".into(), String::new(), 401, "unauthenticated"),
+            ("mallory", "PATCH", format!("/markets/{id}"), json!({"description": "mine now"}).to_string(), 403, "forbidden"),
+            ("mallory", "POST", format!("/markets/{id}/cancel"), String::new(), 403, "forbidden"),
+            ("mallory", "POST", "/accounts".into(), json!({"id": "alice2"}).to_string(), 403, "forbidden"),
+            ("mallory", "GET", "/accounts/alice".into(), String::new(), 403, "forbidden"),
         ];
-        for (method, path, body, status, code) in cases {
-            let (got, v) = s.raw(method, &path, &[], body.clone()).await;
+        for (user, method, path, body, status, code) in cases {
+            let roles = if user == "root" { "admin" } else { "" };
+            let h: &[(&str, &str)] =
+                if user.is_empty() { &[] } else { &[("x-mesh-user", user), ("x-mesh-user-roles", roles)] };
+            let (got, v) = s.raw(method, &path, h, body.clone()).await;
             assert_eq!((got, v["error"].as_str()), (status, Some(code)), "{method} {path} {body}: {v}");
             assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
         }
         let (st, v) = s
-            .call("PATCH", &format!("/markets/{id}"), &[("if-match", "99")], json!({"description": "x"}))
+            .call(
+                "PATCH",
+                &format!("/markets/{id}"),
+                &[("if-match", "99"), ("x-mesh-user", "alice")],
+                json!({"description": "x"}),
+            )
             .await;
         assert_eq!((st, v["error"].as_str()), (409, Some("version_conflict")));
         let (st, v) = s.raw("POST", &trades, &[("idempotency-key", "")], "{}".into()).await;
@@ -294,6 +337,90 @@ async fn bad_inputs_get_the_documented_4xx_never_500() {
     }
 }
 
+/// Issue #17: the verified user acts, never a name in the body; an admin (the role or the
+/// operator's token) may grant and act on any market; idempotency keys are per user.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_verified_user_acts_and_only_admins_act_for_others() {
+    let dir = tempfile::tempdir().unwrap();
+    for url in databases(&dir).await {
+        let s = Svc::start(&url, 50).await;
+        let root = [("x-mesh-user", "root"), ("x-mesh-user-roles", "trader,admin")];
+        for user in ["alice", "bob"] {
+            assert_eq!(s.act(user, "POST", "/accounts", json!({})).await.0, 201);
+            let (st, g) =
+                s.call("POST", &format!("/accounts/{user}/grants"), &root, json!({"amount": "100"})).await;
+            assert_eq!(st, 200, "an admin role grants: {g}");
+        }
+        // A role other than admin is no admin.
+        let (st, _) = s
+            .call(
+                "POST",
+                "/accounts/bob/grants",
+                &[("x-mesh-user", "bob"), ("x-mesh-user-roles", "trader,administrator")],
+                json!({"amount": "100"}),
+            )
+            .await;
+        assert_eq!(st, 403);
+        let id = s.market("alice", 3_600_000).await;
+        assert_eq!(s.get(&format!("/markets/{id}")).await.1["creator"], "alice");
+        let alice_before = s.balance("alice").await;
+
+        // Bob's trade debits bob, whoever the body might have named.
+        let trades = format!("/markets/{id}/trades");
+        let (st, t) = s
+            .call(
+                "POST",
+                &trades,
+                &[("x-mesh-user", "bob"), ("idempotency-key", "k")],
+                json!({"outcome": 0, "side": "buy", "shares": "5"}),
+            )
+            .await;
+        assert_eq!((st, t["account"].as_str()), (201, Some("bob")), "{t}");
+        assert!(s.balance("bob").await < Micro::units(100).0);
+        assert_eq!(s.balance("alice").await, alice_before);
+        // The same key from another user is another request.
+        let (st, t) = s
+            .call(
+                "POST",
+                &trades,
+                &[("x-mesh-user", "alice"), ("idempotency-key", "k")],
+                json!({"outcome": 1, "side": "buy", "shares": "1"}),
+            )
+            .await;
+        assert_eq!((st, t["account"].as_str()), (201, Some("alice")), "{t}");
+        assert_eq!(s.get(&format!("/markets/{id}")).await.1["trades"], 2);
+
+        // Accounts are their owners': `me` is the caller's own.
+        let (st, me) = s.act("bob", "GET", "/accounts/me", Value::Null).await;
+        assert_eq!((st, me["id"].as_str()), (200, Some("bob")), "{me}");
+        assert_eq!(s.call("GET", "/accounts/bob", &root, Value::Null).await.0, 200);
+
+        // Bob cannot resolve alice's market; an admin can, and the trail says who.
+        let resolve = format!("/markets/{id}/resolve");
+        assert_eq!(s.act("bob", "POST", &resolve, json!({"outcome": 0})).await.0, 403);
+        let (st, r) = s.call("POST", &resolve, &root, json!({"outcome": 0})).await;
+        assert_eq!(st, 200, "{r}");
+        let trail = s.get(&format!("/markets/{id}/events")).await.1;
+        let resolved = trail["events"].as_array().unwrap().iter().find(|e| e["type"] == "MarketResolved");
+        assert_eq!(resolved.unwrap()["data"]["by"], "root");
+
+        // The operator's token is an admin without an account: it grants, it does not trade.
+        let (st, g) =
+            s.call("POST", "/accounts/bob/grants", &[("authorization", ADMIN)], json!({"amount": "1"})).await;
+        assert_eq!(st, 200, "{g}");
+        let (st, v) = s
+            .call(
+                "POST",
+                &trades,
+                &[("authorization", ADMIN)],
+                json!({"outcome": 0, "side": "buy", "shares": "1"}),
+            )
+            .await;
+        assert_eq!((st, v["error"].as_str()), (403, Some("forbidden")), "{v}");
+        s.stop().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_post_with_the_same_idempotency_key_is_applied_once() {
     let dir = tempfile::tempdir().unwrap();
@@ -301,26 +428,18 @@ async fn a_retried_post_with_the_same_idempotency_key_is_applied_once() {
         let s = Svc::start(&url, 50).await;
         s.account("alice", "1000").await;
         let id = s.market("alice", 3_600_000).await;
-        let body = json!({"account": "alice", "outcome": 0, "side": "buy", "shares": "10"});
+        let body = json!({"outcome": 0, "side": "buy", "shares": "10"});
+        let key = [("idempotency-key", "trade-1"), ("x-mesh-user", "alice")];
         let path = format!("/markets/{id}/trades");
         // Concurrent retries of one request, as a client (or its sidecar) might send them.
-        let answers = futures::future::join_all(
-            (0..8).map(|_| s.call("POST", &path, &[("idempotency-key", "trade-1")], body.clone())),
-        )
-        .await;
+        let answers =
+            futures::future::join_all((0..8).map(|_| s.call("POST", &path, &key, body.clone()))).await;
         for (st, a) in &answers {
             assert_eq!(*st, 201, "{a}");
             assert_eq!(a, &answers[0].1, "every retry gets the first answer");
         }
         assert_eq!(s.get(&format!("/markets/{id}")).await.1["trades"], 1, "applied once");
-        let (st, v) = s
-            .call(
-                "POST",
-                &path,
-                &[("idempotency-key", "trade-1")],
-                json!({"account": "alice", "outcome": 1, "side": "buy", "shares": "1"}),
-            )
-            .await;
+        let (st, v) = s.call("POST", &path, &key, json!({"outcome": 1, "side": "buy", "shares": "1"})).await;
         assert_eq!((st, v["error"].as_str()), (422, Some("idempotency_key_reused")));
         s.stop().await;
     }
@@ -347,8 +466,8 @@ async fn concurrent_writers_lose_nothing_and_duplicate_nothing() {
                 let mut ids = Vec::new();
                 for n in 0..EACH {
                     let m = &markets[(t + n) % 2];
-                    let body =
-                        json!({"account": format!("t{t}"), "outcome": n % 2, "side": "buy", "shares": "1"});
+                    let (user, body) =
+                        (format!("t{t}"), json!({"outcome": n % 2, "side": "buy", "shares": "1"}));
                     // Pinned versions: every lost race is a 409 the client retries on fresh state.
                     loop {
                         let v = svc.get(&format!("/markets/{m}")).await.1["version"]
@@ -356,7 +475,12 @@ async fn concurrent_writers_lose_nothing_and_duplicate_nothing() {
                             .unwrap()
                             .to_string();
                         let (st, r) = svc
-                            .call("POST", &format!("/markets/{m}/trades"), &[("if-match", &v)], body.clone())
+                            .call(
+                                "POST",
+                                &format!("/markets/{m}/trades"),
+                                &[("if-match", &v), ("x-mesh-user", &user)],
+                                body.clone(),
+                            )
                             .await;
                         match st {
                             201 => {
@@ -490,7 +614,7 @@ async fn amounts_past_the_bound_are_refused_and_no_stored_aggregate_stops_the_se
             .await;
         assert_eq!((st, v["field"].as_str()), (422, Some("balance")), "refused, not 503: {v}");
         assert_eq!(s.balance("bob").await, Micro::units(10).0, "the others are served");
-        let (st, v) = s.get("/accounts/carol").await;
+        let (st, v) = s.act("carol", "GET", "/accounts/carol", Value::Null).await;
         assert_eq!(st, 503, "{v}");
         assert!(v["message"].as_str().unwrap().contains("account-carol"), "{v}");
         let (st, v) = s.get("/healthz").await;
@@ -509,9 +633,11 @@ async fn the_audit_chain_detects_a_modified_event() {
         s.account("alice", "1000").await;
         let id = s.market("alice", 3_600_000).await;
         for _ in 0..3 {
-            s.post(
+            s.act(
+                "alice",
+                "POST",
                 &format!("/markets/{id}/trades"),
-                json!({"account": "alice", "outcome": 1, "side": "buy", "shares": "2"}),
+                json!({"outcome": 1, "side": "buy", "shares": "2"}),
             )
             .await;
         }
@@ -547,9 +673,11 @@ async fn markets_close_at_their_close_time() {
         })
         .await;
         let (st, v) = s
-            .post(
+            .act(
+                "alice",
+                "POST",
                 &format!("/markets/{id}/trades"),
-                json!({"account": "alice", "outcome": 0, "side": "buy", "shares": "1"}),
+                json!({"outcome": 0, "side": "buy", "shares": "1"}),
             )
             .await;
         assert_eq!((st, v["error"].as_str()), (409, Some("market_not_open")));
@@ -579,9 +707,11 @@ async fn domain_events_reach_the_bus_through_the_sidecar_once_each() {
     s.account("alice", "1000").await;
     let id = s.market("alice", 3_600_000).await;
     assert_eq!(
-        s.post(
+        s.act(
+            "alice",
+            "POST",
             &format!("/markets/{id}/trades"),
-            json!({"account": "alice", "outcome": 0, "side": "buy", "shares": "1"})
+            json!({"outcome": 0, "side": "buy", "shares": "1"})
         )
         .await
         .0,

@@ -355,17 +355,11 @@ pub async fn run(args: UpArgs, output: Output) -> Result<(), CliError> {
         target.admin_token_file.display()
     );
     out!(
-        "       curl -s -XPOST http://{public}/api/accounts -H 'content-type: application/json' -d '{{\"id\":\"alice\"}}'"
-    );
-    out!(
-        "       curl -s -XPOST http://{public}/api/accounts/alice/grants -H \"authorization: Bearer $(cat {})\" -H 'content-type: application/json' -d '{{\"amount\":\"1000\"}}'",
-        args.dir.join("admin-token").display()
-    );
-    out!("       curl -s http://{public}/api/markets");
-    out!(
-        "       meshctl token issue --sub alice --dir {}   (an end-user token the gateway verifies)",
+        "       ALICE=$(meshctl token issue --sub alice --dir {})   (an end-user token the gateway verifies; --admin for the admin role)",
         args.dir.display()
     );
+    out!("       curl -s -XPOST http://{public}/api/accounts -H \"authorization: Bearer $ALICE\"");
+    out!("       curl -s http://{public}/api/markets");
     out!();
     supervise(mesh, args.restart_backoff, args.give_up_after).await
 }

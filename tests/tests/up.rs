@@ -45,14 +45,14 @@ async fn meshctl_up_runs_a_whole_mesh_reachable_through_the_gateway_and_stops_on
     let (cp, gateway) =
         (cp.expect("control plane address printed"), gateway.expect("gateway address printed"));
     let gw: std::net::SocketAddr = gateway.parse().unwrap();
-    let token = std::fs::read_to_string(state.join("admin-token")).unwrap();
-    let call = |method: &'static str, path: String, auth: bool, body: Value| {
-        let token = token.clone();
+    let operator = std::fs::read_to_string(state.join("admin-token")).unwrap();
+    // A request through the gateway, with a bearer credential or none.
+    let call = |method: &'static str, path: String, bearer: Option<&str>, body: Value| {
+        let bearer = bearer.map(|t| format!("Bearer {t}"));
         async move {
             let mut h = vec![("content-type", "application/json")];
-            let bearer = format!("Bearer {token}");
-            if auth {
-                h.push(("authorization", bearer.as_str()));
+            if let Some(b) = &bearer {
+                h.push(("authorization", b.as_str()));
             }
             let (status, text) =
                 request(gw, method, "example.com", &path, &h, Bytes::from(body.to_string())).await;
@@ -83,48 +83,74 @@ async fn meshctl_up_runs_a_whole_mesh_reachable_through_the_gateway_and_stops_on
     })
     .await;
     eventually(WAIT, "the gateway routes to market-service", || async {
-        call("GET", "/api/markets".into(), false, Value::Null).await.0 == 200
+        call("GET", "/api/markets".into(), None, Value::Null).await.0 == 200
     })
     .await;
 
-    assert_eq!(call("POST", "/api/accounts".into(), false, json!({"id": "alice"})).await.0, 201);
-    assert_eq!(
-        call("POST", "/api/accounts/alice/grants".into(), true, json!({"amount": "1000"})).await.0,
-        200
-    );
     // End users: the gateway verifies tokens of the development issuer (`meshctl token issue`).
-    let issued = Command::new(bin("meshctl"))
-        .args(["token", "issue", "--sub", "alice", "--ttl", "10m", "--dir"])
-        .arg(&state)
-        .output()
-        .unwrap();
-    assert!(issued.status.success(), "{}", String::from_utf8_lossy(&issued.stderr));
-    let jwt = String::from_utf8(issued.stdout).unwrap().trim().to_string();
-    assert_eq!(jwt.split('.').count(), 3, "{jwt}");
-    let with = |t: String| async move {
-        let bearer = format!("Bearer {t}");
-        request(gw, "GET", "example.com", "/api/markets", &[("authorization", bearer.as_str())], Bytes::new())
-            .await
+    let issue = |args: &[&str]| {
+        let issued = Command::new(bin("meshctl"))
+            .args(["token", "issue", "--ttl", "10m", "--dir"])
+            .arg(&state)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(issued.status.success(), "{}", String::from_utf8_lossy(&issued.stderr));
+        String::from_utf8(issued.stdout).unwrap().trim().to_string()
     };
-    assert_eq!(with(jwt.clone()).await.0, 200);
-    let (status, body) = with(format!("{jwt}x")).await;
+    let (alice, bob, admin) =
+        (issue(&["--sub", "alice"]), issue(&["--sub", "bob"]), issue(&["--sub", "ops", "--admin"]));
+    assert_eq!(alice.split('.').count(), 3, "{alice}");
+    assert_eq!(call("GET", "/api/markets".into(), Some(&alice), Value::Null).await.0, 200);
+    let (status, body) = call("GET", "/api/markets".into(), Some(&format!("{alice}x")), Value::Null).await;
     assert_eq!(status, 401, "a token with a broken signature: {body}");
-    assert!(body.contains("token_bad_signature") || body.contains("token_malformed"), "{body}");
+    assert!(body["error"] == "token_bad_signature" || body["error"] == "token_malformed", "{body}");
+
+    // Issue #17: the market service acts as the verified user. Accounts are their owners';
+    // anonymous writes are 401; only an admin (the role, or the operator's token) grants.
+    let accounts = "/api/accounts".to_string();
+    assert_eq!(call("POST", accounts.clone(), None, json!({})).await.0, 401);
+    for who in [&alice, &bob] {
+        assert_eq!(call("POST", accounts.clone(), Some(who), json!({})).await.0, 201);
+    }
+    let grant = |who: &str| format!("/api/accounts/{who}/grants");
+    assert_eq!(call("POST", grant("alice"), Some(&alice), json!({"amount": "1000"})).await.0, 403);
+    assert_eq!(call("POST", grant("alice"), Some(&admin), json!({"amount": "1000"})).await.0, 200);
+    assert_eq!(call("POST", grant("bob"), Some(&operator), json!({"amount": "10"})).await.0, 200);
     let close = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()
         as u64
         + 3_600_000;
-    let (st, m) = call("POST", "/api/markets".into(), false, json!({"question": "Rain?", "outcomes": ["yes", "no"], "close_time_ms": close, "creator": "alice", "liquidity": "100"})).await;
-    assert_eq!(st, 201, "{m}");
+    let question =
+        json!({"question": "Rain?", "outcomes": ["yes", "no"], "close_time_ms": close, "liquidity": "100"});
+    assert_eq!(call("POST", "/api/markets".into(), None, question.clone()).await.0, 401);
+    let (st, m) = call("POST", "/api/markets".into(), Some(&alice), question).await;
+    assert_eq!((st, m["creator"].as_str()), (201, Some("alice")), "{m}");
     let id = m["id"].as_str().unwrap().to_string();
+    // Bob cannot trade as alice, nor resolve or change her market.
+    let trades = format!("/api/markets/{id}/trades");
+    let (st, v) = call(
+        "POST",
+        trades.clone(),
+        Some(&bob),
+        json!({"account": "alice", "outcome": 0, "side": "buy", "shares": "1"}),
+    )
+    .await;
+    assert_eq!(st, 400, "a body cannot name the account: {v}");
+    let resolve = format!("/api/markets/{id}/resolve");
+    assert_eq!(call("POST", resolve, Some(&bob), json!({"outcome": 0})).await.0, 403);
+    assert_eq!(
+        call("PATCH", format!("/api/markets/{id}"), Some(&bob), json!({"description": "x"})).await.0,
+        403
+    );
+    assert_eq!(
+        call("POST", trades.clone(), None, json!({"outcome": 0, "side": "buy", "shares": "1"})).await.0,
+        401
+    );
     // Trades through the gateway land on either instance; both share one database.
     for _ in 0..6 {
-        let (st, t) = call(
-            "POST",
-            format!("/api/markets/{id}/trades"),
-            false,
-            json!({"account": "alice", "outcome": 0, "side": "buy", "shares": "1"}),
-        )
-        .await;
+        let (st, t) =
+            call("POST", trades.clone(), Some(&alice), json!({"outcome": 0, "side": "buy", "shares": "1"}))
+                .await;
         assert_eq!(st, 201, "{t}");
     }
     let gateway_admin_addr: std::net::SocketAddr =
@@ -137,7 +163,7 @@ async fn meshctl_up_runs_a_whole_mesh_reachable_through_the_gateway_and_stops_on
     })
     .await;
     for _ in 0..4 {
-        let (st, m) = call("GET", format!("/api/markets/{id}"), false, Value::Null).await;
+        let (st, m) = call("GET", format!("/api/markets/{id}"), None, Value::Null).await;
         assert_eq!(
             (st, m["trades"].as_u64()),
             (200, Some(6)),
@@ -154,16 +180,11 @@ async fn meshctl_up_runs_a_whole_mesh_reachable_through_the_gateway_and_stops_on
             .unwrap_or(0)
     };
     assert!(cache_hits().await >= 3, "repeated reads of the market page are served from the gateway cache");
-    let (st, t) = call(
-        "POST",
-        format!("/api/markets/{id}/trades"),
-        false,
-        json!({"account": "alice", "outcome": 1, "side": "buy", "shares": "1"}),
-    )
-    .await;
+    let (st, t) =
+        call("POST", trades.clone(), Some(&alice), json!({"outcome": 1, "side": "buy", "shares": "1"})).await;
     assert_eq!(st, 201, "{t}");
     eventually(WAIT, "the trade's event invalidates the cached market page", || async {
-        call("GET", format!("/api/markets/{id}"), false, Value::Null).await.1["trades"].as_u64() == Some(7)
+        call("GET", format!("/api/markets/{id}"), None, Value::Null).await.1["trades"].as_u64() == Some(7)
     })
     .await;
     // Mutual TLS: the gateway and both sidecars hold mesh certificates; plaintext to a

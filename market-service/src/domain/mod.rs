@@ -402,7 +402,6 @@ pub struct CreateMarket {
     pub category: String,
     pub outcomes: Vec<String>,
     pub close_time_ms: u64,
-    pub creator: String,
     /// The LMSR's b: larger means prices move less per share. The creator pays b · ln n.
     pub liquidity: Micro,
 }
@@ -420,11 +419,20 @@ fn text(field: &'static str, s: &str, max: usize, required: bool) -> Result<(), 
     Ok(())
 }
 
-/// Account ids: 1..=64 of `[A-Za-z0-9_-]`.
+/// Longest account id: an account's id is its owner's subject (a token's `sub`).
+pub const MAX_ACCOUNT_ID: usize = 128;
+
+/// Account ids: 1..=128 of `[A-Za-z0-9_.@:|+-]`, which covers the subjects identity providers
+/// issue (`alice`, `auth0|5f7c…`, `user@example.com`, UUIDs).
 pub fn valid_account_id(id: &str) -> bool {
     !id.is_empty()
-        && id.len() <= 64
-        && id.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
+        && id.len() <= MAX_ACCOUNT_ID
+        && id.bytes().all(|c| c.is_ascii_alphanumeric() || b"_.@:|+-".contains(&c))
+}
+
+/// Only a market's creator or an admin may change, resolve or cancel it.
+fn creator_or_admin(m: &Market, by: &str, is_admin: bool, what: &'static str) -> Result<(), DomainError> {
+    if by == m.creator || is_admin { Ok(()) } else { Err(DomainError::Forbidden(what)) }
 }
 
 /// A new market, funded by its creator's subsidy: (market events, creator account events).
@@ -465,7 +473,7 @@ pub fn create_market(
         category: c.category.trim().to_string(),
         outcomes: c.outcomes.iter().map(|o| o.trim().to_string()).collect(),
         close_time_ms: c.close_time_ms,
-        creator: c.creator.clone(),
+        creator: creator.id.clone(),
         liquidity: c.liquidity,
         subsidy,
         created_at_ms: now_ms,
@@ -478,13 +486,15 @@ pub fn create_market(
     Ok((vec![market], vec![debit]))
 }
 
-/// Changes the description or close time while trading has not ended.
+/// Changes the description or close time while trading has not ended (creator or admin).
 pub fn update_market(
     m: &Market,
     description: Option<String>,
     close_time_ms: Option<u64>,
+    (by, is_admin): (&str, bool),
     now_ms: u64,
 ) -> Result<Vec<MarketEvent>, DomainError> {
+    creator_or_admin(m, by, is_admin, "change it")?;
     m.tradable(now_ms)?;
     if let Some(d) = &description {
         text("description", d, MAX_DESCRIPTION, false)?;
@@ -548,7 +558,6 @@ pub fn quote(m: &Market, outcome: usize, side: Side, shares: Micro) -> Result<Qu
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Trade {
-    pub account: String,
     pub outcome: usize,
     pub side: Side,
     pub shares: Micro,
@@ -634,9 +643,7 @@ pub fn resolve(
     is_admin: bool,
     now_ms: u64,
 ) -> Result<(Vec<MarketEvent>, BTreeMap<String, Micro>), DomainError> {
-    if by != m.creator && !is_admin {
-        return Err(DomainError::Forbidden("resolve it"));
-    }
+    creator_or_admin(m, by, is_admin, "resolve it")?;
     if !matches!(m.status, Status::Open | Status::Closed) {
         return Err(DomainError::WrongStatus(m.status, "already final"));
     }
@@ -669,9 +676,7 @@ pub fn cancel(
     is_admin: bool,
     now_ms: u64,
 ) -> Result<(Vec<MarketEvent>, BTreeMap<String, Micro>), DomainError> {
-    if by != m.creator && !is_admin {
-        return Err(DomainError::Forbidden("cancel it"));
-    }
+    creator_or_admin(m, by, is_admin, "cancel it")?;
     if !matches!(m.status, Status::Open | Status::Closed) {
         return Err(DomainError::WrongStatus(m.status, "already final"));
     }

@@ -120,7 +120,6 @@ fn run(cmds: &[Cmd]) -> Ledger {
                     category: "test".into(),
                     outcomes: (0..n).map(|i| format!("o{i}")).collect(),
                     close_time_ms: now + 1_000_000,
-                    creator: creator.id.clone(),
                     liquidity: Micro::units(b),
                 };
                 if let Ok((me, ae)) = create_market(&id, &c, &creator, now) {
@@ -132,7 +131,6 @@ fn run(cmds: &[Cmd]) -> Ledger {
                 let Some(market) = l.markets.get(&format!("m{m}")).cloned() else { continue };
                 let acc = l.accounts[&format!("acc{a}")].clone();
                 let t = Trade {
-                    account: acc.id.clone(),
                     outcome: o,
                     side: if buy { Side::Buy } else { Side::Sell },
                     shares: Micro(s),
@@ -211,7 +209,6 @@ fn market(creator: &Account) -> Market {
         category: "weather".into(),
         outcomes: vec!["yes".into(), "no".into()],
         close_time_ms: 10_000,
-        creator: creator.id.clone(),
         liquidity: Micro::units(100),
     };
     let (events, _) = create_market("m1", &c, creator, 1_000).unwrap();
@@ -247,7 +244,6 @@ fn trading_refuses_what_it_must() {
     let alice = funded(1_000);
     let m = market(&alice);
     let buy = |shares: i64| Trade {
-        account: "alice".into(),
         outcome: 0,
         side: Side::Buy,
         shares: Micro::units(shares),
@@ -280,7 +276,13 @@ fn trading_refuses_what_it_must() {
         trade(&closed, &alice, &buy(1), 2_000),
         Err(DomainError::WrongStatus(Status::Closed, _))
     ));
+    // Only the creator or an admin changes, resolves or cancels a market.
     assert!(matches!(resolve(&m, 0, "bob", false, 2_000), Err(DomainError::Forbidden(_))));
+    assert!(matches!(cancel(&m, "bob", false, 2_000), Err(DomainError::Forbidden(_))));
+    let update = |by, admin| update_market(&m, Some("x".into()), None, (by, admin), 2_000);
+    assert!(matches!(update("bob", false), Err(DomainError::Forbidden(_))));
+    assert!(update("alice", false).is_ok() && update("ops", true).is_ok());
+    assert!(cancel(&m, "ops", true, 2_000).is_ok());
 }
 
 #[test]
@@ -288,7 +290,6 @@ fn a_buy_moves_the_price_and_settlement_pays_the_winners() {
     let alice = funded(1_000);
     let m = market(&alice);
     let t = Trade {
-        account: "alice".into(),
         outcome: 0,
         side: Side::Buy,
         shares: Micro::units(50),
