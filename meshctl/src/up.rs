@@ -315,6 +315,8 @@ pub async fn run(args: UpArgs, output: Output) -> Result<(), CliError> {
                 crate::issuer::AUDIENCE,
                 "--auth",
                 "optional",
+                "--access-log",
+                &logs.join("gateway-access.log").display().to_string(),
             ]),
         )
         .await?;
@@ -324,7 +326,12 @@ pub async fn run(args: UpArgs, output: Output) -> Result<(), CliError> {
         format!("http://{public}/api/markets"),
         "the platform's edge: /api/markets, /api/accounts, /api/analytics",
     );
-    mesh.row("", format!("http://{}/config", addr(&gw, "admin")), "gateway admin");
+    mesh.row(
+        "",
+        format!("http://{}/config", addr(&gw, "admin")),
+        "gateway admin: /config /metrics /gateway/blocks",
+    );
+    mesh.row("", logs.join("gateway-access.log").display().to_string(), "gateway access log (JSON lines)");
 
     if mesh.json {
         let rows: Vec<Value> = std::mem::take(&mut mesh.rows)

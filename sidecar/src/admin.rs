@@ -1,19 +1,27 @@
-//! The admin listener: `/metrics`, `/live`, `/ready`, `/config`.
+//! The admin listener: `/metrics`, `/live`, `/ready`, `/config`; on a gateway also
+//! `/gateway/blocks` (clients blocked now) and `DELETE /gateway/blocks/{ip}` (lift a block).
 
 use std::sync::{Arc, atomic::Ordering};
 
 use axum::{
     Json, Router,
-    extract::State,
+    extract::{Path, State},
     http::{StatusCode, header},
     response::IntoResponse,
     routing::get,
 };
 use serde_json::json;
 
-use crate::{config::Mode, events::api, identity, metrics::Metrics, shared::Shared};
+use crate::{config::Mode, events::api, gateway::edge::Edge, identity, metrics::Metrics, shared::Shared};
 
-pub fn router(shared: Arc<Shared>) -> Router {
+pub fn router(shared: Arc<Shared>, edge: Option<Arc<Edge>>) -> Router {
+    let gateway = match edge {
+        Some(edge) => Router::new()
+            .route("/gateway/blocks", get(blocks))
+            .route("/gateway/blocks/{ip}", axum::routing::delete(unblock))
+            .with_state(edge),
+        None => Router::new(),
+    };
     Router::new()
         .route("/metrics", get(metrics))
         .route("/live", get(|| async { Json(json!({"status": "live"})) }))
@@ -29,6 +37,29 @@ pub fn router(shared: Arc<Shared>) -> Router {
             )
         })
         .with_state(shared)
+        .merge(gateway)
+}
+
+async fn blocks(State(edge): State<Arc<Edge>>) -> impl IntoResponse {
+    Json(json!({ "blocks": edge.ip_filter.blocks(tokio::time::Instant::now()) }))
+}
+
+async fn unblock(State(edge): State<Arc<Edge>>, Path(ip): Path<String>) -> axum::response::Response {
+    let Ok(addr) = ip.parse::<std::net::IpAddr>() else {
+        return mesh_runtime::error_response(
+            StatusCode::BAD_REQUEST,
+            "invalid_address",
+            format!("{ip:?} is not an IPv4 or IPv6 address"),
+        )
+        .into_response();
+    };
+    if edge.ip_filter.unblock(addr) {
+        tracing::info!(client = %addr, "block lifted by an operator");
+        Json(json!({ "unblocked": addr })).into_response()
+    } else {
+        mesh_runtime::error_response(StatusCode::NOT_FOUND, "not_blocked", format!("{addr} is not blocked"))
+            .into_response()
+    }
 }
 
 async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {

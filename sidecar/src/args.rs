@@ -8,6 +8,7 @@
 use std::{collections::HashMap, net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::{Context, bail};
+use ipnet::IpNet;
 use mesh_runtime::{LocalAddr, parse_duration};
 use serde::Deserialize;
 
@@ -15,8 +16,11 @@ use sidecar::{
     config::{ADMIN_ADDR, CONTROL_PLANE, Config, GATEWAY_ADDR, INBOUND_ADDR, Mode, OUTBOUND_ADDR},
     events::subscription::Subscription,
     gateway::{
+        access_log::Sink,
         auth::{AuthMode, EdgeAuthConfig},
+        ip_filter::IpRule,
         jwt::Expectations,
+        screen::ThreatMode,
     },
     outbound::route::Route,
 };
@@ -150,6 +154,48 @@ pub struct Args {
     /// gateway); repeat for several. Over mutual TLS only: the caller's certificate says who it is.
     #[arg(long = "trusted-edge", env = "MESH_TRUSTED_EDGES", value_delimiter = ',')]
     trusted_edges: Vec<String>,
+    /// Gateway mode: the longest request target (path and query) accepted, bytes (default 8192;
+    /// longer: 414). A route's `limits` may set its own.
+    #[arg(long, env = "MESH_MAX_URI_LENGTH")]
+    max_uri_length: Option<usize>,
+    /// Gateway mode: the most header fields accepted (default 100; more: 431).
+    #[arg(long, env = "MESH_MAX_HEADERS")]
+    max_headers: Option<usize>,
+    /// Gateway mode: the largest total of header names and values, bytes (default 32768; more: 431).
+    #[arg(long, env = "MESH_MAX_HEADER_BYTES")]
+    max_header_bytes: Option<usize>,
+    /// Gateway mode: SQL-injection and XSS screening of query and body on routes that name no
+    /// mode: off, detect (logged and counted; the default) or block (403).
+    #[arg(long, env = "MESH_THREATS", value_enum)]
+    threats: Option<ThreatMode>,
+    /// Gateway mode: proxies (CIDR) whose X-Forwarded-For names the client; from anyone else
+    /// the connection's address is the client's.
+    #[arg(long = "trusted-proxies", env = "MESH_TRUSTED_PROXIES", value_delimiter = ',')]
+    trusted_proxies: Vec<IpNet>,
+    /// Gateway mode: only these clients (CIDR, IPv4 or IPv6, optionally `@RFC3339` until when)
+    /// may call; repeat for several. Default: everyone.
+    #[arg(long = "ip-allow", env = "MESH_IP_ALLOW", value_delimiter = ',', value_parser = IpRule::parse)]
+    ip_allow: Vec<IpRule>,
+    /// Gateway mode: these clients (CIDR[@RFC3339]) may not call (403).
+    #[arg(long = "ip-deny", env = "MESH_IP_DENY", value_delimiter = ',', value_parser = IpRule::parse)]
+    ip_deny: Vec<IpRule>,
+    /// Gateway mode: block a client automatically after this many screening refusals or bad
+    /// tokens within --block-window (default 20; 0: never).
+    #[arg(long, env = "MESH_BLOCK_AFTER")]
+    block_after: Option<u32>,
+    /// The window strikes are counted in (default 1m).
+    #[arg(long, env = "MESH_BLOCK_WINDOW", value_parser = parse_duration)]
+    block_window: Option<Duration>,
+    /// How long an automatic block lasts (default 10m); `meshctl gateway unblock` lifts one.
+    #[arg(long, env = "MESH_BLOCK_FOR", value_parser = parse_duration)]
+    block_for: Option<Duration>,
+    /// Gateway mode: the access log, one JSON line per request: stdout (the default), a file
+    /// path (appended to), or off.
+    #[arg(long, env = "MESH_ACCESS_LOG")]
+    access_log: Option<Sink>,
+    /// The share of requests the access log keeps (0..=1, default 1); refusals are always kept.
+    #[arg(long, env = "MESH_ACCESS_LOG_SAMPLE")]
+    access_log_sample: Option<f64>,
     /// Runtime worker threads (default: one per core; 1 runs the whole proxy on one thread, the
     /// cheapest per request when the sidecar gets one core).
     #[arg(long, env = "MESH_WORKER_THREADS")]
@@ -201,6 +247,20 @@ struct FileConfig {
     #[serde(with = "opt_duration")]
     jwks_refresh: Option<Duration>,
     trusted_edges: Vec<String>,
+    max_uri_length: Option<usize>,
+    max_headers: Option<usize>,
+    max_header_bytes: Option<usize>,
+    threats: Option<ThreatMode>,
+    trusted_proxies: Vec<IpNet>,
+    ip_allow: Vec<IpRule>,
+    ip_deny: Vec<IpRule>,
+    block_after: Option<u32>,
+    #[serde(with = "opt_duration")]
+    block_window: Option<Duration>,
+    #[serde(with = "opt_duration")]
+    block_for: Option<Duration>,
+    access_log: Option<String>,
+    access_log_sample: Option<f64>,
     spool_max_bytes: Option<u64>,
     #[serde(with = "opt_duration")]
     spool_max_age: Option<Duration>,
@@ -345,7 +405,31 @@ pub fn resolve(a: Args) -> anyhow::Result<Resolved> {
     c.drain_delay = a.drain_delay.or(f.drain_delay).unwrap_or(d.drain_delay);
     c.drain_timeout = a.drain_timeout.or(f.drain_timeout).unwrap_or(d.drain_timeout);
     c.header_read_timeout = a.header_read_timeout.or(f.header_read_timeout).unwrap_or(d.header_read_timeout);
-    c.max_request_body = a.max_request_body.or(f.max_request_body).unwrap_or(d.max_request_body);
+    let e = &mut c.edge;
+    e.limits.body = match a.max_request_body.or(f.max_request_body) {
+        Some(0) => u64::MAX,
+        Some(n) => n,
+        None => d.edge.limits.body,
+    };
+    e.limits.uri = a.max_uri_length.or(f.max_uri_length).unwrap_or(d.edge.limits.uri);
+    e.limits.headers = a.max_headers.or(f.max_headers).unwrap_or(d.edge.limits.headers);
+    e.limits.header_bytes = a.max_header_bytes.or(f.max_header_bytes).unwrap_or(d.edge.limits.header_bytes);
+    e.threats = a.threats.or(f.threats).unwrap_or(d.edge.threats);
+    e.trusted_proxies = if a.trusted_proxies.is_empty() { f.trusted_proxies } else { a.trusted_proxies };
+    e.allow = if a.ip_allow.is_empty() { f.ip_allow } else { a.ip_allow };
+    e.deny = if a.ip_deny.is_empty() { f.ip_deny } else { a.ip_deny };
+    e.auto_block.after = a.block_after.or(f.block_after).unwrap_or(d.edge.auto_block.after);
+    e.auto_block.window = a.block_window.or(f.block_window).unwrap_or(d.edge.auto_block.window);
+    e.auto_block.block_for = a.block_for.or(f.block_for).unwrap_or(d.edge.auto_block.block_for);
+    c.access_log = match (a.access_log, f.access_log) {
+        (Some(sink), _) => sink,
+        (None, Some(s)) => s.parse().map_err(anyhow::Error::msg)?,
+        (None, None) => d.access_log.clone(),
+    };
+    c.access_log_sample = a.access_log_sample.or(f.access_log_sample).unwrap_or(d.access_log_sample);
+    if !(0.0..=1.0).contains(&c.access_log_sample) {
+        bail!("--access-log-sample {}: a share between 0 and 1", c.access_log_sample);
+    }
     c.idempotency_window = a.idempotency_window.or(f.idempotency_window).unwrap_or(d.idempotency_window);
     c.spool_max_bytes = a.spool_max_bytes.or(f.spool_max_bytes).unwrap_or(d.spool_max_bytes);
     c.spool_max_age = a.spool_max_age.or(f.spool_max_age).unwrap_or(d.spool_max_age);

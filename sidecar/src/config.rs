@@ -5,7 +5,11 @@ use std::{collections::HashMap, net::SocketAddr, path::PathBuf, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{events::subscription::Subscription, gateway::auth::EdgeAuthConfig, outbound::route::Route};
+use crate::{
+    events::subscription::Subscription,
+    gateway::{access_log::Sink, auth::EdgeAuthConfig, edge::EdgeConfig},
+    outbound::route::Route,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
@@ -46,8 +50,11 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// How long an HTTP/1 client may take to send a request head, or keep a connection idle.
     pub header_read_timeout: Duration,
-    /// Gateway mode: the largest request body (0: no limit); a larger `Content-Length` is 413.
-    pub max_request_body: u64,
+    /// Gateway mode: the edge's limits, screening, client addresses and IP lists.
+    pub edge: EdgeConfig,
+    /// Gateway mode: where the access log goes, and the share of requests it keeps.
+    pub access_log: Sink,
+    pub access_log_sample: f64,
     /// How long the inbound proxy answers a repeated `Idempotency-Key` with the first response.
     pub idempotency_window: Duration,
     /// The spool refuses new events (429) past this many pending bytes…
@@ -67,9 +74,6 @@ pub struct Config {
     /// `x-mesh-user-roles`) to the app; from any other caller those headers are dropped.
     pub trusted_edges: Vec<String>,
 }
-
-/// The gateway's default limit on a request body: 1 MiB.
-pub const MAX_REQUEST_BODY: u64 = 1024 * 1024;
 
 /// How long an HTTP/1 client may take to send a request's head — and a keep-alive connection
 /// may stay idle between requests — before the connection is closed (slow-header defence).
@@ -108,7 +112,9 @@ impl Config {
             drain_delay: Duration::from_secs(2),
             drain_timeout: Duration::from_secs(10),
             header_read_timeout: HEADER_READ_TIMEOUT,
-            max_request_body: MAX_REQUEST_BODY,
+            edge: EdgeConfig::default(),
+            access_log: Sink::Stdout,
+            access_log_sample: 1.0,
             idempotency_window: Duration::from_secs(120),
             spool_max_bytes: 256 * 1024 * 1024,
             spool_max_age: Duration::from_secs(86_400),

@@ -38,9 +38,9 @@ pub use config::{Config, Mode};
 use crate::{
     control::{probe, registration, session},
     events::{forwarder, invalidation, webhook},
-    gateway::auth::EdgeAuth,
+    gateway::{access_log::AccessLog, auth::EdgeAuth, edge::Edge},
     inbound::Inbound,
-    outbound::Outbound,
+    outbound::{Outbound, route::Route},
     server::Handler,
     shared::Shared,
     upstream::snapshot,
@@ -50,6 +50,9 @@ use mesh_runtime::{Backoff, spawn, spawn_tracked};
 use std::{sync::Arc, time::Duration};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+/// How often the gateway drops idle rate-limit keys and expired blocks.
+const EDGE_SWEEP_EVERY: Duration = Duration::from_secs(10);
 
 pub struct Listeners {
     pub inbound: Option<TcpListener>,
@@ -110,6 +113,20 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         _ => None,
     };
     let background = CancellationToken::new();
+    let edge = match shared.config.mode {
+        Mode::Gateway => {
+            let c = &shared.config;
+            let log =
+                AccessLog::start(&c.access_log, c.access_log_sample, metrics.access_log_dropped.clone())
+                    .map_err(|e| Error::Config(format!("--access-log {:?}: {e}", c.access_log)))?;
+            let mut routes = c.routes.clone();
+            Route::sort(&mut routes);
+            let edge = Edge::new(c.edge.clone(), edge_auth.clone(), &routes, log, metrics.clone())
+                .map_err(|e| Error::Config(format!("gateway routes: {e}")))?;
+            Some(Arc::new(edge))
+        }
+        Mode::Sidecar => None,
+    };
     let serving = CancellationToken::new();
     let tasks = TaskTracker::new();
     spawn_tracked(
@@ -174,12 +191,18 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     let routes = (shared.config.mode == Mode::Gateway).then(|| shared.config.routes.clone());
     let mut outbound =
         Outbound::new(upstreams.clone(), metrics.clone(), routes, shared.config.discovery_wait);
-    if shared.config.mode == Mode::Gateway {
-        outbound.max_request_body = shared.config.max_request_body;
-        outbound.edge_auth = edge_auth.clone();
+    if let Some(edge) = edge.clone() {
+        let stop = background.clone();
+        spawn_tracked(&tasks, tracing::info_span!("edge_sweep"), async move {
+            while Backoff::sleep(EDGE_SWEEP_EVERY, &stop).await {
+                edge.sweep();
+            }
+        });
     }
+    outbound.edge = edge.clone();
     let outbound = Arc::new(outbound);
-    let handler: Handler = Arc::new(move |req, _| server::boxed_in_place(|| outbound.clone().handle(req)));
+    let handler: Handler =
+        Arc::new(move |req, peer| server::boxed_in_place(|| outbound.clone().handle(req, peer.addr)));
     let name = if shared.config.mode == Mode::Gateway { "gateway" } else { "outbound" };
     let mut servers = vec![spawn(
         tracing::info_span!("listener", name),
@@ -211,7 +234,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         tracing::info_span!("admin"),
         mesh_runtime::serve_http(
             listeners.admin.into(),
-            admin::router(shared.clone()),
+            admin::router(shared.clone(), edge.clone()),
             background.clone().cancelled_owned(),
         ),
     );
@@ -222,7 +245,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
             tracing::info_span!("app_api"),
             mesh_runtime::serve_http(
                 listener,
-                admin::router(shared.clone()),
+                admin::router(shared.clone(), edge.clone()),
                 background.clone().cancelled_owned(),
             ),
         );

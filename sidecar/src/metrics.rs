@@ -73,6 +73,14 @@ pub struct Metrics {
     pub cache_entries: Family<Labels, Gauge>,
     pub cache_bytes: Family<Labels, Gauge>,
     pub inbound_inflight: Gauge,
+    /// Gateway: requests refused (or flagged, in detect mode) at the edge, by rule.
+    pub edge_refusals: Family<Labels, Counter>,
+    /// Gateway: threat signatures matched in detect mode, by rule (the request went on).
+    pub edge_detections: Family<Labels, Counter>,
+    pub edge_blocks: Counter,
+    pub edge_blocked_clients: Gauge,
+    pub edge_rate_limit_keys: Gauge,
+    pub access_log_dropped: Counter,
     registry: Registry,
 }
 
@@ -121,6 +129,12 @@ impl Metrics {
             cache_entries: Family::default(),
             cache_bytes: Family::default(),
             inbound_inflight: Gauge::default(),
+            edge_refusals: Family::default(),
+            edge_detections: Family::default(),
+            edge_blocks: Counter::default(),
+            edge_blocked_clients: Gauge::default(),
+            edge_rate_limit_keys: Gauge::default(),
+            access_log_dropped: Counter::default(),
             registry: Registry::with_prefix("mesh_sidecar"),
         };
         let r = &mut m.registry;
@@ -254,6 +268,32 @@ impl Metrics {
             "inbound_inflight",
             "Inbound requests in flight to the local app",
             m.inbound_inflight.clone(),
+        );
+        r.register(
+            "edge_refusals",
+            "Gateway: requests refused at the edge, by rule (screening, IP lists, CORS, rate limits, tokens)",
+            m.edge_refusals.clone(),
+        );
+        r.register(
+            "edge_detections",
+            "Gateway: threat signatures matched on routes in detect mode (the request went on), by rule",
+            m.edge_detections.clone(),
+        );
+        r.register(
+            "edge_blocks",
+            "Gateway: clients blocked automatically after repeated refusals",
+            m.edge_blocks.clone(),
+        );
+        r.register("edge_blocked_clients", "Gateway: clients blocked now", m.edge_blocked_clients.clone());
+        r.register(
+            "edge_rate_limit_keys",
+            "Gateway: keys (subjects, API keys, addresses) the route rate limiters track",
+            m.edge_rate_limit_keys.clone(),
+        );
+        r.register(
+            "access_log_dropped",
+            "Gateway: access-log lines dropped because the writer fell behind",
+            m.access_log_dropped.clone(),
         );
         Arc::new(m)
     }

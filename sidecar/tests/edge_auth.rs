@@ -16,20 +16,20 @@ use sidecar::{
 };
 
 /// A P-256 signing key and its JWK.
-fn es256(kid: &str) -> (EncodingKey, Value) {
+pub fn es256(kid: &str) -> (EncodingKey, Value) {
     let k = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let raw = k.public_key_raw();
     let jwk = json!({"kty": "EC", "crv": "P-256", "kid": kid, "x": mesh_runtime::base64url(&raw[1..33]), "y": mesh_runtime::base64url(&raw[33..65])});
     (EncodingKey::from_ec_der(&k.serialize_der()), jwk)
 }
 
-fn write_jwks(path: &Path, keys: &[&Value]) {
+pub fn write_jwks(path: &Path, keys: &[&Value]) {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, json!({ "keys": keys }).to_string()).unwrap();
     std::fs::rename(tmp, path).unwrap();
 }
 
-fn token(key: &EncodingKey, kid: &str, sub: &str, exp_in: i64) -> String {
+pub fn token(key: &EncodingKey, kid: &str, sub: &str, exp_in: i64) -> String {
     let mut h = Header::new(Algorithm::ES256);
     h.kid = Some(kid.into());
     let now = get_current_timestamp() as i64;
@@ -37,7 +37,21 @@ fn token(key: &EncodingKey, kid: &str, sub: &str, exp_in: i64) -> String {
     encode(&h, &claims, key).unwrap()
 }
 
-fn seen(body: &str) -> Value {
+/// The gateway trusts the key set in `jwks` for tokens of [`token`]'s issuer and audience.
+pub fn auth_config(jwks: &Path) -> EdgeAuthConfig {
+    EdgeAuthConfig {
+        jwks_file: jwks.to_path_buf(),
+        expect: Expectations {
+            issuers: vec!["https://issuer.test".into()],
+            audiences: vec!["market".into()],
+            leeway: Duration::from_secs(5),
+        },
+        default_mode: AuthMode::Optional,
+        refresh: Duration::from_secs(3600),
+    }
+}
+
+pub fn seen(body: &str) -> Value {
     serde_json::from_str::<Value>(body).unwrap_or_else(|e| panic!("{e}: {body}"))["headers"].clone()
 }
 
@@ -58,23 +72,14 @@ async fn only_verified_end_users_reach_the_app_and_only_through_the_gateway() {
         Route {
             prefix: "/private".into(),
             service: "market".into(),
-            rewrite: None,
             auth: Some(AuthMode::Required),
+            ..Route::default()
         },
         Route::parse("/=market").unwrap(),
     ];
     let mut cfg = TestSidecar::gateway_config(&cp.url(), routes, dirs[1].path());
     cfg.identity_token = Some(cp.token("gateway").await);
-    cfg.edge_auth = Some(EdgeAuthConfig {
-        jwks_file: jwks.clone(),
-        expect: Expectations {
-            issuers: vec!["https://issuer.test".into()],
-            audiences: vec!["market".into()],
-            leeway: Duration::from_secs(5),
-        },
-        default_mode: AuthMode::Optional,
-        refresh: Duration::from_secs(3600),
-    });
+    cfg.edge_auth = Some(auth_config(&jwks));
     let gateway = TestSidecar::start(cfg).await;
     let mut cfg = TestSidecar::config(&cp.url(), "web", "w1", web_app.addr, dirs[2].path());
     cfg.identity_token = Some(cp.token("web").await);

@@ -48,6 +48,8 @@ impl TestSidecar {
             instance_id: "gateway".into(),
             app_addr: None,
             routes,
+            // Tests that read the access log name a file.
+            access_log: sidecar::gateway::access_log::Sink::Off,
             ..Self::config(cp, "gateway", "gateway", "127.0.0.1:9".parse().unwrap(), dir)
         }
     }

@@ -139,8 +139,13 @@ impl EdgeAuth {
     }
 
     /// Applies `mode` to a request's headers: removes any client-sent identity headers, then
-    /// verifies the bearer token and sets them from it. `Err` is the 401 to answer.
-    pub fn authenticate(&self, headers: &mut HeaderMap, mode: AuthMode) -> Result<(), Box<Response<Body>>> {
+    /// verifies the bearer token and sets them from it. `Err` is the refusal's code (for the
+    /// access log) and the 401 to answer.
+    pub fn authenticate(
+        &self,
+        headers: &mut HeaderMap,
+        mode: AuthMode,
+    ) -> Result<(), (&'static str, Box<Response<Body>>)> {
         strip_user(headers);
         if mode == AuthMode::None {
             return Ok(());
@@ -155,11 +160,12 @@ impl EdgeAuth {
             .filter(|t| t.bytes().filter(|b| *b == b'.').count() == 2);
         let Some(token) = token else {
             if mode == AuthMode::Required {
-                return Err(Box::new(unauthorized(
+                let resp = unauthorized(
                     "token_missing",
                     "this route needs a bearer JWT (Authorization: Bearer <token>)".into(),
                     "Bearer".into(),
-                )));
+                );
+                return Err(("token_missing", Box::new(resp)));
             }
             return Ok(());
         };
@@ -170,7 +176,7 @@ impl EdgeAuth {
             }
             Err(r) => {
                 tracing::debug!(reason = r.code(), "end-user token refused");
-                Err(Box::new(unauthorized(r.code(), r.to_string(), r.www_authenticate())))
+                Err((r.code(), Box::new(unauthorized(r.code(), r.to_string(), r.www_authenticate()))))
             }
         }
     }

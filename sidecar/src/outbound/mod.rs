@@ -24,7 +24,7 @@ use tracing::Instrument;
 
 use crate::{
     endpoint::forward::forward,
-    gateway::auth::{EdgeAuth, strip_user},
+    gateway::edge::Edge,
     http::{
         body::{Body, Tracked, boxed, collect_up_to},
         errors::{error_response, for_grpc},
@@ -39,16 +39,13 @@ use crate::{
 pub struct Outbound {
     pub upstreams: Arc<Upstreams>,
     pub metrics: Arc<Metrics>,
-    /// Gateway mode: routes by path prefix, longest first. Sidecar mode: `None` (by authority).
+    /// Gateway mode: routes in precedence order. Sidecar mode: `None` (by authority).
     pub routes: Option<Vec<Route>>,
     /// How long a request for a service seen for the first time waits for its endpoints.
     pub discovery_wait: Duration,
-    /// The largest request body accepted (0: no limit): a larger `Content-Length` is refused with
-    /// 413 before any of the body is read (the gateway sets it).
-    pub max_request_body: u64,
-    /// Gateway mode: end-user authentication (`None`: tokens are not checked, and client-sent
-    /// identity headers are still removed).
-    pub edge_auth: Option<Arc<EdgeAuth>>,
+    /// Gateway mode: the edge's middleware (identity, IP lists, screening, CORS, rate limits,
+    /// access log).
+    pub edge: Option<Arc<Edge>>,
 }
 
 impl Outbound {
@@ -59,33 +56,17 @@ impl Outbound {
         discovery_wait: Duration,
     ) -> Self {
         let routes = routes.map(|mut r| {
-            r.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
+            Route::sort(&mut r);
             r
         });
-        Self { upstreams, metrics, routes, discovery_wait, max_request_body: 0, edge_auth: None }
+        Self { upstreams, metrics, routes, discovery_wait, edge: None }
     }
 
-    /// 413 for a declared body over the limit, answered before any of it is read.
-    fn too_large(&self, req: &Request<Incoming>) -> Option<Response<Body>> {
-        let declared = req.headers().get(http::header::CONTENT_LENGTH)?.to_str().ok()?.parse::<u64>().ok()?;
-        (self.max_request_body > 0 && declared > self.max_request_body).then(|| {
-            self.metrics.request_counter("gateway", "-", "-", 413).inc();
-            let mut resp = error_response(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
-                format!(
-                    "the request body ({declared} bytes) is larger than this gateway accepts ({} bytes)",
-                    self.max_request_body
-                ),
-                json!({ "limit": self.max_request_body, "content_length": declared }),
-            );
-            // The unread body cannot share the connection with a next request.
-            resp.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
-            resp
-        })
-    }
-
-    pub async fn handle(self: Arc<Self>, mut req: Request<Incoming>) -> Response<Body> {
+    pub async fn handle(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+        peer: std::net::SocketAddr,
+    ) -> Response<Body> {
         let t = trace::propagate(req.headers_mut());
         let direction = if self.routes.is_some() { "gateway" } else { "outbound" };
         let span = tracing::info_span!(
@@ -94,60 +75,74 @@ impl Outbound {
         );
         let grpc = is_grpc(req.headers());
         let resp = async move {
-            let started = Instant::now();
-            if let Some(resp) = self.too_large(&req) {
-                return resp;
-            }
-            let route::Routed { upstream: up, auth: mode } =
-                match route::route(self.routes.as_deref(), &self.upstreams, &mut req) {
-                    Ok(routed) => routed,
-                    Err(resp) => return *resp,
-                };
-            if self.routes.is_some() {
-                // The edge: no client names the end user; only a verified token does.
-                let authenticated = match &self.edge_auth {
-                    Some(auth) => auth.authenticate(req.headers_mut(), mode.unwrap_or(auth.default_mode())),
-                    None => {
-                        strip_user(req.headers_mut());
-                        Ok(())
-                    }
-                };
-                if let Err(resp) = authenticated {
-                    self.metrics.request_counter(direction, &up.name, "-", 401).inc();
-                    return *resp;
+            match (self.edge.clone(), self.routes.as_deref()) {
+                (Some(edge), Some(routes)) => {
+                    let mut visit = edge.visit(peer, &req, &t);
+                    let resp = match edge.admit(routes, &self.upstreams, req, &mut visit).await {
+                        Ok((req, up)) => {
+                            let (resp, endpoint) = self.forward(direction, &up, req).await;
+                            visit.served_by(&up.name, endpoint.as_ref().map(|e| e.info.id.as_str()));
+                            resp
+                        }
+                        Err(resp) => {
+                            self.metrics.request_counter(direction, "-", "-", resp.status().as_u16()).inc();
+                            resp
+                        }
+                    };
+                    edge.finish(routes, visit, resp)
+                }
+                _ => {
+                    let up = match route::route(self.routes.as_deref(), &self.upstreams, &mut req) {
+                        Ok(routed) => routed.upstream,
+                        Err(resp) => return *resp,
+                    };
+                    self.forward(direction, &up, req).await.0
                 }
             }
-            let service = up.name.as_str();
-            tracing::Span::current().record("service", service);
-            let (resp, endpoint) = self.send(&up, req).await;
-            let status = resp.status().as_u16();
-            let took = started.elapsed();
-            match &endpoint {
-                Some(e) => e
-                    .counters
-                    .get(status, || self.metrics.request_counter(direction, service, &e.info.id, status))
-                    .inc(),
-                None => self.metrics.request_counter(direction, service, "-", status).inc(),
-            };
-            up.latency
-                .get_or_init(|| self.metrics.latency_histogram(direction, service))
-                .observe(took.as_secs_f64());
-            tracing::debug!(
-                status,
-                endpoint = endpoint.as_ref().map(|e| e.info.id.as_str()),
-                ?took,
-                "response"
-            );
-            resp
         }
         .instrument(span)
         .await;
         if grpc { for_grpc(resp) } else { resp }
     }
 
+    /// Sends a routed request to its upstream, counting it and its latency.
+    async fn forward<B>(
+        &self,
+        direction: &'static str,
+        up: &Upstream,
+        req: Request<B>,
+    ) -> (Response<Body>, Option<Arc<Endpoint>>)
+    where
+        B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
+        B::Error: Into<crate::http::body::BoxError> + std::fmt::Display,
+    {
+        let started = Instant::now();
+        let service = up.name.as_str();
+        tracing::Span::current().record("service", service);
+        let (resp, endpoint) = self.send(up, req).await;
+        let status = resp.status().as_u16();
+        let took = started.elapsed();
+        match &endpoint {
+            Some(e) => e
+                .counters
+                .get(status, || self.metrics.request_counter(direction, service, &e.info.id, status))
+                .inc(),
+            None => self.metrics.request_counter(direction, service, "-", status).inc(),
+        };
+        up.latency
+            .get_or_init(|| self.metrics.latency_histogram(direction, service))
+            .observe(took.as_secs_f64());
+        tracing::debug!(status, endpoint = endpoint.as_ref().map(|e| e.info.id.as_str()), ?took, "response");
+        (resp, endpoint)
+    }
+
     /// Answers from the cache when the policy allows, otherwise fetches (single flight on a
     /// cache miss) and keeps what may be kept. Returns the response and the endpoint, if any.
-    async fn send(&self, up: &Upstream, req: Request<Incoming>) -> (Response<Body>, Option<Arc<Endpoint>>) {
+    async fn send<B>(&self, up: &Upstream, req: Request<B>) -> (Response<Body>, Option<Arc<Endpoint>>)
+    where
+        B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
+        B::Error: Into<crate::http::body::BoxError> + std::fmt::Display,
+    {
         let service = up.name.as_str();
         if up.endpoints().version == 0
             && up.endpoints().endpoints.is_empty()
@@ -249,12 +244,16 @@ impl Outbound {
     /// policy: [`limit`] → [`retry::Attempts`] (the body kept for a replay) → [`balance`] →
     /// [`forward`] → [`breaker`] → [`retry::decide`]. Returns the response and the endpoint that
     /// answered, if any.
-    async fn fetch(
+    async fn fetch<B>(
         &self,
         up: &Upstream,
         applied: &AppliedPolicy,
-        req: Request<Incoming>,
-    ) -> (Response<Body>, Option<Arc<Endpoint>>) {
+        req: Request<B>,
+    ) -> (Response<Body>, Option<Arc<Endpoint>>)
+    where
+        B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
+        B::Error: Into<crate::http::body::BoxError> + std::fmt::Display,
+    {
         let service = up.name.as_str();
         let policy = &applied.policy;
         let retry = &policy.retry;

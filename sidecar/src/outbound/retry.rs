@@ -5,9 +5,7 @@ use std::{sync::Mutex, time::Duration};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, request::Parts};
-use http_body::Body as _;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
 use mesh_proto::policy::{RetryOn, RetryPolicy};
 use rand::Rng;
 use tokio::time::Instant;
@@ -79,19 +77,35 @@ pub(crate) fn classify(r: &Result<Response<Pooled>, ForwardError>) -> Option<Ret
 /// only when it is idempotent (by method, or it carries an `Idempotency-Key`) and its body is
 /// known to be at most the policy's `max_body_bytes`; otherwise it gets one attempt and its body
 /// streams.
-pub struct Attempts {
+pub struct Attempts<B> {
     allowed: u32,
     made: u32,
     /// The body to stream (one attempt), or…
-    body: Option<Incoming>,
+    body: Option<B>,
     /// …the body read whole for replays.
     replay: Option<Bytes>,
 }
 
-impl Attempts {
+impl<B> Attempts<B> {
+    /// Attempts made so far.
+    pub fn made(&self) -> u32 {
+        self.made
+    }
+
+    /// Whether another attempt is allowed after those made.
+    pub fn more_allowed(&self) -> bool {
+        self.made < self.allowed
+    }
+}
+
+impl<B> Attempts<B>
+where
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<crate::http::body::BoxError>,
+{
     /// Decides how many attempts `parts` may make under `retry`, reading `body` whole when
     /// it will be replayed. Fails when reading it does.
-    pub async fn prepare(retry: &RetryPolicy, parts: &Parts, body: Incoming) -> Result<Self, hyper::Error> {
+    pub async fn prepare(retry: &RetryPolicy, parts: &Parts, body: B) -> Result<Self, B::Error> {
         let idempotent = matches!(
             parts.method,
             Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
@@ -116,16 +130,6 @@ impl Attempts {
             }
         }
         Ok(a)
-    }
-
-    /// Attempts made so far.
-    pub fn made(&self) -> u32 {
-        self.made
-    }
-
-    /// Whether another attempt is allowed after those made.
-    pub fn more_allowed(&self) -> bool {
-        self.made < self.allowed
     }
 
     /// The request for the next attempt. On the last one allowed the request's parts move into
@@ -175,10 +179,10 @@ pub enum Decision {
 /// Whether an attempt whose outcome has retry class `class`, answered at `done`, is retried:
 /// the policy names the class, another attempt is allowed, the deadline has not passed, and the
 /// budget has room (taking a retry from it).
-pub fn decide(
+pub fn decide<B>(
     class: Option<RetryOn>,
     retry: &RetryPolicy,
-    attempts: &Attempts,
+    attempts: &Attempts<B>,
     deadline: Option<Instant>,
     done: Instant,
     budget: &Budget,
@@ -232,7 +236,7 @@ mod tests {
         }
     }
 
-    fn attempts(allowed: u32, made: u32) -> Attempts {
+    fn attempts(allowed: u32, made: u32) -> Attempts<hyper::body::Incoming> {
         Attempts { allowed, made, body: None, replay: Some(Bytes::new()) }
     }
 
@@ -248,7 +252,9 @@ mod tests {
         };
         let (b, now) = (Budget::default(), Instant::now());
         let later = Some(now + Duration::from_secs(1));
-        let decide = |class, a: &Attempts, deadline, b: &Budget| decide(class, &p, a, deadline, now, b);
+        let decide = |class, a: &Attempts<hyper::body::Incoming>, deadline, b: &Budget| {
+            decide(class, &p, a, deadline, now, b)
+        };
         assert_eq!(
             decide(Some(RetryOn::Status502), &attempts(2, 1), later, &b),
             Decision::Done,

@@ -1,0 +1,350 @@
+//! The gateway's security middleware over real sockets: a gateway in front of a sidecar and its
+//! backend, routes with per-route rate limits, CORS, limits and threat screening, the client's
+//! address taken from `X-Forwarded-For` of a trusted proxy (loopback here), automatic blocks,
+//! and an access log read back line by line.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use mesh_testkit::{Backend, TestCp, TestSidecar, WAIT, eventually, get, request, request_full};
+use serde_json::Value;
+use sidecar::{
+    gateway::{
+        access_log::Sink,
+        ip_filter::{AutoBlock, IpRule},
+    },
+    outbound::route::Route,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::edge_auth::{auth_config, es256, seen, token, write_jwks};
+
+const ROUTES: &str = r#"
+- { name: by-subject, prefix: /limited, service: api, rate_limit: { requests_per_second: 1, burst: 2, key: subject } }
+- { name: by-ip, prefix: /by-ip, service: api, rate_limit: { requests_per_second: 1, burst: 2, key: ip } }
+- name: cors
+  prefix: /cors
+  service: api
+  cors:
+    allow_origins: [https://app.example.com, "https://*.example.org"]
+    allow_methods: [GET, POST]
+    allow_headers: [content-type, authorization]
+    allow_credentials: true
+    max_age: 600
+- { name: strict, prefix: /strict, service: api, threats: block, limits: { body: 100, uri: 200, headers: 20 } }
+- { name: exact, path: /exact, methods: [GET], service: api }
+- { name: rest, prefix: /, service: api }
+"#;
+
+/// A raw HTTP/1.1 exchange (for shapes a client library will not send): the status line and
+/// the body.
+async fn raw(addr: std::net::SocketAddr, bytes: &[u8]) -> (String, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await.expect("an answer, not a hang");
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.lines().next().unwrap_or_default().to_string();
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+fn from(ip: &str) -> (&'static str, String) {
+    ("x-forwarded-for", ip.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_edge_limits_screens_blocks_and_logs_every_request() {
+    let cp = TestCp::start().await;
+    cp.set_policy("api", &mesh_testkit::fast_policy()).await;
+    let app = Backend::start("api").await;
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let api = TestSidecar::start(TestSidecar::config(&cp.url(), "api", "a1", app.addr, dirs[0].path())).await;
+    let jwks = dirs[2].path().join("jwks.json");
+    let (key, jwk) = es256("k1");
+    write_jwks(&jwks, &[&jwk]);
+    let routes: Vec<Route> = serde_yaml_ng::from_str(ROUTES).unwrap();
+    let mut cfg = TestSidecar::gateway_config(&cp.url(), routes, dirs[1].path());
+    cfg.edge_auth = Some(auth_config(&jwks));
+    // Loopback is the trusted proxy: each test client names its address in X-Forwarded-For.
+    cfg.edge.trusted_proxies = vec!["127.0.0.0/8".parse().unwrap()];
+    cfg.edge.deny = vec![IpRule::parse("192.0.2.0/24").unwrap()];
+    cfg.edge.auto_block =
+        AutoBlock { after: 3, window: Duration::from_secs(60), block_for: Duration::from_secs(1) };
+    let log_file = dirs[1].path().join("access.log");
+    cfg.access_log = Sink::File(log_file.clone());
+    let gateway = TestSidecar::start(cfg).await;
+    let gw = gateway.outbound;
+    eventually(WAIT, "the gateway reaches api", || async {
+        request(gw, "GET", "edge", "/ping", &[], Bytes::new()).await.0 == 200
+    })
+    .await;
+
+    // Rate limits by subject: alice's burst is hers; bob (and anyone else) has his own.
+    let bearer = |sub: &str| format!("Bearer {}", token(&key, "k1", sub, 600));
+    let (alice, bob) = (bearer("alice"), bearer("bob"));
+    for left in ["1", "0"] {
+        let (st, h, _) =
+            request_full(gw, "GET", "edge", "/limited", &[("authorization", &alice)], Bytes::new()).await;
+        assert_eq!(st, 200);
+        assert_eq!(h["ratelimit-policy"], "\"by-subject\";q=2;w=2");
+        assert!(h["ratelimit"].to_str().unwrap().contains(&format!("r={left}")), "{h:?}");
+    }
+    let (st, h, body) =
+        request_full(gw, "GET", "edge", "/limited", &[("authorization", &alice)], Bytes::new()).await;
+    assert_eq!(st, 429, "{body}");
+    assert!(h["retry-after"].to_str().unwrap().parse::<u64>().unwrap() >= 1);
+    assert!(h["ratelimit"].to_str().unwrap().starts_with("\"by-subject\";r=0"));
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["error"], "rate_limited");
+    assert_eq!(request(gw, "GET", "edge", "/limited", &[("authorization", &bob)], Bytes::new()).await.0, 200);
+
+    // By address: one client's burst, then 429; another address is not held back.
+    let one = from("203.0.113.1");
+    for _ in 0..2 {
+        assert_eq!(request(gw, "GET", "edge", "/by-ip", &[(one.0, &one.1)], Bytes::new()).await.0, 200);
+    }
+    assert_eq!(request(gw, "GET", "edge", "/by-ip", &[(one.0, &one.1)], Bytes::new()).await.0, 429);
+    let two = from("203.0.113.2");
+    assert_eq!(request(gw, "GET", "edge", "/by-ip", &[(two.0, &two.1)], Bytes::new()).await.0, 200);
+
+    // CORS: a preflight from an allowed origin is answered here; any other gets no CORS headers.
+    let preflight = |origin: &'static str, method: &'static str| async move {
+        request_full(
+            gw,
+            "OPTIONS",
+            "edge",
+            "/cors/x",
+            &[
+                ("origin", origin),
+                ("access-control-request-method", method),
+                ("access-control-request-headers", "content-type"),
+            ],
+            Bytes::new(),
+        )
+        .await
+    };
+    let hits = app.hits();
+    let (st, h, _) = preflight("https://eu.example.org", "POST").await;
+    assert_eq!(st, 204);
+    assert_eq!(h["access-control-allow-origin"], "https://eu.example.org");
+    assert_eq!(h["access-control-allow-credentials"], "true");
+    assert_eq!(h["access-control-max-age"], "600");
+    for (origin, method) in [("https://evil.example.net", "POST"), ("https://app.example.com", "DELETE")] {
+        let (st, h, body) = preflight(origin, method).await;
+        assert_eq!(st, 403, "{body}");
+        assert!(!h.contains_key("access-control-allow-origin"), "{origin} {method}");
+    }
+    assert_eq!(app.hits(), hits, "preflights are the edge's to answer");
+    let (_, h, _) =
+        request_full(gw, "GET", "edge", "/cors/x", &[("origin", "https://app.example.com")], Bytes::new())
+            .await;
+    assert_eq!(h["access-control-allow-origin"], "https://app.example.com");
+    let (_, h, _) =
+        request_full(gw, "GET", "edge", "/cors/x", &[("origin", "https://evil.example.net")], Bytes::new())
+            .await;
+    assert!(!h.contains_key("access-control-allow-origin"));
+
+    // Content-Length with Transfer-Encoding: the HTTP parser (hyper) reads the body as chunked,
+    // drops the length and closes the connection after the answer (RFC 9112 §6.3), and the
+    // edge sends the service a body it framed itself — so a request hidden after the chunked
+    // body is never read, whichever framing the client hoped one side would pick.
+    let hits = app.hits();
+    let (status, body) = raw(
+        gw,
+        b"POST /x HTTP/1.1\r\nHost: e\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: e\r\n\r\n",
+    )
+    .await;
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert!(!body.contains("HTTP/1.1 "), "one answer only: {body}");
+    assert_eq!(app.hits(), hits + 1, "the hidden request never reached the app");
+    // The other smuggling shapes and unnormalised paths, on the wire: each refused by its rule.
+    let shapes: [(&[u8], &str); 7] = [
+        (b"POST /x HTTP/1.1\r\nHost: e\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", "400"),
+        (b"POST /x HTTP/1.1\r\nHost: e\r\nContent-Length: +1\r\n\r\na", "400"),
+        (b"POST /x HTTP/1.1\r\nHost: e\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", "400"),
+        (b"GET /a/../secret HTTP/1.1\r\nHost: e\r\nConnection: close\r\n\r\n", "path_not_normalised"),
+        (b"GET /a/%2e%2e/secret HTTP/1.1\r\nHost: e\r\nConnection: close\r\n\r\n", "path_not_normalised"),
+        (b"GET /a%2fb HTTP/1.1\r\nHost: e\r\nConnection: close\r\n\r\n", "path_not_normalised"),
+        (b"TRACE / HTTP/1.1\r\nHost: e\r\nConnection: close\r\n\r\n", "\"method\""),
+    ];
+    for (i, (bytes, rule)) in shapes.into_iter().enumerate() {
+        let hits = app.hits();
+        // From a client address of its own (strikes add up per client).
+        let text = String::from_utf8_lossy(bytes).replacen(
+            "Host: e\r\n",
+            &format!("Host: e\r\nX-Forwarded-For: 203.0.113.{}\r\n", 100 + i),
+            1,
+        );
+        let (status, body) = raw(gw, text.as_bytes()).await;
+        assert!(status.starts_with("HTTP/1.1 4"), "{}: {status}", String::from_utf8_lossy(bytes));
+        assert!(
+            status.contains(rule) || body.contains(rule),
+            "{}: {status} {body}",
+            String::from_utf8_lossy(bytes)
+        );
+        assert_eq!(app.hits(), hits, "nothing of it reached the app");
+    }
+
+    // Limits: the gateway's and a route's own.
+    let long = format!("/strict/{}", "a".repeat(300));
+    assert_eq!(request(gw, "GET", "edge", &long, &[], Bytes::new()).await.0, 414);
+    assert_eq!(request(gw, "GET", "edge", &format!("/{}", "a".repeat(9000)), &[], Bytes::new()).await.0, 414);
+    let many: Vec<(String, String)> = (0..25).map(|i| (format!("x-h{i}"), "v".to_string())).collect();
+    let many: Vec<(&str, &str)> = many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    assert_eq!(request(gw, "GET", "edge", "/strict", &many, Bytes::new()).await.0, 431);
+    assert_eq!(request(gw, "GET", "edge", "/ok", &many, Bytes::new()).await.0, 200, "the default is 100");
+    assert_eq!(request(gw, "POST", "edge", "/strict", &[], Bytes::from(vec![b'x'; 200])).await.0, 413);
+    // `exact` takes GET /exact only: a POST falls through to the catch-all (the log says which).
+    assert_eq!(request(gw, "POST", "edge", "/exact", &[], Bytes::new()).await.0, 200);
+    assert_eq!(request(gw, "GET", "edge", "/exact", &[], Bytes::new()).await.0, 200);
+
+    // Threats: blocked on the strict route, detected (logged, counted, passed) elsewhere.
+    let probe = "/strict?q=1%27%20OR%20%271%27%3D%271";
+    let (st, body) = request(gw, "GET", "edge", probe, &[], Bytes::new()).await;
+    assert_eq!(
+        (st, serde_json::from_str::<Value>(&body).unwrap()["rule"].as_str()),
+        (403, Some("sqli")),
+        "{body}"
+    );
+    let xss = br#"{"question":"<script>alert(1)</script>"}"#;
+    let (st, body) = request(
+        gw,
+        "POST",
+        "edge",
+        "/strict",
+        &[("content-type", "application/json")],
+        Bytes::from_static(xss),
+    )
+    .await;
+    assert_eq!(
+        (st, serde_json::from_str::<Value>(&body).unwrap()["rule"].as_str()),
+        (403, Some("xss")),
+        "{body}"
+    );
+    let (st, _) = request(
+        gw,
+        "POST",
+        "edge",
+        "/detected",
+        &[("content-type", "application/json")],
+        Bytes::from_static(xss),
+    )
+    .await;
+    assert_eq!(st, 200, "detect mode lets it through");
+    let (_, m) = get(gateway.admin, "admin", "/metrics").await;
+    assert!(m.contains(r#"mesh_sidecar_edge_detections_total{rule="xss"} 1"#), "{m}");
+
+    // The app learns the client from the forwarding headers the edge sets.
+    let (_, body) = request(
+        gw,
+        "GET",
+        "edge",
+        "/who",
+        &[("x-forwarded-for", "203.0.113.9"), ("forwarded", "for=6.6.6.6")],
+        Bytes::new(),
+    )
+    .await;
+    let h = seen(&body);
+    assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(h["forwarded"], "for=203.0.113.9;proto=http");
+    assert_eq!(h["x-forwarded-proto"], "http");
+
+    // IP lists, and an automatic block after three strikes that lifts after its TTL.
+    let denied = from("192.0.2.44");
+    let (st, body) = request(gw, "GET", "edge", "/ok", &[(denied.0, &denied.1)], Bytes::new()).await;
+    assert_eq!(
+        (st, serde_json::from_str::<Value>(&body).unwrap()["rule"].as_str()),
+        (403, Some("ip_denied"))
+    );
+    let mallory = from("198.51.100.66");
+    for _ in 0..3 {
+        assert_eq!(
+            request(gw, "GET", "edge", "/strict?q=%3Cscript%3E", &[(mallory.0, &mallory.1)], Bytes::new())
+                .await
+                .0,
+            403
+        );
+    }
+    let (st, h, body) =
+        request_full(gw, "GET", "edge", "/ok", &[(mallory.0, &mallory.1)], Bytes::new()).await;
+    assert_eq!(
+        (st, serde_json::from_str::<Value>(&body).unwrap()["rule"].as_str()),
+        (429, Some("ip_blocked")),
+        "{body}"
+    );
+    assert!(h.contains_key("retry-after"));
+    let (_, blocks) = get(gateway.admin, "admin", "/gateway/blocks").await;
+    assert!(blocks.contains("198.51.100.66") && blocks.contains("xss"), "{blocks}");
+    assert_eq!(
+        request(gw, "GET", "edge", "/ok", &[(one.0, &one.1)], Bytes::new()).await.0,
+        200,
+        "only that client"
+    );
+    eventually(WAIT, "the block lifts after its TTL", || async {
+        request(gw, "GET", "edge", "/ok", &[(mallory.0, &mallory.1)], Bytes::new()).await.0 == 200
+    })
+    .await;
+    let (_, m) = get(gateway.admin, "admin", "/metrics").await;
+    assert!(m.contains("mesh_sidecar_edge_blocks_total 1"), "{m}");
+    // An operator lifts a block at once.
+    for _ in 0..3 {
+        request(gw, "GET", "edge", "/a%2fb", &[(mallory.0, &mallory.1)], Bytes::new()).await;
+    }
+    assert_eq!(request(gw, "GET", "edge", "/ok", &[(mallory.0, &mallory.1)], Bytes::new()).await.0, 429);
+    let (st, _) =
+        request(gateway.admin, "DELETE", "admin", "/gateway/blocks/198.51.100.66", &[], Bytes::new()).await;
+    assert_eq!(st, 200);
+    assert_eq!(request(gw, "GET", "edge", "/ok", &[(mallory.0, &mallory.1)], Bytes::new()).await.0, 200);
+    assert_eq!(
+        request(gateway.admin, "DELETE", "admin", "/gateway/blocks/nope", &[], Bytes::new()).await.0,
+        400
+    );
+
+    // Every answer of the edge says nosniff; every request left one JSON line in the log.
+    let (_, h, _) = request_full(gw, "GET", "edge", "/last", &[], Bytes::new()).await;
+    assert_eq!(h["x-content-type-options"], "nosniff");
+    // Lines are written in the order requests finish: the last one's means all are there.
+    eventually(WAIT, "the access log is written", || async {
+        std::fs::read_to_string(&log_file).unwrap_or_default().contains("\"path\":\"/last\"")
+    })
+    .await;
+    let text = std::fs::read_to_string(&log_file).unwrap();
+    let lines: Vec<Value> =
+        text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect();
+    for l in &lines {
+        for field in [
+            "time",
+            "client_ip",
+            "method",
+            "path",
+            "status",
+            "bytes_in",
+            "bytes_out",
+            "duration_ms",
+            "request_id",
+            "trace_id",
+        ] {
+            assert!(!l[field].is_null(), "{field} in {l}");
+        }
+        for field in ["subject", "route", "service", "endpoint", "rule"] {
+            assert!(l.get(field).is_some(), "{field} in {l}");
+        }
+    }
+    let find = |pred: &dyn Fn(&Value) -> bool| lines.iter().find(|l| pred(l)).cloned();
+    let alice_line = find(&|l| l["subject"] == "alice").expect("alice's requests");
+    assert_eq!(
+        (alice_line["route"].as_str(), alice_line["service"].as_str()),
+        (Some("by-subject"), Some("api"))
+    );
+    assert!(alice_line["bytes_out"].as_u64().unwrap() > 0);
+    assert!(find(&|l| l["rule"] == "rate_limited" && l["status"] == 429).is_some());
+    assert!(
+        find(&|l| l["rule"] == "xss" && l["status"] == 200 && l["path"] == "/detected").is_some(),
+        "detect mode logs its rule"
+    );
+    assert!(find(&|l| l["rule"] == "ip_blocked" && l["client_ip"] == "198.51.100.66").is_some());
+    assert!(find(&|l| l["rule"] == "path_not_normalised").is_some());
+    assert!(find(&|l| l["path"] == "/exact" && l["method"] == "GET" && l["route"] == "exact").is_some());
+    assert!(find(&|l| l["path"] == "/exact" && l["method"] == "POST" && l["route"] == "rest").is_some());
+    drop((gateway, api));
+}
