@@ -67,6 +67,10 @@ pub enum Command {
     /// One sidecar's view: its upstreams, endpoints, breaker states and cache (from its admin
     /// listener, e.g. 127.0.0.1:4191).
     Sidecar { admin: String },
+    /// The edge: its routes (stored, versioned and pushed by the control plane like policy) and
+    /// a gateway's blocked clients.
+    #[command(subcommand)]
+    Gateway(GatewayCommand),
     /// Run a local mesh on loopback with embedded storage until Ctrl-C.
     Up(UpArgs),
 }
@@ -105,6 +109,32 @@ pub enum PolicyCommand {
     Delete { service: String },
     /// Every service with an explicit policy.
     List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GatewayCommand {
+    /// Print the routes every gateway serves (YAML in table mode), with their version.
+    Get,
+    /// Validate and store routes from a YAML or JSON file (`routes: [...]`): every gateway gets
+    /// them live and ACKs. Compare-and-set against the version read, so a concurrent change is
+    /// refused, not lost.
+    Set {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Validate and show the changes without storing anything.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Show what `set` would change, route by route and field by field.
+    Diff {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// The clients a gateway has blocked after repeated refused requests (from its admin
+    /// listener, e.g. http://127.0.0.1:4191).
+    Blocks { admin: String },
+    /// Lift a gateway's block on a client address.
+    Unblock { admin: String, ip: String },
 }
 
 #[derive(Debug, Subcommand)]

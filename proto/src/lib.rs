@@ -14,6 +14,8 @@
 pub use prost;
 
 pub mod dial;
+pub mod field;
+pub mod gateway;
 pub mod names;
 pub mod policy;
 

@@ -12,22 +12,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{names, v1};
-
-/// A policy field that failed validation: `field` is the dotted path, `reason` says what is wrong
-/// and what would be accepted.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {reason}")]
-pub struct FieldError {
-    pub field: String,
-    pub reason: String,
-}
-
-impl FieldError {
-    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
-        Self { field: field.into(), reason: reason.into() }
-    }
-}
+pub use crate::field::FieldError;
+use crate::{gateway::GatewayPolicy, names, v1};
 
 /// One service's policy.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,6 +31,9 @@ pub struct ServicePolicy {
     /// record TTL) and balance over the addresses instead of using discovery.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub external: Option<ExternalService>,
+    /// The edge's routes (only in the policy of the service `gateway`).
+    #[serde(skip_serializing_if = "GatewayPolicy::is_empty")]
+    pub gateway: GatewayPolicy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -450,6 +439,7 @@ impl ServicePolicy {
         self.cache.validate()?;
         self.rate_limit.validate()?;
         self.authz.validate()?;
+        self.gateway.validate()?;
         match &self.external {
             Some(e) if !names::is_host_port(&format!("{}:{}", e.host, e.port)) => Err(FieldError::new(
                 "external",
@@ -476,6 +466,18 @@ fn diff_values(path: &str, old: &serde_json::Value, new: &serde_json::Value, out
         for k in keys {
             let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
             diff_values(&p, a.get(k).unwrap_or(&Value::Null), b.get(k).unwrap_or(&Value::Null), out);
+        }
+    } else if let (Value::Array(a), Value::Array(b)) = (old, new)
+        && a.iter().chain(b).any(Value::is_object)
+    {
+        // Lists of objects (gateway routes) are compared item by item: `gateway.routes[1].service`.
+        for i in 0..a.len().max(b.len()) {
+            diff_values(
+                &format!("{path}[{i}]"),
+                a.get(i).unwrap_or(&Value::Null),
+                b.get(i).unwrap_or(&Value::Null),
+                out,
+            );
         }
     } else if old != new {
         let show = |v: &Value| match v {
@@ -811,6 +813,7 @@ impl TryFrom<v1::ServicePolicy> for ServicePolicy {
                     host: e.host,
                 }),
             },
+            gateway: w.gateway.map(GatewayPolicy::try_from).transpose()?.unwrap_or_default(),
         };
         p.validate()?;
         Ok(p)
@@ -904,6 +907,7 @@ impl From<&ServicePolicy> for v1::ServicePolicy {
                 .external
                 .as_ref()
                 .map(|e| v1::ExternalService { host: e.host.clone(), port: e.port.into() }),
+            gateway: (!p.gateway.is_empty()).then(|| (&p.gateway).into()),
         }
     }
 }

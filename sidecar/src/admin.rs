@@ -1,5 +1,6 @@
 //! The admin listener: `/metrics`, `/live`, `/ready`, `/config`; on a gateway also
-//! `/gateway/blocks` (clients blocked now) and `DELETE /gateway/blocks/{ip}` (lift a block).
+//! `/gateway/routes` (the routes in force), `/gateway/blocks` (clients blocked now) and
+//! `DELETE /gateway/blocks/{ip}` (lift a block).
 
 use std::sync::{Arc, atomic::Ordering};
 
@@ -17,6 +18,7 @@ use crate::{config::Mode, events::api, gateway::edge::Edge, identity, metrics::M
 pub fn router(shared: Arc<Shared>, edge: Option<Arc<Edge>>) -> Router {
     let gateway = match edge {
         Some(edge) => Router::new()
+            .route("/gateway/routes", get(routes))
             .route("/gateway/blocks", get(blocks))
             .route("/gateway/blocks/{ip}", axum::routing::delete(unblock))
             .with_state(edge),
@@ -38,6 +40,13 @@ pub fn router(shared: Arc<Shared>, edge: Option<Arc<Edge>>) -> Router {
         })
         .with_state(shared)
         .merge(gateway)
+}
+
+/// The routes in force, in precedence order, and the `gateway` policy version they came from
+/// (0: the gateway's own `--route`s).
+async fn routes(State(edge): State<Arc<Edge>>) -> impl IntoResponse {
+    let table = edge.routes();
+    Json(json!({ "version": table.version, "routes": table.routes }))
 }
 
 async fn blocks(State(edge): State<Arc<Edge>>) -> impl IntoResponse {

@@ -144,7 +144,7 @@ pub struct Args {
     jwt_audiences: Vec<String>,
     /// Routes that name no auth mode: required (no token: 401), optional (a token is checked
     /// when present) or none. Default: optional.
-    #[arg(long, env = "MESH_AUTH", value_enum)]
+    #[arg(long, env = "MESH_AUTH", value_parser = <AuthMode as std::str::FromStr>::from_str)]
     auth: Option<AuthMode>,
     /// How often the JWK Set file is checked for a change (default 30s; an unknown key id
     /// re-reads it at once).
@@ -166,7 +166,7 @@ pub struct Args {
     max_header_bytes: Option<usize>,
     /// Gateway mode: SQL-injection and XSS screening of query and body on routes that name no
     /// mode: off, detect (logged and counted; the default) or block (403).
-    #[arg(long, env = "MESH_THREATS", value_enum)]
+    #[arg(long, env = "MESH_THREATS", value_parser = <ThreatMode as std::str::FromStr>::from_str)]
     threats: Option<ThreatMode>,
     /// Gateway mode: proxies (CIDR) whose X-Forwarded-For names the client; from anyone else
     /// the connection's address is the client's.

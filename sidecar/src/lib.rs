@@ -40,7 +40,7 @@ use crate::{
     events::{forwarder, invalidation, webhook},
     gateway::{access_log::AccessLog, auth::EdgeAuth, edge::Edge},
     inbound::Inbound,
-    outbound::{Outbound, route::Route},
+    outbound::Outbound,
     server::Handler,
     shared::Shared,
     upstream::snapshot,
@@ -119,9 +119,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
             let log =
                 AccessLog::start(&c.access_log, c.access_log_sample, metrics.access_log_dropped.clone())
                     .map_err(|e| Error::Config(format!("--access-log {:?}: {e}", c.access_log)))?;
-            let mut routes = c.routes.clone();
-            Route::sort(&mut routes);
-            let edge = Edge::new(c.edge.clone(), edge_auth.clone(), &routes, log, metrics.clone())
+            let edge = Edge::new(c.edge.clone(), edge_auth.clone(), c.routes.clone(), log, metrics.clone())
                 .map_err(|e| Error::Config(format!("gateway routes: {e}")))?;
             Some(Arc::new(edge))
         }
@@ -188,14 +186,27 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
 
     let drain = shared.config.drain_timeout;
     let header_timeout = shared.config.header_read_timeout;
-    let routes = (shared.config.mode == Mode::Gateway).then(|| shared.config.routes.clone());
-    let mut outbound =
-        Outbound::new(upstreams.clone(), metrics.clone(), routes, shared.config.discovery_wait);
+    let mut outbound = Outbound::new(upstreams.clone(), metrics.clone(), shared.config.discovery_wait);
     if let Some(edge) = edge.clone() {
-        let stop = background.clone();
+        let (sweeping, stop) = (edge.clone(), background.clone());
         spawn_tracked(&tasks, tracing::info_span!("edge_sweep"), async move {
             while Backoff::sleep(EDGE_SWEEP_EVERY, &stop).await {
-                edge.sweep();
+                sweeping.sweep();
+            }
+        });
+        // Routes from the control plane (the `gateway` policy, ACKed once durable) or, restored
+        // from the snapshot, the last ones it pushed.
+        let (stop, mut policy) = (background.clone(), shared.own_policy.subscribe());
+        spawn_tracked(&tasks, tracing::info_span!("gateway_routes"), async move {
+            loop {
+                let (version, p) = policy.borrow_and_update().clone();
+                if let Err(e) = edge.set_routes(version, &p.gateway.routes) {
+                    tracing::error!(version, error = %e, "gateway routes not applied; the previous ones stay");
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    changed = policy.changed() => if changed.is_err() { return },
+                }
             }
         });
     }

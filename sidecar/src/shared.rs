@@ -88,9 +88,10 @@ impl Shared {
         (shared, added)
     }
 
-    /// The service name this sidecar's certificate is for (`gateway` for the gateway).
+    /// The service name this sidecar's certificate is for, and whose policy is its own: the
+    /// gateway's is `gateway` (that policy carries its routes).
     pub fn identity_service(&self) -> String {
-        self.config.service.clone().unwrap_or_else(|| "gateway".into())
+        self.config.service.clone().unwrap_or_else(|| mesh_proto::gateway::GATEWAY_SERVICE.into())
     }
 
     /// Whether traffic between sidecars is mutual TLS (this sidecar has an identity token).

@@ -348,3 +348,79 @@ async fn the_edge_limits_screens_blocks_and_logs_every_request() {
     assert!(find(&|l| l["path"] == "/exact" && l["method"] == "POST" && l["route"] == "rest").is_some());
     drop((gateway, api));
 }
+
+/// Routes are a control-plane resource: set through the `gateway` policy, validated naming the
+/// field, pushed live and ACKed, and kept by a gateway restarted while the control plane is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_set_on_the_control_plane_serve_live_and_survive_its_outage() {
+    use mesh_proto::{gateway::GatewayPolicy, policy::ServicePolicy, v1};
+    let cp = TestCp::start().await;
+    for s in ["api", "web"] {
+        cp.set_policy(s, &mesh_testkit::fast_policy()).await;
+    }
+    let (api_app, web_app) = (Backend::start("api").await, Backend::start("web").await);
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let _api =
+        TestSidecar::start(TestSidecar::config(&cp.url(), "api", "a1", api_app.addr, dirs[0].path())).await;
+    let _web =
+        TestSidecar::start(TestSidecar::config(&cp.url(), "web", "w1", web_app.addr, dirs[1].path())).await;
+    // Started with its own route only.
+    let cfg = TestSidecar::gateway_config(&cp.url(), vec![Route::parse("/=api").unwrap()], dirs[2].path());
+    let gateway = TestSidecar::start(cfg.clone()).await;
+    let gw = gateway.outbound;
+    eventually(WAIT, "the gateway's own route serves", || async {
+        mesh_testkit::backend_of(&request(gw, "GET", "edge", "/web/x", &[], Bytes::new()).await.1) == "api"
+    })
+    .await;
+
+    let routes: GatewayPolicy = serde_yaml_ng::from_str(
+        "routes:\n  - { name: web, prefix: /web, service: web, rewrite: / }\n  - { name: api, prefix: /, service: api }\n",
+    )
+    .unwrap();
+    let version = cp.set_policy("gateway", &ServicePolicy { gateway: routes, ..Default::default() }).await;
+    eventually(WAIT, "the new route serves without a restart", || async {
+        mesh_testkit::backend_of(&request(gw, "GET", "edge", "/web/x", &[], Bytes::new()).await.1) == "web"
+    })
+    .await;
+    let (_, in_force) = get(gateway.admin, "admin", "/gateway/routes").await;
+    let in_force: Value = serde_json::from_str(&in_force).unwrap();
+    assert_eq!(in_force["version"], version, "{in_force}");
+    // The gateway ACKed it: the control plane's proxy status says so.
+    let admin = || async { v1::admin_client::AdminClient::new(cp.channel().await) };
+    eventually(WAIT, "the gateway ACKs the routes", || async {
+        let status =
+            admin().await.proxy_status(v1::ProxyStatusRequest::default()).await.unwrap().into_inner();
+        status.proxies.iter().any(|p| {
+            p.node_id == "gateway"
+                && p.policies.iter().any(|s| s.service == "gateway" && s.acked_version == version)
+        })
+    })
+    .await;
+
+    // An invalid route is refused naming the field, and nothing changes.
+    let bad: GatewayPolicy =
+        serde_yaml_ng::from_str("routes: [{ prefix: /x, service: Not_A_Service }]").unwrap();
+    let refused = v1::policy_client::PolicyClient::new(cp.channel().await)
+        .set(v1::SetPolicyRequest {
+            service: "gateway".into(),
+            policy: Some((&ServicePolicy { gateway: bad, ..Default::default() }).into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(refused.message().contains("gateway.routes[0].service"), "{}", refused.message());
+    assert_eq!(
+        mesh_testkit::backend_of(&request(gw, "GET", "edge", "/web/x", &[], Bytes::new()).await.1),
+        "web"
+    );
+
+    // The control plane goes away and the gateway restarts: it serves the routes it last ACKed.
+    cp.stop().await;
+    gateway.stop().await;
+    let gateway = TestSidecar::start(cfg).await;
+    let (status, body) = request(gateway.outbound, "GET", "edge", "/web/x", &[], Bytes::new()).await;
+    assert_eq!((status, mesh_testkit::backend_of(&body).as_str()), (200, "web"), "{body}");
+    let (_, in_force) = get(gateway.admin, "admin", "/gateway/routes").await;
+    assert!(in_force.contains(&format!("\"version\":{version}")), "{in_force}");
+}

@@ -2,6 +2,7 @@
 //! (`services`, `instances`, `proxy-status`, `overview`, `stats`) are answered here.
 
 pub mod events;
+pub mod gateway;
 pub mod identity;
 pub mod policy;
 pub mod sidecar;
@@ -22,6 +23,7 @@ pub async fn run(args: Args) -> Result<(), CliError> {
     match args.command {
         Command::Up(up) => return up::run(up, args.output).await,
         Command::Sidecar { admin } => return sidecar::run(&admin, args.output).await,
+        Command::Gateway(ref cmd) if gateway::run_admin(cmd, args.output).await? => return Ok(()),
         Command::Token(EndUserTokenCommand::Issue { sub, admin, ttl, dir }) => {
             let token = Issuer::open(&dir.join("issuer"))?.issue(&sub, admin, ttl)?;
             out!("{token}");
@@ -94,6 +96,7 @@ pub async fn run(args: Args) -> Result<(), CliError> {
             );
         }
         Command::Policy(cmd) => policy::run(cmd, ch, out, &addr).await?,
+        Command::Gateway(cmd) => gateway::run(cmd, ch, out, &addr).await?,
         Command::Events(cmd) => events::run(cmd, ch, out, &addr).await?,
         Command::Identity(cmd) => identity::run(cmd, ch, out, &addr).await?,
         Command::ProxyStatus { service } => {

@@ -9,10 +9,10 @@ use crate::{
 use serde_json::Value;
 use std::time::Duration;
 
-/// `meshctl sidecar ADMIN`: fetches the sidecar's `/config` over plain HTTP/1.1.
-pub async fn run(admin: &str, out: Output) -> Result<(), CliError> {
+/// One request to a sidecar's admin listener (plain HTTP/1.1): the status and the JSON answer.
+/// `admin` is `127.0.0.1:4191`, or a URL as `meshctl up` prints it (`http://127.0.0.1:4191/config`).
+pub async fn admin_call(admin: &str, method: &str, path: &str) -> Result<(u16, Value), CliError> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    // `127.0.0.1:4191`, or a URL as `meshctl up` prints it (`http://127.0.0.1:4191/config`).
     let addr = admin.trim_start_matches("http://").split('/').next().unwrap_or_default();
     let unreachable = |cause: String| {
         CliError::Input(format!(
@@ -24,18 +24,25 @@ pub async fn run(admin: &str, out: Output) -> Result<(), CliError> {
         .await
         .map_err(|_| unreachable("timed out".into()))?
         .map_err(|e| unreachable(e.to_string()))?;
-    s.write_all(format!("GET /config HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+    s.write_all(format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
         .await
         .map_err(|e| unreachable(e.to_string()))?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).await.map_err(|e| unreachable(e.to_string()))?;
     let text = String::from_utf8_lossy(&raw);
+    let status = text.split(' ').nth(1).and_then(|c| c.parse::<u16>().ok()).unwrap_or(0);
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    let cfg: Value = serde_json::from_str(body).map_err(|e| {
+    let answer: Value = serde_json::from_str(body).map_err(|e| {
         CliError::Refused(format!(
-            "{addr} did not answer /config with JSON ({e}): is it a sidecar's admin address?"
+            "{addr} did not answer {path} with JSON ({e}): is it a sidecar's admin address?"
         ))
     })?;
+    Ok((status, answer))
+}
+
+/// `meshctl sidecar ADMIN`: the sidecar's `/config`.
+pub async fn run(admin: &str, out: Output) -> Result<(), CliError> {
+    let (_, cfg) = admin_call(admin, "GET", "/config").await?;
     if out == Output::Json {
         print_json(&cfg);
         return Ok(());

@@ -69,8 +69,9 @@ pub async fn run(shared: Arc<Shared>, mut added: mpsc::UnboundedReceiver<String>
 
 fn subscribe(shared: &Shared) -> v1::PolicyStreamRequest {
     let mut services = shared.upstreams.names();
-    let own = shared.config.service.clone().unwrap_or_default();
-    if !own.is_empty() && !services.contains(&own) {
+    // A gateway's own policy (`gateway`) carries its routes.
+    let own = shared.identity_service();
+    if !services.contains(&own) {
         services.push(own.clone());
     }
     v1::PolicyStreamRequest {
@@ -180,7 +181,14 @@ async fn apply_policy(shared: &Shared, p: v1::PolicyPush) -> v1::PolicyStreamReq
             return nack(shared, p, e.to_string());
         }
     };
-    let own = shared.config.service.as_deref() == Some(p.service.as_str());
+    let own = shared.identity_service() == p.service;
+    if own
+        && shared.config.mode == crate::config::Mode::Gateway
+        && let Err(e) = crate::gateway::edge::RouteTable::new(policy.gateway.routes.clone(), p.version)
+    {
+        tracing::warn!(version = p.version, reason = %e, "refusing the gateway's routes (NACK); keeping the routes in force");
+        return nack(shared, p, format!("gateway routes: {e}"));
+    }
     let before_own = own.then(|| shared.own_policy.send_replace((p.version, Arc::new(policy.clone()))));
     let up = shared.upstreams.get(&p.service);
     let before_up = up.as_ref().map(|up| {

@@ -21,7 +21,6 @@ use std::{
 };
 
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode, header};
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::time::Instant;
 
@@ -35,18 +34,7 @@ pub const USER: HeaderName = HeaderName::from_static("x-mesh-user");
 /// The verified end user's roles (the token's `roles` claim), comma separated.
 pub const USER_ROLES: HeaderName = HeaderName::from_static("x-mesh-user-roles");
 
-/// Whether a route needs an end-user token.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "snake_case")]
-pub enum AuthMode {
-    /// No token: 401.
-    Required,
-    /// A token is verified when present (a bad one is 401); without one the request goes on
-    /// anonymous.
-    Optional,
-    /// Tokens are not looked at (the app still never sees a client's `x-mesh-user`).
-    None,
-}
+pub use mesh_proto::gateway::AuthMode;
 
 /// The gateway's end-user authentication settings.
 #[derive(Debug, Clone)]

@@ -19,6 +19,7 @@
 
 use std::{net::IpAddr, sync::Arc};
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body::Body as HttpBody;
@@ -33,6 +34,7 @@ use crate::{
         access_log::{self, AccessLog, Logged, Record},
         auth::{EdgeAuth, USER, strip_user},
         client,
+        cors::Cors,
         ip_filter::{AutoBlock, Denied, IpFilter, IpRule},
         rate_limit::RouteLimiter,
         screen::{self, Limits, Rule, ThreatMode, threats},
@@ -78,11 +80,34 @@ impl Default for EdgeConfig {
     }
 }
 
+/// The routes in force and each one's rate limiter (by index), swapped whole when the control
+/// plane pushes new ones; a request keeps the table it started with.
+pub struct RouteTable {
+    /// In precedence order.
+    pub routes: Vec<Route>,
+    limiters: Vec<Option<RouteLimiter>>,
+    /// The `gateway` policy version they came from (0: the gateway's own `--route`s).
+    pub version: u64,
+}
+
+impl RouteTable {
+    /// The table of `routes` (sorted here).
+    pub fn new(mut routes: Vec<Route>, version: u64) -> Result<RouteTable, String> {
+        Route::sort(&mut routes);
+        let limiters = routes
+            .iter()
+            .map(|r| r.rate_limit.as_ref().map(|spec| RouteLimiter::new(r.label(), spec)).transpose())
+            .collect::<Result<_, _>>()?;
+        Ok(RouteTable { routes, limiters, version })
+    }
+}
+
 pub struct Edge {
     pub auth: Option<Arc<EdgeAuth>>,
     config: EdgeConfig,
-    /// Each route's limiter, by its index in the (sorted) routes.
-    limiters: Vec<Option<RouteLimiter>>,
+    table: ArcSwap<RouteTable>,
+    /// The routes the gateway was started with: in force while the control plane names none.
+    own_routes: Vec<Route>,
     pub ip_filter: IpFilter,
     access_log: Option<Arc<AccessLog>>,
     metrics: Arc<Metrics>,
@@ -94,6 +119,7 @@ pub struct Visit {
     peer: IpAddr,
     client: IpAddr,
     record: Record,
+    table: Arc<RouteTable>,
     route: Option<usize>,
     origin: Option<HeaderValue>,
     /// The route's rate limiter said this many may follow at once.
@@ -121,20 +147,43 @@ fn strikes(rule: &str) -> bool {
 }
 
 impl Edge {
-    /// The edge over `routes` (sorted, as the outbound proxy keeps them).
+    /// The edge, serving `routes` (the gateway's own) until the control plane pushes others.
     pub fn new(
         config: EdgeConfig,
         auth: Option<Arc<EdgeAuth>>,
-        routes: &[Route],
+        routes: Vec<Route>,
         access_log: Option<Arc<AccessLog>>,
         metrics: Arc<Metrics>,
     ) -> Result<Edge, String> {
-        let limiters = routes
-            .iter()
-            .map(|r| r.rate_limit.as_ref().map(|spec| RouteLimiter::new(r.label(), spec)).transpose())
-            .collect::<Result<_, _>>()?;
+        let table = ArcSwap::from_pointee(RouteTable::new(routes.clone(), 0)?);
         let ip_filter = IpFilter::new(config.allow.clone(), config.deny.clone(), config.auto_block);
-        Ok(Edge { auth, config, limiters, ip_filter, access_log, metrics })
+        Ok(Edge { auth, config, table, own_routes: routes, ip_filter, access_log, metrics })
+    }
+
+    /// The routes in force.
+    pub fn routes(&self) -> Arc<RouteTable> {
+        self.table.load_full()
+    }
+
+    /// Puts the routes of `gateway` policy `version` in force (none: the gateway's own again).
+    /// A route whose limiter cannot be built is an error and nothing changes.
+    pub fn set_routes(&self, version: u64, routes: &[Route]) -> Result<(), String> {
+        if self.table.load().version == version {
+            return Ok(());
+        }
+        let table = if routes.is_empty() {
+            RouteTable::new(self.own_routes.clone(), version)?
+        } else {
+            RouteTable::new(routes.to_vec(), version)?
+        };
+        tracing::info!(
+            version,
+            routes = table.routes.len(),
+            from_control_plane = !routes.is_empty(),
+            "gateway routes in force"
+        );
+        self.table.store(Arc::new(table));
+        Ok(())
     }
 
     /// Starts a request's visit: who it is from, what it asks.
@@ -161,6 +210,7 @@ impl Edge {
                 trace_id: t.trace_id.to_string(),
                 rule: None,
             },
+            table: self.table.load_full(),
             route: None,
             origin: req.headers().get(header::ORIGIN).cloned(),
             rate_remaining: None,
@@ -191,7 +241,6 @@ impl Edge {
     /// upstream, or the answer given here.
     pub async fn admit(
         &self,
-        routes: &[Route],
         upstreams: &Upstreams,
         req: Request<Incoming>,
         v: &mut Visit,
@@ -218,13 +267,14 @@ impl Edge {
             return Err(self.refuse(v, rule));
         }
         let mut req = req;
-        let routed = route::route(Some(routes), upstreams, &mut req).map_err(|resp| {
+        let table = v.table.clone();
+        let routed = route::route(Some(&table.routes), upstreams, &mut req).map_err(|resp| {
             v.refused = true;
             v.record.rule = Some("no_route");
             *resp
         })?;
         let index = routed.route.unwrap_or_default();
-        let r = &routes[index];
+        let r = &table.routes[index];
         v.route = Some(index);
         v.record.route = Some(r.label().to_string());
         let limits = r.limits.unwrap_or_default().or(self.config.limits);
@@ -254,7 +304,7 @@ impl Edge {
             None => strip_user(req.headers_mut()),
         }
         v.record.subject = req.headers().get(USER).and_then(|u| u.to_str().ok()).map(str::to_string);
-        if let Some(limiter) = &self.limiters[index] {
+        if let Some(limiter) = &table.limiters[index] {
             match limiter.check(limiter.key(req.headers(), v.record.subject.as_deref(), v.client)) {
                 Ok(admitted) => v.rate_remaining = Some(admitted.remaining),
                 Err(limited) => {
@@ -329,15 +379,17 @@ impl Edge {
 
     /// The answer on its way out: CORS and rate-limit headers, `X-Content-Type-Options`, and the
     /// access-log line once the body is sent.
-    pub fn finish(&self, routes: &[Route], mut v: Visit, mut resp: Response<Body>) -> Response<Body> {
-        let route = v.route.map(|i| &routes[i]);
+    pub fn finish(&self, mut v: Visit, mut resp: Response<Body>) -> Response<Body> {
+        let table = v.table.clone();
+        let route = v.route.map(|i| &table.routes[i]);
         let h = resp.headers_mut();
         if let Some(cors) = route.and_then(|r| r.cors.as_ref())
             && !v.refused
         {
             cors.decorate(v.origin.as_ref(), h);
         }
-        if let (Some(remaining), Some(Some(limiter))) = (v.rate_remaining, v.route.map(|i| &self.limiters[i]))
+        if let (Some(remaining), Some(Some(limiter))) =
+            (v.rate_remaining, v.route.map(|i| &table.limiters[i]))
         {
             limiter.headers(h, remaining, limiter.reset_after(remaining));
         }
@@ -361,7 +413,7 @@ impl Edge {
         self.ip_filter.sweep(now);
         self.metrics.edge_blocked_clients.set(self.ip_filter.blocks(now).len() as i64);
         let mut keys = 0;
-        for l in self.limiters.iter().flatten() {
+        for l in self.table.load().limiters.iter().flatten() {
             l.sweep();
             keys += l.keys();
         }

@@ -13,80 +13,11 @@ use governor::{
     state::keyed::DefaultKeyedStateStore,
 };
 use http::{HeaderMap, HeaderName, HeaderValue};
-use serde::{Deserialize, Serialize};
+pub use mesh_proto::gateway::{RateKey, RateLimitSpec};
 
 /// Most keys one route's limiter tracks; past it, idle keys are evicted, and if that is not
 /// enough every new key shares one state (limited together rather than not at all).
 pub const MAX_KEYS: usize = 100_000;
-
-/// What a limit counts by.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RateKey {
-    /// The verified end user; anonymous requests by their client address.
-    Subject,
-    /// The client address (`X-Forwarded-For` only from trusted proxies).
-    Ip,
-    /// The value of a request header (an API key); requests without it by client address.
-    Header(HeaderName),
-}
-
-impl Serialize for RateKey {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self {
-            RateKey::Subject => s.serialize_str("subject"),
-            RateKey::Ip => s.serialize_str("ip"),
-            RateKey::Header(h) => s.serialize_str(&format!("header:{h}")),
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for RateKey {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        RateKey::parse(&s).map_err(serde::de::Error::custom)
-    }
-}
-
-impl RateKey {
-    pub fn parse(s: &str) -> Result<RateKey, String> {
-        match s {
-            "subject" => Ok(RateKey::Subject),
-            "ip" => Ok(RateKey::Ip),
-            _ => match s.strip_prefix("header:").map(|h| HeaderName::try_from(h.trim())) {
-                Some(Ok(h)) => Ok(RateKey::Header(h)),
-                _ => Err(format!("key {s:?}: subject, ip or header:<name>")),
-            },
-        }
-    }
-}
-
-/// A route's limit: `requests_per_second` sustained, `burst` at once (default: one second's).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RateLimitSpec {
-    pub requests_per_second: u32,
-    #[serde(default)]
-    pub burst: u32,
-    #[serde(default = "subject")]
-    pub key: RateKey,
-}
-
-fn subject() -> RateKey {
-    RateKey::Subject
-}
-
-impl RateLimitSpec {
-    pub fn validate(&self) -> Result<(), String> {
-        if self.requests_per_second == 0 {
-            return Err("rate_limit.requests_per_second: at least 1".into());
-        }
-        Ok(())
-    }
-
-    fn burst(&self) -> u32 {
-        if self.burst == 0 { self.requests_per_second } else { self.burst }
-    }
-}
 
 type Keyed = RateLimiter<String, DefaultKeyedStateStore<String>, DefaultClock, StateInformationMiddleware>;
 

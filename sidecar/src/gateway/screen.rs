@@ -13,7 +13,7 @@
 //! and what was wrong.
 
 use http::{HeaderMap, Method, StatusCode, header};
-use serde::{Deserialize, Serialize};
+pub use mesh_proto::gateway::{Limits, ThreatMode};
 
 /// A screening refusal.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,50 +27,6 @@ impl Rule {
     fn new(status: StatusCode, rule: &'static str, message: impl Into<String>) -> Self {
         Rule { status, rule, message: message.into() }
     }
-}
-
-/// Size limits of a request. Zero fields take the gateway's defaults.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Limits {
-    /// Longest request target (path and query), bytes.
-    pub uri: usize,
-    /// Most header fields.
-    pub headers: usize,
-    /// Largest total of header names and values, bytes.
-    pub header_bytes: usize,
-    /// Largest request body, bytes.
-    pub body: u64,
-}
-
-impl Limits {
-    /// The gateway's defaults (what nginx and Envoy ship with, roughly).
-    pub const DEFAULT: Limits =
-        Limits { uri: 8 * 1024, headers: 100, header_bytes: 32 * 1024, body: 1024 * 1024 };
-
-    /// These limits, with zero fields taken from `base`.
-    pub fn or(self, base: Limits) -> Limits {
-        let pick = |a: usize, b: usize| if a == 0 { b } else { a };
-        Limits {
-            uri: pick(self.uri, base.uri),
-            headers: pick(self.headers, base.headers),
-            header_bytes: pick(self.header_bytes, base.header_bytes),
-            body: if self.body == 0 { base.body } else { self.body },
-        }
-    }
-}
-
-/// What to do with a request that matches a threat signature.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "snake_case")]
-pub enum ThreatMode {
-    /// Not looked for.
-    Off,
-    /// Logged (the access log's `rule`) and counted; the request goes on.
-    #[default]
-    Detect,
-    /// Refused with 403.
-    Block,
 }
 
 /// Methods a public API is called with; anything else (`TRACE`, `CONNECT`, extensions) is

@@ -32,34 +32,23 @@ use crate::{
         trace,
     },
     metrics::Metrics,
-    outbound::{retry::backoff, route::Route},
+    outbound::retry::backoff,
     upstream::{AppliedPolicy, Upstream, Upstreams, endpoint::Endpoint},
 };
 
 pub struct Outbound {
     pub upstreams: Arc<Upstreams>,
     pub metrics: Arc<Metrics>,
-    /// Gateway mode: routes in precedence order. Sidecar mode: `None` (by authority).
-    pub routes: Option<Vec<Route>>,
     /// How long a request for a service seen for the first time waits for its endpoints.
     pub discovery_wait: Duration,
-    /// Gateway mode: the edge's middleware (identity, IP lists, screening, CORS, rate limits,
-    /// access log).
+    /// Gateway mode: the edge — routes and their middleware (identity, IP lists, screening,
+    /// CORS, rate limits, access log). Sidecar mode: `None` (requests go by authority).
     pub edge: Option<Arc<Edge>>,
 }
 
 impl Outbound {
-    pub fn new(
-        upstreams: Arc<Upstreams>,
-        metrics: Arc<Metrics>,
-        routes: Option<Vec<Route>>,
-        discovery_wait: Duration,
-    ) -> Self {
-        let routes = routes.map(|mut r| {
-            Route::sort(&mut r);
-            r
-        });
-        Self { upstreams, metrics, routes, discovery_wait, edge: None }
+    pub fn new(upstreams: Arc<Upstreams>, metrics: Arc<Metrics>, discovery_wait: Duration) -> Self {
+        Self { upstreams, metrics, discovery_wait, edge: None }
     }
 
     pub async fn handle(
@@ -68,17 +57,17 @@ impl Outbound {
         peer: std::net::SocketAddr,
     ) -> Response<Body> {
         let t = trace::propagate(req.headers_mut());
-        let direction = if self.routes.is_some() { "gateway" } else { "outbound" };
+        let direction = if self.edge.is_some() { "gateway" } else { "outbound" };
         let span = tracing::info_span!(
             "request", direction, method = %req.method(), path = %req.uri().path(),
             request_id = %t.request_id, trace_id = %t.trace_id, service = tracing::field::Empty,
         );
         let grpc = is_grpc(req.headers());
         let resp = async move {
-            match (self.edge.clone(), self.routes.as_deref()) {
-                (Some(edge), Some(routes)) => {
+            match self.edge.clone() {
+                Some(edge) => {
                     let mut visit = edge.visit(peer, &req, &t);
-                    let resp = match edge.admit(routes, &self.upstreams, req, &mut visit).await {
+                    let resp = match edge.admit(&self.upstreams, req, &mut visit).await {
                         Ok((req, up)) => {
                             let (resp, endpoint) = self.forward(direction, &up, req).await;
                             visit.served_by(&up.name, endpoint.as_ref().map(|e| e.info.id.as_str()));
@@ -89,10 +78,10 @@ impl Outbound {
                             resp
                         }
                     };
-                    edge.finish(routes, visit, resp)
+                    edge.finish(visit, resp)
                 }
-                _ => {
-                    let up = match route::route(self.routes.as_deref(), &self.upstreams, &mut req) {
+                None => {
+                    let up = match route::route(None, &self.upstreams, &mut req) {
                         Ok(routed) => routed.upstream,
                         Err(resp) => return *resp,
                     };
