@@ -124,6 +124,10 @@ pub enum GatewayCommand {
         /// Validate and show the changes without storing anything.
         #[arg(long)]
         dry_run: bool,
+        /// How long to wait for every connected gateway to ACK (or NACK) the new routes
+        /// (0: do not wait).
+        #[arg(long, default_value = "10s", value_parser = mesh_runtime::parse_duration)]
+        wait: std::time::Duration,
     },
     /// Show what `set` would change, route by route and field by field.
     Diff {

@@ -59,12 +59,13 @@ pub async fn run_admin(cmd: &GatewayCommand, out: Output) -> Result<bool, CliErr
 /// `get`, `set` and `diff`: the `gateway` policy's routes on the control plane.
 pub async fn run(cmd: GatewayCommand, ch: AdminChannel, out: Output, addr: &str) -> Result<(), CliError> {
     let st = |s: tonic::Status| CliError::from_status(s, addr);
+    let ch_admin = ch.clone();
     let mut client = v1::policy_client::PolicyClient::new(ch);
     let vp =
         client.get(v1::GetPolicyRequest { service: GATEWAY_SERVICE.into() }).await.map_err(st)?.into_inner();
     let stored = ServicePolicy::try_from(vp.policy.unwrap_or_default())
         .map_err(|e| CliError::Refused(format!("the control plane sent routes meshctl cannot read: {e}")))?;
-    let (file, dry_run, is_diff) = match cmd {
+    let (file, dry_run, is_diff, wait) = match cmd {
         GatewayCommand::Get => {
             match out {
                 Output::Json => print_json(&json!({"version": vp.version, "routes": stored.gateway.routes})),
@@ -79,8 +80,8 @@ pub async fn run(cmd: GatewayCommand, ch: AdminChannel, out: Output, addr: &str)
             }
             return Ok(());
         }
-        GatewayCommand::Set { file, dry_run } => (file, dry_run, false),
-        GatewayCommand::Diff { file } => (file, true, true),
+        GatewayCommand::Set { file, dry_run, wait } => (file, dry_run, false, wait),
+        GatewayCommand::Diff { file } => (file, true, true, std::time::Duration::ZERO),
         GatewayCommand::Blocks { .. } | GatewayCommand::Unblock { .. } => {
             unreachable!("answered by run_admin")
         }
@@ -115,7 +116,69 @@ pub async fn run(cmd: GatewayCommand, ch: AdminChannel, out: Output, addr: &str)
             print_changes(&r.changes);
         }
     }
+    if r.applied && !wait.is_zero() {
+        await_acks(&ch_admin, version, wait, out, &st).await?;
+    }
     Ok(())
+}
+
+/// Waits until every gateway connected to the control plane has answered `version` — an ACK,
+/// or a NACK (then an error naming the gateway and why) — or `wait` has passed.
+async fn await_acks(
+    ch: &AdminChannel,
+    version: u64,
+    wait: std::time::Duration,
+    out: Output,
+    st: &impl Fn(tonic::Status) -> CliError,
+) -> Result<(), CliError> {
+    let mut admin = v1::admin_client::AdminClient::new(ch.clone());
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut told = false;
+    loop {
+        let status = admin
+            .proxy_status(v1::ProxyStatusRequest { service: GATEWAY_SERVICE.into() })
+            .await
+            .map_err(st)?
+            .into_inner();
+        let sync: Vec<(&str, &v1::PolicySyncStatus)> = status
+            .proxies
+            .iter()
+            .flat_map(|p| {
+                p.policies
+                    .iter()
+                    .filter(|s| s.service == GATEWAY_SERVICE)
+                    .map(move |s| (p.node_id.as_str(), s))
+            })
+            .collect();
+        if let Some((node, s)) = sync.iter().find(|(_, s)| s.nacked_version >= version) {
+            return Err(CliError::Refused(format!(
+                "gateway {node} refused the routes (NACK): {}",
+                s.nack_reason
+            )));
+        }
+        let acked = sync.iter().filter(|(_, s)| s.acked_version >= version).count();
+        if acked == sync.len() {
+            if out == Output::Table {
+                match acked {
+                    0 => out!("no gateway is connected: each gets the routes when it connects"),
+                    n => out!("ACKed by {n} gateway{}", if n == 1 { "" } else { "s" }),
+                }
+            }
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(CliError::Refused(format!(
+                "{acked} of {} gateways ACKed version {version} within {}; `meshctl proxy-status gateway` shows which",
+                sync.len(),
+                humantime::format_duration(wait)
+            )));
+        }
+        if !told && out == Output::Table {
+            out!("waiting for {} gateway(s) to ACK…", sync.len() - acked);
+            told = true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 /// Routes from a YAML or JSON file (`routes: [...]`), parsed strictly and validated; the error
