@@ -23,6 +23,7 @@ use sidecar::{
         screen::ThreatMode,
     },
     outbound::route::Route,
+    transport::public_tls::PublicTlsFiles,
 };
 
 /// The sidecar's command line.
@@ -189,6 +190,19 @@ pub struct Args {
     /// How long an automatic block lasts (default 10m); `meshctl gateway unblock` lifts one.
     #[arg(long, env = "MESH_BLOCK_FOR", value_parser = parse_duration)]
     block_for: Option<Duration>,
+    /// Gateway mode: serve the public listener over TLS (HTTP/1.1 and HTTP/2 by ALPN) with this
+    /// certificate chain (PEM); re-read with --tls-key when either changes.
+    #[arg(long, env = "MESH_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, env = "MESH_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// How often the certificate files are checked for a change (default 10s).
+    #[arg(long, env = "MESH_TLS_RELOAD", value_parser = parse_duration)]
+    tls_reload: Option<Duration>,
+    /// With TLS: the Strict-Transport-Security max-age in seconds (default one year; 0: none).
+    #[arg(long, env = "MESH_HSTS_MAX_AGE")]
+    hsts_max_age: Option<u64>,
     /// Gateway mode: the access log, one JSON line per request: stdout (the default), a file
     /// path (appended to), or off.
     #[arg(long, env = "MESH_ACCESS_LOG")]
@@ -261,6 +275,11 @@ struct FileConfig {
     block_for: Option<Duration>,
     access_log: Option<String>,
     access_log_sample: Option<f64>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    #[serde(with = "opt_duration")]
+    tls_reload: Option<Duration>,
+    hsts_max_age: Option<u64>,
     spool_max_bytes: Option<u64>,
     #[serde(with = "opt_duration")]
     spool_max_age: Option<Duration>,
@@ -427,6 +446,17 @@ pub fn resolve(a: Args) -> anyhow::Result<Resolved> {
         (None, None) => d.access_log.clone(),
     };
     c.access_log_sample = a.access_log_sample.or(f.access_log_sample).unwrap_or(d.access_log_sample);
+    c.public_tls = match (a.tls_cert.or(f.tls_cert), a.tls_key.or(f.tls_key)) {
+        (Some(cert), Some(key)) if mode == Mode::Gateway => Some(PublicTlsFiles { cert, key }),
+        (None, None) => None,
+        (Some(_), Some(_)) => {
+            bail!("--tls-cert / --tls-key are for the gateway's public listener: they need gateway mode")
+        }
+        _ => bail!("--tls-cert and --tls-key go together"),
+    };
+    c.tls_reload = a.tls_reload.or(f.tls_reload).unwrap_or(d.tls_reload);
+    c.edge.tls = c.public_tls.is_some();
+    c.edge.hsts_max_age = a.hsts_max_age.or(f.hsts_max_age).unwrap_or(d.edge.hsts_max_age);
     if !(0.0..=1.0).contains(&c.access_log_sample) {
         bail!("--access-log-sample {}: a share between 0 and 1", c.access_log_sample);
     }

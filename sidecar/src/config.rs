@@ -9,6 +9,7 @@ use crate::{
     events::subscription::Subscription,
     gateway::{access_log::Sink, auth::EdgeAuthConfig, edge::EdgeConfig},
     outbound::route::Route,
+    transport::public_tls::PublicTlsFiles,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -52,6 +53,10 @@ pub struct Config {
     pub header_read_timeout: Duration,
     /// Gateway mode: the edge's limits, screening, client addresses and IP lists.
     pub edge: EdgeConfig,
+    /// Gateway mode: TLS on the public listener (certificate and key files), and how often the
+    /// files are checked for a change.
+    pub public_tls: Option<PublicTlsFiles>,
+    pub tls_reload: Duration,
     /// Gateway mode: where the access log goes, and the share of requests it keeps.
     pub access_log: Sink,
     pub access_log_sample: f64,
@@ -113,6 +118,8 @@ impl Config {
             drain_timeout: Duration::from_secs(10),
             header_read_timeout: HEADER_READ_TIMEOUT,
             edge: EdgeConfig::default(),
+            public_tls: None,
+            tls_reload: Duration::from_secs(10),
             access_log: Sink::Stdout,
             access_log_sample: 1.0,
             idempotency_window: Duration::from_secs(120),

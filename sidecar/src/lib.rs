@@ -41,8 +41,9 @@ use crate::{
     gateway::{access_log::AccessLog, auth::EdgeAuth, edge::Edge},
     inbound::Inbound,
     outbound::Outbound,
-    server::Handler,
+    server::{Handler, ServerTls},
     shared::Shared,
+    transport::public_tls::PublicTls,
     upstream::snapshot,
 };
 
@@ -125,6 +126,13 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         }
         Mode::Sidecar => None,
     };
+    let public_tls = match (&shared.config.public_tls, shared.config.mode) {
+        (Some(files), Mode::Gateway) => Some(Arc::new(
+            PublicTls::load(files.clone())
+                .map_err(|e| Error::Config(format!("--tls-cert / --tls-key: {e}")))?,
+        )),
+        _ => None,
+    };
     let serving = CancellationToken::new();
     let tasks = TaskTracker::new();
     spawn_tracked(
@@ -187,6 +195,15 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     let drain = shared.config.drain_timeout;
     let header_timeout = shared.config.header_read_timeout;
     let mut outbound = Outbound::new(upstreams.clone(), metrics.clone(), shared.config.discovery_wait);
+    if let Some(public) = public_tls.clone() {
+        let (stop, every) = (background.clone(), shared.config.tls_reload);
+        spawn_tracked(&tasks, tracing::info_span!("public_tls_reload"), async move {
+            while Backoff::sleep(every, &stop).await {
+                public.reload();
+            }
+        });
+    }
+    let public_tls = public_tls.map(ServerTls::Public);
     if let Some(edge) = edge.clone() {
         let (sweeping, stop) = (edge.clone(), background.clone());
         spawn_tracked(&tasks, tracing::info_span!("edge_sweep"), async move {
@@ -217,7 +234,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     let name = if shared.config.mode == Mode::Gateway { "gateway" } else { "outbound" };
     let mut servers = vec![spawn(
         tracing::info_span!("listener", name),
-        server::serve(listeners.outbound, handler, serving.clone(), drain, name, None, header_timeout),
+        server::serve(listeners.outbound, handler, serving.clone(), drain, name, public_tls, header_timeout),
     )];
     if let (Some(listener), Some(app), Some(service)) =
         (listeners.inbound, shared.app.clone(), &shared.config.service)
@@ -235,7 +252,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         let inbound = Arc::new(inbound);
         let handler: Handler =
             Arc::new(move |req, peer| server::boxed_in_place(|| inbound.clone().handle(req, peer.clone())));
-        let tls = shared.mtls().then(|| shared.identity.clone());
+        let tls = shared.mtls().then(|| ServerTls::Mesh(shared.identity.clone()));
         servers.push(spawn(
             tracing::info_span!("listener", name = "inbound"),
             server::serve(listener, handler, serving.clone(), drain, "inbound", tls, header_timeout),

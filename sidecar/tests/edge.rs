@@ -424,3 +424,277 @@ async fn routes_set_on_the_control_plane_serve_live_and_survive_its_outage() {
     let (_, in_force) = get(gateway.admin, "admin", "/gateway/routes").await;
     assert!(in_force.contains(&format!("\"version\":{version}")), "{in_force}");
 }
+
+/// No input makes the edge answer 5xx, hang or crash: seeded random and mutated requests —
+/// methods, targets, headers, framing, bodies and tokens — sent raw. `MESH_FUZZ_CASES` sets the
+/// count (300 here; RELIABILITY.md has the long run), `MESH_FUZZ_SEED` replays a run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_and_mutated_requests_never_get_a_5xx_a_hang_or_a_crash() {
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+    let cases: usize = std::env::var("MESH_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
+    let seed: u64 =
+        std::env::var("MESH_FUZZ_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(rand::random);
+    eprintln!("fuzzing the edge: {cases} cases, MESH_FUZZ_SEED={seed}");
+    let cp = TestCp::start().await;
+    cp.set_policy("api", &mesh_testkit::fast_policy()).await;
+    let app = Backend::start("api").await;
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let _api =
+        TestSidecar::start(TestSidecar::config(&cp.url(), "api", "a1", app.addr, dirs[0].path())).await;
+    let jwks = dirs[2].path().join("jwks.json");
+    let (key, jwk) = es256("k1");
+    write_jwks(&jwks, &[&jwk]);
+    let mut cfg =
+        TestSidecar::gateway_config(&cp.url(), serde_yaml_ng::from_str(ROUTES).unwrap(), dirs[1].path());
+    cfg.edge_auth = Some(auth_config(&jwks));
+    cfg.edge.auto_block.after = 0; // every case must reach the checks, not a block
+    let gateway = TestSidecar::start(cfg).await;
+    let gw = gateway.outbound;
+    eventually(WAIT, "the gateway reaches api", || async {
+        request(gw, "GET", "edge", "/ping", &[], Bytes::new()).await.0 == 200
+    })
+    .await;
+
+    let fives = || async {
+        let (_, m) = get(gateway.admin, "admin", "/metrics").await;
+        m.lines().filter(|l| l.contains("status=\"5")).map(str::to_string).collect::<Vec<_>>()
+    };
+    let before = fives().await;
+    let good = token(&key, "k1", "alice", 600);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let pick = |rng: &mut StdRng, xs: &[&str]| xs[rng.random_range(0..xs.len())].to_string();
+    let noise =
+        |rng: &mut StdRng, n: usize, printable: bool| -> String {
+            (0..rng.random_range(0..n))
+                .map(|_| {
+                    if printable {
+                        rng.random_range(0x20u8..0x7f) as char
+                    } else {
+                        rng.random::<u8>() as char
+                    }
+                })
+                .collect()
+        };
+    for case in 0..cases {
+        let method = pick(
+            &mut rng,
+            &[
+                "GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD", "TRACE", "CONNECT", "BREW",
+                "get", "G\tET",
+            ],
+        );
+        let mut target = pick(
+            &mut rng,
+            &[
+                "/",
+                "/limited",
+                "/by-ip/x",
+                "/cors/a",
+                "/strict",
+                "/exact",
+                "/a/../b",
+                "/%2e%2e/",
+                "/%2F",
+                "//x",
+                "*",
+                "http://edge/abs",
+                "/a?b=c&d",
+            ],
+        );
+        if rng.random_bool(0.4) {
+            target.push_str(&noise(&mut rng, 40, true).replace([' ', '\r', '\n'], "%20"));
+        }
+        if rng.random_bool(0.05) {
+            target.push_str(&"a".repeat(rng.random_range(8000..20000)));
+        }
+        let mut headers =
+            vec![format!("Host: {}", pick(&mut rng, &["edge", "", "a:b:c", "x.example.com:99999"]))];
+        let mut t = good.clone();
+        match rng.random_range(0..8) {
+            0 => {}
+            1 => t.replace_range(t.len() - 3.., &noise(&mut rng, 4, true)),
+            2 => t = format!("eyJhbGciOiJub25lIn0.{}.", t.split('.').nth(1).unwrap_or_default()),
+            3 => t = noise(&mut rng, 200, true),
+            4 => t = t.replace('.', ""),
+            5 => t = format!("{t}.{t}"),
+            _ => t.clear(),
+        }
+        if !t.is_empty() {
+            headers.push(format!(
+                "Authorization: {} {t}",
+                pick(&mut rng, &["Bearer", "bearer", "Basic", "Bearer  "])
+            ));
+        }
+        let body = match rng.random_range(0..5) {
+            0 => String::new(),
+            1 => noise(&mut rng, 300, false),
+            2 => r#"{"q":"1' OR '1'='1","x":"<script>"}"#.to_string(),
+            3 => "x".repeat(rng.random_range(0..3000)),
+            _ => serde_json::json!({"outcome": 0, "side": "buy", "shares": noise(&mut rng, 10, true)})
+                .to_string(),
+        };
+        match rng.random_range(0..6) {
+            0 => headers.push(format!("Content-Length: {}", body.len())),
+            1 => headers.push(format!("Content-Length: {}", rng.random_range(0..5000))),
+            2 => headers.push("Transfer-Encoding: chunked".into()),
+            3 => {
+                headers.push(format!("Content-Length: {}", body.len()));
+                headers.push("Transfer-Encoding: chunked".into());
+            }
+            4 => headers.push(format!("Content-Length: {}, {}", body.len(), body.len())),
+            _ => {}
+        }
+        for _ in 0..rng.random_range(0..6) {
+            let name = pick(
+                &mut rng,
+                &[
+                    "Origin",
+                    "X-Forwarded-For",
+                    "X-Mesh-User",
+                    "Content-Type",
+                    "X-Api-Key",
+                    "Cookie",
+                    "Access-Control-Request-Method",
+                    "Forwarded",
+                ],
+            );
+            let printable = rng.random_bool(0.8);
+            headers.push(format!("{name}: {}", noise(&mut rng, 60, printable)));
+        }
+        if rng.random_bool(0.05) {
+            headers.extend((0..rng.random_range(100..200)).map(|i| format!("X-Many-{i}: v")));
+        }
+        headers.push("Connection: close".into());
+        let head = format!("{method} {target} HTTP/1.1\r\n{}\r\n\r\n", headers.join("\r\n"));
+        let mut wire = head.into_bytes();
+        wire.extend_from_slice(body.as_bytes());
+        // A 5xx the edge gave, or no answer in time, fails the case; a closed connection (the
+        // parser refusing the bytes outright) does not.
+        let mut s = tokio::net::TcpStream::connect(gw).await.unwrap();
+        let _ = s.write_all(&wire).await;
+        let _ = s.shutdown().await;
+        let mut out = Vec::new();
+        let read = tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await;
+        let shown = String::from_utf8_lossy(&wire[..wire.len().min(300)]).into_owned();
+        assert!(read.is_ok(), "case {case} (MESH_FUZZ_SEED={seed}) hung: {shown:?}");
+        let answer = String::from_utf8_lossy(&out);
+        let status: u16 = answer.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        assert!(status < 500, "case {case} (MESH_FUZZ_SEED={seed}): {shown:?}\n→ {answer}");
+    }
+    // Still serving.
+    assert_eq!(request(gw, "GET", "edge", "/ok", &[], Bytes::new()).await.0, 200);
+    assert_eq!(fives().await, before, "no 5xx counted (MESH_FUZZ_SEED={seed})");
+}
+
+/// A self-signed certificate for `localhost`: (cert PEM, key PEM, cert DER).
+fn localhost_cert() -> (String, String, Vec<u8>) {
+    let c = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    (c.cert.pem(), c.signing_key.serialize_pem(), c.cert.der().to_vec())
+}
+
+/// A TLS connection to the gateway trusting `trusted`, offering h2 and http/1.1: the stream, the
+/// protocol chosen, and the certificate the gateway showed.
+async fn tls_connect(
+    addr: std::net::SocketAddr,
+    trusted: &[&[u8]],
+) -> (tokio_rustls::client::TlsStream<tokio::net::TcpStream>, Option<Vec<u8>>, Vec<u8>) {
+    let mut roots = rustls::RootCertStore::empty();
+    for der in trusted {
+        roots.add(rustls::pki_types::CertificateDer::from(der.to_vec())).unwrap();
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg)).connect(name, tcp).await.unwrap();
+    let (alpn, shown) = {
+        let c = tls.get_ref().1;
+        (c.alpn_protocol().map(<[u8]>::to_vec), c.peer_certificates().unwrap()[0].to_vec())
+    };
+    (tls, alpn, shown)
+}
+
+/// TLS on the public listener: HTTP/2 and HTTP/1.1 by ALPN, HSTS on every answer, the app told
+/// `X-Forwarded-Proto: https`, and a renewed certificate served without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_public_listener_speaks_tls_with_hsts_and_reloads_its_certificate() {
+    use http_body_util::BodyExt;
+    use sidecar::transport::public_tls::PublicTlsFiles;
+    let cp = TestCp::start().await;
+    cp.set_policy("api", &mesh_testkit::fast_policy()).await;
+    let app = Backend::start("api").await;
+    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let _api =
+        TestSidecar::start(TestSidecar::config(&cp.url(), "api", "a1", app.addr, dirs[0].path())).await;
+    let (cert, key) = (dirs[1].path().join("tls.crt"), dirs[1].path().join("tls.key"));
+    let (pem, key_pem, der1) = localhost_cert();
+    std::fs::write(&cert, pem).unwrap();
+    std::fs::write(&key, key_pem).unwrap();
+    let mut cfg =
+        TestSidecar::gateway_config(&cp.url(), vec![Route::parse("/=api").unwrap()], dirs[1].path());
+    cfg.public_tls = Some(PublicTlsFiles { cert: cert.clone(), key: key.clone() });
+    cfg.tls_reload = Duration::from_millis(100);
+    cfg.edge.tls = true;
+    let gateway = TestSidecar::start(cfg).await;
+    let gw = gateway.outbound;
+    assert_eq!(
+        request(gw, "GET", "edge", "/ok", &[], Bytes::new()).await.0,
+        0,
+        "no plaintext on a TLS listener"
+    );
+
+    // HTTP/1.1.
+    let http1 = || async {
+        let (mut s, _, _) = tls_connect(gw, &[&der1]).await;
+        s.write_all(b"GET /who HTTP/1.1\r\nHost: edge\r\nConnection: close\r\n\r\n").await.unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out).await;
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    eventually(WAIT, "the gateway reaches api over its TLS listener", || async {
+        http1().await.starts_with("HTTP/1.1 200")
+    })
+    .await;
+    let answer = http1().await;
+    let lower = answer.to_ascii_lowercase();
+    assert!(lower.contains("strict-transport-security: max-age=31536000; includesubdomains"), "{answer}");
+    assert!(lower.contains("x-content-type-options: nosniff"), "{answer}");
+    assert!(answer.contains("\"x-forwarded-proto\":\"https\""), "{answer}");
+
+    // HTTP/2, chosen by ALPN.
+    let (s, alpn, shown) = tls_connect(gw, &[&der1]).await;
+    assert_eq!(alpn.as_deref(), Some(&b"h2"[..]));
+    assert_eq!(shown, der1);
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(s),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req =
+        http::Request::get("https://localhost/who").body(http_body_util::Empty::<Bytes>::new()).unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers().contains_key("strict-transport-security"));
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&body).contains("\"x-forwarded-proto\":\"https\""));
+
+    // A renewed certificate: new connections get it, without a restart.
+    let (pem2, key2, der2) = localhost_cert();
+    let tmp = dirs[1].path().join("tls.tmp");
+    std::fs::write(&tmp, key2).unwrap();
+    std::fs::rename(&tmp, &key).unwrap();
+    std::fs::write(&tmp, pem2).unwrap();
+    std::fs::rename(&tmp, &cert).unwrap();
+    eventually(WAIT, "the renewed certificate is served", || async {
+        tls_connect(gw, &[&der1, &der2]).await.2 == der2
+    })
+    .await;
+}

@@ -61,6 +61,10 @@ pub struct EdgeConfig {
     pub allow: Vec<IpRule>,
     pub deny: Vec<IpRule>,
     pub auto_block: AutoBlock,
+    /// The public listener speaks TLS: answers carry `Strict-Transport-Security` with this
+    /// max-age (0: none), and the app is told `X-Forwarded-Proto: https`.
+    pub tls: bool,
+    pub hsts_max_age: u64,
 }
 
 impl Default for EdgeConfig {
@@ -76,6 +80,8 @@ impl Default for EdgeConfig {
                 window: std::time::Duration::from_secs(60),
                 block_for: std::time::Duration::from_secs(600),
             },
+            tls: false,
+            hsts_max_age: 365 * 86_400,
         }
     }
 }
@@ -111,6 +117,7 @@ pub struct Edge {
     pub ip_filter: IpFilter,
     access_log: Option<Arc<AccessLog>>,
     metrics: Arc<Metrics>,
+    hsts_value: HeaderValue,
 }
 
 /// One request's trip through the edge.
@@ -157,7 +164,10 @@ impl Edge {
     ) -> Result<Edge, String> {
         let table = ArcSwap::from_pointee(RouteTable::new(routes.clone(), 0)?);
         let ip_filter = IpFilter::new(config.allow.clone(), config.deny.clone(), config.auto_block);
-        Ok(Edge { auth, config, table, own_routes: routes, ip_filter, access_log, metrics })
+        let hsts_value =
+            HeaderValue::from_str(&format!("max-age={}; includeSubDomains", config.hsts_max_age))
+                .map_err(|e| e.to_string())?;
+        Ok(Edge { auth, config, table, own_routes: routes, ip_filter, access_log, metrics, hsts_value })
     }
 
     /// The routes in force.
@@ -372,7 +382,13 @@ impl Edge {
                 v.record.rule = Some(rule);
             }
         }
-        client::set_forwarded(&mut parts.headers, v.peer, v.client, &self.config.trusted_proxies, false);
+        client::set_forwarded(
+            &mut parts.headers,
+            v.peer,
+            v.client,
+            &self.config.trusted_proxies,
+            self.config.tls,
+        );
         let body = if body.is_empty() { crate::http::body::empty() } else { boxed(Full::new(body)) };
         Ok((Request::from_parts(parts, body), routed.upstream))
     }
@@ -394,6 +410,9 @@ impl Edge {
             limiter.headers(h, remaining, limiter.reset_after(remaining));
         }
         h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+        if self.config.tls && self.config.hsts_max_age > 0 {
+            h.insert(header::STRICT_TRANSPORT_SECURITY, self.hsts_value.clone());
+        }
         if v.refused && v.unread_body {
             h.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }

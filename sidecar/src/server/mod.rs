@@ -12,6 +12,7 @@ use crate::{
     server::timer::CoarseTimer,
     transport::{
         net::Coalesced,
+        public_tls::PublicTls,
         tls::{self, Gated},
     },
 };
@@ -87,9 +88,18 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// full size (~5 KB) allocated for every open connection, idle or not (BENCHMARKS.md).
 pub type Handler = Arc<dyn Fn(Request<Incoming>, &Peer) -> BoxFuture<Response<Body>> + Send + Sync>;
 
+/// What a listener's connections must complete a TLS handshake with.
+#[derive(Clone)]
+pub enum ServerTls {
+    /// Mutual TLS with the sidecar's current mesh identity (none yet: the connection is
+    /// refused): the inbound listener.
+    Mesh(Arc<IdentityCell>),
+    /// Server-only TLS with a certificate from files: the gateway's public listener.
+    Public(Arc<PublicTls>),
+}
+
 /// Serves `listener` until `stop` fires, then drains open connections for at most `drain`.
-/// With `tls`, every connection must complete a mutual TLS handshake with the current identity
-/// (none yet: the connection is refused). An HTTP/1 request head must arrive within
+/// With `tls`, every connection must complete its TLS handshake first. An HTTP/1 request head must arrive within
 /// `header_read_timeout` (to within a tenth of it) of the connection's opening or its previous
 /// answer.
 pub async fn serve(
@@ -98,7 +108,7 @@ pub async fn serve(
     stop: CancellationToken,
     drain: Duration,
     name: &'static str,
-    tls: Option<Arc<IdentityCell>>,
+    tls: Option<ServerTls>,
     header_read_timeout: Duration,
 ) {
     let header_timer = CoarseTimer::default();
@@ -157,7 +167,7 @@ pub async fn serve(
                     let (handler, builder, tls) = (handler.clone(), builder.clone(), tls.clone());
                     let watcher = graceful.watcher();
                     mesh_runtime::spawn(tracing::debug_span!("conn", listener = name, %peer), async move {
-                            let Some(cell) = tls else {
+                            let Some(tls) = tls else {
                                 let svc = Service { handler, peer: Peer { addr: peer, identity: None } };
                                 let conn = builder.serve_connection(TokioIo::new(Coalesced(stream)), svc);
                                 if let Err(e) = watcher.watch(conn.into_owned()).await {
@@ -165,19 +175,25 @@ pub async fn serve(
                                 }
                                 return;
                             };
-                            let Some(cert) = cell.current() else {
-                                tracing::debug!("refused: no mesh certificate yet");
-                                return;
+                            let config = match &tls {
+                                ServerTls::Mesh(cell) => match cell.current() {
+                                    Some(cert) => cert.server.clone(),
+                                    None => {
+                                        tracing::debug!("refused: no mesh certificate yet");
+                                        return;
+                                    }
+                                },
+                                ServerTls::Public(public) => public.config(),
                             };
-                            let acceptor = tokio_rustls::TlsAcceptor::from(cert.server.clone());
+                            let acceptor = tokio_rustls::TlsAcceptor::from(config);
                             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(Coalesced(stream))).await {
                                 Ok(Ok(tls)) => tls,
                                 Ok(Err(e)) => {
-                                    tracing::debug!(error = %e, "mTLS handshake refused");
+                                    tracing::debug!(error = %e, "TLS handshake refused");
                                     return;
                                 }
                                 Err(_) => {
-                                    tracing::debug!("mTLS handshake timed out");
+                                    tracing::debug!("TLS handshake timed out");
                                     return;
                                 }
                             };
