@@ -17,7 +17,7 @@ use sidecar::{
     events::subscription::Subscription,
     gateway::{
         access_log::Sink,
-        auth::{AuthMode, EdgeAuthConfig},
+        auth::{AuthMode, EdgeAuthConfig, KeySource},
         ip_filter::IpRule,
         jwt::Expectations,
         screen::ThreatMode,
@@ -135,8 +135,17 @@ pub struct Args {
     /// Gateway mode: check end users' bearer tokens (JWTs) against this JWK Set file (RS*, PS*,
     /// ES256/384, EdDSA, HS*), re-read when it changes. The verified `sub` and `roles` reach the
     /// app as `x-mesh-user` and `x-mesh-user-roles`; clients can never set those.
-    #[arg(long, env = "MESH_JWKS_FILE")]
+    #[arg(long, env = "MESH_JWKS_FILE", conflicts_with = "jwks_url")]
     jwks_file: Option<PathBuf>,
+    /// Gateway mode: fetch the JWK Set from this URL (an identity provider's `jwks_uri`)
+    /// instead, again every --jwks-refresh and at once for an unknown key id (at most once a
+    /// second); a failed fetch keeps the keys in use.
+    #[arg(long, env = "MESH_JWKS_URL")]
+    jwks_url: Option<String>,
+    /// The CAs (PEM) an https:// --jwks-url must chain to (default: the system's,
+    /// /etc/ssl/certs/ca-certificates.crt).
+    #[arg(long, env = "MESH_JWKS_CA")]
+    jwks_ca: Option<PathBuf>,
     /// Accepted token issuer (`iss`); repeat for several. Default: any.
     #[arg(long = "jwt-issuer", env = "MESH_JWT_ISSUERS", value_delimiter = ',')]
     jwt_issuers: Vec<String>,
@@ -255,6 +264,8 @@ struct FileConfig {
     identity_token_file: Option<PathBuf>,
     control_plane_ca: Option<PathBuf>,
     jwks_file: Option<PathBuf>,
+    jwks_url: Option<String>,
+    jwks_ca: Option<PathBuf>,
     jwt_issuers: Vec<String>,
     jwt_audiences: Vec<String>,
     auth: Option<AuthMode>,
@@ -467,12 +478,17 @@ pub fn resolve(a: Args) -> anyhow::Result<Resolved> {
     c.identity_token = identity_token;
     c.control_plane_ca = control_plane_ca;
     let pick = |a: Vec<String>, f: Vec<String>| if a.is_empty() { f } else { a };
-    let jwks_file = a.jwks_file.or(f.jwks_file);
-    if mode == Mode::Sidecar && jwks_file.is_some() {
-        bail!("--jwks-file checks end users at the edge: it needs gateway mode");
+    let jwks = match (a.jwks_file.or(f.jwks_file), a.jwks_url.or(f.jwks_url)) {
+        (Some(_), Some(_)) => bail!("--jwks-file or --jwks-url: one source of keys"),
+        (Some(path), None) => Some(KeySource::File(path)),
+        (None, Some(url)) => Some(KeySource::Url { url, ca_file: a.jwks_ca.or(f.jwks_ca) }),
+        (None, None) => None,
+    };
+    if mode == Mode::Sidecar && jwks.is_some() {
+        bail!("--jwks-file / --jwks-url check end users at the edge: they need gateway mode");
     }
-    c.edge_auth = jwks_file.map(|jwks_file| EdgeAuthConfig {
-        jwks_file,
+    c.edge_auth = jwks.map(|jwks| EdgeAuthConfig {
+        jwks,
         expect: Expectations {
             issuers: pick(a.jwt_issuers, f.jwt_issuers),
             audiences: pick(a.jwt_audiences, f.jwt_audiences),

@@ -109,7 +109,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     }
     let edge_auth = match (&shared.config.edge_auth, shared.config.mode) {
         (Some(cfg), Mode::Gateway) => Some(Arc::new(
-            EdgeAuth::load(cfg.clone()).map_err(|e| Error::Config(format!("end-user tokens: {e}")))?,
+            EdgeAuth::load(cfg.clone()).await.map_err(|e| Error::Config(format!("end-user tokens: {e}")))?,
         )),
         _ => None,
     };
@@ -187,7 +187,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         let stop = background.clone();
         spawn_tracked(&tasks, tracing::info_span!("jwks_refresh"), async move {
             while Backoff::sleep(auth.refresh_interval(), &stop).await {
-                auth.reload(false);
+                auth.reload(false).await;
             }
         });
     }

@@ -9,7 +9,7 @@ use mesh_testkit::{Backend, TestCp, TestSidecar, WAIT, eventually, request, requ
 use serde_json::{Value, json};
 use sidecar::{
     gateway::{
-        auth::{AuthMode, EdgeAuthConfig},
+        auth::{AuthMode, EdgeAuthConfig, KeySource},
         jwt::Expectations,
     },
     outbound::route::Route,
@@ -40,7 +40,7 @@ pub fn token(key: &EncodingKey, kid: &str, sub: &str, exp_in: i64) -> String {
 /// The gateway trusts the key set in `jwks` for tokens of [`token`]'s issuer and audience.
 pub fn auth_config(jwks: &Path) -> EdgeAuthConfig {
     EdgeAuthConfig {
-        jwks_file: jwks.to_path_buf(),
+        jwks: KeySource::File(jwks.to_path_buf()),
         expect: Expectations {
             issuers: vec!["https://issuer.test".into()],
             audiences: vec!["market".into()],
@@ -154,4 +154,86 @@ async fn only_verified_end_users_reach_the_app_and_only_through_the_gateway() {
     assert!(h.get("x-mesh-user").is_none(), "{body}");
     assert_eq!(h["x-mesh-caller"], "spiffe://mesh.local/service/web");
     drop((market, gateway, web));
+}
+
+/// Keys from an identity provider's URL: fetched at start, again for a key id the gateway does
+/// not know (a rotation), and kept when the provider is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_come_from_a_jwks_url_rotate_on_an_unknown_kid_and_survive_the_provider_going_down() {
+    use std::sync::{Arc, Mutex};
+    let cp = TestCp::start().await;
+    cp.set_policy("market", &mesh_testkit::fast_policy()).await;
+    let app = Backend::start("market").await;
+    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut cfg = TestSidecar::config(&cp.url(), "market", "m1", app.addr, dirs[0].path());
+    cfg.identity_token = Some(cp.token("market").await);
+    let _market = TestSidecar::start(cfg).await;
+
+    // The identity provider: its JWK Set at /.well-known/jwks.json.
+    let (key1, jwk1) = es256("idp-1");
+    let (key2, jwk2) = es256("idp-2");
+    let served = Arc::new(Mutex::new(json!({ "keys": [jwk1] }).to_string()));
+    let fetches = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let idp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let idp_addr = idp.local_addr().unwrap();
+    let stop_idp = tokio_util::sync::CancellationToken::new();
+    let router = axum::Router::new().route(
+        "/.well-known/jwks.json",
+        axum::routing::get({
+            let (served, fetches) = (served.clone(), fetches.clone());
+            move || async move {
+                fetches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                served.lock().unwrap().clone()
+            }
+        }),
+    );
+    let idp_task = tokio::spawn({
+        let stop = stop_idp.clone();
+        async move {
+            axum::serve(idp, router).with_graceful_shutdown(stop.cancelled_owned()).await.unwrap();
+        }
+    });
+
+    let mut cfg =
+        TestSidecar::gateway_config(&cp.url(), vec![Route::parse("/=market").unwrap()], dirs[1].path());
+    cfg.edge_auth = Some(EdgeAuthConfig {
+        jwks: KeySource::Url { url: format!("http://{idp_addr}/.well-known/jwks.json"), ca_file: None },
+        ..auth_config(Path::new("unused"))
+    });
+    cfg.identity_token = Some(cp.token("gateway").await);
+    let gateway = TestSidecar::start(cfg).await;
+    let gw = gateway.outbound;
+    let call = |t: String| async move {
+        let bearer = format!("Bearer {t}");
+        request(gw, "GET", "edge", "/who", &[("authorization", bearer.as_str())], Bytes::new()).await
+    };
+    eventually(WAIT, "a token of the provider's key is verified", || async {
+        call(token(&key1, "idp-1", "alice", 600)).await.0 == 200
+    })
+    .await;
+    assert_eq!(seen(&call(token(&key1, "idp-1", "alice", 600)).await.1)["x-mesh-user"], "alice");
+
+    // The provider rotates: a token of its new key is verified after one fetch.
+    *served.lock().unwrap() = json!({ "keys": [jwk1, jwk2] }).to_string();
+    let before = fetches.load(std::sync::atomic::Ordering::Relaxed);
+    let (status, body) = call(token(&key2, "idp-2", "bob", 600)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(seen(&body)["x-mesh-user"], "bob");
+    assert_eq!(
+        fetches.load(std::sync::atomic::Ordering::Relaxed),
+        before + 1,
+        "one fetch for the unknown kid"
+    );
+    // An unknown key id cannot make the gateway fetch more than once a second.
+    let (forged_key, _) = es256("nobody");
+    for _ in 0..5 {
+        assert_eq!(call(token(&forged_key, "nobody", "mallory", 600)).await.0, 401);
+    }
+    assert!(fetches.load(std::sync::atomic::Ordering::Relaxed) <= before + 2, "fetches are rate-limited");
+
+    // The provider goes down: the keys in use stay.
+    stop_idp.cancel();
+    idp_task.await.unwrap();
+    assert_eq!(call(token(&key2, "idp-2", "bob", 600)).await.0, 200);
+    assert_eq!(call(token(&forged_key, "nobody", "mallory", 600)).await.0, 401);
 }

@@ -25,7 +25,10 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use crate::{
-    gateway::jwt::{Expectations, Keys, Refusal, Verified, Verifier},
+    gateway::{
+        jwks_url::JwksUrl,
+        jwt::{Expectations, Keys, Refusal, Verified, Verifier},
+    },
     http::{body::Body, errors::error_response},
 };
 
@@ -37,20 +40,31 @@ pub const USER_ROLES: HeaderName = HeaderName::from_static("x-mesh-user-roles");
 pub use mesh_proto::gateway::AuthMode;
 
 /// The gateway's end-user authentication settings.
+/// Where the JWK Set comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// A file, re-read when its modification time changes.
+    File(PathBuf),
+    /// An identity provider's URL, fetched on every refresh (`ca_file`: the CAs an `https://`
+    /// URL's certificate must chain to; default the system's).
+    Url { url: String, ca_file: Option<PathBuf> },
+}
+
 #[derive(Debug, Clone)]
 pub struct EdgeAuthConfig {
     /// The JWK Set (JSON) the tokens are checked against.
-    pub jwks_file: PathBuf,
+    pub jwks: KeySource,
     pub expect: Expectations,
     /// The mode of routes that name none.
     pub default_mode: AuthMode,
-    /// How often the file is checked for a change.
+    /// How often the file is checked for a change (the URL fetched again).
     pub refresh: Duration,
 }
 
-/// The verifier over the current key set of [`EdgeAuthConfig::jwks_file`].
+/// The verifier over the current key set of [`EdgeAuthConfig::jwks`].
 pub struct EdgeAuth {
     config: EdgeAuthConfig,
+    url: Option<JwksUrl>,
     verifier: Verifier,
     /// The file's modification time when last read, and when a reload was last tried.
     state: Mutex<(Option<SystemTime>, Option<Instant>)>,
@@ -73,11 +87,21 @@ fn read_keys(path: &std::path::Path) -> Result<(Keys, Option<SystemTime>), Strin
 }
 
 impl EdgeAuth {
-    /// Reads the key set; an unreadable or unusable file is an error (the gateway does not start).
-    pub fn load(config: EdgeAuthConfig) -> Result<EdgeAuth, String> {
-        let (keys, modified) = read_keys(&config.jwks_file)?;
+    /// Reads (or fetches) the key set; an unusable one is an error (the gateway does not start).
+    pub async fn load(config: EdgeAuthConfig) -> Result<EdgeAuth, String> {
+        let (keys, modified, url) = match &config.jwks {
+            KeySource::File(path) => {
+                let (keys, modified) = read_keys(path)?;
+                (keys, modified, None)
+            }
+            KeySource::Url { url, ca_file } => {
+                let source = JwksUrl::new(url, ca_file.as_deref())?;
+                let text = source.fetch().await?;
+                (Keys::from_json(&text).map_err(|e| format!("{url}: {e}"))?, None, Some(source))
+            }
+        };
         let verifier = Verifier::new(keys, config.expect.clone());
-        Ok(EdgeAuth { config, verifier, state: Mutex::new((modified, None)) })
+        Ok(EdgeAuth { config, url, verifier, state: Mutex::new((modified, None)) })
     }
 
     pub fn default_mode(&self) -> AuthMode {
@@ -88,21 +112,34 @@ impl EdgeAuth {
         self.config.refresh
     }
 
-    /// Re-reads the key set when the file changed (or when `force`). A bad file keeps the keys
-    /// in use and says why.
-    pub fn reload(&self, force: bool) {
-        let path = &self.config.jwks_file;
-        let now_modified = modified(path);
-        {
-            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            if !force && now_modified == state.0 {
-                return;
+    /// Reads the key set again: a file when it changed (or when `force`), a URL always. A bad
+    /// or unreachable set keeps the keys in use and says why.
+    pub async fn reload(&self, force: bool) {
+        let fetched = match (&self.config.jwks, &self.url) {
+            (KeySource::Url { url, .. }, Some(source)) => {
+                self.state.lock().unwrap_or_else(|p| p.into_inner()).1 = Some(Instant::now());
+                source
+                    .fetch()
+                    .await
+                    .and_then(|text| Keys::from_json(&text).map_err(|e| format!("{url}: {e}")))
+                    .map(|keys| (keys, None))
             }
-            state.1 = Some(Instant::now());
-        }
-        match read_keys(path) {
+            (_, _) => {
+                let KeySource::File(path) = &self.config.jwks else { return };
+                let now_modified = modified(path);
+                {
+                    let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                    if !force && now_modified == state.0 {
+                        return;
+                    }
+                    state.1 = Some(Instant::now());
+                }
+                read_keys(path)
+            }
+        };
+        match fetched {
             Ok((keys, modified)) => {
-                tracing::info!(keys = keys.len(), file = %path.display(), "end-user key set reloaded");
+                tracing::debug!(keys = keys.len(), "end-user key set reloaded");
                 self.verifier.replace(keys);
                 self.state.lock().unwrap_or_else(|p| p.into_inner()).0 = modified;
             }
@@ -111,10 +148,10 @@ impl EdgeAuth {
     }
 
     /// Verifies `token`; an unknown key id reloads the set (at most once a second) and tries again.
-    fn verify(&self, token: &str) -> Result<Verified, Refusal> {
+    async fn verify(&self, token: &str) -> Result<Verified, Refusal> {
         match self.verifier.verify(token) {
             Err(Refusal::UnknownKey(_)) if self.may_reload() => {
-                self.reload(true);
+                self.reload(true).await;
                 self.verifier.verify(token)
             }
             other => other,
@@ -129,7 +166,7 @@ impl EdgeAuth {
     /// Applies `mode` to a request's headers: removes any client-sent identity headers, then
     /// verifies the bearer token and sets them from it. `Err` is the refusal's code (for the
     /// access log) and the 401 to answer.
-    pub fn authenticate(
+    pub async fn authenticate(
         &self,
         headers: &mut HeaderMap,
         mode: AuthMode,
@@ -157,7 +194,7 @@ impl EdgeAuth {
             }
             return Ok(());
         };
-        match self.verify(token) {
+        match self.verify(token).await {
             Ok(v) => {
                 set_user(headers, &v);
                 Ok(())
@@ -230,8 +267,8 @@ mod tests {
 
     /// The interval refresh (`reload(false)`) notices a changed file by its modification time,
     /// and leaves the keys alone when the file is unchanged or broken.
-    #[test]
-    fn a_changed_key_set_file_is_read_again_and_a_broken_one_keeps_the_keys() {
+    #[tokio::test]
+    async fn a_changed_key_set_file_is_read_again_and_a_broken_one_keeps_the_keys() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("jwks.json");
         let (k1, j1) = es256("k1");
@@ -243,29 +280,36 @@ mod tests {
         };
         write(&[&j1], 1_000);
         let auth = EdgeAuth::load(EdgeAuthConfig {
-            jwks_file: path.clone(),
+            jwks: KeySource::File(path.clone()),
             expect: Expectations::default(),
             default_mode: AuthMode::Required,
             refresh: Duration::from_secs(30),
         })
+        .await
         .unwrap();
-        assert!(auth.authenticate(&mut bearer(&k1, "k1"), AuthMode::Required).is_ok());
+        assert!(auth.authenticate(&mut bearer(&k1, "k1"), AuthMode::Required).await.is_ok());
 
         // k1 leaves the set, k2 joins: only the interval check can notice k1 is gone.
         write(&[&j2], 2_000);
-        auth.reload(false);
-        assert!(auth.authenticate(&mut bearer(&k1, "k1"), AuthMode::Required).is_err(), "k1 was removed");
+        auth.reload(false).await;
+        assert!(
+            auth.authenticate(&mut bearer(&k1, "k1"), AuthMode::Required).await.is_err(),
+            "k1 was removed"
+        );
         let mut ok = bearer(&k2, "k2");
-        assert!(auth.authenticate(&mut ok, AuthMode::Required).is_ok());
+        assert!(auth.authenticate(&mut ok, AuthMode::Required).await.is_ok());
         assert_eq!(ok[USER], "alice");
 
         // Unchanged file: nothing is read. A broken file: the keys in use stay.
         std::fs::write(&path, "not json").unwrap();
         let f = std::fs::File::options().write(true).open(&path).unwrap();
         f.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(2_000)).unwrap();
-        auth.reload(false);
+        auth.reload(false).await;
         f.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(3_000)).unwrap();
-        auth.reload(false);
-        assert!(auth.authenticate(&mut bearer(&k2, "k2"), AuthMode::Required).is_ok(), "k2 still trusted");
+        auth.reload(false).await;
+        assert!(
+            auth.authenticate(&mut bearer(&k2, "k2"), AuthMode::Required).await.is_ok(),
+            "k2 still trusted"
+        );
     }
 }

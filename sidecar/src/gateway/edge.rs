@@ -305,9 +305,8 @@ impl Edge {
         // The edge: no client names the end user; only a verified token does.
         match &self.auth {
             Some(auth) => {
-                if let Err((rule, resp)) =
-                    auth.authenticate(req.headers_mut(), r.auth.unwrap_or(auth.default_mode()))
-                {
+                let mode = r.auth.unwrap_or(auth.default_mode());
+                if let Err((rule, resp)) = auth.authenticate(req.headers_mut(), mode).await {
                     return Err(self.refused_with(v, rule, *resp));
                 }
             }

@@ -10,6 +10,7 @@ pub mod client;
 pub mod cors;
 pub mod edge;
 pub mod ip_filter;
+pub mod jwks_url;
 pub mod jwt;
 pub mod rate_limit;
 pub mod screen;
