@@ -341,12 +341,74 @@ impl Route {
     }
 }
 
-/// The edge's routes, as the policy of the service [`GATEWAY_SERVICE`] carries them.
+/// An IP list entry: a network (CIDR, IPv4 or IPv6; a bare address is a /32 or /128), until an
+/// optional time. Written `CIDR` or `CIDR@RFC3339`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IpRule {
+    pub cidr: ipnet::IpNet,
+    /// The entry stops applying then.
+    pub until: Option<std::time::SystemTime>,
+}
+
+impl IpRule {
+    /// `CIDR` or `CIDR@RFC3339`.
+    pub fn parse(s: &str) -> Result<IpRule, String> {
+        let (net, until) = match s.split_once('@') {
+            Some((n, t)) => (n, Some(humantime::parse_rfc3339_weak(t).map_err(|e| format!("{s:?}: {e}"))?)),
+            None => (s, None),
+        };
+        let cidr = net
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| net.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+            .map_err(|_| format!("{net:?} is not an address or CIDR network"))?;
+        Ok(IpRule { cidr, until })
+    }
+
+    /// Whether the entry covers `ip` at `now`.
+    pub fn applies(&self, ip: std::net::IpAddr, now: std::time::SystemTime) -> bool {
+        self.live(now) && self.cidr.contains(&ip)
+    }
+
+    /// Whether the entry has not expired at `now`.
+    pub fn live(&self, now: std::time::SystemTime) -> bool {
+        self.until.is_none_or(|u| now < u)
+    }
+}
+
+impl std::fmt::Display for IpRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.until {
+            None => write!(f, "{}", self.cidr),
+            Some(t) => write!(f, "{}@{}", self.cidr, humantime::format_rfc3339_seconds(t)),
+        }
+    }
+}
+
+impl Serialize for IpRule {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for IpRule {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        IpRule::parse(&String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+/// What the control plane holds for the edge, as the policy of the service [`GATEWAY_SERVICE`]
+/// carries it: the routes, and IP lists that apply on top of each gateway's own.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct GatewayPolicy {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<Route>,
+    /// Only these clients may call (with each gateway's `--ip-allow`); empty: everyone.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ip_allow: Vec<IpRule>,
+    /// These clients may not call (with each gateway's `--ip-deny`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ip_deny: Vec<IpRule>,
 }
 
 /// The service whose policy holds the gateways' routes (the gateways' own mesh identity).
@@ -354,7 +416,7 @@ pub const GATEWAY_SERVICE: &str = "gateway";
 
 impl GatewayPolicy {
     pub fn is_empty(&self) -> bool {
-        self.routes.is_empty()
+        self.routes.is_empty() && self.ip_allow.is_empty() && self.ip_deny.is_empty()
     }
 
     /// Every route valid, and no two with one name: the error names `gateway.routes[i].field`.
@@ -456,10 +518,18 @@ impl From<&Route> for v1::GatewayRoute {
     }
 }
 
+fn ip_rules(field: &str, list: Vec<String>) -> Result<Vec<IpRule>, FieldError> {
+    list.iter()
+        .enumerate()
+        .map(|(i, s)| IpRule::parse(s).map_err(|e| FieldError::new(format!("gateway.{field}[{i}]"), e)))
+        .collect()
+}
+
 impl TryFrom<v1::GatewayPolicy> for GatewayPolicy {
     type Error = FieldError;
 
     fn try_from(g: v1::GatewayPolicy) -> Result<Self, FieldError> {
+        let (ip_allow, ip_deny) = (ip_rules("ip_allow", g.ip_allow)?, ip_rules("ip_deny", g.ip_deny)?);
         let routes = g
             .routes
             .into_iter()
@@ -469,13 +539,18 @@ impl TryFrom<v1::GatewayPolicy> for GatewayPolicy {
                     .map_err(|e| FieldError::new(format!("gateway.routes[{i}].{}", e.field), e.reason))
             })
             .collect::<Result<_, _>>()?;
-        Ok(GatewayPolicy { routes })
+        Ok(GatewayPolicy { routes, ip_allow, ip_deny })
     }
 }
 
 impl From<&GatewayPolicy> for v1::GatewayPolicy {
     fn from(g: &GatewayPolicy) -> Self {
-        v1::GatewayPolicy { routes: g.routes.iter().map(Into::into).collect() }
+        let strings = |l: &[IpRule]| l.iter().map(ToString::to_string).collect();
+        v1::GatewayPolicy {
+            routes: g.routes.iter().map(Into::into).collect(),
+            ip_allow: strings(&g.ip_allow),
+            ip_deny: strings(&g.ip_deny),
+        }
     }
 }
 
@@ -498,6 +573,8 @@ routes:
     limits: { body: 65536 }
     threats: block
   - { path: /healthz, service: market-service, auth: none }
+ip_allow: [10.0.0.0/8, "2001:db8::/32"]
+ip_deny: ["10.9.0.0/16@2030-01-01T00:00:00Z", 10.1.2.3]
 "#;
 
     #[test]
@@ -538,6 +615,10 @@ routes:
             "gateway.routes[1].name"
         );
         assert!(serde_yaml_ng::from_str::<Route>("{ prefix: /a, service: s, colour: red }").is_err());
+        assert!(serde_yaml_ng::from_str::<GatewayPolicy>("ip_deny: [10.0.0.0/33]").is_err());
+        let wire =
+            v1::GatewayPolicy { ip_deny: vec!["10.0.0.1".into(), "nope".into()], ..Default::default() };
+        assert_eq!(GatewayPolicy::try_from(wire).unwrap_err().field, "gateway.ip_deny[1]");
         let wire = v1::GatewayPolicy {
             routes: vec![v1::GatewayRoute {
                 prefix: "/a".into(),
@@ -545,6 +626,7 @@ routes:
                 auth: "maybe".into(),
                 ..Default::default()
             }],
+            ..Default::default()
         };
         assert_eq!(GatewayPolicy::try_from(wire).unwrap_err().field, "gateway.routes[0].auth");
     }

@@ -217,8 +217,8 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         spawn_tracked(&tasks, tracing::info_span!("gateway_routes"), async move {
             loop {
                 let (version, p) = policy.borrow_and_update().clone();
-                if let Err(e) = edge.set_routes(version, &p.gateway.routes) {
-                    tracing::error!(version, error = %e, "gateway routes not applied; the previous ones stay");
+                if let Err(e) = edge.apply(version, &p.gateway) {
+                    tracing::error!(version, error = %e, "gateway policy not applied; the previous one stays");
                 }
                 tokio::select! {
                     _ = stop.cancelled() => return,

@@ -415,6 +415,27 @@ async fn routes_set_on_the_control_plane_serve_live_and_survive_its_outage() {
         "web"
     );
 
+    // IP lists pushed the same way: an allow list without loopback shuts this client out.
+    let with_ips: GatewayPolicy = serde_yaml_ng::from_str(
+        "routes:\n  - { name: web, prefix: /web, service: web, rewrite: / }\n  - { name: api, prefix: /, service: api }\nip_allow: [10.0.0.0/8]\n",
+    )
+    .unwrap();
+    cp.set_policy("gateway", &ServicePolicy { gateway: with_ips.clone(), ..Default::default() }).await;
+    eventually(WAIT, "the pushed allow list applies", || async {
+        request(gw, "GET", "edge", "/web/x", &[], Bytes::new()).await.1.contains("ip_not_allowed")
+    })
+    .await;
+    let version = cp
+        .set_policy(
+            "gateway",
+            &ServicePolicy { gateway: GatewayPolicy { ip_allow: vec![], ..with_ips }, ..Default::default() },
+        )
+        .await;
+    eventually(WAIT, "and lifts when it is removed", || async {
+        request(gw, "GET", "edge", "/web/x", &[], Bytes::new()).await.0 == 200
+    })
+    .await;
+
     // The control plane goes away and the gateway restarts: it serves the routes it last ACKed.
     cp.stop().await;
     gateway.stop().await;

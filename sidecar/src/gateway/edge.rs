@@ -26,6 +26,7 @@ use http_body::Body as HttpBody;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use ipnet::IpNet;
+use mesh_proto::gateway::GatewayPolicy;
 use serde_json::json;
 use tokio::time::Instant;
 
@@ -175,24 +176,24 @@ impl Edge {
         self.table.load_full()
     }
 
-    /// Puts the routes of `gateway` policy `version` in force (none: the gateway's own again).
-    /// A route whose limiter cannot be built is an error and nothing changes.
-    pub fn set_routes(&self, version: u64, routes: &[Route]) -> Result<(), String> {
+    /// Puts `gateway` policy `version` in force: its routes (none: the gateway's own again) and
+    /// its IP lists. A route whose limiter cannot be built is an error and nothing changes.
+    pub fn apply(&self, version: u64, policy: &GatewayPolicy) -> Result<(), String> {
         if self.table.load().version == version {
             return Ok(());
         }
-        let table = if routes.is_empty() {
-            RouteTable::new(self.own_routes.clone(), version)?
-        } else {
-            RouteTable::new(routes.to_vec(), version)?
-        };
+        let routes = if policy.routes.is_empty() { self.own_routes.clone() } else { policy.routes.clone() };
+        let table = RouteTable::new(routes, version)?;
         tracing::info!(
             version,
             routes = table.routes.len(),
-            from_control_plane = !routes.is_empty(),
-            "gateway routes in force"
+            from_control_plane = !policy.routes.is_empty(),
+            ip_allow = policy.ip_allow.len(),
+            ip_deny = policy.ip_deny.len(),
+            "gateway policy in force"
         );
         self.table.store(Arc::new(table));
+        self.ip_filter.set_pushed(policy.ip_allow.clone(), policy.ip_deny.clone());
         Ok(())
     }
 

@@ -11,56 +11,10 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use ipnet::IpNet;
-use serde::{Deserialize, Serialize};
+use arc_swap::ArcSwap;
+pub use mesh_proto::gateway::IpRule;
+use serde::Serialize;
 use tokio::time::Instant;
-
-/// A list entry: a network, until an optional time.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct IpRule {
-    pub cidr: IpNet,
-    /// RFC 3339 (`2026-12-31T00:00:00Z`); the entry stops applying then.
-    #[serde(default, skip_serializing_if = "Option::is_none", with = "rfc3339")]
-    pub until: Option<SystemTime>,
-}
-
-impl IpRule {
-    /// `CIDR` or `CIDR@RFC3339` (a bare address is a /32 or /128).
-    pub fn parse(s: &str) -> Result<IpRule, String> {
-        let (net, until) = match s.split_once('@') {
-            Some((n, t)) => (n, Some(humantime::parse_rfc3339_weak(t).map_err(|e| format!("{s:?}: {e}"))?)),
-            None => (s, None),
-        };
-        let cidr = net
-            .parse::<IpNet>()
-            .or_else(|_| net.parse::<IpAddr>().map(IpNet::from))
-            .map_err(|_| format!("{net:?} is not an address or CIDR network"))?;
-        Ok(IpRule { cidr, until })
-    }
-
-    fn applies(&self, ip: IpAddr, now: SystemTime) -> bool {
-        self.until.is_none_or(|u| now < u) && self.cidr.contains(&ip)
-    }
-}
-
-mod rfc3339 {
-    use std::time::SystemTime;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
-        match t {
-            Some(t) => s.serialize_str(&humantime::format_rfc3339_seconds(*t).to_string()),
-            None => s.serialize_none(),
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SystemTime>, D::Error> {
-        let s = Option::<String>::deserialize(d)?;
-        s.map(|s| humantime::parse_rfc3339_weak(&s).map_err(serde::de::Error::custom)).transpose()
-    }
-}
 
 /// Automatic blocking: `after` strikes within `window` block the client for `block_for`
 /// (`after` 0: off).
@@ -112,6 +66,8 @@ const MAX_CLIENTS: usize = 100_000;
 pub struct IpFilter {
     allow: Vec<IpRule>,
     deny: Vec<IpRule>,
+    /// The control plane's lists (the `gateway` policy), on top of the gateway's own.
+    pushed: ArcSwap<(Vec<IpRule>, Vec<IpRule>)>,
     auto: AutoBlock,
     clients: Mutex<HashMap<IpAddr, Client>>,
 }
@@ -127,7 +83,12 @@ pub struct Block {
 
 impl IpFilter {
     pub fn new(allow: Vec<IpRule>, deny: Vec<IpRule>, auto: AutoBlock) -> Self {
-        Self { allow, deny, auto, clients: Mutex::new(HashMap::new()) }
+        Self { allow, deny, pushed: ArcSwap::default(), auto, clients: Mutex::new(HashMap::new()) }
+    }
+
+    /// Puts the control plane's allow and deny lists in force (replacing the previous ones).
+    pub fn set_pushed(&self, allow: Vec<IpRule>, deny: Vec<IpRule>) {
+        self.pushed.store(std::sync::Arc::new((allow, deny)));
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Client>> {
@@ -137,12 +98,12 @@ impl IpFilter {
     /// Whether `ip` may call now.
     pub fn check(&self, ip: IpAddr, now: Instant) -> Result<(), Denied> {
         let wall = SystemTime::now();
-        if self.deny.iter().any(|r| r.applies(ip, wall)) {
+        let pushed = self.pushed.load();
+        if self.deny.iter().chain(&pushed.1).any(|r| r.applies(ip, wall)) {
             return Err(Denied::Denied);
         }
-        let live_allow: Vec<&IpRule> =
-            self.allow.iter().filter(|r| r.until.is_none_or(|u| wall < u)).collect();
-        if !live_allow.is_empty() && !live_allow.iter().any(|r| r.cidr.contains(&ip)) {
+        let mut allow = self.allow.iter().chain(&pushed.0).filter(|r| r.live(wall)).peekable();
+        if allow.peek().is_some() && !allow.any(|r| r.cidr.contains(&ip)) {
             return Err(Denied::NotAllowed);
         }
         if self.auto.after == 0 {
@@ -254,6 +215,12 @@ mod tests {
         assert_eq!(f.check(ip("2001:db8::dead"), now), Err(Denied::Denied));
         assert_eq!(f.check(ip("192.0.2.1"), now), Err(Denied::NotAllowed));
         assert!(IpRule::parse("10.0.0.0/33").is_err() && IpRule::parse("x").is_err());
+        // The control plane's lists add to the gateway's own.
+        f.set_pushed(vec![IpRule::parse("192.0.2.0/24").unwrap()], vec![IpRule::parse("10.9.9.9").unwrap()]);
+        assert_eq!(f.check(ip("192.0.2.1"), now), Ok(()));
+        assert_eq!(f.check(ip("10.9.9.9"), now), Err(Denied::Denied));
+        f.set_pushed(vec![], vec![]);
+        assert_eq!(f.check(ip("10.9.9.9"), now), Ok(()));
         assert!(IpRule::parse("10.0.0.0/8@tomorrow").is_err());
     }
 
