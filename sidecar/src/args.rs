@@ -160,6 +160,11 @@ pub struct Args {
     /// re-reads it at once).
     #[arg(long, env = "MESH_JWKS_REFRESH", value_parser = parse_duration)]
     jwks_refresh: Option<Duration>,
+    /// Most verified tokens remembered, by hash, until their exp (at most a minute; emptied when
+    /// the key set changes), so a client's next requests skip the signature check (default
+    /// 10000; 0: check every request).
+    #[arg(long, env = "MESH_JWT_CACHE")]
+    jwt_cache: Option<usize>,
     /// Sidecar mode: a service whose calls may carry a verified end user to the app (default:
     /// gateway); repeat for several. Over mutual TLS only: the caller's certificate says who it is.
     #[arg(long = "trusted-edge", env = "MESH_TRUSTED_EDGES", value_delimiter = ',')]
@@ -271,6 +276,7 @@ struct FileConfig {
     auth: Option<AuthMode>,
     #[serde(with = "opt_duration")]
     jwks_refresh: Option<Duration>,
+    jwt_cache: Option<usize>,
     trusted_edges: Vec<String>,
     max_uri_length: Option<usize>,
     max_headers: Option<usize>,
@@ -496,6 +502,7 @@ pub fn resolve(a: Args) -> anyhow::Result<Resolved> {
         },
         default_mode: a.auth.or(f.auth).unwrap_or(AuthMode::Optional),
         refresh: a.jwks_refresh.or(f.jwks_refresh).unwrap_or(Duration::from_secs(30)),
+        token_cache: a.jwt_cache.or(f.jwt_cache).unwrap_or(10_000),
     });
     let edges = pick(a.trusted_edges, f.trusted_edges);
     if let Some(bad) = edges.iter().find(|s| !mesh_proto::names::is_service_name(s)) {

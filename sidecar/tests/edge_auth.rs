@@ -48,6 +48,7 @@ pub fn auth_config(jwks: &Path) -> EdgeAuthConfig {
         },
         default_mode: AuthMode::Optional,
         refresh: Duration::from_secs(3600),
+        token_cache: 1000,
     }
 }
 

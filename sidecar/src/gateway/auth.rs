@@ -59,6 +59,8 @@ pub struct EdgeAuthConfig {
     pub default_mode: AuthMode,
     /// How often the file is checked for a change (the URL fetched again).
     pub refresh: Duration,
+    /// Most verified tokens remembered (0: every request's signature is checked).
+    pub token_cache: usize,
 }
 
 /// The verifier over the current key set of [`EdgeAuthConfig::jwks`].
@@ -66,6 +68,7 @@ pub struct EdgeAuth {
     config: EdgeAuthConfig,
     url: Option<JwksUrl>,
     verifier: Verifier,
+    cache: TokenCache,
     /// The file's modification time when last read, and when a reload was last tried.
     state: Mutex<(Option<SystemTime>, Option<Instant>)>,
 }
@@ -101,7 +104,8 @@ impl EdgeAuth {
             }
         };
         let verifier = Verifier::new(keys, config.expect.clone());
-        Ok(EdgeAuth { config, url, verifier, state: Mutex::new((modified, None)) })
+        let cache = TokenCache { max: config.token_cache, entries: Mutex::default() };
+        Ok(EdgeAuth { config, url, verifier, cache, state: Mutex::new((modified, None)) })
     }
 
     pub fn default_mode(&self) -> AuthMode {
@@ -141,6 +145,7 @@ impl EdgeAuth {
             Ok((keys, modified)) => {
                 tracing::debug!(keys = keys.len(), "end-user key set reloaded");
                 self.verifier.replace(keys);
+                self.cache.clear();
                 self.state.lock().unwrap_or_else(|p| p.into_inner()).0 = modified;
             }
             Err(e) => tracing::warn!(error = %e, "end-user key set not reloaded; the previous keys stay"),
@@ -194,9 +199,15 @@ impl EdgeAuth {
             }
             return Ok(());
         };
+        if let Some(user) = self.cache.get(token) {
+            user.set(headers);
+            return Ok(());
+        }
         match self.verify(token).await {
             Ok(v) => {
-                set_user(headers, &v);
+                let user = EndUser::of(&v);
+                self.cache.put(token, &user, &v);
+                user.set(headers);
                 Ok(())
             }
             Err(r) => {
@@ -213,20 +224,81 @@ pub fn strip_user(headers: &mut HeaderMap) {
     headers.remove(USER_ROLES);
 }
 
-fn set_user(headers: &mut HeaderMap, v: &Verified) {
-    if let Ok(sub) = HeaderValue::from_str(&v.subject) {
-        headers.insert(USER, sub);
+/// What a verified token puts on a request: the subject and roles as header values.
+#[derive(Clone)]
+struct EndUser {
+    user: Option<HeaderValue>,
+    roles: Option<HeaderValue>,
+}
+
+impl EndUser {
+    fn of(v: &Verified) -> EndUser {
+        let roles: Vec<&str> = match v.claims.get("roles") {
+            Some(serde_json::Value::Array(a)) => a.iter().filter_map(|r| r.as_str()).collect(),
+            Some(serde_json::Value::String(s)) => s.split([' ', ',']).filter(|r| !r.is_empty()).collect(),
+            _ => Vec::new(),
+        };
+        let roles: Vec<&str> = roles.into_iter().filter(|r| !r.contains(',') && r.is_ascii()).collect();
+        EndUser {
+            user: HeaderValue::from_str(&v.subject).ok(),
+            roles: (!roles.is_empty()).then(|| HeaderValue::from_str(&roles.join(",")).ok()).flatten(),
+        }
     }
-    let roles: Vec<&str> = match v.claims.get("roles") {
-        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|r| r.as_str()).collect(),
-        Some(serde_json::Value::String(s)) => s.split([' ', ',']).filter(|r| !r.is_empty()).collect(),
-        _ => Vec::new(),
-    };
-    let roles: Vec<&str> = roles.into_iter().filter(|r| !r.contains(',') && r.is_ascii()).collect();
-    if !roles.is_empty()
-        && let Ok(v) = HeaderValue::from_str(&roles.join(","))
-    {
-        headers.insert(USER_ROLES, v);
+
+    fn set(&self, headers: &mut HeaderMap) {
+        if let Some(u) = &self.user {
+            headers.insert(USER, u.clone());
+        }
+        if let Some(r) = &self.roles {
+            headers.insert(USER_ROLES, r.clone());
+        }
+    }
+}
+
+/// Tokens verified lately, by their SHA-256: what they set, until their `exp` (at most
+/// [`CACHE_FOR`]). Emptied whenever the key set changes, so a withdrawn key's tokens stop at
+/// once; bounded (full: emptied).
+struct TokenCache {
+    max: usize,
+    entries: Mutex<std::collections::HashMap<[u8; 32], (EndUser, SystemTime)>>,
+}
+
+/// The longest a verified token is trusted without checking its signature again.
+const CACHE_FOR: Duration = Duration::from_secs(60);
+
+impl TokenCache {
+    fn get(&self, token: &str) -> Option<EndUser> {
+        if self.max == 0 {
+            return None;
+        }
+        let key = mesh_runtime::sha256(token.as_bytes());
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries.get(&key).filter(|(_, until)| SystemTime::now() < *until).map(|(u, _)| u.clone())
+    }
+
+    fn put(&self, token: &str, user: &EndUser, v: &Verified) {
+        if self.max == 0 {
+            return;
+        }
+        let now = SystemTime::now();
+        let exp = v
+            .claims
+            .get("exp")
+            .and_then(serde_json::Value::as_u64)
+            .map(|s| SystemTime::UNIX_EPOCH + Duration::from_secs(s));
+        let until = exp.map_or(now + CACHE_FOR, |e| e.min(now + CACHE_FOR));
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if entries.len() >= self.max {
+            entries.retain(|_, (_, u)| now < *u);
+            if entries.len() >= self.max {
+                entries.clear();
+            }
+        }
+        entries.insert(mesh_runtime::sha256(token.as_bytes()), (user.clone(), until));
+    }
+
+    fn clear(&self) {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 }
 
@@ -284,6 +356,7 @@ mod tests {
             expect: Expectations::default(),
             default_mode: AuthMode::Required,
             refresh: Duration::from_secs(30),
+            token_cache: 1000,
         })
         .await
         .unwrap();
