@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the benchmark peers and load generators from Debian (root; idempotent).
 set -euo pipefail
-pkgs=(wrk nginx-light haproxy nghttp2-client util-linux procps)
+pkgs=(wrk nginx-light haproxy nghttp2-client util-linux procps python3-cryptography)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -3,14 +3,15 @@
 //! trace ids, the refusal rule if any), written when the response has been sent (its body
 //! ended or was abandoned), to stdout or a file, off, or sampled (refusals always kept).
 //!
-//! Lines go through a bounded queue to one writer thread, so a slow disk never holds a request;
-//! lines that do not fit are counted (`mesh_gateway_access_log_dropped_total`), not waited for.
+//! Lines are appended to a bounded buffer that one writer thread writes out in batches, so a
+//! slow disk never holds a request; lines that do not fit are counted
+//! (`mesh_sidecar_access_log_dropped_total`), not waited for.
 
 use std::{
     io::Write,
     path::PathBuf,
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, Condvar, Mutex},
     task::{Context, Poll},
     time::SystemTime,
 };
@@ -18,7 +19,7 @@ use std::{
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use serde::Serialize;
-use tokio::{sync::mpsc, time::Instant};
+use tokio::time::Instant;
 
 use crate::http::body::{Body, BoxError};
 
@@ -65,20 +66,31 @@ pub struct Record {
     pub rule: Option<&'static str>,
 }
 
-/// Lines queued for the writer at most.
-const QUEUE: usize = 16 * 1024;
+/// Bytes of lines held for the writer at most; past it, lines are dropped and counted.
+const MAX_PENDING: usize = 4 * 1024 * 1024;
+/// The writer wakes at least this often (and sooner when a batch fills).
+const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+/// A batch this large wakes the writer at once.
+const BATCH: usize = 256 * 1024;
+
+/// The lines waiting for the writer, and whether the log was dropped.
+struct Pending {
+    lines: Mutex<(Vec<u8>, bool)>,
+    ready: Condvar,
+}
 
 pub struct AccessLog {
-    lines: mpsc::Sender<String>,
+    pending: Arc<Pending>,
     /// The share of successful requests logged (refusals are always).
     sample: f64,
     dropped: prometheus_client::metrics::counter::Counter,
 }
 
 impl AccessLog {
-    /// The log, with its writer on a thread of its own (a blocked stdout or a slow disk never
-    /// holds a runtime worker; the thread ends once the log is dropped and its queue written);
-    /// `None` when off.
+    /// The log, with its writer on a thread of its own that wakes every 100 ms (or when a batch
+    /// fills) and writes what accumulated: a request only appends its line to a buffer — no
+    /// wake-up per line — and a blocked stdout or a slow disk never holds a runtime worker. The
+    /// thread writes what is left and ends once the log is dropped. `None` when off.
     pub fn start(
         sink: &Sink,
         sample: f64,
@@ -94,25 +106,35 @@ impl AccessLog {
                 Box::new(std::fs::OpenOptions::new().create(true).append(true).open(path)?)
             }
         };
-        let (tx, mut rx) = mpsc::channel::<String>(QUEUE);
+        let pending = Arc::new(Pending {
+            lines: Mutex::new((Vec::with_capacity(BATCH), false)),
+            ready: Condvar::new(),
+        });
+        let shared = pending.clone();
         std::thread::Builder::new().name("access-log".into()).spawn(move || {
-            let mut buf = Vec::with_capacity(64 * 1024);
-            while let Some(first) = rx.blocking_recv() {
-                buf.extend_from_slice(first.as_bytes());
-                buf.push(b'\n');
-                while buf.len() < 60 * 1024
-                    && let Ok(line) = rx.try_recv()
-                {
-                    buf.extend_from_slice(line.as_bytes());
-                    buf.push(b'\n');
+            let mut batch = Vec::with_capacity(BATCH);
+            loop {
+                let closed = {
+                    let guard = shared.lines.lock().unwrap_or_else(|p| p.into_inner());
+                    let (mut guard, _) = shared
+                        .ready
+                        .wait_timeout_while(guard, FLUSH_EVERY, |(lines, closed)| lines.len() < BATCH && !*closed)
+                        .unwrap_or_else(|p| p.into_inner());
+                    std::mem::swap(&mut guard.0, &mut batch);
+                    guard.1
+                };
+                if !batch.is_empty() {
+                    if let Err(e) = out.write_all(&batch).and_then(|()| out.flush()) {
+                        tracing::warn!(error = %e, "the access log cannot be written; lines are lost until it can");
+                    }
+                    batch.clear();
                 }
-                if let Err(e) = out.write_all(&buf).and_then(|()| out.flush()) {
-                    tracing::warn!(error = %e, "the access log cannot be written; lines are lost until it can");
+                if closed {
+                    return;
                 }
-                buf.clear();
             }
         })?;
-        Ok(Some(Arc::new(AccessLog { lines: tx, sample: sample.clamp(0.0, 1.0), dropped })))
+        Ok(Some(Arc::new(AccessLog { pending, sample: sample.clamp(0.0, 1.0), dropped })))
     }
 
     /// Whether a request with this outcome is logged.
@@ -121,10 +143,25 @@ impl AccessLog {
     }
 
     fn write(&self, r: &Record) {
-        let line = serde_json::to_string(r).unwrap_or_default();
-        if self.lines.try_send(line).is_err() {
+        let mut lines = self.pending.lines.lock().unwrap_or_else(|p| p.into_inner());
+        if lines.0.len() >= MAX_PENDING {
+            drop(lines);
             self.dropped.inc();
+            return;
         }
+        if serde_json::to_writer(&mut lines.0, r).is_ok() {
+            lines.0.push(b'\n');
+        }
+        if lines.0.len() >= BATCH {
+            self.pending.ready.notify_one();
+        }
+    }
+}
+
+impl Drop for AccessLog {
+    fn drop(&mut self) {
+        self.pending.lines.lock().unwrap_or_else(|p| p.into_inner()).1 = true;
+        self.pending.ready.notify_one();
     }
 }
 
