@@ -461,6 +461,17 @@ impl ServicePolicy {
 
 fn diff_values(path: &str, old: &serde_json::Value, new: &serde_json::Value, out: &mut Vec<v1::FieldChange>) {
     use serde_json::Value;
+    // A section that appears or disappears is compared with an empty one: its fields are listed
+    // one by one, not as one blob.
+    let empty_object = Value::Object(serde_json::Map::new());
+    let empty_list = Value::Array(Vec::new());
+    let (old, new) = match (old, new) {
+        (Value::Null, Value::Object(_)) => (&empty_object, new),
+        (Value::Object(_), Value::Null) => (old, &empty_object),
+        (Value::Null, Value::Array(b)) if b.iter().any(Value::is_object) => (&empty_list, new),
+        (Value::Array(a), Value::Null) if a.iter().any(Value::is_object) => (old, &empty_list),
+        _ => (old, new),
+    };
     if let (Value::Object(a), Value::Object(b)) = (old, new) {
         let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
         for k in keys {
