@@ -262,6 +262,10 @@ pub struct Route {
     /// SQL-injection and XSS screening of the query and body (default: the gateway's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub threats: Option<ThreatMode>,
+    /// `false`: the gateway neither answers this route from its cache nor keeps its answers,
+    /// whatever the target service's cache policy says (default: the policy decides).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<bool>,
 }
 
 impl Route {
@@ -478,6 +482,7 @@ impl TryFrom<v1::GatewayRoute> for Route {
                 body: l.body,
             }),
             threats: word("threats", &r.threats)?,
+            cache: r.cache,
         })
     }
 }
@@ -514,6 +519,7 @@ impl From<&Route> for v1::GatewayRoute {
                 body: l.body,
             }),
             threats: r.threats.map(|t| t.as_str().to_string()).unwrap_or_default(),
+            cache: r.cache,
         }
     }
 }
@@ -572,6 +578,7 @@ routes:
     cors: { allow_origins: ["https://*.example.com"], allow_credentials: true, max_age: 600 }
     limits: { body: 65536 }
     threats: block
+    cache: false
   - { path: /healthz, service: market-service, auth: none }
 ip_allow: [10.0.0.0/8, "2001:db8::/32"]
 ip_deny: ["10.9.0.0/16@2030-01-01T00:00:00Z", 10.1.2.3]

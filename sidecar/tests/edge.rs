@@ -719,3 +719,38 @@ async fn the_public_listener_speaks_tls_with_hsts_and_reloads_its_certificate() 
     })
     .await;
 }
+
+/// A route with `cache: false` is never answered from the gateway's cache, whatever the
+/// service's cache policy; the other routes to the service are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_can_turn_the_gateway_cache_off() {
+    let cp = TestCp::start().await;
+    let mut policy = mesh_testkit::fast_policy();
+    policy.cache.ttl = Duration::from_secs(60);
+    cp.set_policy("api", &policy).await;
+    let app = Backend::start("api").await;
+    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let _api =
+        TestSidecar::start(TestSidecar::config(&cp.url(), "api", "a1", app.addr, dirs[0].path())).await;
+    let routes: Vec<Route> = serde_yaml_ng::from_str(
+        "[{ prefix: /fresh, service: api, rewrite: /, cache: false }, { prefix: /, service: api }]",
+    )
+    .unwrap();
+    let gateway = TestSidecar::start(TestSidecar::gateway_config(&cp.url(), routes, dirs[1].path())).await;
+    let gw = gateway.outbound;
+    eventually(WAIT, "the cached route answers from the cache", || async {
+        request_full(gw, "GET", "edge", "/page", &[], Bytes::new())
+            .await
+            .1
+            .get("x-cache")
+            .is_some_and(|v| v == "hit")
+    })
+    .await;
+    let hits = app.hits();
+    for _ in 0..3 {
+        let (status, h, _) = request_full(gw, "GET", "edge", "/fresh/page", &[], Bytes::new()).await;
+        assert_eq!(status, 200);
+        assert!(h.get("x-cache").is_none(), "{h:?}");
+    }
+    assert_eq!(app.hits(), hits + 3, "every request of the uncached route reached the app");
+}

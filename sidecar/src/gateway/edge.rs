@@ -50,6 +50,10 @@ use crate::{
     upstream::{Upstream, Upstreams},
 };
 
+/// Marks a request whose route turned the gateway's cache off (`cache: false`).
+#[derive(Debug, Clone, Copy)]
+pub struct NoCache;
+
 /// The gateway's edge settings (the routes carry their own).
 #[derive(Debug, Clone)]
 pub struct EdgeConfig {
@@ -389,6 +393,9 @@ impl Edge {
             &self.config.trusted_proxies,
             self.config.tls,
         );
+        if r.cache == Some(false) {
+            parts.extensions.insert(NoCache);
+        }
         let body = if body.is_empty() { crate::http::body::empty() } else { boxed(Full::new(body)) };
         Ok((Request::from_parts(parts, body), routed.upstream))
     }

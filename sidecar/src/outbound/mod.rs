@@ -155,7 +155,9 @@ impl Outbound {
                 path_and_query: path_and_query(&req),
                 headers: req.headers(),
             };
-            cache::Cache::applies(cp, &creq) && self.upstreams.invalidation_ready(cp)
+            cache::Cache::applies(cp, &creq)
+                && self.upstreams.invalidation_ready(cp)
+                && req.extensions().get::<crate::gateway::edge::NoCache>().is_none()
         };
         if !cacheable {
             return self.fetch(up, &applied, req).await;
