@@ -41,7 +41,7 @@ use crate::{
     gateway::{access_log::AccessLog, auth::EdgeAuth, edge::Edge},
     inbound::Inbound,
     outbound::Outbound,
-    server::{Handler, ServerTls},
+    server::{Handler, Listen, ServerTls},
     shared::Shared,
     transport::public_tls::PublicTls,
     upstream::snapshot,
@@ -229,12 +229,25 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     }
     outbound.edge = edge.clone();
     let outbound = Arc::new(outbound);
-    let handler: Handler =
-        Arc::new(move |req, peer| server::boxed_in_place(|| outbound.clone().handle(req, peer.addr)));
+    let handler: Handler = Arc::new(move |req, peer| {
+        server::boxed_in_place(|| outbound.clone().handle(req, peer.addr, peer.framing.clone()))
+    });
+    let gateway = shared.config.mode == Mode::Gateway;
     let name = if shared.config.mode == Mode::Gateway { "gateway" } else { "outbound" };
     let mut servers = vec![spawn(
         tracing::info_span!("listener", name),
-        server::serve(listeners.outbound, handler, serving.clone(), drain, name, public_tls, header_timeout),
+        server::serve(
+            listeners.outbound,
+            handler,
+            serving.clone(),
+            Listen {
+                name,
+                drain,
+                tls: public_tls,
+                header_read_timeout: header_timeout,
+                guard_framing: gateway,
+            },
+        ),
     )];
     if let (Some(listener), Some(app), Some(service)) =
         (listeners.inbound, shared.app.clone(), &shared.config.service)
@@ -255,7 +268,18 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         let tls = shared.mtls().then(|| ServerTls::Mesh(shared.identity.clone()));
         servers.push(spawn(
             tracing::info_span!("listener", name = "inbound"),
-            server::serve(listener, handler, serving.clone(), drain, "inbound", tls, header_timeout),
+            server::serve(
+                listener,
+                handler,
+                serving.clone(),
+                Listen {
+                    name: "inbound",
+                    drain,
+                    tls,
+                    header_read_timeout: header_timeout,
+                    guard_framing: false,
+                },
+            ),
         ));
     }
     let admin = spawn(

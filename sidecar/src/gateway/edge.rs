@@ -47,6 +47,7 @@ use crate::{
     },
     metrics::Metrics,
     outbound::route::{self, Route},
+    transport::framing::FramingLog,
     upstream::{Upstream, Upstreams},
 };
 
@@ -141,6 +142,8 @@ pub struct Visit {
     /// The request's body has not been read (a refusal then closes the connection: the unread
     /// body cannot share it with a next request).
     unread_body: bool,
+    /// The smuggling rule this request's head broke, as the connection's framing saw it.
+    framing: Option<&'static str>,
 }
 
 impl Visit {
@@ -202,7 +205,13 @@ impl Edge {
     }
 
     /// Starts a request's visit: who it is from, what it asks.
-    pub fn visit(&self, peer: std::net::SocketAddr, req: &Request<Incoming>, t: &TraceContext) -> Visit {
+    pub fn visit(
+        &self,
+        peer: std::net::SocketAddr,
+        req: &Request<Incoming>,
+        t: &TraceContext,
+        framing: Option<&FramingLog>,
+    ) -> Visit {
         let client = client::client_ip(peer.ip(), req.headers(), &self.config.trusted_proxies);
         Visit {
             started: Instant::now(),
@@ -231,6 +240,8 @@ impl Edge {
             rate_remaining: None,
             refused: false,
             unread_body: !req.body().is_end_stream(),
+            // Taken for every request, so each connection's verdicts stay in step.
+            framing: framing.and_then(FramingLog::next),
         }
     }
 
@@ -276,6 +287,16 @@ impl Edge {
                 resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(left.as_secs().max(1)));
             }
             return Err(self.refused_with(v, denied.rule(), resp));
+        }
+        if let Some(rule) = v.framing {
+            let message = match rule {
+                "smuggling_cl_te" => "both Content-Length and Transfer-Encoding: send one framing",
+                _ => "Content-Length is repeated: send it once",
+            };
+            v.unread_body = true;
+            return Err(
+                self.refuse(v, Rule { status: StatusCode::BAD_REQUEST, rule, message: message.into() })
+            );
         }
         let pq = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
         if let Err(rule) = screen::request_shape(req.method(), &pq, req.headers(), &self.config.limits) {

@@ -55,6 +55,7 @@ impl Outbound {
         self: Arc<Self>,
         mut req: Request<Incoming>,
         peer: std::net::SocketAddr,
+        framing: Option<Arc<crate::transport::framing::FramingLog>>,
     ) -> Response<Body> {
         let t = trace::propagate(req.headers_mut());
         let direction = if self.edge.is_some() { "gateway" } else { "outbound" };
@@ -66,7 +67,7 @@ impl Outbound {
         let resp = async move {
             match self.edge.clone() {
                 Some(edge) => {
-                    let mut visit = edge.visit(peer, &req, &t);
+                    let mut visit = edge.visit(peer, &req, &t, framing.as_deref());
                     let resp = match edge.admit(&self.upstreams, req, &mut visit).await {
                         Ok((req, up)) => {
                             let (resp, endpoint) = self.forward(direction, &up, req).await;

@@ -11,6 +11,7 @@ use crate::{
     identity::cell::IdentityCell,
     server::timer::CoarseTimer,
     transport::{
+        framing::{Framed, FramingLog},
         net::Coalesced,
         public_tls::PublicTls,
         tls::{self, Gated},
@@ -45,6 +46,8 @@ pub struct Peer {
     pub addr: SocketAddr,
     /// Over mutual TLS, the identity the caller's certificate proved; `None` otherwise.
     pub identity: Option<Arc<PeerIdentity>>,
+    /// On the gateway's listener, the framing verdict of each HTTP/1.1 request, in order.
+    pub framing: Option<Arc<FramingLog>>,
 }
 
 /// A SPIFFE id a caller proved with its client certificate, with what requests need of it
@@ -98,19 +101,31 @@ pub enum ServerTls {
     Public(Arc<PublicTls>),
 }
 
-/// Serves `listener` until `stop` fires, then drains open connections for at most `drain`.
-/// With `tls`, every connection must complete its TLS handshake first. An HTTP/1 request head must arrive within
-/// `header_read_timeout` (to within a tenth of it) of the connection's opening or its previous
-/// answer.
+/// How a listener serves its connections.
+pub struct Listen {
+    /// For logs.
+    pub name: &'static str,
+    /// After `stop`, how long open connections may finish.
+    pub drain: Duration,
+    /// The TLS handshake every connection must complete first.
+    pub tls: Option<ServerTls>,
+    /// How long an HTTP/1 request head may take to arrive (to within a tenth of it) after the
+    /// connection opened or its previous answer.
+    pub header_read_timeout: Duration,
+    /// The gateway: follow each connection's HTTP/1.1 framing and hand the handler a verdict
+    /// per request ([`crate::transport::framing`]).
+    pub guard_framing: bool,
+}
+
+/// Serves `listener` until `stop` fires, then drains open connections for at most
+/// `listen.drain`.
 pub async fn serve(
     listener: impl Into<LocalListener>,
     handler: Handler,
     stop: CancellationToken,
-    drain: Duration,
-    name: &'static str,
-    tls: Option<ServerTls>,
-    header_read_timeout: Duration,
+    listen: Listen,
 ) {
+    let Listen { name, drain, tls, header_read_timeout, guard_framing } = listen;
     let header_timer = CoarseTimer::default();
     header_timer.start((header_read_timeout / 10).clamp(Duration::from_millis(10), Duration::from_secs(1)));
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -139,7 +154,7 @@ pub async fn serve(
                     _ = stop.cancelled() => break,
                     accepted = l.accept() => match accepted {
                         Ok((stream, _)) => {
-                            let svc = Service { handler: handler.clone(), peer: Peer { addr: LOCAL, identity: None } };
+                            let svc = Service { handler: handler.clone(), peer: Peer { addr: LOCAL, identity: None, framing: None } };
                             let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
                             let watched = graceful.watch(conn);
                             mesh_runtime::spawn(tracing::debug_span!("conn", listener = name, socket = %path.display()), async move {
@@ -168,7 +183,16 @@ pub async fn serve(
                     let watcher = graceful.watcher();
                     mesh_runtime::spawn(tracing::debug_span!("conn", listener = name, %peer), async move {
                             let Some(tls) = tls else {
-                                let svc = Service { handler, peer: Peer { addr: peer, identity: None } };
+                                if guard_framing {
+                                    let log = Arc::new(FramingLog::default());
+                                    let svc = Service { handler, peer: Peer { addr: peer, identity: None, framing: Some(log.clone()) } };
+                                    let conn = builder.serve_connection(TokioIo::new(Framed::new(Coalesced(stream), log)), svc);
+                                    if let Err(e) = watcher.watch(conn.into_owned()).await {
+                                        tracing::debug!(error = %e, "connection ended with an error");
+                                    }
+                                    return;
+                                }
+                                let svc = Service { handler, peer: Peer { addr: peer, identity: None, framing: None } };
                                 let conn = builder.serve_connection(TokioIo::new(Coalesced(stream)), svc);
                                 if let Err(e) = watcher.watch(conn.into_owned()).await {
                                     tracing::debug!(error = %e, "connection ended with an error");
@@ -204,7 +228,16 @@ pub async fn serve(
                                 .and_then(|c| c.first())
                                 .and_then(tls::peer_spiffe_id);
                             let identity = caller.map(|id| Arc::new(PeerIdentity::new(id)));
-                            let svc = Service { handler, peer: Peer { addr: peer, identity } };
+                            if guard_framing {
+                                let log = Arc::new(FramingLog::default());
+                                let svc = Service { handler, peer: Peer { addr: peer, identity, framing: Some(log.clone()) } };
+                                let conn = builder.serve_connection(TokioIo::new(Framed::new(Gated(tls), log)), svc);
+                                if let Err(e) = watcher.watch(conn.into_owned()).await {
+                                    tracing::debug!(error = %e, "connection ended with an error");
+                                }
+                                return;
+                            }
+                            let svc = Service { handler, peer: Peer { addr: peer, identity, framing: None } };
                             let conn = builder.serve_connection(TokioIo::new(Gated(tls)), svc);
                             if let Err(e) = watcher.watch(conn.into_owned()).await {
                                 tracing::debug!(error = %e, "connection ended with an error");
@@ -280,7 +313,12 @@ mod tests {
         let drain = Duration::from_secs(1);
         let task = mesh_runtime::spawn(
             tracing::Span::none(),
-            serve(listener, handler, stop.clone(), drain, "test", None, header_read_timeout),
+            serve(
+                listener,
+                handler,
+                stop.clone(),
+                Listen { name: "test", drain, tls: None, header_read_timeout, guard_framing: false },
+            ),
         );
         (addr, stop, task)
     }
