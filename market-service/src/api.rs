@@ -1,8 +1,9 @@
 //! The HTTP JSON API (axum). Every refusal is a JSON body `{"error", "message", "field"?}`
 //! with a 4xx status; bodies are parsed strictly (unknown fields, wrong types and malformed JSON
 //! are 400s naming the problem). Every POST honours `Idempotency-Key`: a repeated key with the
-//! same request gets the first answer, and the change it made is applied once. `If-Match: N`
-//! pins the market version a command expects.
+//! same request gets the first answer, and the change it made is applied once. A market read
+//! carries a strong `ETag` (its version; `If-None-Match` → 304); `If-Match` with it pins the
+//! version a command expects (412 when it moved on; `*`: the market must exist).
 //!
 //! Who acts is the end user the gateway verified ([`USER_HEADER`], with [`ROLES_HEADER`]), never
 //! a name in the body: a trade debits the caller's own account, a new market is the caller's,
@@ -109,11 +110,7 @@ fn ctx(s: &AppState, h: &HeaderMap, method_path: &str, body: &[u8]) -> Result<Ct
     };
     let expected_version = match header("if-match") {
         None => None,
-        Some(v) => Some(
-            v.trim_matches('"')
-                .parse::<u64>()
-                .map_err(|_| Refusal::new(400, "invalid", "If-Match: a market version number"))?,
-        ),
+        Some(v) => if_match(&v)?,
     };
     let role_admin =
         user.is_some() && header(ROLES_HEADER).is_some_and(|r| r.split(',').any(|r| r.trim() == ADMIN_ROLE));
@@ -132,6 +129,27 @@ fn ctx(s: &AppState, h: &HeaderMap, method_path: &str, body: &[u8]) -> Result<Ct
         user,
         is_admin: role_admin || operator,
         has_credential,
+    })
+}
+
+/// A market's strong entity tag: its version.
+fn etag(version: u64) -> String {
+    format!("\"{version}\"")
+}
+
+/// `If-Match`: `*` (the market must exist: no pin), or the strong tag (`"7"`, or a bare `7`)
+/// the caller read. A weak tag never matches a strong comparison: it pins a version that cannot
+/// be, so the command is refused with 412.
+fn if_match(v: &str) -> Result<Option<u64>, Refusal> {
+    let v = v.trim();
+    if v == "*" {
+        return Ok(None);
+    }
+    if v.starts_with("W/") {
+        return Ok(Some(u64::MAX));
+    }
+    v.trim_matches('"').parse::<u64>().map(Some).map_err(|_| {
+        Refusal::new(400, "invalid", "If-Match: the market's ETag (\"7\"), a version number, or *")
     })
 }
 
@@ -294,10 +312,19 @@ async fn list_markets(
     Ok(Json(json!({"total": total, "offset": offset, "limit": limit, "markets": page})))
 }
 
-async fn get_market(State(s): S, Path(id): Path<String>) -> Result<Json<Value>, Refusal> {
+/// A market with its `ETag` (its version); `If-None-Match` naming it (or `*`) is 304.
+async fn get_market(State(s): S, Path(id): Path<String>, h: HeaderMap) -> Result<Response, Refusal> {
     let p = s.markets.read().await?;
     let m = p.market(&id)?;
-    Ok(Json(market_json(m)))
+    let tag = etag(m.version);
+    let unchanged = h
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == "*" || t.trim().trim_start_matches("W/") == tag));
+    if unchanged {
+        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, tag)]).into_response());
+    }
+    Ok(([(header::ETAG, tag)], Json(market_json(m))).into_response())
 }
 
 #[derive(Deserialize)]

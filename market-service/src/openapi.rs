@@ -12,13 +12,14 @@ fn op(summary: &str, body: Option<&str>, ok: &str) -> Value {
             "403": {"$ref": "#/components/responses/Error"},
             "404": {"$ref": "#/components/responses/Error"},
             "409": {"$ref": "#/components/responses/Error"},
+            "412": {"$ref": "#/components/responses/Error"},
         }
     });
     if let Some(schema) = body {
         o["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}}}});
         o["parameters"] = json!([
             {"name": "Idempotency-Key", "in": "header", "schema": {"type": "string"}, "description": "a repeated key with the same request returns the first answer; the change is applied once"},
-            {"name": "If-Match", "in": "header", "schema": {"type": "integer"}, "description": "the market version the command expects (409 otherwise)"}
+            {"name": "If-Match", "in": "header", "schema": {"type": "string"}, "description": "the market's ETag (its version, \"7\") the command expects: 412 when the market moved on; * for any version"}
         ]);
     }
     o

@@ -165,6 +165,10 @@ impl Ctx {
     }
 }
 
+fn precondition_failed(message: String) -> Refusal {
+    Refusal::new(412, "precondition_failed", message)
+}
+
 /// A successful command's answer: status and JSON body.
 pub type Answer = (u16, Value);
 
@@ -445,19 +449,26 @@ impl Markets {
                     tokio::time::sleep(std::time::Duration::from_micros(rand_below(cap_us))).await;
                     continue;
                 }
+                // A pinned version that lost the race: the precondition no longer holds.
+                Err(StoreError::Conflict { .. }) if ctx.expected_version.is_some() => {
+                    return Err(precondition_failed(
+                        "If-Match: the market changed while this command was decided; read it again".into(),
+                    ));
+                }
                 Err(e) => return Err(e.into()),
             }
         }
         Err(Refusal::new(409, "version_conflict", "too much contention on this market; retry"))
     }
 
+    /// `If-Match`: the market must still be at the version the caller read (its `ETag`);
+    /// otherwise 412, and the caller reads it again.
     fn pinned(ctx: &Ctx, version: u64) -> Result<(), Refusal> {
         match ctx.expected_version {
-            Some(v) if v != version => Err(Refusal::new(
-                409,
-                "version_conflict",
-                format!("expected version {v}, the market is at {version}"),
-            )),
+            Some(v) if v != version => Err(precondition_failed(format!(
+                "If-Match: the market is at version {version}, not {}; read it again",
+                if v == u64::MAX { "the one named".to_string() } else { v.to_string() }
+            ))),
             _ => Ok(()),
         }
     }

@@ -304,7 +304,7 @@ async fn bad_inputs_get_the_documented_4xx_never_500() {
                 json!({"description": "x"}),
             )
             .await;
-        assert_eq!((st, v["error"].as_str()), (409, Some("version_conflict")));
+        assert_eq!((st, v["error"].as_str()), (412, Some("precondition_failed")));
         let (st, v) = s.raw("POST", &trades, &[("idempotency-key", "")], "{}".into()).await;
         assert_eq!(st, 400, "{v}");
         // No credential is 401 with a challenge; a wrong one is 403.
@@ -421,6 +421,65 @@ async fn the_verified_user_acts_and_only_admins_act_for_others() {
     }
 }
 
+/// Issue #18.3 (part): a market read carries a strong ETag (its version); If-None-Match with it
+/// is 304; If-Match pins a command to it (412 once the market moved on; `*`: any version).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etags_make_reads_conditional_and_commands_precondition_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    for url in databases(&dir).await {
+        let s = Svc::start(&url, 50).await;
+        s.account("alice", "1000").await;
+        let id = s.market("alice", 3_600_000).await;
+        let path = format!("/markets/{id}");
+        let (st, head, _) =
+            mesh_testkit::request_full(s.addr, "GET", "market-service", &path, &[], Bytes::new()).await;
+        assert_eq!(st, 200);
+        let tag = head["etag"].to_str().unwrap().to_string();
+        assert_eq!(tag, "\"1\"", "the version, quoted");
+        let (st, head, body) = mesh_testkit::request_full(
+            s.addr,
+            "GET",
+            "market-service",
+            &path,
+            &[("if-none-match", tag.as_str())],
+            Bytes::new(),
+        )
+        .await;
+        assert_eq!((st, body.as_str(), head["etag"].to_str().unwrap()), (304, "", tag.as_str()));
+
+        let trade = |pin: &'static str| {
+            let (s, path) = (&s, format!("{path}/trades"));
+            async move {
+                s.call(
+                    "POST",
+                    &path,
+                    &[("x-mesh-user", "alice"), ("if-match", pin)],
+                    json!({"outcome": 0, "side": "buy", "shares": "1"}),
+                )
+                .await
+            }
+        };
+        assert_eq!(trade("\"1\"").await.0, 201, "the version read");
+        let (st, v) = trade("\"1\"").await;
+        assert_eq!((st, v["error"].as_str()), (412, Some("precondition_failed")), "it moved on: {v}");
+        assert_eq!(trade("W/\"2\"").await.0, 412, "a weak tag never matches");
+        assert_eq!(trade("*").await.0, 201, "any version");
+        assert_eq!(trade("two").await.0, 400);
+        // The read after the writes is no longer the one cached: 200 with the new tag.
+        let (st, head, _) = mesh_testkit::request_full(
+            s.addr,
+            "GET",
+            "market-service",
+            &path,
+            &[("if-none-match", tag.as_str())],
+            Bytes::new(),
+        )
+        .await;
+        assert_eq!((st, head["etag"].to_str().unwrap()), (200, "\"3\""));
+        s.stop().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_post_with_the_same_idempotency_key_is_applied_once() {
     let dir = tempfile::tempdir().unwrap();
@@ -468,7 +527,7 @@ async fn concurrent_writers_lose_nothing_and_duplicate_nothing() {
                     let m = &markets[(t + n) % 2];
                     let (user, body) =
                         (format!("t{t}"), json!({"outcome": n % 2, "side": "buy", "shares": "1"}));
-                    // Pinned versions: every lost race is a 409 the client retries on fresh state.
+                    // Pinned versions: every lost race is a 412 the client retries on fresh state.
                     loop {
                         let v = svc.get(&format!("/markets/{m}")).await.1["version"]
                             .as_u64()
@@ -487,7 +546,8 @@ async fn concurrent_writers_lose_nothing_and_duplicate_nothing() {
                                 ids.push(r["trade_id"].as_str().unwrap().to_string());
                                 break;
                             }
-                            409 => {
+                            // The version it read moved on: read again and retry.
+                            412 => {
                                 conflicts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             }
                             other => panic!("unexpected {other}: {r}"),
