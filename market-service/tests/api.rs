@@ -436,15 +436,21 @@ async fn etags_make_reads_conditional_and_commands_precondition_checked() {
         assert_eq!(st, 200);
         let tag = head["etag"].to_str().unwrap().to_string();
         assert_eq!(tag, "\"1\"", "the version, quoted");
-        let (st, head, body) = mesh_testkit::request_full(
-            s.addr,
-            "GET",
-            "market-service",
-            &path,
-            &[("if-none-match", tag.as_str())],
-            Bytes::new(),
-        )
-        .await;
+        let read_if_changed = |tag: String| {
+            let (addr, path) = (s.addr, path.clone());
+            async move {
+                mesh_testkit::request_full(
+                    addr,
+                    "GET",
+                    "market-service",
+                    &path,
+                    &[("if-none-match", tag.as_str())],
+                    Bytes::new(),
+                )
+                .await
+            }
+        };
+        let (st, head, body) = read_if_changed(tag.clone()).await;
         assert_eq!((st, body.as_str(), head["etag"].to_str().unwrap()), (304, "", tag.as_str()));
 
         let trade = |pin: &'static str| {
@@ -466,15 +472,7 @@ async fn etags_make_reads_conditional_and_commands_precondition_checked() {
         assert_eq!(trade("*").await.0, 201, "any version");
         assert_eq!(trade("two").await.0, 400);
         // The read after the writes is no longer the one cached: 200 with the new tag.
-        let (st, head, _) = mesh_testkit::request_full(
-            s.addr,
-            "GET",
-            "market-service",
-            &path,
-            &[("if-none-match", tag.as_str())],
-            Bytes::new(),
-        )
-        .await;
+        let (st, head, _) = read_if_changed(tag).await;
         assert_eq!((st, head["etag"].to_str().unwrap()), (200, "\"3\""));
         s.stop().await;
     }
