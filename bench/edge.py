@@ -111,12 +111,9 @@ def es256_and_rs256():
 
 
 def gateway(cp_url, name, threats, extra=()):
-    routes = os.path.join(dp.TMP, f"{name}.yaml")
-    with open(routes, "w") as f:
-        f.write(ROUTES % (ORIGIN, threats))
     cfg = os.path.join(dp.TMP, f"{name}-config.yaml")
     with open(cfg, "w") as f:
-        f.write(open(routes).read())
+        f.write(ROUTES % (ORIGIN, threats))
     return dp.start([f"{dp.REL}/sidecar", "--mode", "gateway", "--instance-id", name, "--control-plane", cp_url,
                      "--config", cfg, "--outbound-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--worker-threads", "1",
                      "--data-dir", os.path.join(dp.TMP, name), "--log", "error", "--ip-deny", "192.0.2.0/24",

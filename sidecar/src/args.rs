@@ -472,7 +472,6 @@ pub fn resolve(a: Args) -> anyhow::Result<Resolved> {
         _ => bail!("--tls-cert and --tls-key go together"),
     };
     c.tls_reload = a.tls_reload.or(f.tls_reload).unwrap_or(d.tls_reload);
-    c.edge.tls = c.public_tls.is_some();
     c.edge.hsts_max_age = a.hsts_max_age.or(f.hsts_max_age).unwrap_or(d.edge.hsts_max_age);
     if !(0.0..=1.0).contains(&c.access_log_sample) {
         bail!("--access-log-sample {}: a share between 0 and 1", c.access_log_sample);

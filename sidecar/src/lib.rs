@@ -120,8 +120,15 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
             let log =
                 AccessLog::start(&c.access_log, c.access_log_sample, metrics.access_log_dropped.clone())
                     .map_err(|e| Error::Config(format!("--access-log {:?}: {e}", c.access_log)))?;
-            let edge = Edge::new(c.edge.clone(), edge_auth.clone(), c.routes.clone(), log, metrics.clone())
-                .map_err(|e| Error::Config(format!("gateway routes: {e}")))?;
+            let edge = Edge::new(
+                c.edge.clone(),
+                c.public_tls.is_some(),
+                edge_auth.clone(),
+                c.routes.clone(),
+                log,
+                metrics.clone(),
+            )
+            .map_err(|e| Error::Config(format!("gateway routes: {e}")))?;
             Some(Arc::new(edge))
         }
         Mode::Sidecar => None,

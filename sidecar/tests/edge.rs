@@ -676,7 +676,6 @@ async fn the_public_listener_speaks_tls_with_hsts_and_reloads_its_certificate() 
         TestSidecar::gateway_config(&cp.url(), vec![Route::parse("/=api").unwrap()], dirs[1].path());
     cfg.public_tls = Some(PublicTlsFiles { cert: cert.clone(), key: key.clone() });
     cfg.tls_reload = Duration::from_millis(100);
-    cfg.edge.tls = true;
     let gateway = TestSidecar::start(cfg).await;
     let gw = gateway.outbound;
     assert_eq!(

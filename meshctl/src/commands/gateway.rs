@@ -14,7 +14,7 @@ use serde_json::json;
 
 use crate::{
     args::{GatewayCommand, Output},
-    commands::sidecar::admin_call,
+    commands::{policy, sidecar::admin_call},
     error::CliError,
     output::{changes_json, emit, print_changes, print_json},
 };
@@ -61,14 +61,15 @@ pub async fn run(cmd: GatewayCommand, ch: AdminChannel, out: Output, addr: &str)
     let st = |s: tonic::Status| CliError::from_status(s, addr);
     let ch_admin = ch.clone();
     let mut client = v1::policy_client::PolicyClient::new(ch);
-    let vp =
-        client.get(v1::GetPolicyRequest { service: GATEWAY_SERVICE.into() }).await.map_err(st)?.into_inner();
-    let stored = ServicePolicy::try_from(vp.policy.unwrap_or_default())
-        .map_err(|e| CliError::Refused(format!("the control plane sent routes meshctl cannot read: {e}")))?;
+    let (stored, vp) = policy::read(&mut client, GATEWAY_SERVICE, &st).await?;
     let (file, dry_run, is_diff, wait) = match cmd {
         GatewayCommand::Get => {
             match out {
-                Output::Json => print_json(&json!({"version": vp.version, "routes": stored.gateway.routes})),
+                Output::Json => {
+                    let mut shown = serde_json::to_value(&stored.gateway).unwrap_or_default();
+                    shown["version"] = json!(vp.version);
+                    print_json(&shown)
+                }
                 Output::Table if stored.gateway.is_empty() => out!(
                     "# no routes stored (version {}): each gateway serves the routes it was started with",
                     vp.version
@@ -88,16 +89,7 @@ pub async fn run(cmd: GatewayCommand, ch: AdminChannel, out: Output, addr: &str)
     };
     let routes = read_routes(&file)?;
     let policy = ServicePolicy { gateway: routes, ..stored };
-    let r = client
-        .set(v1::SetPolicyRequest {
-            service: GATEWAY_SERVICE.into(),
-            policy: Some((&policy).into()),
-            dry_run,
-            expected_version: Some(vp.version),
-        })
-        .await
-        .map_err(st)?
-        .into_inner();
+    let r = policy::store(&mut client, GATEWAY_SERVICE, &policy, dry_run, Some(vp.version), &st).await?;
     let version = r.policy.as_ref().map(|p| p.version).unwrap_or_default();
     match out {
         Output::Json => print_json(&json!({

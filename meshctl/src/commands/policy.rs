@@ -16,10 +16,7 @@ pub async fn run(cmd: PolicyCommand, ch: AdminChannel, out: Output, addr: &str) 
     let mut client = v1::policy_client::PolicyClient::new(ch);
     match cmd {
         PolicyCommand::Get { service } => {
-            let vp = client.get(v1::GetPolicyRequest { service }).await.map_err(st)?.into_inner();
-            let policy = ServicePolicy::try_from(vp.policy.clone().unwrap_or_default()).map_err(|e| {
-                CliError::Refused(format!("the control plane sent a policy meshctl cannot read: {e}"))
-            })?;
+            let (policy, vp) = read(&mut client, &service, &st).await?;
             match out {
                 Output::Json => print_json(&json!({
                     "service": vp.service, "version": vp.version, "is_default": vp.is_default,
@@ -40,16 +37,7 @@ pub async fn run(cmd: PolicyCommand, ch: AdminChannel, out: Output, addr: &str) 
                     (policy, expected_version.or(Some(read)))
                 }
             };
-            let r = client
-                .set(v1::SetPolicyRequest {
-                    service: service.clone(),
-                    policy: Some((&policy).into()),
-                    dry_run,
-                    expected_version,
-                })
-                .await
-                .map_err(st)?
-                .into_inner();
+            let r = store(&mut client, &service, &policy, dry_run, expected_version, &st).await?;
             let version = r.policy.as_ref().map(|p| p.version).unwrap_or_default();
             match out {
                 Output::Json => print_json(&json!({
@@ -73,16 +61,7 @@ pub async fn run(cmd: PolicyCommand, ch: AdminChannel, out: Output, addr: &str) 
                 false => read_policy_file(&file)?,
                 true => merged_policy(&mut client, &service, &file, &st).await?.0,
             };
-            let r = client
-                .set(v1::SetPolicyRequest {
-                    service,
-                    policy: Some((&policy).into()),
-                    dry_run: true,
-                    expected_version: None,
-                })
-                .await
-                .map_err(st)?
-                .into_inner();
+            let r = store(&mut client, &service, &policy, true, None, &st).await?;
             match out {
                 Output::Json => print_json(&changes_json(&r.changes)),
                 Output::Table if r.changes.is_empty() => out!("no changes"),
@@ -119,6 +98,39 @@ pub async fn run(cmd: PolicyCommand, ch: AdminChannel, out: Output, addr: &str) 
     Ok(())
 }
 
+/// The policy stored for `service` (the defaults at version 0 when none is), and what the
+/// control plane said of it.
+pub async fn read(
+    client: &mut v1::policy_client::PolicyClient<AdminChannel>,
+    service: &str,
+    st: &impl Fn(tonic::Status) -> CliError,
+) -> Result<(ServicePolicy, v1::VersionedPolicy), CliError> {
+    let vp = client.get(v1::GetPolicyRequest { service: service.into() }).await.map_err(st)?.into_inner();
+    let policy = ServicePolicy::try_from(vp.policy.clone().unwrap_or_default()).map_err(|e| {
+        CliError::Refused(format!("the control plane sent a policy of {service} meshctl cannot read: {e}"))
+    })?;
+    Ok((policy, vp))
+}
+
+/// Stores `policy` for `service` (with `dry_run`, only validates it and lists the changes),
+/// refused unless the stored version is `expected_version` when one is given.
+pub async fn store(
+    client: &mut v1::policy_client::PolicyClient<AdminChannel>,
+    service: &str,
+    policy: &ServicePolicy,
+    dry_run: bool,
+    expected_version: Option<u64>,
+    st: &impl Fn(tonic::Status) -> CliError,
+) -> Result<v1::SetPolicyResponse, CliError> {
+    let req = v1::SetPolicyRequest {
+        service: service.into(),
+        policy: Some(policy.into()),
+        dry_run,
+        expected_version,
+    };
+    Ok(client.set(req).await.map_err(st)?.into_inner())
+}
+
 /// The stored policy of `service` with the fields `path` names put over it, and the version it
 /// was read at.
 async fn merged_policy(
@@ -127,10 +139,7 @@ async fn merged_policy(
     path: &Path,
     st: &impl Fn(tonic::Status) -> CliError,
 ) -> Result<(ServicePolicy, u64), CliError> {
-    let vp = client.get(v1::GetPolicyRequest { service: service.into() }).await.map_err(st)?.into_inner();
-    let stored = ServicePolicy::try_from(vp.policy.unwrap_or_default()).map_err(|e| {
-        CliError::Refused(format!("the control plane sent a policy meshctl cannot read: {e}"))
-    })?;
+    let (stored, vp) = read(client, service, st).await?;
     let mut merged = serde_yaml_ng::to_value(&stored)
         .map_err(|e| CliError::Input(format!("the stored policy of {service}: {e}")))?;
     merge_yaml(&mut merged, policy_file_value(path)?);

@@ -360,11 +360,22 @@ mod tests {
         })
         .await
         .unwrap();
-        assert!(auth.authenticate(&mut bearer(&k1, "k1"), AuthMode::Required).await.is_ok());
+        let mut first = bearer(&k1, "k1");
+        assert!(auth.authenticate(&mut first, AuthMode::Required).await.is_ok());
+        // The verified token is remembered (its next requests skip the signature check)…
+        let token = first[header::AUTHORIZATION].to_str().unwrap()["Bearer ".len()..].to_string();
+        assert!(auth.cache.get(&token).is_some_and(|u| u.user.as_ref().is_some_and(|v| v == "alice")));
+        // …but not by a gateway told not to.
+        let uncached =
+            EdgeAuth::load(EdgeAuthConfig { token_cache: 0, ..auth.config.clone() }).await.unwrap();
+        assert!(uncached.authenticate(&mut bearer(&k1, "k1"), AuthMode::Required).await.is_ok());
+        assert!(uncached.cache.get(&token).is_none());
 
-        // k1 leaves the set, k2 joins: only the interval check can notice k1 is gone.
+        // k1 leaves the set, k2 joins: only the interval check can notice k1 is gone (and the
+        // remembered k1 token is forgotten with it).
         write(&[&j2], 2_000);
         auth.reload(false).await;
+        assert!(auth.cache.get(&token).is_none(), "a changed key set empties the cache");
         assert!(
             auth.authenticate(&mut bearer(&k1, "k1"), AuthMode::Required).await.is_err(),
             "k1 was removed"

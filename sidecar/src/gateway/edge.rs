@@ -67,9 +67,7 @@ pub struct EdgeConfig {
     pub allow: Vec<IpRule>,
     pub deny: Vec<IpRule>,
     pub auto_block: AutoBlock,
-    /// The public listener speaks TLS: answers carry `Strict-Transport-Security` with this
-    /// max-age (0: none), and the app is told `X-Forwarded-Proto: https`.
-    pub tls: bool,
+    /// Over TLS, answers carry `Strict-Transport-Security` with this max-age (0: none).
     pub hsts_max_age: u64,
 }
 
@@ -86,7 +84,6 @@ impl Default for EdgeConfig {
                 window: std::time::Duration::from_secs(60),
                 block_for: std::time::Duration::from_secs(600),
             },
-            tls: false,
             hsts_max_age: 365 * 86_400,
         }
     }
@@ -123,6 +120,8 @@ pub struct Edge {
     pub ip_filter: IpFilter,
     access_log: Option<Arc<AccessLog>>,
     metrics: Arc<Metrics>,
+    /// The public listener speaks TLS: answers carry HSTS, the app is told `https`.
+    tls: bool,
     hsts_value: HeaderValue,
 }
 
@@ -162,9 +161,11 @@ fn strikes(rule: &str) -> bool {
 }
 
 impl Edge {
-    /// The edge, serving `routes` (the gateway's own) until the control plane pushes others.
+    /// The edge (`tls`: its listener speaks TLS), serving `routes` (the gateway's own) until
+    /// the control plane pushes others.
     pub fn new(
         config: EdgeConfig,
+        tls: bool,
         auth: Option<Arc<EdgeAuth>>,
         routes: Vec<Route>,
         access_log: Option<Arc<AccessLog>>,
@@ -175,7 +176,7 @@ impl Edge {
         let hsts_value =
             HeaderValue::from_str(&format!("max-age={}; includeSubDomains", config.hsts_max_age))
                 .map_err(|e| e.to_string())?;
-        Ok(Edge { auth, config, table, own_routes: routes, ip_filter, access_log, metrics, hsts_value })
+        Ok(Edge { auth, config, table, own_routes: routes, ip_filter, access_log, metrics, tls, hsts_value })
     }
 
     /// The routes in force.
@@ -289,14 +290,8 @@ impl Edge {
             return Err(self.refused_with(v, denied.rule(), resp));
         }
         if let Some(rule) = v.framing {
-            let message = match rule {
-                "smuggling_cl_te" => "both Content-Length and Transfer-Encoding: send one framing",
-                _ => "Content-Length is repeated: send it once",
-            };
             v.unread_body = true;
-            return Err(
-                self.refuse(v, Rule { status: StatusCode::BAD_REQUEST, rule, message: message.into() })
-            );
+            return Err(self.refuse(v, screen::smuggling_refusal(rule)));
         }
         let pq = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
         if let Err(rule) = screen::request_shape(req.method(), &pq, req.headers(), &self.config.limits) {
@@ -407,13 +402,7 @@ impl Edge {
                 v.record.rule = Some(rule);
             }
         }
-        client::set_forwarded(
-            &mut parts.headers,
-            v.peer,
-            v.client,
-            &self.config.trusted_proxies,
-            self.config.tls,
-        );
+        client::set_forwarded(&mut parts.headers, v.peer, v.client, &self.config.trusted_proxies, self.tls);
         if r.cache == Some(false) {
             parts.extensions.insert(NoCache);
         }
@@ -438,7 +427,7 @@ impl Edge {
             limiter.headers(h, remaining, limiter.reset_after(remaining));
         }
         h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-        if self.config.tls && self.config.hsts_max_age > 0 {
+        if self.tls && self.config.hsts_max_age > 0 {
             h.insert(header::STRICT_TRANSPORT_SECURITY, self.hsts_value.clone());
         }
         if v.refused && v.unread_body {

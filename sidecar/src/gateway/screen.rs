@@ -104,28 +104,39 @@ pub fn body_too_large(limit: u64, declared: Option<u64>) -> Rule {
     )
 }
 
+/// The refusal of a request-smuggling shape, by its rule — also what the edge answers for the
+/// shapes the parser hides from these headers (reported by `transport::framing`).
+pub fn smuggling_refusal(rule: &'static str) -> Rule {
+    let message = match rule {
+        "smuggling_cl_te" => "both Content-Length and Transfer-Encoding: send one framing",
+        "smuggling_content_length" => "Content-Length is repeated: send it once",
+        _ => "Transfer-Encoding: only a single `chunked` is accepted",
+    };
+    Rule::new(StatusCode::BAD_REQUEST, rule, message)
+}
+
 /// The request-smuggling shapes (RFC 9112 §6.3): a message whose framing two parsers could read
 /// differently is refused, not guessed at.
 fn smuggling(headers: &HeaderMap) -> Result<(), Rule> {
     let lengths: Vec<_> = headers.get_all(header::CONTENT_LENGTH).iter().collect();
     let te: Vec<_> = headers.get_all(header::TRANSFER_ENCODING).iter().collect();
-    let refuse = |rule, msg: &str| Err(Rule::new(StatusCode::BAD_REQUEST, rule, msg));
     if !lengths.is_empty() && !te.is_empty() {
-        return refuse("smuggling_cl_te", "both Content-Length and Transfer-Encoding: send one framing");
+        return Err(smuggling_refusal("smuggling_cl_te"));
     }
     if lengths.len() > 1 {
-        return refuse("smuggling_content_length", "Content-Length is repeated: send it once");
+        return Err(smuggling_refusal("smuggling_content_length"));
     }
     if let Some(cl) = lengths.first()
         && (cl.is_empty() || !cl.as_bytes().iter().all(u8::is_ascii_digit))
     {
-        return refuse("smuggling_content_length", "Content-Length is not a number of bytes");
+        return Err(Rule::new(
+            StatusCode::BAD_REQUEST,
+            "smuggling_content_length",
+            "Content-Length is not a number of bytes",
+        ));
     }
     if te.len() > 1 || te.first().is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"chunked")) {
-        return refuse(
-            "smuggling_transfer_encoding",
-            "Transfer-Encoding: only a single `chunked` is accepted",
-        );
+        return Err(smuggling_refusal("smuggling_transfer_encoding"));
     }
     Ok(())
 }
