@@ -2,10 +2,11 @@
 """Market-service benchmark: trades per second and latency, direct to the service and through
 gateway → sidecar → sidecar → service, on SQLite and on PostgreSQL, in one run.
 
-Each run: 16 funded traders buying small amounts on 8 markets, wrk with 8 connections for
-DURATION seconds; every trade is a real event-sourced command (two aggregates appended with
-expected versions, outbox and fsync'd commit). Run through bench/market.sh.
-Environment: DURATION (10), PG_URL (from scripts/test-deps).
+Each run: 64 funded traders buying small amounts on one hot market or on 32 markets, wrk with
+CONNS connections (1, 8, 64, 256) for DURATION seconds; every trade is a real event-sourced
+command (two aggregates appended with expected versions, outbox and an fsync'd commit, shared by
+the commands the group committer batches together). Run through bench/market.sh.
+Environment: DURATION (5), CONNS ("1 8 64 256"), PG_URL (from scripts/test-deps).
 """
 
 import json
@@ -19,7 +20,9 @@ import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REL = os.path.join(ROOT, "target", "release")
-DUR = int(os.environ.get("DURATION", "10"))
+DUR = int(os.environ.get("DURATION", "5"))
+CONNS = [int(c) for c in os.environ.get("CONNS", "1 8 64 256").split()]
+TRADERS = 64
 TMP = tempfile.mkdtemp(prefix="mesh-market-bench-")
 procs = []
 
@@ -58,7 +61,7 @@ TOKENS = []
 
 
 def issuer():
-    for t in range(16):
+    for t in range(TRADERS):
         TOKENS.append(subprocess.run([f"{REL}/meshctl", "token", "issue", "--sub", f"t{t}", "--ttl", "2h", "--dir", TMP],
                                      capture_output=True, text=True, check=True).stdout.strip())
     return os.path.join(TMP, "issuer", "jwks.json")
@@ -95,12 +98,12 @@ def one_backend(db_url, label):
                 *tls("gateway")])
     gateway = f"http://{gw['outbound']}/api/markets"
     wait(f"{direct}/healthz")
-    for t in range(16):
+    for t in range(TRADERS):
         call("POST", f"{direct}/accounts", {}, user=f"t{t}")
         call("POST", f"{direct}/accounts/t{t}/grants", {"amount": "100000000"}, token="bench")
     close = int(time.time() * 1000) + 3_600_000
     markets = [call("POST", f"{direct}/markets", {"question": f"Q{i}?", "outcomes": ["yes", "no"], "close_time_ms": close,
-                                                  "liquidity": "1000"}, user="t0")["id"] for i in range(8)]
+                                                  "liquidity": "1000"}, user="t0")["id"] for i in range(33)]
     wait(f"{gateway}/{markets[0]}")
     return {"direct": f"{direct}/markets", "through the mesh": gateway}, markets
 
@@ -112,7 +115,7 @@ local done, bad = 0, 0
 math.randomseed(os.time())
 request = function()
   local m = markets[math.random(#markets)]
-  local t = math.random(0, 15)
+  local t = math.random(0, %d)
   local body = string.format('{"outcome":%%d,"side":"buy","shares":"0.01"}', math.random(0, 1))
   local who = {["Content-Type"] = "application/json"}
   if %s then who["Authorization"] = "Bearer " .. tokens[t + 1] else who["x-mesh-user"] = "t" .. t end
@@ -127,13 +130,32 @@ end
 """
 
 
-def run_wrk(base, markets, gateway):
+def fsyncs_per_second(seconds=2.0):
+    """This disk's physical limit: small write + fsync, back to back, in the benchmark's directory."""
+    path = os.path.join(TMP, "fsync.probe")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    n, t0 = 0, time.time()
+    while time.time() - t0 < seconds:
+        os.write(fd, b"x" * 128)
+        os.fsync(fd)
+        n += 1
+    os.close(fd)
+    os.remove(path)
+    return n / (time.time() - t0)
+
+
+def commits(direct):
+    h = json.loads(urllib.request.urlopen(direct.rsplit("/markets", 1)[0] + "/healthz", timeout=5).read())
+    return h["group_commit"]["batches"], h["group_commit"]["commands"]
+
+
+def run_wrk(base, markets, gateway, conns):
     from urllib.parse import urlparse
     u = urlparse(base)
     script = os.path.join(TMP, "trades.lua")
     with open(script, "w") as f:
-        f.write(LUA % (",".join(f'"{m}"' for m in markets), ",".join(f'"{t}"' for t in TOKENS), "true" if gateway else "false", u.path))
-    r = subprocess.run(["wrk", "-t1", "-c8", f"-d{DUR}s", "--latency", "-s", script, f"{u.scheme}://{u.netloc}"],
+        f.write(LUA % (",".join(f'"{m}"' for m in markets), ",".join(f'"{t}"' for t in TOKENS), TRADERS - 1, "true" if gateway else "false", u.path))
+    r = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{DUR}s", "--latency", "-s", script, f"{u.scheme}://{u.netloc}"],
                        capture_output=True, text=True)
     out = r.stdout
     if r.stderr.strip():
@@ -152,16 +174,22 @@ def main():
         name = "bench_" + uuid.uuid4().hex[:12]
         subprocess.run(["psql", pg, "-qc", f"CREATE DATABASE {name}"], check=True)
         dbs.append(("PostgreSQL", pg.rsplit("/", 1)[0] + "/" + name))
-    print(f"{DUR} s per run, 8 connections, 16 traders on 8 markets; every trade appends to two aggregates and commits durably.\n")
-    print("| database | path | trades/s | p50 ms | p99 ms | non-2xx |")
-    print("|---|---|---|---|---|---|")
+    print(f"{DUR} s per run, {TRADERS} traders; every trade appends to two aggregates and is acknowledged once its batch is durable.\n")
+    print(f"This disk: {fsyncs_per_second():.0f} fsyncs/s (write + fsync, back to back).\n")
+    print("| database | path | markets | connections | trades/s | p50 ms | p99 ms | non-2xx | trades per commit |")
+    print("|---|---|---|---|---|---|---|---|---|")
     try:
         for label, url in dbs:
             paths, markets = one_backend(url, label.lower())
-            for path, base in paths.items():
-                rps, p50, p99, bad = run_wrk(base, markets, path != "direct")
-                print(f"| {label} | {path} | {rps:.0f} | {p50:.2f} | {p99:.2f} | {bad} |")
-                sys.stdout.flush()
+            for shape, subset in [("1 (hot)", markets[:1]), ("32", markets[1:])]:
+                for conns in CONNS:
+                    for path, base in paths.items():
+                        b0, c0 = commits(paths["direct"])
+                        rps, p50, p99, bad = run_wrk(base, subset, path != "direct", conns)
+                        b1, c1 = commits(paths["direct"])
+                        per = (c1 - c0) / max(1, b1 - b0)
+                        print(f"| {label} | {path} | {shape} | {conns} | {rps:.0f} | {p50:.2f} | {p99:.2f} | {bad} | {per:.1f} |")
+                        sys.stdout.flush()
     finally:
         for p in procs:
             p.kill()

@@ -193,6 +193,10 @@ async fn healthz(State(s): S) -> Response {
             "status": "ok",
             "backend": s.markets.store.backend(),
             "unreadable_aggregates": p.unreadable,
+            "group_commit": {
+                "batches": s.markets.commits.batches.load(std::sync::atomic::Ordering::Relaxed),
+                "commands": s.markets.commits.commands.load(std::sync::atomic::Ordering::Relaxed),
+            },
         }))
         .into_response(),
         Err(e) => Refusal::new(503, "database_unavailable", e.to_string()).into_response(),

@@ -3,15 +3,20 @@
 //! - [`domain`]: pure rules (no I/O): money, LMSR, the market and account aggregates, commands.
 //! - [`store`]: the event store on SQLite or PostgreSQL (expected-version appends, hash chain,
 //!   snapshots, outbox, idempotency records).
-//! - [`service`]: commands with optimistic concurrency; the in-memory projection for reads.
+//! - [`service`]: the commands, decided against a view of the [`projection`] and committed in
+//!   batches by the committer (`commit`: one transaction and one fsync for many commands).
+//! - [`projection`]: every market and account in memory, updated as each batch commits.
 //! - [`api`]: the HTTP JSON API; [`openapi`]: its description.
 //!
 //! [`run`] takes a bound listener and a shutdown token; the binary is a thin shell around it.
 
 pub(crate) mod api;
+pub(crate) mod commit;
 pub mod domain;
 pub(crate) mod openapi;
+pub mod projection;
 pub(crate) mod publisher;
+pub mod refusal;
 pub mod service;
 pub mod store;
 
@@ -65,12 +70,19 @@ pub async fn run(
         let (markets, stop) = (markets.clone(), stop.clone());
         async move {
             loop {
-                let id = tokio::select! {
+                let first = tokio::select! {
                     _ = stop.cancelled() => return,
                     id = due.recv() => match id { Some(id) => id, None => return },
                 };
-                if let Err(e) = markets.snapshot(&id).await {
-                    tracing::warn!(aggregate = %id, error = %e, "snapshot failed; the next one will catch up");
+                // Everything due by now, in one transaction.
+                let mut ids = vec![first];
+                while let Ok(id) = due.try_recv() {
+                    ids.push(id);
+                }
+                ids.sort_unstable();
+                ids.dedup();
+                if let Err(e) = markets.snapshot(&ids).await {
+                    tracing::warn!(aggregates = ids.len(), error = %e, "snapshots failed; the next ones will catch up");
                 }
             }
         }

@@ -1,93 +1,27 @@
-//! The application layer: loads aggregates (snapshot + tail), runs the pure domain commands,
-//! appends the events with expected versions, and keeps an in-memory projection of every
-//! market and account caught up from the log for reads.
+//! The application layer: the commands, as decisions over a [`View`] of the projection that the
+//! committer ([`crate::commit`]) runs in batches, and who may run them ([`Ctx`]).
 //!
-//! Optimistic concurrency: a command that loses a race (another writer appended to the same
-//! aggregate first) is decided again on fresh state, up to [`MAX_ATTEMPTS`] times, unless the
-//! caller pinned a version (`If-Match`), in which case the conflict is its answer.
+//! Concurrency: commands of this instance are decided in order, in memory, and committed
+//! together; a command that loses a race with another instance is decided again on fresh state.
+//! A caller who pinned a version (`If-Match`) gets 412 when the market is no longer at it.
 
-use std::{
-    collections::BTreeMap,
-    sync::Arc,
-    time::{SystemTime, UNIX_EPOCH},
-};
+use std::sync::Arc;
 
 use serde::Serialize;
 use serde_json::{Value, json};
-use tokio::sync::{Mutex, MutexGuard, mpsc};
+use tokio::sync::{RwLock, RwLockReadGuard, mpsc, oneshot};
 
-use crate::{
-    domain::{self, Account, AccountEvent, DomainError, Market, MarketEvent, Micro},
-    store::{Append, Idempotent, NewEvent, Recorded, Store, StoreError},
+pub use crate::{
+    commit::now_ms,
+    projection::{Projection, View, account_id, market_id},
+    refusal::{Answer, Refusal},
 };
-
-/// Decisions per command before a lost race is the caller's answer.
-pub const MAX_ATTEMPTS: usize = 10;
-
-/// A uniform pick in `0..n` from the clock's low bits and a counter (jitter, not security).
-fn rand_below(n: u64) -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static SEQ: AtomicU64 = AtomicU64::new(0x9e37_79b9_7f4a_7c15);
-    let nanos =
-        SystemTime::now().duration_since(UNIX_EPOCH).map(|d| u64::from(d.subsec_nanos())).unwrap_or(0);
-    let mut x = SEQ.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed) ^ nanos;
-    x ^= x >> 33;
-    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    (x ^ (x >> 33)) % n.max(1)
-}
-
-pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
-/// A refusal, as the API answers it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Refusal {
-    pub status: u16,
-    pub code: &'static str,
-    pub message: String,
-    pub field: Option<&'static str>,
-}
-
-impl Refusal {
-    pub fn new(status: u16, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into(), field: None }
-    }
-}
-
-impl From<DomainError> for Refusal {
-    fn from(e: DomainError) -> Self {
-        let (status, code, field) = match &e {
-            DomainError::Invalid { field, .. } => (400, "invalid", Some(*field)),
-            DomainError::WrongStatus(..) => (409, "market_not_open", None),
-            DomainError::InsufficientBalance { .. } => (409, "insufficient_balance", None),
-            DomainError::InsufficientShares { .. } => (409, "insufficient_shares", None),
-            DomainError::Slippage(_) => (409, "slippage", None),
-            DomainError::Forbidden(_) => (403, "forbidden", None),
-            DomainError::TooLarge(field, _) => (422, "amount_out_of_range", Some(*field)),
-        };
-        Refusal { status, code, message: e.to_string(), field }
-    }
-}
-
-impl From<StoreError> for Refusal {
-    fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::Unreadable(reason) => Refusal::new(503, "aggregate_unreadable", reason),
-            StoreError::Conflict { .. } => {
-                Refusal::new(409, "version_conflict", format!("{e}; reload and retry"))
-            }
-            other => {
-                tracing::error!(error = %other, "database failure");
-                Refusal::new(
-                    503,
-                    "database_unavailable",
-                    format!("{other}; nothing was changed, retry later"),
-                )
-            }
-        }
-    }
-}
+use crate::{
+    commit::{self, Committer, Pending},
+    domain::{self, Account, AccountEvent, Market, MarketEvent, Micro},
+    refusal::precondition_failed,
+    store::{Append, NewEvent, Store, StoreError},
+};
 
 /// Who asks and how: the verified end user, correlation for the audit trail, idempotency, a
 /// pinned version.
@@ -165,100 +99,11 @@ impl Ctx {
     }
 }
 
-fn precondition_failed(message: String) -> Refusal {
-    Refusal::new(412, "precondition_failed", message)
-}
-
-/// A successful command's answer: status and JSON body.
-pub type Answer = (u16, Value);
-
-/// Every market and account, folded from the log.
-#[derive(Default)]
-pub struct Projection {
-    pub seq: i64,
-    pub markets: BTreeMap<String, Market>,
-    pub accounts: BTreeMap<String, Account>,
-    /// Price points per market: (time, prices) after creation and every trade.
-    pub history: BTreeMap<String, Vec<(u64, Vec<f64>)>>,
-    /// Aggregates whose log holds an event that does not parse, and why (`/healthz` lists them).
-    pub unreadable: BTreeMap<String, String>,
-}
-
-impl Projection {
-    /// Folds one committed event. An event that does not parse takes its aggregate out of the
-    /// projection (reported in `unreadable`, its later events skipped) instead of failing every
-    /// read: one bad aggregate never stops the service or the others.
-    fn apply(&mut self, r: &Recorded) {
-        self.seq = r.seq;
-        if self.unreadable.contains_key(&r.aggregate_id) {
-            return;
-        }
-        let id = r.aggregate_id.split_once('-').map_or(r.aggregate_id.as_str(), |(_, id)| id);
-        let parsed = match r.aggregate_type.as_str() {
-            "market" => serde_json::from_str::<MarketEvent>(&r.payload).map(|e| self.apply_market(id, r, &e)),
-            "account" => serde_json::from_str::<AccountEvent>(&r.payload).map(|e| {
-                if let Some(a) = Account::apply(self.accounts.remove(id), id, &e) {
-                    self.accounts.insert(id.to_string(), a);
-                }
-            }),
-            other => {
-                tracing::warn!(aggregate_type = other, "unknown aggregate type in the log; skipped");
-                Ok(())
-            }
-        };
-        if let Err(e) = parsed {
-            let reason = unreadable(&r.aggregate_id, r, &e);
-            tracing::error!(aggregate = %r.aggregate_id, %reason, "aggregate left out of the projection; the rest is served");
-            if r.aggregate_type == "market" {
-                self.markets.remove(id);
-                self.history.remove(id);
-            } else {
-                self.accounts.remove(id);
-            }
-            self.unreadable.insert(r.aggregate_id.clone(), reason);
-        }
-    }
-
-    /// A market as read: 404 if it does not exist, 503 naming the event if its log is unreadable.
-    pub fn market(&self, id: &str) -> Result<&Market, Refusal> {
-        self.markets.get(id).ok_or_else(|| self.missing(&market_id(id), "market", id))
-    }
-
-    /// An account as read, like [`Projection::market`].
-    pub fn account(&self, id: &str) -> Result<&Account, Refusal> {
-        self.accounts.get(id).ok_or_else(|| self.missing(&account_id(id), "account", id))
-    }
-
-    fn missing(&self, aggregate: &str, kind: &str, id: &str) -> Refusal {
-        match self.unreadable.get(aggregate) {
-            Some(reason) => StoreError::Unreadable(reason.clone()).into(),
-            None => Refusal::new(404, "not_found", format!("{kind} {id} does not exist")),
-        }
-    }
-
-    fn apply_market(&mut self, id: &str, r: &Recorded, e: &MarketEvent) {
-        if let Some(m) = Market::apply(self.markets.remove(id), id, e) {
-            if matches!(e, MarketEvent::MarketCreated { .. } | MarketEvent::TradeExecuted { .. }) {
-                self.history.entry(m.id.clone()).or_default().push((r.recorded_at_ms as u64, m.prices()));
-            }
-            self.markets.insert(id.to_string(), m);
-        }
-    }
-}
-
-/// Why `aggregate` cannot be served: event `r` does not parse.
-fn unreadable(aggregate: &str, r: &Recorded, e: &serde_json::Error) -> String {
-    format!(
-        "{aggregate} cannot be served: its event {} (version {}) is unreadable ({e}); other aggregates are unaffected",
-        r.event_id, r.version
-    )
-}
-
 pub struct Markets {
     pub store: Store,
-    projection: Mutex<Projection>,
-    snapshot_every: u64,
-    snapshots: mpsc::UnboundedSender<String>,
+    projection: Arc<RwLock<Projection>>,
+    queue: mpsc::Sender<Pending>,
+    pub commits: Arc<commit::Stats>,
 }
 
 fn events<E: Serialize>(
@@ -286,44 +131,59 @@ fn account_events(list: &[AccountEvent], ctx: &Ctx, causation: &str) -> Vec<NewE
     events(list, AccountEvent::name, ctx, causation)
 }
 
-pub fn market_id(id: &str) -> String {
-    format!("market-{id}")
+/// `If-Match`: the market must still be at the version the caller read (its `ETag`); otherwise
+/// 412, and the caller reads it again.
+fn pinned(ctx: &Ctx, version: u64) -> Result<(), Refusal> {
+    match ctx.expected_version {
+        Some(v) if v != version => Err(precondition_failed(format!(
+            "If-Match: the market is at version {version}, not {}; read it again",
+            if v == u64::MAX { "the one named".to_string() } else { v.to_string() }
+        ))),
+        _ => Ok(()),
+    }
 }
 
-pub fn account_id(id: &str) -> String {
-    format!("account-{id}")
+/// The caller's own account: a 404 that says how to open it.
+fn own_account<'v>(v: &'v View<'_>, user: &str) -> Result<&'v Account, Refusal> {
+    v.find_account(user)?.ok_or_else(|| {
+        Refusal::new(
+            404,
+            "no_account",
+            format!("{user} has no account yet: POST /accounts opens it (an admin grants it funds)"),
+        )
+    })
 }
 
 impl Markets {
-    /// The service over `store`, and the receiver of aggregates due for a snapshot.
+    /// The service over `store` (its committer started), and the receiver of aggregates due for
+    /// a snapshot. Must be called inside a Tokio runtime; the committer stops when the service
+    /// is dropped.
     pub fn new(store: Store, snapshot_every: u64) -> (Arc<Markets>, mpsc::UnboundedReceiver<String>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let m = Markets {
-            store,
-            projection: Mutex::new(Projection::default()),
+        let (snapshots, due) = mpsc::unbounded_channel();
+        let (queue, rx) = mpsc::channel(4 * commit::MAX_BATCH);
+        let projection = Arc::new(RwLock::new(Projection::default()));
+        let commits = Arc::new(commit::Stats::default());
+        let committer = Committer {
+            stats: commits.clone(),
+            store: store.clone(),
+            projection: projection.clone(),
             snapshot_every: snapshot_every.max(1),
-            snapshots: tx,
+            snapshots,
         };
-        (Arc::new(m), rx)
+        mesh_runtime::spawn(tracing::info_span!("committer"), committer.run(rx));
+        (Arc::new(Markets { store, projection, queue, commits }), due)
     }
 
-    /// The projection, caught up with everything committed so far.
-    pub async fn read(&self) -> Result<MutexGuard<'_, Projection>, StoreError> {
-        let mut p = self.projection.lock().await;
-        loop {
-            let batch = self.store.after(p.seq, 1000).await?;
-            if batch.is_empty() {
-                return Ok(p);
-            }
-            for r in &batch {
-                p.apply(r);
-            }
-        }
+    /// The projection, caught up with everything committed so far (this instance's commits are
+    /// in it before their callers are answered; one query picks up other instances').
+    pub async fn read(&self) -> Result<RwLockReadGuard<'_, Projection>, StoreError> {
+        commit::catch_up(&self.store, &self.projection).await?;
+        Ok(self.projection.read().await)
     }
 
     /// Forgets the projection and rebuilds it from the log.
     pub async fn rebuild(&self) -> Result<i64, StoreError> {
-        *self.projection.lock().await = Projection::default();
+        *self.projection.write().await = Projection::default();
         Ok(self.read().await?.seq)
     }
 
@@ -352,7 +212,7 @@ impl Markets {
         };
         for r in &tail {
             let e: E = serde_json::from_str(&r.payload)
-                .map_err(|e| StoreError::Unreadable(unreadable(aggregate, r, &e)))?;
+                .map_err(|e| StoreError::Unreadable(crate::projection::unreadable(aggregate, r, &e)))?;
             state = apply(state, id, &e);
         }
         Ok(state)
@@ -366,134 +226,56 @@ impl Markets {
         self.load(&account_id(id), id, Account::apply).await
     }
 
-    /// Takes a snapshot of `aggregate` (`market-…` or `account-…`) at its current version.
-    pub async fn snapshot(&self, aggregate: &str) -> Result<(), StoreError> {
-        let (version, json) = if let Some(id) = aggregate.strip_prefix("market-") {
-            match self.load_market(id).await? {
-                Some(m) => (m.version, serde_json::to_string(&m).unwrap_or_default()),
-                None => return Ok(()),
-            }
-        } else if let Some(id) = aggregate.strip_prefix("account-") {
-            match self.load_account(id).await? {
-                Some(a) => (a.version, serde_json::to_string(&a).unwrap_or_default()),
-                None => return Ok(()),
-            }
-        } else {
-            return Ok(());
+    /// Snapshots the `aggregates` (`market-…` or `account-…`) at the versions the projection
+    /// holds — committed state, no reload from the log — all in one transaction.
+    pub async fn snapshot(&self, aggregates: &[String]) -> Result<usize, StoreError> {
+        let rows: Vec<(String, u64, String)> = {
+            let p = self.projection.read().await;
+            aggregates
+                .iter()
+                .filter_map(|aggregate| {
+                    let (version, json) = if let Some(id) = aggregate.strip_prefix("market-") {
+                        let m = p.markets.get(id)?;
+                        (m.version, serde_json::to_string(m).ok()?)
+                    } else {
+                        let a = p.accounts.get(aggregate.strip_prefix("account-")?)?;
+                        (a.version, serde_json::to_string(a).ok()?)
+                    };
+                    Some((aggregate.clone(), version, json))
+                })
+                .collect()
         };
-        self.store.save_snapshot(aggregate, version, &json).await
-    }
-
-    /// Appends, asks for snapshots that fell due, and returns the answer. An idempotency key
-    /// that lost a race to an identical request gets that request's stored answer.
-    async fn commit(&self, appends: Vec<Append>, ctx: &Ctx, answer: Answer) -> Result<Answer, StoreError> {
-        let idem = ctx.idempotency.as_ref().map(|(key, hash)| Idempotent {
-            key: key.clone(),
-            request_hash: hash.clone(),
-            status: answer.0,
-            response: answer.1.to_string(),
-        });
-        match self.store.append(&appends, true, idem.as_ref(), now_ms() as i64).await {
-            Ok(_) => {
-                for a in &appends {
-                    let before = a.expected_version / self.snapshot_every;
-                    let after = (a.expected_version + a.events.len() as u64) / self.snapshot_every;
-                    if after > before {
-                        let _ = self.snapshots.send(a.aggregate_id.clone());
-                    }
-                }
-                Ok(answer)
-            }
-            Err(StoreError::Db(msg)) if idem.is_some() => match self.replay(ctx).await {
-                Ok(Some(stored)) => Ok(stored),
-                _ => Err(StoreError::Db(msg)),
-            },
-            Err(e) => Err(e),
-        }
+        self.store.save_snapshots(&rows).await?;
+        Ok(rows.len())
     }
 
     /// The stored answer for this request's idempotency key: `Ok(None)` if there is none,
     /// a refusal if the key was used for a different request.
     pub async fn replay(&self, ctx: &Ctx) -> Result<Option<Answer>, Refusal> {
-        let Some((key, hash)) = &ctx.idempotency else { return Ok(None) };
+        let Some((key, _)) = &ctx.idempotency else { return Ok(None) };
         match self.store.idempotent(key).await? {
             None => Ok(None),
-            Some(stored) if &stored.request_hash == hash => {
-                Ok(Some((stored.status, serde_json::from_str(&stored.response).unwrap_or(Value::Null))))
-            }
-            Some(_) => Err(Refusal::new(
-                422,
-                "idempotency_key_reused",
-                format!("Idempotency-Key {key:?} was used for a different request"),
-            )),
+            Some(stored) => commit::replayed(&ctx.idempotency, &stored).map(Some),
         }
     }
 
-    /// Runs `attempt` until it commits, retrying lost races unless a version was pinned.
-    async fn with_retries<F, Fut>(&self, ctx: &Ctx, mut attempt: F) -> Result<Answer, Refusal>
+    /// Queues a command for the committer and waits for its answer: given once the batch that
+    /// holds it is durable.
+    async fn submit<F>(&self, ctx: &Ctx, decide: F) -> Result<Answer, Refusal>
     where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<(Vec<Append>, Answer), Refusal>>,
+        F: FnMut(&View<'_>) -> Result<(Vec<Append>, Answer), Refusal> + Send + 'static,
     {
         if let Some(stored) = self.replay(ctx).await? {
             return Ok(stored);
         }
-        for n in 1..=MAX_ATTEMPTS {
-            let (appends, answer) = attempt().await?;
-            match self.commit(appends, ctx, answer).await {
-                Ok(a) => return Ok(a),
-                Err(StoreError::Conflict { .. }) if ctx.expected_version.is_none() && n < MAX_ATTEMPTS => {
-                    // Full jitter over a doubling cap (2 ms … 20 ms), so racing writers spread
-                    // out instead of colliding again.
-                    let cap_us = (1000u64 << n.min(5)).min(20_000);
-                    tokio::time::sleep(std::time::Duration::from_micros(rand_below(cap_us))).await;
-                    continue;
-                }
-                // A pinned version that lost the race: the precondition no longer holds.
-                Err(StoreError::Conflict { .. }) if ctx.expected_version.is_some() => {
-                    return Err(precondition_failed(
-                        "If-Match: the market changed while this command was decided; read it again".into(),
-                    ));
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Err(Refusal::new(409, "version_conflict", "too much contention on this market; retry"))
-    }
-
-    /// `If-Match`: the market must still be at the version the caller read (its `ETag`);
-    /// otherwise 412, and the caller reads it again.
-    fn pinned(ctx: &Ctx, version: u64) -> Result<(), Refusal> {
-        match ctx.expected_version {
-            Some(v) if v != version => Err(precondition_failed(format!(
-                "If-Match: the market is at version {version}, not {}; read it again",
-                if v == u64::MAX { "the one named".to_string() } else { v.to_string() }
-            ))),
-            _ => Ok(()),
-        }
-    }
-
-    async fn market(&self, id: &str) -> Result<Market, Refusal> {
-        self.load_market(id)
-            .await?
-            .ok_or_else(|| Refusal::new(404, "not_found", format!("market {id} does not exist")))
-    }
-
-    /// The caller's own account: a 404 that says how to open it.
-    async fn own_account(&self, user: &str) -> Result<Account, Refusal> {
-        self.load_account(user).await?.ok_or_else(|| {
-            Refusal::new(
-                404,
-                "no_account",
-                format!("{user} has no account yet: POST /accounts opens it (an admin grants it funds)"),
-            )
-        })
-    }
-
-    async fn account(&self, id: &str) -> Result<Account, Refusal> {
-        self.load_account(id)
-            .await?
-            .ok_or_else(|| Refusal::new(404, "not_found", format!("account {id} does not exist")))
+        let stopping =
+            || Refusal::new(503, "shutting_down", "the service is stopping; retry on another instance");
+        let (reply, answer) = oneshot::channel();
+        self.queue
+            .send(Pending::new(Box::new(decide), ctx.idempotency.clone(), reply))
+            .await
+            .map_err(|_| stopping())?;
+        answer.await.map_err(|_| stopping())?
     }
 
     /// Opens the caller's account: its id is the caller's subject. An admin may open one for
@@ -535,16 +317,17 @@ impl Markets {
                 ..Refusal::new(400, "invalid", "name: at most 200 characters")
             });
         }
-        self.with_retries(ctx, || async {
-            if self.load_account(id).await?.is_some() {
+        let (id, name, c) = (id.to_string(), name.to_string(), ctx.clone());
+        self.submit(ctx, move |v| {
+            if v.find_account(&id)?.is_some() {
                 return Err(Refusal::new(409, "exists", format!("account {id} already exists")));
             }
-            let evs = [AccountEvent::AccountOpened { name: name.to_string() }];
+            let evs = [AccountEvent::AccountOpened { name: name.clone() }];
             let appends = vec![Append {
-                aggregate_id: account_id(id),
+                aggregate_id: account_id(&id),
                 aggregate_type: "account",
                 expected_version: 0,
-                events: account_events(&evs, ctx, ""),
+                events: account_events(&evs, &c, ""),
             }];
             Ok((appends, (201, json!({"id": id, "name": name, "balance": Micro::ZERO, "version": 1}))))
         })
@@ -554,15 +337,16 @@ impl Markets {
     pub async fn grant(&self, id: &str, amount: Micro, ctx: &Ctx) -> Result<Answer, Refusal> {
         ctx.require_admin("granting funds")?;
         let by = ctx.principal("granting funds")?;
-        self.with_retries(ctx, || async {
-            let a = self.account(id).await?;
-            let evs = domain::grant(&a, amount, &by)?;
+        let (id, c) = (id.to_string(), ctx.clone());
+        self.submit(ctx, move |v| {
+            let a = v.account(&id)?;
+            let evs = domain::grant(a, amount, &by)?;
             let balance = Micro(a.balance.0 + amount.0);
             let appends = vec![Append {
-                aggregate_id: account_id(id),
+                aggregate_id: account_id(&id),
                 aggregate_type: "account",
                 expected_version: a.version,
-                events: account_events(&evs, ctx, ""),
+                events: account_events(&evs, &c, ""),
             }];
             Ok((appends, (200, json!({"id": id, "balance": balance, "version": a.version + 1}))))
         })
@@ -571,11 +355,12 @@ impl Markets {
 
     pub async fn create_market(&self, c: &domain::CreateMarket, ctx: &Ctx) -> Result<Answer, Refusal> {
         let id = uuid::Uuid::now_v7().to_string();
-        let user = ctx.user("creating a market")?;
-        self.with_retries(ctx, || async {
-            let creator = self.own_account(user).await?;
-            let (me, ae) = domain::create_market(&id, c, &creator, now_ms())?;
-            let mevs = market_events(&me, ctx, "");
+        let user = ctx.user("creating a market")?.to_string();
+        let (create, cx) = (c.clone(), ctx.clone());
+        self.submit(ctx, move |v| {
+            let creator = own_account(v, &user)?;
+            let (me, ae) = domain::create_market(&id, &create, creator, now_ms())?;
+            let mevs = market_events(&me, &cx, "");
             let cause = mevs[0].event_id.clone();
             let appends = vec![
                 Append {
@@ -588,7 +373,7 @@ impl Markets {
                     aggregate_id: account_id(&creator.id),
                     aggregate_type: "account",
                     expected_version: creator.version,
-                    events: account_events(&ae, ctx, &cause),
+                    events: account_events(&ae, &cx, &cause),
                 },
             ];
             let m = Market::replay(None, &id, &me)
@@ -606,18 +391,19 @@ impl Markets {
         ctx: &Ctx,
     ) -> Result<Answer, Refusal> {
         let by = ctx.principal("changing a market")?;
-        self.with_retries(ctx, || async {
-            let m = self.market(id).await?;
-            Self::pinned(ctx, m.version)?;
+        let (id, c) = (id.to_string(), ctx.clone());
+        self.submit(ctx, move |v| {
+            let m = v.market(&id)?;
+            pinned(&c, m.version)?;
             let me =
-                domain::update_market(&m, description.clone(), close_time_ms, (&by, ctx.is_admin), now_ms())?;
-            let next = Market::replay(Some(m.clone()), id, &me)
+                domain::update_market(m, description.clone(), close_time_ms, (&by, c.is_admin), now_ms())?;
+            let next = Market::replay(Some(m.clone()), &id, &me)
                 .ok_or_else(|| Refusal::new(500, "internal", "fold"))?;
             let appends = vec![Append {
-                aggregate_id: market_id(id),
+                aggregate_id: market_id(&id),
                 aggregate_type: "market",
                 expected_version: m.version,
-                events: market_events(&me, ctx, ""),
+                events: market_events(&me, &c, ""),
             }];
             Ok((appends, (200, market_json(&next))))
         })
@@ -631,19 +417,21 @@ impl Markets {
         side: domain::Side,
         shares: Micro,
     ) -> Result<Value, Refusal> {
-        let m = self.market(id).await?;
-        let q = domain::quote(&m, outcome, side, shares)?;
+        let p = self.read().await?;
+        let m = p.market(id)?;
+        let q = domain::quote(m, outcome, side, shares)?;
         Ok(json!({ "market": id, "version": m.version, "quote": q }))
     }
 
     pub async fn trade(&self, id: &str, t: &domain::Trade, ctx: &Ctx) -> Result<Answer, Refusal> {
-        let user = ctx.user("trading")?;
-        self.with_retries(ctx, || async {
-            let m = self.market(id).await?;
-            Self::pinned(ctx, m.version)?;
-            let a = self.own_account(user).await?;
-            let (me, ae, q) = domain::trade(&m, &a, t, now_ms())?;
-            let mevs = market_events(&me, ctx, "");
+        let user = ctx.user("trading")?.to_string();
+        let (id, t, c) = (id.to_string(), t.clone(), ctx.clone());
+        self.submit(ctx, move |v| {
+            let m = v.market(&id)?;
+            pinned(&c, m.version)?;
+            let a = own_account(v, &user)?;
+            let (me, ae, q) = domain::trade(m, a, &t, now_ms())?;
+            let mevs = market_events(&me, &c, "");
             let cause = mevs[0].event_id.clone();
             let body = json!({
                 "trade_id": cause, "market": id, "market_version": m.version + 1, "account": a.id,
@@ -651,8 +439,8 @@ impl Markets {
                 "quote": q,
             });
             let appends = vec![
-                Append { aggregate_id: market_id(id), aggregate_type: "market", expected_version: m.version, events: mevs },
-                Append { aggregate_id: account_id(&a.id), aggregate_type: "account", expected_version: a.version, events: account_events(&ae, ctx, &cause) },
+                Append { aggregate_id: market_id(&id), aggregate_type: "market", expected_version: m.version, events: mevs },
+                Append { aggregate_id: account_id(&a.id), aggregate_type: "account", expected_version: a.version, events: account_events(&ae, &c, &cause) },
             ];
             Ok((appends, (201, body)))
         })
@@ -663,34 +451,34 @@ impl Markets {
     pub async fn finish(&self, id: &str, resolve_to: Option<usize>, ctx: &Ctx) -> Result<Answer, Refusal> {
         let by =
             ctx.principal(if resolve_to.is_some() { "resolving a market" } else { "cancelling a market" })?;
-        let by = by.as_str();
-        self.with_retries(ctx, || async {
-            let m = self.market(id).await?;
-            Self::pinned(ctx, m.version)?;
+        let (id, c) = (id.to_string(), ctx.clone());
+        self.submit(ctx, move |v| {
+            let m = v.market(&id)?;
+            pinned(&c, m.version)?;
             let (me, credits) = match resolve_to {
-                Some(outcome) => domain::resolve(&m, outcome, by, ctx.is_admin, now_ms())?,
-                None => domain::cancel(&m, by, ctx.is_admin, now_ms())?,
+                Some(outcome) => domain::resolve(m, outcome, &by, c.is_admin, now_ms())?,
+                None => domain::cancel(m, &by, c.is_admin, now_ms())?,
             };
             let reason = if resolve_to.is_some() { "settlement" } else { "refund" };
-            let mevs = market_events(&me, ctx, "");
+            let mevs = market_events(&me, &c, "");
             let cause = mevs.last().map(|e| e.event_id.clone()).unwrap_or_default();
             let mut appends = vec![Append {
-                aggregate_id: market_id(id),
+                aggregate_id: market_id(&id),
                 aggregate_type: "market",
                 expected_version: m.version,
                 events: mevs,
             }];
             for (acc, amount) in credits.iter().filter(|(_, a)| a.0 > 0) {
-                let a = self.account(acc).await?;
-                let ev = [domain::credit(&a, *amount, id, reason)?];
+                let a = v.account(acc)?;
+                let ev = [domain::credit(a, *amount, &id, reason)?];
                 appends.push(Append {
                     aggregate_id: account_id(acc),
                     aggregate_type: "account",
                     expected_version: a.version,
-                    events: account_events(&ev, ctx, &cause),
+                    events: account_events(&ev, &c, &cause),
                 });
             }
-            let next = Market::replay(Some(m.clone()), id, &me)
+            let next = Market::replay(Some(m.clone()), &id, &me)
                 .ok_or_else(|| Refusal::new(500, "internal", "fold"))?;
             Ok((appends, (200, json!({ "market": market_json(&next), "credits": credits }))))
         })
@@ -710,19 +498,28 @@ impl Markets {
             .collect();
         let mut closed = 0;
         for id in due {
-            let Some(m) = self.load_market(&id).await? else { continue };
-            let Some(e) = domain::close(&m, now) else { continue };
             let ctx = Ctx { correlation_id: format!("closer-{}", uuid::Uuid::now_v7()), ..Ctx::default() };
-            let appends = vec![Append {
-                aggregate_id: market_id(&id),
-                aggregate_type: "market",
-                expected_version: m.version,
-                events: market_events(&[e], &ctx, ""),
-            }];
-            match self.commit(appends, &ctx, (200, Value::Null)).await {
+            let c = ctx.clone();
+            let answer = self
+                .submit(&ctx, move |v| {
+                    let m = v.market(&id)?;
+                    // Someone else may have closed it since: nothing to do.
+                    let Some(e) = domain::close(m, now) else {
+                        return Err(Refusal::new(409, "market_not_open", "already closed"));
+                    };
+                    let appends = vec![Append {
+                        aggregate_id: market_id(&id),
+                        aggregate_type: "market",
+                        expected_version: m.version,
+                        events: market_events(&[e], &c, ""),
+                    }];
+                    Ok((appends, (200, Value::Null)))
+                })
+                .await;
+            match answer {
                 Ok(_) => closed += 1,
-                Err(StoreError::Conflict { .. }) => {} // someone else changed it; next round
-                Err(e) => return Err(e),
+                Err(r) if r.status == 409 => {}
+                Err(r) => return Err(StoreError::Db(r.message)),
             }
         }
         Ok(closed)

@@ -7,10 +7,11 @@
 //! - `outbox`: the events to publish, written in the same transaction as the change.
 //! - `idempotency`: the first answer to each `Idempotency-Key`, in the same transaction too.
 //!
-//! Appends are serialised (SQLite `BEGIN IMMEDIATE`, a PostgreSQL transaction-scoped advisory
-//! lock), so sequence numbers commit in order and readers following `seq` never skip an event.
-//! An append names the version it expects each aggregate to be at; a mismatch is a
-//! [`StoreError::Conflict`] and nothing is written.
+//! Commands are written in batches ([`Store::append_batch`]): one transaction and one fsync for
+//! many commands. Batches are serialised (SQLite `BEGIN IMMEDIATE`, a PostgreSQL
+//! transaction-scoped advisory lock), so sequence numbers commit in order and readers following
+//! `seq` never skip an event. Each member names the version it expects each aggregate to be at;
+//! a member whose aggregate moved on is left out of the batch alone ([`Outcome::Retry`]).
 
 use std::time::Duration;
 
@@ -61,6 +62,25 @@ pub struct Append {
     pub aggregate_type: &'static str,
     pub expected_version: u64,
     pub events: Vec<NewEvent>,
+}
+
+/// One command's share of a batch: its appends and its idempotency record.
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub appends: Vec<Append>,
+    pub idem: Option<Idempotent>,
+}
+
+/// What became of one member of a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Durable, with its events as stored.
+    Committed(Vec<Recorded>),
+    /// An aggregate it expected at `expected` is at `actual` (or an earlier member touching it
+    /// was left out): decide it again on fresh state.
+    Retry { aggregate: String, expected: u64, actual: u64 },
+    /// Its idempotency key was already stored (by another instance, or an earlier batch).
+    Replayed(Idempotent),
 }
 
 /// The first answer to an idempotency key, stored with the change it answers.
@@ -159,6 +179,28 @@ fn row_to_recorded(row: &sqlx::any::AnyRow) -> Result<Recorded, StoreError> {
     })
 }
 
+fn row_to_idempotent(r: &sqlx::any::AnyRow) -> Result<Idempotent, StoreError> {
+    Ok(Idempotent {
+        key: r.try_get("idem_key")?,
+        request_hash: r.try_get("request_hash")?,
+        status: r.try_get::<i64, _>("status")? as u16,
+        response: r.try_get("response")?,
+    })
+}
+
+/// Bind parameters per statement of a batch (SQLite allows 32,766, PostgreSQL 65,535).
+const CHUNK: usize = 990;
+
+/// `n` placeholders for the parameters numbered from `first`: `$first, $first+1, …` on
+/// PostgreSQL, `?, ?, …` on SQLite (where looking up numbered names costs a scan per parameter,
+/// quadratic in a batch statement).
+fn placeholders(backend: Backend, first: usize, n: usize) -> String {
+    match backend {
+        Backend::Sqlite => vec!["?"; n].join(", "),
+        Backend::Postgres => (first..first + n).map(|i| format!("${i}")).collect::<Vec<_>>().join(", "),
+    }
+}
+
 const EVENT_COLUMNS: &str = "seq, aggregate_id, aggregate_type, version, event_id, event_type, payload, correlation_id, causation_id, recorded_at, prev_hash, hash";
 
 impl Store {
@@ -224,104 +266,224 @@ impl Store {
         }
     }
 
-    /// Appends all of `appends` atomically, with their outbox rows (`topic` per aggregate type)
-    /// and the idempotency record, or nothing at all.
-    pub async fn append(
+    /// Commits a batch of commands in one transaction (one fsync), in order. Each member's
+    /// appends name the versions they expect; a member whose aggregate moved on since it was
+    /// decided (another writer, or an earlier member that was dropped) is left out with
+    /// [`Outcome::Retry`], one whose idempotency key is already stored with
+    /// [`Outcome::Replayed`], and the rest commit together with their outbox rows (when
+    /// `publish`) and idempotency records. The hash chain continues from each aggregate's stored
+    /// head. Nothing of a batch is written if the database fails.
+    pub async fn append_batch(
         &self,
-        appends: &[Append],
+        members: &[Member],
         publish: bool,
-        idem: Option<&Idempotent>,
         now_ms: i64,
-    ) -> Result<Vec<Recorded>, StoreError> {
+    ) -> Result<Vec<Outcome>, StoreError> {
         let mut tx = self.begin_write().await?;
-        let mut out = Vec::new();
-        for a in appends {
-            let row = sqlx::query(
-                "SELECT version, hash FROM events WHERE aggregate_id = $1 ORDER BY version DESC LIMIT 1",
-            )
-            .bind(a.aggregate_id.clone())
-            .fetch_optional(&mut *tx)
-            .await?;
-            let (mut version, mut prev) = match row {
-                Some(r) => (r.try_get::<i64, _>("version")? as u64, r.try_get::<String, _>("hash")?),
-                None => (0, GENESIS.to_string()),
-            };
-            if version != a.expected_version {
-                return Err(StoreError::Conflict {
-                    aggregate: a.aggregate_id.clone(),
-                    expected: a.expected_version,
-                    actual: version,
-                });
+        let mut heads = self.heads(&mut tx, members).await?;
+        let mut stored = self.idempotent_in(&mut tx, members).await?;
+        let mut tainted = std::collections::HashSet::new();
+        let mut outcomes = Vec::with_capacity(members.len());
+        let mut rows: Vec<(usize, Recorded)> = Vec::new();
+        let mut idems = Vec::new();
+        for (i, m) in members.iter().enumerate() {
+            let touches = || m.appends.iter().map(|a| a.aggregate_id.clone());
+            if let Some(found) = m.idem.as_ref().and_then(|k| stored.get(&k.key)) {
+                outcomes.push(Outcome::Replayed(found.clone()));
+                tainted.extend(touches());
+                continue;
             }
-            for e in &a.events {
-                version += 1;
-                let mut r = Recorded {
-                    seq: 0,
-                    aggregate_id: a.aggregate_id.clone(),
-                    aggregate_type: a.aggregate_type.to_string(),
-                    version,
-                    event_id: e.event_id.clone(),
-                    event_type: e.event_type.clone(),
-                    payload: e.payload.clone(),
-                    correlation_id: e.correlation_id.clone(),
-                    causation_id: e.causation_id.clone(),
-                    recorded_at_ms: now_ms,
-                    prev_hash: prev.clone(),
-                    hash: String::new(),
-                };
-                r.hash = chain_hash(&prev, &r);
-                let seq: i64 = sqlx::query(
-                    "INSERT INTO events (aggregate_id, aggregate_type, version, event_id, event_type, payload, correlation_id, causation_id, recorded_at, prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING seq",
-                )
-                .bind(r.aggregate_id.clone())
-                .bind(r.aggregate_type.clone())
-                .bind(r.version as i64)
-                .bind(r.event_id.clone())
-                .bind(r.event_type.clone())
-                .bind(r.payload.clone())
-                .bind(r.correlation_id.clone())
-                .bind(r.causation_id.clone())
-                .bind(r.recorded_at_ms)
-                .bind(r.prev_hash.clone())
-                .bind(r.hash.clone())
-                .fetch_one(&mut *tx)
-                .await?
-                .try_get("seq")?;
-                r.seq = seq;
-                if publish {
-                    sqlx::query("INSERT INTO outbox (event_id, topic, msg_key, event_type, payload, created_at) VALUES ($1, $2, $3, $4, $5, $6)")
-                        .bind(r.event_id.clone())
-                        .bind(format!("{}-events", a.aggregate_type))
-                        // Keyed by the entity's own id (`market-<id>` → `<id>`), so consumers
-                        // can name it in paths (cache invalidation: `/markets/{key}`).
-                        .bind(
-                            r.aggregate_id
-                                .strip_prefix(&format!("{}-", a.aggregate_type))
-                                .unwrap_or(&r.aggregate_id)
-                                .to_string(),
-                        )
-                        .bind(r.event_type.clone())
-                        .bind(r.payload.clone())
-                        .bind(now_ms)
-                        .execute(&mut *tx)
-                        .await?;
+            let moved = m.appends.iter().find_map(|a| {
+                let actual = heads.get(&a.aggregate_id).map_or(0, |h| h.0);
+                (tainted.contains(&a.aggregate_id) || actual != a.expected_version)
+                    .then(|| (a.aggregate_id.clone(), a.expected_version, actual))
+            });
+            if let Some((aggregate, expected, actual)) = moved {
+                outcomes.push(Outcome::Retry { aggregate, expected, actual });
+                tainted.extend(touches());
+                continue;
+            }
+            for a in &m.appends {
+                let head = heads.entry(a.aggregate_id.clone()).or_insert((0, GENESIS.to_string()));
+                for e in &a.events {
+                    let mut r = Recorded {
+                        seq: 0,
+                        aggregate_id: a.aggregate_id.clone(),
+                        aggregate_type: a.aggregate_type.to_string(),
+                        version: head.0 + 1,
+                        event_id: e.event_id.clone(),
+                        event_type: e.event_type.clone(),
+                        payload: e.payload.clone(),
+                        correlation_id: e.correlation_id.clone(),
+                        causation_id: e.causation_id.clone(),
+                        recorded_at_ms: now_ms,
+                        prev_hash: head.1.clone(),
+                        hash: String::new(),
+                    };
+                    r.hash = chain_hash(&head.1, &r);
+                    *head = (r.version, r.hash.clone());
+                    rows.push((i, r));
                 }
-                prev = r.hash.clone();
-                out.push(r);
             }
+            if let Some(k) = &m.idem {
+                stored.insert(k.key.clone(), k.clone());
+                idems.push(k);
+            }
+            outcomes.push(Outcome::Committed(Vec::new()));
         }
-        if let Some(i) = idem {
+        let seqs = self.insert_events(&mut tx, rows.iter().map(|(_, r)| r)).await?;
+        if publish {
+            self.insert_outbox(&mut tx, rows.iter().map(|(_, r)| r), now_ms).await?;
+        }
+        for k in idems {
             sqlx::query("INSERT INTO idempotency (idem_key, request_hash, status, response, created_at) VALUES ($1, $2, $3, $4, $5)")
-                .bind(i.key.clone())
-                .bind(i.request_hash.clone())
-                .bind(i64::from(i.status))
-                .bind(i.response.clone())
+                .bind(k.key.clone())
+                .bind(k.request_hash.clone())
+                .bind(i64::from(k.status))
+                .bind(k.response.clone())
                 .bind(now_ms)
                 .execute(&mut *tx)
                 .await?;
         }
         tx.commit().await?;
-        Ok(out)
+        for (i, mut r) in rows {
+            r.seq = seqs.get(&r.event_id).copied().unwrap_or_default();
+            if let Outcome::Committed(list) = &mut outcomes[i] {
+                list.push(r);
+            }
+        }
+        Ok(outcomes)
+    }
+
+    /// The stored head (version, hash) of every aggregate the batch touches.
+    async fn heads(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        members: &[Member],
+    ) -> Result<std::collections::HashMap<String, (u64, String)>, StoreError> {
+        let mut ids: Vec<&str> =
+            members.iter().flat_map(|m| m.appends.iter().map(|a| a.aggregate_id.as_str())).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut heads = std::collections::HashMap::new();
+        // One indexed probe per aggregate (its last version), not a scan of its history.
+        for chunk in ids.chunks(200) {
+            let sql = (1..=chunk.len())
+                .map(|i| {
+                    let p = placeholders(self.backend, i, 1);
+                    format!("SELECT * FROM (SELECT aggregate_id, version, hash FROM events WHERE aggregate_id = {p} ORDER BY version DESC LIMIT 1) AS h{i}")
+                })
+                .collect::<Vec<_>>()
+                .join(" UNION ALL ");
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for id in chunk {
+                q = q.bind(id.to_string());
+            }
+            for r in q.fetch_all(&mut **tx).await? {
+                heads.insert(
+                    r.try_get::<String, _>("aggregate_id")?,
+                    (r.try_get::<i64, _>("version")? as u64, r.try_get::<String, _>("hash")?),
+                );
+            }
+        }
+        Ok(heads)
+    }
+
+    /// The stored answers to the batch's idempotency keys.
+    async fn idempotent_in(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        members: &[Member],
+    ) -> Result<std::collections::HashMap<String, Idempotent>, StoreError> {
+        let keys: Vec<&str> =
+            members.iter().filter_map(|m| m.idem.as_ref().map(|i| i.key.as_str())).collect();
+        let mut found = std::collections::HashMap::new();
+        for chunk in keys.chunks(CHUNK) {
+            let sql = format!(
+                "SELECT idem_key, request_hash, status, response FROM idempotency WHERE idem_key IN ({})",
+                placeholders(self.backend, 1, chunk.len())
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for k in chunk {
+                q = q.bind(k.to_string());
+            }
+            for r in q.fetch_all(&mut **tx).await? {
+                let i = row_to_idempotent(&r)?;
+                found.insert(i.key.clone(), i);
+            }
+        }
+        Ok(found)
+    }
+
+    /// Inserts events in multi-row statements; returns each event's sequence number by id.
+    async fn insert_events<'r>(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        rows: impl Iterator<Item = &'r Recorded>,
+    ) -> Result<std::collections::HashMap<String, i64>, StoreError> {
+        let rows: Vec<&Recorded> = rows.collect();
+        let mut seqs = std::collections::HashMap::with_capacity(rows.len());
+        for chunk in rows.chunks(CHUNK / 11) {
+            let values: Vec<String> = (0..chunk.len())
+                .map(|i| format!("({})", placeholders(self.backend, i * 11 + 1, 11)))
+                .collect();
+            let sql = format!(
+                "INSERT INTO events (aggregate_id, aggregate_type, version, event_id, event_type, payload, correlation_id, causation_id, recorded_at, prev_hash, hash) VALUES {} RETURNING seq, event_id",
+                values.join(", ")
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for r in chunk {
+                q = q
+                    .bind(r.aggregate_id.clone())
+                    .bind(r.aggregate_type.clone())
+                    .bind(r.version as i64)
+                    .bind(r.event_id.clone())
+                    .bind(r.event_type.clone())
+                    .bind(r.payload.clone())
+                    .bind(r.correlation_id.clone())
+                    .bind(r.causation_id.clone())
+                    .bind(r.recorded_at_ms)
+                    .bind(r.prev_hash.clone())
+                    .bind(r.hash.clone());
+            }
+            for row in q.fetch_all(&mut **tx).await? {
+                seqs.insert(row.try_get::<String, _>("event_id")?, row.try_get::<i64, _>("seq")?);
+            }
+        }
+        Ok(seqs)
+    }
+
+    /// The outbox rows of committed events: topic `<aggregate type>-events`, keyed by the
+    /// entity's own id (`market-<id>` → `<id>`), so consumers can name it in paths (cache
+    /// invalidation: `/markets/{key}`).
+    async fn insert_outbox<'r>(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        rows: impl Iterator<Item = &'r Recorded>,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let rows: Vec<&Recorded> = rows.collect();
+        for chunk in rows.chunks(CHUNK / 6) {
+            let values: Vec<String> =
+                (0..chunk.len()).map(|i| format!("({})", placeholders(self.backend, i * 6 + 1, 6))).collect();
+            let sql = format!(
+                "INSERT INTO outbox (event_id, topic, msg_key, event_type, payload, created_at) VALUES {}",
+                values.join(", ")
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for r in chunk {
+                let prefix = format!("{}-", r.aggregate_type);
+                q = q
+                    .bind(r.event_id.clone())
+                    .bind(format!("{}-events", r.aggregate_type))
+                    .bind(r.aggregate_id.strip_prefix(&prefix).unwrap_or(&r.aggregate_id).to_string())
+                    .bind(r.event_type.clone())
+                    .bind(r.payload.clone())
+                    .bind(now_ms);
+            }
+            q.execute(&mut **tx).await?;
+        }
+        Ok(())
     }
 
     /// The stored answer to an idempotency key.
@@ -332,15 +494,7 @@ impl Store {
         .bind(key.to_string())
         .fetch_optional(&self.pool)
         .await?;
-        row.map(|r| {
-            Ok(Idempotent {
-                key: r.try_get("idem_key")?,
-                request_hash: r.try_get("request_hash")?,
-                status: r.try_get::<i64, _>("status")? as u16,
-                response: r.try_get("response")?,
-            })
-        })
-        .transpose()
+        row.as_ref().map(row_to_idempotent).transpose()
     }
 
     /// The aggregate's latest snapshot (version, state JSON) and the events after it.
@@ -394,19 +548,19 @@ impl Store {
         rows.iter().map(row_to_recorded).collect()
     }
 
-    /// Stores a snapshot unless a newer one is there.
-    pub async fn save_snapshot(
-        &self,
-        aggregate_id: &str,
-        version: u64,
-        state: &str,
-    ) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO snapshots (aggregate_id, version, state) VALUES ($1, $2, $3) ON CONFLICT (aggregate_id) DO UPDATE SET version = excluded.version, state = excluded.state WHERE excluded.version > snapshots.version")
-            .bind(aggregate_id.to_string())
-            .bind(version as i64)
-            .bind(state.to_string())
-            .execute(&self.pool)
-            .await?;
+    /// Stores snapshots (aggregate, version, state), each unless a newer one is there, in one
+    /// transaction.
+    pub async fn save_snapshots(&self, rows: &[(String, u64, String)]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        for (aggregate_id, version, state) in rows {
+            sqlx::query("INSERT INTO snapshots (aggregate_id, version, state) VALUES ($1, $2, $3) ON CONFLICT (aggregate_id) DO UPDATE SET version = excluded.version, state = excluded.state WHERE excluded.version > snapshots.version")
+                .bind(aggregate_id.clone())
+                .bind(*version as i64)
+                .bind(state.clone())
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 

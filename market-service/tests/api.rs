@@ -2,136 +2,12 @@
 //! `MESH_TEST_POSTGRES_URL` names a server — PostgreSQL. With `MESH_REQUIRE_POSTGRES=1` (CI) a
 //! missing PostgreSQL is a failure, not a skip.
 
-use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
-
 use bytes::Bytes;
-use market_service::{Config, domain::Micro};
-use mesh_testkit::{WAIT, eventually, request};
+use market_service::domain::Micro;
+use mesh_testkit::{WAIT, eventually};
 use serde_json::{Value, json};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
-const ADMIN: &str = "Bearer test-admin";
-
-struct Svc {
-    addr: SocketAddr,
-    url: String,
-    stop: CancellationToken,
-    task: Option<JoinHandle<Result<(), market_service::store::StoreError>>>,
-}
-
-impl Svc {
-    async fn start(url: &str, snapshot_every: u64) -> Svc {
-        Self::start_with(url, |c| c.snapshot_every = snapshot_every).await
-    }
-
-    async fn start_with(url: &str, tune: impl FnOnce(&mut Config)) -> Svc {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut c = Config::new(url);
-        c.admin_token = Some("test-admin".into());
-        c.close_interval = Duration::from_millis(50);
-        tune(&mut c);
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(market_service::run(c, listener, stop.clone()));
-        let svc = Svc { addr, url: url.to_string(), stop, task: Some(task) };
-        eventually(WAIT, "the service answers /healthz", || async { svc.get("/healthz").await.0 == 200 })
-            .await;
-        svc
-    }
-
-    async fn call(&self, method: &str, path: &str, headers: &[(&str, &str)], body: Value) -> (u16, Value) {
-        let raw = if body.is_null() { String::new() } else { body.to_string() };
-        self.raw(method, path, headers, raw).await
-    }
-
-    async fn raw(&self, method: &str, path: &str, headers: &[(&str, &str)], body: String) -> (u16, Value) {
-        let mut h = vec![("content-type", "application/json")];
-        h.extend_from_slice(headers);
-        let (status, text) = request(self.addr, method, "market-service", path, &h, Bytes::from(body)).await;
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
-    }
-
-    /// A call as the end user the gateway verified (what its sidecar hands the service).
-    async fn act(&self, user: &str, method: &str, path: &str, body: Value) -> (u16, Value) {
-        self.call(method, path, &[("x-mesh-user", user)], body).await
-    }
-
-    async fn get(&self, path: &str) -> (u16, Value) {
-        self.call("GET", path, &[], Value::Null).await
-    }
-
-    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        self.call("POST", path, &[], body).await
-    }
-
-    async fn stop(mut self) {
-        self.stop.cancel();
-        if let Some(t) = self.task.take() {
-            tokio::time::timeout(WAIT, t).await.unwrap().unwrap().unwrap();
-        }
-    }
-
-    async fn account(&self, id: &str, grant: &str) {
-        assert_eq!(self.act(id, "POST", "/accounts", json!({"name": id})).await.0, 201);
-        let (s, b) = self
-            .call(
-                "POST",
-                &format!("/accounts/{id}/grants"),
-                &[("authorization", ADMIN)],
-                json!({"amount": grant}),
-            )
-            .await;
-        assert_eq!(s, 200, "{b}");
-    }
-
-    async fn balance(&self, account: &str) -> i64 {
-        let (_, a) =
-            self.call("GET", &format!("/accounts/{account}"), &[("authorization", ADMIN)], Value::Null).await;
-        Micro::parse(a["balance"].as_str().unwrap_or_else(|| panic!("{a}"))).unwrap().0
-    }
-
-    async fn market(&self, creator: &str, close_in_ms: u64) -> String {
-        let close = market_service::service::now_ms() + close_in_ms;
-        let (s, b) = self
-            .act(creator, "POST", "/markets", json!({"question": "Will it rain?", "category": "weather", "outcomes": ["yes", "no"], "close_time_ms": close, "liquidity": "100"}))
-            .await;
-        assert_eq!(s, 201, "{b}");
-        b["id"].as_str().unwrap().to_string()
-    }
-}
-
-impl Drop for Svc {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
-
-/// The databases to run against: a fresh SQLite file, and a fresh PostgreSQL database when one
-/// is configured.
-async fn databases(dir: &tempfile::TempDir) -> Vec<String> {
-    let mut urls = vec![format!("sqlite://{}/market.db", dir.path().display())];
-    match std::env::var("MESH_TEST_POSTGRES_URL") {
-        Ok(base) => urls.push(fresh_postgres(&base).await),
-        Err(_) if std::env::var("MESH_REQUIRE_POSTGRES").is_ok_and(|v| v == "1") => {
-            panic!(
-                "MESH_REQUIRE_POSTGRES=1 but MESH_TEST_POSTGRES_URL is not set (scripts/test-deps starts one)"
-            )
-        }
-        Err(_) => {}
-    }
-    urls
-}
-
-async fn fresh_postgres(base: &str) -> String {
-    sqlx::any::install_default_drivers();
-    let name = format!("t_{}", uuid::Uuid::now_v7().simple());
-    let pool = sqlx::AnyPool::connect(base).await.unwrap_or_else(|e| panic!("cannot reach {base}: {e}"));
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&pool).await.unwrap();
-    pool.close().await;
-    let (prefix, _) = base.rsplit_once('/').unwrap();
-    format!("{prefix}/{name}")
-}
+use crate::support::{ADMIN, Svc, check_log, databases};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_endpoint_on_its_happy_path() {
@@ -560,53 +436,7 @@ async fn concurrent_writers_lose_nothing_and_duplicate_nothing() {
         assert_eq!(accepted.len(), TRADERS * EACH);
         assert!(conflicts.load(std::sync::atomic::Ordering::Relaxed) > 0, "writers really raced");
 
-        let store = market_service::store::Store::connect(&a.url).await.unwrap();
-        let mut trade_ids = Vec::new();
-        for m in &markets {
-            let events = store.stream(&market_service::service::market_id(m)).await.unwrap();
-            let versions: Vec<u64> = events.iter().map(|e| e.version).collect();
-            assert_eq!(versions, (1..=events.len() as u64).collect::<Vec<_>>(), "versions contiguous");
-            trade_ids.extend(
-                events.iter().filter(|e| e.event_type == "TradeExecuted").map(|e| e.event_id.clone()),
-            );
-            assert!(market_service::store::verify_chain(&events).is_ok());
-            // Snapshot + tail (every 5 events) equals the full replay.
-            let decoded: Vec<market_service::domain::MarketEvent> =
-                events.iter().map(|e| serde_json::from_str(&e.payload).unwrap()).collect();
-            let full = market_service::domain::Market::replay(None, m, &decoded);
-            let (markets_svc, _) = market_service::service::Markets::new(store.clone(), 5);
-            assert_eq!(markets_svc.load_market(m).await.unwrap(), full);
-        }
-        let mut sorted = trade_ids.clone();
-        sorted.sort();
-        sorted.dedup();
-        assert_eq!(sorted.len(), trade_ids.len(), "no trade recorded twice");
-        let mut accepted_sorted = accepted.clone();
-        accepted_sorted.sort();
-        assert_eq!(sorted, accepted_sorted, "every accepted trade is in the log, and nothing else");
-
-        // Balances equal a sequential replay of the log, and money is conserved.
-        let mut balances: BTreeMap<String, i64> = BTreeMap::new();
-        let mut pools = 0i64;
-        for e in store.after(0, 100_000).await.unwrap() {
-            let v: Value = serde_json::from_str(&e.payload).unwrap();
-            let amount = |k: &str| Micro::parse(v[k].as_str().unwrap()).unwrap().0;
-            match e.event_type.as_str() {
-                "FundsGranted" | "FundsCredited" => {
-                    *balances.entry(e.aggregate_id.clone()).or_default() += amount("amount")
-                }
-                "FundsDebited" => *balances.entry(e.aggregate_id.clone()).or_default() -= amount("amount"),
-                "MarketCreated" => pools += amount("subsidy"),
-                "TradeExecuted" => pools += amount("cost"),
-                _ => {}
-            }
-        }
-        for (acc, bal) in &balances {
-            let id = acc.strip_prefix("account-").unwrap();
-            assert_eq!(b.balance(id).await, *bal, "{id}");
-        }
-        assert_eq!(balances.values().sum::<i64>() + pools, Micro::units(100_000 + 10_000 * TRADERS as i64).0);
-        store.close().await;
+        check_log(&a.url, &b, &markets, &accepted, 100_000 + 10_000 * TRADERS as i64, false).await;
         a.stop().await;
         b.stop().await;
     }

@@ -6,3 +6,5 @@
 #![allow(clippy::disallowed_methods, clippy::disallowed_types)]
 
 mod api;
+mod group_commit;
+mod support;

@@ -1,0 +1,295 @@
+//! Group commit. Every command of this instance goes through one committer task: it takes what
+//! is queued (up to [`MAX_BATCH`] commands), decides each in order against the projection plus
+//! what the earlier ones changed (so a hot market's trades are decided one after another in
+//! memory), writes them all in one transaction — one fsync — and only then updates the
+//! projection and answers every caller. While a batch is on its way to disk the next one
+//! queues, so the more callers wait, the more each fsync carries.
+//!
+//! A member that lost a race (another instance wrote one of its aggregates first) is left out of
+//! its batch alone and decided again on fresh state, up to [`MAX_ATTEMPTS`] times; a member
+//! whose idempotency key turned out to be stored gets that answer. Nobody is answered before
+//! the batch holding their command is durable; a batch the database refused is refused to all of
+//! its writers, and nothing of it is applied.
+
+use std::{
+    collections::HashSet,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use serde_json::Value;
+use tokio::sync::{RwLock, mpsc, oneshot};
+
+use crate::{
+    projection::{Projection, View},
+    refusal::{Answer, Refusal},
+    store::{Append, Idempotent, Member, Outcome, Store, StoreError},
+};
+
+/// Commands per batch (one transaction).
+pub const MAX_BATCH: usize = 512;
+/// Decisions per command before a lost race is the caller's answer.
+pub const MAX_ATTEMPTS: usize = 10;
+
+/// A command: decides its events (and its answer) against the current state.
+pub type Decide = Box<dyn FnMut(&View<'_>) -> Result<(Vec<Append>, Answer), Refusal> + Send>;
+
+/// A queued command and whom to answer.
+pub struct Pending {
+    pub decide: Decide,
+    /// (key, request hash) of its `Idempotency-Key`.
+    pub idempotency: Option<(String, String)>,
+    pub reply: oneshot::Sender<Result<Answer, Refusal>>,
+    attempts: usize,
+}
+
+impl Pending {
+    pub fn new(
+        decide: Decide,
+        idempotency: Option<(String, String)>,
+        reply: oneshot::Sender<Result<Answer, Refusal>>,
+    ) -> Self {
+        Self { decide, idempotency, reply, attempts: 0 }
+    }
+}
+
+/// The committer's share of the service: the store, the projection it keeps current, and where
+/// to ask for snapshots.
+pub struct Committer {
+    pub stats: Arc<Stats>,
+    pub store: Store,
+    pub projection: Arc<RwLock<Projection>>,
+    pub snapshot_every: u64,
+    pub snapshots: mpsc::UnboundedSender<String>,
+}
+
+/// How much each commit carried: batches written and the commands in them.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub batches: AtomicU64,
+    pub commands: AtomicU64,
+}
+
+/// What one member of a batch came to before it was written.
+enum Decided {
+    Write(Vec<Append>, Answer),
+    Refused(Refusal),
+}
+
+impl Committer {
+    /// Runs until every sender is gone.
+    pub async fn run(self, mut queue: mpsc::Receiver<Pending>) {
+        let mut carried: Vec<Pending> = Vec::new();
+        loop {
+            if carried.is_empty() {
+                match queue.recv().await {
+                    Some(p) => carried.push(p),
+                    None => return,
+                }
+            }
+            while carried.len() < MAX_BATCH {
+                match queue.try_recv() {
+                    Ok(p) => carried.push(p),
+                    Err(_) => break,
+                }
+            }
+            let batch = std::mem::take(&mut carried);
+            carried = self.round(batch).await;
+        }
+    }
+
+    /// Decides, writes and answers one batch; returns the commands to decide again.
+    async fn round(&self, batch: Vec<Pending>) -> Vec<Pending> {
+        if let Err(e) = catch_up(&self.store, &self.projection).await {
+            let refusal = Refusal::from(e);
+            for p in batch {
+                let _ = p.reply.send(Err(refusal.clone()));
+            }
+            return Vec::new();
+        }
+        let mut again = Vec::new();
+        let mut decided: Vec<(Pending, Decided)> = Vec::with_capacity(batch.len());
+        {
+            let projection = self.projection.read().await;
+            let mut view = View::new(&projection);
+            let mut keys = HashSet::new();
+            for mut p in batch {
+                // A key twice in one batch: the second waits for the first's stored answer.
+                if let Some((key, _)) = &p.idempotency
+                    && !keys.insert(key.clone())
+                {
+                    again.push(p);
+                    continue;
+                }
+                p.attempts += 1;
+                let d = match (p.decide)(&view) {
+                    Ok((appends, answer)) => {
+                        view.fold(&appends);
+                        Decided::Write(appends, answer)
+                    }
+                    Err(r) => Decided::Refused(r),
+                };
+                decided.push((p, d));
+            }
+        }
+        let members: Vec<Member> = decided
+            .iter()
+            .filter_map(|(p, d)| match d {
+                Decided::Write(appends, answer) => Some(Member {
+                    appends: appends.clone(),
+                    idem: p.idempotency.as_ref().map(|(key, hash)| Idempotent {
+                        key: key.clone(),
+                        request_hash: hash.clone(),
+                        status: answer.0,
+                        response: answer.1.to_string(),
+                    }),
+                }),
+                Decided::Refused(_) => None,
+            })
+            .collect();
+        let outcomes = if members.is_empty() {
+            Vec::new()
+        } else {
+            match self.store.append_batch(&members, true, now_ms() as i64).await {
+                Ok(o) => {
+                    self.stats.batches.fetch_add(1, Ordering::Relaxed);
+                    let n = o.iter().filter(|o| matches!(o, Outcome::Committed(_))).count();
+                    self.stats.commands.fetch_add(n as u64, Ordering::Relaxed);
+                    o
+                }
+                Err(e) => {
+                    // Nothing was written: writers are told so; refusals were decided on state
+                    // that included them, so those are decided again.
+                    let refusal = Refusal::from(e);
+                    for (p, d) in decided {
+                        match d {
+                            Decided::Write(..) => {
+                                let _ = p.reply.send(Err(refusal.clone()));
+                            }
+                            Decided::Refused(r) => retry_or(&mut again, p, r),
+                        }
+                    }
+                    return again;
+                }
+            }
+        };
+        let mut outcomes = outcomes.into_iter();
+        let mut replies = Vec::with_capacity(decided.len());
+        let mut committed = Vec::new();
+        // After a member was left out, later refusals may rest on its effects: decide again.
+        let mut dropped = false;
+        for (p, d) in decided {
+            match d {
+                Decided::Refused(r) if dropped => retry_or(&mut again, p, r),
+                Decided::Refused(r) => replies.push((p.reply, Err(r))),
+                Decided::Write(appends, answer) => match outcomes.next() {
+                    Some(Outcome::Committed(recorded)) => {
+                        self.snapshots_due(&appends);
+                        committed.extend(recorded);
+                        replies.push((p.reply, Ok(answer)));
+                    }
+                    Some(Outcome::Replayed(stored)) => {
+                        dropped = true;
+                        replies.push((p.reply, replayed(&p.idempotency, &stored)));
+                    }
+                    Some(Outcome::Retry { aggregate, .. }) => {
+                        dropped = true;
+                        let r = Refusal::new(
+                            409,
+                            "version_conflict",
+                            format!("too much contention on {aggregate}; retry"),
+                        );
+                        retry_or(&mut again, p, r);
+                    }
+                    None => {
+                        let r = Refusal::new(
+                            500,
+                            "internal",
+                            "the store answered fewer members than it was given",
+                        );
+                        replies.push((p.reply, Err(r)));
+                    }
+                },
+            }
+        }
+        if !committed.is_empty() {
+            let mut projection = self.projection.write().await;
+            let contiguous = committed.first().is_some_and(|r| r.seq == projection.seq + 1);
+            if contiguous {
+                for r in &committed {
+                    projection.apply(r);
+                }
+            } else {
+                // Another instance wrote in between (or PostgreSQL skipped sequence numbers):
+                // fold the log in order, ours included.
+                drop(projection);
+                if let Err(e) = catch_up(&self.store, &self.projection).await {
+                    tracing::warn!(error = %e, "projection behind after a commit; the next read catches up");
+                }
+            }
+        }
+        for (reply, answer) in replies {
+            let _ = reply.send(answer);
+        }
+        again
+    }
+
+    fn snapshots_due(&self, appends: &[Append]) {
+        for a in appends {
+            let before = a.expected_version / self.snapshot_every;
+            let after = (a.expected_version + a.events.len() as u64) / self.snapshot_every;
+            if after > before {
+                let _ = self.snapshots.send(a.aggregate_id.clone());
+            }
+        }
+    }
+}
+
+/// Decide `p` again, or answer `last` when it has had its attempts.
+fn retry_or(again: &mut Vec<Pending>, p: Pending, last: Refusal) {
+    if p.attempts < MAX_ATTEMPTS {
+        again.push(p);
+    } else {
+        let _ = p.reply.send(Err(last));
+    }
+}
+
+/// The stored answer to a repeated idempotency key, or 422 when the key was used for a
+/// different request.
+pub fn replayed(idempotency: &Option<(String, String)>, stored: &Idempotent) -> Result<Answer, Refusal> {
+    match idempotency {
+        Some((_, hash)) if *hash == stored.request_hash => {
+            Ok((stored.status, serde_json::from_str(&stored.response).unwrap_or(Value::Null)))
+        }
+        _ => Err(Refusal::new(
+            422,
+            "idempotency_key_reused",
+            format!(
+                "Idempotency-Key {:?} was used for a different request (another method, path or body)",
+                stored.key.split_once('/').map_or(stored.key.as_str(), |(_, k)| k)
+            ),
+        )),
+    }
+}
+
+pub fn now_ms() -> u64 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Folds into the projection everything committed after what it holds.
+pub async fn catch_up(store: &Store, projection: &RwLock<Projection>) -> Result<(), StoreError> {
+    loop {
+        let seq = projection.read().await.seq;
+        let batch = store.after(seq, 1000).await?;
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut p = projection.write().await;
+        for r in &batch {
+            p.apply(r);
+        }
+    }
+}
