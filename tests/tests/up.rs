@@ -183,10 +183,11 @@ async fn meshctl_up_runs_a_whole_mesh_reachable_through_the_gateway_and_stops_on
     let (st, t) =
         call("POST", trades.clone(), Some(&alice), json!({"outcome": 1, "side": "buy", "shares": "1"})).await;
     assert_eq!(st, 201, "{t}");
-    eventually(WAIT, "the trade's event invalidates the cached market page", || async {
-        call("GET", format!("/api/markets/{id}"), None, Value::Null).await.1["trades"].as_u64() == Some(7)
-    })
-    .await;
+    assert_eq!(
+        call("GET", format!("/api/markets/{id}"), None, Value::Null).await.1["trades"].as_u64(),
+        Some(7),
+        "a trade through the gateway drops its market's cached page before it is answered"
+    );
     // Mutual TLS: the gateway and both sidecars hold mesh certificates; plaintext to a
     // sidecar's inbound port gets no HTTP answer.
     let (_, gw_config) = mesh_testkit::get(gateway_admin_addr, "admin", "/config").await;
@@ -213,6 +214,24 @@ async fn meshctl_up_runs_a_whole_mesh_reachable_through_the_gateway_and_stops_on
             && replay.lines().filter(|l| l.contains("TradeExecuted")).count() == 7
     })
     .await;
+    // Read your writes: 100 trades, each read back at once through the gateway (whichever
+    // instance either lands on, cache or not): never a page older than the trade.
+    let mut stale = Vec::new();
+    for n in 0..100 {
+        let (st, t) = call(
+            "POST",
+            trades.clone(),
+            Some(&alice),
+            json!({"outcome": n % 2, "side": "buy", "shares": "0.1"}),
+        )
+        .await;
+        assert_eq!(st, 201, "{t}");
+        let (_, m) = call("GET", format!("/api/markets/{id}"), None, Value::Null).await;
+        if m["version"].as_u64() < t["market_version"].as_u64() {
+            stale.push((t["market_version"].clone(), m["version"].clone()));
+        }
+    }
+    assert_eq!(stale, vec![], "reads older than the caller's own trade (trade version, read version)");
     let status = meshctl(&["proxy-status"]);
     assert!(status.lines().filter(|l| l.contains("SYNCED")).count() >= 3, "{status}");
     // Without the admin token the API refuses.

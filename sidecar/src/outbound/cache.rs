@@ -60,6 +60,8 @@ struct Inner {
     /// Vary header names seen per base key.
     vary: HashMap<String, Vec<HeaderName>>,
     inflight: HashMap<String, Flight>,
+    /// Bumped by every invalidation.
+    generation: u64,
 }
 
 #[derive(Default)]
@@ -70,6 +72,10 @@ pub struct Request<'a> {
     pub method: &'a Method,
     pub path_and_query: &'a str,
     pub headers: &'a HeaderMap,
+    /// The cache's [`Cache::generation`] when the answer being stored was asked for: an answer
+    /// fetched before a later invalidation may predate the change that invalidated, so it is
+    /// not kept. `None`: no such check.
+    pub since: Option<u64>,
 }
 
 fn directives(h: &HeaderMap) -> Vec<String> {
@@ -176,6 +182,11 @@ impl Cache {
         }
     }
 
+    /// Counts invalidations; see [`Request::since`].
+    pub fn generation(&self) -> u64 {
+        self.lock().generation
+    }
+
     /// Stores an answer if the policy and the answer allow it. Returns whether it was stored.
     pub fn store(
         &self,
@@ -227,6 +238,9 @@ impl Cache {
             return false;
         }
         let mut inner = self.lock();
+        if r.since.is_some_and(|g| g != inner.generation) {
+            return false;
+        }
         inner.vary.insert(base, vary);
         if let Some(old) = inner.entries.insert(key.clone(), entry) {
             inner.bytes -= old.size();
@@ -245,13 +259,33 @@ impl Cache {
 
     /// Drops every entry whose path starts with `prefix`; returns how many.
     pub fn invalidate(&self, prefix: &str) -> usize {
+        self.drop_where(|path| path.starts_with(prefix))
+    }
+
+    /// After an unsafe request to `path` succeeded: drops the entries of that path and of each
+    /// of its ancestors (any query) — `/markets/7/trades` drops `/markets/7/trades`,
+    /// `/markets/7` and `/markets` — so a client that changed a resource through this cache
+    /// reads its own write (RFC 9111 §4.4 asks for the target; the parents are where such a
+    /// change is read). Returns how many.
+    pub fn invalidate_written(&self, path: &str) -> usize {
+        let path = path.split('?').next().unwrap_or("").trim_end_matches('/');
+        let mut targets = vec![path];
+        let mut rest = path;
+        while let Some((parent, _)) = rest.rsplit_once('/') {
+            targets.push(if parent.is_empty() { "/" } else { parent });
+            rest = parent;
+        }
+        self.drop_where(|p| {
+            let p = p.split('?').next().unwrap_or("");
+            targets.contains(&p.trim_end_matches('/')) || (p == "/" && targets.contains(&"/"))
+        })
+    }
+
+    fn drop_where(&self, doomed: impl Fn(&str) -> bool) -> usize {
         let mut inner = self.lock();
-        let gone: Vec<String> = inner
-            .entries
-            .iter()
-            .filter(|(_, e)| e.path.starts_with(prefix))
-            .map(|(k, _)| k.clone())
-            .collect();
+        inner.generation += 1;
+        let gone: Vec<String> =
+            inner.entries.iter().filter(|(_, e)| doomed(&e.path)).map(|(k, _)| k.clone()).collect();
         for k in &gone {
             if let Some(e) = inner.entries.remove(k) {
                 inner.bytes -= e.size();

@@ -155,18 +155,33 @@ impl Outbound {
                 method: req.method(),
                 path_and_query: path_and_query(&req),
                 headers: req.headers(),
+                since: None,
             };
             cache::Cache::applies(cp, &creq)
                 && self.upstreams.invalidation_ready(cp)
                 && req.extensions().get::<crate::gateway::edge::NoCache>().is_none()
         };
         if !cacheable {
-            return self.fetch(up, &applied, req).await;
+            // A change through this cache drops what it changed, before the caller hears back.
+            let written =
+                (!cp.ttl.is_zero() && !is_safe(req.method())).then(|| path_and_query(&req).to_string());
+            let (resp, endpoint) = self.fetch(up, &applied, req).await;
+            if let Some(path) = written
+                && resp.status().as_u16() < 400
+            {
+                up.cache.invalidate_written(&path);
+            }
+            return (resp, endpoint);
         }
         // The request moves on to the upstream: what the cache keys on is kept aside.
         let pq = path_and_query(&req).to_string();
         let (method, headers) = (req.method().clone(), req.headers().clone());
-        let creq = cache::Request { method: &method, path_and_query: &pq, headers: &headers };
+        let creq = cache::Request {
+            method: &method,
+            path_and_query: &pq,
+            headers: &headers,
+            since: Some(up.cache.generation()),
+        };
         let keys = up.cache.keys(cp, &creq);
         let mut stale = None;
         let mut leader = false;
@@ -354,4 +369,9 @@ impl Outbound {
 
 fn path_and_query<B>(req: &Request<B>) -> &str {
     req.uri().path_and_query().map_or("/", |p| p.as_str())
+}
+
+/// GET, HEAD, OPTIONS and TRACE change nothing (RFC 9110 §9.2.1).
+fn is_safe(m: &http::Method) -> bool {
+    matches!(*m, http::Method::GET | http::Method::HEAD | http::Method::OPTIONS | http::Method::TRACE)
 }

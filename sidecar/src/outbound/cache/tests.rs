@@ -21,7 +21,7 @@ fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
 }
 
 fn req<'a>(h: &'a HeaderMap) -> Request<'a> {
-    Request { method: &Method::GET, path_and_query: "/markets/1", headers: h }
+    Request { method: &Method::GET, path_and_query: "/markets/1", headers: h, since: None }
 }
 
 fn put(c: &Cache, p: &CachePolicy, reqh: &HeaderMap, resph: &HeaderMap, now: Instant) -> bool {
@@ -61,7 +61,8 @@ async fn no_store_private_and_no_cache_answers_are_not_kept() {
         !Cache::applies(&CachePolicy { ttl: Duration::ZERO, ..policy() }, &req(&HeaderMap::new())),
         "ttl 0: off"
     );
-    let post = Request { method: &Method::POST, path_and_query: "/x", headers: &HeaderMap::new() };
+    let post =
+        Request { method: &Method::POST, path_and_query: "/x", headers: &HeaderMap::new(), since: None };
     assert!(!Cache::applies(&p, &post));
 }
 
@@ -88,7 +89,7 @@ async fn size_limits_evict_the_oldest_and_invalidation_drops_by_prefix() {
     let c = Cache::default();
     for path in ["/a/1", "/a/2", "/b/1"] {
         let h = HeaderMap::new();
-        let r = Request { method: &Method::GET, path_and_query: path, headers: &h };
+        let r = Request { method: &Method::GET, path_and_query: path, headers: &h, since: None };
         assert!(c.store(&p, &r, StatusCode::OK, &HeaderMap::new(), &Bytes::from_static(b"x"), now));
     }
     assert_eq!(c.size().0, 2, "the oldest went");
@@ -105,4 +106,35 @@ async fn concurrent_misses_have_one_leader() {
     c.land("k");
     follower.wait_for(|done| *done).await.unwrap();
     assert!(c.join("k").is_none(), "after landing, a new flight can start");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_write_drops_its_target_and_its_ancestors_and_nothing_else() {
+    let (c, p, now) = (Cache::default(), policy(), Instant::now());
+    let h = HeaderMap::new();
+    for path in [
+        "/markets",
+        "/markets?status=open",
+        "/markets/7",
+        "/markets/7/trades",
+        "/markets/8",
+        "/markets/7/history",
+    ] {
+        let r = Request { method: &Method::GET, path_and_query: path, headers: &h, since: None };
+        assert!(c.store(&p, &r, StatusCode::OK, &HeaderMap::new(), &Bytes::from_static(b"x"), now));
+    }
+    assert_eq!(c.invalidate_written("/markets/7/trades?x=1"), 4);
+    assert_eq!(c.size().0, 2, "/markets/8 and /markets/7/history are kept");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_answer_fetched_before_an_invalidation_is_not_kept() {
+    let (c, p, now) = (Cache::default(), policy(), Instant::now());
+    let h = HeaderMap::new();
+    let since = Some(c.generation());
+    c.invalidate_written("/markets/1/trades");
+    let r = Request { method: &Method::GET, path_and_query: "/markets/1", headers: &h, since };
+    assert!(!c.store(&p, &r, StatusCode::OK, &HeaderMap::new(), &Bytes::from_static(b"old"), now));
+    let r = Request { since: Some(c.generation()), ..r };
+    assert!(c.store(&p, &r, StatusCode::OK, &HeaderMap::new(), &Bytes::from_static(b"new"), now));
 }
