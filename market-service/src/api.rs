@@ -40,13 +40,27 @@ pub struct AppState {
 
 type S = State<Arc<AppState>>;
 
+/// Problem details (RFC 9457, `application/problem+json`): `type` names the problem
+/// (`/problems/<code>`, described there), `title` its kind, `status`, `detail` what happened and
+/// what to do; the mesh's own `error` (the code), `message` (the detail) and `field` (the input
+/// at fault) ride along as extension members.
 impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
-        let extra = self.field.map_or(serde_json::Value::Null, |f| json!({ "field": f }));
-        let body = mesh_runtime::error_body(self.code, &self.message, extra);
-        let mut resp =
-            (StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), Json(body))
-                .into_response();
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut body = mesh_runtime::error_body(
+            self.code,
+            &self.message,
+            json!({
+                "type": format!("/problems/{}", self.code),
+                "title": crate::refusal::title(self.code),
+                "status": status.as_u16(),
+                "detail": self.message,
+            }),
+        );
+        if let Some(f) = self.field {
+            body["field"] = json!(f);
+        }
+        let mut resp = (status, [(header::CONTENT_TYPE, PROBLEM_JSON)], body.to_string()).into_response();
         if self.status == 401 {
             resp.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -57,8 +71,49 @@ impl IntoResponse for Refusal {
     }
 }
 
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
 fn answer((status, body): Answer) -> Response {
     (StatusCode::from_u16(status).unwrap_or(StatusCode::OK), Json(body)).into_response()
+}
+
+/// A 201 names what it created (`Location`, RFC 9110 §15.3.2); other answers as they are.
+fn created(a: Answer, location: impl FnOnce(&Value) -> Option<String>) -> Response {
+    let place = if a.0 == 201 { location(&a.1) } else { None };
+    let mut resp = answer(a);
+    if let Some(l) = place.and_then(|l| http::HeaderValue::from_str(&l).ok()) {
+        resp.headers_mut().insert(header::LOCATION, l);
+    }
+    resp
+}
+
+/// A read of an aggregate at `version`: its strong `ETag`, or 304 when `If-None-Match` names
+/// it (or `*`).
+fn conditional(h: &HeaderMap, version: u64, resp: impl IntoResponse) -> Response {
+    let tag = etag(version);
+    let unchanged = h
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == "*" || t.trim().trim_start_matches("W/") == tag));
+    if unchanged {
+        return (StatusCode::NOT_MODIFIED, [(header::ETAG, tag)]).into_response();
+    }
+    let mut resp = resp.into_response();
+    if let Ok(v) = http::HeaderValue::from_str(&tag) {
+        resp.headers_mut().insert(header::ETAG, v);
+    }
+    resp
+}
+
+/// What a problem type (`/problems/<code>`) means.
+async fn problem(Path(code): Path<String>) -> Result<Json<Value>, Refusal> {
+    match crate::refusal::PROBLEMS.iter().find(|(c, ..)| *c == code) {
+        Some((c, status, description)) => Ok(Json(json!({
+            "type": format!("/problems/{c}"), "title": crate::refusal::title(c), "status": status,
+            "description": description,
+        }))),
+        None => Err(Refusal::new(404, "not_found", format!("no problem type {code}"))),
+    }
 }
 
 /// A JSON body parsed strictly (an empty one is `{}`); failures are 400s with the parser's
@@ -164,6 +219,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/markets/{id}", get(get_market).patch(update_market))
         .route("/markets/{id}/quote", post(quote))
         .route("/markets/{id}/trades", post(trade))
+        .route("/markets/{id}/trades/{trade}", get(get_trade))
+        .route("/problems/{code}", get(problem))
         .route("/markets/{id}/resolve", post(resolve))
         .route("/markets/{id}/cancel", post(cancel))
         .route("/markets/{id}/positions", get(positions))
@@ -223,7 +280,8 @@ async fn open_account(
     Body(b, raw): Body<OpenAccount>,
 ) -> Result<Response, Refusal> {
     let c = ctx(&s, &h, "POST /accounts", &raw)?;
-    Ok(answer(s.markets.open_account(b.id.as_deref(), &b.name, &c).await?))
+    let a = s.markets.open_account(b.id.as_deref(), &b.name, &c).await?;
+    Ok(created(a, |b| Some(format!("/accounts/{}", b["id"].as_str()?))))
 }
 
 #[derive(Deserialize)]
@@ -264,7 +322,7 @@ async fn get_account(State(s): S, Path(id): Path<String>, h: HeaderMap) -> Resul
         .collect();
     let body = json!({"id": a.id, "name": a.name, "balance": a.balance, "granted": a.granted, "version": a.version, "positions": positions});
     // One user's account: no shared cache may keep it.
-    Ok(([(header::CACHE_CONTROL, "private, no-store")], Json(body)).into_response())
+    Ok(conditional(&h, a.version, ([(header::CACHE_CONTROL, "private, no-store")], Json(body))))
 }
 
 async fn create_market(
@@ -273,7 +331,8 @@ async fn create_market(
     Body(b, raw): Body<domain::CreateMarket>,
 ) -> Result<Response, Refusal> {
     let c = ctx(&s, &h, "POST /markets", &raw)?;
-    Ok(answer(s.markets.create_market(&b, &c).await?))
+    let a = s.markets.create_market(&b, &c).await?;
+    Ok(created(a, |b| Some(format!("/markets/{}", b["id"].as_str()?))))
 }
 
 #[derive(Deserialize)]
@@ -320,15 +379,21 @@ async fn list_markets(
 async fn get_market(State(s): S, Path(id): Path<String>, h: HeaderMap) -> Result<Response, Refusal> {
     let p = s.markets.read().await?;
     let m = p.market(&id)?;
-    let tag = etag(m.version);
-    let unchanged = h
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|t| t.trim() == "*" || t.trim().trim_start_matches("W/") == tag));
-    if unchanged {
-        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, tag)]).into_response());
+    Ok(conditional(&h, m.version, Json(market_json(m))))
+}
+
+/// One trade as recorded: the market's `TradeExecuted` event (where a 201 trade points).
+async fn get_trade(State(s): S, Path((id, trade)): Path<(String, String)>) -> Result<Json<Value>, Refusal> {
+    let missing = || Refusal::new(404, "not_found", format!("market {id} has no trade {trade}"));
+    let e = s.markets.store.event(&trade).await?.ok_or_else(missing)?;
+    if e.aggregate_id != crate::service::market_id(&id) || e.event_type != "TradeExecuted" {
+        return Err(missing());
     }
-    Ok(([(header::ETAG, tag)], Json(market_json(m))).into_response())
+    Ok(Json(json!({
+        "trade_id": e.event_id, "market": id, "market_version": e.version,
+        "trade": serde_json::from_str::<Value>(&e.payload).unwrap_or(Value::Null),
+        "recorded_at_ms": e.recorded_at_ms, "correlation_id": e.correlation_id,
+    })))
 }
 
 #[derive(Deserialize)]
@@ -371,7 +436,8 @@ async fn trade(
     Body(b, raw): Body<domain::Trade>,
 ) -> Result<Response, Refusal> {
     let c = ctx(&s, &h, &format!("POST /markets/{id}/trades"), &raw)?;
-    Ok(answer(s.markets.trade(&id, &b, &c).await?))
+    let a = s.markets.trade(&id, &b, &c).await?;
+    Ok(created(a, |b| Some(format!("/markets/{id}/trades/{}", b["trade_id"].as_str()?))))
 }
 
 #[derive(Deserialize)]

@@ -60,3 +60,45 @@ impl From<StoreError> for Refusal {
 pub fn precondition_failed(message: String) -> Refusal {
     Refusal::new(412, "precondition_failed", message)
 }
+
+/// Every problem type the service answers with: code, status, what it means and what to do.
+pub const PROBLEMS: &[(&str, u16, &str)] = &[
+    ("invalid", 400, "A field of the request is malformed or out of range; `field` names it."),
+    ("invalid_body", 400, "The body is not the JSON the operation takes (unknown fields are refused)."),
+    ("invalid_query", 400, "A query parameter is malformed."),
+    (
+        "unauthenticated",
+        401,
+        "The operation acts as a signed-in user: send a bearer token through the gateway.",
+    ),
+    ("forbidden", 403, "The caller may not do this: it is neither the owner nor an admin."),
+    ("not_found", 404, "No such market, account, trade or path."),
+    ("no_account", 404, "The caller has no account yet: POST /accounts opens it."),
+    ("method_not_allowed", 405, "The path does not take this method."),
+    ("exists", 409, "The account already exists."),
+    ("market_not_open", 409, "The market is not open for this command (closed, resolved or cancelled)."),
+    ("insufficient_balance", 409, "The account cannot pay for this trade."),
+    ("insufficient_shares", 409, "The account does not hold the shares it sells."),
+    ("slippage", 409, "The price moved past max_cost or min_proceeds; quote again."),
+    ("version_conflict", 409, "Too many concurrent changes to the same aggregate; retry."),
+    ("precondition_failed", 412, "If-Match named a version the market is no longer at; read it again."),
+    ("body_too_large", 413, "The request body is larger than the service accepts."),
+    ("unsupported_media_type", 415, "Send the body as application/json."),
+    ("amount_out_of_range", 422, "An amount is past what the service can represent; `field` names it."),
+    (
+        "idempotency_key_reused",
+        422,
+        "The Idempotency-Key was used before for another request (method, path or body).",
+    ),
+    ("internal", 500, "The service failed; nothing was changed."),
+    ("aggregate_unreadable", 503, "The aggregate's stored log cannot be read; the others are served."),
+    ("database_unavailable", 503, "The database did not answer; nothing was changed, retry later."),
+    ("shutting_down", 503, "The instance is stopping; retry (another instance will answer)."),
+];
+
+/// A problem type's title: its code in words (`insufficient_balance` → "Insufficient balance").
+pub fn title(code: &str) -> String {
+    let words = code.replace('_', " ");
+    let mut chars = words.chars();
+    chars.next().map(|c| c.to_uppercase().chain(chars).collect()).unwrap_or_default()
+}

@@ -525,6 +525,17 @@ impl Store {
         Ok((snap, events))
     }
 
+    /// One event by its id.
+    pub async fn event(&self, event_id: &str) -> Result<Option<Recorded>, StoreError> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE event_id = $1"
+        )))
+        .bind(event_id.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(row_to_recorded).transpose()
+    }
+
     /// Every event of one aggregate, in order.
     pub async fn stream(&self, aggregate_id: &str) -> Result<Vec<Recorded>, StoreError> {
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(

@@ -171,7 +171,16 @@ async fn bad_inputs_get_the_documented_4xx_never_500() {
             let (got, v) = s.raw(method, &path, h, body.clone()).await;
             assert_eq!((got, v["error"].as_str()), (status, Some(code)), "{method} {path} {body}: {v}");
             assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+            // Problem details (RFC 9457): a type that is described where it points, the status,
+            // a title and the detail.
+            assert_eq!((v["status"].as_u64(), &v["detail"]), (Some(u64::from(status)), &v["message"]), "{v}");
+            let (described, d) = s.get(v["type"].as_str().unwrap()).await;
+            assert_eq!((described, &d["title"]), (200, &v["title"]), "{v} → {d}");
         }
+        let (_, headers, _) =
+            mesh_testkit::request_full(s.addr, "GET", "market-service", "/markets/nope", &[], Bytes::new())
+                .await;
+        assert_eq!(headers[http::header::CONTENT_TYPE], "application/problem+json");
         let (st, v) = s
             .call(
                 "PATCH",
@@ -350,6 +359,73 @@ async fn etags_make_reads_conditional_and_commands_precondition_checked() {
         // The read after the writes is no longer the one cached: 200 with the new tag.
         let (st, head, _) = read_if_changed(tag).await;
         assert_eq!((st, head["etag"].to_str().unwrap()), (200, "\"3\""));
+
+        // Accounts too: the owner's read carries the account's version; 304 when unchanged.
+        let me = [("x-mesh-user", "alice")];
+        let (st, head, _) =
+            mesh_testkit::request_full(s.addr, "GET", "market-service", "/accounts/me", &me, Bytes::new())
+                .await;
+        let account_tag = head["etag"].to_str().unwrap().to_string();
+        assert_eq!(st, 200);
+        let with_tag = [("x-mesh-user", "alice"), ("if-none-match", account_tag.as_str())];
+        let (st, ..) = mesh_testkit::request_full(
+            s.addr,
+            "GET",
+            "market-service",
+            "/accounts/me",
+            &with_tag,
+            Bytes::new(),
+        )
+        .await;
+        assert_eq!(st, 304, "{account_tag}");
+
+        // A 201 says where what it created is, and it is there.
+        let body = |v: Value| Bytes::from(v.to_string());
+        let json_as = |u| [("x-mesh-user", u), ("content-type", "application/json")];
+        let (st, head, t) = mesh_testkit::request_full(
+            s.addr,
+            "POST",
+            "market-service",
+            &format!("{path}/trades"),
+            &json_as("alice"),
+            body(json!({"outcome": 1, "side": "buy", "shares": "1"})),
+        )
+        .await;
+        let t: Value = serde_json::from_str(&t).unwrap();
+        let location = head["location"].to_str().unwrap().to_string();
+        assert_eq!(
+            (st, location.clone()),
+            (201, format!("{path}/trades/{}", t["trade_id"].as_str().unwrap()))
+        );
+        let (st, read) = s.get(&location).await;
+        assert_eq!(
+            (st, &read["trade_id"], &read["market_version"]),
+            (200, &t["trade_id"], &t["market_version"])
+        );
+        let (st, head, m) = mesh_testkit::request_full(
+            s.addr,
+            "POST",
+            "market-service",
+            "/markets",
+            &json_as("alice"),
+            body(json!({"question": "Q?", "outcomes": ["a", "b"], "close_time_ms": market_service::service::now_ms() + 60_000, "liquidity": "10"})),
+        )
+        .await;
+        let m: Value = serde_json::from_str(&m).unwrap();
+        assert_eq!(
+            (st, head["location"].to_str().unwrap()),
+            (201, format!("/markets/{}", m["id"].as_str().unwrap()).as_str())
+        );
+        let (st, head, _) = mesh_testkit::request_full(
+            s.addr,
+            "POST",
+            "market-service",
+            "/accounts",
+            &json_as("bob"),
+            body(json!({})),
+        )
+        .await;
+        assert_eq!((st, head["location"].to_str().unwrap()), (201, "/accounts/bob"));
         s.stop().await;
     }
 }

@@ -293,6 +293,23 @@ impl Route {
         self.path.as_deref().unwrap_or(&self.prefix)
     }
 
+    /// A `Location` (or `Content-Location`) the service answered, in the client's terms: the
+    /// rewrite undone (`/markets/7` → `/api/markets/7` for prefix `/api/markets`, rewrite
+    /// `/markets`), as a reverse proxy must. `None` when there is nothing to undo: no rewrite, an
+    /// absolute URL, or a path outside the rewritten one.
+    pub fn public_location(&self, location: &str) -> Option<String> {
+        let rewrite = self.rewrite.as_deref()?.trim_end_matches('/');
+        if !location.starts_with('/') || location.starts_with("//") {
+            return None;
+        }
+        let rest = location.strip_prefix(rewrite)?;
+        if !(rest.is_empty() || rest.starts_with('/') || rest.starts_with('?') || rewrite.is_empty()) {
+            return None;
+        }
+        let public = format!("{}{rest}", self.matched_path().trim_end_matches('/'));
+        Some(if public.is_empty() { "/".into() } else { public })
+    }
+
     /// Checks every field; a refusal names the route's field (`prefix`, `rate_limit`, …).
     pub fn validate(&self) -> Result<(), FieldError> {
         let at = |field: &str, why: String| FieldError::new(field, format!("route {}: {why}", self.label()));
@@ -583,6 +600,25 @@ routes:
 ip_allow: [10.0.0.0/8, "2001:db8::/32"]
 ip_deny: ["10.9.0.0/16@2030-01-01T00:00:00Z", 10.1.2.3]
 "#;
+
+    #[test]
+    fn a_location_the_service_answers_is_given_back_in_the_clients_terms() {
+        let r = Route {
+            prefix: "/api/markets".into(),
+            service: "market-service".into(),
+            rewrite: Some("/markets".into()),
+            ..Route::default()
+        };
+        assert_eq!(r.public_location("/markets/7/trades/9").as_deref(), Some("/api/markets/7/trades/9"));
+        assert_eq!(r.public_location("/markets").as_deref(), Some("/api/markets"));
+        assert_eq!(r.public_location("/markets?x=1").as_deref(), Some("/api/markets?x=1"));
+        assert_eq!(r.public_location("/marketsfoo"), None, "not under the rewrite");
+        assert_eq!(r.public_location("/accounts/me"), None);
+        assert_eq!(r.public_location("https://elsewhere/markets/7"), None, "absolute: left alone");
+        let root = Route { rewrite: Some("/".into()), ..r.clone() };
+        assert_eq!(root.public_location("/markets/7").as_deref(), Some("/api/markets/markets/7"));
+        assert_eq!(Route { rewrite: None, ..r }.public_location("/markets/7"), None);
+    }
 
     #[test]
     fn routes_round_trip_through_the_wire_unchanged() {

@@ -214,6 +214,24 @@ async fn meshctl_up_runs_a_whole_mesh_reachable_through_the_gateway_and_stops_on
             && replay.lines().filter(|l| l.contains("TradeExecuted")).count() == 7
     })
     .await;
+    // A trade's Location, through the gateway, is the gateway's path to it (the route's rewrite
+    // undone), and it answers there.
+    let (st, head, t) = mesh_testkit::request_full(
+        gw,
+        "POST",
+        "example.com",
+        &trades,
+        &[("content-type", "application/json"), ("authorization", &format!("Bearer {alice}"))],
+        Bytes::from(json!({"outcome": 0, "side": "buy", "shares": "0.1"}).to_string()),
+    )
+    .await;
+    let t: Value = serde_json::from_str(&t).unwrap();
+    let location = head["location"].to_str().unwrap().to_string();
+    assert_eq!(
+        (st, location.as_str()),
+        (201, format!("{trades}/{}", t["trade_id"].as_str().unwrap()).as_str())
+    );
+    assert_eq!(call("GET", location, None, Value::Null).await.1["trade_id"], t["trade_id"]);
     // Read your writes: 100 trades, each read back at once through the gateway (whichever
     // instance either lands on, cache or not): never a page older than the trade.
     let mut stale = Vec::new();

@@ -426,6 +426,14 @@ impl Edge {
         {
             limiter.headers(h, remaining, limiter.reset_after(remaining));
         }
+        if let Some(r) = route {
+            for name in [header::LOCATION, header::CONTENT_LOCATION] {
+                let public = h.get(&name).and_then(|l| l.to_str().ok()).and_then(|l| r.public_location(l));
+                if let Some(v) = public.and_then(|p| HeaderValue::from_str(&p).ok()) {
+                    h.insert(name, v);
+                }
+            }
+        }
         h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
         if self.tls && self.config.hsts_max_age > 0 {
             h.insert(header::STRICT_TRANSPORT_SECURITY, self.hsts_value.clone());
