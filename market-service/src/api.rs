@@ -36,6 +36,10 @@ pub const MAX_BODY: usize = 64 * 1024;
 pub struct AppState {
     pub markets: Arc<Markets>,
     pub admin_token: Option<String>,
+    /// The checkpoint signer (its public key is what `/audit/verify` trusts).
+    pub signer: Option<Arc<crate::audit::Signer>>,
+    /// Where the checkpoints are read back from the bus.
+    pub sidecar_admin: Option<String>,
 }
 
 type S = State<Arc<AppState>>;
@@ -230,6 +234,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/analytics/platform", get(platform))
         .route("/analytics/markets/{id}", get(market_analytics))
         .route("/admin/projections/rebuild", post(rebuild))
+        .route("/audit/verify", get(verify_audit))
         .fallback(|| async { Refusal::new(404, "not_found", "no such endpoint; see /openapi.json") })
         .method_not_allowed_fallback(|| async {
             Refusal::new(
@@ -563,8 +568,39 @@ async fn market_analytics(State(s): S, Path(id): Path<String>) -> Result<Json<Va
     })))
 }
 
+/// Rebuilds the projection from the log; who did it is recorded in the operations log.
 async fn rebuild(State(s): S, h: HeaderMap) -> Result<Json<Value>, Refusal> {
-    ctx(&s, &h, "", b"")?.require_admin("rebuilding projections")?;
+    let c = ctx(&s, &h, "", b"")?;
+    c.require_admin("rebuilding projections")?;
     let seq = s.markets.rebuild().await?;
+    let by = c.principal("rebuilding projections")?;
+    s.markets.record_operation("ProjectionsRebuilt", json!({"by": by, "rebuilt_to_seq": seq}), &c).await?;
     Ok(Json(json!({"rebuilt_to_seq": seq})))
+}
+
+/// Checks the log against the signed checkpoints read back from the bus (through the sidecar;
+/// without one, the database's own copy, and the answer says so). Admins only.
+async fn verify_audit(State(s): S, h: HeaderMap) -> Result<Json<Value>, Refusal> {
+    ctx(&s, &h, "", b"")?.require_admin("verifying the audit trail")?;
+    let Some(signer) = &s.signer else {
+        return Err(Refusal::new(
+            409,
+            "no_audit_key",
+            "this instance signs no checkpoints: start it with --audit-key-file",
+        ));
+    };
+    let (source, bodies) = match &s.sidecar_admin {
+        Some(admin) => {
+            let events = crate::publisher::read_topic(admin, crate::audit::TOPIC).await.map_err(|e| {
+                Refusal::new(503, "bus_unavailable", format!("reading the checkpoints back: {e}"))
+            })?;
+            ("bus", events.iter().map(Value::to_string).collect::<Vec<_>>())
+        }
+        None => ("database", s.markets.store.checkpoints().await?),
+    };
+    let checkpoints =
+        crate::audit::parse(&bodies).map_err(|e| Refusal::new(422, "checkpoint_unreadable", e))?;
+    let report =
+        crate::audit::verify(&s.markets.store, &checkpoints, std::slice::from_ref(&signer.public)).await?;
+    Ok(Json(json!({"source": source, "key": signer.public, "report": report})))
 }

@@ -11,11 +11,12 @@
 //! [`run`] takes a bound listener and a shutdown token; the binary is a thin shell around it.
 
 pub(crate) mod api;
+pub mod audit;
 pub(crate) mod commit;
 pub mod domain;
 pub(crate) mod openapi;
 pub mod projection;
-pub(crate) mod publisher;
+pub mod publisher;
 pub mod refusal;
 pub mod service;
 pub mod store;
@@ -38,6 +39,10 @@ pub struct Config {
     pub close_interval: Duration,
     /// The sidecar's admin URL: when set, the outbox is published to its event API.
     pub sidecar_admin: Option<String>,
+    /// The Ed25519 key that signs audit checkpoints (created if missing); none: no checkpoints.
+    pub audit_key_file: Option<std::path::PathBuf>,
+    /// How often a checkpoint is signed (when the log moved).
+    pub checkpoint_interval: Duration,
 }
 
 impl Config {
@@ -48,6 +53,8 @@ impl Config {
             snapshot_every: 50,
             close_interval: Duration::from_secs(1),
             sidecar_admin: None,
+            audit_key_file: None,
+            checkpoint_interval: Duration::from_secs(10),
         }
     }
 }
@@ -59,6 +66,10 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), store::StoreError> {
     let listener = listener.into();
+    let signer = match &config.audit_key_file {
+        None => None,
+        Some(path) => Some(Arc::new(audit::Signer::load_or_create(path).map_err(store::StoreError::Config)?)),
+    };
     let store = Store::connect(&config.database_url).await?;
     let (markets, mut due) = Markets::new(store.clone(), config.snapshot_every);
     let seq = markets.read().await?.seq;
@@ -88,14 +99,10 @@ pub async fn run(
         }
     });
     mesh_runtime::spawn_tracked(&tasks, tracing::info_span!("closer"), {
-        let (markets, stop, every) = (markets.clone(), stop.clone(), config.close_interval);
-        async move {
-            let mut tick = tokio::time::interval(every);
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tick.tick() => {}
-                }
+        let markets = markets.clone();
+        periodically(stop.clone(), config.close_interval, move || {
+            let markets = markets.clone();
+            async move {
                 // Closing also keeps the projection caught up with other instances' writes.
                 match markets.close_due().await {
                     Ok(0) => {}
@@ -103,9 +110,27 @@ pub async fn run(
                     Err(e) => tracing::warn!(error = %e, "closing due markets failed; will retry"),
                 }
             }
-        }
+        })
     });
-
+    if let Some(signer) = signer.clone() {
+        tracing::info!(key = %signer.public, every = ?config.checkpoint_interval, "signing audit checkpoints");
+        let store = store.clone();
+        let sign = move || {
+            let (store, signer) = (store.clone(), signer.clone());
+            async move {
+                match audit::checkpoint(&store, &signer).await {
+                    Ok(Some(n)) => tracing::debug!(checkpoint = n, "audit checkpoint signed"),
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(error = %e, "signing the audit checkpoint failed; will retry"),
+                }
+            }
+        };
+        mesh_runtime::spawn_tracked(
+            &tasks,
+            tracing::info_span!("checkpointer"),
+            periodically(stop.clone(), config.checkpoint_interval, sign),
+        );
+    }
     if let Some(admin) = config.sidecar_admin.clone() {
         mesh_runtime::spawn_tracked(
             &tasks,
@@ -116,6 +141,8 @@ pub async fn run(
     let app = api::router(Arc::new(api::AppState {
         markets: markets.clone(),
         admin_token: config.admin_token.clone(),
+        signer,
+        sidecar_admin: config.sidecar_admin.clone(),
     }));
     let served = mesh_runtime::serve_http(listener, app, shutdown.cancelled_owned()).await;
     stop.cancel();
@@ -123,4 +150,20 @@ pub async fn run(
     tasks.wait().await;
     store.close().await;
     served.map_err(|e| store::StoreError::Db(format!("HTTP server failed: {e}")))
+}
+
+/// Runs `round` every `every` until `stop`.
+async fn periodically<F, Fut>(stop: CancellationToken, every: Duration, mut round: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        round().await;
+    }
 }

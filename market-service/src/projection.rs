@@ -53,6 +53,8 @@ impl Projection {
                     self.accounts.insert(id.to_string(), a);
                 }
             }),
+            // Operators' actions: kept in the log for the audit trail, nothing to project.
+            "operations" => Ok(()),
             other => {
                 tracing::warn!(aggregate_type = other, "unknown aggregate type in the log; skipped");
                 Ok(())

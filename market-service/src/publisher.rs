@@ -41,6 +41,15 @@ impl Sidecar {
 
     /// POSTs `body` to `/events`; (status, body) of the answer.
     async fn post(&mut self, body: Bytes) -> Result<(http::StatusCode, Bytes), String> {
+        self.call(http::Method::POST, "/events", body).await
+    }
+
+    async fn call(
+        &mut self,
+        method: http::Method,
+        path: &str,
+        body: Bytes,
+    ) -> Result<(http::StatusCode, Bytes), String> {
         let mut conn = match self.conn.take() {
             Some(mut c) => match c.ready().await {
                 Ok(()) => c,
@@ -52,7 +61,9 @@ impl Sidecar {
             Target::Tcp(a) => a.as_str(),
             Target::Unix(_) => "localhost",
         };
-        let req = http::Request::post("/events")
+        let req = http::Request::builder()
+            .method(method)
+            .uri(path)
             .header(http::header::HOST, host)
             .header("content-type", "application/json")
             .body(Full::new(body))
@@ -85,6 +96,37 @@ impl Sidecar {
             let _ = conn.await;
         });
         Ok(tx)
+    }
+}
+
+/// Every event of `topic` on the bus, oldest first, read back through the sidecar
+/// (`GET /events/{topic}`): the `data` of each.
+pub async fn read_topic(sidecar_admin: &str, topic: &str) -> Result<Vec<Value>, String> {
+    const PAGE: u64 = 1000;
+    let mut sidecar = Sidecar::new(sidecar_admin);
+    let (mut out, mut from) = (Vec::new(), 0);
+    loop {
+        let path = format!("/events/{topic}?from={from}&limit={PAGE}");
+        let (status, body) = tokio::time::timeout(
+            Duration::from_secs(30),
+            sidecar.call(http::Method::GET, &path, Bytes::new()),
+        )
+        .await
+        .map_err(|_| format!("{sidecar_admin} did not answer within 30s"))??;
+        if !status.is_success() {
+            return Err(format!(
+                "{sidecar_admin}{path} answered {status}: {}",
+                String::from_utf8_lossy(&body)
+            ));
+        }
+        let page: Value = serde_json::from_slice(&body).map_err(|e| format!("{sidecar_admin}{path}: {e}"))?;
+        let events = page["events"].as_array().cloned().unwrap_or_default();
+        let n = events.len() as u64;
+        from = events.last().and_then(|e| e["offset"].as_u64()).map_or(from, |o| o + 1);
+        out.extend(events.into_iter().map(|e| e["data"].clone()));
+        if n < PAGE {
+            return Ok(out);
+        }
     }
 }
 

@@ -485,6 +485,35 @@ impl Markets {
         .await
     }
 
+    /// Records an operator's action (what, with who did it) in the operations log: an aggregate
+    /// of its own, chained and checkpointed like the rest.
+    pub async fn record_operation(&self, event_type: &str, payload: Value, ctx: &Ctx) -> Result<(), Refusal> {
+        const LOG: &str = "operations-log";
+        for _ in 0..commit::MAX_ATTEMPTS {
+            let version = self.store.version(LOG).await?;
+            let member = crate::store::Member {
+                appends: vec![Append {
+                    aggregate_id: LOG.into(),
+                    aggregate_type: "operations",
+                    expected_version: version,
+                    events: vec![NewEvent {
+                        event_id: uuid::Uuid::now_v7().to_string(),
+                        event_type: event_type.to_string(),
+                        payload: payload.to_string(),
+                        correlation_id: ctx.correlation_id.clone(),
+                        causation_id: String::new(),
+                    }],
+                }],
+                idem: None,
+            };
+            let outcome = self.store.append_batch(&[member], true, now_ms() as i64).await?;
+            if matches!(outcome.first(), Some(crate::store::Outcome::Committed(_))) {
+                return Ok(());
+            }
+        }
+        Err(Refusal::new(409, "version_conflict", "the operations log is busy; retry"))
+    }
+
     /// Closes markets whose close time has passed (the background closer).
     pub async fn close_due(&self) -> Result<usize, StoreError> {
         let now = now_ms();

@@ -129,6 +129,7 @@ const SCHEMA_SQLITE: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT NOT NULL, topic TEXT NOT NULL, msg_key TEXT NOT NULL, event_type TEXT NOT NULL, payload TEXT NOT NULL, created_at BIGINT NOT NULL, published_at BIGINT)",
     "CREATE TABLE IF NOT EXISTS idempotency (idem_key TEXT PRIMARY KEY, request_hash TEXT NOT NULL, status BIGINT NOT NULL, response TEXT NOT NULL, created_at BIGINT NOT NULL)",
     "CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (published_at, id)",
+    "CREATE TABLE IF NOT EXISTS checkpoints (number BIGINT PRIMARY KEY, seq BIGINT NOT NULL, body TEXT NOT NULL)",
 ];
 
 const SCHEMA_POSTGRES: &[&str] = &[
@@ -137,6 +138,7 @@ const SCHEMA_POSTGRES: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS outbox (id BIGSERIAL PRIMARY KEY, event_id TEXT NOT NULL, topic TEXT NOT NULL, msg_key TEXT NOT NULL, event_type TEXT NOT NULL, payload TEXT NOT NULL, created_at BIGINT NOT NULL, published_at BIGINT)",
     "CREATE TABLE IF NOT EXISTS idempotency (idem_key TEXT PRIMARY KEY, request_hash TEXT NOT NULL, status BIGINT NOT NULL, response TEXT NOT NULL, created_at BIGINT NOT NULL)",
     "CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (published_at, id)",
+    "CREATE TABLE IF NOT EXISTS checkpoints (number BIGINT PRIMARY KEY, seq BIGINT NOT NULL, body TEXT NOT NULL)",
 ];
 
 /// The chain hash of one event.
@@ -605,6 +607,104 @@ impl Store {
                 .await?;
         }
         Ok(())
+    }
+
+    /// Writes the next audit checkpoint, if the log moved since the last one: in one write
+    /// transaction (so instances never write two with one number), `make` gets the last
+    /// checkpoint (number, covered seq, body) and the head (aggregate, version, hash) of every
+    /// aggregate that changed after it, with the seq now covered, and returns the new body; it is
+    /// stored and queued in the outbox (topic `audit-checkpoints`) for the bus. Returns it.
+    pub async fn write_checkpoint(
+        &self,
+        make: impl FnOnce(Option<(u64, i64, String)>, Vec<(String, u64, String)>, i64) -> Result<String, String>,
+        now_ms: i64,
+    ) -> Result<Option<(u64, String)>, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let last = sqlx::query("SELECT number, seq, body FROM checkpoints ORDER BY number DESC LIMIT 1")
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|r| {
+                Ok::<_, StoreError>((
+                    r.try_get::<i64, _>("number")? as u64,
+                    r.try_get::<i64, _>("seq")?,
+                    r.try_get::<String, _>("body")?,
+                ))
+            })
+            .transpose()?;
+        let after = last.as_ref().map_or(0, |l| l.1);
+        let rows = sqlx::query("SELECT e.aggregate_id, e.version, e.hash, e.seq FROM events e JOIN (SELECT aggregate_id, MAX(seq) AS s FROM events WHERE seq > $1 GROUP BY aggregate_id) m ON e.seq = m.s ORDER BY e.aggregate_id")
+            .bind(after)
+            .fetch_all(&mut *tx)
+            .await?;
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        let mut heads = Vec::with_capacity(rows.len());
+        let mut covered = after;
+        for r in &rows {
+            covered = covered.max(r.try_get::<i64, _>("seq")?);
+            heads.push((
+                r.try_get::<String, _>("aggregate_id")?,
+                r.try_get::<i64, _>("version")? as u64,
+                r.try_get::<String, _>("hash")?,
+            ));
+        }
+        let number = last.as_ref().map_or(1, |l| l.0 + 1);
+        let body = make(last, heads, covered).map_err(StoreError::Config)?;
+        sqlx::query("INSERT INTO checkpoints (number, seq, body) VALUES ($1, $2, $3)")
+            .bind(number as i64)
+            .bind(covered)
+            .bind(body.clone())
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("INSERT INTO outbox (event_id, topic, msg_key, event_type, payload, created_at) VALUES ($1, $2, $3, $4, $5, $6)")
+            .bind(uuid::Uuid::now_v7().to_string())
+            .bind("audit-checkpoints")
+            .bind("checkpoint")
+            .bind("AuditCheckpoint")
+            .bind(body.clone())
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Some((number, body)))
+    }
+
+    /// The checkpoints this database keeps (bodies, oldest first) — a copy: the bus holds the
+    /// ones an insider cannot quietly remove.
+    pub async fn checkpoints(&self) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query("SELECT body FROM checkpoints ORDER BY number").fetch_all(&self.pool).await?;
+        rows.iter().map(|r| Ok(r.try_get::<String, _>("body")?)).collect()
+    }
+
+    /// Every aggregate with an event at or before `seq`.
+    pub async fn aggregates_through(&self, seq: i64) -> Result<Vec<String>, StoreError> {
+        let rows =
+            sqlx::query("SELECT DISTINCT aggregate_id FROM events WHERE seq <= $1 ORDER BY aggregate_id")
+                .bind(seq)
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter().map(|r| Ok(r.try_get::<String, _>("aggregate_id")?)).collect()
+    }
+
+    /// The number of events after `seq`.
+    pub async fn count_after(&self, seq: i64) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query("SELECT COUNT(*) AS n FROM events WHERE seq > $1")
+            .bind(seq)
+            .fetch_one(&self.pool)
+            .await?
+            .try_get("n")?;
+        Ok(n as u64)
+    }
+
+    /// The version an aggregate is at (0: none).
+    pub async fn version(&self, aggregate_id: &str) -> Result<u64, StoreError> {
+        let row =
+            sqlx::query("SELECT version FROM events WHERE aggregate_id = $1 ORDER BY version DESC LIMIT 1")
+                .bind(aggregate_id.to_string())
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map(|r| r.try_get::<i64, _>("version")).transpose()?.unwrap_or(0) as u64)
     }
 
     /// Runs raw SQL (tests that tamper with stored events).

@@ -636,14 +636,7 @@ async fn markets_close_at_their_close_time() {
             s.get(&format!("/markets/{id}")).await.1["status"] == "closed"
         })
         .await;
-        let (st, v) = s
-            .act(
-                "alice",
-                "POST",
-                &format!("/markets/{id}/trades"),
-                json!({"outcome": 0, "side": "buy", "shares": "1"}),
-            )
-            .await;
+        let (st, v) = s.buy_one("alice", &id).await;
         assert_eq!((st, v["error"].as_str()), (409, Some("market_not_open")));
         s.stop().await;
     }
@@ -653,20 +646,9 @@ async fn markets_close_at_their_close_time() {
 async fn domain_events_reach_the_bus_through_the_sidecar_once_each() {
     use futures::StreamExt;
     use mesh_proto::v1;
-    let cp = mesh_testkit::TestCp::start().await;
-    let sdir = tempfile::tempdir().unwrap();
-    // Only the sidecar's event API matters here; its app address is never used.
-    let sc = mesh_testkit::TestSidecar::start(mesh_testkit::TestSidecar::config(
-        &cp.url(),
-        "market-service",
-        "ms-1",
-        "127.0.0.1:9".parse().unwrap(),
-        sdir.path(),
-    ))
-    .await;
+    let (cp, _sc, _sdir, admin) = crate::support::bus_and_sidecar().await;
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}/market.db", dir.path().display());
-    let admin = format!("http://{}", sc.admin);
     let s = Svc::start_with(&url, |c| c.sidecar_admin = Some(admin)).await;
     s.account("alice", "1000").await;
     let id = s.market("alice", 3_600_000).await;

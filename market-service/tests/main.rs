@@ -6,5 +6,6 @@
 #![allow(clippy::disallowed_methods, clippy::disallowed_types)]
 
 mod api;
+mod audit;
 mod group_commit;
 mod support;

@@ -68,6 +68,12 @@ impl Svc {
         self.call(method, path, &[("x-mesh-user", user)], body).await
     }
 
+    /// `user` buys one share of outcome 0 of market `id`.
+    pub async fn buy_one(&self, user: &str, id: &str) -> (u16, Value) {
+        let body = json!({"outcome": 0, "side": "buy", "shares": "1"});
+        self.act(user, "POST", &format!("/markets/{id}/trades"), body).await
+    }
+
     pub async fn get(&self, path: &str) -> (u16, Value) {
         self.call("GET", path, &[], Value::Null).await
     }
@@ -222,4 +228,22 @@ pub async fn check_log(
         assert!(debited.contains(t), "trade {t} has its market event but no debit");
     }
     store.close().await;
+}
+
+/// A control plane and the market service's sidecar (only its event API matters: its app
+/// address is never used), with the sidecar's admin URL; both stop when dropped.
+pub async fn bus_and_sidecar() -> (mesh_testkit::TestCp, mesh_testkit::TestSidecar, tempfile::TempDir, String)
+{
+    let cp = mesh_testkit::TestCp::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let sc = mesh_testkit::TestSidecar::start(mesh_testkit::TestSidecar::config(
+        &cp.url(),
+        "market-service",
+        "ms-1",
+        "127.0.0.1:9".parse().unwrap(),
+        dir.path(),
+    ))
+    .await;
+    let admin = format!("http://{}", sc.admin);
+    (cp, sc, dir, admin)
 }

@@ -232,6 +232,8 @@ pub async fn run(args: UpArgs, output: Output) -> Result<(), CliError> {
                     &market_token_file.display().to_string(),
                     "--sidecar-admin",
                     &api_socket,
+                    "--audit-key-file",
+                    &args.dir.join("audit.key").display().to_string(),
                 ]),
             )
             .await?;

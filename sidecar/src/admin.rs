@@ -31,6 +31,7 @@ pub fn router(shared: Arc<Shared>, edge: Option<Arc<Edge>>) -> Router {
         .route("/config", get(config))
         .route("/cache/invalidate", axum::routing::post(invalidate))
         .route("/events", axum::routing::post(api::publish))
+        .route("/events/{topic}", get(api::replay))
         .fallback(|| async {
             mesh_runtime::error_response(
                 StatusCode::NOT_FOUND,

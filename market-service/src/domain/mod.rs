@@ -109,6 +109,9 @@ pub enum MarketEvent {
     MarketUpdated {
         description: Option<String>,
         close_time_ms: Option<u64>,
+        /// Who changed it (the creator, or an admin); absent in events from before it was kept.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<String>,
     },
     /// `shares` and `cost` are signed: positive for a buy (the trader pays `cost`), negative
     /// for a sell (the trader receives `-cost`).
@@ -265,7 +268,7 @@ impl Market {
         m.version += 1;
         match e {
             MarketEvent::MarketCreated { .. } => {}
-            MarketEvent::MarketUpdated { description, close_time_ms } => {
+            MarketEvent::MarketUpdated { description, close_time_ms, .. } => {
                 if let Some(d) = description {
                     m.description = d.clone();
                 }
@@ -507,7 +510,7 @@ pub fn update_market(
     if description.is_none() && close_time_ms.is_none() {
         return Err(invalid("body", "name description, close_time_ms or both"));
     }
-    Ok(vec![MarketEvent::MarketUpdated { description, close_time_ms }])
+    Ok(vec![MarketEvent::MarketUpdated { description, close_time_ms, by: Some(by.to_string()) }])
 }
 
 /// A priced trade, before it is applied.

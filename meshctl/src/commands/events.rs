@@ -9,14 +9,14 @@ use crate::{
 use futures::StreamExt;
 use mesh_proto::dial::AdminChannel;
 use mesh_proto::v1;
-use serde_json::{Value, json};
+use serde_json::json;
 use std::time::Duration;
 
 pub async fn run(cmd: EventsCommand, ch: AdminChannel, out: Output, addr: &str) -> Result<(), CliError> {
     let st = |s: tonic::Status| CliError::from_status(s, addr);
     let mut bus = v1::events_client::EventsClient::new(ch);
     let print = |d: &v1::Delivery| match out {
-        Output::Json => out!("{}", delivery_json(d)),
+        Output::Json => out!("{}", mesh_proto::delivery_json(d)),
         Output::Table => {
             let e = d.event.clone().unwrap_or_default();
             out!(
@@ -116,13 +116,4 @@ pub async fn run(cmd: EventsCommand, ch: AdminChannel, out: Output, addr: &str) 
         }
     }
     Ok(())
-}
-
-fn delivery_json(d: &v1::Delivery) -> Value {
-    let e = d.event.clone().unwrap_or_default();
-    let data = String::from_utf8_lossy(&e.data).into_owned();
-    json!({
-        "offset": d.offset, "id": e.id, "topic": e.topic, "type": e.r#type, "key": e.key, "source": e.source,
-        "time_unix_ms": e.time_unix_ms, "data": serde_json::from_str::<Value>(&data).unwrap_or(Value::String(data)),
-    })
 }

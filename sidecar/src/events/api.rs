@@ -145,3 +145,72 @@ pub async fn publish(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
         Err(e) => refuse(StatusCode::SERVICE_UNAVAILABLE, "spool_failed", e.to_string()),
     }
 }
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayQuery {
+    #[serde(default)]
+    from: u64,
+    #[serde(default)]
+    limit: Option<u32>,
+}
+
+/// `GET /events/{topic}?from=OFFSET&limit=N`: the app reads a topic back from the bus (as this
+/// sidecar's mesh identity), oldest first: `{"events": [...]}`, each as
+/// [`mesh_proto::delivery_json`]. The first control plane that answers serves it.
+pub async fn replay(
+    State(s): State<Arc<Shared>>,
+    axum::extract::Path(topic): axum::extract::Path<String>,
+    query: Result<axum::extract::Query<ReplayQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    use futures::StreamExt;
+    let q = match query {
+        Ok(axum::extract::Query(q)) => q,
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()),
+    };
+    if !names::is_topic(&topic) {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            format!("topic {topic:?} must be {}", names::TOPIC_RULE),
+        );
+    }
+    let req = v1::ReplayRequest {
+        topic,
+        from_offset: Some(q.from),
+        from_time_unix_ms: None,
+        limit: q.limit.unwrap_or(mesh_proto::DEFAULT_REPLAY_LIMIT).min(10_000),
+    };
+    let mut last = String::from("no control plane is configured");
+    for url in &s.config.control_plane {
+        let mut client = match crate::events::forwarder::connect_events(&s.dialer, url).await {
+            Ok(c) => c,
+            Err(e) => {
+                last = format!("{url}: {e}");
+                continue;
+            }
+        };
+        match client.replay(req.clone()).await {
+            Ok(stream) => {
+                let read: Result<Vec<_>, _> = stream
+                    .into_inner()
+                    .map(|d| d.map(|d| mesh_proto::delivery_json(&d)))
+                    .collect::<Vec<_>>()
+                    .await
+                    .into_iter()
+                    .collect();
+                match read {
+                    Ok(events) => return Json(json!({ "events": events })).into_response(),
+                    // Part of a replay is not the replay: the next control plane, or the error.
+                    Err(status) => last = format!("{url}: {}", status.message()),
+                }
+            }
+            Err(status) => last = format!("{url}: {}", status.message()),
+        }
+    }
+    refuse(
+        StatusCode::BAD_GATEWAY,
+        "bus_unreachable",
+        format!("cannot read the topic from the bus ({last}); retry when the control plane is back"),
+    )
+}
