@@ -116,7 +116,7 @@ pub async fn checkpoint(store: &Store, signer: &Signer) -> Result<Option<u64>, S
                 let body = Body {
                     number,
                     seq,
-                    at_ms: crate::service::now_ms(),
+                    at_ms: crate::commit::now_ms(),
                     prev,
                     heads: heads.into_iter().map(|(a, version, hash)| (a, Head { version, hash })).collect(),
                     key: signer.public.clone(),
@@ -124,14 +124,14 @@ pub async fn checkpoint(store: &Store, signer: &Signer) -> Result<Option<u64>, S
                 let signature = signer.sign(&body.bytes());
                 serde_json::to_string(&Checkpoint { body, signature }).map_err(|e| e.to_string())
             },
-            crate::service::now_ms() as i64,
+            crate::commit::now_ms() as i64,
         )
         .await?;
     Ok(written.map(|(n, _)| n))
 }
 
 /// Where the log and the checkpoints first disagree.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Divergence {
     pub aggregate: Option<String>,
     pub version: Option<u64>,
@@ -140,7 +140,7 @@ pub struct Divergence {
 }
 
 /// What [`verify`] found.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Report {
     pub valid: bool,
     pub checkpoints: usize,

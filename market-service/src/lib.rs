@@ -6,7 +6,8 @@
 //! - [`service`]: the commands, decided against a view of the [`projection`] and committed in
 //!   batches by the committer (`commit`: one transaction and one fsync for many commands).
 //! - [`projection`]: every market and account in memory, updated as each batch commits.
-//! - [`api`]: the HTTP JSON API; [`openapi`]: its description.
+//! - [`api`]: the HTTP JSON API, its OpenAPI description generated from the handlers and the
+//!   answer types ([`views`]).
 //!
 //! [`run`] takes a bound listener and a shutdown token; the binary is a thin shell around it.
 
@@ -14,12 +15,12 @@ pub(crate) mod api;
 pub mod audit;
 pub(crate) mod commit;
 pub mod domain;
-pub(crate) mod openapi;
 pub mod projection;
 pub mod publisher;
 pub mod refusal;
 pub mod service;
 pub mod store;
+pub mod views;
 
 use std::{sync::Arc, time::Duration};
 

@@ -80,6 +80,7 @@ pub const PROBLEMS: &[(&str, u16, &str)] = &[
     ("insufficient_balance", 409, "The account cannot pay for this trade."),
     ("insufficient_shares", 409, "The account does not hold the shares it sells."),
     ("slippage", 409, "The price moved past max_cost or min_proceeds; quote again."),
+    ("no_audit_key", 409, "This instance signs no audit checkpoints: start it with --audit-key-file."),
     ("version_conflict", 409, "Too many concurrent changes to the same aggregate; retry."),
     ("precondition_failed", 412, "If-Match named a version the market is no longer at; read it again."),
     ("body_too_large", 413, "The request body is larger than the service accepts."),
@@ -90,15 +91,13 @@ pub const PROBLEMS: &[(&str, u16, &str)] = &[
         422,
         "The Idempotency-Key was used before for another request (method, path or body).",
     ),
+    ("checkpoint_unreadable", 422, "A published audit checkpoint does not parse."),
     ("internal", 500, "The service failed; nothing was changed."),
     ("aggregate_unreadable", 503, "The aggregate's stored log cannot be read; the others are served."),
     ("database_unavailable", 503, "The database did not answer; nothing was changed, retry later."),
+    ("bus_unavailable", 503, "The checkpoints could not be read back from the bus; retry when it is back."),
     ("shutting_down", 503, "The instance is stopping; retry (another instance will answer)."),
 ];
 
 /// A problem type's title: its code in words (`insufficient_balance` → "Insufficient balance").
-pub fn title(code: &str) -> String {
-    let words = code.replace('_', " ");
-    let mut chars = words.chars();
-    chars.next().map(|c| c.to_uppercase().chain(chars).collect()).unwrap_or_default()
-}
+pub use mesh_runtime::problem_title as title;

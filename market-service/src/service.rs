@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use serde::Serialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::sync::{RwLock, RwLockReadGuard, mpsc, oneshot};
 
 pub use crate::{
@@ -21,6 +21,7 @@ use crate::{
     domain::{self, Account, AccountEvent, Market, MarketEvent, Micro},
     refusal::precondition_failed,
     store::{Append, NewEvent, Store, StoreError},
+    views::{AccountOpened, Finished, Granted, MarketView, Quoted, TradeMade},
 };
 
 /// Who asks and how: the verified end user, correlation for the audit trail, idempotency, a
@@ -129,6 +130,16 @@ fn market_events(list: &[MarketEvent], ctx: &Ctx, causation: &str) -> Vec<NewEve
 
 fn account_events(list: &[AccountEvent], ctx: &Ctx, causation: &str) -> Vec<NewEvent> {
     events(list, AccountEvent::name, ctx, causation)
+}
+
+/// Events for market `id`, appended only if it is at `expected`.
+fn on_market(id: &str, expected: u64, events: Vec<NewEvent>) -> Append {
+    Append { aggregate_id: market_id(id), aggregate_type: "market", expected_version: expected, events }
+}
+
+/// Events for account `id`, appended only if it is at `expected`.
+fn on_account(id: &str, expected: u64, events: Vec<NewEvent>) -> Append {
+    Append { aggregate_id: account_id(id), aggregate_type: "account", expected_version: expected, events }
 }
 
 /// `If-Match`: the market must still be at the version the caller read (its `ETag`); otherwise
@@ -323,13 +334,10 @@ impl Markets {
                 return Err(Refusal::new(409, "exists", format!("account {id} already exists")));
             }
             let evs = [AccountEvent::AccountOpened { name: name.clone() }];
-            let appends = vec![Append {
-                aggregate_id: account_id(&id),
-                aggregate_type: "account",
-                expected_version: 0,
-                events: account_events(&evs, &c, ""),
-            }];
-            Ok((appends, (201, json!({"id": id, "name": name, "balance": Micro::ZERO, "version": 1}))))
+            let appends = vec![on_account(&id, 0, account_events(&evs, &c, ""))];
+            let opened =
+                AccountOpened { id: id.clone(), name: name.clone(), balance: Micro::ZERO, version: 1 };
+            Ok((appends, (201, to_json(&opened))))
         })
         .await
     }
@@ -342,13 +350,8 @@ impl Markets {
             let a = v.account(&id)?;
             let evs = domain::grant(a, amount, &by)?;
             let balance = Micro(a.balance.0 + amount.0);
-            let appends = vec![Append {
-                aggregate_id: account_id(&id),
-                aggregate_type: "account",
-                expected_version: a.version,
-                events: account_events(&evs, &c, ""),
-            }];
-            Ok((appends, (200, json!({"id": id, "balance": balance, "version": a.version + 1}))))
+            let appends = vec![on_account(&id, a.version, account_events(&evs, &c, ""))];
+            Ok((appends, (200, to_json(&Granted { id: id.clone(), balance, version: a.version + 1 }))))
         })
         .await
     }
@@ -363,22 +366,12 @@ impl Markets {
             let mevs = market_events(&me, &cx, "");
             let cause = mevs[0].event_id.clone();
             let appends = vec![
-                Append {
-                    aggregate_id: market_id(&id),
-                    aggregate_type: "market",
-                    expected_version: 0,
-                    events: mevs,
-                },
-                Append {
-                    aggregate_id: account_id(&creator.id),
-                    aggregate_type: "account",
-                    expected_version: creator.version,
-                    events: account_events(&ae, &cx, &cause),
-                },
+                on_market(&id, 0, mevs),
+                on_account(&creator.id, creator.version, account_events(&ae, &cx, &cause)),
             ];
             let m = Market::replay(None, &id, &me)
                 .ok_or_else(|| Refusal::new(500, "internal", "market did not fold"))?;
-            Ok((appends, (201, market_json(&m))))
+            Ok((appends, (201, to_json(&MarketView::from(&m)))))
         })
         .await
     }
@@ -399,13 +392,8 @@ impl Markets {
                 domain::update_market(m, description.clone(), close_time_ms, (&by, c.is_admin), now_ms())?;
             let next = Market::replay(Some(m.clone()), &id, &me)
                 .ok_or_else(|| Refusal::new(500, "internal", "fold"))?;
-            let appends = vec![Append {
-                aggregate_id: market_id(&id),
-                aggregate_type: "market",
-                expected_version: m.version,
-                events: market_events(&me, &c, ""),
-            }];
-            Ok((appends, (200, market_json(&next))))
+            let appends = vec![on_market(&id, m.version, market_events(&me, &c, ""))];
+            Ok((appends, (200, to_json(&MarketView::from(&next)))))
         })
         .await
     }
@@ -416,11 +404,11 @@ impl Markets {
         outcome: usize,
         side: domain::Side,
         shares: Micro,
-    ) -> Result<Value, Refusal> {
+    ) -> Result<Quoted, Refusal> {
         let p = self.read().await?;
         let m = p.market(id)?;
-        let q = domain::quote(m, outcome, side, shares)?;
-        Ok(json!({ "market": id, "version": m.version, "quote": q }))
+        let quote = domain::quote(m, outcome, side, shares)?;
+        Ok(Quoted { market: id.to_string(), version: m.version, quote })
     }
 
     pub async fn trade(&self, id: &str, t: &domain::Trade, ctx: &Ctx) -> Result<Answer, Refusal> {
@@ -433,14 +421,23 @@ impl Markets {
             let (me, ae, q) = domain::trade(m, a, &t, now_ms())?;
             let mevs = market_events(&me, &c, "");
             let cause = mevs[0].event_id.clone();
-            let body = json!({
-                "trade_id": cause, "market": id, "market_version": m.version + 1, "account": a.id,
-                "balance": Micro(a.balance.0 - match t.side { domain::Side::Buy => q.amount.0, domain::Side::Sell => -q.amount.0 }),
-                "quote": q,
+            let body = to_json(&TradeMade {
+                trade_id: cause.clone(),
+                market: id.clone(),
+                market_version: m.version + 1,
+                account: a.id.clone(),
+                balance: Micro(
+                    a.balance.0
+                        - match t.side {
+                            domain::Side::Buy => q.amount.0,
+                            domain::Side::Sell => -q.amount.0,
+                        },
+                ),
+                quote: q,
             });
             let appends = vec![
-                Append { aggregate_id: market_id(&id), aggregate_type: "market", expected_version: m.version, events: mevs },
-                Append { aggregate_id: account_id(&a.id), aggregate_type: "account", expected_version: a.version, events: account_events(&ae, &c, &cause) },
+                on_market(&id, m.version, mevs),
+                on_account(&a.id, a.version, account_events(&ae, &c, &cause)),
             ];
             Ok((appends, (201, body)))
         })
@@ -462,25 +459,15 @@ impl Markets {
             let reason = if resolve_to.is_some() { "settlement" } else { "refund" };
             let mevs = market_events(&me, &c, "");
             let cause = mevs.last().map(|e| e.event_id.clone()).unwrap_or_default();
-            let mut appends = vec![Append {
-                aggregate_id: market_id(&id),
-                aggregate_type: "market",
-                expected_version: m.version,
-                events: mevs,
-            }];
+            let mut appends = vec![on_market(&id, m.version, mevs)];
             for (acc, amount) in credits.iter().filter(|(_, a)| a.0 > 0) {
                 let a = v.account(acc)?;
                 let ev = [domain::credit(a, *amount, &id, reason)?];
-                appends.push(Append {
-                    aggregate_id: account_id(acc),
-                    aggregate_type: "account",
-                    expected_version: a.version,
-                    events: account_events(&ev, &c, &cause),
-                });
+                appends.push(on_account(acc, a.version, account_events(&ev, &c, &cause)));
             }
             let next = Market::replay(Some(m.clone()), &id, &me)
                 .ok_or_else(|| Refusal::new(500, "internal", "fold"))?;
-            Ok((appends, (200, json!({ "market": market_json(&next), "credits": credits }))))
+            Ok((appends, (200, to_json(&Finished { market: MarketView::from(&next), credits }))))
         })
         .await
     }
@@ -536,12 +523,7 @@ impl Markets {
                     let Some(e) = domain::close(m, now) else {
                         return Err(Refusal::new(409, "market_not_open", "already closed"));
                     };
-                    let appends = vec![Append {
-                        aggregate_id: market_id(&id),
-                        aggregate_type: "market",
-                        expected_version: m.version,
-                        events: market_events(&[e], &c, ""),
-                    }];
+                    let appends = vec![on_market(&id, m.version, market_events(&[e], &c, ""))];
                     Ok((appends, (200, Value::Null)))
                 })
                 .await;
@@ -555,14 +537,7 @@ impl Markets {
     }
 }
 
-/// A market as the API shows it.
-pub fn market_json(m: &Market) -> Value {
-    json!({
-        "id": m.id, "version": m.version, "question": m.question, "description": m.description,
-        "category": m.category, "outcomes": m.outcomes, "prices": m.prices(), "status": m.status,
-        "winner": m.winner, "close_time_ms": m.close_time_ms, "creator": m.creator,
-        "created_at_ms": m.created_at_ms, "liquidity": m.liquidity, "subsidy": m.subsidy,
-        "shares": m.shares, "pool": m.pool, "volume": m.volume, "trades": m.trades,
-        "unique_traders": m.traders().len(),
-    })
+/// An answer as stored with its idempotency key and sent.
+fn to_json(v: &impl Serialize) -> Value {
+    serde_json::to_value(v).unwrap_or(Value::Null)
 }

@@ -18,7 +18,7 @@ use std::time::Duration;
 use serde::Serialize;
 use sqlx::{AnyConnection, AnyPool, Row, any::AnyPoolOptions};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
     Sqlite,

@@ -44,9 +44,9 @@ async fn raw(addr: std::net::SocketAddr, bytes: &[u8]) -> (String, String) {
     let mut out = Vec::new();
     let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await.expect("an answer, not a hang");
     let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text.lines().next().unwrap_or_default().to_string();
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    (status, body)
+    // The status line and the headers; the body.
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (head.to_string(), body.to_string())
 }
 
 fn from(ip: &str) -> (&'static str, String) {
@@ -198,6 +198,13 @@ async fn the_edge_limits_screens_blocks_and_logs_every_request() {
             String::from_utf8_lossy(bytes)
         );
         assert_eq!(app.hits(), hits, "nothing of it reached the app");
+        if rule == "\"method\"" {
+            let head = status.to_ascii_lowercase();
+            assert!(
+                head.contains("allow: get, head, post, put, delete, patch, options"),
+                "a 405 names the methods: {status}"
+            );
+        }
     }
 
     // Limits: the gateway's and a route's own.

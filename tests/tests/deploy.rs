@@ -114,7 +114,7 @@ const K8S: [&str; 3] =
 
 /// The stock validators `scripts/test-deps` installs (`MESH_TEST_VENV`): required when
 /// `MESH_REQUIRE_POSTGRES=1` says the test dependencies were set up (CI), skipped otherwise.
-fn validator(name: &str) -> Option<std::path::PathBuf> {
+pub fn validator(name: &str) -> Option<std::path::PathBuf> {
     match std::env::var("MESH_TEST_VENV") {
         Ok(venv) => Some(Path::new(&venv).join("bin").join(name)),
         Err(_) if std::env::var("MESH_REQUIRE_POSTGRES").is_ok_and(|v| v == "1") => {

@@ -7,5 +7,6 @@
 
 mod deploy;
 mod layout;
+mod openapi;
 mod readme;
 mod up;

@@ -58,8 +58,14 @@ fn rotation_walks_the_urls_in_turn() {
 
 #[test]
 fn error_bodies_have_one_shape() {
-    let b = crate::error_body("no_route", "no route for /x", serde_json::json!({"path": "/x"}));
-    assert_eq!(b, serde_json::json!({"error": "no_route", "message": "no route for /x", "path": "/x"}));
+    let b = crate::error_body(404, "no_route", "no route for /x", serde_json::json!({"path": "/x"}));
+    assert_eq!(
+        b,
+        serde_json::json!({
+            "type": "urn:mesh:problem:no_route", "title": "No route", "status": 404, "detail": "no route for /x",
+            "error": "no_route", "message": "no route for /x", "path": "/x",
+        })
+    );
     assert_eq!(
         crate::hex(&crate::sha256(b"abc")),
         "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"

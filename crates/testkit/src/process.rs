@@ -33,7 +33,18 @@ pub struct MeshctlUp(pub Option<Child>);
 impl MeshctlUp {
     /// Starts it and hands back its stdout.
     pub fn start(state: &std::path::Path, global: &[&str], up: &[&str]) -> (Self, std::process::ChildStdout) {
+        Self::start_with_env(state, global, up, &[])
+    }
+
+    /// [`MeshctlUp::start`] with environment variables for meshctl and the processes it starts.
+    pub fn start_with_env(
+        state: &std::path::Path,
+        global: &[&str],
+        up: &[&str],
+        env: &[(&str, &str)],
+    ) -> (Self, std::process::ChildStdout) {
         let mut child = Command::new(bin("meshctl"))
+            .envs(env.iter().copied())
             .args(global)
             .arg("up")
             .args(up)

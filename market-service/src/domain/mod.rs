@@ -11,6 +11,7 @@
 
 pub mod lmsr;
 pub mod money;
+pub mod whole;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -24,7 +25,7 @@ pub const MAX_QUESTION: usize = 500;
 pub const MAX_DESCRIPTION: usize = 10_000;
 pub const MAX_NAME: usize = 200;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     Open,
@@ -45,7 +46,7 @@ impl Status {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Side {
     Buy,
@@ -395,15 +396,23 @@ pub fn credit(a: &Account, amount: Micro, market: &str, reason: &str) -> Result<
     Ok(AccountEvent::FundsCredited { amount, market: market.to_string(), reason: reason.to_string() })
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateMarket {
+    /// Not blank; no control characters.
+    #[schema(min_length = 1, max_length = 500)]
     pub question: String,
     #[serde(default)]
+    #[schema(max_length = 10000)]
     pub description: String,
     #[serde(default)]
+    #[schema(max_length = 200)]
     pub category: String,
+    /// Distinct names, none blank.
+    #[schema(min_items = 2, max_items = 32)]
     pub outcomes: Vec<String>,
+    /// Unix milliseconds, in the future.
+    #[serde(deserialize_with = "whole::u64")]
     pub close_time_ms: u64,
     /// The LMSR's b: larger means prices move less per share. The creator pays b · ln n.
     pub liquidity: Micro,
@@ -514,7 +523,7 @@ pub fn update_market(
 }
 
 /// A priced trade, before it is applied.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Quote {
     pub outcome: usize,
     pub side: Side,
@@ -558,9 +567,12 @@ pub fn quote(m: &Market, outcome: usize, side: Side, shares: Micro) -> Result<Qu
     })
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Trade {
+    /// An outcome's index.
+    #[schema(maximum = 31)]
+    #[serde(deserialize_with = "whole::usize")]
     pub outcome: usize,
     pub side: Side,
     pub shares: Micro,

@@ -57,7 +57,6 @@ impl Micro {
     /// Parses `"12"`, `"12.5"`, `"-0.000001"`; at most six decimals; anything an `i64` of
     /// millionths holds (bounds are the domain's business, see [`within`]).
     pub fn parse(s: &str) -> Result<Micro, String> {
-        let s = s.trim();
         let (neg, digits) = match s.strip_prefix('-') {
             Some(rest) => (true, rest),
             None => (false, s),
@@ -83,6 +82,25 @@ impl Micro {
     }
 }
 
+/// In the OpenAPI document: a decimal string of up to 12 whole digits and six decimals, or a
+/// whole JSON number (never a float); answers always carry the string.
+impl utoipa::PartialSchema for Micro {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Type};
+        let text = ObjectBuilder::new()
+            .schema_type(Type::String)
+            .pattern(Some(r"^-?([0-9]{1,12}(\.[0-9]{0,6})?|\.[0-9]{1,6})$"))
+            .description(Some("a decimal amount, up to six decimal places (\"12.5\")"));
+        let whole = ObjectBuilder::new()
+            .schema_type(Type::Integer)
+            .minimum(Some(-999_999_999_999i64))
+            .maximum(Some(999_999_999_999i64));
+        OneOfBuilder::new().item(text).item(whole).into()
+    }
+}
+
+impl utoipa::ToSchema for Micro {}
+
 impl fmt::Display for Micro {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let sign = if self.0 < 0 { "-" } else { "" };
@@ -104,13 +122,16 @@ impl<'de> Deserialize<'de> for Micro {
         enum Raw {
             Int(i64),
             Str(String),
-            Float(#[allow(dead_code)] f64),
+            Float(f64),
         }
         match Raw::deserialize(d)? {
             Raw::Int(i) => {
                 i.checked_mul(SCALE).map(Micro).ok_or_else(|| D::Error::custom(format!("{i} is too large")))
             }
             Raw::Str(s) => Micro::parse(&s).map_err(D::Error::custom),
+            // A whole number written with a fraction of zero (`5.0`) is a whole number, as JSON
+            // Schema counts it; any other float is refused (floats lose cents).
+            Raw::Float(f) if f.fract() == 0.0 && f.abs() <= 999_999_999_999.0 => Ok(Micro(f as i64 * SCALE)),
             Raw::Float(_) => Err(D::Error::custom(
                 "write amounts as a string like \"12.5\" or a whole number, not a float",
             )),

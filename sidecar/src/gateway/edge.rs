@@ -249,7 +249,11 @@ impl Edge {
     /// A refusal by `rule`: counted, a strike when it marks a hostile client, and answered as
     /// a JSON error naming the rule.
     fn refuse(&self, v: &mut Visit, rule: Rule) -> Response<Body> {
-        let resp = error_response(rule.status, rule.rule, rule.message, json!({ "rule": rule.rule }));
+        let mut resp = error_response(rule.status, rule.rule, rule.message, json!({ "rule": rule.rule }));
+        if rule.status == StatusCode::METHOD_NOT_ALLOWED {
+            // RFC 9110 §15.5.6: a 405 says which methods are.
+            resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static(screen::ALLOWED));
+        }
         self.refused_with(v, rule.rule, resp)
     }
 

@@ -34,6 +34,9 @@ impl Rule {
 const METHODS: [Method; 7] =
     [Method::GET, Method::HEAD, Method::POST, Method::PUT, Method::DELETE, Method::PATCH, Method::OPTIONS];
 
+/// [`METHODS`] as an `Allow` header value.
+pub const ALLOWED: &str = "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS";
+
 /// The checks that need no route: method, smuggling shapes, path normalisation, URI and header
 /// limits (`limits` are the gateway's; a route's own are checked again by [`route_limits`]).
 pub fn request_shape(
@@ -46,7 +49,7 @@ pub fn request_shape(
         return Err(Rule::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "method",
-            format!("method {method} is not accepted here (GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS)"),
+            format!("method {method} is not accepted here ({ALLOWED})"),
         ));
     }
     smuggling(headers)?;

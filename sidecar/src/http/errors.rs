@@ -7,7 +7,8 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::Full;
 
-/// A JSON error answer: `{"error": code, "message": …}` plus any extra fields, and an
+/// A problem-details error answer (`application/problem+json`: `type`, `title`, `status`,
+/// `detail`, and `{"error": code, "message": …}`) plus any extra fields, and an
 /// `x-mesh-error` header so callers can tell the mesh's refusals from their app's.
 pub fn error_response(
     status: StatusCode,
@@ -15,11 +16,11 @@ pub fn error_response(
     message: String,
     extra: serde_json::Value,
 ) -> Response<Body> {
-    let body = mesh_runtime::error_body(code, &message, extra);
+    let body = mesh_runtime::error_body(status.as_u16(), code, &message, extra);
     let mut resp = Response::new(boxed(Full::new(Bytes::from(body.to_string()))));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(mesh_runtime::PROBLEM_JSON));
     if let Ok(v) = HeaderValue::from_str(code) {
         h.insert("x-mesh-error", v);
     }

@@ -8,7 +8,9 @@
 //! ([`Begin::Mismatch`], answered 422 as the IETF Idempotency-Key draft says), never given
 //! another request's answer.
 //!
-//! Only answers that settle the request are kept (not 5xx, bodies up to [`MAX_BODY`]); when the
+//! Only answers that settle the request are kept (not 5xx, 401, 408 or 429; bodies up to
+//! [`MAX_BODY`]); from a trusted edge a key is scoped to the end user it names, and an anonymous
+//! edge request's key is left to the app (the edge speaks for many clients); when the
 //! first attempt fails or its answer is not kept, waiting duplicates go to the app themselves.
 
 use bytes::Bytes;
@@ -49,11 +51,34 @@ struct Entry {
     slot: Slot,
 }
 
-/// Whose key this is: the caller (verified identity, or address without mTLS), the client's
-/// credential within it (the `Authorization` header, as a digest), and the key.
-pub fn scope(caller: &str, authorization: Option<&[u8]>, key: &str) -> String {
+/// Whether an answer settles its request (and is kept for the key): not a server error, and
+/// not one the client is meant to retry after fixing something — 401 (sign in), 408, 429.
+fn settled(status: StatusCode) -> bool {
+    !status.is_server_error() && !matches!(status.as_u16(), 401 | 408 | 429)
+}
+
+/// Whose key this is, and for what: the caller (verified identity, or address without mTLS),
+/// the client's credential within it (the `Authorization` header, or the end user from a
+/// trusted edge, as a digest), the method and path it is used on, and the key. A key reused on
+/// another method or path is another key here: the app answers that (its routing, 405 or 404,
+/// and its own idempotency record come first), the sidecar refuses only a changed body or query.
+pub fn scope(
+    caller: &str,
+    credential: Option<&[u8]>,
+    method: &http::Method,
+    path: &str,
+    key: &str,
+) -> String {
     use std::fmt::Write;
-    let who = mesh_runtime::sha256_parts(&[caller.as_bytes(), authorization.unwrap_or_default()]);
+    let who = mesh_runtime::sha256_parts(&[
+        caller.as_bytes(),
+        b"\n",
+        credential.unwrap_or_default(),
+        b"\n",
+        method.as_str().as_bytes(),
+        b" ",
+        path.as_bytes(),
+    ]);
     let mut s = String::with_capacity(key.len() + 33);
     for b in &who[..16] {
         let _ = write!(s, "{b:02x}");
@@ -63,9 +88,27 @@ pub fn scope(caller: &str, authorization: Option<&[u8]>, key: &str) -> String {
     s
 }
 
-/// What request a key is used for.
-pub fn fingerprint(method: &http::Method, path_and_query: &str, body: &[u8]) -> Fingerprint {
-    mesh_runtime::sha256_parts(&[method.as_str().as_bytes(), path_and_query.as_bytes(), body])
+/// The headers that make a request conditional: a retry under another precondition is
+/// another request.
+const CONDITIONS: [http::HeaderName; 4] = [
+    http::header::IF_MATCH,
+    http::header::IF_NONE_MATCH,
+    http::header::IF_UNMODIFIED_SINCE,
+    http::header::IF_MODIFIED_SINCE,
+];
+
+/// What request a key is used for: method, path and query, preconditions and body.
+pub fn fingerprint(
+    method: &http::Method,
+    path_and_query: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Fingerprint {
+    let conditions: Vec<u8> = CONDITIONS
+        .iter()
+        .flat_map(|h| headers.get_all(h).iter().flat_map(|v| [v.as_bytes(), b"\n"].concat()).chain([0u8]))
+        .collect();
+    mesh_runtime::sha256_parts(&[method.as_str().as_bytes(), path_and_query.as_bytes(), &conditions, body])
 }
 
 /// What to do with a request carrying a key.
@@ -130,7 +173,7 @@ impl Idempotency {
 impl Guard {
     /// Keeps `answer` for replay (when it settles the request) and hands it to the waiters.
     pub fn finish(mut self, answer: Option<Stored>) {
-        let kept = answer.filter(|a| !a.status.is_server_error() && a.body.len() <= MAX_BODY).map(Arc::new);
+        let kept = answer.filter(|a| settled(a.status) && a.body.len() <= MAX_BODY).map(Arc::new);
         if kept.is_none() {
             self.forget();
         }
@@ -208,15 +251,30 @@ mod tests {
 
     #[test]
     fn keys_belong_to_one_client_and_one_request() {
-        let alice = scope("spiffe://m/service/gateway", Some(b"Bearer alice"), "k");
-        let bob = scope("spiffe://m/service/gateway", Some(b"Bearer bob"), "k");
-        let web = scope("spiffe://m/service/web", Some(b"Bearer alice"), "k");
-        assert!(alice != bob && alice != web && bob != web);
-        assert_eq!(alice, scope("spiffe://m/service/gateway", Some(b"Bearer alice"), "k"));
         let post = http::Method::POST;
-        let trade = fingerprint(&post, "/markets/m1/trades", br#"{"shares":"1"}"#);
-        assert_ne!(trade, fingerprint(&post, "/markets/m1/trades", br#"{"shares":"2"}"#));
-        assert_ne!(trade, fingerprint(&post, "/accounts", br#"{"shares":"1"}"#));
-        assert_ne!(trade, fingerprint(&http::Method::PUT, "/markets/m1/trades", br#"{"shares":"1"}"#));
+        let at =
+            |caller: &str, credential: &[u8], path: &str| scope(caller, Some(credential), &post, path, "k");
+        let alice = at("spiffe://m/service/gateway", b"Bearer alice", "/a");
+        let bob = at("spiffe://m/service/gateway", b"Bearer bob", "/a");
+        let web = at("spiffe://m/service/web", b"Bearer alice", "/a");
+        assert!(alice != bob && alice != web && bob != web);
+        assert_eq!(alice, at("spiffe://m/service/gateway", b"Bearer alice", "/a"));
+        assert_ne!(
+            alice,
+            at("spiffe://m/service/gateway", b"Bearer alice", "/b"),
+            "another path, another key"
+        );
+        let none = HeaderMap::new();
+        let trade = fingerprint(&post, "/markets/m1/trades", &none, br#"{"shares":"1"}"#);
+        assert_ne!(trade, fingerprint(&post, "/markets/m1/trades", &none, br#"{"shares":"2"}"#));
+        assert_ne!(trade, fingerprint(&post, "/accounts", &none, br#"{"shares":"1"}"#));
+        assert_ne!(trade, fingerprint(&http::Method::PUT, "/markets/m1/trades", &none, br#"{"shares":"1"}"#));
+        let mut pinned = HeaderMap::new();
+        pinned.insert(http::header::IF_MATCH, http::HeaderValue::from_static("\"7\""));
+        assert_ne!(
+            trade,
+            fingerprint(&post, "/markets/m1/trades", &pinned, br#"{"shares":"1"}"#),
+            "another precondition"
+        );
     }
 }

@@ -180,11 +180,20 @@ impl Inbound {
             // the same key with a different request is refused.
             let mut req = req.map(boxed);
             let mut owner = None;
-            if let Some(key) = req.headers().get(&idempotency::IDEMPOTENCY_KEY).and_then(|v| v.to_str().ok()) {
+            // From the edge, a key is the end user's (many clients share the edge's identity):
+            // an anonymous client's key is left to the app, never shared with other clients.
+            let credential = match edge {
+                true => req.headers().get(auth::USER),
+                false => req.headers().get(http::header::AUTHORIZATION),
+            };
+            let keyed = req.headers().get(&idempotency::IDEMPOTENCY_KEY).filter(|_| !edge || credential.is_some());
+            if let Some(key) = keyed.and_then(|v| v.to_str().ok()) {
                 let who = verified.map_or_else(|| peer.addr.ip().to_string(), |c| c.id().to_string());
                 let scope = idempotency::scope(
                     &who,
-                    req.headers().get(http::header::AUTHORIZATION).map(HeaderValue::as_bytes),
+                    credential.map(HeaderValue::as_bytes),
+                    req.method(),
+                    req.uri().path(),
                     key,
                 );
                 let (parts, body) = req.into_parts();
@@ -200,7 +209,7 @@ impl Inbound {
                     }
                 };
                 let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-                let fingerprint = idempotency::fingerprint(&parts.method, path, &body);
+                let fingerprint = idempotency::fingerprint(&parts.method, path, &parts.headers, &body);
                 req = Request::from_parts(parts, boxed(Full::new(body)));
                 loop {
                     match self.idempotency.begin(&scope, fingerprint, Instant::now()) {
