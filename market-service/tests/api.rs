@@ -434,22 +434,35 @@ async fn etags_make_reads_conditional_and_commands_precondition_checked() {
 async fn a_retried_post_with_the_same_idempotency_key_is_applied_once() {
     let dir = tempfile::tempdir().unwrap();
     for url in databases(&dir).await {
+        // Two instances on one database: a key means the same on both.
         let s = Svc::start(&url, 50).await;
+        let other = Svc::start(&url, 50).await;
         s.account("alice", "1000").await;
         let id = s.market("alice", 3_600_000).await;
         let body = json!({"outcome": 0, "side": "buy", "shares": "10"});
         let key = [("idempotency-key", "trade-1"), ("x-mesh-user", "alice")];
         let path = format!("/markets/{id}/trades");
-        // Concurrent retries of one request, as a client (or its sidecar) might send them.
-        let answers =
-            futures::future::join_all((0..8).map(|_| s.call("POST", &path, &key, body.clone()))).await;
+        // Concurrent retries of one request, as a client (or its sidecar) might send them, to
+        // either instance.
+        let answers = futures::future::join_all(
+            (0..8).map(|i| [&s, &other][i % 2].call("POST", &path, &key, body.clone())),
+        )
+        .await;
         for (st, a) in &answers {
             assert_eq!(*st, 201, "{a}");
             assert_eq!(a, &answers[0].1, "every retry gets the first answer");
         }
         assert_eq!(s.get(&format!("/markets/{id}")).await.1["trades"], 1, "applied once");
-        let (st, v) = s.call("POST", &path, &key, json!({"outcome": 1, "side": "buy", "shares": "1"})).await;
-        assert_eq!((st, v["error"].as_str()), (422, Some("idempotency_key_reused")));
+        // The same key with another body, or on another path, is 422 on every instance.
+        for svc in [&s, &other] {
+            let (st, v) =
+                svc.call("POST", &path, &key, json!({"outcome": 1, "side": "buy", "shares": "1"})).await;
+            assert_eq!((st, v["error"].as_str()), (422, Some("idempotency_key_reused")), "{v}");
+            let (st, v) = svc.call("POST", &format!("/markets/{id}/cancel"), &key, Value::Null).await;
+            assert_eq!((st, v["error"].as_str()), (422, Some("idempotency_key_reused")), "{v}");
+        }
+        assert_eq!(other.get(&format!("/markets/{id}")).await.1["status"], "open", "nothing else applied");
+        other.stop().await;
         s.stop().await;
     }
 }
