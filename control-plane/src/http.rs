@@ -23,7 +23,7 @@ pub fn router(state: Arc<State>) -> Router {
         .with_state(state)
 }
 
-async fn metrics(AxumState(s): AxumState<Arc<State>>) -> impl IntoResponse {
+async fn metrics(AxumState(s): AxumState<Arc<State>>, headers: axum::http::HeaderMap) -> impl IntoResponse {
     let (services, instances, healthy) = s.registry.counts();
     s.metrics.services.set(services as i64);
     s.metrics.instances.get_or_create(&[("state", "routable")]).set(healthy as i64);
@@ -31,10 +31,9 @@ async fn metrics(AxumState(s): AxumState<Arc<State>>) -> impl IntoResponse {
     s.metrics.policies.set(s.policies.list().len() as i64);
     s.metrics.tracked.get_or_create(&[("table", "registry")]).set(s.registry.tracked() as i64);
     s.metrics.tracked.get_or_create(&[("table", "policy")]).set(s.policies.tracked() as i64);
-    (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-        s.metrics.render(),
-    )
+    let accept = headers.get(header::ACCEPT).and_then(|a| a.to_str().ok());
+    let (kind, body) = mesh_runtime::exposition::negotiate(accept, s.metrics.render());
+    ([(header::CONTENT_TYPE, kind)], body)
 }
 
 async fn healthz(AxumState(s): AxumState<Arc<State>>) -> impl IntoResponse {

@@ -72,7 +72,7 @@ async fn unblock(State(edge): State<Arc<Edge>>, Path(ip): Path<String>) -> axum:
     }
 }
 
-async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
+async fn metrics(State(s): State<Arc<Shared>>, headers: axum::http::HeaderMap) -> impl IntoResponse {
     let m = &s.metrics;
     for up in s.upstreams.all() {
         let set = up.endpoints();
@@ -100,7 +100,9 @@ async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
         m.spool_oldest_age_seconds.set((spool.oldest_age_ms(now) / 1000) as i64);
         m.spool_commits.set(spool.commits() as i64);
     }
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], m.render())
+    let accept = headers.get(header::ACCEPT).and_then(|a| a.to_str().ok());
+    let (kind, body) = mesh_runtime::exposition::negotiate(accept, m.render());
+    ([(header::CONTENT_TYPE, kind)], body)
 }
 
 /// Ready when the app is healthy (sidecar mode) and configuration came from the control plane

@@ -7,6 +7,8 @@
 
 mod deploy;
 mod layout;
+mod local;
+mod metrics;
 mod openapi;
 mod readme;
 mod up;

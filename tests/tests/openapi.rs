@@ -3,14 +3,11 @@
 //! examples per operation) finds nothing against the running service, reached as a client
 //! reaches it: through `meshctl up`'s gateway, with a token from its issuer.
 
-use std::{
-    io::{BufRead, BufReader},
-    process::Command,
-    time::Duration,
-};
+use std::{process::Command, time::Duration};
 
-use mesh_testkit::{MeshctlUp, WAIT, bin, eventually, get};
-use serde_json::Value;
+use mesh_testkit::{WAIT, bin, eventually, get};
+
+use crate::local::LocalMesh;
 
 /// Examples per operation: enough to reach every operation's statuses, bounded for CI.
 const EXAMPLES: &str = "25";
@@ -21,43 +18,18 @@ async fn the_market_api_description_passes_the_stock_validator_and_schemathesis(
     else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join(".mesh");
     // The edge's automatic block of a client after repeated refusals is off: schemathesis sends
     // nothing but refusable requests from one address.
-    let (_up, stdout) = MeshctlUp::start_with_env(&state, &["-o", "json"], &[], &[("MESH_BLOCK_AFTER", "0")]);
-    let mut lines = BufReader::new(stdout).lines();
-    let ready: Value = loop {
-        let line = lines.next().expect("meshctl up printed its listeners").unwrap();
-        let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
-        if v["event"] == "up" {
-            break v;
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    let listener = |name: &str| {
-        ready["listeners"].as_array().unwrap().iter().find(|l| l["process"] == name).unwrap()["address"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
-    let cp = listener("control-plane");
-    let gateway = listener("gateway").trim_end_matches("/api/markets").to_string();
+    let mesh = LocalMesh::start(&[("MESH_BLOCK_AFTER", "0")]);
+    let dir = tempfile::tempdir().unwrap();
+    let gateway = mesh.gateway();
     let gw: std::net::SocketAddr = gateway.trim_start_matches("http://").parse().unwrap();
 
     // The whole API behind the gateway (meshctl up publishes only /api/…): one route to the
     // service, its screening off so what schemathesis sends reaches the service.
     let routes = dir.path().join("routes.yaml");
     std::fs::write(&routes, "routes:\n  - { prefix: /, service: market-service, threats: off }\n").unwrap();
-    let set = Command::new(bin("meshctl"))
-        .args(["--control-plane", &cp, "--ca-file"])
-        .arg(state.join("control-plane/ca.pem"))
-        .arg("--admin-token-file")
-        .arg(state.join("control-plane/admin.token"))
-        .args(["gateway", "set", "-f"])
-        .arg(&routes)
-        .output()
-        .unwrap();
+    let set = mesh.meshctl(&["gateway", "set", "-f", routes.to_str().unwrap()]);
     assert!(set.status.success(), "{}", String::from_utf8_lossy(&set.stderr));
     eventually(WAIT, "the gateway serves the API description", || async {
         get(gw, "example.com", "/openapi.json").await.0 == 200
@@ -76,7 +48,7 @@ async fn the_market_api_description_passes_the_stock_validator_and_schemathesis(
 
     let alice = Command::new(bin("meshctl"))
         .args(["token", "issue", "--sub", "alice", "--ttl", "10m", "--dir"])
-        .arg(&state)
+        .arg(&mesh.state)
         .output()
         .unwrap();
     let alice = String::from_utf8(alice.stdout).unwrap().trim().to_string();

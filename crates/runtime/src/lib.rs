@@ -5,6 +5,7 @@
 mod addr;
 mod backoff;
 mod digest;
+pub mod exposition;
 mod http;
 mod process;
 mod secret;

@@ -1,0 +1,72 @@
+//! Issue #19.3: every Prometheus endpoint of a running mesh passes `promtool check metrics`
+//! (the Prometheus text format, answered by default), and answers OpenMetrics to a scraper that
+//! asks for it.
+
+use std::io::Write;
+
+use crate::local::LocalMesh;
+
+/// `promtool` (Debian's `prometheus` package, installed by `scripts/test-deps`): required in CI.
+fn promtool() -> Option<std::path::PathBuf> {
+    let found = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|d| d.join("promtool"))
+        .find(|p| p.is_file());
+    match found {
+        Some(p) => Some(p),
+        None if std::env::var("MESH_REQUIRE_POSTGRES").is_ok_and(|v| v == "1") => {
+            panic!("promtool is not installed: scripts/test-deps installs Debian's prometheus package")
+        }
+        None => {
+            eprintln!("skipped: no promtool (run scripts/test-deps)");
+            None
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metrics_endpoint_passes_promtool_and_speaks_openmetrics_when_asked() {
+    let Some(promtool) = promtool() else { return };
+    let mesh = LocalMesh::start(&[]);
+    let urls = mesh.metrics_urls();
+    assert_eq!(urls.len(), 4, "the control plane, two sidecars and the gateway: {urls:?}");
+    for url in &urls {
+        let addr: std::net::SocketAddr =
+            url.trim_start_matches("http://").trim_end_matches("/metrics").parse().unwrap();
+        let (status, headers, text) =
+            mesh_testkit::request_full(addr, "GET", "admin", "/metrics", &[], Default::default()).await;
+        assert_eq!(status, 200, "{url}");
+        assert!(headers["content-type"].to_str().unwrap().starts_with("text/plain; version=0.0.4"), "{url}");
+        let check = std::process::Command::new(&promtool)
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .output_with_stdin(text.as_bytes());
+        assert!(check.0.success(), "promtool check metrics {url}:\n{}", check.1);
+
+        let asked = [("accept", "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5")];
+        let (_, headers, om) =
+            mesh_testkit::request_full(addr, "GET", "admin", "/metrics", &asked, Default::default()).await;
+        assert!(
+            headers["content-type"].to_str().unwrap().starts_with("application/openmetrics-text"),
+            "{url}"
+        );
+        assert!(om.ends_with("# EOF\n"), "{url}: an OpenMetrics exposition ends with # EOF");
+    }
+}
+
+/// Runs a command with `input` on its stdin: (status, stdout and stderr).
+trait WithStdin {
+    fn output_with_stdin(&mut self, input: &[u8]) -> (std::process::ExitStatus, String);
+}
+
+impl WithStdin for std::process::Command {
+    fn output_with_stdin(&mut self, input: &[u8]) -> (std::process::ExitStatus, String) {
+        let mut child =
+            self.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status,
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        )
+    }
+}
