@@ -136,20 +136,29 @@ impl ControlPlane {
         ] {
             health_reporter.set_service_status(name, tonic_health::ServingStatus::Serving).await;
         }
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(mesh_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .map_err(|e| Error::Admin(std::io::Error::other(e)))?;
+        // Reflection in both versions: v1, and v1alpha, which grpcurl and grpcio-reflection's
+        // clients still ask for.
+        let describe = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(mesh_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection = describe().build_v1().map_err(|e| Error::Admin(std::io::Error::other(e)))?;
+        let reflection_alpha =
+            describe().build_v1alpha().map_err(|e| Error::Admin(std::io::Error::other(e)))?;
         // The API's description is for the mesh's members and the admin, like the API itself;
         // grpc.health.v1 stays open to any TLS client, as liveness probes carry no credential.
-        let reflection = {
+        let members_only = {
             let state = state.clone();
-            tonic::service::interceptor::InterceptedService::new(reflection, move |req: tonic::Request<()>| {
+            move |req: tonic::Request<()>| {
                 state.auth.member(&req, "list the API by reflection").map_err(|s| refused(&state, s))?;
                 Ok(req)
-            })
+            }
         };
+        let reflection =
+            tonic::service::interceptor::InterceptedService::new(reflection, members_only.clone());
+        let reflection_alpha =
+            tonic::service::interceptor::InterceptedService::new(reflection_alpha, members_only);
 
         let api = Api(state.clone());
         let router = tonic::transport::Server::builder()
@@ -159,6 +168,7 @@ impl ControlPlane {
             .max_concurrent_streams(Some(self.config.max_concurrent_streams))
             .add_service(health_service)
             .add_service(reflection)
+            .add_service(reflection_alpha)
             .add_service(v1::registry_server::RegistryServer::new(api.clone()))
             .add_service(v1::discovery_server::DiscoveryServer::new(api.clone()))
             .add_service(v1::policy_server::PolicyServer::new(api.clone()))

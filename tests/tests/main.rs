@@ -6,6 +6,7 @@
 #![allow(clippy::disallowed_methods, clippy::disallowed_types)]
 
 mod deploy;
+mod grpc;
 mod layout;
 mod local;
 mod metrics;
