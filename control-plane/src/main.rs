@@ -97,6 +97,10 @@ struct Args {
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "MESH_LOG", default_value = "info")]
     log: String,
+    /// How logs are written to stderr: text, or json (one object per line, with the request's
+    /// trace id).
+    #[arg(long, env = "MESH_LOG_FORMAT", default_value = "text")]
+    log_format: mesh_runtime::LogFormat,
 }
 
 /// A duration flag (`250ms`, `15s`, `7d`), shown in `--help` as it parses.
@@ -107,7 +111,7 @@ fn duration(s: &str) -> Result<humantime::Duration, String> {
 fn main() -> ExitCode {
     let args = Args::parse();
     let log = args.log.clone();
-    mesh_runtime::main(&log, None, run(args))
+    mesh_runtime::main(&log, args.log_format, None, run(args))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {

@@ -44,6 +44,10 @@ struct Args {
     checkpoint_interval: Duration,
     #[arg(long, env = "MESH_LOG", default_value = "info")]
     log: String,
+    /// How logs are written to stderr: text, or json (one object per line, with the request's
+    /// trace id).
+    #[arg(long, env = "MESH_LOG_FORMAT", default_value = "text")]
+    log_format: mesh_runtime::LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -88,7 +92,7 @@ fn main() -> ExitCode {
     match args.command.take() {
         Some(Command::Audit(Audit::Verify(v))) => {
             let mut valid = false;
-            let code = mesh_runtime::main("warn", None, async {
+            let code = mesh_runtime::main("warn", args.log_format, None, async {
                 valid = verify(v).await?;
                 Ok::<_, anyhow::Error>(())
             });
@@ -98,7 +102,7 @@ fn main() -> ExitCode {
                 (false, _) => ExitCode::from(2),
             }
         }
-        None => mesh_runtime::main(&log, None, run(args)),
+        None => mesh_runtime::main(&log, args.log_format, None, run(args)),
     }
 }
 

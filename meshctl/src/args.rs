@@ -27,6 +27,10 @@ pub struct Args {
     /// Log filter for meshctl's own diagnostics (stderr).
     #[arg(long, global = true, env = "MESH_LOG", default_value = "warn")]
     pub log: String,
+    /// How meshctl's diagnostics — and, under `up`, every process it starts — write their logs:
+    /// text, or json (one object per line, with the request's trace id).
+    #[arg(long, global = true, env = "MESH_LOG_FORMAT", default_value = "text")]
+    pub log_format: mesh_runtime::LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }

@@ -24,5 +24,5 @@ use clap::Parser;
 fn main() -> ExitCode {
     let args = args::Args::parse();
     let log = args.log.clone();
-    mesh_runtime::main(&log, None, commands::run(args))
+    mesh_runtime::main(&log, args.log_format, None, commands::run(args))
 }

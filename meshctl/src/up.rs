@@ -58,12 +58,15 @@ struct Mesh {
     procs: Vec<Proc>,
     rows: Vec<Vec<String>>,
     json: bool,
+    /// Every process writes its log (in `logs/`) in this format.
+    log_format: mesh_runtime::LogFormat,
 }
 
 impl Mesh {
     /// Starts `bin` as `label` and returns its `listening` line; on failure stops everything.
     async fn launch(&mut self, label: &str, bin: &str, args: &[String]) -> Result<Value, CliError> {
-        match start(&self.bin_dir, label, bin, args, &self.logs, self.timeout).await {
+        let args = [args, &["--log-format".to_string(), self.log_format.to_string()]].concat();
+        match start(&self.bin_dir, label, bin, &args, &self.logs, self.timeout).await {
             Ok((proc, listening)) => {
                 self.procs.push(proc);
                 Ok(listening)
@@ -143,7 +146,7 @@ fn strings(a: &[&str]) -> Vec<String> {
     a.iter().map(|s| s.to_string()).collect()
 }
 
-pub async fn run(args: UpArgs, output: Output) -> Result<(), CliError> {
+pub async fn run(args: UpArgs, output: Output, log_format: mesh_runtime::LogFormat) -> Result<(), CliError> {
     let bin_dir = std::env::current_exe()
         .ok()
         .and_then(|p| p.parent().map(Path::to_path_buf))
@@ -164,6 +167,7 @@ pub async fn run(args: UpArgs, output: Output) -> Result<(), CliError> {
         procs: Vec::new(),
         rows: Vec::new(),
         json: output == Output::Json,
+        log_format,
     };
 
     let cp = mesh

@@ -231,6 +231,10 @@ pub struct Args {
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "MESH_LOG", default_value = "info")]
     pub log: String,
+    /// How logs are written to stderr: text, or json (one object per line, with the request's
+    /// trace id).
+    #[arg(long, env = "MESH_LOG_FORMAT", default_value = "text")]
+    pub log_format: mesh_runtime::LogFormat,
 }
 
 /// The config file: every key optional, unknown keys are errors.

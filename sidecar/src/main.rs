@@ -28,7 +28,7 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let log = args.log.clone();
     let threads = args.worker_threads;
-    mesh_runtime::main(&log, threads, run(args))
+    mesh_runtime::main(&log, args.log_format, threads, run(args))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {

@@ -9,6 +9,7 @@ mod deploy;
 mod grpc;
 mod layout;
 mod local;
+mod logs;
 mod metrics;
 mod openapi;
 mod readme;

@@ -6,16 +6,55 @@ use tokio_util::sync::CancellationToken;
 
 /// Logs to stderr with an `EnvFilter` directive (`info`, `sidecar=debug,hyper=warn`, …); an
 /// invalid directive falls back to `info` with a warning.
-pub fn init_tracing(filter: &str) {
+pub fn init_tracing(filter: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|e| {
         eprintln!("warning: log filter {filter:?} is invalid ({e}); using info");
         tracing_subscriber::EnvFilter::new("info")
     });
-    // Colours only for a person at a terminal: a log file or a pipe gets plain text (and
-    // NO_COLOR turns them off anywhere).
-    use std::io::IsTerminal;
-    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        // One object per line: time, level, target, the event's fields, and the fields of the
+        // span it happened in (a request's `trace_id` and `request_id`).
+        LogFormat::Json => {
+            logs.json().flatten_event(true).with_current_span(true).with_span_list(false).init()
+        }
+        // Colours only for a person at a terminal: a log file or a pipe gets plain text (and
+        // NO_COLOR turns them off anywhere).
+        LogFormat::Text => {
+            use std::io::IsTerminal;
+            let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+            logs.with_ansi(ansi).init()
+        }
+    }
+}
+
+/// How logs are written: `text` for people, `json` (one object per line) for log stores.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!("{other:?}: the log format is text or json")),
+        }
+    }
+}
+
+impl std::fmt::Display for LogFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        })
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT with the signal's name.
@@ -57,14 +96,15 @@ pub fn runtime(threads: Option<usize>) -> Result<tokio::runtime::Runtime, String
     b.enable_all().build().map_err(|e| format!("cannot start the async runtime: {e}"))
 }
 
-/// The body of every binary's `main`: tracing with `log`, a runtime with `threads` workers,
-/// `body` on it, and an exit code (failure printed as one `error: …` line with its causes).
-pub fn main<F, E>(log: &str, threads: Option<usize>, body: F) -> std::process::ExitCode
+/// The body of every binary's `main`: tracing with `log` (a filter) in `format`, a runtime with
+/// `threads` workers, `body` on it, and an exit code (failure printed as one `error: …` line
+/// with its causes).
+pub fn main<F, E>(log: &str, format: LogFormat, threads: Option<usize>, body: F) -> std::process::ExitCode
 where
     F: std::future::Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
-    init_tracing(log);
+    init_tracing(log, format);
     let result = match runtime(threads) {
         Ok(rt) => rt.block_on(body).map_err(|e| format!("{e:#}")),
         Err(e) => Err(e),

@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 
 pub async fn run(args: Args) -> Result<(), CliError> {
     match args.command {
-        Command::Up(up) => return up::run(up, args.output).await,
+        Command::Up(up) => return up::run(up, args.output, args.log_format).await,
         Command::Sidecar { admin } => return sidecar::run(&admin, args.output).await,
         Command::Gateway(ref cmd) if gateway::run_admin(cmd, args.output).await? => return Ok(()),
         Command::Token(EndUserTokenCommand::Issue { sub, admin, ttl, dir }) => {
