@@ -9,6 +9,8 @@ pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
+pub const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+
 /// The ids this hop carries (for its log span; the headers carry them on).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TraceContext {
@@ -43,8 +45,18 @@ pub fn propagate(headers: &mut HeaderMap) -> TraceContext {
         });
     let span_id = Hex::<16>::random();
     let (trace_id, flags) = match headers.get(&TRACEPARENT).and_then(|v| parse(v.as_bytes())) {
-        Some(found) => found,
-        None => (Hex::<32>::random(), *b"01"),
+        Some(found) => {
+            // The caller's vendors' state goes on with its trace, when it is well formed.
+            if !tracestate_ok(headers) {
+                headers.remove(&TRACESTATE);
+            }
+            found
+        }
+        None => {
+            // A new trace: the old trace's vendor state belongs to it, not to this one.
+            headers.remove(&TRACESTATE);
+            (Hex::<32>::random(), *b"01")
+        }
     };
     // [request id (when made)][traceparent: 00-<trace id>-<span id>-<flags>]
     let mut text = [0u8; 32 + TRACEPARENT_LEN];
@@ -157,26 +169,65 @@ impl fmt::Display for RequestId {
     }
 }
 
-/// `00-<32 hex>-<16 hex>-<2 hex>` with non-zero ids → (trace id, flags).
+/// W3C Trace Context `traceparent` → (trace id, flags): `<version>-<32 hex>-<16 hex>-<2 hex>`
+/// in lowercase hex with non-zero ids. Version `00` is exactly that; a later version (not `ff`)
+/// may carry more after a `-`, and is read by its first 55 characters, as the spec says.
 fn parse(v: &[u8]) -> Option<(Hex<32>, [u8; 2])> {
-    let v = v.trim_ascii();
     let hex = |s: &[u8]| s.iter().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b));
     let nonzero = |s: &[u8]| s.iter().any(|b| *b != b'0');
-    if v.len() != TRACEPARENT_LEN || v[2] != b'-' || v[35] != b'-' || v[52] != b'-' {
+    let version = v.get(..2)?;
+    if !hex(version) || version == b"ff" {
         return None;
     }
-    let (version, trace, parent, flags) = (&v[..2], &v[3..35], &v[36..52], &v[53..]);
-    let ok = hex(version)
-        && version != b"ff"
-        && hex(trace)
-        && nonzero(trace)
-        && hex(parent)
-        && nonzero(parent)
-        && hex(flags);
+    let v = match (version, v.len()) {
+        (b"00", TRACEPARENT_LEN) => v,
+        (b"00", _) => return None,
+        (_, n) if n == TRACEPARENT_LEN || (n > TRACEPARENT_LEN && v[TRACEPARENT_LEN] == b'-') => {
+            &v[..TRACEPARENT_LEN]
+        }
+        _ => return None,
+    };
+    if v[2] != b'-' || v[35] != b'-' || v[52] != b'-' {
+        return None;
+    }
+    let (trace, parent, flags) = (&v[3..35], &v[36..52], &v[53..]);
+    let ok = hex(trace) && nonzero(trace) && hex(parent) && nonzero(parent) && hex(flags);
     if !ok {
         return None;
     }
     Some((Hex(trace.try_into().ok()?), flags.try_into().ok()?))
+}
+
+/// Whether the `tracestate` header(s) form a valid list: at most 32 members of `key=value`, keys
+/// (`[a-z][a-z0-9_*/-]{0,255}`, or `tenant@system`) not repeated, values of printable ASCII
+/// without `,` or `=` and not ending in a space, at most 256 characters. No header is valid.
+fn tracestate_ok(headers: &HeaderMap) -> bool {
+    let mut keys = std::collections::HashSet::new();
+    for value in headers.get_all(&TRACESTATE) {
+        let Ok(list) = value.to_str() else { return false };
+        for member in list.split(',').map(|m| m.trim_matches([' ', '\t'])).filter(|m| !m.is_empty()) {
+            let Some((key, val)) = member.split_once('=') else { return false };
+            let key_ok = |k: &str, first_digit: bool| {
+                let mut b = k.bytes();
+                b.next().is_some_and(|c| c.is_ascii_lowercase() || (first_digit && c.is_ascii_digit()))
+                    && b.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"_-*/".contains(&c))
+            };
+            let key_valid = match key.split_once('@') {
+                None => key.len() <= 256 && key_ok(key, false),
+                Some((tenant, system)) => {
+                    tenant.len() <= 241 && system.len() <= 14 && key_ok(tenant, true) && key_ok(system, false)
+                }
+            };
+            let val_valid = !val.is_empty()
+                && val.len() <= 256
+                && !val.ends_with(' ')
+                && val.bytes().all(|c| (0x20..=0x7e).contains(&c) && c != b',' && c != b'=');
+            if !key_valid || !val_valid || !keys.insert(key.to_string()) || keys.len() > 32 {
+                return false;
+            }
+        }
+    }
+    true
 }
 
 #[cfg(test)]
@@ -213,6 +264,66 @@ mod tests {
             assert_eq!(h[&REQUEST_ID].to_str().unwrap(), t.request_id.to_string());
             assert!(parse(h[&TRACEPARENT].as_bytes()).is_some());
         }
+    }
+
+    /// The W3C Trace Context edge cases (Level 1, §3.2 and §3.3): versions, ids, case, lengths,
+    /// and `tracestate` kept only with the trace it belongs to.
+    #[test]
+    fn traceparent_and_tracestate_follow_the_spec_edge_cases() {
+        const ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+        let continued = |tp: &str| parse(tp.as_bytes()).map(|(t, f)| (t.as_str().to_string(), f));
+        let valid = [
+            format!("00-{ID}-00f067aa0ba902b7-01"),
+            format!("00-{ID}-00f067aa0ba902b7-00"),
+            format!("01-{ID}-00f067aa0ba902b7-01"),
+            format!("cc-{ID}-00f067aa0ba902b7-01-what-the-future-holds"),
+            format!("fe-{ID}-00f067aa0ba902b7-09"),
+        ];
+        for tp in &valid {
+            assert_eq!(continued(tp).map(|c| c.0), Some(ID.to_string()), "{tp}");
+        }
+        let invalid = [
+            format!("ff-{ID}-00f067aa0ba902b7-01"),
+            format!("00-{ID}-00f067aa0ba902b7-01-extra"),
+            format!("cc-{ID}-00f067aa0ba902b7-01extra"),
+            format!("00-{}-00f067aa0ba902b7-01", ID.to_uppercase()),
+            format!("0G-{ID}-00f067aa0ba902b7-01"),
+            format!("00-{ID}-0000000000000000-01"),
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01".to_string(),
+            format!("00-{ID}-00f067aa0ba902b7-0"),
+            format!("00-{ID}-00f067aa0ba902b-701"),
+            format!(" 00-{ID}-00f067aa0ba902b7-01"),
+            String::new(),
+        ];
+        for tp in &invalid {
+            assert_eq!(continued(tp), None, "{tp:?}");
+        }
+
+        let with = |tp: &str, state: &[&str]| {
+            let mut h = HeaderMap::new();
+            h.insert(TRACEPARENT, HeaderValue::from_str(tp).unwrap());
+            for s in state {
+                h.append(TRACESTATE, HeaderValue::from_str(s).unwrap());
+            }
+            let t = propagate(&mut h);
+            let state: Vec<String> =
+                h.get_all(&TRACESTATE).iter().map(|v| v.to_str().unwrap().to_string()).collect();
+            (t.trace_id.as_str() == ID, state)
+        };
+        let ok = format!("00-{ID}-00f067aa0ba902b7-01");
+        assert_eq!(
+            with(&ok, &["congo=t61rcWkgMzE", "rojo=00f067aa0ba902b7"]).1.len(),
+            2,
+            "kept, both headers"
+        );
+        assert_eq!(with(&ok, &["tenant1@system=v, a-b_c*d/e=1"]).1.len(), 1);
+        assert_eq!(with("garbage", &["congo=t61rcWkgMzE"]), (false, vec![]), "a restarted trace drops it");
+        for bad in ["congo=a,congo=b", "Congo=a", "congo", "congo=a=b", "congo=", "9congo=a"] {
+            assert_eq!(with(&ok, &[bad]).1, Vec::<String>::new(), "{bad}");
+        }
+        let many: Vec<String> = (0..33).map(|i| format!("k{i}=v")).collect();
+        assert_eq!(with(&ok, &[&many.join(",")]).1, Vec::<String>::new(), "more than 32 members");
+        assert_eq!(with(&ok, &[&many[..32].join(",")]).1.len(), 1, "32 members are fine");
     }
 
     #[test]
