@@ -13,11 +13,13 @@
 /// Re-exported so other crates encode and decode these messages without naming prost themselves.
 pub use prost;
 
+pub mod cloudevents;
 pub mod dial;
 pub mod field;
 pub mod gateway;
 pub mod names;
 pub mod policy;
+pub use cloudevents::delivery_json;
 
 /// Generated messages, clients and servers of package `mesh.v1`.
 #[allow(clippy::all, missing_docs)]
@@ -30,19 +32,6 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "
 
 /// How many events `Events.Replay` returns when the request names no limit.
 pub const DEFAULT_REPLAY_LIMIT: u32 = 1000;
-
-/// An event as a bus delivery, in JSON (what `meshctl events replay -o json` prints and a
-/// sidecar's `GET /events/{topic}` answers): its offset, attributes and data (JSON when it
-/// parses as JSON, a string otherwise).
-pub fn delivery_json(d: &v1::Delivery) -> serde_json::Value {
-    let e = d.event.clone().unwrap_or_default();
-    let data = String::from_utf8_lossy(&e.data).into_owned();
-    serde_json::json!({
-        "offset": d.offset, "id": e.id, "topic": e.topic, "type": e.r#type, "key": e.key, "source": e.source,
-        "time_unix_ms": e.time_unix_ms,
-        "data": serde_json::from_str::<serde_json::Value>(&data).unwrap_or(serde_json::Value::String(data)),
-    })
-}
 
 /// Time since the Unix epoch in milliseconds (wall clock, for timestamps on the wire).
 pub fn unix_ms(t: std::time::SystemTime) -> u64 {

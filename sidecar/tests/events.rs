@@ -59,7 +59,7 @@ async fn events_survive_a_dead_bus_in_order_per_key_without_duplicates() {
 
     let (status, body) = publish(
         sc.admin,
-        json!({"topic": "markets", "id": "e-0", "subject": "k0", "type": "MarketCreated", "data": {"n": 0}}),
+        json!({"specversion": "1.0", "topic": "markets", "id": "e-0", "subject": "k0", "type": "MarketCreated", "data": {"n": 0}}),
     )
     .await;
     assert_eq!(status, 202, "{body}");
@@ -69,7 +69,7 @@ async fn events_survive_a_dead_bus_in_order_per_key_without_duplicates() {
     // The bus dies; the app keeps publishing (batches of 5 over 5 keys) and every publish is accepted.
     cp.kill9();
     for b in 0..20 {
-        let batch: Vec<_> = (0..5).map(|i| json!({"topic": "markets", "id": format!("e-{}", 1 + b * 5 + i), "subject": format!("k{i}"), "data": {"n": b}})).collect();
+        let batch: Vec<_> = (0..5).map(|i| json!({"specversion": "1.0", "type": "MarketTraded", "topic": "markets", "id": format!("e-{}", 1 + b * 5 + i), "subject": format!("k{i}"), "data": {"n": b}})).collect();
         let (status, body) = publish(sc.admin, json!(batch)).await;
         assert_eq!(status, 202, "{body}");
     }
@@ -86,7 +86,7 @@ async fn events_survive_a_dead_bus_in_order_per_key_without_duplicates() {
     };
     assert!(direct.await.is_none(), "without the spool the event is refused while the bus is down");
     // A retried publish of ids already sent is accepted and later dropped by the bus as a duplicate.
-    publish(sc.admin, json!({"topic": "markets", "id": "e-7", "subject": "k1"})).await;
+    publish(sc.admin, json!({"specversion": "1.0", "type": "MarketTraded", "topic": "markets", "id": "e-7", "subject": "k1"})).await;
     let (_, metrics) = mesh_testkit::get(sc.admin, "admin", "/metrics").await;
     assert!(metrics.contains("mesh_sidecar_spool_pending 101"), "{metrics}");
 
@@ -120,7 +120,7 @@ async fn a_killed_sidecar_delivers_its_spool_after_restart() {
     let admin = sc.addr("admin");
     for i in 0..10 {
         let (status, _) =
-            publish(admin, json!({"topic": "audit", "id": format!("a-{i}"), "subject": "x"})).await;
+            publish(admin, json!({"specversion": "1.0", "type": "Audited", "topic": "audit", "id": format!("a-{i}"), "subject": "x"})).await;
         assert_eq!(status, 202);
     }
     sc.kill9();
@@ -139,12 +139,27 @@ async fn bad_events_are_refused_with_the_reason() {
     let app = Backend::start("market").await;
     let dir = tempfile::tempdir().unwrap();
     let sc = TestSidecar::start(TestSidecar::config(&cp.url(), "market", "m1", app.addr, dir.path())).await;
+    let ok = |extra: serde_json::Value| {
+        let mut e = json!({"specversion": "1.0", "id": "x", "type": "T", "topic": "t"});
+        for (k, v) in extra.as_object().unwrap() {
+            if v.is_null() {
+                e.as_object_mut().unwrap().remove(k);
+            } else {
+                e[k] = v.clone();
+            }
+        }
+        e
+    };
     for (body, want) in [
-        (json!({"id": "x"}), "topic"),
-        (json!({"topic": "Bad Topic"}), "topic"),
-        (json!({"topic": "t", "time": "yesterday"}), "RFC 3339"),
-        (json!({"topic": "t", "specversion": "0.3"}), "specversion"),
-        (json!({"topic": "t", "unknown": 1}), "invalid_body"),
+        (ok(json!({"topic": null})), "topic is required"),
+        (ok(json!({"topic": "Bad Topic"})), "topic"),
+        (ok(json!({"time": "yesterday"})), "RFC 3339"),
+        (ok(json!({"specversion": "0.3"})), "specversion"),
+        (ok(json!({"specversion": null})), "specversion is required"),
+        (ok(json!({"type": null})), "type is required"),
+        (ok(json!({"id": null})), "id is required"),
+        (ok(json!({"Unknown": 1})), "not a CloudEvents attribute name"),
+        (ok(json!({"data": 1, "data_base64": "AA=="})), "data or data_base64"),
         (json!([]), "1..=1000"),
     ] {
         let (status, resp) = publish(sc.admin, body.clone()).await;

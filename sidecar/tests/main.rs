@@ -6,6 +6,7 @@
 #![allow(clippy::disallowed_methods, clippy::disallowed_types)]
 
 mod cli;
+mod cloudevents;
 mod edge;
 mod edge_auth;
 mod events;

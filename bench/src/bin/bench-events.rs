@@ -147,7 +147,7 @@ async fn serve_hook(addr: SocketAddr, seen: Arc<Mutex<Seen>>) -> anyhow::Result<
 }
 
 fn event_json(prefix: &str, topic: &str, seq: u64, key: u64) -> serde_json::Value {
-    json!({"topic": topic, "id": format!("{prefix}-{seq}"), "subject": format!("k{key}"),
+    json!({"specversion": "1.0", "type": "BenchEvent", "topic": topic, "id": format!("{prefix}-{seq}"), "subject": format!("k{key}"),
            "type": "BenchEvent", "data": {"seq": seq, "t": now_us()}})
 }
 

@@ -71,6 +71,20 @@ fn error_bodies_have_one_shape() {
         "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
     );
     assert_ne!(crate::sha256_parts(&[b"ab", b"c"]), crate::sha256_parts(&[b"a", b"bc"]));
+    // RFC 4648 §10 vectors, padded; and back.
+    for (plain, coded) in [
+        ("", ""),
+        ("f", "Zg=="),
+        ("fo", "Zm8="),
+        ("foo", "Zm9v"),
+        ("foob", "Zm9vYg=="),
+        ("fooba", "Zm9vYmE="),
+        ("foobar", "Zm9vYmFy"),
+    ] {
+        assert_eq!(crate::base64(plain.as_bytes()), coded);
+        assert_eq!(crate::base64_decode(coded).as_deref(), Some(plain.as_bytes()));
+    }
+    assert_eq!(crate::base64_decode("Zm9v!"), None);
     // RFC 4648 §10 vectors, base64url without padding.
     let b64: Vec<String> = ["", "f", "fo", "foo", "foob", "fooba", "foobar"]
         .iter()

@@ -3,6 +3,7 @@
 //! [`subscription`]) and cache `invalidation`, both reading through `follow`.
 
 pub(crate) mod api;
+pub(crate) mod cloudevent;
 pub(crate) mod follow;
 pub(crate) mod forwarder;
 pub(crate) mod invalidation;

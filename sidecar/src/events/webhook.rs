@@ -115,6 +115,12 @@ async fn post(app: &LocalApp, sub: &Subscription, e: &v1::Event, offset: u64) ->
             req = req.header(name, value);
         }
     }
+    // Every other attribute (dataschema, traceparent, extensions) as it came in.
+    for (name, value) in
+        e.attributes.iter().filter(|(k, _)| !mesh_proto::cloudevents::OWN.contains(&k.as_str()))
+    {
+        req = req.header(format!("ce-{name}"), percent_encode(value));
+    }
     let req = req
         .body(body::boxed(Full::new(Bytes::from(e.data.clone()))))
         .map_err(|e| format!("invalid event header: {e}"))?;
@@ -159,4 +165,14 @@ async fn dead_letter(
             }
         }
     }
+}
+
+/// A header-safe attribute value: printable ASCII but `%` as is, everything else `%XX`
+/// (CloudEvents HTTP binding §3.1.3.2).
+fn percent_encode(v: &str) -> String {
+    v.bytes()
+        .map(|b| {
+            if (0x20..0x7f).contains(&b) && b != b'%' { (b as char).to_string() } else { format!("%{b:02X}") }
+        })
+        .collect()
 }
