@@ -28,6 +28,15 @@ async fn every_metrics_endpoint_passes_promtool_and_speaks_openmetrics_when_aske
     let Some(promtool) = promtool() else { return };
     let mesh = LocalMesh::start(&[]);
     let urls = mesh.metrics_urls();
+    // A traced request through the edge: its trace id becomes an exemplar of the latency
+    // histograms of the hops it crossed.
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let gw: std::net::SocketAddr = mesh.gateway().trim_start_matches("http://").parse().unwrap();
+    let traced = [("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")];
+    let (status, _) =
+        mesh_testkit::request(gw, "GET", "example.com", "/api/markets", &traced, Default::default()).await;
+    assert_eq!(status, 200);
+    let mut exemplars = 0;
     assert_eq!(urls.len(), 4, "the control plane, two sidecars and the gateway: {urls:?}");
     for url in &urls {
         let addr: std::net::SocketAddr =
@@ -50,7 +59,19 @@ async fn every_metrics_endpoint_passes_promtool_and_speaks_openmetrics_when_aske
             "{url}"
         );
         assert!(om.ends_with("# EOF\n"), "{url}: an OpenMetrics exposition ends with # EOF");
+        let exemplar = format!("# {{trace_id=\"{trace}\"}}");
+        if om
+            .lines()
+            .any(|l| l.starts_with("mesh_sidecar_request_duration_seconds_bucket") && l.contains(&exemplar))
+        {
+            exemplars += 1;
+        }
+        assert!(!text.contains(&exemplar), "{url}: no exemplars in the Prometheus text format");
     }
+    assert!(
+        exemplars >= 2,
+        "the gateway's and the market sidecar's latency buckets name the trace ({exemplars})"
+    );
 }
 
 /// Runs a command with `input` on its stdin: (status, stdout and stderr).

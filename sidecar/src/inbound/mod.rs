@@ -53,7 +53,7 @@ pub struct Inbound {
     idempotency: Arc<Idempotency>,
     pub app: LocalApp,
     counters: StatusCounters,
-    latency: prometheus_client::metrics::histogram::Histogram,
+    latency: crate::metrics::Latency,
     pub metrics: Arc<Metrics>,
     /// Requests in flight to the app (reported as load in heartbeats).
     pub inflight: Arc<AtomicUsize>,
@@ -276,7 +276,7 @@ impl Inbound {
             self.counters
                 .get(status, || self.metrics.request_counter("inbound", &self.service, "app", status))
                 .inc();
-            self.latency.observe(started.elapsed().as_secs_f64());
+            self.latency.observe(started.elapsed().as_secs_f64(), Some(crate::metrics::TraceExemplar(t.trace_id)), None);
             resp
         }
         .instrument(span)

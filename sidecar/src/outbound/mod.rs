@@ -70,7 +70,7 @@ impl Outbound {
                     let mut visit = edge.visit(peer, &req, &t, framing.as_deref());
                     let resp = match edge.admit(&self.upstreams, req, &mut visit).await {
                         Ok((req, up)) => {
-                            let (resp, endpoint) = self.forward(direction, &up, req).await;
+                            let (resp, endpoint) = self.forward(direction, &up, req, t.trace_id).await;
                             visit.served_by(&up.name, endpoint.as_ref().map(|e| e.info.id.as_str()));
                             resp
                         }
@@ -86,7 +86,7 @@ impl Outbound {
                         Ok(routed) => routed.upstream,
                         Err(resp) => return *resp,
                     };
-                    self.forward(direction, &up, req).await.0
+                    self.forward(direction, &up, req, t.trace_id).await.0
                 }
             }
         }
@@ -101,6 +101,7 @@ impl Outbound {
         direction: &'static str,
         up: &Upstream,
         req: Request<B>,
+        trace_id: crate::http::trace::Hex<32>,
     ) -> (Response<Body>, Option<Arc<Endpoint>>)
     where
         B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
@@ -119,9 +120,11 @@ impl Outbound {
                 .inc(),
             None => self.metrics.request_counter(direction, service, "-", status).inc(),
         };
-        up.latency
-            .get_or_init(|| self.metrics.latency_histogram(direction, service))
-            .observe(took.as_secs_f64());
+        up.latency.get_or_init(|| self.metrics.latency_histogram(direction, service)).observe(
+            took.as_secs_f64(),
+            Some(crate::metrics::TraceExemplar(trace_id)),
+            None,
+        );
         tracing::debug!(status, endpoint = endpoint.as_ref().map(|e| e.info.id.as_str()), ?took, "response");
         (resp, endpoint)
     }

@@ -52,7 +52,7 @@ pub enum Source {
 pub struct Upstream {
     pub name: String,
     /// Time-to-headers histogram of requests to this service (cached family member).
-    pub latency: OnceLock<prometheus_client::metrics::histogram::Histogram>,
+    pub latency: OnceLock<crate::metrics::Latency>,
     endpoints: ArcSwap<EndpointSet>,
     policy: ArcSwap<AppliedPolicy>,
     rr: AtomicUsize,
