@@ -57,6 +57,14 @@ pub enum Command {
     },
     /// Sizes, streams and uptime of the control plane.
     Overview,
+    /// Verifies a running mesh and says what to fix: the control plane answers, instances are
+    /// healthy, every sidecar is connected and converged (no NACK), certificates are valid past
+    /// --cert-margin, the event bus answers. Exit status 1 when a check fails.
+    Check {
+        /// A certificate expiring sooner than this fails the check.
+        #[arg(long, default_value = "10m", value_parser = mesh_runtime::parse_duration)]
+        cert_margin: std::time::Duration,
+    },
     /// Counters since start and push→ACK latency.
     Stats,
     /// Publish to, replay or follow a topic of the embedded event bus.

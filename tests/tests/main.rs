@@ -5,6 +5,7 @@
 // Tests spawn plain tasks (their spans are the product's concern) and may time real waits.
 #![allow(clippy::disallowed_methods, clippy::disallowed_types)]
 
+mod check;
 mod dashboards;
 mod deploy;
 mod grpc;

@@ -1,6 +1,7 @@
 //! The commands: [`run`] dispatches to one file per command group; the registry views
 //! (`services`, `instances`, `proxy-status`, `overview`, `stats`) are answered here.
 
+pub mod check;
 pub mod events;
 pub mod gateway;
 pub mod identity;
@@ -24,6 +25,14 @@ pub async fn run(args: Args) -> Result<(), CliError> {
         Command::Up(up) => return up::run(up, args.output, args.log_format).await,
         Command::Sidecar { admin } => return sidecar::run(&admin, args.output).await,
         Command::Gateway(ref cmd) if gateway::run_admin(cmd, args.output).await? => return Ok(()),
+        Command::Check { cert_margin } => {
+            let target = Target {
+                url: args.control_plane.clone(),
+                ca_file: args.ca_file.clone(),
+                admin_token_file: args.admin_token_file.clone(),
+            };
+            return check::run(&target, cert_margin, args.output).await;
+        }
         Command::Token(EndUserTokenCommand::Issue { sub, admin, ttl, dir }) => {
             let token = Issuer::open(&dir.join("issuer"))?.issue(&sub, admin, ttl)?;
             out!("{token}");
@@ -204,7 +213,9 @@ pub async fn run(args: Args) -> Result<(), CliError> {
             });
             emit_kv(out, js);
         }
-        Command::Up(_) | Command::Sidecar { .. } | Command::Token(_) => unreachable!("handled above"),
+        Command::Up(_) | Command::Sidecar { .. } | Command::Token(_) | Command::Check { .. } => {
+            unreachable!("handled above")
+        }
     }
     Ok(())
 }

@@ -1,0 +1,43 @@
+//! Issue #20.4 (`meshctl check`): a running mesh passes every check; a certificate closer to
+//! expiry than asked, or no control plane, fails — naming what and what to do — with exit 1.
+
+use crate::local::LocalMesh;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meshctl_check_passes_a_healthy_mesh_and_names_what_fails() {
+    let mesh = LocalMesh::start(&[]);
+    mesh_testkit::eventually(mesh_testkit::WAIT, "every check passes", || async {
+        let out = mesh.meshctl(&["check"]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        out.status.success()
+            && ["control plane", "instances", "proxies", "convergence", "certificates", "event bus"]
+                .iter()
+                .all(|c| text.lines().any(|l| l.starts_with("ok") && l.contains(c)))
+    })
+    .await;
+    let out = mesh.meshctl(&["-o", "json", "check", "--cert-margin", "1000d"]);
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let failed: Vec<&str> = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["ok"] == false)
+        .map(|c| c["check"].as_str().unwrap())
+        .collect();
+    assert_eq!(failed, ["certificates"], "{v}");
+    assert!(
+        v["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["ok"] == true || !c["fix"].as_str().unwrap().is_empty())
+    );
+
+    let nowhere = std::process::Command::new(mesh_testkit::bin("meshctl"))
+        .args(["--control-plane", "https://127.0.0.1:1", "check"])
+        .output()
+        .unwrap();
+    assert_eq!(nowhere.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&nowhere.stdout).contains("FAIL  control plane"), "{nowhere:?}");
+}
