@@ -335,12 +335,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         .routes(routes!(rebuild))
         .routes(routes!(verify_audit))
         .split_for_parts();
-    let mut doc = serde_json::to_value(&api).unwrap_or_default();
-    // The description itself is served too (it is not an operation of the document).
-    doc["openapi"] = json!("3.1.0");
-    let doc = Arc::new(doc);
+    // The description (OpenAPI 3.1, as utoipa writes it), rendered once.
+    let doc = bytes::Bytes::from(api.to_json().unwrap_or_default());
     router
-        .route("/openapi.json", get(move || async move { Json(doc.as_ref().clone()) }))
+        .route(
+            "/openapi.json",
+            get(move || async move { ([(header::CONTENT_TYPE, "application/json")], doc.clone()) }),
+        )
         .fallback(|| async { Refusal::new(404, "not_found", "no such endpoint; see /openapi.json") })
         .method_not_allowed_fallback(|| async {
             Refusal::new(
@@ -495,8 +496,9 @@ async fn create_market(
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 struct ListQuery {
-    #[param(nullable = false)]
-    status: Option<Status>,
+    /// open, closed, resolved or cancelled (read as text, so a wrong one is named).
+    #[param(value_type = Option<Status>, nullable = false)]
+    status: Option<String>,
     #[param(nullable = false)]
     category: Option<String>,
     /// 1..=500 (50).
@@ -513,12 +515,14 @@ async fn list_markets(
     State(s): S,
     q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<MarketList>, Refusal> {
-    let Query(q) = q.map_err(|e| {
-        let text = e.body_text();
-        let field = ["status", "limit", "offset", "category"].into_iter().find(|f| text.contains(f));
-        let code = if field == Some("status") { "invalid" } else { "invalid_query" };
-        Refusal { field, ..Refusal::new(400, code, text) }
-    })?;
+    let Query(q) = q.map_err(|e| Refusal::new(400, "invalid_query", e.body_text()))?;
+    let status = match q.status.as_deref() {
+        None => None,
+        Some(st) => Some(Status::parse(st).ok_or_else(|| Refusal {
+            field: Some("status"),
+            ..Refusal::new(400, "invalid", "status: open, closed, resolved or cancelled")
+        })?),
+    };
     let limit = q.limit.unwrap_or(50);
     if limit == 0 || limit > 500 {
         return Err(Refusal { field: Some("limit"), ..Refusal::new(400, "invalid", "limit: 1..=500") });
@@ -529,7 +533,7 @@ async fn list_markets(
         .markets
         .values()
         .filter(|m| {
-            q.status.is_none_or(|st| m.status == st) && q.category.as_deref().is_none_or(|c| m.category == c)
+            status.is_none_or(|st| m.status == st) && q.category.as_deref().is_none_or(|c| m.category == c)
         })
         .collect();
     all.sort_by(|a, b| b.created_at_ms.cmp(&a.created_at_ms).then(b.id.cmp(&a.id)));

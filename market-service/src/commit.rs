@@ -72,9 +72,10 @@ pub struct Stats {
     pub commands: AtomicU64,
 }
 
-/// What one member of a batch came to before it was written.
+/// What one member of a batch came to before it was written: its answer, its events being in
+/// the batch's members (in the same order), or a refusal.
 enum Decided {
-    Write(Vec<Append>, Answer),
+    Write(Answer),
     Refused(Refusal),
 }
 
@@ -111,6 +112,7 @@ impl Committer {
         }
         let mut again = Vec::new();
         let mut decided: Vec<(Pending, Decided)> = Vec::with_capacity(batch.len());
+        let mut members: Vec<Member> = Vec::with_capacity(batch.len());
         {
             let projection = self.projection.read().await;
             let mut view = View::new(&projection);
@@ -127,28 +129,20 @@ impl Committer {
                 let d = match (p.decide)(&view) {
                     Ok((appends, answer)) => {
                         view.fold(&appends);
-                        Decided::Write(appends, answer)
+                        let idem = p.idempotency.as_ref().map(|(key, hash)| Idempotent {
+                            key: key.clone(),
+                            request_hash: hash.clone(),
+                            status: answer.0,
+                            response: answer.1.to_string(),
+                        });
+                        members.push(Member { appends, idem });
+                        Decided::Write(answer)
                     }
                     Err(r) => Decided::Refused(r),
                 };
                 decided.push((p, d));
             }
         }
-        let members: Vec<Member> = decided
-            .iter()
-            .filter_map(|(p, d)| match d {
-                Decided::Write(appends, answer) => Some(Member {
-                    appends: appends.clone(),
-                    idem: p.idempotency.as_ref().map(|(key, hash)| Idempotent {
-                        key: key.clone(),
-                        request_hash: hash.clone(),
-                        status: answer.0,
-                        response: answer.1.to_string(),
-                    }),
-                }),
-                Decided::Refused(_) => None,
-            })
-            .collect();
         let outcomes = if members.is_empty() {
             Vec::new()
         } else {
@@ -175,7 +169,7 @@ impl Committer {
                 }
             }
         };
-        let mut outcomes = outcomes.into_iter();
+        let mut outcomes = members.iter().zip(outcomes);
         let mut replies = Vec::with_capacity(decided.len());
         let mut committed = Vec::new();
         // After a member was left out, later refusals may rest on its effects: decide again.
@@ -184,17 +178,17 @@ impl Committer {
             match d {
                 Decided::Refused(r) if dropped => retry_or(&mut again, p, r),
                 Decided::Refused(r) => replies.push((p.reply, Err(r))),
-                Decided::Write(appends, answer) => match outcomes.next() {
-                    Some(Outcome::Committed(recorded)) => {
-                        self.snapshots_due(&appends);
+                Decided::Write(answer) => match outcomes.next() {
+                    Some((member, Outcome::Committed(recorded))) => {
+                        self.snapshots_due(&member.appends);
                         committed.extend(recorded);
                         replies.push((p.reply, Ok(answer)));
                     }
-                    Some(Outcome::Replayed(stored)) => {
+                    Some((_, Outcome::Replayed(stored))) => {
                         dropped = true;
                         replies.push((p.reply, replayed(&p.idempotency, &stored)));
                     }
-                    Some(Outcome::Retry { aggregate, .. }) => {
+                    Some((_, Outcome::Retry { aggregate, .. })) => {
                         dropped = true;
                         let r = Refusal::new(
                             409,

@@ -41,9 +41,6 @@ impl From<StoreError> for Refusal {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Unreadable(reason) => Refusal::new(503, "aggregate_unreadable", reason),
-            StoreError::Conflict { .. } => {
-                Refusal::new(409, "version_conflict", format!("{e}; reload and retry"))
-            }
             other => {
                 tracing::error!(error = %other, "database failure");
                 Refusal::new(

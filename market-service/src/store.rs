@@ -27,8 +27,6 @@ pub enum Backend {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("version conflict on {aggregate}: expected version {expected}, found {actual}")]
-    Conflict { aggregate: String, expected: u64, actual: u64 },
     #[error("database: {0}")]
     Db(String),
     #[error("{0}")]

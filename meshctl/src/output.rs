@@ -97,3 +97,32 @@ pub fn print_changes(changes: &[v1::FieldChange]) {
         changes.iter().map(|c| vec![c.field.clone(), c.old_value.clone(), c.new_value.clone()]).collect();
     print_table(&["FIELD", "OLD", "NEW"], rows);
 }
+
+/// Where a proxy stands on one policy: it ACKed the current version, it refused the current
+/// version (with why), or it has not applied it yet. `proxy-status` shows it (`SYNCED`,
+/// `NACKED: why`, `STALE`), `check` fails on anything but synced.
+pub enum SyncState<'a> {
+    Synced,
+    Nacked(&'a str),
+    Stale,
+}
+
+pub fn sync_state(s: &mesh_proto::v1::PolicySyncStatus) -> SyncState<'_> {
+    if s.acked_version >= s.current_version {
+        SyncState::Synced
+    } else if s.nacked_version == s.current_version && s.current_version > 0 {
+        SyncState::Nacked(&s.nack_reason)
+    } else {
+        SyncState::Stale
+    }
+}
+
+impl std::fmt::Display for SyncState<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SyncState::Synced => f.write_str("SYNCED"),
+            SyncState::Nacked(why) => write!(f, "NACKED: {why}"),
+            SyncState::Stale => f.write_str("STALE"),
+        }
+    }
+}

@@ -200,6 +200,11 @@ async fn events_publish_replay_and_tail_with_a_group() {
         .collect();
     assert_eq!(lines.iter().map(|v| v["id"].as_str().unwrap()).collect::<Vec<_>>(), ["e1", "e2"]);
     assert_eq!(lines[0]["data"]["n"], 1);
+    assert_eq!(
+        (lines[0]["specversion"].as_str(), lines[0]["offset"].as_u64()),
+        (Some("1.0"), Some(0)),
+        "CloudEvents JSON"
+    );
     // A group resumes where it committed.
     let first = ok(&meshctl(&url, &["events", "tail", "markets", "--group", "g", "--count", "1"]));
     let second = ok(&meshctl(&url, &["events", "tail", "markets", "--group", "g", "--count", "1"]));

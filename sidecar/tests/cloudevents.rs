@@ -73,22 +73,32 @@ async fn the_cloudevents_sdk_reads_back_exactly_what_it_sent_through_the_mesh() 
     eventually(WAIT, "all six events delivered", || async { received.lock().unwrap().len() >= 6 }).await;
 
     let deliveries = Value::Array(received.lock().unwrap().clone()).to_string();
-    let mut check = tokio::process::Command::new(&python)
-        .arg(&script)
-        .arg("check")
+    sdk(&python, &script, "check", &deliveries).await;
+    // Read back from the bus as CloudEvents JSON (what `meshctl events replay -o json` prints).
+    let (status, page) =
+        mesh_testkit::request(sc.admin, "GET", "admin", "/events/sdk-events", &[], Bytes::new()).await;
+    assert_eq!(status, 200, "{page}");
+    sdk(&python, &script, "replayed", &page).await;
+    stop.cancel();
+    let _ = server.await;
+}
+
+/// Runs the SDK script's `mode` on `input`; fails the test with its report unless it passes.
+async fn sdk(python: &std::path::Path, script: &std::path::Path, mode: &str, input: &str) {
+    let mut child = tokio::process::Command::new(python)
+        .arg(script)
+        .arg(mode)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    check.stdin.take().unwrap().write_all(deliveries.as_bytes()).await.unwrap();
-    let out = check.wait_with_output().await.unwrap();
+    child.stdin.take().unwrap().write_all(input.as_bytes()).await.unwrap();
+    let out = child.wait_with_output().await.unwrap();
     assert!(
         out.status.success(),
-        "{}{}\ndelivered: {deliveries}",
+        "{mode}: {}{}\ninput: {input}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    stop.cancel();
-    let _ = server.await;
 }

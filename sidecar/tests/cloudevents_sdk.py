@@ -5,6 +5,9 @@
                                                {"headers": {...}, "body_b64": "..."}) with the SDK
                                                and compares it, attribute for attribute and byte
                                                for byte, with what was produced
+    python cloudevents_sdk.py replayed < page  the same for the topic read back as CloudEvents JSON
+                                               (a sidecar's GET /events/{topic}, which is what
+                                               `meshctl events replay -o json` prints)
 """
 
 import base64
@@ -13,7 +16,7 @@ import json
 import sys
 
 from cloudevents.conversion import to_binary, to_json, to_structured
-from cloudevents.http import CloudEvent, from_http
+from cloudevents.http import CloudEvent, from_http, from_json
 
 TOPIC = "sdk-events"
 
@@ -56,11 +59,8 @@ def instant(t):
     return datetime.datetime.fromisoformat(t.replace("Z", "+00:00"))
 
 
-def check():
-    received = {}
-    for d in json.load(sys.stdin):
-        e = from_http(d["headers"], base64.b64decode(d["body_b64"]))
-        received[e["id"]] = e
+def compare(received):
+    """Every produced event against what arrived (by id); exits non-zero naming differences."""
     problems = []
     for sent, _ in events():
         got = received.get(sent["id"])
@@ -80,5 +80,21 @@ def check():
     sys.exit(1 if problems else 0)
 
 
+def check():
+    received = {}
+    for d in json.load(sys.stdin):
+        e = from_http(d["headers"], base64.b64decode(d["body_b64"]))
+        received[e["id"]] = e
+    compare(received)
+
+
+def replayed():
+    received = {}
+    for d in json.load(sys.stdin)["events"]:
+        e = from_json(json.dumps(d))
+        received[e["id"]] = e
+    compare(received)
+
+
 if __name__ == "__main__":
-    {"produce": produce, "check": check}[sys.argv[1]]()
+    {"produce": produce, "check": check, "replayed": replayed}[sys.argv[1]]()

@@ -147,6 +147,28 @@ async fn only_verified_end_users_reach_the_app_and_only_through_the_gateway() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(seen(&body)["x-mesh-user"], "bob");
 
+    // Idempotency-Key behind the edge: a key is the end user's. Alice's repeat is replayed and
+    // her key with another body is 422; an anonymous client's key is left to the app (the
+    // gateway speaks for every anonymous client), so both of those reach it.
+    let keyed = |auth: Option<&str>, body: &'static str| {
+        let auth = auth.map(str::to_string);
+        async move {
+            let mut h = vec![("idempotency-key", "k-1")];
+            if let Some(a) = &auth {
+                h.push(("authorization", a.as_str()));
+            }
+            request(gw, "POST", "edge", "/orders", &h, Bytes::from_static(body.as_bytes())).await.0
+        }
+    };
+    let before = app.hits();
+    assert_eq!(keyed(Some(&alice), "a").await, 200);
+    assert_eq!(keyed(Some(&alice), "a").await, 200);
+    assert_eq!(app.hits() - before, 1, "alice's repeat is a replay");
+    assert_eq!(keyed(Some(&alice), "b").await, 422, "her key with another body");
+    assert_eq!(keyed(None, "a").await, 200);
+    assert_eq!(keyed(None, "b").await, 200, "anonymous keys are not shared between clients");
+    assert_eq!(app.hits() - before, 3);
+
     // Another mesh service cannot speak for an end user: only the gateway is a trusted edge.
     let (status, body) =
         request(web.outbound, "GET", "market", "/who", &[("x-mesh-user", "alice")], Bytes::new()).await;

@@ -13,24 +13,6 @@ fn root() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
-/// An installed program (Debian's `prometheus` package has both `prometheus` and `promtool`):
-/// required in CI.
-fn program(name: &str) -> Option<std::path::PathBuf> {
-    let found = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
-        .map(|d| d.join(name))
-        .find(|p| p.is_file());
-    match found {
-        Some(p) => Some(p),
-        None if std::env::var("MESH_REQUIRE_POSTGRES").is_ok_and(|v| v == "1") => {
-            panic!("{name} is not installed: scripts/test-deps installs Debian's prometheus package")
-        }
-        None => {
-            eprintln!("skipped: no {name} (run scripts/test-deps)");
-            None
-        }
-    }
-}
-
 /// Every PromQL expression of every dashboard, with where it is.
 fn expressions() -> Vec<(String, String)> {
     let dir = root().join("deploy/grafana/dashboards");
@@ -57,7 +39,11 @@ fn expressions() -> Vec<(String, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_dashboard_query_returns_data_from_a_real_prometheus_scraping_the_mesh() {
-    let (Some(prometheus), Some(promtool)) = (program("prometheus"), program("promtool")) else { return };
+    let (Some(prometheus), Some(promtool)) =
+        (crate::deploy::program("prometheus"), crate::deploy::program("promtool"))
+    else {
+        return;
+    };
     let checked = std::process::Command::new(&promtool)
         .args(["check", "config", "--syntax-only"])
         .arg(root().join("deploy/prometheus/prometheus.yml"))

@@ -127,6 +127,24 @@ pub fn validator(name: &str) -> Option<std::path::PathBuf> {
     }
 }
 
+/// An installed program (Debian's `prometheus` package has both `prometheus` and `promtool`):
+/// required in CI.
+pub fn program(name: &str) -> Option<std::path::PathBuf> {
+    let found = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|d| d.join(name))
+        .find(|p| p.is_file());
+    match found {
+        Some(p) => Some(p),
+        None if std::env::var("MESH_REQUIRE_POSTGRES").is_ok_and(|v| v == "1") => {
+            panic!("{name} is not installed: scripts/test-deps installs Debian's prometheus package")
+        }
+        None => {
+            eprintln!("skipped: no {name} (run scripts/test-deps)");
+            None
+        }
+    }
+}
+
 fn run(tool: &Path, args: &[&str], file: &Path) -> std::process::Output {
     Command::new(tool).args(args).arg(file).output().unwrap_or_else(|e| panic!("{}: {e}", tool.display()))
 }

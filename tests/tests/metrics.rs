@@ -6,26 +6,9 @@ use std::io::Write;
 
 use crate::local::LocalMesh;
 
-/// `promtool` (Debian's `prometheus` package, installed by `scripts/test-deps`): required in CI.
-fn promtool() -> Option<std::path::PathBuf> {
-    let found = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
-        .map(|d| d.join("promtool"))
-        .find(|p| p.is_file());
-    match found {
-        Some(p) => Some(p),
-        None if std::env::var("MESH_REQUIRE_POSTGRES").is_ok_and(|v| v == "1") => {
-            panic!("promtool is not installed: scripts/test-deps installs Debian's prometheus package")
-        }
-        None => {
-            eprintln!("skipped: no promtool (run scripts/test-deps)");
-            None
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_metrics_endpoint_passes_promtool_and_speaks_openmetrics_when_asked() {
-    let Some(promtool) = promtool() else { return };
+    let Some(promtool) = crate::deploy::program("promtool") else { return };
     let mesh = LocalMesh::start(&[]);
     let urls = mesh.metrics_urls();
     // A traced request through the edge: its trace id becomes an exemplar of the latency

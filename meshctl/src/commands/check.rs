@@ -12,7 +12,7 @@ use crate::{
     args::Output,
     connect::{Target, connect},
     error::CliError,
-    output::{emit, print_json},
+    output::{SyncState, emit, print_json, sync_state},
 };
 
 /// One verdict: what was checked, whether it holds, what was found, and what to do.
@@ -128,18 +128,11 @@ async fn proxies(ch: mesh_proto::dial::AdminChannel, margin: Duration) -> Vec<Ve
     let (mut stale, mut nacked, mut certs) = (Vec::new(), Vec::new(), Vec::new());
     for p in &list {
         for s in &p.policies {
-            if s.acked_version < s.current_version {
-                if s.nacked_version == s.current_version {
-                    nacked.push(format!(
-                        "{} NACKed {} v{}: {}",
-                        p.node_id, s.service, s.current_version, s.nack_reason
-                    ));
-                } else {
-                    stale.push(format!(
-                        "{} has {} v{} of v{}",
-                        p.node_id, s.service, s.acked_version, s.current_version
-                    ));
-                }
+            let (node, policy, v) = (&p.node_id, &s.service, s.current_version);
+            match sync_state(s) {
+                SyncState::Synced => {}
+                SyncState::Nacked(why) => nacked.push(format!("{node} NACKed {policy} v{v}: {why}")),
+                SyncState::Stale => stale.push(format!("{node} has {policy} v{} of v{v}", s.acked_version)),
             }
         }
         let exp = p.certificate_expires_unix_ms;

@@ -13,7 +13,7 @@ use crate::{
     connect::{Target, connect},
     error::CliError,
     issuer::Issuer,
-    output::{dash, emit, emit_kv, health_name},
+    output::{dash, emit, emit_kv, health_name, sync_state},
     up,
 };
 
@@ -132,16 +132,7 @@ pub async fn run(args: Args) -> Result<(), CliError> {
                     ),
                 };
                 for s in &p.policies {
-                    let state = if s.nacked_version == s.current_version
-                        && s.current_version > 0
-                        && s.acked_version < s.current_version
-                    {
-                        format!("NACKED: {}", s.nack_reason)
-                    } else if s.acked_version == s.current_version {
-                        "SYNCED".into()
-                    } else {
-                        "STALE".into()
-                    };
+                    let state = sync_state(s).to_string();
                     rows.push(vec![
                         dash(&p.node_id),
                         dash(&p.service),

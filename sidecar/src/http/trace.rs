@@ -222,7 +222,7 @@ fn tracestate_ok(headers: &HeaderMap) -> bool {
                 && val.len() <= 256
                 && !val.ends_with(' ')
                 && val.bytes().all(|c| (0x20..=0x7e).contains(&c) && c != b',' && c != b'=');
-            if !key_valid || !val_valid || !keys.insert(key.to_string()) || keys.len() > 32 {
+            if !key_valid || !val_valid || !keys.insert(key) || keys.len() > 32 {
                 return false;
             }
         }

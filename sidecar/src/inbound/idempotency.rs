@@ -225,6 +225,20 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn answers_to_fix_and_retry_are_not_kept() {
+        let t = Idempotency::new(Duration::from_secs(60));
+        let now = Instant::now();
+        for status in [StatusCode::UNAUTHORIZED, StatusCode::REQUEST_TIMEOUT, StatusCode::TOO_MANY_REQUESTS] {
+            let Begin::Owner(g) = t.begin("k", F, now) else { panic!("{status}: the key is free") };
+            g.finish(Some(Stored { status, ..ok("") }));
+        }
+        // A settled refusal (400, 403, 409 …) is the request's answer, like a success.
+        let Begin::Owner(g) = t.begin("k", F, now) else { panic!() };
+        g.finish(Some(Stored { status: StatusCode::CONFLICT, ..ok("no") }));
+        assert!(matches!(t.begin("k", F, now), Begin::Replay(_)));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_duplicate_in_flight_waits_for_the_first_answer() {
         let t = Idempotency::new(Duration::from_secs(60));
         let now = Instant::now();
