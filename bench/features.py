@@ -34,15 +34,6 @@ def wrk_h(url, header=None):
     return dp.parse_wrk(r.stdout)
 
 
-def main():
-    spinners = [subprocess.Popen(["taskset", "-c", str(c), "chrt", "-i", "0", "sh", "-c", "while :; do :; done"]) for c in (0, 1)]
-    try:
-        run()
-    finally:
-        for p in dp.procs + spinners:
-            p.kill()
-
-
 def run():
     _, be = dp.start([f"{dp.REL}/bench-backend", "127.0.0.1:0"])
     _, cp = dp.start([f"{dp.REL}/control-plane", "--insecure-api", "--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0",
@@ -84,4 +75,4 @@ def run():
 
 
 if __name__ == "__main__":
-    main()
+    dp.main(run)

@@ -88,6 +88,32 @@ impl Auth {
         })
     }
 
+    /// The management API over HTTP: the admin token as a bearer token, or the reason it is
+    /// refused — 401 with none, 403 with another.
+    pub fn http_admin(
+        &self,
+        headers: &axum::http::HeaderMap,
+    ) -> Result<(), (axum::http::StatusCode, &'static str, String)> {
+        let Some(admin) = &self.admin_token_sha256 else { return Ok(()) };
+        let Some(value) = headers.get(axum::http::header::AUTHORIZATION) else {
+            return Err((
+                axum::http::StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "send the admin token: authorization: Bearer <its data dir's admin.token>".into(),
+            ));
+        };
+        let token = value.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")).unwrap_or_default();
+        if !token.is_empty() && mesh_runtime::sha256(token.trim().as_bytes()) == *admin {
+            return Ok(());
+        }
+        Err((
+            axum::http::StatusCode::FORBIDDEN,
+            "forbidden",
+            "the bearer token is not the admin token: use the control plane's admin token (its data dir's admin.token)"
+                .into(),
+        ))
+    }
+
     /// Admin only.
     pub fn admin<T>(&self, req: &Request<T>, what: &str) -> Result<(), Status> {
         match self.caller(req)? {

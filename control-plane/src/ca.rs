@@ -61,26 +61,28 @@ impl Ca {
                 .map_err(|e| file_err(&key_path)(format!("not a private key: {e}")))?;
             (pem, key)
         } else {
-            let key = KeyPair::generate().map_err(|e| CaError::Sign(e.to_string()))?;
-            let mut params = CertificateParams::default();
-            let mut dn = DistinguishedName::new();
-            dn.push(DnType::CommonName, format!("Opinion Market Mesh root ({trust_domain})"));
-            dn.push(DnType::OrganizationName, "Opinion Market Mesh");
-            params.distinguished_name = dn;
-            params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-            let now = SystemTime::now();
-            params.not_before = (now - Duration::from_secs(3600)).into();
-            params.not_after = (now + Duration::from_secs(10 * 365 * 86_400)).into();
-            let cert = params.self_signed(&key).map_err(|e| CaError::Sign(e.to_string()))?;
-            write_private(&key_path, &key.serialize_pem())?;
-            write_file(&cert_path, &cert.pem())?;
+            let (pem, key_pem) = new_root(trust_domain)?;
+            write_private(&key_path, &key_pem)?;
+            write_file(&cert_path, &pem)?;
             tracing::info!(path = %cert_path.display(), %trust_domain, "created the mesh root certificate");
-            (cert.pem(), key)
+            (pem, KeyPair::from_pem(&key_pem).map_err(|e| CaError::Sign(e.to_string()))?)
         };
         let issuer = Issuer::from_ca_cert_pem(&root_pem, key)
             .map_err(|e| file_err(&cert_path)(format!("not a CA certificate: {e}")))?;
         Ok(Ca { issuer, root_pem, trust_domain: trust_domain.to_string(), leaf_ttl })
+    }
+
+    /// The CA of a root given as PEM (shared through etcd by the replicas).
+    pub fn from_pems(
+        root_pem: &str,
+        key_pem: &str,
+        trust_domain: &str,
+        leaf_ttl: Duration,
+    ) -> Result<Ca, CaError> {
+        let key = KeyPair::from_pem(key_pem).map_err(|e| CaError::Sign(format!("the root's key: {e}")))?;
+        let issuer = Issuer::from_ca_cert_pem(root_pem, key)
+            .map_err(|e| CaError::Sign(format!("not a CA certificate: {e}")))?;
+        Ok(Ca { issuer, root_pem: root_pem.to_string(), trust_domain: trust_domain.to_string(), leaf_ttl })
     }
 
     /// Signs `csr_pem` for `service` at `now`: the leaf certificate (PEM) and when it expires.
@@ -160,7 +162,7 @@ fn rand_serial() -> Vec<u8> {
     b
 }
 
-fn write_file(path: &Path, text: &str) -> Result<(), CaError> {
+pub(crate) fn write_file(path: &Path, text: &str) -> Result<(), CaError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| file_err(path)(e.to_string()))?;
     }
@@ -172,6 +174,23 @@ fn write_file(path: &Path, text: &str) -> Result<(), CaError> {
 pub(crate) fn write_private(path: &Path, text: &str) -> Result<(), CaError> {
     mesh_runtime::write_secret(path, text, mesh_runtime::Existing::Keep)
         .map_err(|e| file_err(path)(e.to_string()))
+}
+
+/// A new mesh root for `trust_domain`: (certificate PEM, private key PEM).
+pub fn new_root(trust_domain: &str) -> Result<(String, String), CaError> {
+    let key = KeyPair::generate().map_err(|e| CaError::Sign(e.to_string()))?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, format!("Opinion Market Mesh root ({trust_domain})"));
+    dn.push(DnType::OrganizationName, "Opinion Market Mesh");
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let now = SystemTime::now();
+    params.not_before = (now - Duration::from_secs(3600)).into();
+    params.not_after = (now + Duration::from_secs(10 * 365 * 86_400)).into();
+    let cert = params.self_signed(&key).map_err(|e| CaError::Sign(e.to_string()))?;
+    Ok((cert.pem(), key.serialize_pem()))
 }
 
 #[cfg(test)]

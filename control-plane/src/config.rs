@@ -10,10 +10,16 @@ use std::{path::PathBuf, time::Duration};
 pub struct Config {
     /// Where the redb file lives.
     pub data_dir: PathBuf,
+    /// Where policies, instances, tokens and the CA live: the data dir, or etcd shared by
+    /// several replicas.
+    pub store: StoreBackend,
     /// Idle discovery streams get a PING this often.
     pub ping_interval: Duration,
     /// How often TTLs are checked: expiry happens at most this long after the TTL passed.
     pub sweep_interval: Duration,
+    /// The observed topology's time slot: its windows are 6 and 60 slots (one and ten minutes
+    /// at the default 10 s).
+    pub topology_slot: Duration,
     /// HTTP/2 streams one connection may open (discovery + policy streams of many proxies).
     pub max_concurrent_streams: u32,
     /// After a restart, restored instances do not expire before this has passed (on top of
@@ -37,9 +43,33 @@ pub struct Config {
     pub api_names: Vec<String>,
     /// The admin token's file; default `admin.token` in the data dir, created on first start.
     pub admin_token_file: Option<PathBuf>,
+    /// Where spans go over OTLP/gRPC; none: no spans are exported.
+    pub otlp_endpoint: Option<String>,
     /// TLS handshakes in progress at once on the gRPC listener; connections beyond are closed at
     /// once, so clients that connect and never finish a handshake cannot pile up.
     pub max_pending_handshakes: usize,
+}
+
+/// Where the control plane keeps its state.
+#[derive(Debug, Clone)]
+pub enum StoreBackend {
+    /// The redb file in the data dir (default): one control plane.
+    Embedded,
+    /// etcd, shared by every replica (see [`crate::etcd`]).
+    Etcd(Box<EtcdStore>),
+}
+
+/// `--store etcd` settings.
+#[derive(Debug, Clone)]
+pub struct EtcdStore {
+    pub options: crate::etcd::EtcdOptions,
+    /// Every key lives under this prefix (several meshes can share one etcd).
+    pub prefix: String,
+    /// This replica's name in etcd (its heartbeat batch, the election).
+    pub replica: String,
+    /// Seals the mesh root and the admin token in etcd (64 hex digits, the same on every
+    /// replica); not needed when both are given as files.
+    pub seal_key_file: Option<PathBuf>,
 }
 
 /// The event bus's log.
@@ -67,8 +97,10 @@ impl Config {
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         Self {
             data_dir: data_dir.into(),
+            store: StoreBackend::Embedded,
             ping_interval: PING_INTERVAL,
             sweep_interval: SWEEP_INTERVAL,
+            topology_slot: Duration::from_secs(10),
             max_concurrent_streams: 16_384,
             restart_grace: RESTART_GRACE,
             bus: BusBackend::Embedded,
@@ -80,6 +112,7 @@ impl Config {
             insecure_api: false,
             api_names: Vec::new(),
             admin_token_file: None,
+            otlp_endpoint: None,
             max_pending_handshakes: 1024,
         }
     }

@@ -14,6 +14,11 @@ pub enum Error {
     AdminToken { path: String, reason: String },
     #[error("gRPC server failed: {0}")]
     Grpc(#[from] tonic::transport::Error),
+    #[error("{0}")]
+    Telemetry(String),
+    /// Settings that cannot work together, or a shared store that cannot be used.
+    #[error("{0}")]
+    Config(String),
     #[error("admin HTTP server failed: {0}")]
     Admin(#[source] std::io::Error),
 }

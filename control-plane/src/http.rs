@@ -1,5 +1,6 @@
 //! The control plane's admin HTTP listener: `/metrics` (Prometheus / OpenMetrics text) and
-//! `/healthz`.
+//! `/healthz`, open; the JSON management API under `/api/v1`, for the admin token only; the
+//! live dashboard at `/`, which signs in with that token.
 
 use std::sync::Arc;
 
@@ -15,10 +16,16 @@ use crate::state::State;
 
 pub fn router(state: Arc<State>) -> Router {
     Router::new()
+        .route("/", get(dashboard))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
+        .nest("/api/v1", crate::management::router(state.clone()))
         .fallback(|| async {
-            mesh_runtime::error_response(StatusCode::NOT_FOUND, "not_found", "try /metrics or /healthz")
+            mesh_runtime::error_response(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "try /metrics, /healthz or the management API under /api/v1 (/api/v1/openapi.json)",
+            )
         })
         .with_state(state)
 }
@@ -42,4 +49,22 @@ async fn healthz(AxumState(s): AxumState<Arc<State>>) -> impl IntoResponse {
     } else {
         (StatusCode::OK, Json(serde_json::json!({"status": "serving"})))
     }
+}
+
+/// The live dashboard: one page, built into the binary, that reads the management API with the
+/// admin token the user signs in with. Its policy lets it load nothing from anywhere else.
+async fn dashboard() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+            ),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::REFERRER_POLICY, "no-referrer"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        include_str!("dashboard.html"),
+    )
 }

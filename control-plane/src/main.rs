@@ -9,13 +9,17 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
-use control_plane::{BusBackend, Config, ControlPlane, bus::retention::Retention, config};
+use control_plane::{
+    BusBackend, Config, ControlPlane, EtcdStore, StoreBackend, bus::retention::Retention, config,
+};
 use tokio::net::TcpListener;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum StoreKind {
-    /// redb file in --data-dir.
+    /// redb file in --data-dir: one control plane.
     Embedded,
+    /// etcd (--etcd-endpoints), shared by several control-plane replicas; needs --bus nats.
+    Etcd,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -41,6 +45,36 @@ struct Args {
     /// Storage backend.
     #[arg(long, env = "MESH_STORE", value_enum, default_value = "embedded")]
     store: StoreKind,
+    /// etcd members for --store etcd (http:// or https://), comma-separated.
+    #[arg(long, env = "MESH_ETCD_ENDPOINTS", value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
+    etcd_endpoints: Vec<String>,
+    /// Every key of this mesh in etcd lives under this prefix.
+    #[arg(long, env = "MESH_ETCD_PREFIX", default_value = "/mesh")]
+    etcd_prefix: String,
+    /// CA certificate (PEM) that etcd's https:// endpoints chain to.
+    #[arg(long, env = "MESH_ETCD_CA_FILE")]
+    etcd_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd's client-cert auth, with --etcd-key-file.
+    #[arg(long, env = "MESH_ETCD_CERT_FILE", requires = "etcd_key_file")]
+    etcd_cert_file: Option<PathBuf>,
+    #[arg(long, env = "MESH_ETCD_KEY_FILE", requires = "etcd_cert_file")]
+    etcd_key_file: Option<PathBuf>,
+    /// etcd user (etcd's auth), with --etcd-password-file.
+    #[arg(long, env = "MESH_ETCD_USER", requires = "etcd_password_file")]
+    etcd_user: Option<String>,
+    #[arg(long, env = "MESH_ETCD_PASSWORD_FILE", requires = "etcd_user")]
+    etcd_password_file: Option<PathBuf>,
+    /// Deadline of each etcd call: a write etcd cannot commit (no quorum) fails after this.
+    #[arg(long, env = "MESH_ETCD_TIMEOUT", default_value = "3s", value_parser = duration)]
+    etcd_timeout: humantime::Duration,
+    /// This replica's name in etcd (default: a new id per start).
+    #[arg(long, env = "MESH_REPLICA")]
+    replica: Option<String>,
+    /// With --store etcd: the key (64 hex digits, the same file on every replica) that seals
+    /// the mesh root and the admin token in etcd. Not needed with --ca-cert/--ca-key and
+    /// --admin-token-file.
+    #[arg(long, env = "MESH_CA_SEAL_KEY_FILE")]
+    ca_seal_key_file: Option<PathBuf>,
     /// Event bus: embedded (in the data dir) or nats (JetStream at --nats-url).
     #[arg(long, env = "MESH_BUS", value_enum, default_value = "embedded")]
     bus: BusKind,
@@ -94,6 +128,11 @@ struct Args {
     /// How long in-flight calls may take to finish after SIGTERM.
     #[arg(long, env = "MESH_DRAIN_TIMEOUT", default_value_t = config::DRAIN_TIMEOUT.into(), value_parser = duration)]
     drain_timeout: humantime::Duration,
+    /// Export spans of the unary gRPC calls over OTLP/gRPC to this collector
+    /// (`http://host:4317`); the standard `OTEL_*` variables apply (`OTEL_TRACES_SAMPLER_ARG`:
+    /// the share of calls without a caller's trace that are sampled).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "MESH_LOG", default_value = "info")]
     log: String,
@@ -101,6 +140,43 @@ struct Args {
     /// trace id).
     #[arg(long, env = "MESH_LOG_FORMAT", default_value = "text")]
     log_format: mesh_runtime::LogFormat,
+}
+
+/// `--store etcd`'s settings, with the files they name read.
+fn etcd_store(args: &Args) -> anyhow::Result<EtcdStore> {
+    let read = |flag: &str, path: &PathBuf| {
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {flag} {}", path.display()))
+    };
+    let ca_pem = args.etcd_ca_file.as_ref().map(|p| read("--etcd-ca-file", p)).transpose()?;
+    let client_cert = match (&args.etcd_cert_file, &args.etcd_key_file) {
+        (Some(c), Some(k)) => Some((read("--etcd-cert-file", c)?, read("--etcd-key-file", k)?)),
+        _ => None,
+    };
+    let user = match (&args.etcd_user, &args.etcd_password_file) {
+        (Some(u), Some(p)) => Some((u.clone(), read("--etcd-password-file", p)?.trim().to_string())),
+        _ => None,
+    };
+    if client_cert.is_some() && ca_pem.is_none() {
+        anyhow::bail!(
+            "--etcd-cert-file needs --etcd-ca-file: a client certificate is only sent over https://"
+        );
+    }
+    let replica = args.replica.clone().unwrap_or_else(|| {
+        let id = uuid::Uuid::now_v7().simple().to_string();
+        format!("cp-{}", &id[id.len() - 8..])
+    });
+    Ok(EtcdStore {
+        options: control_plane::etcd::EtcdOptions {
+            endpoints: args.etcd_endpoints.clone(),
+            ca_pem,
+            client_cert,
+            user,
+            timeout: args.etcd_timeout.into(),
+        },
+        prefix: args.etcd_prefix.clone(),
+        replica,
+        seal_key_file: args.ca_seal_key_file.clone(),
+    })
 }
 
 /// A duration flag (`250ms`, `15s`, `7d`), shown in `--help` as it parses.
@@ -115,8 +191,10 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let StoreKind::Embedded = args.store;
     let mut config = Config::new(&args.data_dir);
+    if let StoreKind::Etcd = args.store {
+        config.store = StoreBackend::Etcd(Box::new(etcd_store(&args)?));
+    }
     config.ping_interval = args.ping_interval.into();
     config.sweep_interval = args.sweep_interval.into();
     config.restart_grace = args.restart_grace.into();
@@ -133,6 +211,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     config.insecure_api = args.insecure_api;
     config.api_names = args.api_names.clone();
     config.admin_token_file = args.admin_token_file.clone();
+    config.otlp_endpoint = args.otlp_endpoint.clone();
     let cp = ControlPlane::open(config).await?;
     let grpc = TcpListener::bind(args.grpc_addr)
         .await

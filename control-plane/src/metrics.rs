@@ -42,6 +42,9 @@ pub struct Metrics {
     pub tracked: Family<[(&'static str, &'static str); 1], Gauge>,
     pub api_handshake_failures: Counter,
     pub api_refused: Family<[(&'static str, &'static str); 1], Counter>,
+    /// 1 while this control plane expires and deregisters instances (always with the embedded
+    /// store; the elected replica with etcd).
+    pub sweeper: Gauge,
     ack_latency: Histogram,
     recent_acks: Mutex<VecDeque<f64>>,
     registry: Registry,
@@ -69,12 +72,18 @@ impl Metrics {
             tracked: Family::default(),
             api_handshake_failures: Counter::default(),
             api_refused: Family::default(),
+            sweeper: Gauge::default(),
             ack_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             recent_acks: Mutex::new(VecDeque::with_capacity(RECENT_ACKS)),
             registry: Registry::default(),
         };
         let r = &mut registry;
         r.register("registrations", "Instance registrations", m.registrations.clone());
+        r.register(
+            "sweeper",
+            "1 while this control plane expires and deregisters instances (with --store etcd, the elected replica)",
+            m.sweeper.clone(),
+        );
         r.register(
             "deregistrations",
             "Instance deregistrations (explicit and after expiry)",

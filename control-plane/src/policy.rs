@@ -7,7 +7,7 @@
 use std::{sync::Arc, time::SystemTime};
 
 use dashmap::DashMap;
-use mesh_proto::{names, policy::ServicePolicy, unix_ms, v1};
+use mesh_proto::{names, policy::ServicePolicy, prost::Message, unix_ms, v1};
 use tokio::sync::watch;
 
 use crate::store::{Store, StoreError};
@@ -77,22 +77,28 @@ impl Policies {
     pub fn new(store: Store, stored: Vec<v1::VersionedPolicy>) -> Result<Self, StoreError> {
         let channels = DashMap::new();
         for vp in stored {
-            let policy = ServicePolicy::try_from(vp.policy.clone().unwrap_or_default()).map_err(|e| {
-                StoreError::Db {
-                    op: "restoring policies",
-                    message: format!("stored policy of {} is invalid: {e}", vp.service),
-                }
-            })?;
-            let entry = PolicyEntry {
-                service: vp.service.clone(),
-                version: vp.version,
-                policy: Arc::new(policy),
-                is_default: vp.is_default,
-                updated_at_unix_ms: vp.updated_at_unix_ms,
-            };
-            channels.insert(vp.service, watch::channel(Arc::new(entry)).0);
+            let entry = entry_from_wire(vp)?;
+            channels.insert(entry.service.clone(), watch::channel(Arc::new(entry)).0);
         }
         Ok(Self { channels, store, writes: tokio::sync::Mutex::new(()) })
+    }
+
+    /// Applies a policy another replica wrote (read from the shared store): it takes effect if
+    /// it is newer than what this replica has.
+    pub fn apply_stored(&self, vp: v1::VersionedPolicy) -> Result<bool, StoreError> {
+        let entry = Arc::new(entry_from_wire(vp)?);
+        let tx = self
+            .channels
+            .entry(entry.service.clone())
+            .or_insert_with(|| watch::channel(Arc::new(PolicyEntry::defaults(&entry.service))).0)
+            .clone();
+        Ok(tx.send_if_modified(|cur| {
+            if cur.version >= entry.version {
+                return false;
+            }
+            *cur = entry.clone();
+            true
+        }))
     }
 
     pub fn current(&self, service: &str) -> Arc<PolicyEntry> {
@@ -144,7 +150,10 @@ impl Policies {
         check_service(service)?;
         let _w = self.writes.lock().await;
         let cur = self.current(service);
-        if let Some(expected) = expected_version.filter(|e| *e != cur.version) {
+        // With a shared store this replica's view may lag: etcd's transaction decides.
+        if let Some(expected) =
+            expected_version.filter(|e| *e != cur.version && self.store.cluster().is_none())
+        {
             return Err(PolicyError::VersionMismatch {
                 service: service.into(),
                 current: cur.version,
@@ -162,7 +171,7 @@ impl Policies {
         if dry_run {
             return Ok(SetOutcome { entry: next, changes, applied: false });
         }
-        self.commit(next.clone()).await?;
+        let next = self.commit(next, expected_version).await?;
         tracing::info!(%service, version = next.version, changes = changes.len(), "policy set");
         Ok(SetOutcome { entry: next, changes, applied: true })
     }
@@ -180,27 +189,78 @@ impl Policies {
             updated_at_unix_ms: unix_ms(SystemTime::now()),
             ..PolicyEntry::defaults(service)
         });
-        self.commit(next.clone()).await?;
+        let next = self.commit(next, None).await?;
         tracing::info!(%service, version = next.version, "policy deleted: service back on defaults");
         Ok(Some(next.version))
     }
 
-    async fn commit(&self, entry: Arc<PolicyEntry>) -> Result<(), PolicyError> {
+    /// Makes `entry` durable and current. With a shared store etcd decides the version: the
+    /// key's own version there (1 on the first write, one more on each), so versions read the same
+    /// as with the embedded store and only grow, whichever replica wrote; `expected` (a version
+    /// the caller saw) is compared inside etcd's transaction.
+    async fn commit(
+        &self,
+        mut entry: Arc<PolicyEntry>,
+        expected: Option<u64>,
+    ) -> Result<Arc<PolicyEntry>, PolicyError> {
+        if let Some(c) = self.store.cluster() {
+            let key = c.policy_key(&entry.service);
+            let value = entry.to_wire().encode_to_vec();
+            let version = match expected {
+                None => c.etcd.put_versioned(&key, value).await.map_err(StoreError::from)? + 1,
+                Some(e) => match c.etcd.put_if(&key, value, e as i64).await.map_err(StoreError::from)? {
+                    Some(_) => e as i64 + 1,
+                    None => {
+                        let current = c
+                            .etcd
+                            .get(&key)
+                            .await
+                            .map_err(StoreError::from)?
+                            .map_or(0, |kv| kv.version as u64);
+                        return Err(PolicyError::VersionMismatch {
+                            service: entry.service.clone(),
+                            current,
+                            expected: e,
+                        });
+                    }
+                },
+            };
+            entry = Arc::new(PolicyEntry { version: version as u64, ..(*entry).clone() });
+            self.apply_stored(entry.to_wire())?;
+            return Ok(entry);
+        }
         self.store.put_policy(&entry.to_wire()).await?;
         let service = entry.service.clone();
         match self.channels.get(&service) {
             Some(tx) => {
-                tx.send_replace(entry);
+                tx.send_replace(entry.clone());
             }
             None => {
                 self.channels
                     .entry(service)
                     .or_insert_with(|| watch::channel(entry.clone()).0)
-                    .send_replace(entry);
+                    .send_replace(entry.clone());
             }
         }
-        Ok(())
+        Ok(entry)
     }
+}
+
+/// A stored policy as an entry. A stored policy that no longer validates is an error: the
+/// operator must know rather than have the mesh silently fall back to defaults.
+fn entry_from_wire(vp: v1::VersionedPolicy) -> Result<PolicyEntry, StoreError> {
+    let policy =
+        ServicePolicy::try_from(vp.policy.clone().unwrap_or_default()).map_err(|e| StoreError::Db {
+            op: "restoring policies",
+            message: format!("stored policy of {} is invalid: {e}", vp.service),
+        })?;
+    Ok(PolicyEntry {
+        service: vp.service,
+        version: vp.version,
+        policy: Arc::new(policy),
+        is_default: vp.is_default,
+        updated_at_unix_ms: vp.updated_at_unix_ms,
+    })
 }
 
 fn check_service(service: &str) -> Result<(), PolicyError> {

@@ -25,7 +25,7 @@ use std::{
 };
 
 use dashmap::DashMap;
-use mesh_proto::{names, policy::HealthPolicy, v1};
+use mesh_proto::{names, policy::HealthPolicy, prost::Message, v1};
 use tokio::{sync::watch, time::Instant};
 
 use crate::{
@@ -63,6 +63,13 @@ impl Revisions {
     pub fn current(&self) -> u64 {
         self.base | self.counter.load(Ordering::Relaxed)
     }
+
+    /// With a shared store: versions follow etcd's revision, so they agree in order across
+    /// replicas (a sidecar that moves to another replica never sees one go back by more than
+    /// the few local changes made within one revision).
+    pub fn advance(&self, revision: i64) {
+        self.counter.fetch_max((revision.max(0) as u64) << 12, Ordering::Relaxed);
+    }
 }
 
 /// A service's discovery view: its routable endpoints, shared with the instances they describe.
@@ -96,6 +103,9 @@ struct InstanceState {
     /// Counts as a heartbeat for expiry: restored instances get `grace` for their sidecar to
     /// reconnect, on top of their TTL.
     not_before: Instant,
+    /// With a shared store: the etcd revision of the record this state reflects (older watch
+    /// events are ignored).
+    stored_rev: i64,
 }
 
 impl InstanceState {
@@ -199,6 +209,15 @@ pub struct Registry {
     policies: Arc<Policies>,
     revisions: Revisions,
     metrics: Arc<Metrics>,
+    /// Added to every TTL before expiry: with a shared store, how late another replica's
+    /// heartbeats may arrive (its flush interval).
+    ttl_margin: Duration,
+    /// With a shared store: instances this replica deleted, by the revision of the deletion,
+    /// until the watch delivers that deletion (older records it delivers meanwhile are stale).
+    tombstones: DashMap<(String, String), i64>,
+    /// With a shared store: up to when each other replica's heartbeats are known (the stamp of
+    /// its last batch).
+    horizons: DashMap<String, Instant>,
 }
 
 impl Registry {
@@ -214,6 +233,7 @@ impl Registry {
         now: Instant,
         grace: Duration,
     ) -> Self {
+        let ttl_margin = if store.cluster().is_some() { crate::etcd::TTL_MARGIN } else { Duration::ZERO };
         let reg = Self {
             services: DashMap::new(),
             live: DashMap::new(),
@@ -221,6 +241,9 @@ impl Registry {
             policies,
             revisions: Revisions::new(epoch),
             metrics,
+            ttl_margin,
+            tombstones: DashMap::new(),
+            horizons: DashMap::new(),
         };
         for info in stored {
             let svc = reg.service(&info.service);
@@ -298,10 +321,11 @@ impl Registry {
         info.last_heartbeat_age_ms = 0;
         let svc = self.service(&info.service);
         let _w = svc.writes.lock().await;
-        self.store.put_instance(&info).await?;
+        let stored_rev = self.persist(&info).await?;
         let (view, version) = {
             let mut st = svc.lock();
-            let state = InstanceState::new(info.clone(), now);
+            let mut state = InstanceState::new(info.clone(), now);
+            state.stored_rev = stored_rev;
             let view = state.view(&info.service, now);
             st.instances.insert(info.id.clone(), state);
             svc.publish(&st, &self.revisions);
@@ -340,6 +364,19 @@ impl Registry {
                         i.app_healthy = app_healthy;
                         i.expired_at = None;
                         i.held = false;
+                        if let Some(c) = self.store.cluster() {
+                            c.heard(&hb.service, &hb.instance_id);
+                            if changed {
+                                // Health changes reach the other replicas at once.
+                                let record = i.record(&hb.service);
+                                let (c, key) = (c.clone(), c.instance_key(&hb.service, &hb.instance_id));
+                                mesh_runtime::spawn(tracing::debug_span!("health_write"), async move {
+                                    if let Err(e) = c.etcd.put_if_exists(&key, record).await {
+                                        tracing::warn!(error = %e, %key, "cannot write a health change to etcd");
+                                    }
+                                });
+                            }
+                        }
                         if changed {
                             svc.publish(&st, &self.revisions);
                         }
@@ -363,7 +400,7 @@ impl Registry {
         if !svc.lock().instances.contains_key(id) {
             return Ok(false);
         }
-        self.store.delete_instance(service, id).await?;
+        self.unpersist(service, id).await?;
         let empty = {
             let mut st = svc.lock();
             st.instances.remove(id);
@@ -385,6 +422,10 @@ impl Registry {
     /// expired instances due for deregistration.
     pub fn sweep(&self, now: Instant) -> Sweep {
         let mut out = Sweep::default();
+        if self.store.cluster().is_some_and(|c| !c.is_sweeper()) {
+            return out; // another replica decides
+        }
+        let horizon = self.horizon(now);
         let services: Vec<Arc<Service>> = self.live.iter().map(|e| e.value().clone()).collect();
         for svc in services {
             let h = self.health_policy(&svc.name);
@@ -413,7 +454,8 @@ impl Registry {
                 .filter(|(_, i)| {
                     i.expired_at.is_none()
                         && !h.heartbeat_ttl.is_zero()
-                        && now.duration_since(i.last_heartbeat.max(i.not_before)) > h.heartbeat_ttl
+                        && horizon.saturating_duration_since(i.last_heartbeat.max(i.not_before))
+                            > h.heartbeat_ttl + self.ttl_margin
                 })
                 .collect();
             overdue.sort_by_key(|(_, i)| i.last_heartbeat);
@@ -456,6 +498,22 @@ impl Registry {
     /// Sweeps, then deregisters (durably) the instances that have been expired long enough.
     pub async fn sweep_and_deregister(&self, now: Instant) -> Result<Sweep, RegistryError> {
         let sweep = self.sweep(now);
+        if let Some(c) = self.store.cluster() {
+            // The other replicas learn of each expiry from its record.
+            for (service, id) in &sweep.expired {
+                let Some(record) = self
+                    .services
+                    .get(service)
+                    .and_then(|svc| svc.lock().instances.get(id).map(|i| i.record(service)))
+                else {
+                    continue;
+                };
+                let key = c.instance_key(service, id);
+                if let Some(rev) = c.etcd.put_if_exists(&key, record).await.map_err(StoreError::from)? {
+                    self.revisions.advance(rev);
+                }
+            }
+        }
         for (service, id) in &sweep.due {
             let Some(svc) = self.services.get(service).map(|s| s.clone()) else { continue };
             let _w = svc.writes.lock().await;
@@ -463,7 +521,7 @@ impl Registry {
             if svc.lock().instances.get(id).is_none_or(|i| i.expired_at.is_none()) {
                 continue;
             }
-            self.store.delete_instance(service, id).await?;
+            self.unpersist(service, id).await?;
             let empty = {
                 let mut st = svc.lock();
                 st.instances.remove(id);
@@ -479,6 +537,148 @@ impl Registry {
             self.release(service);
         }
         Ok(sweep)
+    }
+
+    /// Makes a registration durable: the etcd revision it was written at (0 in the embedded
+    /// store).
+    async fn persist(&self, info: &v1::Instance) -> Result<i64, RegistryError> {
+        let Some(c) = self.store.cluster() else {
+            self.store.put_instance(info).await?;
+            return Ok(0);
+        };
+        let record = v1::Instance { health: v1::HealthStatus::Healthy.into(), ..info.clone() };
+        let key = c.instance_key(&info.service, &info.id);
+        let rev = c.etcd.put(&key, record.encode_to_vec(), 0).await.map_err(StoreError::from)?;
+        self.revisions.advance(rev);
+        Ok(rev)
+    }
+
+    async fn unpersist(&self, service: &str, id: &str) -> Result<(), RegistryError> {
+        let Some(c) = self.store.cluster() else {
+            return Ok(self.store.delete_instance(service, id).await?);
+        };
+        let rev = c.etcd.delete(&c.instance_key(service, id)).await.map_err(StoreError::from)?;
+        self.revisions.advance(rev);
+        self.tombstones.insert((service.to_string(), id.to_string()), rev);
+        Ok(())
+    }
+
+    /// Applies an instance record another replica wrote (or deleted: `None`) at `rev`; older
+    /// than what this replica has is ignored. A new instance gets `grace` before it can expire.
+    pub fn apply_stored(
+        &self,
+        service: &str,
+        id: &str,
+        record: Option<v1::Instance>,
+        rev: i64,
+        now: Instant,
+        grace: Duration,
+    ) {
+        self.revisions.advance(rev);
+        let key = (service.to_string(), id.to_string());
+        if let Some(deleted) = self.tombstones.get(&key).map(|t| *t) {
+            if rev <= deleted {
+                if rev == deleted && record.is_none() {
+                    self.tombstones.remove(&key); // every older event came before it
+                }
+                return;
+            }
+            self.tombstones.remove(&key);
+        }
+        let svc = self.service(service);
+        let empty = {
+            let mut st = svc.lock();
+            if st.instances.get(id).is_some_and(|i| i.stored_rev >= rev) {
+                return;
+            }
+            match record {
+                Some(info) => {
+                    let health = info.health();
+                    let fresh = InstanceState::new(info, now);
+                    let i = st.instances.entry(id.to_string()).or_insert_with(|| InstanceState {
+                        not_before: now + grace,
+                        ..InstanceState::new(v1::Instance::default(), now)
+                    });
+                    i.endpoint = fresh.endpoint;
+                    i.stored_rev = rev;
+                    i.app_healthy = health != v1::HealthStatus::Unhealthy;
+                    if health == v1::HealthStatus::Expired {
+                        i.expired_at.get_or_insert(now);
+                    } else {
+                        if i.expired_at.is_some() {
+                            i.last_heartbeat = now; // back: heard by another replica
+                        }
+                        i.expired_at = None;
+                        i.held = false;
+                    }
+                }
+                None => {
+                    if st.instances.remove(id).is_none() {
+                        return;
+                    }
+                }
+            }
+            svc.publish(&st, &self.revisions);
+            st.instances.is_empty()
+        };
+        self.track_live(&svc, !empty);
+        if empty {
+            drop(svc);
+            self.release(service);
+        }
+    }
+
+    /// After reading every stored instance at `rev`: forgets those the store no longer has.
+    pub fn retain_stored(&self, kept: &std::collections::HashSet<(String, String)>, rev: i64, now: Instant) {
+        let gone: Vec<(String, String)> = self
+            .live
+            .iter()
+            .flat_map(|e| {
+                let st = e.value().lock();
+                st.instances
+                    .iter()
+                    .filter(|(id, i)| i.stored_rev < rev && !kept.contains(&(e.key().clone(), (*id).clone())))
+                    .map(|(id, _)| (e.key().clone(), id.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        for (service, id) in gone {
+            self.apply_stored(&service, &id, None, rev, now, Duration::ZERO);
+        }
+    }
+
+    /// Folds in the heartbeats `replica` heard, and notes that its heartbeats are known up to
+    /// the batch's stamp.
+    pub fn apply_heartbeats(&self, replica: &str, batch: &crate::etcd::Batch, now: Instant, now_ms: u64) {
+        let instant =
+            |ms: u64| now.checked_sub(Duration::from_millis(now_ms.saturating_sub(ms))).unwrap_or(now);
+        for (key, at_ms) in &batch.heard {
+            let Some((service, id)) = key.split_once('/') else { continue };
+            let Some(svc) = self.services.get(service).map(|s| s.clone()) else { continue };
+            let at = instant(*at_ms);
+            let mut st = svc.lock();
+            if let Some(i) = st.instances.get_mut(id)
+                && at > i.last_heartbeat
+            {
+                i.last_heartbeat = at;
+                i.not_before = at; // heard: a restart's grace is over, as with a local heartbeat
+            }
+        }
+        self.horizons.insert(replica.to_string(), instant(batch.at));
+    }
+
+    /// `replica` is gone (its lease expired or it stopped): its stamp no longer holds expiry back.
+    pub fn forget_replica(&self, replica: &str) {
+        self.horizons.remove(replica);
+    }
+
+    /// Up to when every live replica's heartbeats are known: `now` with one control plane; with
+    /// a shared store, the oldest stamp among the other replicas' batches. A replica counts until
+    /// its batch leaves etcd with its lease — which etcd decides only with a quorum, so a replica
+    /// that merely cannot write holds expiry back rather than have its sidecars expire.
+    fn horizon(&self, now: Instant) -> Instant {
+        let Some(c) = self.store.cluster() else { return now };
+        self.horizons.iter().filter(|e| *e.key() != c.replica).map(|e| *e.value()).fold(now, Instant::min)
     }
 
     pub fn get_service(&self, name: &str, now: Instant) -> Option<v1::GetServiceResponse> {
@@ -545,6 +745,11 @@ impl Registry {
 }
 
 impl InstanceState {
+    /// The record a shared store keeps: the registration and the health all replicas must agree on.
+    fn record(&self, service: &str) -> Vec<u8> {
+        v1::Instance { load: 0, ..self.view(service, self.last_heartbeat) }.encode_to_vec()
+    }
+
     fn new(info: v1::Instance, now: Instant) -> Self {
         let endpoint = Arc::new(v1::Endpoint {
             instance_id: info.id,
@@ -562,6 +767,7 @@ impl InstanceState {
             expired_at: None,
             held: false,
             not_before: now,
+            stored_rev: 0,
         }
     }
 }

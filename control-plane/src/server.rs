@@ -5,8 +5,9 @@
 use crate::{
     api::{Api, status::refused},
     auth, bus, ca,
-    config::{BusBackend, Config},
+    config::{BusBackend, Config, StoreBackend},
     error::Error,
+    etcd::{Cluster, seal::SealKey, sync::sealed_once},
     http,
     metrics::Metrics,
     policy::Policies,
@@ -34,6 +35,23 @@ impl ControlPlane {
     /// connects to NATS when the bus lives there.
     pub async fn open(config: Config) -> Result<Self, Error> {
         let (store, loaded) = Store::open(&config.data_dir)?;
+        let (store, loaded, cluster) = match &config.store {
+            StoreBackend::Embedded => (store, loaded, None),
+            StoreBackend::Etcd(e) => {
+                if !matches!(config.bus, BusBackend::Nats(_)) {
+                    return Err(Error::Config(
+                        "--store etcd needs an event bus every replica shares: add --bus nats --nats-url URL \
+                         (the embedded bus lives in one replica's data dir)"
+                            .into(),
+                    ));
+                }
+                let cluster = Cluster::connect(e.options.clone(), &e.prefix, e.replica.clone())
+                    .await
+                    .map_err(|e| Error::Store(e.into()))?;
+                // Everything comes from etcd: nothing is restored from the data dir.
+                (store.shared(cluster.clone()), Default::default(), Some(cluster))
+            }
+        };
         let metrics = Metrics::new();
         let policies = Arc::new(Policies::new(store.clone(), loaded.policies)?);
         let bus = match &config.bus {
@@ -58,15 +76,65 @@ impl ControlPlane {
             Instant::now(),
             config.restart_grace,
         );
-        let ca =
-            ca::Ca::open(&config.data_dir, config.ca_files.clone(), &config.trust_domain, config.cert_ttl)?;
+        let seal = match (&config.store, &cluster) {
+            (StoreBackend::Etcd(e), Some(_))
+                if config.ca_files.is_none() || config.admin_token_file.is_none() =>
+            {
+                let path = e.seal_key_file.as_ref().ok_or_else(|| {
+                    Error::Config(
+                        "--store etcd shares the mesh root and the admin token through etcd, sealed with \
+                         --ca-seal-key-file (64 hex digits, the same file on every replica); or give \
+                         --ca-cert/--ca-key and --admin-token-file to every replica"
+                            .into(),
+                    )
+                })?;
+                Some(SealKey::read(path).map_err(|e| Error::Config(e.to_string()))?)
+            }
+            _ => None,
+        };
+        let ca = match (&cluster, &seal, &config.ca_files) {
+            (Some(c), Some(seal), None) => {
+                let root = sealed_once(c, seal, "ca/root", || {
+                    let (cert, key) = ca::new_root(&config.trust_domain)?;
+                    Ok(serde_json::to_vec(&serde_json::json!({"cert": cert, "key": key})).unwrap_or_default())
+                })
+                .await?;
+                let root: serde_json::Value = serde_json::from_slice(&root)
+                    .map_err(|e| Error::Config(format!("the shared root in etcd: {e}")))?;
+                let (cert, key) =
+                    (root["cert"].as_str().unwrap_or_default(), root["key"].as_str().unwrap_or_default());
+                // Beside the data dir as with one control plane: what meshctl and sidecars trust.
+                ca::write_file(&config.data_dir.join("ca.pem"), cert)?;
+                ca::Ca::from_pems(cert, key, &config.trust_domain, config.cert_ttl)?
+            }
+            _ => ca::Ca::open(
+                &config.data_dir,
+                config.ca_files.clone(),
+                &config.trust_domain,
+                config.cert_ttl,
+            )?,
+        };
         let auth = if config.insecure_api {
             tracing::warn!(
                 "the gRPC API is plaintext and unauthenticated (--insecure-api): anyone who reaches it is admin"
             );
             auth::Auth::open()
         } else {
-            let token = auth::admin_token(&config.data_dir, config.admin_token_file.as_deref())?;
+            let token = match (&cluster, &seal, &config.admin_token_file) {
+                (Some(c), Some(seal), None) => {
+                    let token = sealed_once(c, seal, "admin/token", || {
+                        mesh_runtime::random_token()
+                            .map(String::into_bytes)
+                            .ok_or_else(|| Error::Config("no randomness for a token".into()))
+                    })
+                    .await?;
+                    let token = String::from_utf8_lossy(&token).into_owned();
+                    let path = config.data_dir.join("admin.token");
+                    ca::write_private(&path, &format!("{token}\n"))?;
+                    token
+                }
+                _ => auth::admin_token(&config.data_dir, config.admin_token_file.as_deref())?,
+            };
             auth::Auth::enforcing(&token, &config.trust_domain)
         };
         let state = Arc::new(State {
@@ -78,12 +146,23 @@ impl ControlPlane {
             policies,
             metrics,
             proxies: Proxies::default(),
+            topology: crate::topology::Topology::new(config.topology_slot),
+            taps: Default::default(),
             watch_limits: Default::default(),
             started: Instant::now(),
             data_dir: config.data_dir.display().to_string(),
             ping_interval: config.ping_interval,
             shutdown: CancellationToken::new(),
         });
+        if let Some(c) = &cluster {
+            crate::etcd::sync::follow(&state, c, config.restart_grace).await?;
+            tracing::info!(
+                replica = %c.replica,
+                instances = state.registry.counts().1,
+                policies = state.policies.list().len(),
+                "shared state read from etcd"
+            );
+        }
         Ok(Self { config, state })
     }
 
@@ -108,6 +187,17 @@ impl ControlPlane {
             }
         });
 
+        if let Some(c) = state.store.cluster() {
+            let report = {
+                let state = state.clone();
+                move || crate::api::admin::proxies_report(&state)
+            };
+            mesh_runtime::spawn_tracked(
+                &tasks,
+                tracing::info_span!("etcd_replica"),
+                c.clone().run(own.clone(), report),
+            );
+        }
         mesh_runtime::spawn_tracked(
             &tasks,
             tracing::info_span!("sweeper"),
@@ -160,8 +250,12 @@ impl ControlPlane {
         let reflection_alpha =
             tonic::service::interceptor::InterceptedService::new(reflection_alpha, members_only);
 
+        let telemetry =
+            mesh_runtime::telemetry::Telemetry::start("control-plane", self.config.otlp_endpoint.as_deref())
+                .map_err(Error::Telemetry)?;
         let api = Api(state.clone());
         let router = tonic::transport::Server::builder()
+            .layer(crate::traced::TraceLayer::new(telemetry.clone()))
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -199,6 +293,7 @@ impl ControlPlane {
         tasks.close();
         let admin_result = admin_task.await.map_err(|e| Error::Admin(std::io::Error::other(e)))?;
         tasks.wait().await;
+        telemetry.shutdown().await;
         grpc_result?;
         admin_result.map_err(Error::Admin)
     }
@@ -215,6 +310,8 @@ async fn sweeper(state: Arc<State>, every: Duration) {
         tokio::select! {
             _ = state.shutdown.cancelled() => return,
             _ = tick.tick() => {
+                let sweeping = state.store.cluster().is_none_or(|c| c.is_sweeper());
+                state.metrics.sweeper.set(i64::from(sweeping));
                 if let Err(e) = state.registry.sweep_and_deregister(Instant::now()).await {
                     tracing::error!(error = %e, "deregistering expired instances failed; will retry");
                 }

@@ -20,6 +20,10 @@ pub struct State {
     pub policies: Arc<Policies>,
     pub metrics: Arc<Metrics>,
     pub proxies: Proxies,
+    /// What the proxies report of their calls: edges and services over time windows.
+    pub topology: crate::topology::Topology,
+    /// Operators' taps, and the proxies' tap sessions' view of them.
+    pub taps: Arc<crate::tap::Taps>,
     /// What each caller watches, bounded (see [`crate::watch_limits`]).
     pub watch_limits: Arc<WatchLimits>,
     pub started: Instant,

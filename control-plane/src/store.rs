@@ -18,7 +18,7 @@ use mesh_proto::{
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::bus::retention::Retention;
+use crate::{bus::retention::Retention, etcd::Cluster};
 
 const POLICIES: TableDefinition<&str, &[u8]> = TableDefinition::new("policies");
 const INSTANCES: TableDefinition<&str, &[u8]> = TableDefinition::new("instances");
@@ -51,6 +51,8 @@ pub enum StoreError {
     Db { op: &'static str, message: String },
     #[error("control-plane database holds a corrupt {what} record {key:?}: {source}")]
     Corrupt { what: &'static str, key: String, source: prost::DecodeError },
+    #[error("the shared store (etcd): {0}")]
+    Etcd(#[from] crate::etcd::EtcdError),
 }
 
 fn db_err<E: std::fmt::Display>(op: &'static str) -> impl FnOnce(E) -> StoreError {
@@ -93,10 +95,12 @@ impl Drop for Inner {
     }
 }
 
-/// Handle to the database; cheap to clone.
+/// Handle to the database; cheap to clone. With `--store etcd` it also holds the link to the
+/// shared store, where policies, instances and tokens go instead (see [`crate::etcd`]).
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<Inner>,
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl Store {
@@ -141,7 +145,17 @@ impl Store {
             })
             .map_err(db_err("starting the writer thread"))?;
         let inner = Inner { tx: Some(tx), writer: Some(writer), db };
-        Ok((Store { inner: Arc::new(inner) }, Loaded { epoch, policies, instances }))
+        Ok((Store { inner: Arc::new(inner), cluster: None }, Loaded { epoch, policies, instances }))
+    }
+
+    /// This store with policies, instances and tokens kept in etcd through `cluster`.
+    pub fn shared(self, cluster: Arc<Cluster>) -> Store {
+        Store { cluster: Some(cluster), ..self }
+    }
+
+    /// The shared store, with `--store etcd`.
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.as_ref()
     }
 
     pub async fn put_policy(&self, p: &v1::VersionedPolicy) -> Result<(), StoreError> {
@@ -243,11 +257,19 @@ impl Store {
 
     /// Stores a bootstrap token's hash for `service`.
     pub async fn token_add(&self, hash: &str, service: &str) -> Result<(), StoreError> {
+        if let Some(c) = &self.cluster {
+            c.etcd.put(&c.token_key(hash), service.as_bytes().to_vec(), 0).await?;
+            c.tokens.insert(hash.to_string(), service.to_string());
+            return Ok(());
+        }
         self.write(Op::Put(TOKENS, hash.to_string(), service.as_bytes().to_vec())).await
     }
 
     /// The service a token hash is valid for.
     pub fn token_service(&self, hash: &str) -> Result<Option<String>, StoreError> {
+        if let Some(c) = &self.cluster {
+            return Ok(c.tokens.get(hash).map(|s| s.clone()));
+        }
         let tx = self.inner.db.begin_read().map_err(db_err("begin read"))?;
         let t = tx.open_table(TOKENS).map_err(db_err("open table"))?;
         Ok(t.get(hash).map_err(db_err("read"))?.map(|v| String::from_utf8_lossy(v.value()).into_owned()))
@@ -255,6 +277,15 @@ impl Store {
 
     /// Deletes every token of `service`; returns how many.
     pub async fn tokens_revoke(&self, service: &str) -> Result<usize, StoreError> {
+        if let Some(c) = &self.cluster {
+            let hashes: Vec<String> =
+                c.tokens.iter().filter(|e| e.value() == service).map(|e| e.key().clone()).collect();
+            for h in &hashes {
+                c.etcd.delete(&c.token_key(h)).await?;
+                c.tokens.remove(h);
+            }
+            return Ok(hashes.len());
+        }
         let hashes: Vec<String> = {
             let tx = self.inner.db.begin_read().map_err(db_err("begin read"))?;
             let t = tx.open_table(TOKENS).map_err(db_err("open table"))?;

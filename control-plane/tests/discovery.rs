@@ -6,7 +6,7 @@ use futures::StreamExt;
 use mesh_proto::v1::{
     self, discovery_client::DiscoveryClient, registry_client::RegistryClient, watch_response::Kind,
 };
-use mesh_testkit::{TestCp, eventually, instance};
+use mesh_testkit::{TestCp, TestStore, eventually, instance};
 use tonic::Streaming;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -31,9 +31,8 @@ fn ids(m: &v1::WatchResponse, service: &str) -> Vec<String> {
     s.endpoints.iter().map(|e| e.instance_id.clone()).collect()
 }
 
-#[tokio::test]
-async fn snapshot_first_then_versioned_changes_only_for_watched_services() {
-    let cp = TestCp::start().await;
+async fn snapshot_first_then_versioned_changes_only_for_watched_services(store: TestStore) {
+    let cp = TestCp::start_on(&store, |_| {}).await;
     let mut reg = RegistryClient::new(cp.channel().await);
     reg.register(v1::RegisterRequest { instance: Some(instance("market", "m1", 9001)) }).await.unwrap();
 
@@ -80,9 +79,8 @@ async fn idle_streams_get_pings() {
     assert!(ping.services.is_empty());
 }
 
-#[tokio::test]
-async fn bad_watch_requests_are_refused_with_the_reason() {
-    let cp = TestCp::start().await;
+async fn bad_watch_requests_are_refused_with_the_reason(store: TestStore) {
+    let cp = TestCp::start_on(&store, |_| {}).await;
     let mut c = DiscoveryClient::new(cp.channel().await);
     let e = c.watch(v1::WatchRequest { services: vec![], node_id: "x".into() }).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
@@ -132,9 +130,8 @@ async fn thousands_of_watchers_all_see_a_change() {
     .await;
 }
 
-#[tokio::test]
-async fn a_silent_instance_leaves_discovery_after_its_ttl_and_returns_when_it_heartbeats() {
-    let cp = TestCp::start().await;
+async fn a_silent_instance_leaves_discovery_after_its_ttl_and_returns_when_it_heartbeats(store: TestStore) {
+    let cp = TestCp::start_on(&store, |_| {}).await;
     let ch = cp.channel().await;
     let mut policy = v1::policy_client::PolicyClient::new(ch.clone());
     let mut p = mesh_proto::policy::ServicePolicy::default();
@@ -222,3 +219,9 @@ async fn watched_names_nobody_registered_are_bounded_and_forgotten_when_the_watc
     let mut w = watch(&cp, &["market"]).await;
     assert_eq!(ids(&next(&mut w).await, "market"), ["m1"]);
 }
+
+mesh_testkit::on_both_stores!(
+    snapshot_first_then_versioned_changes_only_for_watched_services,
+    bad_watch_requests_are_refused_with_the_reason,
+    a_silent_instance_leaves_discovery_after_its_ttl_and_returns_when_it_heartbeats,
+);

@@ -12,19 +12,6 @@ use mesh_testkit::TestCp;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-fn nats_url() -> Option<String> {
-    match std::env::var("MESH_TEST_NATS_URL") {
-        Ok(url) => Some(url),
-        Err(_) if std::env::var("MESH_REQUIRE_NATS").is_ok_and(|v| v == "1") => {
-            panic!("MESH_REQUIRE_NATS=1 but MESH_TEST_NATS_URL is not set (scripts/test-deps starts one)")
-        }
-        Err(_) => {
-            eprintln!("MESH_TEST_NATS_URL is not set: the NATS half of the bus contract did not run");
-            None
-        }
-    }
-}
-
 /// The contract, once per log.
 macro_rules! contract {
     ($($name:ident),* $(,)?) => {
@@ -37,7 +24,7 @@ macro_rules! contract {
         mod nats {
             $(#[tokio::test]
             async fn $name() {
-                if let Some(url) = super::nats_url() {
+                if let Some(url) = mesh_testkit::test_nats_url() {
                     super::$name(control_plane::BusBackend::Nats(url)).await
                 }
             })*
@@ -298,7 +285,7 @@ async fn a_group_draining_a_backlog_while_committing_gets_each_event_once(backen
 /// subscriber of the other (its heads are refreshed from the streams).
 #[tokio::test]
 async fn nats_control_planes_share_the_bus() {
-    let Some(url) = nats_url() else { return };
+    let Some(url) = mesh_testkit::test_nats_url() else { return };
     let backend = BusBackend::Nats(url);
     let fast = |c: &mut control_plane::Config| c.bus_maintenance_interval = Duration::from_millis(50);
     let (a, b) = (start(&backend, fast).await, start(&backend, fast).await);

@@ -1,7 +1,7 @@
 //! The mesh CA over real gRPC: bootstrap tokens per service, CSR signing, revocation.
 
 use mesh_proto::v1::{self, identity_client::IdentityClient};
-use mesh_testkit::TestCp;
+use mesh_testkit::{TestCp, TestStore};
 use rustls_pki_types::{CertificateDer, pem::PemObject};
 
 fn csr() -> String {
@@ -14,9 +14,8 @@ fn certify(service: &str, token: &str, csr_pem: String) -> v1::CertifyRequest {
     v1::CertifyRequest { service: service.into(), csr_pem, token: token.into(), node_id: String::new() }
 }
 
-#[tokio::test]
-async fn a_token_certifies_its_own_service_only_and_revocation_ends_it() {
-    let cp = TestCp::start().await;
+async fn a_token_certifies_its_own_service_only_and_revocation_ends_it(store: TestStore) {
+    let cp = TestCp::start_on(&store, |_| {}).await;
     let mut ca = IdentityClient::new(cp.channel().await);
     let token = cp.token("market").await;
     assert_eq!(token.len(), 64);
@@ -63,15 +62,19 @@ async fn a_token_certifies_its_own_service_only_and_revocation_ends_it() {
     assert_eq!(e.code(), tonic::Code::Unauthenticated, "a revoked token: {e}");
 }
 
-#[tokio::test]
-async fn tokens_and_the_root_survive_a_restart() {
-    let cp = TestCp::start().await;
+async fn tokens_and_the_root_survive_a_restart(store: TestStore) {
+    let cp = TestCp::start_on(&store, |_| {}).await;
     let mut ca = IdentityClient::new(cp.channel().await);
     let token = cp.token("market").await;
     let root = ca.trust_bundle(v1::TrustBundleRequest {}).await.unwrap().into_inner().trust_anchors_pem;
     let dir = cp.stop().await;
-    let cp = TestCp::start_in(dir, |_| {}).await;
+    let cp = TestCp::start_in(dir, |c| store.apply(c)).await;
     let mut ca = IdentityClient::new(cp.channel().await);
     let r = ca.certify(certify("market", &token, csr())).await.unwrap().into_inner();
     assert_eq!(r.trust_anchors_pem, root, "the same root after a restart");
 }
+
+mesh_testkit::on_both_stores!(
+    a_token_certifies_its_own_service_only_and_revocation_ends_it,
+    tokens_and_the_root_survive_a_restart,
+);

@@ -8,6 +8,7 @@
 mod api_security;
 mod discovery;
 mod events;
+mod ha;
 mod identity;
 mod policy;
 mod process;

@@ -7,7 +7,7 @@ use mesh_proto::{
     policy::{Algorithm, ServicePolicy},
     v1::{self, admin_client::AdminClient, policy_client::PolicyClient, policy_stream_request::Kind},
 };
-use mesh_testkit::TestCp;
+use mesh_testkit::{TestCp, TestStore};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
@@ -83,9 +83,8 @@ async fn status(cp: &TestCp) -> Vec<v1::ProxyStatus> {
         .proxies
 }
 
-#[tokio::test]
-async fn pushes_carry_versions_and_nonces_and_acks_are_recorded() {
-    let cp = TestCp::start().await;
+async fn pushes_carry_versions_and_nonces_and_acks_are_recorded(store: TestStore) {
+    let cp = TestCp::start_on(&store, |_| {}).await;
     let mut proxy = Proxy::connect(&cp, "market-1", "market", &["market", "users"]).await;
     // Defaults first, version 0, one push per service.
     let mut first = vec![proxy.next().await, proxy.next().await];
@@ -126,9 +125,8 @@ async fn pushes_carry_versions_and_nonces_and_acks_are_recorded() {
         .await;
 }
 
-#[tokio::test]
-async fn a_nack_is_recorded_with_its_reason_and_the_acked_version_stays() {
-    let cp = TestCp::start().await;
+async fn a_nack_is_recorded_with_its_reason_and_the_acked_version_stays(store: TestStore) {
+    let cp = TestCp::start_on(&store, |_| {}).await;
     let mut proxy = Proxy::connect(&cp, "n1", "market", &["market"]).await;
     let p0 = proxy.next().await;
     proxy.ack(&p0).await;
@@ -148,11 +146,30 @@ async fn a_nack_is_recorded_with_its_reason_and_the_acked_version_stays() {
     let s = &status(&cp).await[0].policies[0];
     assert_eq!((s.current_version, s.acked_version, s.nacked_version), (2, 1, 2));
     assert_eq!(s.nack_reason, "cannot apply: test says no");
+
+    // `meshctl check` fails on it, naming the proxy, the policy, the version and the reason,
+    // and says what to do.
+    // (The control plane serves on this test's runtime: the command is awaited, not blocked on.)
+    let out = tokio::process::Command::new(mesh_testkit::bin("meshctl"))
+        .args(["--control-plane", &cp.url(), "-o", "json", "check"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let convergence = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["check"] == "convergence")
+        .unwrap_or_else(|| panic!("{report}"));
+    assert_eq!(convergence["ok"], false, "{report}");
+    assert_eq!(convergence["found"], "n1 NACKed market v2: cannot apply: test says no", "{report}");
+    assert!(convergence["fix"].as_str().unwrap().contains("meshctl policy get"), "{report}");
 }
 
-#[tokio::test]
-async fn an_invalid_policy_is_refused_naming_the_field_and_nothing_changes() {
-    let cp = TestCp::start().await;
+async fn an_invalid_policy_is_refused_naming_the_field_and_nothing_changes(store: TestStore) {
+    let cp = TestCp::start_on(&store, |_| {}).await;
     set(&cp, "market", &rr()).await;
     let mut proxy = Proxy::connect(&cp, "n1", "market", &["market"]).await;
     assert_eq!(proxy.next().await.version, 1);
@@ -180,9 +197,8 @@ async fn an_invalid_policy_is_refused_naming_the_field_and_nothing_changes() {
     assert!(tokio::time::timeout(Duration::from_millis(200), proxy.rx.next()).await.is_err());
 }
 
-#[tokio::test]
-async fn dry_run_returns_the_diff_and_compare_and_set_guards_versions() {
-    let cp = TestCp::start().await;
+async fn dry_run_returns_the_diff_and_compare_and_set_guards_versions(store: TestStore) {
+    let cp = TestCp::start_on(&store, |_| {}).await;
     let mut client = PolicyClient::new(cp.channel().await);
     let dry = client
         .set(v1::SetPolicyRequest {
@@ -234,9 +250,8 @@ async fn dry_run_returns_the_diff_and_compare_and_set_guards_versions() {
     assert!(cur.is_default && cur.version == 2);
 }
 
-#[tokio::test]
-async fn ack_before_subscribe_is_refused() {
-    let cp = TestCp::start().await;
+async fn ack_before_subscribe_is_refused(store: TestStore) {
+    let cp = TestCp::start_on(&store, |_| {}).await;
     let (tx, rx) = mpsc::channel(4);
     let kind = Kind::Ack(v1::PolicyAck { service: "market".into(), version: 1, nonce: "x".into() });
     tx.send(v1::PolicyStreamRequest { kind: Some(kind) }).await.unwrap();
@@ -246,12 +261,11 @@ async fn ack_before_subscribe_is_refused() {
     assert_eq!(e.code(), tonic::Code::FailedPrecondition);
 }
 
-#[tokio::test]
-async fn policies_survive_a_restart() {
-    let cp = TestCp::start().await;
+async fn policies_survive_a_restart(store: TestStore) {
+    let cp = TestCp::start_on(&store, |_| {}).await;
     set(&cp, "market", &rr()).await;
     let dir = cp.stop().await;
-    let cp = TestCp::start_in(dir, |_| {}).await;
+    let cp = TestCp::start_in(dir, |c| store.apply(c)).await;
     let cur = PolicyClient::new(cp.channel().await)
         .get(v1::GetPolicyRequest { service: "market".into() })
         .await
@@ -260,3 +274,12 @@ async fn policies_survive_a_restart() {
     assert_eq!(cur.version, 1);
     assert_eq!(ServicePolicy::try_from(cur.policy.unwrap()).unwrap(), rr());
 }
+
+mesh_testkit::on_both_stores!(
+    pushes_carry_versions_and_nonces_and_acks_are_recorded,
+    a_nack_is_recorded_with_its_reason_and_the_acked_version_stays,
+    an_invalid_policy_is_refused_naming_the_field_and_nothing_changes,
+    dry_run_returns_the_diff_and_compare_and_set_guards_versions,
+    ack_before_subscribe_is_refused,
+    policies_survive_a_restart,
+);

@@ -43,6 +43,8 @@ pub struct AppState {
     pub signer: Option<Arc<crate::audit::Signer>>,
     /// Where the checkpoints are read back from the bus.
     pub sidecar_admin: Option<String>,
+    /// Where spans go.
+    pub telemetry: mesh_runtime::telemetry::Telemetry,
 }
 
 type S = State<Arc<AppState>>;
@@ -167,6 +169,7 @@ fn ctx(s: &AppState, h: &HeaderMap, method_path: &str, body: &[u8]) -> Result<Ct
         .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
     let has_credential = user.is_some() || h.contains_key(header::AUTHORIZATION);
     Ok(Ctx {
+        trace: crate::traced::caller(h),
         correlation_id,
         idempotency,
         expected_version,
@@ -351,6 +354,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             )
         })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn_with_state(state.telemetry.clone(), crate::traced::server_span))
         .with_state(state)
 }
 

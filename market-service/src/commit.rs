@@ -19,7 +19,9 @@ use std::{
     },
 };
 
+use mesh_runtime::telemetry::{KeyValue, SpanContext, SpanKind, Telemetry};
 use serde_json::Value;
+use std::time::SystemTime;
 use tokio::sync::{RwLock, mpsc, oneshot};
 
 use crate::{
@@ -43,6 +45,10 @@ pub struct Pending {
     pub idempotency: Option<(String, String)>,
     pub reply: oneshot::Sender<Result<Answer, Refusal>>,
     attempts: usize,
+    /// The command's span (the parent of its commit's span), when recorded.
+    span: Option<SpanContext>,
+    /// The trace its events carry (CloudEvents distributed tracing).
+    traceparent: Option<String>,
 }
 
 impl Pending {
@@ -51,13 +57,20 @@ impl Pending {
         idempotency: Option<(String, String)>,
         reply: oneshot::Sender<Result<Answer, Refusal>>,
     ) -> Self {
-        Self { decide, idempotency, reply, attempts: 0 }
+        Self { decide, idempotency, reply, attempts: 0, span: None, traceparent: None }
+    }
+
+    /// With the command's span and the trace its events carry.
+    pub fn traced(self, span: Option<SpanContext>, traceparent: Option<String>) -> Self {
+        Self { span, traceparent, ..self }
     }
 }
 
 /// The committer's share of the service: the store, the projection it keeps current, and where
 /// to ask for snapshots.
 pub struct Committer {
+    /// Where the commit spans go.
+    pub telemetry: Telemetry,
     pub stats: Arc<Stats>,
     pub store: Store,
     pub projection: Arc<RwLock<Projection>>,
@@ -135,7 +148,7 @@ impl Committer {
                             status: answer.0,
                             response: answer.1.to_string(),
                         });
-                        members.push(Member { appends, idem });
+                        members.push(Member { appends, idem, traceparent: p.traceparent.clone() });
                         Decided::Write(answer)
                     }
                     Err(r) => Decided::Refused(r),
@@ -146,7 +159,10 @@ impl Committer {
         let outcomes = if members.is_empty() {
             Vec::new()
         } else {
-            match self.store.append_batch(&members, true, now_ms() as i64).await {
+            let started = SystemTime::now();
+            let written = self.store.append_batch(&members, true, now_ms() as i64).await;
+            self.commit_spans(&decided, members.len(), started, written.as_ref().err());
+            match written {
                 Ok(o) => {
                     self.stats.batches.fetch_add(1, Ordering::Relaxed);
                     let n = o.iter().filter(|o| matches!(o, Outcome::Committed(_))).count();
@@ -228,6 +244,47 @@ impl Committer {
             let _ = reply.send(answer);
         }
         again
+    }
+
+    /// One span per traced command that was in the batch's transaction, each under its
+    /// command's span, all with the transaction's start and end.
+    fn commit_spans(
+        &self,
+        decided: &[(Pending, Decided)],
+        members: usize,
+        started: SystemTime,
+        failed: Option<&StoreError>,
+    ) {
+        if !self.telemetry.is_on() {
+            return;
+        }
+        let ended = SystemTime::now();
+        let system = match self.store.backend() {
+            crate::store::Backend::Sqlite => "sqlite",
+            crate::store::Backend::Postgres => "postgresql",
+        };
+        for (p, _) in decided.iter().filter(|(_, d)| matches!(d, Decided::Write(_))) {
+            let Some(parent) = &p.span else { continue };
+            let attributes = vec![
+                KeyValue::new("db.system.name", system),
+                KeyValue::new("db.operation.name", "append_batch"),
+                KeyValue::new("market.batch.commands", members as i64),
+            ];
+            let span = self.telemetry.span_with(
+                "market.commit",
+                SpanKind::Internal,
+                Some(parent),
+                attributes,
+                Some(started),
+                Vec::new(),
+            );
+            if let Some(mut s) = span {
+                if let Some(e) = failed {
+                    s.fail(e.to_string());
+                }
+                s.end_at(ended);
+            }
+        }
     }
 
     fn snapshots_due(&self, appends: &[Append]) {

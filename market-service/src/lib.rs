@@ -20,6 +20,7 @@ pub mod publisher;
 pub mod refusal;
 pub mod service;
 pub mod store;
+pub mod traced;
 pub mod views;
 
 use std::{sync::Arc, time::Duration};
@@ -42,6 +43,8 @@ pub struct Config {
     pub sidecar_admin: Option<String>,
     /// The Ed25519 key that signs audit checkpoints (created if missing); none: no checkpoints.
     pub audit_key_file: Option<std::path::PathBuf>,
+    /// Where spans go over OTLP/gRPC; none: no spans are exported.
+    pub otlp_endpoint: Option<String>,
     /// How often a checkpoint is signed (when the log moved).
     pub checkpoint_interval: Duration,
 }
@@ -56,6 +59,7 @@ impl Config {
             sidecar_admin: None,
             audit_key_file: None,
             checkpoint_interval: Duration::from_secs(10),
+            otlp_endpoint: None,
         }
     }
 }
@@ -72,7 +76,10 @@ pub async fn run(
         Some(path) => Some(Arc::new(audit::Signer::load_or_create(path).map_err(store::StoreError::Config)?)),
     };
     let store = Store::connect(&config.database_url).await?;
-    let (markets, mut due) = Markets::new(store.clone(), config.snapshot_every);
+    let telemetry =
+        mesh_runtime::telemetry::Telemetry::start("market-service", config.otlp_endpoint.as_deref())
+            .map_err(store::StoreError::Config)?;
+    let (markets, mut due) = Markets::new(store.clone(), config.snapshot_every, telemetry.clone());
     let seq = markets.read().await?.seq;
     tracing::info!(backend = ?store.backend(), events = seq, "projection built from the log");
     let tasks = TaskTracker::new();
@@ -144,12 +151,14 @@ pub async fn run(
         admin_token: config.admin_token.clone(),
         signer,
         sidecar_admin: config.sidecar_admin.clone(),
+        telemetry: telemetry.clone(),
     }));
     let served = mesh_runtime::serve_http(listener, app, shutdown.cancelled_owned()).await;
     stop.cancel();
     tasks.close();
     tasks.wait().await;
     store.close().await;
+    telemetry.shutdown().await;
     served.map_err(|e| store::StoreError::Db(format!("HTTP server failed: {e}")))
 }
 

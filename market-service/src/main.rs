@@ -42,6 +42,10 @@ struct Args {
     /// How often an audit checkpoint is signed (when the log moved).
     #[arg(long, env = "MESH_CHECKPOINT_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     checkpoint_interval: Duration,
+    /// Export spans over OTLP/gRPC to this collector (`http://host:4317`); the standard `OTEL_*`
+    /// variables apply. Requests are traced when their caller's trace is sampled.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     #[arg(long, env = "MESH_LOG", default_value = "info")]
     log: String,
     /// How logs are written to stderr: text, or json (one object per line, with the request's
@@ -177,6 +181,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         sidecar_admin: args.sidecar_admin,
         audit_key_file: args.audit_key_file,
         checkpoint_interval: args.checkpoint_interval,
+        otlp_endpoint: args.otlp_endpoint,
     };
     mesh_runtime::serve_until_signal("market service", None, |stop| {
         market_service::run(config, listener, stop)

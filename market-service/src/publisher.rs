@@ -164,7 +164,7 @@ async fn publish_once(store: &Store, sidecar: &mut Sidecar, url: &str) -> Result
     let events: Vec<Value> = rows
         .iter()
         .map(|r| {
-            json!({
+            let mut event = json!({
                 "specversion": "1.0",
                 "topic": r.topic,
                 "id": r.event_id,
@@ -172,7 +172,12 @@ async fn publish_once(store: &Store, sidecar: &mut Sidecar, url: &str) -> Result
                 "type": r.event_type,
                 "subject": r.key,
                 "data": serde_json::from_str::<Value>(&r.payload).unwrap_or(Value::Null),
-            })
+            });
+            // CloudEvents distributed tracing: the trade (or other command) that caused it.
+            if let Some(tp) = &r.traceparent {
+                event["traceparent"] = json!(tp);
+            }
+            event
         })
         .collect();
     let body = Bytes::from(Value::Array(events).to_string());

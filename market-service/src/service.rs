@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 
+use mesh_runtime::telemetry::{self, KeyValue, Span, SpanContext, SpanKind, Telemetry};
 use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::{RwLock, RwLockReadGuard, mpsc, oneshot};
@@ -40,6 +41,9 @@ pub struct Ctx {
     pub is_admin: bool,
     /// An `Authorization` header or a user was sent (a wrong one is 403, none at all is 401).
     pub has_credential: bool,
+    /// The request's span (or its caller's): the parent of the command's span, and the trace
+    /// its events carry.
+    pub trace: Option<SpanContext>,
 }
 
 /// What to tell a caller who is not signed in.
@@ -102,6 +106,7 @@ impl Ctx {
 
 pub struct Markets {
     pub store: Store,
+    telemetry: Telemetry,
     projection: Arc<RwLock<Projection>>,
     queue: mpsc::Sender<Pending>,
     pub commits: Arc<commit::Stats>,
@@ -169,12 +174,17 @@ impl Markets {
     /// The service over `store` (its committer started), and the receiver of aggregates due for
     /// a snapshot. Must be called inside a Tokio runtime; the committer stops when the service
     /// is dropped.
-    pub fn new(store: Store, snapshot_every: u64) -> (Arc<Markets>, mpsc::UnboundedReceiver<String>) {
+    pub fn new(
+        store: Store,
+        snapshot_every: u64,
+        telemetry: Telemetry,
+    ) -> (Arc<Markets>, mpsc::UnboundedReceiver<String>) {
         let (snapshots, due) = mpsc::unbounded_channel();
         let (queue, rx) = mpsc::channel(4 * commit::MAX_BATCH);
         let projection = Arc::new(RwLock::new(Projection::default()));
         let commits = Arc::new(commit::Stats::default());
         let committer = Committer {
+            telemetry: telemetry.clone(),
             stats: commits.clone(),
             store: store.clone(),
             projection: projection.clone(),
@@ -182,7 +192,7 @@ impl Markets {
             snapshots,
         };
         mesh_runtime::spawn(tracing::info_span!("committer"), committer.run(rx));
-        (Arc::new(Markets { store, projection, queue, commits }), due)
+        (Arc::new(Markets { store, telemetry, projection, queue, commits }), due)
     }
 
     /// The projection, caught up with everything committed so far (this instance's commits are
@@ -272,7 +282,33 @@ impl Markets {
 
     /// Queues a command for the committer and waits for its answer: given once the batch that
     /// holds it is durable.
-    async fn submit<F>(&self, ctx: &Ctx, decide: F) -> Result<Answer, Refusal>
+    /// `command` names it in its span (`market.trade`).
+    async fn submit<F>(&self, command: &'static str, ctx: &Ctx, decide: F) -> Result<Answer, Refusal>
+    where
+        F: FnMut(&View<'_>) -> Result<(Vec<Append>, Answer), Refusal> + Send + 'static,
+    {
+        let sampled = ctx.trace.as_ref().filter(|c| c.is_sampled());
+        let mut span = sampled.and_then(|parent| {
+            let attributes = vec![KeyValue::new("market.command", command)];
+            self.telemetry.span(format!("market.{command}"), SpanKind::Internal, Some(parent), attributes)
+        });
+        let answer = self.decide_and_commit(ctx, span.as_ref(), decide).await;
+        if let Some(mut s) = span.take() {
+            match &answer {
+                Ok((status, _)) => s.set(KeyValue::new("market.status", i64::from(*status))),
+                Err(r) => {
+                    s.set(KeyValue::new("market.refusal", r.code));
+                    if r.status >= 500 {
+                        s.fail(r.message.clone());
+                    }
+                }
+            }
+            s.end();
+        }
+        answer
+    }
+
+    async fn decide_and_commit<F>(&self, ctx: &Ctx, span: Option<&Span>, decide: F) -> Result<Answer, Refusal>
     where
         F: FnMut(&View<'_>) -> Result<(Vec<Append>, Answer), Refusal> + Send + 'static,
     {
@@ -282,10 +318,12 @@ impl Markets {
         let stopping =
             || Refusal::new(503, "shutting_down", "the service is stopping; retry on another instance");
         let (reply, answer) = oneshot::channel();
-        self.queue
-            .send(Pending::new(Box::new(decide), ctx.idempotency.clone(), reply))
-            .await
-            .map_err(|_| stopping())?;
+        // The events carry the command's span (or, unrecorded, the request's trace).
+        let traceparent =
+            span.map(Span::traceparent).or_else(|| ctx.trace.as_ref().map(telemetry::traceparent));
+        let pending = Pending::new(Box::new(decide), ctx.idempotency.clone(), reply)
+            .traced(span.map(|s| s.context().clone()), traceparent);
+        self.queue.send(pending).await.map_err(|_| stopping())?;
         answer.await.map_err(|_| stopping())?
     }
 
@@ -329,7 +367,7 @@ impl Markets {
             });
         }
         let (id, name, c) = (id.to_string(), name.to_string(), ctx.clone());
-        self.submit(ctx, move |v| {
+        self.submit("open_account", ctx, move |v| {
             if v.find_account(&id)?.is_some() {
                 return Err(Refusal::new(409, "exists", format!("account {id} already exists")));
             }
@@ -346,7 +384,7 @@ impl Markets {
         ctx.require_admin("granting funds")?;
         let by = ctx.principal("granting funds")?;
         let (id, c) = (id.to_string(), ctx.clone());
-        self.submit(ctx, move |v| {
+        self.submit("grant", ctx, move |v| {
             let a = v.account(&id)?;
             let evs = domain::grant(a, amount, &by)?;
             let balance = Micro(a.balance.0 + amount.0);
@@ -360,7 +398,7 @@ impl Markets {
         let id = uuid::Uuid::now_v7().to_string();
         let user = ctx.user("creating a market")?.to_string();
         let (create, cx) = (c.clone(), ctx.clone());
-        self.submit(ctx, move |v| {
+        self.submit("create_market", ctx, move |v| {
             let creator = own_account(v, &user)?;
             let (me, ae) = domain::create_market(&id, &create, creator, now_ms())?;
             let mevs = market_events(&me, &cx, "");
@@ -385,7 +423,7 @@ impl Markets {
     ) -> Result<Answer, Refusal> {
         let by = ctx.principal("changing a market")?;
         let (id, c) = (id.to_string(), ctx.clone());
-        self.submit(ctx, move |v| {
+        self.submit("update_market", ctx, move |v| {
             let m = v.market(&id)?;
             pinned(&c, m.version)?;
             let me =
@@ -414,7 +452,7 @@ impl Markets {
     pub async fn trade(&self, id: &str, t: &domain::Trade, ctx: &Ctx) -> Result<Answer, Refusal> {
         let user = ctx.user("trading")?.to_string();
         let (id, t, c) = (id.to_string(), t.clone(), ctx.clone());
-        self.submit(ctx, move |v| {
+        self.submit("trade", ctx, move |v| {
             let m = v.market(&id)?;
             pinned(&c, m.version)?;
             let a = own_account(v, &user)?;
@@ -449,7 +487,7 @@ impl Markets {
         let by =
             ctx.principal(if resolve_to.is_some() { "resolving a market" } else { "cancelling a market" })?;
         let (id, c) = (id.to_string(), ctx.clone());
-        self.submit(ctx, move |v| {
+        self.submit(if resolve_to.is_some() { "resolve" } else { "cancel" }, ctx, move |v| {
             let m = v.market(&id)?;
             pinned(&c, m.version)?;
             let (me, credits) = match resolve_to {
@@ -492,6 +530,7 @@ impl Markets {
                     }],
                 }],
                 idem: None,
+                traceparent: ctx.trace.as_ref().map(telemetry::traceparent),
             };
             let outcome = self.store.append_batch(&[member], true, now_ms() as i64).await?;
             if matches!(outcome.first(), Some(crate::store::Outcome::Committed(_))) {
@@ -517,7 +556,7 @@ impl Markets {
             let ctx = Ctx { correlation_id: format!("closer-{}", uuid::Uuid::now_v7()), ..Ctx::default() };
             let c = ctx.clone();
             let answer = self
-                .submit(&ctx, move |v| {
+                .submit("close", &ctx, move |v| {
                     let m = v.market(&id)?;
                     // Someone else may have closed it since: nothing to do.
                     let Some(e) = domain::close(m, now) else {

@@ -67,6 +67,9 @@ pub struct Append {
 pub struct Member {
     pub appends: Vec<Append>,
     pub idem: Option<Idempotent>,
+    /// The W3C `traceparent` of the command that decided these events: their outbox rows keep
+    /// it, and the bus carries it (CloudEvents distributed tracing), so a delivery links back.
+    pub traceparent: Option<String>,
 }
 
 /// What became of one member of a batch.
@@ -117,6 +120,8 @@ pub struct OutboxRow {
     pub event_type: String,
     pub payload: String,
     pub created_at_ms: i64,
+    /// The trace of the command that caused it (CloudEvents distributed tracing extension).
+    pub traceparent: Option<String>,
 }
 
 const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -124,7 +129,7 @@ const GENESIS: &str = "000000000000000000000000000000000000000000000000000000000
 const SCHEMA_SQLITE: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY AUTOINCREMENT, aggregate_id TEXT NOT NULL, aggregate_type TEXT NOT NULL, version BIGINT NOT NULL, event_id TEXT NOT NULL UNIQUE, event_type TEXT NOT NULL, payload TEXT NOT NULL, correlation_id TEXT NOT NULL, causation_id TEXT NOT NULL, recorded_at BIGINT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL, UNIQUE (aggregate_id, version))",
     "CREATE TABLE IF NOT EXISTS snapshots (aggregate_id TEXT PRIMARY KEY, version BIGINT NOT NULL, state TEXT NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT NOT NULL, topic TEXT NOT NULL, msg_key TEXT NOT NULL, event_type TEXT NOT NULL, payload TEXT NOT NULL, created_at BIGINT NOT NULL, published_at BIGINT)",
+    "CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT NOT NULL, topic TEXT NOT NULL, msg_key TEXT NOT NULL, event_type TEXT NOT NULL, payload TEXT NOT NULL, created_at BIGINT NOT NULL, published_at BIGINT, traceparent TEXT)",
     "CREATE TABLE IF NOT EXISTS idempotency (idem_key TEXT PRIMARY KEY, request_hash TEXT NOT NULL, status BIGINT NOT NULL, response TEXT NOT NULL, created_at BIGINT NOT NULL)",
     "CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (published_at, id)",
     "CREATE TABLE IF NOT EXISTS checkpoints (number BIGINT PRIMARY KEY, seq BIGINT NOT NULL, body TEXT NOT NULL)",
@@ -133,7 +138,7 @@ const SCHEMA_SQLITE: &[&str] = &[
 const SCHEMA_POSTGRES: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS events (seq BIGSERIAL PRIMARY KEY, aggregate_id TEXT NOT NULL, aggregate_type TEXT NOT NULL, version BIGINT NOT NULL, event_id TEXT NOT NULL UNIQUE, event_type TEXT NOT NULL, payload TEXT NOT NULL, correlation_id TEXT NOT NULL, causation_id TEXT NOT NULL, recorded_at BIGINT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL, UNIQUE (aggregate_id, version))",
     "CREATE TABLE IF NOT EXISTS snapshots (aggregate_id TEXT PRIMARY KEY, version BIGINT NOT NULL, state TEXT NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS outbox (id BIGSERIAL PRIMARY KEY, event_id TEXT NOT NULL, topic TEXT NOT NULL, msg_key TEXT NOT NULL, event_type TEXT NOT NULL, payload TEXT NOT NULL, created_at BIGINT NOT NULL, published_at BIGINT)",
+    "CREATE TABLE IF NOT EXISTS outbox (id BIGSERIAL PRIMARY KEY, event_id TEXT NOT NULL, topic TEXT NOT NULL, msg_key TEXT NOT NULL, event_type TEXT NOT NULL, payload TEXT NOT NULL, created_at BIGINT NOT NULL, published_at BIGINT, traceparent TEXT)",
     "CREATE TABLE IF NOT EXISTS idempotency (idem_key TEXT PRIMARY KEY, request_hash TEXT NOT NULL, status BIGINT NOT NULL, response TEXT NOT NULL, created_at BIGINT NOT NULL)",
     "CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (published_at, id)",
     "CREATE TABLE IF NOT EXISTS checkpoints (number BIGINT PRIMARY KEY, seq BIGINT NOT NULL, body TEXT NOT NULL)",
@@ -248,7 +253,20 @@ impl Store {
         for stmt in schema {
             sqlx::query(*stmt).execute(&store.pool).await?;
         }
+        store.add_column("outbox", "traceparent TEXT").await?;
         Ok(store)
+    }
+
+    /// Adds a column a database made by an earlier version lacks (a no-op when it has it).
+    async fn add_column(&self, table: &str, column: &str) -> Result<(), StoreError> {
+        let sql = match self.backend {
+            Backend::Postgres => format!("ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column}"),
+            Backend::Sqlite => format!("ALTER TABLE {table} ADD COLUMN {column}"),
+        };
+        match sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&self.pool).await {
+            Err(e) if e.to_string().contains("duplicate column") => Ok(()),
+            other => other.map(|_| ()).map_err(Into::into),
+        }
     }
 
     pub fn backend(&self) -> Backend {
@@ -333,7 +351,8 @@ impl Store {
         }
         let seqs = self.insert_events(&mut tx, rows.iter().map(|(_, r)| r)).await?;
         if publish {
-            self.insert_outbox(&mut tx, rows.iter().map(|(_, r)| r), now_ms).await?;
+            let traced = rows.iter().map(|(i, r)| (r, members[*i].traceparent.as_deref()));
+            self.insert_outbox(&mut tx, traced, now_ms).await?;
         }
         for k in idems {
             sqlx::query("INSERT INTO idempotency (idem_key, request_hash, status, response, created_at) VALUES ($1, $2, $3, $4, $5)")
@@ -459,19 +478,19 @@ impl Store {
     async fn insert_outbox<'r>(
         &self,
         tx: &mut sqlx::Transaction<'static, sqlx::Any>,
-        rows: impl Iterator<Item = &'r Recorded>,
+        rows: impl Iterator<Item = (&'r Recorded, Option<&'r str>)>,
         now_ms: i64,
     ) -> Result<(), StoreError> {
-        let rows: Vec<&Recorded> = rows.collect();
-        for chunk in rows.chunks(CHUNK / 6) {
+        let rows: Vec<_> = rows.collect();
+        for chunk in rows.chunks(CHUNK / 7) {
             let values: Vec<String> =
-                (0..chunk.len()).map(|i| format!("({})", placeholders(self.backend, i * 6 + 1, 6))).collect();
+                (0..chunk.len()).map(|i| format!("({})", placeholders(self.backend, i * 7 + 1, 7))).collect();
             let sql = format!(
-                "INSERT INTO outbox (event_id, topic, msg_key, event_type, payload, created_at) VALUES {}",
+                "INSERT INTO outbox (event_id, topic, msg_key, event_type, payload, created_at, traceparent) VALUES {}",
                 values.join(", ")
             );
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for r in chunk {
+            for (r, traceparent) in chunk {
                 let prefix = format!("{}-", r.aggregate_type);
                 q = q
                     .bind(r.event_id.clone())
@@ -479,7 +498,8 @@ impl Store {
                     .bind(r.aggregate_id.strip_prefix(&prefix).unwrap_or(&r.aggregate_id).to_string())
                     .bind(r.event_type.clone())
                     .bind(r.payload.clone())
-                    .bind(now_ms);
+                    .bind(now_ms)
+                    .bind(traceparent.map(str::to_string));
             }
             q.execute(&mut **tx).await?;
         }
@@ -577,7 +597,7 @@ impl Store {
 
     /// Unpublished outbox rows, oldest first.
     pub async fn outbox_pending(&self, limit: i64) -> Result<Vec<OutboxRow>, StoreError> {
-        let rows = sqlx::query("SELECT id, event_id, topic, msg_key, event_type, payload, created_at FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT $1")
+        let rows = sqlx::query("SELECT id, event_id, topic, msg_key, event_type, payload, created_at, traceparent FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT $1")
             .bind(limit)
             .fetch_all(&self.pool)
             .await?;
@@ -591,6 +611,7 @@ impl Store {
                     event_type: r.try_get("event_type")?,
                     payload: r.try_get("payload")?,
                     created_at_ms: r.try_get("created_at")?,
+                    traceparent: r.try_get("traceparent")?,
                 })
             })
             .collect()

@@ -178,7 +178,7 @@ pub async fn check_log(
         let decoded: Vec<market_service::domain::MarketEvent> =
             events.iter().map(|e| serde_json::from_str(&e.payload).unwrap()).collect();
         let full = market_service::domain::Market::replay(None, m, &decoded);
-        let (markets_svc, _) = market_service::service::Markets::new(store.clone(), 5);
+        let (markets_svc, _) = market_service::service::Markets::new(store.clone(), 5, Default::default());
         assert_eq!(markets_svc.load_market(m).await.unwrap(), full);
     }
     let mut sorted = trade_ids.clone();

@@ -67,6 +67,31 @@ pub enum Command {
     },
     /// Counters since start and push→ACK latency.
     Stats,
+    /// Live request metadata from a service's proxies (time, direction, caller, method, path,
+    /// status, latency, endpoint, trace id — never bodies or header values), until Ctrl-C.
+    /// Admins only; the proxies record nothing while no tap is on.
+    Tap {
+        service: String,
+        /// Only requests whose path starts with this.
+        #[arg(long)]
+        path: Option<String>,
+        /// Only answers with this status.
+        #[arg(long)]
+        status: Option<u16>,
+        /// At most this many requests a second from each proxy (at most 1000).
+        #[arg(long, default_value_t = 100)]
+        max_per_second: u32,
+    },
+    /// Who calls whom, live: services and edges with requests per second, success rate and
+    /// latency over the last minute (from the proxies' reports), busiest first, redrawn every
+    /// --interval until Ctrl-C.
+    Top {
+        #[arg(long, default_value = "2s", value_parser = mesh_runtime::parse_duration)]
+        interval: std::time::Duration,
+        /// Print once and exit (with -o json: the topology as JSON).
+        #[arg(long)]
+        once: bool,
+    },
     /// Publish to, replay or follow a topic of the embedded event bus.
     #[command(subcommand)]
     Events(EventsCommand),
@@ -251,6 +276,22 @@ pub struct UpArgs {
     /// The gateway's public address.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub gateway_addr: String,
+    /// Where the control plane keeps its state: embedded (its data dir), or etcd shared by
+    /// --replicas control planes (with a NATS JetStream bus, which etcd needs).
+    #[arg(long, value_enum, default_value = "embedded")]
+    pub store: UpStore,
+    /// Control-plane replicas (more than one needs --store etcd). Sidecars spread over them and
+    /// fail over to the others.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=9))]
+    pub replicas: u16,
+    /// With --store etcd: an etcd cluster to use (comma-separated client URLs). Default: start
+    /// a local etcd (Debian's etcd-server) under --dir.
+    #[arg(long, value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
+    /// With --store etcd: a NATS JetStream server for the event bus. Default: start a local
+    /// nats-server under --dir.
+    #[arg(long)]
+    pub nats_url: Option<String>,
     /// Market-service instances, each behind its own sidecar, sharing one SQLite database.
     #[arg(long, default_value_t = 2)]
     pub instances: usize,
@@ -263,6 +304,13 @@ pub struct UpArgs {
     /// Consecutive quick failures of one process after which the whole mesh is stopped.
     #[arg(long, default_value_t = 5)]
     pub give_up_after: u32,
+}
+
+/// `meshctl up --store`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum UpStore {
+    Embedded,
+    Etcd,
 }
 
 #[derive(Debug, Subcommand)]

@@ -23,17 +23,14 @@ use mesh_proto::v1;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 
-pub fn health_name(h: v1::HealthStatus) -> &'static str {
-    match h {
-        v1::HealthStatus::Healthy => "healthy",
-        v1::HealthStatus::Unhealthy => "unhealthy",
-        v1::HealthStatus::Expired => "expired",
-        v1::HealthStatus::Unspecified => "unknown",
-    }
-}
+pub use mesh_proto::json::health_name;
 
 pub fn dash(s: &str) -> String {
     if s.is_empty() { "-".into() } else { s.to_string() }
+}
+
+pub fn blank_line() {
+    out!();
 }
 
 pub fn print_json(v: &Value) {

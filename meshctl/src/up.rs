@@ -12,7 +12,7 @@
 //! `target/release/`).
 
 use crate::{
-    args::{Output, UpArgs},
+    args::{Output, UpArgs, UpStore},
     commands::identity,
     connect::{self, Target},
     error::CliError,
@@ -48,6 +48,17 @@ struct Proc {
     started: Instant,
     /// Consecutive quick failures.
     quick_failures: u32,
+    /// How to tell it is up (again, after a restart).
+    ready: Ready,
+}
+
+/// How a started process says it is up.
+#[derive(Debug, Clone)]
+enum Ready {
+    /// Ours: a JSON `listening` line on stdout.
+    Listening,
+    /// A server of its own (etcd, nats-server): its port accepts connections.
+    Accepts(String),
 }
 
 /// The processes started so far; stopped together.
@@ -66,7 +77,31 @@ impl Mesh {
     /// Starts `bin` as `label` and returns its `listening` line; on failure stops everything.
     async fn launch(&mut self, label: &str, bin: &str, args: &[String]) -> Result<Value, CliError> {
         let args = [args, &["--log-format".to_string(), self.log_format.to_string()]].concat();
-        match start(&self.bin_dir, label, bin, &args, &self.logs, self.timeout).await {
+        self.launch_as(label, bin, &args, Ready::Listening).await
+    }
+
+    /// Starts a server that is not ours (`program`: its full path) and waits until `addr`
+    /// accepts connections.
+    async fn launch_server(
+        &mut self,
+        label: &str,
+        program: &Path,
+        args: &[String],
+        addr: &str,
+    ) -> Result<(), CliError> {
+        self.launch_as(label, &program.display().to_string(), args, Ready::Accepts(addr.to_string()))
+            .await
+            .map(drop)
+    }
+
+    async fn launch_as(
+        &mut self,
+        label: &str,
+        bin: &str,
+        args: &[String],
+        ready: Ready,
+    ) -> Result<Value, CliError> {
+        match start(&self.bin_dir, label, bin, args, &self.logs, self.timeout, &ready).await {
             Ok((proc, listening)) => {
                 self.procs.push(proc);
                 Ok(listening)
@@ -142,6 +177,133 @@ fn addr(v: &Value, key: &str) -> String {
     v.get(key).and_then(Value::as_str).unwrap_or_default().to_string()
 }
 
+/// `--store etcd`: the etcd cluster and NATS server the replicas share (started under --dir
+/// unless given), and the seal key every replica reads; the control-plane flags that name them.
+async fn shared_store(mesh: &mut Mesh, args: &UpArgs) -> Result<Vec<String>, CliError> {
+    let seal = args.dir.join("seal.key");
+    if !seal.exists() {
+        let key = mesh_runtime::random_token()
+            .ok_or_else(|| CliError::Input("the system's random number generator failed".into()))?;
+        identity::write_secret(&seal, &key)?;
+    }
+    let etcd = if args.etcd_endpoints.is_empty() {
+        let program = program("etcd", "install Debian's etcd-server, or give --etcd-endpoints")?;
+        let (client, peer) = (free_port()?, free_port()?);
+        let data = args.dir.join("etcd").display().to_string();
+        let server_args = strings(&[
+            "--name",
+            "local",
+            "--data-dir",
+            &data,
+            "--listen-client-urls",
+            &format!("http://{client}"),
+            "--advertise-client-urls",
+            &format!("http://{client}"),
+            "--listen-peer-urls",
+            &format!("http://{peer}"),
+            "--initial-advertise-peer-urls",
+            &format!("http://{peer}"),
+            "--initial-cluster",
+            &format!("local=http://{peer}"),
+        ]);
+        mesh.launch_server("etcd", &program, &server_args, &client).await?;
+        mesh.row("etcd", format!("http://{client}"), "the replicas' shared store (data in --dir/etcd)");
+        format!("http://{client}")
+    } else {
+        args.etcd_endpoints.join(",")
+    };
+    let nats = match &args.nats_url {
+        Some(url) => url.clone(),
+        None => {
+            let program = program("nats-server", "install Debian's nats-server, or give --nats-url")?;
+            let port = free_port()?;
+            let (host, port) = port.rsplit_once(':').unwrap_or(("127.0.0.1", "4222"));
+            let store = args.dir.join("nats").display().to_string();
+            let server_args = strings(&["-a", host, "-p", port, "-js", "-sd", &store]);
+            mesh.launch_server("nats", &program, &server_args, &format!("{host}:{port}")).await?;
+            mesh.row(
+                "nats",
+                format!("nats://{host}:{port}"),
+                "the replicas' event bus (JetStream, in --dir/nats)",
+            );
+            format!("nats://{host}:{port}")
+        }
+    };
+    Ok(strings(&[
+        "--store",
+        "etcd",
+        "--etcd-endpoints",
+        &etcd,
+        "--bus",
+        "nats",
+        "--nats-url",
+        &nats,
+        "--ca-seal-key-file",
+        &seal.display().to_string(),
+    ]))
+}
+
+/// `name` on the PATH (or in /usr/sbin); `hint` says how to get it.
+fn program(name: &str, hint: &str) -> Result<PathBuf, CliError> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    path.split(':')
+        .chain(["/usr/sbin", "/usr/bin"])
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            CliError::Input(format!("--store etcd starts a local {name}, and none is installed: {hint}"))
+        })
+}
+
+/// A loopback address nothing listens on now.
+fn free_port() -> Result<String, CliError> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.to_string())
+        .map_err(|e| CliError::Input(format!("no free port on 127.0.0.1: {e}")))
+}
+
+/// Waits (up to `timeout`) until the gateway is ready and knows `instances` endpoints of
+/// `service`, so the mesh is said to be up only once a request through the edge can be served.
+/// Past the timeout it says what is missing and carries on: the gateway keeps trying.
+async fn wait_routable(admin: &str, service: &str, instances: usize, timeout: Duration) {
+    eprint!("waiting for the gateway to reach {service} … ");
+    let t0 = Instant::now();
+    let mut missing = String::new();
+    while t0.elapsed() < timeout {
+        missing = match routable(admin, service, instances).await {
+            Ok(()) => {
+                eprintln!("ok ({} ms)", t0.elapsed().as_millis());
+                return;
+            }
+            Err(why) => why,
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("not yet: {missing}; requests may fail until it does (see the gateway's log)");
+}
+
+/// Whether the gateway at `admin` is ready with `instances` endpoints of `service`; else why not.
+async fn routable(admin: &str, service: &str, instances: usize) -> Result<(), String> {
+    use crate::commands::sidecar::admin_call;
+    let (status, ready) = admin_call(admin, "GET", "/ready").await.map_err(|e| e.to_string())?;
+    if status != 200 {
+        return Err(format!("not ready: {}", ready["reasons"]));
+    }
+    let (_, config) = admin_call(admin, "GET", "/config").await.map_err(|e| e.to_string())?;
+    let known = config["upstreams"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|u| u["service"] == service)
+        .and_then(|u| u["endpoints"].as_array())
+        .map_or(0, Vec::len);
+    if known < instances {
+        return Err(format!("it knows {known} of {instances} {service} instances"));
+    }
+    Ok(())
+}
+
 fn strings(a: &[&str]) -> Vec<String> {
     a.iter().map(|s| s.to_string()).collect()
 }
@@ -170,22 +332,54 @@ pub async fn run(args: UpArgs, output: Output, log_format: mesh_runtime::LogForm
         log_format,
     };
 
-    let cp = mesh
-        .launch(
-            "control-plane",
-            "control-plane",
-            &strings(&[
-                "--grpc-addr",
-                &args.grpc_addr,
-                "--admin-addr",
-                &args.admin_addr,
-                "--data-dir",
-                &dir("control-plane"),
-            ]),
-        )
-        .await?;
-    let (grpc, cp_admin) = (addr(&cp, "grpc"), addr(&cp, "admin"));
-    let cp_url = format!("https://{grpc}");
+    // The control plane: one on its data dir, or --replicas on a shared etcd (and NATS).
+    let shared = match args.store {
+        UpStore::Embedded if args.replicas > 1 => {
+            return Err(CliError::Input(
+                "--replicas above 1 needs --store etcd: replicas share their state through etcd".into(),
+            ));
+        }
+        UpStore::Embedded => vec![],
+        UpStore::Etcd => shared_store(&mut mesh, &args).await?,
+    };
+    let mut cp_urls = Vec::new();
+    let mut cp_admin = String::new();
+    let mut others = Vec::new();
+    for r in 1..=args.replicas {
+        let (label, data) = if r == 1 {
+            ("control-plane".to_string(), dir("control-plane"))
+        } else {
+            (format!("control-plane-{r}"), dir(&format!("control-plane-{r}")))
+        };
+        let (grpc_addr, admin_addr) = if r == 1 {
+            (args.grpc_addr.as_str(), args.admin_addr.as_str())
+        } else {
+            ("127.0.0.1:0", "127.0.0.1:0")
+        };
+        let mut cp_args =
+            strings(&["--grpc-addr", grpc_addr, "--admin-addr", admin_addr, "--data-dir", &data]);
+        if !shared.is_empty() {
+            cp_args.extend(shared.iter().cloned());
+            cp_args.extend(strings(&["--replica", &label]));
+        }
+        let cp = mesh.launch(&label, "control-plane", &cp_args).await?;
+        let (grpc, admin) = (addr(&cp, "grpc"), addr(&cp, "admin"));
+        if r == 1 {
+            cp_admin = admin.clone();
+        } else {
+            others.push((label, format!("https://{grpc}"), format!("replica {r}: admin http://{admin}/")));
+        }
+        cp_urls.push(format!("https://{grpc}"));
+    }
+    let cp_url = cp_urls[0].clone();
+    // Each sidecar starts on the next replica and fails over to the others in turn.
+    let mut spread = 0usize;
+    let mut next_urls = || {
+        let list: Vec<String> =
+            (0..cp_urls.len()).map(|k| cp_urls[(spread + k) % cp_urls.len()].clone()).collect();
+        spread += 1;
+        list.join(",")
+    };
     // The API is TLS from the mesh CA; sidecars trust its root, meshctl also sends the admin
     // token the control plane wrote into its data dir.
     let target = Target {
@@ -194,8 +388,26 @@ pub async fn run(args: UpArgs, output: Output, log_format: mesh_runtime::LogForm
         admin_token_file: args.dir.join("control-plane").join("admin.token"),
     };
     let ca_file = target.ca_file.display().to_string();
-    mesh.row("control-plane", cp_url.clone(), "gRPC over TLS: registry, discovery, policy, admin (meshctl)");
-    mesh.row("", format!("http://{cp_admin}/metrics"), "Prometheus metrics, /healthz");
+    let first_cp = usize::from(args.replicas) - 1; // launches since the first replica
+    mesh.row_of(
+        "control-plane",
+        first_cp,
+        cp_url.clone(),
+        "gRPC over TLS: registry, discovery, policy, admin (meshctl)",
+    );
+    mesh.row(
+        "",
+        format!("http://{cp_admin}/metrics"),
+        "Prometheus metrics, /healthz; the management API (JSON, admin token) under /api/v1",
+    );
+    mesh.row(
+        "",
+        format!("http://{cp_admin}/"),
+        &format!("the live dashboard: sign in with the admin token ({})", target.admin_token_file.display()),
+    );
+    for (k, (label, url, what)) in others.into_iter().enumerate() {
+        mesh.row_of(&label, first_cp - 1 - k, url, &what);
+    }
 
     set_market_policy(&target).await?;
     // Mesh identity: a bootstrap token per service; every sidecar and the gateway get their
@@ -254,7 +466,7 @@ pub async fn run(args: UpArgs, output: Output, log_format: mesh_runtime::LogForm
                     "--app-addr",
                     &app_addr,
                     "--control-plane",
-                    &cp_url,
+                    &next_urls(),
                     "--control-plane-ca",
                     &ca_file,
                     "--inbound-addr",
@@ -296,7 +508,7 @@ pub async fn run(args: UpArgs, output: Output, log_format: mesh_runtime::LogForm
                 "--instance-id",
                 "gateway",
                 "--control-plane",
-                &cp_url,
+                &next_urls(),
                 "--control-plane-ca",
                 &ca_file,
                 "--outbound-addr",
@@ -327,6 +539,7 @@ pub async fn run(args: UpArgs, output: Output, log_format: mesh_runtime::LogForm
         )
         .await?;
     let public = addr(&gw, "outbound");
+    wait_routable(&addr(&gw, "admin"), "market-service", args.instances, mesh.timeout).await;
     mesh.row(
         "gateway",
         format!("http://{public}/api/markets"),
@@ -415,8 +628,8 @@ async fn supervise(mut mesh: Mesh, backoff: Duration, give_up_after: u32) -> Res
             _ = tokio::time::sleep(delay) => {}
         }
         let p = &mesh.procs[i];
-        let (bin, args) = (p.bin.clone(), p.args.clone());
-        match start(&mesh.bin_dir, &name, &bin, &args, &mesh.logs, mesh.timeout).await {
+        let (bin, args, ready) = (p.bin.clone(), p.args.clone(), p.ready.clone());
+        match start(&mesh.bin_dir, &name, &bin, &args, &mesh.logs, mesh.timeout, &ready).await {
             Ok((mut fresh, _)) => {
                 fresh.quick_failures = failures;
                 let pid = fresh.child.id();
@@ -508,7 +721,9 @@ async fn start(
     args: &[String],
     logs: &Path,
     timeout: Duration,
+    ready: &Ready,
 ) -> Result<(Proc, Value), CliError> {
+    // An absolute `bin_name` (a server found on the PATH) replaces `bin_dir`.
     let bin = bin_dir.join(bin_name);
     if !bin.exists() {
         return Err(CliError::Input(format!(
@@ -535,14 +750,27 @@ async fn start(
     let stdout = child.stdout.take().ok_or_else(|| CliError::Input(format!("{name}: no stdout")))?;
     let mut lines = BufReader::new(stdout).lines();
     let wait = async {
-        while let Ok(Some(line)) = lines.next_line().await {
-            if let Ok(v) = serde_json::from_str::<Value>(&line)
-                && v.get("event").and_then(Value::as_str) == Some("listening")
-            {
-                return Some(v);
+        match ready {
+            Ready::Listening => {
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if let Ok(v) = serde_json::from_str::<Value>(&line)
+                        && v.get("event").and_then(Value::as_str) == Some("listening")
+                    {
+                        return Some(v);
+                    }
+                }
+                None
             }
+            Ready::Accepts(addr) => loop {
+                if tokio::net::TcpStream::connect(addr.as_str()).await.is_ok() {
+                    return Some(json!({}));
+                }
+                if !matches!(child.try_wait(), Ok(None)) {
+                    return None;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            },
         }
-        None
     };
     match tokio::time::timeout(timeout, wait).await {
         Ok(Some(v)) => {
@@ -559,6 +787,7 @@ async fn start(
                 args: pinned(args, &v),
                 started: Instant::now(),
                 quick_failures: 0,
+                ready: ready.clone(),
             };
             Ok((proc, v))
         }

@@ -66,3 +66,18 @@ pub fn delivery_json(d: &v1::Delivery) -> Value {
     }
     out
 }
+
+/// A replay read to its end, each event as CloudEvents JSON ([`delivery_json`]); the first
+/// error ends it (part of a replay is not the replay).
+pub async fn replay_json<S>(stream: S) -> Result<Vec<Value>, tonic::Status>
+where
+    S: tonic::codegen::tokio_stream::Stream<Item = Result<v1::Delivery, tonic::Status>>,
+{
+    use tonic::codegen::tokio_stream::StreamExt;
+    let mut stream = std::pin::pin!(stream);
+    let mut events = Vec::new();
+    while let Some(d) = stream.next().await {
+        events.push(delivery_json(&d?));
+    }
+    Ok(events)
+}

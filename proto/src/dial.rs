@@ -81,8 +81,19 @@ impl Dialer {
 
     /// Connects to `endpoint` now.
     pub async fn connect(&self, endpoint: Endpoint) -> Result<Channel, DialError> {
+        self.connect_at(endpoint, None).await
+    }
+
+    /// Connects to `endpoint` now; over TLS, to `addr` when given (one of the addresses the
+    /// URL's name resolved to) while still checking the server by that name.
+    pub async fn connect_at(
+        &self,
+        endpoint: Endpoint,
+        addr: Option<std::net::SocketAddr>,
+    ) -> Result<Channel, DialError> {
         let url = endpoint.uri().to_string();
-        let connected = match self.connector(&endpoint)? {
+        let connector = self.connector(&endpoint)?.map(|c| TlsConnector { addr, ..c });
+        let connected = match connector {
             Some(c) => endpoint.connect_with_connector(c).await,
             None => endpoint.connect().await,
         };
@@ -101,7 +112,7 @@ impl Dialer {
         let uri = endpoint.uri();
         match uri.scheme_str() {
             Some("https") => match &self.tls {
-                Some(make) => Ok(Some(TlsConnector { make: make.clone() })),
+                Some(make) => Ok(Some(TlsConnector { make: make.clone(), addr: None })),
                 None => Err(DialError::NoTrust(uri.to_string())),
             },
             _ => Ok(None),
@@ -123,6 +134,8 @@ pub fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
 #[derive(Clone)]
 struct TlsConnector {
     make: ClientTls,
+    /// Connect here instead of resolving the host.
+    addr: Option<std::net::SocketAddr>,
 }
 
 type Connecting = Pin<
@@ -146,14 +159,17 @@ impl tower_service::Service<Uri> for TlsConnector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let make = self.make.clone();
+        let (make, addr) = (self.make.clone(), self.addr);
         Box::pin(async move {
             let host = uri.host().ok_or("the control-plane URL has no host")?;
             let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
             let port = uri.port_u16().unwrap_or(443);
             let name = ServerName::try_from(host.clone())?;
             let config = make()?;
-            let tcp = TcpStream::connect((host.as_str(), port)).await?;
+            let tcp = match addr {
+                Some(a) => TcpStream::connect(a).await?,
+                None => TcpStream::connect((host.as_str(), port)).await?,
+            };
             tcp.set_nodelay(true)?;
             let tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await?;
             Ok(TokioIo::new(tls))

@@ -7,6 +7,7 @@
 //! - [`dial`]: reaching the control plane over TLS (or plaintext), and the TLS helpers the
 //!   control plane and the sidecar share.
 //! - [`names`]: validation of service names, instance ids, topics, header names and addresses.
+//! - [`topology`]: the latency buckets of observed edges, and percentiles read from them.
 //!
 //! This is the only crate that defines wire types; the others convert at their edge.
 
@@ -17,14 +18,31 @@ pub mod cloudevents;
 pub mod dial;
 pub mod field;
 pub mod gateway;
+pub mod json;
 pub mod names;
 pub mod policy;
-pub use cloudevents::delivery_json;
+pub mod topology;
+pub use cloudevents::{delivery_json, replay_json};
 
 /// Generated messages, clients and servers of package `mesh.v1`.
 #[allow(clippy::all, missing_docs)]
 pub mod v1 {
     tonic::include_proto!("mesh.v1");
+}
+
+/// The subset of etcd's v3 API the control plane's `--store etcd` uses (clients only): its
+/// packages `etcdserverpb`, `mvccpb` and `v3electionpb`, so paths and messages are etcd's own.
+#[allow(clippy::all, missing_docs)]
+pub mod etcd {
+    pub mod mvccpb {
+        tonic::include_proto!("mvccpb");
+    }
+    pub mod etcdserverpb {
+        tonic::include_proto!("etcdserverpb");
+    }
+    pub mod v3electionpb {
+        tonic::include_proto!("v3electionpb");
+    }
 }
 
 /// The encoded `FileDescriptorSet` of `mesh.v1`, for gRPC server reflection.

@@ -27,6 +27,8 @@ pub struct ServicePolicy {
     pub cache: CachePolicy,
     pub rate_limit: RateLimitPolicy,
     pub authz: AuthzPolicy,
+    #[serde(skip_serializing_if = "TracingPolicy::is_default")]
+    pub tracing: TracingPolicy,
     /// Set for a service outside the mesh: sidecars resolve `host` with DNS (re-resolved per
     /// record TTL) and balance over the addresses instead of using discovery.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -375,6 +377,58 @@ pub struct AuthzPolicy {
     pub allowed_callers: Vec<String>,
     /// Let callers without a mesh identity through. Default false (fail-closed).
     pub allow_unauthenticated: bool,
+}
+
+/// Spans over OTLP: which share of the traces this service's sidecars start are sampled.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TracingPolicy {
+    /// 0..=1 (`0.01`: one trace in a hundred). A trace that arrives sampled or not keeps its
+    /// caller's decision (parent-based). Unset: the sidecar's `OTEL_TRACES_SAMPLER_ARG`, else 1.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sampling: Option<Ratio>,
+}
+
+impl TracingPolicy {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// A share in 0..=1, kept in parts per million so a policy stays comparable (`Eq`) and two
+/// writings of the same share are one value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Ratio(u32);
+
+impl Ratio {
+    pub const ONE: Ratio = Ratio(1_000_000);
+
+    /// `None` outside 0..=1 (and for NaN).
+    pub fn new(share: f64) -> Option<Ratio> {
+        (0.0..=1.0).contains(&share).then(|| Ratio((share * 1_000_000.0).round() as u32))
+    }
+
+    pub fn parts_per_million(self) -> u32 {
+        self.0
+    }
+
+    pub fn get(self) -> f64 {
+        f64::from(self.0) / 1_000_000.0
+    }
+}
+
+impl Serialize for Ratio {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(self.get())
+    }
+}
+
+impl<'de> Deserialize<'de> for Ratio {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let share = f64::deserialize(d)?;
+        Ratio::new(share)
+            .ok_or_else(|| serde::de::Error::custom(format!("{share} is not a share between 0 and 1")))
+    }
 }
 
 // ---- validation ----------------------------------------------------------------------------
@@ -816,6 +870,14 @@ impl TryFrom<v1::ServicePolicy> for ServicePolicy {
                 allowed_callers: az.allowed_callers,
                 allow_unauthenticated: az.allow_unauthenticated.unwrap_or_default(),
             },
+            tracing: TracingPolicy {
+                sampling: match w.tracing.and_then(|t| t.sampling) {
+                    None => None,
+                    Some(share) => Some(Ratio::new(share).ok_or_else(|| {
+                        FieldError::new("tracing.sampling", format!("{share} is not a share between 0 and 1"))
+                    })?),
+                },
+            },
             external: match w.external {
                 None => None,
                 Some(e) => Some(ExternalService {
@@ -914,6 +976,7 @@ impl From<&ServicePolicy> for v1::ServicePolicy {
                 allowed_callers: az.allowed_callers.clone(),
                 allow_unauthenticated: Some(az.allow_unauthenticated),
             }),
+            tracing: p.tracing.sampling.map(|r| v1::TracingPolicy { sampling: Some(r.get()) }),
             external: p
                 .external
                 .as_ref()

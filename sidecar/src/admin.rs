@@ -162,6 +162,7 @@ async fn config(State(s): State<Arc<Shared>>) -> impl IntoResponse {
         "control_plane": {
             "urls": c.control_plane,
             "current": *s.cp.url.lock().unwrap_or_else(|p| p.into_inner()),
+            "address": s.cp.address.lock().unwrap_or_else(|p| p.into_inner()).map(|a| a.to_string()),
             "connected": s.cp.connected.load(Ordering::Relaxed),
             "registered": s.cp.registered.load(Ordering::Relaxed),
             "last_error": *s.cp.last_error.lock().unwrap_or_else(|p| p.into_inner()),
@@ -175,6 +176,11 @@ async fn config(State(s): State<Arc<Shared>>) -> impl IntoResponse {
         "mtls": c.identity_token.is_some(),
         "rate_limited": c.service.as_ref().map_or(0, |svc| s.metrics.rate_limited.get_or_create(&vec![("service", svc.clone())]).get()),
         "own_policy": { "version": own_version, "policy": *own_policy },
+        "tracing": {
+            "otlp_endpoint": c.otlp_endpoint,
+            "exporting": s.telemetry.is_on(),
+            "sampling": f64::from(s.sampling.parts_per_million()) / 1_000_000.0,
+        },
         "upstreams": upstreams,
     }))
 }

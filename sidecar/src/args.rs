@@ -57,6 +57,11 @@ pub struct Args {
     /// bundle`): an `https://` control plane must present a certificate it issued.
     #[arg(long, env = "MESH_CONTROL_PLANE_CA")]
     control_plane_ca: Option<PathBuf>,
+    /// A DNS server (ip:port) to resolve names with — the control plane's (a name with several
+    /// addresses: one per replica) and external services' — instead of /etc/hosts and the
+    /// system's resolver configuration.
+    #[arg(long, env = "MESH_DNS_SERVER")]
+    dns_server: Option<SocketAddr>,
     /// Inbound listener: other sidecars reach the app here (default 0.0.0.0:4143).
     #[arg(long, env = "MESH_INBOUND_ADDR")]
     inbound_addr: Option<SocketAddr>,
@@ -169,6 +174,15 @@ pub struct Args {
     /// gateway); repeat for several. Over mutual TLS only: the caller's certificate says who it is.
     #[arg(long = "trusted-edge", env = "MESH_TRUSTED_EDGES", value_delimiter = ',')]
     trusted_edges: Vec<String>,
+    /// Export spans over OTLP/gRPC to this collector (`http://host:4317`); the standard
+    /// `OTEL_*` variables apply. The share of new traces sampled is the service policy's
+    /// `tracing.sampling` (else `OTEL_TRACES_SAMPLER_ARG`, else all).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// How often the calls this proxy made (per service called: requests, successes, latency)
+    /// are reported to the control plane for its topology (default 10s; 0: never).
+    #[arg(long, env = "MESH_EDGE_REPORT_INTERVAL", value_parser = parse_duration)]
+    edge_report_interval: Option<Duration>,
     /// Gateway mode: the longest request target (path and query) accepted, bytes (default 8192;
     /// longer: 414). A route's `limits` may set its own.
     #[arg(long, env = "MESH_MAX_URI_LENGTH")]
@@ -272,6 +286,7 @@ struct FileConfig {
     subscriptions: Vec<Subscription>,
     identity_token_file: Option<PathBuf>,
     control_plane_ca: Option<PathBuf>,
+    dns_server: Option<SocketAddr>,
     jwks_file: Option<PathBuf>,
     jwks_url: Option<String>,
     jwks_ca: Option<PathBuf>,
@@ -282,6 +297,9 @@ struct FileConfig {
     jwks_refresh: Option<Duration>,
     jwt_cache: Option<usize>,
     trusted_edges: Vec<String>,
+    otlp_endpoint: Option<String>,
+    #[serde(with = "opt_duration")]
+    edge_report_interval: Option<Duration>,
     max_uri_length: Option<usize>,
     max_headers: Option<usize>,
     max_header_bytes: Option<usize>,
@@ -486,6 +504,7 @@ pub fn resolve(a: Args) -> anyhow::Result<Resolved> {
     c.subscriptions = subscriptions;
     c.identity_token = identity_token;
     c.control_plane_ca = control_plane_ca;
+    c.dns_server = a.dns_server.or(f.dns_server);
     let pick = |a: Vec<String>, f: Vec<String>| if a.is_empty() { f } else { a };
     let jwks = match (a.jwks_file.or(f.jwks_file), a.jwks_url.or(f.jwks_url)) {
         (Some(_), Some(_)) => bail!("--jwks-file or --jwks-url: one source of keys"),
@@ -513,6 +532,10 @@ pub fn resolve(a: Args) -> anyhow::Result<Resolved> {
     }
     if !edges.is_empty() {
         c.trusted_edges = edges;
+    }
+    c.otlp_endpoint = a.otlp_endpoint.or(f.otlp_endpoint);
+    if let Some(every) = a.edge_report_interval.or(f.edge_report_interval) {
+        c.edge_report_interval = every;
     }
     let config = c;
     Ok(Resolved { config, inbound, outbound, app_api, admin })

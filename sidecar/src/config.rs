@@ -73,11 +73,18 @@ pub struct Config {
     pub identity_token: Option<String>,
     /// The mesh root (PEM) that an `https://` control plane's certificate must chain to.
     pub control_plane_ca: Option<String>,
+    /// Resolve names with this DNS server instead of the system's configuration.
+    pub dns_server: Option<std::net::SocketAddr>,
     /// Gateway mode: end-user tokens (JWTs) checked against a JWK Set file.
     pub edge_auth: Option<EdgeAuthConfig>,
     /// Sidecar mode: the services whose calls may carry a verified end user (`x-mesh-user`,
     /// `x-mesh-user-roles`) to the app; from any other caller those headers are dropped.
     pub trusted_edges: Vec<String>,
+    /// Where spans go over OTLP/gRPC (`--otlp-endpoint`); none: no spans are exported.
+    pub otlp_endpoint: Option<String>,
+    /// How often what this proxy saw of its edges is reported to the control plane (observed
+    /// topology); zero: never.
+    pub edge_report_interval: Duration,
 }
 
 /// How long an HTTP/1 client may take to send a request's head — and a keep-alive connection
@@ -128,8 +135,11 @@ impl Config {
             subscriptions: Vec::new(),
             identity_token: None,
             control_plane_ca: None,
+            dns_server: None,
             edge_auth: None,
             trusted_edges: vec!["gateway".into()],
+            otlp_endpoint: None,
+            edge_report_interval: Duration::from_secs(10),
         }
     }
 

@@ -47,7 +47,7 @@ use crate::{
     upstream::snapshot,
 };
 
-use mesh_runtime::{Backoff, spawn, spawn_tracked};
+use mesh_runtime::{Backoff, spawn, spawn_tracked, telemetry::Telemetry};
 use std::{sync::Arc, time::Duration};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -85,7 +85,10 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     if config.control_plane.is_empty() {
         return Err(Error::Config("name at least one control plane (--control-plane)".into()));
     }
-    let (shared, added) = Shared::new(config);
+    let telemetry =
+        Telemetry::start(config.service.as_deref().unwrap_or("gateway"), config.otlp_endpoint.as_deref())
+            .map_err(Error::Config)?;
+    let (shared, added) = Shared::new(config, telemetry);
     let (upstreams, metrics) = (shared.upstreams.clone(), shared.metrics.clone());
     match snapshot::load(&shared.config.data_dir).map_err(Error::Snapshot)? {
         Some(snap) => {
@@ -190,6 +193,20 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         );
     }
 
+    // The share of new traces sampled follows the own service's policy.
+    let (stop, mut policy, sampling) =
+        (background.clone(), shared.own_policy.subscribe(), shared.sampling.clone());
+    spawn_tracked(&tasks, tracing::info_span!("trace_sampling"), async move {
+        let default = mesh_runtime::telemetry::default_sampling();
+        loop {
+            let share = policy.borrow_and_update().1.tracing.sampling;
+            sampling.set(share.map_or(default, |r| r.parts_per_million()));
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                changed = policy.changed() => if changed.is_err() { return },
+            }
+        }
+    });
     if let Some(auth) = edge_auth.clone() {
         let stop = background.clone();
         spawn_tracked(&tasks, tracing::info_span!("jwks_refresh"), async move {
@@ -235,7 +252,13 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         });
     }
     outbound.edge = edge.clone();
+    outbound.telemetry = shared.telemetry.clone();
+    outbound.sampling = shared.sampling.clone();
+    outbound.count_edges = !shared.config.edge_report_interval.is_zero();
+    outbound.tap = shared.tap.clone();
+    outbound.route_edges = shared.route_edges.clone();
     let outbound = Arc::new(outbound);
+    let _ = shared.outbound.set(outbound.clone());
     let handler: Handler = Arc::new(move |req, peer| {
         server::boxed_in_place(|| outbound.clone().handle(req, peer.addr, peer.framing.clone()))
     });
@@ -269,6 +292,9 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         );
         inbound.mtls = shared.mtls();
         inbound.trusted_edges = shared.config.trusted_edges.clone();
+        inbound.telemetry = shared.telemetry.clone();
+        inbound.sampling = shared.sampling.clone();
+        inbound.tap = shared.tap.clone();
         let inbound = Arc::new(inbound);
         let handler: Handler =
             Arc::new(move |req, peer| server::boxed_in_place(|| inbound.clone().handle(req, peer.clone())));
@@ -324,6 +350,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     tasks.close();
     tasks.wait().await;
     admin.await.map_err(|e| Error::Admin(std::io::Error::other(e)))?.map_err(Error::Admin)?;
+    shared.telemetry.shutdown().await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -16,6 +16,7 @@ use crate::{
 };
 
 use mesh_proto::policy::ServicePolicy;
+use mesh_runtime::telemetry::{Sampling, Telemetry};
 use std::sync::{
     Arc, Mutex,
     atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -27,6 +28,9 @@ use tokio_util::sync::CancellationToken;
 #[derive(Default)]
 pub struct ControlStatus {
     pub url: Mutex<String>,
+    /// The address the current URL's name resolved to and the session uses (none: the URL
+    /// names an address, or the system resolves it at connect time).
+    pub address: Mutex<Option<std::net::SocketAddr>>,
     pub connected: AtomicBool,
     pub registered: AtomicBool,
     pub synced: AtomicBool,
@@ -57,16 +61,31 @@ pub struct Shared {
     pub identity: Arc<IdentityCell>,
     /// How to reach the control plane: TLS presenting the current certificate, when it has a CA.
     pub dialer: mesh_proto::dial::Dialer,
+    /// Where this sidecar's spans go (off unless an OTLP endpoint is configured)…
+    pub telemetry: Telemetry,
+    /// …and the share of new traces it samples (the own service's policy, `tracing.sampling`).
+    pub sampling: Arc<Sampling>,
+    /// Operators' taps on this proxy's service.
+    pub tap: Arc<crate::control::tap::Tap>,
+    /// At the edge: what each route's calls came to, for the topology reports.
+    pub route_edges: Arc<crate::upstream::edge::RouteEdges>,
+    /// The outbound proxy, once built (operators' calls go out through it).
+    pub outbound: std::sync::OnceLock<Arc<crate::outbound::Outbound>>,
 }
 
 impl Shared {
     /// The shared state for `config`, and the channel announcing upstreams met for the first
     /// time (for the control loop).
-    pub fn new(config: Config) -> (Arc<Shared>, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    pub fn new(
+        config: Config,
+        telemetry: Telemetry,
+    ) -> (Arc<Shared>, tokio::sync::mpsc::UnboundedReceiver<String>) {
         let identity = Arc::new(IdentityCell::default());
         let metrics = Metrics::new();
         let (upstreams, added) =
             Upstreams::new(config.identity_token.is_some().then(|| identity.clone()), metrics.clone());
+        let own = config.service.clone().unwrap_or_else(|| mesh_proto::gateway::GATEWAY_SERVICE.into());
+        let tap = Arc::new(crate::control::tap::Tap::new(config.instance_id.clone(), own));
         let shared = Arc::new(Shared {
             upstreams: Arc::new(upstreams),
             own_policy: watch::channel((0, Arc::new(ServicePolicy::default()))).0,
@@ -75,7 +94,7 @@ impl Shared {
             metrics,
             cp: ControlStatus::default(),
             snapshot: SnapshotWriter::new(config.data_dir.clone()),
-            dns: Dns::default(),
+            dns: Dns::new(config.dns_server),
             app: config.app_addr.as_ref().map(LocalApp::new),
             stopping: CancellationToken::new(),
             outbox: Spool::open(&config.data_dir.join("spool"), config.spool_max_bytes, config.spool_max_age)
@@ -84,6 +103,11 @@ impl Shared {
             dialer: cell::control_plane_dialer(config.control_plane_ca.clone(), identity.clone()),
             identity,
             config,
+            telemetry,
+            sampling: Arc::new(Sampling::new(mesh_runtime::telemetry::default_sampling())),
+            tap,
+            route_edges: Default::default(),
+            outbound: Default::default(),
         });
         (shared, added)
     }

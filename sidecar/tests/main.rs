@@ -16,3 +16,5 @@ mod identity;
 mod mesh;
 mod mtls;
 mod subscriptions;
+mod topology;
+mod traces;

@@ -79,7 +79,9 @@ fn deploy_files_parse_and_use_only_flags_the_binaries_have() {
     let mut found = Vec::new();
     for path in [
         "deploy/docker-compose.yml",
+        "deploy/docker-compose.ha.yml",
         "deploy/k8s/control-plane.yaml",
+        "deploy/k8s/control-plane-ha.yaml",
         "deploy/k8s/market-service.yaml",
         "deploy/k8s/gateway.yaml",
         "deploy/prometheus/prometheus.yml",
@@ -109,8 +111,12 @@ fn deploy_files_parse_and_use_only_flags_the_binaries_have() {
     }
 }
 
-const K8S: [&str; 3] =
-    ["deploy/k8s/control-plane.yaml", "deploy/k8s/market-service.yaml", "deploy/k8s/gateway.yaml"];
+const K8S: [&str; 4] = [
+    "deploy/k8s/control-plane.yaml",
+    "deploy/k8s/control-plane-ha.yaml",
+    "deploy/k8s/market-service.yaml",
+    "deploy/k8s/gateway.yaml",
+];
 
 /// The stock validators `scripts/test-deps` installs (`MESH_TEST_VENV`): required when
 /// `MESH_REQUIRE_POSTGRES=1` says the test dependencies were set up (CI), skipped otherwise.
@@ -162,8 +168,10 @@ fn deploy_files_pass_the_stock_schema_validators() {
     let compose = ["--builtin-schema", "vendor.compose-spec"];
     let strict = ["--strict"];
     // (validator, its arguments, file, a field to misspell for the negative control)
-    let mut checks: Vec<(&Path, &[&str], &str, &str)> =
-        vec![(&jsonschema, &compose, "deploy/docker-compose.yml", "    command:")];
+    let mut checks: Vec<(&Path, &[&str], &str, &str)> = vec![
+        (&jsonschema, &compose, "deploy/docker-compose.yml", "    command:"),
+        (&jsonschema, &compose, "deploy/docker-compose.ha.yml", "    command:"),
+    ];
     for m in K8S {
         checks.push((&k8s, &strict, m, "image:"));
     }
@@ -215,25 +223,30 @@ fn containers_run_unprivileged_and_can_read_and_write_what_they_mount() {
         .take_while(|w| w.starts_with('/'))
         .collect();
     assert!(dockerfile.contains("USER mesh") && dockerfile.contains("--uid 10001"), "{dockerfile}");
-    let compose = &docs("deploy/docker-compose.yml")[0];
-    let named: Vec<&String> = compose["volumes"].as_object().unwrap().keys().collect();
-    for (name, svc) in compose["services"].as_object().unwrap() {
-        if merged(svc, "image") != Some(&Value::from("opinion-market-mesh:latest"))
-            || merged(svc, "user").is_some()
-        {
-            continue;
-        }
-        for v in
-            merged(svc, "volumes").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str)
-        {
-            let parts: Vec<&str> = v.split(':').collect();
-            let (source, target) = (parts[0], parts.get(1).copied().unwrap_or(parts[0]));
-            let read_only = parts.get(2) == Some(&"ro");
-            if named.iter().any(|n| n.as_str() == source) && !read_only {
-                assert!(
-                    owned.contains(&target),
-                    "service {name} writes to volume {source} at {target}, which the image does not give to uid 10001 ({chown})"
-                );
+    let files = [docs("deploy/docker-compose.yml"), docs("deploy/docker-compose.ha.yml")];
+    for compose in files.iter().map(|d| &d[0]) {
+        let named: Vec<&String> = compose["volumes"].as_object().unwrap().keys().collect();
+        for (name, svc) in compose["services"].as_object().unwrap() {
+            if merged(svc, "image") != Some(&Value::from("opinion-market-mesh:latest"))
+                || merged(svc, "user").is_some()
+            {
+                continue;
+            }
+            for v in merged(svc, "volumes")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+            {
+                let parts: Vec<&str> = v.split(':').collect();
+                let (source, target) = (parts[0], parts.get(1).copied().unwrap_or(parts[0]));
+                let read_only = parts.get(2) == Some(&"ro");
+                if named.iter().any(|n| n.as_str() == source) && !read_only {
+                    assert!(
+                        owned.contains(&target),
+                        "service {name} writes to volume {source} at {target}, which the image does not give to uid 10001 ({chown})"
+                    );
+                }
             }
         }
     }

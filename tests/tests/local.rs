@@ -16,9 +16,14 @@ pub struct LocalMesh {
 impl LocalMesh {
     /// Starts it with `env` for meshctl and its processes; returns once it printed `up`.
     pub fn start(env: &[(&str, &str)]) -> LocalMesh {
+        Self::start_up(&[], env)
+    }
+
+    /// With `up` flags for `meshctl up` (`--store etcd --replicas 3`).
+    pub fn start_up(up: &[&str], env: &[(&str, &str)]) -> LocalMesh {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join(".mesh");
-        let (up, stdout) = MeshctlUp::start_with_env(&state, &["-o", "json"], &[], env);
+        let (up, stdout) = MeshctlUp::start_with_env(&state, &["-o", "json"], up, env);
         let mut lines = BufReader::new(stdout).lines();
         let ready: Value = loop {
             let line = lines.next().expect("meshctl up printed its listeners").unwrap();
@@ -34,6 +39,14 @@ impl LocalMesh {
 
     fn listeners(&self) -> impl Iterator<Item = &Value> {
         self.ready["listeners"].as_array().into_iter().flatten()
+    }
+
+    /// The PID of a process `meshctl up` started.
+    pub fn pid(&self, process: &str) -> i32 {
+        self.listeners()
+            .find(|l| l["process"] == process)
+            .and_then(|l| l["pid"].as_i64())
+            .unwrap_or_else(|| panic!("no pid of {process} in {}", self.ready)) as i32
     }
 
     /// The address a process listens on (its first listener).
@@ -65,8 +78,13 @@ impl LocalMesh {
 
     /// `meshctl` with the control plane's address, CA and admin token.
     pub fn meshctl(&self, args: &[&str]) -> std::process::Output {
+        self.meshctl_at(&self.address("control-plane"), args)
+    }
+
+    /// `meshctl` against the control plane (replica) at `url`.
+    pub fn meshctl_at(&self, url: &str, args: &[&str]) -> std::process::Output {
         std::process::Command::new(mesh_testkit::bin("meshctl"))
-            .args(["--control-plane", &self.address("control-plane"), "--ca-file"])
+            .args(["--control-plane", url, "--ca-file"])
             .arg(self.state.join("control-plane/ca.pem"))
             .arg("--admin-token-file")
             .arg(self.state.join("control-plane/admin.token"))

@@ -6,13 +6,19 @@
 #![allow(clippy::disallowed_methods, clippy::disallowed_types)]
 
 mod check;
+mod dashboard;
 mod dashboards;
 mod deploy;
 mod grpc;
+mod ha;
 mod layout;
 mod local;
 mod logs;
+mod management;
 mod metrics;
 mod openapi;
 mod readme;
+mod tap;
+mod top;
+mod traces;
 mod up;

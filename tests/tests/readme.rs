@@ -6,7 +6,8 @@
 //! - `<!-- readme-test: up [expect="…"]… -->`: run in order against one `meshctl up` mesh, from
 //!   the directory holding its `.mesh/`, with the binaries on `PATH` and `MESH_CONTROL_PLANE`,
 //!   `GATEWAY_ADMIN` and `SIDECAR_ADMIN` set to what `meshctl up` printed; the
-//!   gateway's documented address is replaced by the one it got (the test binds port 0). A
+//!   gateway's and the control plane's admin listener's documented addresses are replaced by
+//!   the ones they got (the test binds port 0). A
 //!   block must exit 0 and print every `expect`. `console` blocks are `$ command` lines each
 //!   followed by the output it must print.
 //! - `<!-- readme-test: parts -->`: "running the parts yourself" in a fresh directory: every
@@ -126,6 +127,9 @@ async fn every_readme_command_runs_as_written() {
             .to_string()
     };
     let gateway = find(&|r| r["process"] == "gateway").trim_end_matches("/api/markets").to_string();
+    let cp_admin = find(&|r| r["what"].as_str().is_some_and(|w| w.contains("/api/v1")))
+        .trim_end_matches("/metrics")
+        .to_string();
     let admin_url = |row: &str| find(&|r| r["what"].as_str().is_some_and(|w| w.starts_with(row)));
     let env: BTreeMap<&str, String> = [
         ("PATH", path()),
@@ -142,7 +146,8 @@ async fn every_readme_command_runs_as_written() {
     .await;
 
     for b in blocks.iter().filter(|b| b.kind == "up") {
-        let text = b.text.replace("http://127.0.0.1:8080", &gateway);
+        let text =
+            b.text.replace("http://127.0.0.1:8080", &gateway).replace("http://127.0.0.1:7071", &cp_admin);
         if b.console {
             // `$ command` lines, each followed by the lines it must print.
             let mut steps: Vec<(String, Vec<String>)> = Vec::new();

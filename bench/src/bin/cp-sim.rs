@@ -9,7 +9,10 @@
 //! 4. changes the policy `--rounds` times and reports, per round, the time from the `Set` call
 //!    to each sidecar's receipt of the new version (every receipt is ACKed at once): p50, p99
 //!    and the last;
-//! 5. registers one more endpoint and reports the same for discovery.
+//! 5. registers one more endpoint and reports the same for discovery;
+//! 6. has every sidecar (of `--services` services) send an observed-topology report of
+//!    `--report-edges` edges, `--report-rounds` times a second apart, and reports the control
+//!    plane's CPU per round — its share of a core when the proxies report every 10 s.
 //!
 //! Figures go to stdout as one JSON object (and a readable summary on stderr).
 
@@ -72,6 +75,25 @@ struct Args {
     /// admin token over TLS); without it, `--insecure-api` (plaintext).
     #[arg(long)]
     tls: bool,
+    /// Services the simulated sidecars belong to (topology phase).
+    #[arg(long, default_value_t = 100)]
+    services: usize,
+    /// Edges in each sidecar's topology report.
+    #[arg(long, default_value_t = 5)]
+    report_edges: usize,
+    /// Topology reports per sidecar (a second apart).
+    #[arg(long, default_value_t = 10)]
+    report_rounds: u64,
+    /// Control-plane replicas on etcd (`--store etcd`; needs --etcd-endpoints and --nats-url);
+    /// 0: one control plane on its embedded store. The simulated sidecars spread over the
+    /// replicas and, after the policy rounds, the first replica is SIGKILLed and the time until
+    /// each of its sidecars is served by another is measured.
+    #[arg(long, default_value_t = 0)]
+    replicas: usize,
+    #[arg(long, default_value = "http://127.0.0.1:2379")]
+    etcd_endpoints: String,
+    #[arg(long, default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
 }
 
 struct Cp {
@@ -82,7 +104,9 @@ struct Cp {
 }
 
 impl Cp {
-    async fn start(args: &Args) -> anyhow::Result<Cp> {
+    /// One control plane; with `shared` (replica number, directory with the seal key), a
+    /// replica on etcd.
+    async fn start(args: &Args, shared: Option<(usize, &std::path::Path)>) -> anyhow::Result<Cp> {
         let bin = match &args.control_plane_bin {
             Some(b) => b.clone(),
             None => std::env::current_exe()?.parent().context("exe dir")?.join("control-plane"),
@@ -108,6 +132,29 @@ impl Cp {
                 "--data-dir",
             ])
             .arg(dir.path())
+            .args(
+                shared
+                    .map(|(r, seal)| {
+                        [
+                            "--store".to_string(),
+                            "etcd".into(),
+                            "--etcd-endpoints".into(),
+                            args.etcd_endpoints.clone(),
+                            "--bus".into(),
+                            "nats".into(),
+                            "--nats-url".into(),
+                            args.nats_url.clone(),
+                            "--ca-seal-key-file".into(),
+                            seal.join("seal.key").display().to_string(),
+                            "--replica".into(),
+                            format!("sim-{r}"),
+                            "--etcd-prefix".into(),
+                            format!("/cp-sim-{}-{}", std::process::id(), STARTS.load(Ordering::Relaxed)),
+                        ]
+                    })
+                    .into_iter()
+                    .flatten(),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
@@ -146,6 +193,46 @@ impl Cp {
     }
 }
 
+/// How many times the control planes were started (each start gets its own etcd prefix).
+static STARTS: AtomicUsize = AtomicUsize::new(0);
+
+/// The control planes under test: one, or the replicas on etcd.
+struct Cps {
+    all: Vec<Cp>,
+    /// The seal key the replicas share.
+    _seal: tempfile::TempDir,
+}
+
+impl Cps {
+    async fn start(args: &Args) -> anyhow::Result<Cps> {
+        let seal = tempfile::tempdir()?;
+        if args.replicas == 0 {
+            return Ok(Cps { all: vec![Cp::start(args, None).await?], _seal: seal });
+        }
+        std::fs::write(seal.path().join("seal.key"), mesh_runtime::random_token().context("randomness")?)?;
+        STARTS.fetch_add(1, Ordering::Relaxed);
+        let mut all = Vec::new();
+        for r in 0..args.replicas {
+            all.push(Cp::start(args, Some((r, seal.path()))).await?);
+        }
+        Ok(Cps { all, _seal: seal })
+    }
+
+    fn rss(&self) -> u64 {
+        self.all.iter().map(Cp::rss).sum()
+    }
+
+    fn cpu(&self) -> Duration {
+        self.all.iter().map(Cp::cpu).sum()
+    }
+
+    async fn kill(&mut self) {
+        for cp in &mut self.all {
+            cp.child.kill().await.ok();
+        }
+    }
+}
+
 fn clk_tck() -> u64 {
     std::process::Command::new("getconf")
         .arg("CLK_TCK")
@@ -157,17 +244,19 @@ fn clk_tck() -> u64 {
 
 /// `n` connections as meshctl makes them: TLS trusting the mesh root and carrying the admin
 /// token when the control plane serves TLS, plaintext otherwise.
-async fn channels(cp: &Cp, n: usize) -> anyhow::Result<Vec<Channel>> {
-    let ca = std::fs::read_to_string(cp.dir.path().join("ca.pem")).ok();
-    let token = std::fs::read_to_string(cp.dir.path().join("admin.token")).ok();
+/// Channel `i` goes to replica `i % replicas`.
+async fn channels(cps: &Cps, n: usize) -> anyhow::Result<Vec<Channel>> {
     let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
+    for i in 0..n {
+        let cp = &cps.all[i % cps.all.len()];
+        let ca = std::fs::read_to_string(cp.dir.path().join("ca.pem")).ok();
+        let token = std::fs::read_to_string(cp.dir.path().join("admin.token")).ok();
         out.push(admin_channel(&cp.url, ca.as_deref(), token.as_deref()).await?);
     }
     Ok(out)
 }
 
-async fn settle(cp: &Cp) -> u64 {
+async fn settle(cp: &Cps) -> u64 {
     tokio::time::sleep(Duration::from_millis(500)).await;
     cp.rss()
 }
@@ -189,9 +278,12 @@ fn spread(t0: Instant, got: &[Instant]) -> Vec<f64> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let cp = Cp::start(&args).await?;
+    let cp = Cps::start(&args).await?;
     let idle_rss = settle(&cp).await;
-    eprintln!("control plane pid {} at {}; idle RSS {:.1} MB", cp.pid, cp.url, idle_rss as f64 / 1e6);
+    for c in &cp.all {
+        eprintln!("control plane pid {} at {}", c.pid, c.url);
+    }
+    eprintln!("idle RSS {:.1} MB", idle_rss as f64 / 1e6);
     let chans = channels(&cp, args.connections).await?;
 
     // 1. Registrations.
@@ -295,11 +387,11 @@ async fn main() -> anyhow::Result<()> {
     );
     drop(chans);
     let mut cp = cp;
-    cp.child.kill().await.ok();
+    cp.kill().await;
 
     // A fresh control plane for the stream phases, so memory freed by the phases above and
     // kept by the allocator cannot hide what the streams cost.
-    let cp = Cp::start(&args).await?;
+    let mut cp = Cps::start(&args).await?;
     let chans = channels(&cp, args.connections).await?;
 
     // 3. Streams.
@@ -307,12 +399,25 @@ async fn main() -> anyhow::Result<()> {
     let target = "bench-target";
     let policy_got: Receipts<u64> = Arc::default();
     let discovery_got: Receipts<usize> = Arc::default();
+    let failover_got: Receipts<usize> = Arc::default();
     let ready = Arc::new(AtomicUsize::new(0));
+    let (report_tx, report_rx) = tokio::sync::watch::channel(0u64);
     let mut sidecars = Vec::with_capacity(args.streams);
     for s in 0..args.streams {
-        let ch = chans[s % chans.len()].clone();
-        let (policy_got, discovery_got, ready) = (policy_got.clone(), discovery_got.clone(), ready.clone());
-        sidecars.push(tokio::spawn(sidecar(s, ch, target, policy_got, discovery_got, ready)));
+        let chans = chans.clone();
+        let (policy_got, discovery_got, ready, failover_got) =
+            (policy_got.clone(), discovery_got.clone(), ready.clone(), failover_got.clone());
+        let report = Report {
+            rx: report_rx.clone(),
+            service: format!("sim-{}", s % args.services.max(1)),
+            edges: args.report_edges,
+        };
+        sidecars.push(tokio::spawn(sidecar(
+            s,
+            chans,
+            target,
+            Receivers { policy_got, discovery_got, ready, report, failover_got },
+        )));
     }
     while ready.load(Ordering::Relaxed) < args.streams {
         if let Some(t) = sidecars.iter().find(|t| t.is_finished()) {
@@ -408,7 +513,45 @@ async fn main() -> anyhow::Result<()> {
         disc[disc.len() - 1]
     );
 
+    // 6. Observed topology: every sidecar reports its edges once per round.
+    let cpu0 = cp.cpu();
+    let t0 = Instant::now();
+    for r in 1..=args.report_rounds {
+        report_tx.send_replace(r);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    if cp.all.len() > 1 {
+        // Replicas relay their reports to each other through etcd (a batch per 500 ms): let the
+        // last ones land, and count what applying them costs.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    let (cpu, wall) = (cp.cpu() - cpu0, t0.elapsed());
+    let per_round = cpu.as_secs_f64() / args.report_rounds.max(1) as f64;
+    let topo = v1::admin_client::AdminClient::new(chans[0].clone())
+        .topology(v1::TopologyRequest {})
+        .await?
+        .into_inner();
+    let reported: u64 =
+        topo.edges.iter().map(|e| e.last_ten_minutes.as_ref().map_or(0, |w| w.requests)).sum();
+    let expected = args.streams as u64 * args.report_edges as u64 * args.report_rounds * 100;
+    eprintln!(
+        "topology: {} sidecars × {} edges reported {} times: control plane CPU {:.1} ms per round ({:.2} % of a core at one round per 10 s; {:.1} % busy over the {:.0} s), {} edges, {reported} of {expected} requests summed",
+        args.streams,
+        args.report_edges,
+        args.report_rounds,
+        per_round * 1000.0,
+        per_round / 10.0 * 100.0,
+        cpu.as_secs_f64() / wall.as_secs_f64() * 100.0,
+        wall.as_secs_f64(),
+        topo.edges.len(),
+    );
+
     let report = json!({
+        "topology_cpu_ms_per_round": per_round * 1000.0,
+        "topology_core_share_at_10s": per_round / 10.0,
+        "topology_edges": topo.edges.len(),
+        "topology_requests_summed": reported,
+        "topology_requests_expected": expected,
         "streams": args.streams, "connections": args.connections, "instances": args.instances,
         "idle_rss_bytes": idle_rss,
         "registrations_per_sec": args.instances as f64 / reg_secs,
@@ -424,59 +567,149 @@ async fn main() -> anyhow::Result<()> {
         "discovery_p99_ms": percentile(&disc, 0.99),
         "discovery_last_ms": disc[disc.len() - 1],
     });
+    // 7. Failover: the first replica dies; each of its sidecars reconnects to the next.
+    let mut report = report;
+    if cp.all.len() > 1 {
+        // From a steady state: nothing left over from the phases above.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        failover_got.lock().unwrap().clear();
+        let moving = (0..args.streams).filter(|s| (s % args.connections) % cp.all.len() == 0).count();
+        let t0 = Instant::now();
+        cp.all[0].child.kill().await.ok();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while failover_got.lock().unwrap().len() < moving {
+            if Instant::now() > deadline {
+                bail!("failover: {} of {moving} sidecars served again", failover_got.lock().unwrap().len());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let got: Vec<Instant> = failover_got.lock().unwrap().iter().map(|(_, t)| *t).collect();
+        let ms = spread(t0, &got);
+        eprintln!(
+            "failover: replica 0 SIGKILLed; its {moving} sidecars served by another replica after p50 {:.0} ms, p99 {:.0} ms, last {:.0} ms (reconnect backoff 100-200 ms included)",
+            percentile(&ms, 0.5),
+            percentile(&ms, 0.99),
+            ms[ms.len() - 1]
+        );
+        report["replicas"] = json!(cp.all.len());
+        report["failover_sidecars"] = json!(moving);
+        report["failover_p50_ms"] = json!(percentile(&ms, 0.5));
+        report["failover_p99_ms"] = json!(percentile(&ms, 0.99));
+        report["failover_last_ms"] = json!(ms[ms.len() - 1]);
+    }
     println!("{report}");
     for s in sidecars {
         s.abort();
     }
-    let mut cp = cp;
-    cp.child.kill().await.ok();
+    cp.kill().await;
     Ok(())
 }
 
 type Receipts<T> = Arc<Mutex<Vec<(T, Instant)>>>;
 
-/// One simulated sidecar: a discovery watch and a policy stream that ACKs every push, both
-/// timestamping what they receive.
-async fn sidecar(
-    s: usize,
-    ch: Channel,
-    target: &'static str,
+/// When to send a topology report (each new round number), as which service, with how many edges.
+struct Report {
+    rx: tokio::sync::watch::Receiver<u64>,
+    service: String,
+    edges: usize,
+}
+
+/// What a simulated sidecar records, and when it reports its edges.
+struct Receivers {
     policy_got: Receipts<u64>,
     discovery_got: Receipts<usize>,
     ready: Arc<AtomicUsize>,
-) -> anyhow::Result<()> {
-    let mut watch = DiscoveryClient::new(ch.clone())
-        .watch(v1::WatchRequest { services: vec![target.into()], node_id: format!("sim-{s}") })
-        .await?
-        .into_inner();
-    watch.next().await.transpose()?;
-    let (tx, rx) = mpsc::channel(8);
-    let subscribe = v1::PolicySubscribe {
-        node_id: format!("sim-{s}"),
-        service: "sim".into(),
-        services: vec![target.into()],
-    };
-    tx.send(v1::PolicyStreamRequest { kind: Some(Kind::Subscribe(subscribe)) }).await?;
-    let mut pushes = PolicyClient::new(ch).stream(ReceiverStream::new(rx)).await?.into_inner();
-    let first = pushes.next().await.transpose()?.context("first push")?;
-    tx.send(ack(&first)).await?;
-    ready.fetch_add(1, Ordering::Relaxed);
-    loop {
-        tokio::select! {
-            p = pushes.next() => {
-                let Some(p) = p.transpose()? else { return Ok(()) };
-                let now = Instant::now();
-                tx.send(ack(&p)).await?;
-                policy_got.lock().unwrap().push((p.version, now));
+    report: Report,
+    /// When a sidecar whose replica died got its first push from another.
+    failover_got: Receipts<usize>,
+}
+
+/// A report of `edges` edges, 100 requests each (97 successes, spread over the buckets).
+fn edge_report(caller: &str, edges: usize) -> v1::PolicyStreamRequest {
+    let edges = (0..edges)
+        .map(|e| {
+            let mut latency_buckets = vec![0; mesh_proto::topology::EDGE_BUCKETS];
+            latency_buckets[e % 8] = 60;
+            latency_buckets[e % 8 + 1] = 40;
+            v1::EdgeDelta {
+                caller: caller.into(),
+                callee: format!("callee-{e}"),
+                requests: 100,
+                successes: 97,
+                latency_buckets,
+                cached: 10,
+                limited: 0,
+                open_breakers: 0,
+                route: String::new(),
+                node: String::new(),
             }
-            w = watch.next() => {
-                let Some(w) = w.transpose()? else { return Ok(()) };
-                let now = Instant::now();
-                if let Some(s) = w.services.first() {
-                    discovery_got.lock().unwrap().push((s.endpoints.len(), now));
+        })
+        .collect();
+    v1::PolicyStreamRequest { kind: Some(Kind::Edges(v1::EdgeReport { edges })) }
+}
+
+/// One simulated sidecar: a discovery watch and a policy stream that ACKs every push, both
+/// timestamping what they receive. It starts on channel `s % chans.len()`; when its streams
+/// break (its replica died) it moves to the next channel after 100-200 ms, as a sidecar's
+/// backoff would, and notes when the new replica's first push arrived.
+async fn sidecar(s: usize, chans: Vec<Channel>, target: &'static str, r: Receivers) -> anyhow::Result<()> {
+    let Receivers { policy_got, discovery_got, ready, mut report, failover_got } = r;
+    let mut at = s % chans.len();
+    let mut first_session = true;
+    loop {
+        let ch = chans[at].clone();
+        let session = async {
+            let mut watch = DiscoveryClient::new(ch.clone())
+                .watch(v1::WatchRequest { services: vec![target.into()], node_id: format!("sim-{s}") })
+                .await?
+                .into_inner();
+            watch.next().await.transpose()?;
+            let (tx, rx) = mpsc::channel(8);
+            let subscribe = v1::PolicySubscribe {
+                node_id: format!("sim-{s}"),
+                service: report.service.clone(),
+                services: vec![target.into()],
+            };
+            tx.send(v1::PolicyStreamRequest { kind: Some(Kind::Subscribe(subscribe)) }).await?;
+            let mut pushes = PolicyClient::new(ch).stream(ReceiverStream::new(rx)).await?.into_inner();
+            let first = pushes.next().await.transpose()?.context("first push")?;
+            tx.send(ack(&first)).await?;
+            if first_session {
+                ready.fetch_add(1, Ordering::Relaxed);
+            } else {
+                failover_got.lock().unwrap().push((s, Instant::now()));
+            }
+            loop {
+                tokio::select! {
+                    r = report.rx.changed() => {
+                        if r.is_err() {
+                            return Ok::<_, anyhow::Error>(());
+                        }
+                        tx.send(edge_report(&report.service, report.edges)).await?;
+                    }
+                    p = pushes.next() => {
+                        let Some(p) = p.transpose()? else { return Ok(()) };
+                        let now = Instant::now();
+                        tx.send(ack(&p)).await?;
+                        policy_got.lock().unwrap().push((p.version, now));
+                    }
+                    w = watch.next() => {
+                        let Some(w) = w.transpose()? else { return Ok(()) };
+                        let now = Instant::now();
+                        if let Some(s) = w.services.first() {
+                            discovery_got.lock().unwrap().push((s.endpoints.len(), now));
+                        }
+                    }
                 }
             }
+        };
+        let ended = session.await;
+        if chans.len() < 2 {
+            return ended;
         }
+        first_session = false;
+        at = (at + 1) % chans.len();
+        tokio::time::sleep(Duration::from_millis(100 + (s as u64 * 7919) % 100)).await;
     }
 }
 

@@ -146,7 +146,16 @@ impl PolicySession {
                 self.ack(&n.service, n.version, &n.nonce, Some(n.reason));
                 Ok(())
             }
-            None => Err(Status::invalid_argument("kind: one of subscribe, ack or nack is required")),
+            Some(Kind::Edges(report)) => {
+                // The calls are the session's service's, whatever the report says.
+                let (node, service) = self.proxy.with(|p| (p.node_id.clone(), p.service.clone()));
+                self.state.topology.record(&node, &service, &report, Instant::now());
+                if let Some(c) = self.state.store.cluster() {
+                    c.relay_edges(&node, &service, &report);
+                }
+                Ok(())
+            }
+            None => Err(Status::invalid_argument("kind: one of subscribe, ack, nack or edges is required")),
         }
     }
 

@@ -39,7 +39,13 @@ impl From<PolicyError> for Status {
 
 pub(crate) fn store_status(e: StoreError) -> Status {
     tracing::error!(error = %e, "storage write failed");
-    Status::unavailable(format!("{e}; nothing was changed, retry later"))
+    match e {
+        // A write etcd did not confirm in time may still be applied: say so.
+        StoreError::Etcd(crate::etcd::EtcdError::Timeout { .. }) => {
+            Status::unavailable(format!("{e}; read it back before retrying"))
+        }
+        e => Status::unavailable(format!("{e}; nothing was changed, retry later")),
+    }
 }
 
 impl From<BusError> for Status {

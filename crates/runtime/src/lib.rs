@@ -1,6 +1,6 @@
 //! What every Opinion Market Mesh binary and server shares: the process frame (tracing, runtime,
 //! signals, exit code), local addresses and Unix sockets, the JSON error body of every HTTP
-//! listener, reconnect backoff over control-plane URLs, secrets and SHA-256.
+//! listener, reconnect backoff over control-plane URLs, secrets and SHA-256, spans over OTLP.
 
 mod addr;
 mod backoff;
@@ -10,6 +10,7 @@ mod http;
 mod process;
 mod secret;
 mod task;
+pub mod telemetry;
 
 pub use addr::{LocalAddr, LocalListener, bind_unix};
 pub use backoff::{Backoff, Rotation};

@@ -43,6 +43,15 @@ impl TestCp {
         Self::start_in(tempfile::tempdir().unwrap(), tune).await
     }
 
+    /// On `store` (embedded, or etcd), with the defaults changed by `tune`.
+    pub async fn start_on(store: &crate::TestStore, tune: impl FnOnce(&mut control_plane::Config)) -> Self {
+        Self::start_in(tempfile::tempdir().unwrap(), |c| {
+            store.apply(c);
+            tune(c)
+        })
+        .await
+    }
+
     /// With the API served as the binary serves it by default: TLS and authentication.
     pub async fn start_secure() -> Self {
         Self::start_with(|c| c.insecure_api = false).await

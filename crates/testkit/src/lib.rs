@@ -7,7 +7,10 @@
 
 mod backend;
 mod client;
+mod collector;
 mod cp;
+mod dns;
+mod etcd;
 mod eventually;
 mod fault;
 mod load;
@@ -16,7 +19,10 @@ mod sidecars;
 
 pub use backend::*;
 pub use client::*;
+pub use collector::*;
 pub use cp::*;
+pub use dns::*;
+pub use etcd::*;
 pub use eventually::*;
 pub use fault::*;
 pub use load::*;

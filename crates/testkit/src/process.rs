@@ -202,13 +202,23 @@ impl CpProcess {
         Self::launch(data_dir, true)
     }
 
+    /// A replica on a shared store: plaintext API, with `extra` flags (`--store etcd …`).
+    pub fn start_with(data_dir: &Path, extra: &[String]) -> Self {
+        Self::launch_with(data_dir, false, extra)
+    }
+
     fn launch(data_dir: &Path, secure: bool) -> Self {
+        Self::launch_with(data_dir, secure, &[])
+    }
+
+    fn launch_with(data_dir: &Path, secure: bool, extra: &[String]) -> Self {
         let args: Vec<String> =
             ["--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--log", "warn", "--data-dir"]
                 .iter()
                 .map(|s| s.to_string())
                 .chain([data_dir.display().to_string()])
                 .chain((!secure).then(|| "--insecure-api".to_string()))
+                .chain(extra.iter().cloned())
                 .collect();
         let proc = Process::start("control-plane", &args);
         let (grpc, admin) = (proc.addr("grpc"), proc.addr("admin"));

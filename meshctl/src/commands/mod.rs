@@ -7,6 +7,8 @@ pub mod gateway;
 pub mod identity;
 pub mod policy;
 pub mod sidecar;
+pub mod tap;
+pub mod top;
 
 use crate::{
     args::{Args, Command, EndUserTokenCommand},
@@ -18,7 +20,7 @@ use crate::{
 };
 
 use mesh_proto::v1;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 pub async fn run(args: Args) -> Result<(), CliError> {
     match args.command {
@@ -50,6 +52,10 @@ pub async fn run(args: Args) -> Result<(), CliError> {
     let st = |s: tonic::Status| CliError::from_status(s, &addr);
     let out = args.output;
     match args.command {
+        Command::Top { interval, once } => top::run(ch, &addr, interval, once, out).await?,
+        Command::Tap { service, path, status, max_per_second } => {
+            tap::run(ch, &addr, tap::TapArgs { service, path, status, max_per_second }, out).await?
+        }
         Command::Services => {
             let r = v1::registry_client::RegistryClient::new(ch)
                 .list_services(v1::ListServicesRequest {})
@@ -68,7 +74,7 @@ pub async fn run(args: Args) -> Result<(), CliError> {
                     ]
                 })
                 .collect();
-            let js = r.services.iter().map(|s| json!({"name": s.name, "instances": s.instances, "healthy": s.healthy, "policy_version": s.policy_version})).collect();
+            let js = r.services.iter().map(mesh_proto::json::service_summary).collect();
             emit(out, &["SERVICE", "INSTANCES", "HEALTHY", "POLICY"], rows, Value::Array(js));
         }
         Command::Instances { service } => {
@@ -93,10 +99,7 @@ pub async fn run(args: Args) -> Result<(), CliError> {
                     ]
                 })
                 .collect();
-            let js = r.instances.iter().map(|i| json!({
-                "id": i.id, "address": i.address, "zone": i.zone, "version": i.version, "metadata": i.metadata,
-                "weight": i.weight, "health": health(i), "load": i.load, "last_heartbeat_age_ms": i.last_heartbeat_age_ms,
-            })).collect();
+            let js = r.instances.iter().map(mesh_proto::json::instance).collect();
             emit(
                 out,
                 &["ID", "ADDRESS", "ZONE", "VERSION", "HEALTH", "LOAD", "LAST HEARTBEAT"],
@@ -143,35 +146,29 @@ pub async fn run(args: Args) -> Result<(), CliError> {
                         format!("{:.1}ms", s.last_ack_latency_ms),
                         hb.clone(),
                         cert.clone(),
+                        dash(&p.replica),
                     ]);
                 }
-                js.push(json!({
-                    "node_id": p.node_id, "service": p.service, "peer": p.peer, "connected_ms": p.connected_ms,
-                    "last_heartbeat_age_ms": p.last_heartbeat_age_ms,
-                    "spiffe_id": p.spiffe_id, "certificate_expires_unix_ms": p.certificate_expires_unix_ms,
-                    "certificates_issued": p.certificates_issued,
-                    "policies": p.policies.iter().map(|s| json!({
-                        "service": s.service, "current_version": s.current_version, "acked_version": s.acked_version,
-                        "nacked_version": s.nacked_version, "nack_reason": s.nack_reason, "last_ack_latency_ms": s.last_ack_latency_ms,
-                    })).collect::<Vec<_>>(),
-                }));
+                js.push(mesh_proto::json::proxy_status(p));
             }
-            emit(
-                out,
-                &[
-                    "NODE",
-                    "SERVICE",
-                    "POLICY OF",
-                    "CURRENT",
-                    "ACKED",
-                    "STATE",
-                    "ACK LATENCY",
-                    "HEARTBEAT",
-                    "CERTIFICATE",
-                ],
-                rows,
-                Value::Array(js),
-            );
+            let mut headers = vec![
+                "NODE",
+                "SERVICE",
+                "POLICY OF",
+                "CURRENT",
+                "ACKED",
+                "STATE",
+                "ACK LATENCY",
+                "HEARTBEAT",
+                "CERTIFICATE",
+                "REPLICA",
+            ];
+            // Which replica a proxy is on matters only with several (--store etcd).
+            if r.proxies.iter().all(|p| p.replica.is_empty()) {
+                headers.pop();
+                rows.iter_mut().for_each(|r| drop(r.pop()));
+            }
+            emit(out, &headers, rows, Value::Array(js));
         }
         Command::Overview => {
             let o = v1::admin_client::AdminClient::new(ch)
@@ -179,12 +176,7 @@ pub async fn run(args: Args) -> Result<(), CliError> {
                 .await
                 .map_err(st)?
                 .into_inner();
-            let js = json!({
-                "server_version": o.server_version, "uptime_ms": o.uptime_ms, "services": o.services,
-                "instances": o.instances, "healthy_instances": o.healthy_instances, "policies": o.policies,
-                "discovery_streams": o.discovery_streams, "policy_streams": o.policy_streams,
-                "heartbeat_streams": o.heartbeat_streams, "registry_version": o.registry_version, "data_dir": o.data_dir,
-            });
+            let js = mesh_proto::json::overview(&o);
             emit_kv(out, js);
         }
         Command::Stats => {
@@ -193,15 +185,7 @@ pub async fn run(args: Args) -> Result<(), CliError> {
                 .await
                 .map_err(st)?
                 .into_inner();
-            let js = json!({
-                "registrations_total": s.registrations_total, "deregistrations_total": s.deregistrations_total,
-                "heartbeats_total": s.heartbeats_total, "expirations_total": s.expirations_total,
-                "self_preservation_holds_total": s.self_preservation_holds_total,
-                "discovery_messages_total": s.discovery_messages_total, "policy_pushes_total": s.policy_pushes_total,
-                "policy_acks_total": s.policy_acks_total, "policy_nacks_total": s.policy_nacks_total,
-                "ack_latency_p50_ms": s.ack_latency_p50_ms, "ack_latency_p99_ms": s.ack_latency_p99_ms,
-                "ack_latency_max_ms": s.ack_latency_max_ms,
-            });
+            let js = mesh_proto::json::stats(&s);
             emit_kv(out, js);
         }
         Command::Up(_) | Command::Sidecar { .. } | Command::Token(_) | Command::Check { .. } => {

@@ -23,6 +23,17 @@ pub(crate) fn status(what: &'static str) -> impl FnOnce(tonic::Status) -> Sessio
 
 pub(crate) async fn connect(shared: &Shared, url: &str) -> Result<Channel, SessionError> {
     let err = |e: &dyn std::fmt::Display| SessionError::Connect(url.to_string(), e.to_string());
+    // The address the session picked among the name's (TLS still checks the name; plaintext
+    // just goes to the address).
+    let address = *shared.cp.address.lock().unwrap_or_else(|p| p.into_inner());
+    let plain;
+    let url = match address {
+        Some(a) if url.starts_with("http://") => {
+            plain = format!("http://{a}");
+            plain.as_str()
+        }
+        _ => url,
+    };
     let endpoint = mesh_proto::dial::Dialer::endpoint(url)
         .map_err(|e| err(&e))?
         .connect_timeout(Duration::from_secs(3))
@@ -30,7 +41,7 @@ pub(crate) async fn connect(shared: &Shared, url: &str) -> Result<Channel, Sessi
         .keep_alive_timeout(Duration::from_secs(5))
         .keep_alive_while_idle(true)
         .tcp_nodelay(true);
-    shared.dialer.connect(endpoint).await.map_err(|e| match e {
+    shared.dialer.connect_at(endpoint, address).await.map_err(|e| match e {
         mesh_proto::dial::DialError::Connect(_, cause) => err(&cause),
         other => err(&other),
     })

@@ -4,7 +4,7 @@
 //! take effect on its next change. A probe interval of 0 means "always healthy".
 
 use http_body_util::{BodyExt, Empty};
-use mesh_proto::policy::ServicePolicy;
+use mesh_proto::{policy::ServicePolicy, v1};
 use std::{sync::Arc, time::Duration};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -51,17 +51,33 @@ pub async fn run(
 }
 
 async fn probe_once(app: &LocalApp, path: &str, timeout: Duration) -> bool {
-    let Ok(req) = http::Request::get(path).body(body::boxed(Empty::new())) else { return false };
+    let probed = probe_now(app, path, timeout).await;
+    if !probed.error.is_empty() {
+        tracing::debug!(error = %probed.error, "health probe failed");
+    }
+    probed.healthy
+}
+
+/// One probe of the app (`GET path`): its outcome, answer and latency (`id` left 0).
+pub async fn probe_now(app: &LocalApp, path: &str, timeout: Duration) -> v1::ProbeResult {
+    let started = tokio::time::Instant::now();
+    let mut r = v1::ProbeResult { path: path.to_string(), ..Default::default() };
+    let req = match http::Request::get(path).body(body::boxed(Empty::new())) {
+        Ok(req) => req,
+        Err(e) => {
+            r.error = format!("the probe path {path:?} is not a valid request target: {e}");
+            return r;
+        }
+    };
     match app.send(req, Some(timeout)).await {
         Ok(resp) => {
             let s = resp.status();
             // Read the answer so the connection goes back to the pool.
             let _ = tokio::time::timeout(timeout, resp.into_body().collect()).await;
-            s.is_success() || s.is_redirection()
+            (r.healthy, r.status) = (s.is_success() || s.is_redirection(), s.as_u16().into());
         }
-        Err(e) => {
-            tracing::debug!(error = %e, "health probe failed");
-            false
-        }
+        Err(e) => r.error = e.to_string(),
     }
+    r.latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+    r
 }

@@ -38,6 +38,10 @@ pub(crate) async fn registration(
     stop: CancellationToken,
 ) -> Result<(), SessionError> {
     let Some(service) = shared.config.service.clone() else { return std::future::pending().await };
+    if shared.stopping.is_cancelled() {
+        stop.cancelled().await; // shutting down: never register again
+        return Ok(());
+    }
     let mut healthy = shared.app_healthy.subscribe();
     tokio::select! {
         _ = stop.cancelled() => return Ok(()),
@@ -67,6 +71,12 @@ pub(crate) async fn registration(
     loop {
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
+            // Shutting down: deregistration follows, and a heartbeat answered "unknown" after
+            // it must not register the instance again.
+            _ = shared.stopping.cancelled() => {
+                stop.cancelled().await;
+                return Ok(());
+            }
             _ = tick.tick() => {
                 let hb = v1::HeartbeatRequest {
                     service: service.clone(),

@@ -44,9 +44,16 @@ pub async fn run(shared: Arc<Shared>, mut added: mpsc::UnboundedReceiver<String>
             _ = shared.identity.wait() => {}
         }
     }
+    // Where among a name's addresses this sidecar starts (spreading sidecars over replicas
+    // behind one name), moving on to the next one after each session.
+    let mut cursor =
+        shared.config.instance_id.bytes().fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b.into()));
     loop {
         let url = urls.next_url();
         *shared.cp.url.lock().unwrap_or_else(|p| p.into_inner()) = url.to_string();
+        let address = pick_address(&shared, url, cursor).await;
+        cursor = cursor.wrapping_add(1);
+        *shared.cp.address.lock().unwrap_or_else(|p| p.into_inner()) = address;
         let started = Instant::now();
         let result = tokio::select! {
             _ = stop.cancelled() => return,
@@ -65,6 +72,23 @@ pub async fn run(shared: Arc<Shared>, mut added: mpsc::UnboundedReceiver<String>
             return;
         }
     }
+}
+
+/// When `url` names its host (not an address), one of the addresses it resolves to: the
+/// `cursor`-th in a sorted list, so a name with one address per control-plane replica spreads
+/// sidecars over them and each moves to the next when its session ends. `None`: let the
+/// system resolve at connect time (an address, `localhost`, or a name that did not resolve).
+async fn pick_address(shared: &Shared, url: &str, cursor: usize) -> Option<std::net::SocketAddr> {
+    let uri: tonic::transport::Uri = url.parse().ok()?;
+    let host = uri.host()?.trim_start_matches('[').trim_end_matches(']');
+    if host.parse::<std::net::IpAddr>().is_ok() || host == "localhost" {
+        return None;
+    }
+    let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
+    let ips = shared.dns.addresses(host).await;
+    let ip = ips.get(cursor % ips.len().max(1))?;
+    tracing::debug!(%host, address = %ip, of = ips.len(), "control-plane name resolved");
+    Some(std::net::SocketAddr::new(*ip, port))
 }
 
 fn subscribe(shared: &Shared) -> v1::PolicyStreamRequest {
@@ -129,9 +153,21 @@ async fn session(
     tracing::info!(%url, "connected to the control plane");
     let registration = registration(shared, ch.clone(), stop.clone());
     tokio::pin!(registration);
+    let tap = crate::control::on_demand::session(shared, ch.clone());
+    tokio::pin!(tap);
+    let every = shared.config.edge_report_interval;
+    let mut report = tokio::time::interval_at(Instant::now() + every, every.max(Duration::from_millis(10)));
+    report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
+            _ = report.tick(), if !every.is_zero() => {
+                if let Some(edges) = edge_report(shared)
+                    && ptx.send(edges).await.is_err()
+                {
+                    return Err(SessionError::Closed("policy"));
+                }
+            }
             push = pushes.next() => match push {
                 Some(Ok(p)) => {
                     let reply = apply_policy(shared, p).await;
@@ -154,9 +190,38 @@ async fn session(
                 watch = open_watch(shared, &ch).await?;
             }
             r = &mut registration => return r,
+            () = &mut tap => {}
         }
     }
 }
+
+/// What this proxy called since its last report, per service called (`None`: nothing). At most
+/// [`MAX_EDGES_PER_REPORT`] edges; the rest wait for the next report.
+fn edge_report(shared: &Shared) -> Option<v1::PolicyStreamRequest> {
+    let caller = shared.identity_service();
+    let now = Instant::now();
+    let open = |service: &str| {
+        shared
+            .upstreams
+            .get(service)
+            .map_or(0, |up| up.endpoints().endpoints.iter().filter(|e| e.breaker.is_open(now)).count() as u32)
+    };
+    let by_service =
+        shared.upstreams.all().into_iter().filter_map(|up| up.edge.take(&caller, &up.name, open(&up.name)));
+    // At the edge, by route.
+    let by_route = shared.route_edges.iter().filter_map(|e| {
+        let (route, service) = e.key();
+        let mut d = e.value().take(&caller, service, open(service))?;
+        d.route = route.clone();
+        Some(d)
+    });
+    let edges: Vec<v1::EdgeDelta> = by_service.chain(by_route).take(MAX_EDGES_PER_REPORT).collect();
+    (!edges.is_empty())
+        .then_some(v1::PolicyStreamRequest { kind: Some(Kind::Edges(v1::EdgeReport { edges })) })
+}
+
+/// A report's bound: its size stays under a few hundred kilobytes.
+const MAX_EDGES_PER_REPORT: usize = 1000;
 
 /// The NACK of push `p`, counted.
 fn nack(shared: &Shared, p: v1::PolicyPush, reason: String) -> v1::PolicyStreamRequest {
@@ -262,7 +327,7 @@ mod tests {
     fn sidecar(
         data_dir: &std::path::Path,
     ) -> (Arc<Shared>, CancellationToken, tokio::task::JoinHandle<()>, Arc<crate::upstream::Upstream>) {
-        let (shared, _added) = Shared::new(Config::unit_test(data_dir));
+        let (shared, _added) = Shared::new(Config::unit_test(data_dir), Default::default());
         let stop = CancellationToken::new();
         let writer = tokio::spawn(
             shared.snapshot.clone().run(crate::upstream::snapshot::Snapshot::default, stop.clone()),

@@ -33,7 +33,7 @@ pub async fn publish(State(s): State<Arc<Shared>>, headers: http::HeaderMap, bod
         return refuse(StatusCode::SERVICE_UNAVAILABLE, "no_spool", "this sidecar has no event spool".into());
     };
     let source = s.config.service.clone().unwrap_or_default();
-    let events = match cloudevent::parse(&headers, &body, &source) {
+    let mut events = match cloudevent::parse(&headers, &body, &source) {
         Ok(events) => events,
         Err(r) => {
             let code = if r.attribute == "body" { "invalid_body" } else { "invalid" };
@@ -44,6 +44,7 @@ pub async fn publish(State(s): State<Arc<Shared>>, headers: http::HeaderMap, bod
             return resp;
         }
     };
+    carry_trace(&headers, &mut events);
     let ids: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
     match outbox.append(events).await {
         Ok(_) => {
@@ -58,6 +59,23 @@ pub async fn publish(State(s): State<Arc<Shared>>, headers: http::HeaderMap, bod
             r
         }
         Err(e) => refuse(StatusCode::SERVICE_UNAVAILABLE, "spool_failed", e.to_string()),
+    }
+}
+
+/// An event published inside a trace (the request's `traceparent`) without a trace of its own
+/// carries the request's: the CloudEvents distributed tracing extension, which deliveries link
+/// back to. One it already has is kept.
+fn carry_trace(headers: &http::HeaderMap, events: &mut [v1::Event]) {
+    let Some(tp) = headers.get("traceparent").and_then(|v| v.to_str().ok()) else { return };
+    if mesh_runtime::telemetry::parse_traceparent(tp.as_bytes()).is_none() {
+        return;
+    }
+    let state = headers.get("tracestate").and_then(|v| v.to_str().ok()).filter(|s| !s.is_empty());
+    for e in events.iter_mut().filter(|e| !e.attributes.contains_key("traceparent")) {
+        e.attributes.insert("traceparent".into(), tp.to_string());
+        if let Some(s) = state {
+            e.attributes.insert("tracestate".into(), s.to_string());
+        }
     }
 }
 
@@ -78,7 +96,6 @@ pub async fn replay(
     axum::extract::Path(topic): axum::extract::Path<String>,
     query: Result<axum::extract::Query<ReplayQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
-    use futures::StreamExt;
     let q = match query {
         Ok(axum::extract::Query(q)) => q,
         Err(e) => return refuse(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()),
@@ -106,20 +123,11 @@ pub async fn replay(
             }
         };
         match client.replay(req.clone()).await {
-            Ok(stream) => {
-                let read: Result<Vec<_>, _> = stream
-                    .into_inner()
-                    .map(|d| d.map(|d| mesh_proto::delivery_json(&d)))
-                    .collect::<Vec<_>>()
-                    .await
-                    .into_iter()
-                    .collect();
-                match read {
-                    Ok(events) => return Json(json!({ "events": events })).into_response(),
-                    // Part of a replay is not the replay: the next control plane, or the error.
-                    Err(status) => last = format!("{url}: {}", status.message()),
-                }
-            }
+            Ok(stream) => match mesh_proto::replay_json(stream.into_inner()).await {
+                Ok(events) => return Json(json!({ "events": events })).into_response(),
+                // Part of a replay is not the replay: the next control plane, or the error.
+                Err(status) => last = format!("{url}: {}", status.message()),
+            },
             Err(status) => last = format!("{url}: {}", status.message()),
         }
     }

@@ -25,7 +25,10 @@ use crate::{
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use mesh_proto::v1;
-use mesh_runtime::Backoff;
+use mesh_runtime::{
+    Backoff,
+    telemetry::{self, KeyValue, Span, SpanKind},
+};
 use std::{sync::Arc, time::Duration};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -59,6 +62,60 @@ struct Webhook {
 impl Handle for Webhook {
     async fn handle(&mut self, client: &mut EventsClient, d: v1::Delivery) -> bool {
         let Some(event) = d.event else { return true };
+        let mut span = self.delivery_span(&event);
+        let traceparent = span.as_ref().map(|s| s.traceparent());
+        let delivered = self.attempts(client, event, d.offset, traceparent.as_deref()).await;
+        if let Some(mut s) = span.take() {
+            if !delivered {
+                s.fail("not delivered: dead-lettered, or stopped");
+            }
+            s.end();
+        }
+        delivered
+    }
+}
+
+impl Webhook {
+    /// The delivery's span (OpenTelemetry messaging conventions: `process <topic>`, a consumer
+    /// span), linked to the span that published the event — the CloudEvents distributed tracing
+    /// extension's `traceparent` — and sampled as that one was (a new trace otherwise, sampled
+    /// by the service's share). The app's request carries it as its `traceparent`.
+    fn delivery_span(&self, event: &v1::Event) -> Option<Span> {
+        let (telemetry, attrs) = (&self.shared.telemetry, &event.attributes);
+        if !telemetry.is_on() {
+            return None;
+        }
+        let producer = attrs.get("traceparent").and_then(|tp| {
+            let p = telemetry::parse_traceparent(tp.as_bytes())?;
+            Some(p.span_context(attrs.get("tracestate").map(String::as_str)))
+        });
+        let sampled = match &producer {
+            Some(p) => p.is_sampled(),
+            None => self.shared.sampling.sample(rand::random()),
+        };
+        if !sampled {
+            return None;
+        }
+        let attributes = vec![
+            KeyValue::new("messaging.system", "opinion-market-mesh"),
+            KeyValue::new("messaging.operation.type", "process"),
+            KeyValue::new("messaging.destination.name", event.topic.clone()),
+            KeyValue::new("messaging.message.id", event.id.clone()),
+            KeyValue::new("messaging.consumer.group.name", self.group.clone()),
+            KeyValue::new("url.path", self.sub.path.clone()),
+        ];
+        let name = format!("process {}", event.topic);
+        telemetry.span_with(name, SpanKind::Consumer, None, attributes, None, producer.into_iter().collect())
+    }
+
+    /// Posts `event` to the app until it takes it (or it is dead-lettered); false when stopped.
+    async fn attempts(
+        &mut self,
+        client: &mut EventsClient,
+        event: v1::Event,
+        offset: u64,
+        traceparent: Option<&str>,
+    ) -> bool {
         let (m, sub, stop) = (&self.shared.metrics, &self.sub, &self.stop);
         let mut backoff = Backoff::new(sub.backoff_base, sub.backoff_max);
         let mut last_error = String::new();
@@ -68,7 +125,7 @@ impl Handle for Webhook {
                 _ = stop.cancelled() => return false,
                 r = healthy.wait_for(|h| *h) => if r.is_err() { return false },
             }
-            match post(&self.app, sub, &event, d.offset).await {
+            match post(&self.app, sub, &event, offset, traceparent).await {
                 Ok(()) => {
                     m.events_delivered.get_or_create(&self.labels).inc();
                     return true;
@@ -84,7 +141,7 @@ impl Handle for Webhook {
             }
         }
         tracing::warn!(id = %event.id, error = %last_error, "event dead-lettered");
-        let stored = dead_letter(client, sub, &self.group, event, d.offset, &last_error, stop).await;
+        let stored = dead_letter(client, sub, &self.group, event, offset, &last_error, stop).await;
         if stored {
             m.events_dead_lettered.get_or_create(&self.labels).inc();
         }
@@ -92,7 +149,13 @@ impl Handle for Webhook {
     }
 }
 
-async fn post(app: &LocalApp, sub: &Subscription, e: &v1::Event, offset: u64) -> Result<(), String> {
+async fn post(
+    app: &LocalApp,
+    sub: &Subscription,
+    e: &v1::Event,
+    offset: u64,
+    traceparent: Option<&str>,
+) -> Result<(), String> {
     let time =
         humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(e.time_unix_ms))
             .to_string();
@@ -120,6 +183,10 @@ async fn post(app: &LocalApp, sub: &Subscription, e: &v1::Event, offset: u64) ->
         e.attributes.iter().filter(|(k, _)| !mesh_proto::cloudevents::OWN.contains(&k.as_str()))
     {
         req = req.header(format!("ce-{name}"), percent_encode(value));
+    }
+    // The delivery's own trace (the event's origin stays in `ce-traceparent`).
+    if let Some(tp) = traceparent {
+        req = req.header("traceparent", tp);
     }
     let req = req
         .body(body::boxed(Full::new(Bytes::from(e.data.clone()))))

@@ -146,6 +146,11 @@ pub struct Visit {
 }
 
 impl Visit {
+    /// The route the request took (once admitted).
+    pub fn route_name(&self) -> Option<&str> {
+        self.route.and_then(|i| self.table.routes.get(i)).map(|r| r.label())
+    }
+
     /// The service that answered, and its endpoint, for the log.
     pub fn served_by(&mut self, service: &str, endpoint: Option<&str>) {
         self.record.service = Some(service.to_string());

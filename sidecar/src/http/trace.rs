@@ -1,7 +1,8 @@
 //! Request identity across hops: an `x-request-id` on every request and W3C trace context
 //! (`traceparent`) continued with a new span id at each sidecar.
 
-use http::{HeaderMap, HeaderName, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue, Request};
+use mesh_runtime::telemetry::{self, KeyValue, Sampling, Span, SpanContext, SpanKind, Telemetry};
 use std::{cell::Cell, fmt};
 
 /// Header names as constants: a name parsed from a `&str` is allocated on every insert.
@@ -17,6 +18,10 @@ pub struct TraceContext {
     pub request_id: RequestId,
     pub trace_id: Hex<32>,
     pub span_id: Hex<16>,
+    /// The caller's span, when this hop continues a trace.
+    pub parent_id: Option<Hex<16>>,
+    /// Whether the trace is sampled: the caller's decision, or this hop's for a new trace.
+    pub sampled: bool,
 }
 
 /// The caller's request id, or the one this hop made.
@@ -34,7 +39,8 @@ pub struct Hex<const N: usize>([u8; N]);
 /// both into `headers` for the next hop. Allocates once, for the new values (`traceparent`, and
 /// the request id when the caller sent none), whose copies — the retry copy of a request's
 /// headers — then only count references: this runs on every request.
-pub fn propagate(headers: &mut HeaderMap) -> TraceContext {
+/// A new trace is sampled by `sampling`; a continued one keeps its caller's decision.
+pub fn propagate(headers: &mut HeaderMap, sampling: &Sampling) -> TraceContext {
     // A caller's id, marked never indexed (see `never_indexed`) in the same look-up.
     let given = headers
         .get_mut(&REQUEST_ID)
@@ -44,20 +50,23 @@ pub fn propagate(headers: &mut HeaderMap) -> TraceContext {
             id.clone()
         });
     let span_id = Hex::<16>::random();
-    let (trace_id, flags) = match headers.get(&TRACEPARENT).and_then(|v| parse(v.as_bytes())) {
-        Some(found) => {
+    let (trace_id, parent_id, flags) = match headers.get(&TRACEPARENT).and_then(|v| parse(v.as_bytes())) {
+        Some((trace, parent, flags)) => {
             // The caller's vendors' state goes on with its trace, when it is well formed.
             if !tracestate_ok(headers) {
                 headers.remove(&TRACESTATE);
             }
-            found
+            (trace, Some(parent), flags)
         }
         None => {
             // A new trace: the old trace's vendor state belongs to it, not to this one.
             headers.remove(&TRACESTATE);
-            (Hex::<32>::random(), *b"01")
+            let flags = if sampling.sample(next_u64()) { *b"01" } else { *b"00" };
+            (Hex::<32>::random(), None, flags)
         }
     };
+    let sampled =
+        telemetry::TraceParent { trace_id: &trace_id.0, parent_id: &span_id.0, flags: &flags }.sampled();
     // [request id (when made)][traceparent: 00-<trace id>-<span id>-<flags>]
     let mut text = [0u8; 32 + TRACEPARENT_LEN];
     let tp = &mut text[32..];
@@ -84,7 +93,81 @@ pub fn propagate(headers: &mut HeaderMap) -> TraceContext {
     if let Ok(v) = HeaderValue::from_maybe_shared(shared.slice(32..)) {
         headers.insert(TRACEPARENT, never_indexed(v));
     }
-    TraceContext { request_id, trace_id, span_id }
+    TraceContext { request_id, trace_id, span_id, parent_id, sampled }
+}
+
+/// This hop's spans, when its trace is sampled and spans are exported: a server span for the
+/// request this sidecar received, and a client span for each attempt it makes upstream (whose id
+/// the attempt's `traceparent` carries, so the next hop's server span is its child).
+pub struct Hop {
+    pub trace_id: Hex<32>,
+    telemetry: Telemetry,
+    server: Option<SpanContext>,
+}
+
+impl TraceContext {
+    /// Starts this hop's server span (OpenTelemetry HTTP conventions: named by the method).
+    pub fn server_span<B>(
+        &self,
+        telemetry: &Telemetry,
+        req: &Request<B>,
+        direction: &'static str,
+    ) -> Option<Span> {
+        if !self.sampled || !telemetry.is_on() {
+            return None;
+        }
+        let attributes = vec![
+            KeyValue::new("http.request.method", req.method().to_string()),
+            KeyValue::new("url.path", req.uri().path().to_string()),
+            KeyValue::new("mesh.direction", direction),
+            KeyValue::new("mesh.request_id", self.request_id.to_string()),
+        ];
+        let name = req.method().to_string();
+        match self.parent_id {
+            Some(parent) => {
+                let state = req.headers().get(&TRACESTATE).and_then(|v| v.to_str().ok());
+                let caller =
+                    telemetry::TraceParent { trace_id: &self.trace_id.0, parent_id: &parent.0, flags: b"01" }
+                        .span_context(state);
+                telemetry.span(name, SpanKind::Server, Some(&caller), attributes)
+            }
+            None => telemetry.root(self.trace_id.as_str(), name, SpanKind::Server, attributes),
+        }
+    }
+
+    /// The hop as its upstream attempts see it: under `server`, when it is recorded.
+    pub fn hop(&self, telemetry: &Telemetry, server: Option<&Span>) -> Hop {
+        match server {
+            Some(s) => Hop {
+                trace_id: self.trace_id,
+                telemetry: telemetry.clone(),
+                server: Some(s.context().clone()),
+            },
+            None => Hop { trace_id: self.trace_id, telemetry: Telemetry::default(), server: None },
+        }
+    }
+}
+
+impl Hop {
+    /// Starts the client span of one attempt at `req` and names it in the request's
+    /// `traceparent`. `resends`: how many attempts came before (`http.request.resend_count`).
+    pub fn attempt<B>(&self, req: &mut Request<B>, peer: &str, resends: u32) -> Option<Span> {
+        let server = self.server.as_ref()?;
+        let mut attributes = vec![
+            KeyValue::new("http.request.method", req.method().to_string()),
+            KeyValue::new("url.path", req.uri().path().to_string()),
+            KeyValue::new("server.address", peer.to_string()),
+        ];
+        if resends > 0 {
+            attributes.push(KeyValue::new("http.request.resend_count", i64::from(resends)));
+        }
+        let span =
+            self.telemetry.span(req.method().to_string(), SpanKind::Client, Some(server), attributes)?;
+        if let Ok(v) = HeaderValue::from_str(&span.traceparent()) {
+            req.headers_mut().insert(TRACEPARENT, never_indexed(v));
+        }
+        Some(span)
+    }
 }
 
 const TRACEPARENT_LEN: usize = 55;
@@ -169,33 +252,11 @@ impl fmt::Display for RequestId {
     }
 }
 
-/// W3C Trace Context `traceparent` → (trace id, flags): `<version>-<32 hex>-<16 hex>-<2 hex>`
-/// in lowercase hex with non-zero ids. Version `00` is exactly that; a later version (not `ff`)
-/// may carry more after a `-`, and is read by its first 55 characters, as the spec says.
-fn parse(v: &[u8]) -> Option<(Hex<32>, [u8; 2])> {
-    let hex = |s: &[u8]| s.iter().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b));
-    let nonzero = |s: &[u8]| s.iter().any(|b| *b != b'0');
-    let version = v.get(..2)?;
-    if !hex(version) || version == b"ff" {
-        return None;
-    }
-    let v = match (version, v.len()) {
-        (b"00", TRACEPARENT_LEN) => v,
-        (b"00", _) => return None,
-        (_, n) if n == TRACEPARENT_LEN || (n > TRACEPARENT_LEN && v[TRACEPARENT_LEN] == b'-') => {
-            &v[..TRACEPARENT_LEN]
-        }
-        _ => return None,
-    };
-    if v[2] != b'-' || v[35] != b'-' || v[52] != b'-' {
-        return None;
-    }
-    let (trace, parent, flags) = (&v[3..35], &v[36..52], &v[53..]);
-    let ok = hex(trace) && nonzero(trace) && hex(parent) && nonzero(parent) && hex(flags);
-    if !ok {
-        return None;
-    }
-    Some((Hex(trace.try_into().ok()?), flags.try_into().ok()?))
+/// W3C Trace Context `traceparent` → (trace id, parent id, flags), by the rules in
+/// [`mesh_runtime::telemetry::parse_traceparent`].
+fn parse(v: &[u8]) -> Option<(Hex<32>, Hex<16>, [u8; 2])> {
+    let p = telemetry::parse_traceparent(v)?;
+    Some((Hex(*p.trace_id), Hex(*p.parent_id), *p.flags))
 }
 
 /// Whether the `tracestate` header(s) form a valid list: at most 32 members of `key=value`, keys
@@ -234,6 +295,34 @@ fn tracestate_ok(headers: &HeaderMap) -> bool {
 mod tests {
     use super::*;
 
+    static ALL: Sampling = Sampling::all();
+
+    /// A new trace is sampled by the hop's share; a continued one keeps its caller's decision,
+    /// whatever this hop's share (parent-based), and so does the next hop.
+    #[test]
+    fn sampling_is_decided_where_a_trace_starts() {
+        for (ppm, flag) in [(0, "-00"), (1_000_000, "-01")] {
+            let mut h = HeaderMap::new();
+            let t = propagate(&mut h, &Sampling::new(ppm));
+            assert_eq!(t.sampled, ppm > 0);
+            assert!(h[&TRACEPARENT].to_str().unwrap().ends_with(flag));
+        }
+        for (given, sampled) in [("01", true), ("00", false), ("03", true), ("02", false)] {
+            for ppm in [0, 1_000_000] {
+                let mut h = HeaderMap::new();
+                let tp = format!("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-{given}");
+                h.insert(TRACEPARENT, HeaderValue::from_str(&tp).unwrap());
+                let t = propagate(&mut h, &Sampling::new(ppm));
+                assert_eq!(t.sampled, sampled, "{tp} at {ppm} ppm");
+                assert_eq!(t.parent_id.map(|p| p.to_string()).as_deref(), Some("00f067aa0ba902b7"));
+                assert!(h[&TRACEPARENT].to_str().unwrap().ends_with(given));
+            }
+        }
+        let one_percent = Sampling::new(10_000);
+        let sampled = (0..100_000).filter(|_| propagate(&mut HeaderMap::new(), &one_percent).sampled).count();
+        assert!((500..1500).contains(&sampled), "about 1 % of 100,000 new traces: {sampled}");
+    }
+
     #[test]
     fn continues_a_valid_trace_with_a_new_span() {
         let mut h = HeaderMap::new();
@@ -242,7 +331,7 @@ mod tests {
             HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
         );
         h.insert(REQUEST_ID, HeaderValue::from_static("req-1"));
-        let t = propagate(&mut h);
+        let t = propagate(&mut h, &ALL);
         assert_eq!(t.trace_id.as_str(), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(t.request_id.to_string(), "req-1");
         let tp = h[&TRACEPARENT].to_str().unwrap();
@@ -258,7 +347,7 @@ mod tests {
             if let Some(b) = bad {
                 h.insert(TRACEPARENT, HeaderValue::from_static(b));
             }
-            let t = propagate(&mut h);
+            let t = propagate(&mut h, &ALL);
             assert_eq!(t.trace_id.as_str().len(), 32);
             assert_ne!(t.trace_id.as_str(), "00000000000000000000000000000000");
             assert_eq!(h[&REQUEST_ID].to_str().unwrap(), t.request_id.to_string());
@@ -271,7 +360,7 @@ mod tests {
     #[test]
     fn traceparent_and_tracestate_follow_the_spec_edge_cases() {
         const ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
-        let continued = |tp: &str| parse(tp.as_bytes()).map(|(t, f)| (t.as_str().to_string(), f));
+        let continued = |tp: &str| parse(tp.as_bytes()).map(|(t, _, f)| (t.as_str().to_string(), f));
         let valid = [
             format!("00-{ID}-00f067aa0ba902b7-01"),
             format!("00-{ID}-00f067aa0ba902b7-00"),
@@ -305,7 +394,7 @@ mod tests {
             for s in state {
                 h.append(TRACESTATE, HeaderValue::from_str(s).unwrap());
             }
-            let t = propagate(&mut h);
+            let t = propagate(&mut h, &ALL);
             let state: Vec<String> =
                 h.get_all(&TRACESTATE).iter().map(|v| v.to_str().unwrap().to_string()).collect();
             (t.trace_id.as_str() == ID, state)
@@ -334,7 +423,7 @@ mod tests {
                 h.insert(REQUEST_ID, HeaderValue::from_static(id));
             }
             h.insert(http::header::HOST, HeaderValue::from_static("market"));
-            let t = propagate(&mut h);
+            let t = propagate(&mut h, &ALL);
             assert!(h[&REQUEST_ID].is_sensitive(), "request id {given:?}");
             assert!(h[&TRACEPARENT].is_sensitive());
             assert!(!h[http::header::HOST].is_sensitive(), "only the per-request ids");
@@ -355,7 +444,7 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         for _ in 0..1000 {
             let mut h = HeaderMap::new();
-            let t = propagate(&mut h);
+            let t = propagate(&mut h, &ALL);
             for id in [t.trace_id.as_str(), t.span_id.as_str()] {
                 assert!(id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)), "{id}");
             }

@@ -30,6 +30,7 @@ use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use mesh_proto::policy::ServicePolicy;
+use mesh_runtime::telemetry::{Sampling, Telemetry};
 use serde_json::json;
 use std::{
     borrow::Cow,
@@ -57,6 +58,11 @@ pub struct Inbound {
     pub metrics: Arc<Metrics>,
     /// Requests in flight to the app (reported as load in heartbeats).
     pub inflight: Arc<AtomicUsize>,
+    /// Where spans go, and the share of new traces sampled.
+    pub telemetry: Telemetry,
+    pub sampling: Arc<Sampling>,
+    /// Operators' taps on this service.
+    pub tap: Arc<crate::control::tap::Tap>,
     /// Callers arrive over mutual TLS with verified identities; authorization applies.
     pub mtls: bool,
     /// Services whose calls may carry a verified end user to the app (the gateway).
@@ -103,16 +109,22 @@ impl Inbound {
             inflight,
             mtls: false,
             trusted_edges: Vec::new(),
+            telemetry: Telemetry::default(),
+            sampling: Arc::new(Sampling::all()),
+            tap: Arc::default(),
         }
     }
 
     pub async fn handle(self: Arc<Self>, mut req: Request<Incoming>, peer: Peer) -> Response<Body> {
-        let t = trace::propagate(req.headers_mut());
+        let t = trace::propagate(req.headers_mut(), &self.sampling);
+        let mut server = t.server_span(&self.telemetry, &req, "inbound");
+        let hop = t.hop(&self.telemetry, server.as_ref());
         let span = tracing::info_span!(
             "request", direction = "inbound", method = %req.method(), path = %req.uri().path(),
             request_id = %t.request_id, trace_id = %t.trace_id, peer = %peer.addr,
         );
         let grpc = headers::is_grpc(req.headers());
+        let tapped = self.tap.on().then(|| (req.method().to_string(), req.uri().path().to_string()));
         let resp = async move {
             let started = Instant::now();
             let verified = peer.identity.as_deref();
@@ -236,7 +248,15 @@ impl Inbound {
                 }
             }
             let load = Load::start(&self.inflight, &self.metrics);
+            let attempt = hop.attempt(&mut req, "app", 0);
             let result = self.app.send(req, None).await;
+            if let Some(mut a) = attempt {
+                match &result {
+                    Ok(resp) => a.status(resp.status().as_u16(), false),
+                    Err(e) => a.fail(e.to_string()),
+                }
+                a.end();
+            }
             let resp = match (result, owner) {
                 (Ok(resp), Some(guard)) => {
                     let (parts, body) = resp.into_parts();
@@ -277,10 +297,26 @@ impl Inbound {
                 .get(status, || self.metrics.request_counter("inbound", &self.service, "app", status))
                 .inc();
             self.latency.observe(started.elapsed().as_secs_f64(), Some(crate::metrics::TraceExemplar(t.trace_id)), None);
+            if let Some((method, path)) = &tapped {
+                self.tap.record(&crate::control::tap::Seen {
+                    direction: "inbound",
+                    caller: verified.and_then(PeerIdentity::service).unwrap_or(""),
+                    method,
+                    path,
+                    status,
+                    latency: started.elapsed(),
+                    endpoint: "app",
+                    trace_id: t.trace_id.as_str(),
+                });
+            }
             resp
         }
         .instrument(span)
         .await;
+        if let Some(mut s) = server.take() {
+            s.status(resp.status().as_u16(), true);
+            s.end();
+        }
         if grpc { errors::for_grpc(resp) } else { resp }
     }
 }

@@ -15,9 +15,11 @@ pub(crate) mod window;
 
 use std::{sync::Arc, time::Duration};
 
+use crate::control::tap::{Seen, Tap};
 use http::{Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
+use mesh_runtime::telemetry::{KeyValue, Sampling, Telemetry};
 use serde_json::json;
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -44,11 +46,30 @@ pub struct Outbound {
     /// Gateway mode: the edge — routes and their middleware (identity, IP lists, screening,
     /// CORS, rate limits, access log). Sidecar mode: `None` (requests go by authority).
     pub edge: Option<Arc<Edge>>,
+    /// Where spans go, and the share of new traces sampled.
+    pub telemetry: Telemetry,
+    pub sampling: Arc<Sampling>,
+    /// Count each call for the topology reports (off when they are).
+    pub count_edges: bool,
+    /// Operators' taps on this proxy's service.
+    pub tap: Arc<Tap>,
+    /// Gateway mode: each route's calls, counted per route for the topology reports.
+    pub route_edges: Arc<crate::upstream::edge::RouteEdges>,
 }
 
 impl Outbound {
     pub fn new(upstreams: Arc<Upstreams>, metrics: Arc<Metrics>, discovery_wait: Duration) -> Self {
-        Self { upstreams, metrics, discovery_wait, edge: None }
+        Self {
+            upstreams,
+            metrics,
+            discovery_wait,
+            edge: None,
+            telemetry: Telemetry::default(),
+            sampling: Arc::new(Sampling::all()),
+            count_edges: true,
+            tap: Arc::default(),
+            route_edges: Arc::default(),
+        }
     }
 
     pub async fn handle(
@@ -57,8 +78,10 @@ impl Outbound {
         peer: std::net::SocketAddr,
         framing: Option<Arc<crate::transport::framing::FramingLog>>,
     ) -> Response<Body> {
-        let t = trace::propagate(req.headers_mut());
+        let t = trace::propagate(req.headers_mut(), &self.sampling);
         let direction = if self.edge.is_some() { "gateway" } else { "outbound" };
+        let mut server = t.server_span(&self.telemetry, &req, direction);
+        let hop = t.hop(&self.telemetry, server.as_ref());
         let span = tracing::info_span!(
             "request", direction, method = %req.method(), path = %req.uri().path(),
             request_id = %t.request_id, trace_id = %t.trace_id, service = tracing::field::Empty,
@@ -70,7 +93,13 @@ impl Outbound {
                     let mut visit = edge.visit(peer, &req, &t, framing.as_deref());
                     let resp = match edge.admit(&self.upstreams, req, &mut visit).await {
                         Ok((req, up)) => {
-                            let (resp, endpoint) = self.forward(direction, &up, req, t.trace_id).await;
+                            // Counted by route for the topology reports, unless they are off.
+                            let counters = self.count_edges.then(|| {
+                                let route = visit.route_name().unwrap_or("-").to_string();
+                                self.route_edges.entry((route, up.name.clone())).or_default().clone()
+                            });
+                            let (resp, endpoint) =
+                                self.forward(direction, &up, req, &hop, counters.as_deref()).await;
                             visit.served_by(&up.name, endpoint.as_ref().map(|e| e.info.id.as_str()));
                             resp
                         }
@@ -86,12 +115,20 @@ impl Outbound {
                         Ok(routed) => routed.upstream,
                         Err(resp) => return *resp,
                     };
-                    self.forward(direction, &up, req, t.trace_id).await.0
+                    self.forward(direction, &up, req, &hop, None).await.0
                 }
             }
         }
         .instrument(span)
         .await;
+        if let Some(mut s) = server.take() {
+            // The cache's decision: answered from it (`hit`, `stale`), or fetched (`miss`).
+            if let Some(cache) = resp.headers().get("x-cache").and_then(|v| v.to_str().ok()) {
+                s.set(KeyValue::new("mesh.cache", cache.to_string()));
+            }
+            s.status(resp.status().as_u16(), true);
+            s.end();
+        }
         if grpc { for_grpc(resp) } else { resp }
     }
 
@@ -101,7 +138,8 @@ impl Outbound {
         direction: &'static str,
         up: &Upstream,
         req: Request<B>,
-        trace_id: crate::http::trace::Hex<32>,
+        hop: &trace::Hop,
+        counters: Option<&crate::upstream::edge::EdgeCounters>,
     ) -> (Response<Body>, Option<Arc<Endpoint>>)
     where
         B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
@@ -110,9 +148,26 @@ impl Outbound {
         let started = Instant::now();
         let service = up.name.as_str();
         tracing::Span::current().record("service", service);
-        let (resp, endpoint) = self.send(up, req).await;
+        let tapped = self.tap.on().then(|| (req.method().to_string(), req.uri().path().to_string()));
+        let (resp, endpoint) = self.send(up, req, hop).await;
         let status = resp.status().as_u16();
         let took = started.elapsed();
+        if self.count_edges {
+            let cached = resp.headers().get("x-cache").is_some_and(|v| v != "miss");
+            counters.unwrap_or(&up.edge).record(status, took, cached);
+        }
+        if let Some((method, path)) = &tapped {
+            self.tap.record(&Seen {
+                direction,
+                caller: if direction == "gateway" { "" } else { &self.tap.service },
+                method,
+                path,
+                status,
+                latency: took,
+                endpoint: endpoint.as_ref().map_or("-", |e| e.info.id.as_str()),
+                trace_id: hop.trace_id.as_str(),
+            });
+        }
         match &endpoint {
             Some(e) => e
                 .counters
@@ -122,7 +177,7 @@ impl Outbound {
         };
         up.latency.get_or_init(|| self.metrics.latency_histogram(direction, service)).observe(
             took.as_secs_f64(),
-            Some(crate::metrics::TraceExemplar(trace_id)),
+            Some(crate::metrics::TraceExemplar(hop.trace_id)),
             None,
         );
         tracing::debug!(status, endpoint = endpoint.as_ref().map(|e| e.info.id.as_str()), ?took, "response");
@@ -131,7 +186,12 @@ impl Outbound {
 
     /// Answers from the cache when the policy allows, otherwise fetches (single flight on a
     /// cache miss) and keeps what may be kept. Returns the response and the endpoint, if any.
-    async fn send<B>(&self, up: &Upstream, req: Request<B>) -> (Response<Body>, Option<Arc<Endpoint>>)
+    async fn send<B>(
+        &self,
+        up: &Upstream,
+        req: Request<B>,
+        hop: &trace::Hop,
+    ) -> (Response<Body>, Option<Arc<Endpoint>>)
     where
         B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
         B::Error: Into<crate::http::body::BoxError> + std::fmt::Display,
@@ -168,7 +228,7 @@ impl Outbound {
             // A change through this cache drops what it changed, before the caller hears back.
             let written =
                 (!cp.ttl.is_zero() && !is_safe(req.method())).then(|| path_and_query(&req).to_string());
-            let (resp, endpoint) = self.fetch(up, &applied, req).await;
+            let (resp, endpoint) = self.fetch(up, &applied, req, hop).await;
             if let Some(path) = written
                 && resp.status().as_u16() < 400
             {
@@ -204,7 +264,7 @@ impl Outbound {
                 }
             }
         }
-        let (resp, endpoint) = self.fetch(up, &applied, req).await;
+        let (resp, endpoint) = self.fetch(up, &applied, req, hop).await;
         let failed = resp.status().is_server_error();
         let answer = if resp.status() == StatusCode::OK {
             let (parts, body) = resp.into_parts();
@@ -259,6 +319,7 @@ impl Outbound {
         up: &Upstream,
         applied: &AppliedPolicy,
         req: Request<B>,
+        hop: &trace::Hop,
     ) -> (Response<Body>, Option<Arc<Endpoint>>)
     where
         B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
@@ -313,7 +374,12 @@ impl Outbound {
                 );
                 return (resp, Some(endpoint));
             };
-            let r = attempts.next_request(&mut parts);
+            let mut r = attempts.next_request(&mut parts);
+            let mut attempt = hop.attempt(&mut r, &endpoint.info.address, attempts.made() - 1);
+            if let Some(a) = attempt.as_mut() {
+                a.set(KeyValue::new("mesh.service", service.to_string()));
+                a.set(KeyValue::new("mesh.endpoint", endpoint.info.id.clone()));
+            }
             let sent = Instant::now();
             let slot = endpoint.start();
             let result =
@@ -332,7 +398,22 @@ impl Outbound {
                 service,
                 &self.metrics,
             );
-            match retry::decide(class, retry, &attempts, deadline, done, &up.budget) {
+            let decision = retry::decide(class, retry, &attempts, deadline, done, &up.budget);
+            if let Some(mut a) = attempt {
+                match &result {
+                    Ok(resp) => a.status(resp.status().as_u16(), false),
+                    Err(e) => {
+                        a.set(KeyValue::new("error.type", e.code()));
+                        a.fail(e.to_string());
+                    }
+                }
+                if endpoint.breaker.is_open(done) {
+                    a.set(KeyValue::new("mesh.breaker", "open"));
+                }
+                a.set(KeyValue::new("mesh.retry", decision.as_str()));
+                a.end();
+            }
+            match decision {
                 retry::Decision::Retry => {
                     self.metrics.retries.get_or_create(&vec![("service", service.to_string())]).inc();
                     tracing::debug!(endpoint = %endpoint.info.id, attempt = attempts.made(), class = ?class, "retrying on another endpoint");
@@ -353,20 +434,45 @@ impl Outbound {
                 retry::Decision::Done => {}
             }
             return match result {
-                Ok(resp) => (resp.map(|b| boxed(Tracked::new(b, (slot, permit)))), Some(endpoint)),
+                Ok(resp) => {
+                    let mut resp = resp.map(|b| boxed(Tracked::new(b, (slot, permit))));
+                    resp.extensions_mut().insert(AttemptsMade(attempts.made()));
+                    (resp, Some(endpoint))
+                }
                 Err(e) => {
                     let attempt = attempts.made();
                     tracing::warn!(endpoint = %endpoint.info.id, error = %e, attempt, "request to endpoint failed");
-                    let resp = error_response(
+                    let mut resp = error_response(
                         e.status(),
                         e.code(),
                         e.to_string(),
                         json!({ "service": service, "endpoint": endpoint.info.id, "attempts": attempt }),
                     );
+                    resp.extensions_mut().insert(AttemptsMade(attempt));
                     (resp, Some(endpoint))
                 }
             };
         }
+    }
+}
+
+/// How many attempts an answer took (a response extension, for operators' calls).
+#[derive(Debug, Clone, Copy)]
+pub struct AttemptsMade(pub u32);
+
+impl Outbound {
+    /// An operator's call (the management API's `POST /api/v1/call/{service}`): sent to
+    /// `service` as this proxy's app would send it — mesh identity, discovery, the service's
+    /// policy — with the endpoint that answered.
+    pub async fn call(
+        &self,
+        service: &str,
+        mut req: Request<Body>,
+    ) -> (Response<Body>, Option<Arc<Endpoint>>) {
+        let up = self.upstreams.get_or_add(service);
+        let t = trace::propagate(req.headers_mut(), &self.sampling);
+        let hop = t.hop(&self.telemetry, None);
+        self.forward("call", &up, req, &hop, None).await
     }
 }
 

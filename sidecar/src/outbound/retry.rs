@@ -176,6 +176,17 @@ pub enum Decision {
     Done,
 }
 
+impl Decision {
+    /// As a span attribute (`mesh.retry`).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Decision::Retry => "retry",
+            Decision::BudgetExhausted => "budget_exhausted",
+            Decision::Done => "done",
+        }
+    }
+}
+
 /// Whether an attempt whose outcome has retry class `class`, answered at `done`, is retried:
 /// the policy names the class, another attempt is allowed, the deadline has not passed, and the
 /// budget has room (taking a retry from it).

@@ -15,23 +15,65 @@ const MIN_REFRESH: Duration = Duration::from_secs(1);
 
 const MAX_REFRESH: Duration = Duration::from_secs(300);
 
-#[derive(Default)]
 pub struct Dns {
+    /// `--dns-server`: resolve with it instead of the system's configuration.
+    server: Option<std::net::SocketAddr>,
     resolver: std::sync::OnceLock<Option<TokioResolver>>,
     running: DashMap<String, (ExternalService, tokio::task::AbortHandle)>,
 }
 
 impl Dns {
+    pub fn new(server: Option<std::net::SocketAddr>) -> Dns {
+        Dns { server, resolver: Default::default(), running: Default::default() }
+    }
+
     fn resolver(&self) -> Option<TokioResolver> {
         self.resolver
-            .get_or_init(|| match TokioResolver::builder_tokio() {
-                Ok(b) => Some(b.build().ok()?),
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot read the system DNS configuration; external services will not resolve");
-                    None
+            .get_or_init(|| {
+                let builder = match self.server {
+                    Some(server) => {
+                        use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
+                        let on = |mut c: ConnectionConfig| {
+                            c.port = server.port();
+                            c
+                        };
+                        let ns = NameServerConfig::new(
+                            server.ip(),
+                            true,
+                            vec![on(ConnectionConfig::udp()), on(ConnectionConfig::tcp())],
+                        );
+                        let config = ResolverConfig::from_parts(None, vec![], vec![ns]);
+                        Ok(TokioResolver::builder_with_config(config, Default::default()))
+                    }
+                    None => TokioResolver::builder_tokio(),
+                };
+                match builder {
+                    Ok(b) => Some(b.build().ok()?),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot read the system DNS configuration; names will not resolve");
+                        None
+                    }
                 }
             })
             .clone()
+    }
+
+    /// Every address `host` resolves to, sorted (so every sidecar sees one order and spreads
+    /// over it by its own offset). Empty when it does not resolve.
+    pub async fn addresses(&self, host: &str) -> Vec<std::net::IpAddr> {
+        let Some(resolver) = self.resolver() else { return vec![] };
+        match resolver.lookup_ip(host).await {
+            Ok(lookup) => {
+                let mut ips: Vec<std::net::IpAddr> = lookup.iter().collect();
+                ips.sort();
+                ips.dedup();
+                ips
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, %host, "name did not resolve");
+                vec![]
+            }
+        }
     }
 
     /// Starts, restarts or stops resolution for `up` to match its policy's `external`.

@@ -3,6 +3,7 @@
 //! it.
 
 pub mod dns;
+pub mod edge;
 pub mod endpoint;
 pub mod set;
 pub mod snapshot;
@@ -65,6 +66,8 @@ pub struct Upstream {
     pub cache: Cache,
     /// Mutual TLS to this service's sidecars (when this sidecar has a mesh identity).
     tls: Option<MeshTls>,
+    /// This proxy's calls to the service since its last topology report.
+    pub edge: edge::EdgeCounters,
 }
 
 impl Upstream {
@@ -91,6 +94,7 @@ impl Upstream {
             budget: Default::default(),
             cache: Default::default(),
             tls,
+            edge: Default::default(),
         }
     }
 
