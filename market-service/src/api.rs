@@ -372,6 +372,7 @@ async fn healthz(State(s): S) -> Result<Json<Health>, Refusal> {
         group_commit: GroupCommit {
             batches: load(&s.markets.commits.batches),
             commands: load(&s.markets.commits.commands),
+            most_decisions: load(&s.markets.commits.most_decisions),
         },
     }))
 }

@@ -6,7 +6,9 @@
 //! queues, so the more callers wait, the more each fsync carries.
 //!
 //! A member that lost a race (another instance wrote one of its aggregates first) is left out of
-//! its batch alone and decided again on fresh state, up to [`MAX_ATTEMPTS`] times; a member
+//! its batch alone and decided again on fresh state — in a round that holds the store's write
+//! lock from before its catch-up to its commit, so it cannot lose a second race (without that,
+//! two busy instances on a hot market could make one trade lose ten times in a row); a member
 //! whose idempotency key turned out to be stored gets that answer. Nobody is answered before
 //! the batch holding their command is durable; a batch the database refused is refused to all of
 //! its writers, and nothing of it is applied.
@@ -83,6 +85,8 @@ pub struct Committer {
 pub struct Stats {
     pub batches: AtomicU64,
     pub commands: AtomicU64,
+    /// The most decisions one committed command took.
+    pub most_decisions: AtomicU64,
 }
 
 /// What one member of a batch came to before it was written: its answer, its events being in
@@ -116,13 +120,28 @@ impl Committer {
 
     /// Decides, writes and answers one batch; returns the commands to decide again.
     async fn round(&self, batch: Vec<Pending>) -> Vec<Pending> {
-        if let Err(e) = catch_up(&self.store, &self.projection).await {
-            let refusal = Refusal::from(e);
-            for p in batch {
-                let _ = p.reply.send(Err(refusal.clone()));
+        // A command that lost a race to another instance is decided again with the store's
+        // write lock held from before the catch-up to the commit: it cannot lose twice, however
+        // busy the other writers are.
+        let contended = batch.iter().any(|p| p.attempts > 0);
+        let ready = async {
+            let lock = match contended {
+                true => Some(self.store.lock_writes().await?),
+                false => None,
+            };
+            catch_up(&self.store, &self.projection).await?;
+            Ok::<_, StoreError>(lock)
+        };
+        let lock = match ready.await {
+            Ok(lock) => lock,
+            Err(e) => {
+                let refusal = Refusal::from(e);
+                for p in batch {
+                    let _ = p.reply.send(Err(refusal.clone()));
+                }
+                return Vec::new();
             }
-            return Vec::new();
-        }
+        };
         let mut again = Vec::new();
         let mut decided: Vec<(Pending, Decided)> = Vec::with_capacity(batch.len());
         let mut members: Vec<Member> = Vec::with_capacity(batch.len());
@@ -157,10 +176,11 @@ impl Committer {
             }
         }
         let outcomes = if members.is_empty() {
+            drop(lock);
             Vec::new()
         } else {
             let started = SystemTime::now();
-            let written = self.store.append_batch(&members, true, now_ms() as i64).await;
+            let written = self.store.append_batch(&members, true, now_ms() as i64, lock).await;
             self.commit_spans(&decided, members.len(), started, written.as_ref().err());
             match written {
                 Ok(o) => {
@@ -196,6 +216,7 @@ impl Committer {
                 Decided::Refused(r) => replies.push((p.reply, Err(r))),
                 Decided::Write(answer) => match outcomes.next() {
                     Some((member, Outcome::Committed(recorded))) => {
+                        self.stats.most_decisions.fetch_max(p.attempts as u64, Ordering::Relaxed);
                         self.snapshots_due(&member.appends);
                         committed.extend(recorded);
                         replies.push((p.reply, Ok(answer)));

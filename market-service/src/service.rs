@@ -532,7 +532,7 @@ impl Markets {
                 idem: None,
                 traceparent: ctx.trace.as_ref().map(telemetry::traceparent),
             };
-            let outcome = self.store.append_batch(&[member], true, now_ms() as i64).await?;
+            let outcome = self.store.append_batch(&[member], true, now_ms() as i64, None).await?;
             if matches!(outcome.first(), Some(crate::store::Outcome::Committed(_))) {
                 return Ok(());
             }

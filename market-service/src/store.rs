@@ -167,6 +167,10 @@ pub struct Store {
     backend: Backend,
 }
 
+/// The store's write lock, held from [`Store::lock_writes`] until the batch it was taken for is
+/// written (or it is dropped, which rolls back).
+pub struct WriteLock(sqlx::Transaction<'static, sqlx::Any>);
+
 fn row_to_recorded(row: &sqlx::any::AnyRow) -> Result<Recorded, StoreError> {
     Ok(Recorded {
         seq: row.try_get("seq")?,
@@ -273,6 +277,13 @@ impl Store {
         self.backend
     }
 
+    /// Takes the store's write lock (SQLite's `BEGIN IMMEDIATE`, a PostgreSQL advisory lock):
+    /// until it is given to [`Store::append_batch`] or dropped, no other writer commits, so what
+    /// is read meanwhile stays the latest state.
+    pub async fn lock_writes(&self) -> Result<WriteLock, StoreError> {
+        Ok(WriteLock(self.begin_write().await?))
+    }
+
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
         match self.backend {
             Backend::Sqlite => Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?),
@@ -290,14 +301,19 @@ impl Store {
     /// [`Outcome::Retry`], one whose idempotency key is already stored with
     /// [`Outcome::Replayed`], and the rest commit together with their outbox rows (when
     /// `publish`) and idempotency records. The hash chain continues from each aggregate's stored
-    /// head. Nothing of a batch is written if the database fails.
+    /// head. Nothing of a batch is written if the database fails. With `lock` (taken before the
+    /// members were decided) no other writer can have moved their aggregates.
     pub async fn append_batch(
         &self,
         members: &[Member],
         publish: bool,
         now_ms: i64,
+        lock: Option<WriteLock>,
     ) -> Result<Vec<Outcome>, StoreError> {
-        let mut tx = self.begin_write().await?;
+        let mut tx = match lock {
+            Some(WriteLock(tx)) => tx,
+            None => self.begin_write().await?,
+        };
         let mut heads = self.heads(&mut tx, members).await?;
         let mut stored = self.idempotent_in(&mut tx, members).await?;
         let mut tainted = std::collections::HashSet::new();

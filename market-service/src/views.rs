@@ -259,6 +259,9 @@ pub struct Rebuilt {
 pub struct GroupCommit {
     pub batches: u64,
     pub commands: u64,
+    /// The most times one committed command was decided (more than once only after it lost a
+    /// race to another instance).
+    pub most_decisions: u64,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
