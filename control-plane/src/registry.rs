@@ -106,6 +106,9 @@ struct InstanceState {
     /// With a shared store: the etcd revision of the record this state reflects (older watch
     /// events are ignored).
     stored_rev: i64,
+    /// When it was last heard from (registered, or a heartbeat here or in another replica's
+    /// batch); `None` while known only from the store.
+    heard: Option<Instant>,
 }
 
 impl InstanceState {
@@ -250,6 +253,7 @@ impl Registry {
             let mut st = svc.lock();
             let mut state = InstanceState::new(info, now);
             state.not_before = now + grace;
+            state.heard = None;
             st.instances.insert(state.endpoint.instance_id.clone(), state);
             svc.publish(&st, &reg.revisions);
             reg.live.insert(svc.name.clone(), svc.clone());
@@ -360,6 +364,7 @@ impl Registry {
                         }
                         i.last_heartbeat = now;
                         i.not_before = now;
+                        i.heard = Some(now);
                         i.load = hb.load;
                         i.app_healthy = app_healthy;
                         i.expired_at = None;
@@ -368,13 +373,7 @@ impl Registry {
                             c.heard(&hb.service, &hb.instance_id);
                             if changed {
                                 // Health changes reach the other replicas at once.
-                                let record = i.record(&hb.service);
-                                let (c, key) = (c.clone(), c.instance_key(&hb.service, &hb.instance_id));
-                                mesh_runtime::spawn(tracing::debug_span!("health_write"), async move {
-                                    if let Err(e) = c.etcd.put_if_exists(&key, record).await {
-                                        tracing::warn!(error = %e, %key, "cannot write a health change to etcd");
-                                    }
-                                });
+                                self.write_back(&hb.service, &hb.instance_id, i.record(&hb.service));
                             }
                         }
                         if changed {
@@ -391,6 +390,18 @@ impl Registry {
             heartbeat_interval_ms: h.heartbeat_interval.as_millis() as u64,
             ttl_ms: h.heartbeat_ttl.as_millis() as u64,
         }
+    }
+
+    /// Writes an instance's record to etcd in the background, if it is still there: how a
+    /// change this replica saw reaches the others.
+    fn write_back(&self, service: &str, id: &str, record: Vec<u8>) {
+        let Some(c) = self.store.cluster() else { return };
+        let (c, key) = (c.clone(), c.instance_key(service, id));
+        mesh_runtime::spawn(tracing::debug_span!("health_write"), async move {
+            if let Err(e) = c.etcd.put_if_exists(&key, record).await {
+                tracing::warn!(error = %e, %key, "cannot write a health change to etcd");
+            }
+        });
     }
 
     /// Removes an instance at once; durable before it returns. `Ok(false)` if it was unknown.
@@ -585,7 +596,9 @@ impl Registry {
             }
             self.tombstones.remove(&key);
         }
+        let ttl = self.health_policy(service).heartbeat_ttl;
         let svc = self.service(service);
+        let mut write_back = None;
         let empty = {
             let mut st = svc.lock();
             if st.instances.get(id).is_some_and(|i| i.stored_rev >= rev) {
@@ -597,12 +610,22 @@ impl Registry {
                     let fresh = InstanceState::new(info, now);
                     let i = st.instances.entry(id.to_string()).or_insert_with(|| InstanceState {
                         not_before: now + grace,
+                        heard: None,
                         ..InstanceState::new(v1::Instance::default(), now)
                     });
                     i.endpoint = fresh.endpoint;
                     i.stored_rev = rev;
                     i.app_healthy = health != v1::HealthStatus::Unhealthy;
-                    if health == v1::HealthStatus::Expired {
+                    let heard_since = i
+                        .heard
+                        .is_some_and(|t| i.expired_at.is_none() && now.saturating_duration_since(t) <= ttl);
+                    if health == v1::HealthStatus::Expired && heard_since {
+                        // Expired by what the sweeper knew, but heard within its TTL since (the
+                        // sweeper's own write arriving after a heartbeat brought it back, or
+                        // another replica's heartbeat it had not folded in yet): it stays, and
+                        // its record is written back so every replica sees it alive.
+                        write_back = Some(i.record(service));
+                    } else if health == v1::HealthStatus::Expired {
                         i.expired_at.get_or_insert(now);
                     } else {
                         if i.expired_at.is_some() {
@@ -621,6 +644,9 @@ impl Registry {
             svc.publish(&st, &self.revisions);
             st.instances.is_empty()
         };
+        if let Some(record) = write_back {
+            self.write_back(service, id, record);
+        }
         self.track_live(&svc, !empty);
         if empty {
             drop(svc);
@@ -661,6 +687,7 @@ impl Registry {
                 && at > i.last_heartbeat
             {
                 i.last_heartbeat = at;
+                i.heard = Some(at);
                 i.not_before = at; // heard: a restart's grace is over, as with a local heartbeat
             }
         }
@@ -768,6 +795,7 @@ impl InstanceState {
             held: false,
             not_before: now,
             stored_rev: 0,
+            heard: Some(now),
         }
     }
 }
