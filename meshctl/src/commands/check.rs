@@ -149,7 +149,8 @@ async fn proxies(ch: mesh_proto::dial::AdminChannel, margin: Duration) -> Vec<Ve
             (false, _) => fail(
                 "convergence",
                 nacked.join("; "),
-                "fix the field the NACK names: meshctl policy get SERVICE",
+                "the NACK says why: fix the policy field it names (meshctl policy get SERVICE), or \
+                 what the sidecar's log says it could not do",
             ),
             (true, false) => fail(
                 "convergence",
