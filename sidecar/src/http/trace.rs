@@ -116,13 +116,15 @@ impl TraceContext {
         if !self.sampled || !telemetry.is_on() {
             return None;
         }
-        let attributes = vec![
-            KeyValue::new("http.request.method", req.method().to_string()),
+        // Room for what the answer adds (status, error, cache): no regrowth on the request path.
+        let mut attributes = Vec::with_capacity(8);
+        let name = telemetry::method_name(req.method().as_str());
+        attributes.extend([
+            KeyValue::new("http.request.method", name.clone()),
             KeyValue::new("url.path", req.uri().path().to_string()),
             KeyValue::new("mesh.direction", direction),
             KeyValue::new("mesh.request_id", self.request_id.to_string()),
-        ];
-        let name = req.method().to_string();
+        ]);
         match self.parent_id {
             Some(parent) => {
                 let state = req.headers().get(&TRACESTATE).and_then(|v| v.to_str().ok());
@@ -153,17 +155,20 @@ impl Hop {
     /// `traceparent`. `resends`: how many attempts came before (`http.request.resend_count`).
     pub fn attempt<B>(&self, req: &mut Request<B>, peer: &str, resends: u32) -> Option<Span> {
         let server = self.server.as_ref()?;
-        let mut attributes = vec![
-            KeyValue::new("http.request.method", req.method().to_string()),
+        // Room for what the outbound path and the answer add (service, endpoint, status, retry,
+        // breaker, error): no regrowth on the request path.
+        let mut attributes = Vec::with_capacity(10);
+        let name = telemetry::method_name(req.method().as_str());
+        attributes.extend([
+            KeyValue::new("http.request.method", name.clone()),
             KeyValue::new("url.path", req.uri().path().to_string()),
             KeyValue::new("server.address", peer.to_string()),
-        ];
+        ]);
         if resends > 0 {
             attributes.push(KeyValue::new("http.request.resend_count", i64::from(resends)));
         }
-        let span =
-            self.telemetry.span(req.method().to_string(), SpanKind::Client, Some(server), attributes)?;
-        if let Ok(v) = HeaderValue::from_str(&span.traceparent()) {
+        let span = self.telemetry.span(name, SpanKind::Client, Some(server), attributes)?;
+        if let Ok(v) = HeaderValue::from_bytes(&span.traceparent_bytes()) {
             req.headers_mut().insert(TRACEPARENT, never_indexed(v));
         }
         Some(span)
@@ -189,18 +194,6 @@ thread_local! {
     static SEED: Cell<u64> = Cell::new(rand::random());
 }
 
-/// The two lowercase hex digits of every byte.
-const HEX_PAIRS: [[u8; 2]; 256] = {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut t = [[0u8; 2]; 256];
-    let mut i = 0;
-    while i < 256 {
-        t[i] = [DIGITS[i >> 4], DIGITS[i & 15]];
-        i += 1;
-    }
-    t
-};
-
 fn next_u64() -> u64 {
     SEED.with(|s| {
         let x = s.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
@@ -218,10 +211,7 @@ impl<const N: usize> Hex<N> {
     fn random() -> Self {
         let mut out = [0u8; N];
         for chunk in out.chunks_mut(16) {
-            let r = next_u64().max(1).to_le_bytes();
-            for (pair, byte) in chunk.chunks_mut(2).zip(r) {
-                pair.copy_from_slice(&HEX_PAIRS[byte as usize]);
-            }
+            telemetry::write_hex(&next_u64().max(1).to_le_bytes(), chunk);
         }
         Hex(out)
     }
@@ -434,7 +424,7 @@ mod tests {
 
     #[test]
     fn the_digit_table_spells_every_byte() {
-        for (b, pair) in HEX_PAIRS.iter().enumerate() {
+        for (b, pair) in telemetry::HEX_PAIRS.iter().enumerate() {
             assert_eq!(std::str::from_utf8(pair).unwrap(), format!("{b:02x}"));
         }
     }
