@@ -626,6 +626,42 @@ async fn etcd_with_authentication() {
         .await
         .unwrap();
     round_trip(&cp).await;
+    // A password change ends every token etcd gave the user, the replica's too (what an operator
+    // rotating the password, or etcd expiring an idle token, does to a running replica): its next
+    // call is refused, and it signs in again instead of failing.
+    let (status, answer) = mesh_testkit::request(
+        addr,
+        "POST",
+        "etcd",
+        "/v3/auth/authenticate",
+        &[],
+        r#"{"name":"root","password":"s3cret-pass"}"#.into(),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let token =
+        serde_json::from_str::<serde_json::Value>(&answer).unwrap()["token"].as_str().unwrap().to_string();
+    let (status, answer) = mesh_testkit::request(
+        addr,
+        "POST",
+        "etcd",
+        "/v3/auth/user/changepw",
+        &[("authorization", &token)],
+        r#"{"name":"root","password":"s3cret-pass"}"#.into(),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let (_, answer) = mesh_testkit::request(
+        addr,
+        "POST",
+        "etcd",
+        "/v3/kv/range",
+        &[("authorization", &token)],
+        r#"{"key":"YQ=="}"#.into(),
+    )
+    .await;
+    assert!(answer.contains("invalid auth token"), "the old tokens are void: {answer}");
+    round_trip(&cp).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
