@@ -282,8 +282,7 @@ pub(crate) fn local_proxies(s: &State, filter: &str) -> Vec<v1::ProxyStatus> {
 /// This replica's proxies as it writes them to etcd for the others: times that only change
 /// when something happens (the connection's start instead of its age; no heartbeat age), so
 /// an unchanged list is not written again.
-pub(crate) fn proxies_report(s: &State) -> Vec<u8> {
-    use mesh_proto::prost::Message;
+pub(crate) fn proxies_report(s: &State) -> Vec<v1::ProxyStatus> {
     let now_ms = mesh_proto::unix_ms(std::time::SystemTime::now());
     let mut proxies = local_proxies(s, "");
     for p in &mut proxies {
@@ -294,5 +293,7 @@ pub(crate) fn proxies_report(s: &State) -> Vec<u8> {
             st.current_version = 0;
         }
     }
-    v1::ProxyStatusResponse { proxies }.encode_to_vec()
+    // In a stable order, so an unchanged proxy stays in the same etcd chunk.
+    proxies.sort_unstable_by(|a, b| (&a.service, &a.node_id).cmp(&(&b.service, &b.node_id)));
+    proxies
 }

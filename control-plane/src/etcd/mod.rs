@@ -9,7 +9,7 @@
 //! | `instances/<service>/<id>` | `Instance` (protobuf) with its health: healthy, unhealthy or expired | registration, health changes, the sweeper |
 //! | `heartbeats/<replica>` | the heartbeats a replica heard since its last flush (JSON), under its lease | every replica, once per flush interval |
 //! | `edges/<replica>` | the edge reports its proxies sent since its last flush (protobuf), under its lease | every replica, when it received some |
-//! | `proxies/<replica>` | the proxies connected to a replica and their ACKs (protobuf), under its lease | every replica, when its list changes |
+//! | `proxies/<replica>/<n>` | the proxies connected to a replica and their ACKs (protobuf), in chunks of at most [`PROXY_CHUNK_BYTES`], under its lease | every replica, the chunks that changed |
 //! | `ca/root` | the mesh root certificate and its key, sealed with the key file every replica has | the first replica to start |
 //! | `sweeper` (election) | the replica that expires and deregisters instances | etcd's election API, under the replica's lease |
 //!
@@ -67,6 +67,10 @@ pub struct Batch {
 const MAX_RELAYED: usize = 50_000;
 /// How much of etcd's history the elected replica keeps (it compacts what is older).
 pub const COMPACT_EVERY: Duration = Duration::from_secs(300);
+/// The most one etcd value of a replica's proxy list holds: well under etcd's request limit
+/// (1.5 MiB by default), so a replica with 100,000 proxies writes about eight values, and a
+/// change rewrites only the chunks it touched.
+pub const PROXY_CHUNK_BYTES: usize = 1 << 20;
 /// The replica's lease (its heartbeat batches and its election key go with it).
 pub const LEASE_TTL: Duration = Duration::from_secs(10);
 
@@ -83,7 +87,7 @@ pub struct Cluster {
     pub(crate) tokens: DashMap<String, String>,
     /// Heartbeats heard since the last flush: `service/id` → unix ms.
     heard: Mutex<HashMap<String, u64>>,
-    /// The proxies connected to each other replica, as it last wrote them.
+    /// The proxies connected to each replica, as it last wrote them: `<replica>/<chunk>` → list.
     pub(crate) proxies: DashMap<String, Vec<v1::ProxyStatus>>,
     /// Edge reports from this replica's proxies since the last flush, for the others.
     edges: Mutex<Vec<v1::EdgeDelta>>,
@@ -190,19 +194,46 @@ impl Cluster {
 
     /// The proxies connected to the other replicas.
     pub fn remote_proxies(&self) -> Vec<v1::ProxyStatus> {
-        self.proxies.iter().filter(|e| *e.key() != self.replica).flat_map(|e| e.value().clone()).collect()
+        self.proxies
+            .iter()
+            .filter(|e| e.key().split('/').next() != Some(self.replica.as_str()))
+            .flat_map(|e| e.value().clone())
+            .collect()
     }
 
-    /// Writes `report` (this replica's proxies) if it changed since it was last written, or the
-    /// lease it was written under is gone.
-    async fn report(&self, report: Vec<u8>, last: &mut Option<(i64, Vec<u8>)>) -> Result<i64, EtcdError> {
+    /// Writes the chunks of `report` (this replica's proxies) that changed since they were last
+    /// written (all of them when the lease they were written under is gone), and deletes the
+    /// chunks past its end. `last`: the lease and the chunks as written.
+    async fn report(
+        &self,
+        report: Vec<v1::ProxyStatus>,
+        last: &mut (i64, Vec<Vec<u8>>),
+    ) -> Result<i64, EtcdError> {
         let lease = self.lease();
-        if last.as_ref().is_some_and(|(l, r)| *l == lease && *r == report) {
-            return Ok(0);
+        if last.0 != lease {
+            *last = (lease, Vec::new());
         }
-        let rev =
-            self.etcd.put(&self.key(&format!("proxies/{}", self.replica)), report.clone(), lease).await?;
-        *last = Some((lease, report));
+        let chunks = proxy_chunks(report, PROXY_CHUNK_BYTES);
+        let mut rev = 0;
+        for (i, chunk) in chunks.iter().enumerate() {
+            if last.1.get(i) != Some(chunk) {
+                rev = self
+                    .etcd
+                    .put(&self.key(&format!("proxies/{}/{i}", self.replica)), chunk.clone(), lease)
+                    .await?;
+                match last.1.get_mut(i) {
+                    Some(c) => *c = chunk.clone(),
+                    None => last.1.push(chunk.clone()),
+                }
+            }
+        }
+        while last.1.len() > chunks.len() {
+            rev = self
+                .etcd
+                .delete(&self.key(&format!("proxies/{}/{}", self.replica, last.1.len() - 1)))
+                .await?;
+            last.1.pop();
+        }
         Ok(rev)
     }
 
@@ -210,7 +241,11 @@ impl Cluster {
     /// `report()` (this replica's proxies) when it changes, until `stop`; then gives the lease
     /// back so this replica's keys and leadership go at once. The elected replica also compacts
     /// etcd's history every [`COMPACT_EVERY`], keeping that long.
-    pub async fn run(self: Arc<Self>, stop: CancellationToken, report: impl Fn() -> Vec<u8> + Send) {
+    pub async fn run(
+        self: Arc<Self>,
+        stop: CancellationToken,
+        report: impl Fn() -> Vec<v1::ProxyStatus> + Send,
+    ) {
         let keeper = {
             let me = self.clone();
             let stop = stop.clone();
@@ -238,7 +273,7 @@ impl Cluster {
         };
         let mut tick = tokio::time::interval(FLUSH_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut reported = None;
+        let mut reported = (0, Vec::new());
         // (when, revision): the revision history is kept back to.
         let mut compact_to: Option<(tokio::time::Instant, i64)> = None;
         let mut revision = 0;
@@ -313,7 +348,74 @@ impl Cluster {
     }
 }
 
+/// `proxies` encoded as proxy-status records of at most `limit` bytes each (one proxy larger
+/// than that goes alone); none for no proxies.
+pub fn proxy_chunks(proxies: Vec<v1::ProxyStatus>, limit: usize) -> Vec<Vec<u8>> {
+    use mesh_proto::prost::Message;
+    let mut chunks = Vec::new();
+    let mut chunk = v1::ProxyStatusResponse::default();
+    let mut size = 0;
+    for p in proxies {
+        // The field's tag and length prefix around each proxy: at most 1 + 5 bytes.
+        let len = p.encoded_len() + 6;
+        if size + len > limit && !chunk.proxies.is_empty() {
+            chunks.push(std::mem::take(&mut chunk).encode_to_vec());
+            size = 0;
+        }
+        size += len;
+        chunk.proxies.push(p);
+    }
+    if !chunk.proxies.is_empty() {
+        chunks.push(chunk.encode_to_vec());
+    }
+    chunks
+}
+
 /// A key's last path segment(s) after `prefix`.
 pub fn strip<'a>(key: &'a [u8], prefix: &str) -> Option<&'a str> {
     std::str::from_utf8(key).ok()?.strip_prefix(prefix)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh_proto::prost::Message;
+
+    fn proxy(i: usize) -> v1::ProxyStatus {
+        v1::ProxyStatus {
+            node_id: format!("node-{i}"),
+            service: format!("svc-{}", i % 7),
+            peer: "127.0.0.1:40000".into(),
+            spiffe_id: format!("spiffe://mesh.local/ns/default/sa/svc-{}", i % 7),
+            policies: vec![v1::PolicySyncStatus {
+                service: "svc".into(),
+                acked_version: 3,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_large_proxy_list_is_cut_into_values_etcd_accepts_and_reads_back_whole() {
+        let proxies: Vec<_> = (0..20_000).map(proxy).collect();
+        let whole = v1::ProxyStatusResponse { proxies: proxies.clone() }.encoded_len();
+        let limit = 256 * 1024;
+        let chunks = proxy_chunks(proxies.clone(), limit);
+        assert!(chunks.len() >= whole / limit, "{} chunks for {whole} bytes", chunks.len());
+        let mut back = Vec::new();
+        for c in &chunks {
+            assert!(c.len() <= limit, "a chunk of {} bytes", c.len());
+            back.extend(v1::ProxyStatusResponse::decode(c.as_slice()).unwrap().proxies);
+        }
+        assert_eq!(back, proxies);
+        // A change to one proxy changes one chunk: the others are not written again.
+        let mut changed = proxies;
+        changed[12_345].policies[0].acked_version = 4;
+        let again = proxy_chunks(changed, limit);
+        assert_eq!(again.len(), chunks.len());
+        assert_eq!(again.iter().zip(&chunks).filter(|(a, b)| a != b).count(), 1);
+        assert!(proxy_chunks(Vec::new(), limit).is_empty());
+        assert_eq!(proxy_chunks(vec![proxy(1)], 1).len(), 1, "one proxy larger than the limit goes alone");
+    }
 }
