@@ -29,6 +29,9 @@ pub struct ProxyState {
     pub service: String,
     pub peer: String,
     pub connected_at: Instant,
+    /// The same moment on the wall clock (unix ms), as other replicas are told it: exact, so
+    /// an unchanged proxy reads the same at every report.
+    pub connected_unix_ms: u64,
     pub policies: BTreeMap<String, SyncState>,
 }
 
@@ -62,6 +65,7 @@ impl Proxies {
             service: String::new(),
             peer,
             connected_at: now,
+            connected_unix_ms: mesh_proto::unix_ms(std::time::SystemTime::now()),
             policies: BTreeMap::new(),
         }));
         self.conns.insert(id, state.clone());

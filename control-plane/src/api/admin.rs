@@ -241,6 +241,18 @@ impl v1::admin_server::Admin for Api {
 
 /// The proxies connected to this control plane, with their sync state.
 pub(crate) fn local_proxies(s: &State, filter: &str) -> Vec<v1::ProxyStatus> {
+    proxy_statuses(s, filter, false)
+}
+
+/// This replica's proxies as it writes them to etcd for the others: only what changes when
+/// something happens (when the connection started on the wall clock instead of its age; no
+/// heartbeat age, no current version), so an unchanged list is not written again.
+pub(crate) fn proxies_report(s: &State) -> Vec<v1::ProxyStatus> {
+    proxy_statuses(s, "", true)
+}
+
+/// The proxies (sorted by service, then node id); `for_report`: as [`proxies_report`] says.
+fn proxy_statuses(s: &State, filter: &str, for_report: bool) -> Vec<v1::ProxyStatus> {
     let now = Instant::now();
     let replica = s.store.cluster().map(|c| c.replica.clone()).unwrap_or_default();
     s.proxies
@@ -253,17 +265,22 @@ pub(crate) fn local_proxies(s: &State, filter: &str) -> Vec<v1::ProxyStatus> {
                 spiffe_id: cert.spiffe_id,
                 certificate_expires_unix_ms: cert.expires_unix_ms,
                 certificates_issued: cert.issued,
-                last_heartbeat_age_ms: s
-                    .registry
-                    .heartbeat_age(&p.service, &p.node_id, now)
-                    .map(|d| d.as_millis() as u64),
-                connected_ms: now.saturating_duration_since(p.connected_at).as_millis() as u64,
+                last_heartbeat_age_ms: match for_report {
+                    true => None,
+                    false => {
+                        s.registry.heartbeat_age(&p.service, &p.node_id, now).map(|d| d.as_millis() as u64)
+                    }
+                },
+                connected_ms: match for_report {
+                    true => p.connected_unix_ms,
+                    false => now.saturating_duration_since(p.connected_at).as_millis() as u64,
+                },
                 policies: p
                     .policies
                     .iter()
                     .map(|(svc, st)| v1::PolicySyncStatus {
                         service: svc.clone(),
-                        current_version: s.policies.current(svc).version,
+                        current_version: if for_report { 0 } else { s.policies.current(svc).version },
                         acked_version: st.acked_version,
                         nacked_version: st.nacked_version,
                         nack_reason: st.nack_reason.clone(),
@@ -277,23 +294,4 @@ pub(crate) fn local_proxies(s: &State, filter: &str) -> Vec<v1::ProxyStatus> {
             }
         })
         .collect()
-}
-
-/// This replica's proxies as it writes them to etcd for the others: times that only change
-/// when something happens (the connection's start instead of its age; no heartbeat age), so
-/// an unchanged list is not written again.
-pub(crate) fn proxies_report(s: &State) -> Vec<v1::ProxyStatus> {
-    let now_ms = mesh_proto::unix_ms(std::time::SystemTime::now());
-    let mut proxies = local_proxies(s, "");
-    for p in &mut proxies {
-        // Rounded to seconds: the age's own jitter must not count as a change.
-        p.connected_ms = (now_ms.saturating_sub(p.connected_ms) / 1000) * 1000;
-        p.last_heartbeat_age_ms = None;
-        for st in &mut p.policies {
-            st.current_version = 0;
-        }
-    }
-    // In a stable order, so an unchanged proxy stays in the same etcd chunk.
-    proxies.sort_unstable_by(|a, b| (&a.service, &a.node_id).cmp(&(&b.service, &b.node_id)));
-    proxies
 }
