@@ -601,14 +601,18 @@ async fn etcd_over_tls_with_a_client_certificate() {
 async fn etcd_with_authentication() {
     let Some(etcd) = EtcdCluster::start(1).await else { return };
     let addr: SocketAddr = etcd.endpoints()[0].trim_start_matches("http://").parse().unwrap();
-    // etcd's own JSON gateway: a root user, then authentication on.
+    // etcd's own JSON gateway, as its operator would use it (with a token once auth is on).
+    let gateway = async |path: &str, token: Option<&str>, body: &str| {
+        let headers: Vec<(&str, &str)> = token.map(|t| ("authorization", t)).into_iter().collect();
+        mesh_testkit::request(addr, "POST", "etcd", path, &headers, body.to_string().into()).await
+    };
+    // A root user, then authentication on.
     for (path, body) in [
         ("/v3/auth/user/add", r#"{"name":"root","password":"s3cret-pass"}"#),
         ("/v3/auth/user/grant", r#"{"user":"root","role":"root"}"#),
         ("/v3/auth/enable", "{}"),
     ] {
-        let (status, answer) =
-            mesh_testkit::request(addr, "POST", "etcd", path, &[], body.to_string().into()).await;
+        let (status, answer) = gateway(path, None, body).await;
         assert_eq!(status, 200, "{path}: {answer}");
     }
     let dir = tempfile::tempdir().unwrap();
@@ -629,37 +633,14 @@ async fn etcd_with_authentication() {
     // A password change ends every token etcd gave the user, the replica's too (what an operator
     // rotating the password, or etcd expiring an idle token, does to a running replica): its next
     // call is refused, and it signs in again instead of failing.
-    let (status, answer) = mesh_testkit::request(
-        addr,
-        "POST",
-        "etcd",
-        "/v3/auth/authenticate",
-        &[],
-        r#"{"name":"root","password":"s3cret-pass"}"#.into(),
-    )
-    .await;
+    let root = r#"{"name":"root","password":"s3cret-pass"}"#;
+    let (status, answer) = gateway("/v3/auth/authenticate", None, root).await;
     assert_eq!(status, 200, "{answer}");
     let token =
         serde_json::from_str::<serde_json::Value>(&answer).unwrap()["token"].as_str().unwrap().to_string();
-    let (status, answer) = mesh_testkit::request(
-        addr,
-        "POST",
-        "etcd",
-        "/v3/auth/user/changepw",
-        &[("authorization", &token)],
-        r#"{"name":"root","password":"s3cret-pass"}"#.into(),
-    )
-    .await;
+    let (status, answer) = gateway("/v3/auth/user/changepw", Some(&token), root).await;
     assert_eq!(status, 200, "{answer}");
-    let (_, answer) = mesh_testkit::request(
-        addr,
-        "POST",
-        "etcd",
-        "/v3/kv/range",
-        &[("authorization", &token)],
-        r#"{"key":"YQ=="}"#.into(),
-    )
-    .await;
+    let (_, answer) = gateway("/v3/kv/range", Some(&token), r#"{"key":"YQ=="}"#).await;
     assert!(answer.contains("invalid auth token"), "the old tokens are void: {answer}");
     round_trip(&cp).await;
 }

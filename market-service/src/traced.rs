@@ -43,7 +43,7 @@ pub async fn server_span(
     let Some(mut span) = telemetry.span(name, SpanKind::Server, Some(&parent), attributes) else {
         return next.run(req).await;
     };
-    if let Ok(v) = HeaderValue::from_str(&span.traceparent()) {
+    if let Ok(v) = HeaderValue::from_bytes(&span.traceparent_bytes()) {
         req.headers_mut().insert(TRACEPARENT, v);
     }
     let resp = next.run(req).await;

@@ -265,15 +265,14 @@ fn proxy_statuses(s: &State, filter: &str, for_report: bool) -> Vec<v1::ProxySta
                 spiffe_id: cert.spiffe_id,
                 certificate_expires_unix_ms: cert.expires_unix_ms,
                 certificates_issued: cert.issued,
-                last_heartbeat_age_ms: match for_report {
-                    true => None,
-                    false => {
-                        s.registry.heartbeat_age(&p.service, &p.node_id, now).map(|d| d.as_millis() as u64)
-                    }
-                },
-                connected_ms: match for_report {
-                    true => p.connected_unix_ms,
-                    false => now.saturating_duration_since(p.connected_at).as_millis() as u64,
+                last_heartbeat_age_ms: (!for_report)
+                    .then(|| s.registry.heartbeat_age(&p.service, &p.node_id, now))
+                    .flatten()
+                    .map(|d| d.as_millis() as u64),
+                connected_ms: if for_report {
+                    p.connected_unix_ms
+                } else {
+                    now.saturating_duration_since(p.connected_at).as_millis() as u64
                 },
                 policies: p
                     .policies

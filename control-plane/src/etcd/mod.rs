@@ -192,13 +192,16 @@ impl Cluster {
         self.etcd.put(&self.key(&format!("edges/{}", self.replica)), value, self.lease()).await
     }
 
-    /// The proxies connected to the other replicas.
+    /// The proxies connected to the other replicas (a replica never keeps its own list: see
+    /// [`Cluster::is_own`]).
     pub fn remote_proxies(&self) -> Vec<v1::ProxyStatus> {
-        self.proxies
-            .iter()
-            .filter(|e| e.key().split('/').next() != Some(self.replica.as_str()))
-            .flat_map(|e| e.value().clone())
-            .collect()
+        self.proxies.iter().flat_map(|e| e.value().clone()).collect()
+    }
+
+    /// Whether a per-replica key (`<replica>` or `<replica>/…`, after its prefix) is this
+    /// replica's own.
+    pub fn is_own(&self, rest: &str) -> bool {
+        rest.split('/').next() == Some(self.replica.as_str())
     }
 
     /// Writes the chunks of `report` (this replica's proxies) that changed since they were last
@@ -213,26 +216,23 @@ impl Cluster {
         if last.0 != lease {
             *last = (lease, Vec::new());
         }
-        let chunks = proxy_chunks(report, PROXY_CHUNK_BYTES);
+        let (kept, chunks) = (&mut last.1, proxy_chunks(report, PROXY_CHUNK_BYTES));
+        let key = |i: usize| self.key(&format!("proxies/{}/{i}", self.replica));
         let mut rev = 0;
-        for (i, chunk) in chunks.iter().enumerate() {
-            if last.1.get(i) != Some(chunk) {
-                rev = self
-                    .etcd
-                    .put(&self.key(&format!("proxies/{}/{i}", self.replica)), chunk.clone(), lease)
-                    .await?;
-                match last.1.get_mut(i) {
-                    Some(c) => *c = chunk.clone(),
-                    None => last.1.push(chunk.clone()),
-                }
+        let n = chunks.len();
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            if kept.get(i) == Some(&chunk) {
+                continue;
+            }
+            rev = self.etcd.put(&key(i), chunk.clone(), lease).await?;
+            match kept.get_mut(i) {
+                Some(c) => *c = chunk,
+                None => kept.push(chunk),
             }
         }
-        while last.1.len() > chunks.len() {
-            rev = self
-                .etcd
-                .delete(&self.key(&format!("proxies/{}/{}", self.replica, last.1.len() - 1)))
-                .await?;
-            last.1.pop();
+        while kept.len() > n {
+            rev = self.etcd.delete(&key(kept.len() - 1)).await?;
+            kept.pop();
         }
         Ok(rev)
     }

@@ -43,7 +43,7 @@ impl SealKey {
         let _ = SystemRandom::new().fill(&mut nonce);
         let mut data = plain.to_vec();
         let _ = self.0.seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::empty(), &mut data);
-        to_hex(&[nonce.as_slice(), &data].concat())
+        mesh_runtime::hex(&[nonce.as_slice(), &data].concat())
     }
 
     /// What [`SealKey::seal`] sealed.
@@ -58,10 +58,6 @@ impl SealKey {
         let plain = self.0.open_in_place(nonce, Aad::empty(), &mut data).map_err(|_| SealError::Open)?;
         Ok(plain.to_vec())
     }
-}
-
-fn to_hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 fn from_hex(s: &str) -> Option<Vec<u8>> {

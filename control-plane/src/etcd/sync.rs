@@ -150,7 +150,7 @@ fn put(
         Kind::Tokens => {
             cluster.tokens.insert(rest.to_string(), String::from_utf8_lossy(&kv.value).into_owned());
         }
-        Kind::Edges if rest == cluster.replica => {}
+        Kind::Edges if cluster.is_own(rest) => {}
         Kind::Edges => match v1::EdgeReport::decode(kv.value.as_slice()) {
             Ok(report) => {
                 let mut by_proxy: std::collections::BTreeMap<(String, String), Vec<v1::EdgeDelta>> =
@@ -168,7 +168,7 @@ fn put(
         },
         // This replica's own list: it knows its proxies first hand (at 100,000 proxies, decoding
         // its own 8 MB back after every change cost more than writing it).
-        Kind::Proxies if rest.split('/').next() == Some(cluster.replica.as_str()) => {}
+        Kind::Proxies if cluster.is_own(rest) => {}
         Kind::Proxies => match v1::ProxyStatusResponse::decode(kv.value.as_slice()) {
             Ok(r) => {
                 cluster.proxies.insert(rest.to_string(), r.proxies);

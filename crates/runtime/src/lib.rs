@@ -14,7 +14,7 @@ pub mod telemetry;
 
 pub use addr::{LocalAddr, LocalListener, bind_unix};
 pub use backoff::{Backoff, Rotation};
-pub use digest::{base64, base64_decode, base64url, hex, sha256, sha256_parts};
+pub use digest::{base64, base64_decode, base64url, hex, sha256, sha256_parts, write_hex};
 pub use http::{PROBLEM_JSON, error_body, error_response, problem_title, serve_http};
 pub use process::{
     LogFormat, init_tracing, main, parse_duration, runtime, serve_until_signal, shutdown_signal,

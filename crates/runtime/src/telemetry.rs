@@ -116,31 +116,12 @@ impl TraceParent<'_> {
     }
 }
 
-/// The two lowercase hex digits of every byte: ids are spelled with one lookup per byte.
-pub const HEX_PAIRS: [[u8; 2]; 256] = {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut t = [[0u8; 2]; 256];
-    let mut i = 0;
-    while i < 256 {
-        t[i] = [DIGITS[i >> 4], DIGITS[i & 15]];
-        i += 1;
-    }
-    t
-};
-
-/// Writes `bytes` as lowercase hex into `out` (twice as long).
-pub fn write_hex(bytes: &[u8], out: &mut [u8]) {
-    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
-        pair.copy_from_slice(&HEX_PAIRS[usize::from(*b)]);
-    }
-}
-
 /// The `traceparent` that names `cx` as the parent of the next hop (ASCII, no formatting
 /// machinery: every sampled request writes one per attempt).
 pub fn traceparent_bytes(cx: &SpanContext) -> [u8; TRACEPARENT_LEN] {
     let mut out = *b"00-00000000000000000000000000000000-0000000000000000-00";
-    write_hex(&cx.trace_id().to_bytes(), &mut out[3..35]);
-    write_hex(&cx.span_id().to_bytes(), &mut out[36..52]);
+    crate::write_hex(&cx.trace_id().to_bytes(), &mut out[3..35]);
+    crate::write_hex(&cx.span_id().to_bytes(), &mut out[36..52]);
     if cx.is_sampled() {
         out[54] = b'1';
     }

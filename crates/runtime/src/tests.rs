@@ -113,3 +113,34 @@ fn secrets_are_written_owner_only_and_kept_when_asked() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn the_digit_table_spells_every_byte() {
+    for (b, pair) in crate::digest::HEX_PAIRS.iter().enumerate() {
+        assert_eq!(std::str::from_utf8(pair).unwrap(), format!("{b:02x}"));
+    }
+    assert_eq!(crate::hex(&[0x00, 0x9f, 0xff]), "009fff");
+}
+
+#[test]
+fn a_span_names_itself_as_the_next_hops_parent_in_w3c_form() {
+    use crate::telemetry::{SpanContext, traceparent};
+    use opentelemetry::trace::{SpanId, TraceFlags, TraceId, TraceState};
+    let id = |flags| {
+        SpanContext::new(
+            TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap(),
+            SpanId::from_hex("00f067aa0ba902b7").unwrap(),
+            flags,
+            false,
+            TraceState::default(),
+        )
+    };
+    assert_eq!(
+        traceparent(&id(TraceFlags::SAMPLED)),
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    );
+    assert_eq!(
+        traceparent(&id(TraceFlags::default())),
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
+    );
+}
